@@ -1,0 +1,109 @@
+"""How a model object is made from its weights.
+
+A builder is anything the user binds to the cache: a class with a ``from_weights(weights, info)``
+classmethod, a ``torch.nn.Module`` subclass (built on the meta device, then handed the weight
+views with ``load_state_dict(assign=True)``: no second copy of the weights), or a plain function
+``(weights, info) -> model``. Sync builders run in a worker thread, async ones on the event loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import partial
+from itertools import chain
+from typing import Any
+
+import anyio
+import torch
+
+from ._exceptions import ModelBuildError, ModelCacheError
+from ._format import ModelInfo
+from ._torch import Weights
+
+__all__ = ["WEIGHTS", "ModelBuilder", "build_module", "builder_for"]
+
+
+def build_module(cls: type[torch.nn.Module], weights: Weights, info: ModelInfo) -> torch.nn.Module:
+    """Make ``cls(**config)`` on the meta device and assign the weights as its parameters.
+
+    ``config`` is the model's ``config.json`` (empty when it has none). The module is returned in
+    eval mode with gradients off: it serves inference. Parameters or buffers that the weights do
+    not cover would stay on the meta device, so they are an error.
+    """
+    with torch.device("meta"):
+        module = cls(**dict(info.config or {}))
+    module.load_state_dict(weights, strict=True, assign=True)
+    missing = [
+        name
+        for name, tensor in chain(module.named_parameters(), module.named_buffers())
+        if tensor.is_meta
+    ]
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing[:5])} not in the weights (non-persistent buffers?); "
+            f"give {cls.__name__} a from_weights classmethod to build it"
+        )
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _weights_only(weights: Weights, info: ModelInfo) -> Weights:
+    return weights
+
+
+class ModelBuilder:
+    """A callable ``(weights, info) -> model`` and how to run it."""
+
+    __slots__ = ("func", "is_async", "name", "needs_config")
+
+    def __init__(self, func: Callable[..., Any], name: str, *, needs_config: bool = False):
+        self.func = func
+        self.name = name
+        self.is_async = inspect.iscoroutinefunction(func)
+        #: Whether the loader should read the model's config.json for it.
+        self.needs_config = needs_config
+
+    def __repr__(self) -> str:
+        return f"<ModelBuilder {self.name}>"
+
+    async def build(self, weights: Weights, info: ModelInfo) -> Any:
+        """Run the builder; any error it raises becomes a ModelBuildError naming the model."""
+        try:
+            if self.func is _weights_only:
+                return weights
+            if self.is_async:
+                return await self.func(weights, info)
+            return await anyio.to_thread.run_sync(self.func, weights, info)
+        except ModelCacheError:
+            raise
+        except Exception as exc:
+            raise ModelBuildError(
+                f"model {info.model_id!r}: {self.name} failed to build it from {info.url}: "
+                f"{type(exc).__name__}: {exc}",
+                model_id=info.model_id,
+                path=info.url,
+            ) from exc
+
+
+#: The builder used when none is bound: the model is its `Weights`.
+WEIGHTS = ModelBuilder(_weights_only, "Weights")
+
+
+def builder_for(target: object) -> ModelBuilder:
+    """The builder for a decorated class or a function; TypeError for anything else."""
+    name = getattr(target, "__qualname__", repr(target))
+    if isinstance(target, type):
+        from_weights = getattr(target, "from_weights", None)
+        if callable(from_weights):
+            return ModelBuilder(from_weights, name)
+        if issubclass(target, torch.nn.Module):
+            return ModelBuilder(partial(build_module, target), name, needs_config=True)
+        raise TypeError(
+            f"{name} cannot be built from weights: give it a from_weights(weights, info) "
+            "classmethod, or make it a torch.nn.Module subclass"
+        )
+    if callable(target):
+        return ModelBuilder(target, name)
+    raise TypeError(f"expected a model class or a function (weights, info) -> model, got {name}")

@@ -1,0 +1,568 @@
+"""ModelCache: leases on models loaded once, under an exact byte budget.
+
+Invariants (the tests check them after every step):
+
+* ``_reserved`` = bytes of resident entries + bytes granted to loads in flight, and it never
+  exceeds the budget. Bytes are reserved from the model's headers before any weight byte is read.
+* An entry is *evictable* only when it is ready, unleased and no task is waiting to lease it.
+  Eviction happens inside one synchronous planning step (`_try_reserve`), never across an await.
+* One load per key, run in the cache's task group - never in a caller's task - so cancelling a
+  caller never cancels a load others share. Loads of different keys run concurrently, bounded by
+  a capacity limiter that is held for I/O only, never while waiting for bytes.
+* Reservations that must wait are granted strictly first-come first-served, whenever bytes free
+  up (a lease ends, a load fails, a waiter leaves). A load whose callers have all gone while it
+  waits for bytes is abandoned rather than left to block the queue.
+* A failed load reaches every waiter, leaves no bytes reserved and no entry behind, and is
+  remembered for ``failure_ttl`` seconds so a storm of requests for a broken model fails fast.
+* The hit path (`_Lease.__aenter__` finding a ready entry) does no I/O and never awaits, so it
+  is not a scheduler checkpoint: a dict lookup and three counter updates.
+* All state is touched only between awaits on the event loop's thread: no locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import replace
+from enum import Enum
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.abc
+import torch
+
+from ._builders import WEIGHTS, ModelBuilder, builder_for
+from ._exceptions import (
+    CacheClosedError,
+    ModelCacheError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelTooLargeError,
+)
+from ._loader import read_config, read_model_info
+from ._policy import EvictionPolicy, LRUPolicy, PolicyEntry
+from ._stats import CacheStats
+from ._store import Store
+from ._torch import TorchBackend
+from ._units import format_bytes, parse_bytes
+
+__all__ = ["ModelCache"]
+
+logger = logging.getLogger("modelcache")
+logger.addHandler(logging.NullHandler())
+
+T = TypeVar("T")
+_Key = tuple[ModelBuilder, str]
+
+
+class _State(Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class _Abandoned(Exception):
+    """Internal: a load waiting for bytes lost all its callers."""
+
+
+class _Entry:
+    """One model id (for one builder): loading, then ready until evicted."""
+
+    __slots__ = (
+        "builder",
+        "done",
+        "error",
+        "info",
+        "key",
+        "leases",
+        "model_id",
+        "nbytes",
+        "ready",
+        "reserved",
+        "value",
+        "waiters",
+        "weights",
+    )
+
+    def __init__(self, key: _Key) -> None:
+        self.key = key
+        self.builder, self.model_id = key
+        self.ready = False
+        self.value: Any = None
+        self.weights: Any = None
+        self.info: Any = None
+        self.nbytes = 0
+        self.reserved = False  # True once nbytes are counted in the cache's _reserved
+        self.leases = 0
+        self.waiters = 0
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+
+class _Pending:
+    """A load waiting for bytes."""
+
+    __slots__ = ("entry", "event", "granted")
+
+    def __init__(self, entry: _Entry) -> None:
+        self.entry = entry
+        self.event = anyio.Event()
+        self.granted = False
+
+
+class _Lease(Generic[T]):
+    """``async with cache.use(model_id) as model``: the model stays resident inside the block."""
+
+    __slots__ = ("_cache", "_entry", "_key")
+
+    def __init__(self, cache: ModelCache, key: _Key) -> None:
+        self._cache = cache
+        self._key = key
+        self._entry: _Entry | None = None
+
+    async def __aenter__(self) -> T:
+        if self._entry is not None:
+            raise RuntimeError("a lease is entered once; call cache.use() again")
+        cache = self._cache
+        entry = cache._entries.get(self._key)
+        if entry is not None and entry.ready and cache._state is _State.OPEN:
+            # The hit path: no await, no I/O.
+            entry.leases += 1
+            cache._leased += 1
+            cache._hits += 1
+            cache._policy.accessed(entry)
+        else:
+            entry = await cache._acquire(self._key)
+        self._entry = entry
+        return entry.value  # type: ignore[no-any-return]
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        entry, self._entry = self._entry, None
+        if entry is not None:
+            self._cache._unlease(entry)
+
+
+class _BoundUse:
+    """``Cls.use(model_id)`` on a class decorated with ``@cache.model``."""
+
+    __slots__ = ("_builder", "_cache")
+
+    def __init__(self, cache: ModelCache, builder: ModelBuilder) -> None:
+        self._cache = cache
+        self._builder = builder
+
+    def __call__(self, model_id: str) -> _Lease[Any]:
+        return self._cache._lease(model_id, self._builder)
+
+
+class ModelCache:
+    """Serve any model id in a store, keeping the most useful ones resident within a byte budget.
+
+    ::
+
+        cache = ModelCache("s3://bucket/models/{model_id}/", device="cpu", device_budget="2GiB")
+
+        async with cache:
+            async with cache.use("tenant-42") as model:
+                ...
+
+    ``store`` is a URL template with ``{model_id}``, a resolver ``id -> URL``, or a `Store`.
+    Without a bound model class, ``use()`` yields the model's `Weights` (name -> tensor views).
+    """
+
+    def __init__(
+        self,
+        store: str | Callable[[str], str] | Store,
+        *,
+        device: str | torch.device = "cpu",
+        device_budget: int | str,
+        max_concurrent_loads: int = 4,
+        failure_ttl: float = 5.0,
+        storage_options: dict[str, Any] | None = None,
+        allow_slash_in_ids: bool = False,
+        zero_copy: bool = True,
+        policy: EvictionPolicy | None = None,
+    ) -> None:
+        if isinstance(store, Store):
+            if storage_options is not None or allow_slash_in_ids:
+                raise TypeError("pass storage_options and allow_slash_in_ids to the Store itself")
+            self._store = store
+        else:
+            self._store = Store(
+                store, storage_options=storage_options, allow_slash_in_ids=allow_slash_in_ids
+            )
+        if max_concurrent_loads < 1:
+            raise ValueError(f"max_concurrent_loads must be at least 1, got {max_concurrent_loads}")
+        if failure_ttl < 0:
+            raise ValueError(f"failure_ttl must not be negative, got {failure_ttl}")
+        self._backend = TorchBackend(device, zero_copy=zero_copy)
+        self._budget = parse_bytes(device_budget, name="device_budget")
+        self._max_concurrent_loads = max_concurrent_loads
+        self._failure_ttl = failure_ttl
+        self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
+        self._builders: list[ModelBuilder] = []
+
+        self._state = _State.NEW
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._entries: dict[_Key, _Entry] = {}
+        self._failures: OrderedDict[_Key, tuple[BaseException, float]] = OrderedDict()
+        self._pending: deque[_Pending] = deque()
+        self._reserved = 0
+        self._resident = 0
+        self._hits = self._misses = self._loads = self._fails = self._evictions = 0
+        self._loading = self._waiters = self._leased = 0
+        self._load_seconds = 0.0
+
+    # -- binding model classes ---------------------------------------------------------------
+
+    def model(self, target: type[T]) -> type[T]:
+        """Class decorator: models served by this cache are built by ``target``.
+
+        ``target`` has a ``from_weights(weights, info)`` classmethod (sync or async), or is a
+        ``torch.nn.Module`` subclass, built as ``target(**config)`` on the meta device with the
+        weights assigned as its parameters. The class gains ``target.use(model_id)``.
+        """
+        if "use" in vars(target):
+            raise TypeError(f"{target.__qualname__} already defines 'use'; it cannot be bound")
+        builder = builder_for(target)
+        self._builders.append(builder)
+        target.use = _BoundUse(self, builder)  # type: ignore[attr-defined]
+        return target
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def device(self) -> torch.device:
+        return self._backend.device
+
+    def use(self, model_id: str, *, model: type | None = None) -> _Lease[Any]:
+        """Lease the model ``model_id``: ``async with cache.use(id) as model: ...``.
+
+        Loads it on first use; a resident model is handed out in microseconds. ``model`` picks
+        the bound class when several are bound (``Cls.use(id)`` does the same).
+        """
+        return self._lease(model_id, self._builder(model))
+
+    def evict(self, model_id: str, *, model: type | None = None) -> bool:
+        """Drop ``model_id`` if it is resident and unleased; True if it was dropped."""
+        entry = self._entries.get((self._builder(model), model_id))
+        if entry is None or not self._evictable(entry):
+            return False
+        self._evict(entry, reason="evict()")
+        self._pump()
+        return True
+
+    def resident(self) -> list[str]:
+        """Ids of the resident models (any bound class), for routers and dashboards."""
+        return [entry.model_id for entry in self._entries.values() if entry.ready]
+
+    def stats(self) -> CacheStats:
+        return CacheStats(
+            hits=self._hits,
+            misses=self._misses,
+            loads=self._loads,
+            failures=self._fails,
+            evictions=self._evictions,
+            bytes_resident=self._resident,
+            bytes_reserved=self._reserved,
+            bytes_budget=self._budget,
+            models=sum(1 for e in self._entries.values() if e.ready),
+            loading=self._loading,
+            waiters=self._waiters,
+            leased=self._leased,
+            load_seconds=self._load_seconds,
+        )
+
+    def __repr__(self) -> str:
+        return f"<ModelCache {self._state.value} {self._store!r} on {self.device}: {self.stats()}>"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ModelCache:
+        if self._state is not _State.NEW:
+            raise CacheClosedError(f"a ModelCache is entered once; this one is {self._state.value}")
+        self._limiter = anyio.CapacityLimiter(self._max_concurrent_loads)
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        self._state = _State.OPEN
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._task_group is not None
+        self._state = _State.CLOSING
+        self._task_group.cancel_scope.cancel()
+        try:
+            return await self._task_group.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # Load tasks never raise, so the group only wraps the body's own exception:
+            # let that propagate as it was raised, not wrapped.
+            if exc is not None and all(e is exc for e in group.exceptions):
+                return None
+            raise
+        finally:
+            for entry in list(self._entries.values()):
+                self._drop(entry)
+            self._failures.clear()
+            self._state = _State.CLOSED
+            with anyio.CancelScope(shield=True):
+                await self._store.aclose()
+
+    # -- the slow path --------------------------------------------------------------------------
+
+    def _builder(self, model: type | None) -> ModelBuilder:
+        if model is not None:
+            bound = vars(model).get("use")
+            if not isinstance(bound, _BoundUse) or bound._cache is not self:
+                raise TypeError(f"{model.__qualname__} is not bound to this cache")
+            return bound._builder
+        if len(self._builders) == 1:
+            return self._builders[0]
+        if not self._builders:
+            return WEIGHTS
+        names = ", ".join(b.name for b in self._builders)
+        raise TypeError(f"several model classes are bound ({names}): use Cls.use(model_id)")
+
+    def _lease(self, model_id: str, builder: ModelBuilder) -> _Lease[Any]:
+        return _Lease(self, (builder, model_id))
+
+    def _check_open(self) -> None:
+        if self._state is not _State.OPEN:
+            hint = " (use `async with cache:`)" if self._state is _State.NEW else ""
+            raise CacheClosedError(f"the cache is {self._state.value}{hint}")
+
+    async def _acquire(self, key: _Key) -> _Entry:
+        """Lease ``key``'s entry, loading it first if needed."""
+        while True:
+            self._check_open()
+            entry = self._entries.get(key)
+            if entry is not None and entry.ready:
+                self._take_lease(entry)
+                self._hits += 1
+                return entry
+            if entry is None:
+                self._raise_recent_failure(key)
+                self._store.model_url(key[1])  # validates the id before anything else happens
+                entry = self._start_load(key)
+            self._misses += 1
+            entry.waiters += 1
+            self._waiters += 1
+            try:
+                await entry.done.wait()
+            finally:
+                entry.waiters -= 1
+                self._waiters -= 1
+                if entry.waiters == 0 and entry.leases == 0:
+                    self._pump()  # a load only this task waited for, or a ready unpinned entry
+            if entry.error is not None:
+                raise entry.error
+            if entry.ready and self._entries.get(key) is entry:
+                self._take_lease(entry)
+                return entry
+
+    def _take_lease(self, entry: _Entry) -> None:
+        entry.leases += 1
+        self._leased += 1
+        self._policy.accessed(entry)
+
+    def _unlease(self, entry: _Entry) -> None:
+        entry.leases -= 1
+        self._leased -= 1
+        if entry.leases == 0 and self._pending:
+            self._pump()
+
+    def _raise_recent_failure(self, key: _Key) -> None:
+        failure = self._failures.get(key)
+        if failure is None:
+            return
+        error, until = failure
+        if time.monotonic() < until:
+            self._fails += 1
+            raise error
+        del self._failures[key]
+
+    def _start_load(self, key: _Key) -> _Entry:
+        assert self._task_group is not None
+        entry = _Entry(key)
+        self._entries[key] = entry
+        self._loading += 1
+        self._task_group.start_soon(self._load, entry, name=f"modelcache load {key[1]!r}")
+        return entry
+
+    async def _load(self, entry: _Entry) -> None:
+        assert self._limiter is not None
+        started = time.perf_counter()
+        try:
+            async with self._limiter:
+                info = await read_model_info(self._store, entry.model_id)
+                if entry.builder.needs_config:
+                    config = await read_config(self._store, entry.model_id)
+                    info = replace(info, config=config)
+            if info.nbytes > self._budget:
+                raise ModelTooLargeError(
+                    f"model {entry.model_id!r} needs {format_bytes(info.nbytes)}, more than the "
+                    f"whole device budget of {format_bytes(self._budget)}",
+                    model_id=entry.model_id,
+                    path=info.url,
+                )
+            entry.nbytes = info.nbytes
+            await self._reserve(entry)
+            async with self._limiter:
+                weights = await self._backend.load(self._store, info)
+                value = await entry.builder.build(weights, info)
+        except BaseException as exc:
+            self._loading -= 1
+            self._fail(entry, exc)
+            entry.done.set()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        seconds = time.perf_counter() - started
+        entry.value, entry.weights, entry.info = value, weights, info
+        entry.ready = True
+        self._loading -= 1
+        self._loads += 1
+        self._resident += entry.nbytes
+        self._load_seconds += seconds
+        self._policy.admitted(entry)
+        entry.done.set()
+        logger.info(
+            "loaded %r: %s in %.3f s (%.2f GB/s)",
+            entry.model_id,
+            format_bytes(entry.nbytes),
+            seconds,
+            entry.nbytes / seconds / 1e9 if seconds else 0.0,
+            extra={"model_id": entry.model_id, "nbytes": entry.nbytes, "seconds": seconds},
+        )
+
+    def _fail(self, entry: _Entry, exc: BaseException) -> None:
+        """Undo everything a load did, and tell its waiters why."""
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        if entry.reserved:
+            entry.reserved = False
+            self._reserved -= entry.nbytes
+        if isinstance(exc, _Abandoned):
+            return  # nobody is waiting; nothing to remember
+        if isinstance(exc, Exception) and self._state is _State.OPEN:
+            if not isinstance(exc, ModelCacheError):
+                wrapped = ModelLoadError(
+                    f"model {entry.model_id!r} failed to load: {type(exc).__name__}: {exc}",
+                    model_id=entry.model_id,
+                )
+                wrapped.__cause__ = exc
+                exc = wrapped
+            entry.error = exc
+            self._fails += 1
+            self._remember_failure(entry.key, exc)
+            level = logging.INFO if isinstance(exc, ModelNotFoundError) else logging.WARNING
+            logger.log(level, "failed to load %r: %s", entry.model_id, exc)
+        else:  # cancelled: the cache is closing
+            entry.error = CacheClosedError(
+                f"the cache closed while model {entry.model_id!r} was loading",
+                model_id=entry.model_id,
+            )
+        self._pump()
+
+    def _remember_failure(self, key: _Key, error: BaseException) -> None:
+        if self._failure_ttl <= 0:
+            return
+        now = time.monotonic()
+        # Insertion order is expiry order (one TTL): drop expired ones from the front.
+        while self._failures:
+            oldest = next(iter(self._failures.values()))
+            if oldest[1] > now:
+                break
+            self._failures.popitem(last=False)
+        self._failures[key] = (error, now + self._failure_ttl)
+        self._failures.move_to_end(key)
+
+    # -- byte accounting (synchronous planning) ----------------------------------------------
+
+    async def _reserve(self, entry: _Entry) -> None:
+        """Reserve ``entry.nbytes``, evicting if needed; wait in line if leases hold the bytes."""
+        if not self._pending and self._try_reserve(entry.nbytes):
+            entry.reserved = True
+            return
+        pending = _Pending(entry)
+        self._pending.append(pending)
+        try:
+            await pending.event.wait()
+        finally:
+            if not pending.granted:
+                self._pending.remove(pending)
+        if not entry.reserved:
+            raise _Abandoned
+
+    def _try_reserve(self, nbytes: int) -> bool:
+        free = self._budget - self._reserved
+        if free < nbytes:
+            victims = self._policy.victims(nbytes - free, self._evictable)
+            if victims is None:
+                return False
+            for victim in victims:
+                self._evict(victim, reason="room")  # type: ignore[arg-type]
+        self._reserved += nbytes
+        return True
+
+    def _pump(self) -> None:
+        """Grant waiting reservations in order while they fit."""
+        while self._pending:
+            head = self._pending[0]
+            if head.entry.waiters == 0:
+                self._pending.popleft()
+                head.granted = True  # abandoned: the load sees no reservation and stops
+                head.event.set()
+                continue
+            if not self._try_reserve(head.entry.nbytes):
+                return
+            self._pending.popleft()
+            head.granted = head.entry.reserved = True
+            head.event.set()
+
+    def _evictable(self, entry: PolicyEntry) -> bool:
+        e: _Entry = entry  # type: ignore[assignment]
+        return e.ready and e.leases == 0 and e.waiters == 0
+
+    def _evict(self, entry: _Entry, *, reason: str) -> None:
+        self._drop(entry)
+        self._evictions += 1
+        logger.info(
+            "evicted %r (%s, %s)",
+            entry.model_id,
+            format_bytes(entry.nbytes),
+            reason,
+            extra={"model_id": entry.model_id, "nbytes": entry.nbytes},
+        )
+
+    def _drop(self, entry: _Entry) -> None:
+        """Remove a resident or loading entry and free its bytes."""
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        if entry.ready:
+            self._policy.removed(entry)
+            self._resident -= entry.nbytes
+        if entry.reserved:
+            entry.reserved = False
+            self._reserved -= entry.nbytes
+        entry.ready = False
+        entry.value = entry.weights = None

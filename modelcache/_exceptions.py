@@ -1,0 +1,87 @@
+"""The exceptions modelcache raises.
+
+Every error is a :class:`ModelCacheError`; each leaf also subclasses the builtin a caller would
+naturally catch, so ``except KeyError`` still works for a missing model::
+
+    ModelCacheError
+     ├── InvalidModelIdError (ValueError)      the id could escape the store root or is malformed
+     ├── ModelNotFoundError (KeyError)         the store has no model under that id
+     ├── StoreError (OSError)                  any other failure talking to the store
+     ├── ModelFormatError (ValueError)         the model's files are not valid safetensors
+     ├── ModelTooLargeError (ValueError)       the model can never fit the tier's byte budget
+     ├── ModelLoadError (RuntimeError)         loading failed for another reason (e.g. out of memory)
+     │    └── ModelBuildError                  the user's builder raised while making the model
+     └── CacheClosedError (RuntimeError)       the cache is not open (not entered, or closed)
+
+Messages name the model id and, where there is one, the store path. Errors from fsspec, the OS
+and torch are translated at the boundary with ``raise ... from exc`` so the cause is kept.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheClosedError",
+    "InvalidModelIdError",
+    "ModelBuildError",
+    "ModelCacheError",
+    "ModelFormatError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "ModelTooLargeError",
+    "StoreError",
+]
+
+
+class ModelCacheError(Exception):
+    """Base class of every error modelcache raises."""
+
+    def __init__(self, message: str, *, model_id: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.model_id = model_id
+        self.path = path
+
+    def __str__(self) -> str:
+        # KeyError's __str__ would repr() the message; every subclass reads the same way instead.
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.message, self.model_id, self.path))
+
+
+def _rebuild(
+    cls: type[ModelCacheError], message: str, model_id: str | None, path: str | None
+) -> ModelCacheError:
+    return cls(message, model_id=model_id, path=path)
+
+
+class InvalidModelIdError(ModelCacheError, ValueError):
+    """The model id is malformed or could leave the store root (``..``, ``/``, URL syntax...)."""
+
+
+class ModelNotFoundError(ModelCacheError, KeyError):
+    """The store holds no model under this id."""
+
+
+class StoreError(ModelCacheError, OSError):
+    """Reading from the store failed for a reason other than a missing model."""
+
+
+class ModelFormatError(ModelCacheError, ValueError):
+    """The model's files are not valid safetensors (or its shard index is invalid)."""
+
+
+class ModelTooLargeError(ModelCacheError, ValueError):
+    """The model is larger than the whole byte budget of the tier it must go to."""
+
+
+class ModelLoadError(ModelCacheError, RuntimeError):
+    """Loading failed for a reason that is neither the store's nor the file's (e.g. memory)."""
+
+
+class ModelBuildError(ModelLoadError):
+    """The model class or builder raised while making a model from its weights."""
+
+
+class CacheClosedError(ModelCacheError, RuntimeError):
+    """The cache was used before ``async with cache:`` or after it closed."""

@@ -1,0 +1,367 @@
+"""safetensors headers, shard indexes, and the layout of a model in one contiguous buffer.
+
+Everything here is pure: bytes in, validated descriptions out. No I/O and no framework import,
+so the same layout serves the torch and any other device backend.
+
+A safetensors file is ``N`` (8 bytes, little-endian) + ``N`` bytes of JSON + the data section.
+The JSON maps tensor names to ``{"dtype", "shape", "data_offsets": [start, end]}`` (offsets
+relative to the data section) plus an optional ``__metadata__`` of string pairs. Validation follows
+the reference implementation: ``N`` at most 100 MB and inside the file, a JSON object, known dtypes,
+``end - start == prod(shape) * itemsize``, and the ranges sorted by offset tile the data section
+exactly: no overlap, no hole, nothing missing at the end (truncated data) and nothing extra.
+
+Layout: a model's shards are placed one after another in ONE buffer, each shard's data section
+copied as it is on disk, so loading is a few large reads. A tensor whose offset is not a multiple
+of its item size (legal in the format, fatal for a typed view) is shifted forward by the padding
+it needs; the reads are then split into `Segment`s, runs of bytes that keep one shift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from ._exceptions import ModelFormatError
+
+__all__ = [
+    "DTYPE_SIZES",
+    "INDEX_NAME",
+    "MAX_HEADER_SIZE",
+    "SINGLE_NAME",
+    "ModelInfo",
+    "Segment",
+    "ShardHeader",
+    "TensorInfo",
+    "header_length",
+    "layout_model",
+    "parse_header",
+    "parse_index",
+]
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER_SIZE = 100_000_000
+#: Each shard starts at a multiple of this in the model's buffer (what cudaMalloc guarantees).
+SHARD_ALIGNMENT = 256
+
+#: Item size in bytes of every safetensors dtype that has a whole-byte item.
+DTYPE_SIZES: Mapping[str, int] = MappingProxyType(
+    {
+        "BOOL": 1,
+        "U8": 1,
+        "I8": 1,
+        "F8_E5M2": 1,
+        "F8_E4M3": 1,
+        "F8_E4M3FNUZ": 1,
+        "F8_E5M2FNUZ": 1,
+        "F8_E8M0": 1,
+        "I16": 2,
+        "U16": 2,
+        "F16": 2,
+        "BF16": 2,
+        "I32": 4,
+        "U32": 4,
+        "F32": 4,
+        "I64": 8,
+        "U64": 8,
+        "F64": 8,
+        "C64": 8,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor: where it is in its shard file and where it goes in the model's buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str
+    #: Byte range in the shard's data section, as in the header.
+    start: int
+    end: int
+    #: Byte offset in the model's contiguous buffer (a multiple of the item size).
+    offset: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class ShardHeader:
+    """A parsed, validated safetensors header of one file."""
+
+    name: str
+    url: str
+    #: File offset of the data section: 8 + header length.
+    data_start: int
+    data_size: int
+    tensors: tuple[TensorInfo, ...]  # sorted by start
+    metadata: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Copy ``length`` bytes at ``src`` in the file ``url`` to ``dst`` in the model's buffer."""
+
+    url: str
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ModelInfo:
+    """Everything known about a model before a weight byte is read."""
+
+    model_id: str
+    url: str
+    shards: tuple[ShardHeader, ...]
+    tensors: Mapping[str, TensorInfo]
+    metadata: Mapping[str, str]
+    #: Exact size of the model's buffer in bytes: the figure budgets are charged.
+    nbytes: int
+    segments: tuple[Segment, ...]
+    #: The model's ``config.json`` side file, when its builder asked for it and it exists.
+    config: Mapping[str, Any] | None = None
+
+    @property
+    def mappable(self) -> bool:
+        """True when a page-aligned mapping of the (single) file can serve as the buffer.
+
+        That needs every tensor's file offset to be a multiple of its item size: the zero-copy
+        path then makes typed views straight into the mapping.
+        """
+        if len(self.shards) != 1:
+            return False
+        data_start = self.shards[0].data_start
+        return all(
+            (data_start + t.start) % DTYPE_SIZES[t.dtype] == 0 for t in self.tensors.values()
+        )
+
+
+def _error(message: str, model_id: str, url: str) -> ModelFormatError:
+    return ModelFormatError(f"model {model_id!r}: {url}: {message}", model_id=model_id, path=url)
+
+
+def header_length(prefix: bytes, file_size: int, *, model_id: str, url: str) -> int:
+    """Return ``N``, the JSON header's length, from the file's first bytes, after bounds checks."""
+    if file_size < 8 or len(prefix) < 8:
+        raise _error(
+            f"file is {file_size} bytes, too small for a safetensors header", model_id, url
+        )
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_SIZE:
+        raise _error(
+            f"header length {length} exceeds the format's limit of {MAX_HEADER_SIZE} bytes",
+            model_id,
+            url,
+        )
+    if 8 + length > file_size:
+        raise _error(
+            f"header length {length} runs past the end of the {file_size}-byte file",
+            model_id,
+            url,
+        )
+    return int(length)
+
+
+def _load_json(data: bytes, what: str, model_id: str, url: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _error(f"{what} is not valid JSON ({exc})", model_id, url) from exc
+    if not isinstance(value, dict):
+        raise _error(f"{what} is not a JSON object", model_id, url)
+    return value
+
+
+def _metadata(value: object, model_id: str, url: str) -> Mapping[str, str]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise _error("__metadata__ must map strings to strings", model_id, url)
+    return MappingProxyType(dict(value))
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor(name: str, entry: object, shard: str, model_id: str, url: str) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise _error(f"tensor {name!r}: entry is not an object", model_id, url)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise _error(f"tensor {name!r}: unknown or unsupported dtype {dtype!r}", model_id, url)
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _error(f"tensor {name!r}: shape {shape!r} is not a list of sizes", model_id, url)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise _error(f"tensor {name!r}: data_offsets {offsets!r} are invalid", model_id, url)
+    start, end = offsets
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - start != expected:
+        raise _error(
+            f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes "
+            f"but data_offsets [{start}, {end}] span {end - start}",
+            model_id,
+            url,
+        )
+    return TensorInfo(name, dtype, tuple(shape), shard, start, end)
+
+
+def parse_header(
+    header: bytes, file_size: int, *, name: str, model_id: str, url: str
+) -> ShardHeader:
+    """Validate the header JSON of the file ``name`` (``file_size`` bytes) and describe it."""
+    data_start = 8 + len(header)
+    raw = _load_json(header, "header", model_id, url)
+    metadata = _metadata(raw.pop("__metadata__", None), model_id, url)
+    tensors = sorted(
+        (_tensor(key, entry, name, model_id, url) for key, entry in raw.items()),
+        key=lambda t: (t.start, t.end),
+    )
+    position = 0
+    for tensor in tensors:
+        if tensor.start != position:
+            kind = "overlaps the previous tensor" if tensor.start < position else "leaves a hole"
+            raise _error(
+                f"tensor {tensor.name!r} at byte {tensor.start} {kind} (expected {position})",
+                model_id,
+                url,
+            )
+        position = tensor.end
+    data_size = file_size - data_start
+    if position != data_size:
+        kind = "truncated" if position > data_size else "has trailing bytes"
+        raise _error(
+            f"data section {kind}: tensors need {position} bytes, file holds {data_size}",
+            model_id,
+            url,
+        )
+    return ShardHeader(name, url, data_start, data_size, tuple(tensors), metadata)
+
+
+def _shard_name(name: object, model_id: str, url: str) -> str:
+    """Refuse shard names that could leave the model's directory."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > 255
+        or name.startswith(("/", "~"))
+        or any(c in name for c in "\\:?#%\x00")
+        or any(part in ("", ".", "..") for part in name.split("/"))
+        or not name.isprintable()
+    ):
+        raise _error(f"index names shard {name!r}, which is outside the model", model_id, url)
+    return name
+
+
+def parse_index(
+    data: bytes, *, model_id: str, url: str
+) -> tuple[dict[str, str], Mapping[str, str]]:
+    """Parse a ``model.safetensors.index.json``: (tensor name -> shard file name, metadata).
+
+    Metadata values are kept as JSON text when they are not strings (``total_size`` is a number).
+    """
+    raw = _load_json(data, "index", model_id, url)
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise _error("index has no weight_map object", model_id, url)
+    for tensor, shard in weight_map.items():
+        if not isinstance(tensor, str):
+            raise _error("index weight_map keys must be tensor names", model_id, url)
+        _shard_name(shard, model_id, url)
+    metadata = raw.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise _error("index metadata is not an object", model_id, url)
+    text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    return dict(weight_map), MappingProxyType(text)
+
+
+def layout_model(
+    model_id: str,
+    url: str,
+    shards: Sequence[ShardHeader],
+    *,
+    weight_map: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> ModelInfo:
+    """Place the shards in one buffer and plan the reads that fill it.
+
+    With a ``weight_map`` (sharded models), every tensor must be in the shard the index names,
+    and every tensor the index names must exist.
+    """
+    tensors: dict[str, TensorInfo] = {}
+    segments: list[Segment] = []
+    cursor = 0
+    for shard in shards:
+        base = -(-cursor // SHARD_ALIGNMENT) * SHARD_ALIGNMENT
+        shift = 0
+        run_start = 0  # start, in the shard's data section, of the current segment
+        for tensor in shard.tensors:
+            if tensor.name in tensors:
+                raise _error(f"tensor {tensor.name!r} appears in two shards", model_id, url)
+            if weight_map is not None and weight_map.get(tensor.name) != shard.name:
+                raise _error(
+                    f"shard {shard.name!r} holds tensor {tensor.name!r}, which the index "
+                    f"places in {weight_map.get(tensor.name)!r}",
+                    model_id,
+                    url,
+                )
+            itemsize = DTYPE_SIZES[tensor.dtype]
+            pad = -(base + tensor.start + shift) % itemsize if tensor.nbytes else 0
+            if pad:
+                if tensor.start > run_start:
+                    segments.append(
+                        _segment(shard, run_start, tensor.start, base + run_start + shift)
+                    )
+                shift += pad
+                run_start = tensor.start
+            tensors[tensor.name] = _placed(tensor, base + tensor.start + shift)
+        if shard.data_size > run_start:
+            segments.append(_segment(shard, run_start, shard.data_size, base + run_start + shift))
+        cursor = base + shard.data_size + shift
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise _error(
+                f"index names tensors that no shard holds: {', '.join(missing[:5])}",
+                model_id,
+                url,
+            )
+    if metadata is None:
+        metadata = shards[0].metadata if len(shards) == 1 else MappingProxyType({})
+    return ModelInfo(
+        model_id=model_id,
+        url=url,
+        shards=tuple(shards),
+        tensors=MappingProxyType(tensors),
+        metadata=metadata,
+        nbytes=cursor,
+        segments=tuple(segments),
+    )
+
+
+def _segment(shard: ShardHeader, start: int, end: int, dst: int) -> Segment:
+    return Segment(shard.url, shard.data_start + start, dst, end - start)
+
+
+def _placed(tensor: TensorInfo, offset: int) -> TensorInfo:
+    return TensorInfo(
+        tensor.name, tensor.dtype, tensor.shape, tensor.shard, tensor.start, tensor.end, offset
+    )

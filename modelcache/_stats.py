@@ -1,0 +1,53 @@
+"""What a cache reports about itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._units import format_bytes
+
+__all__ = ["CacheStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """A snapshot of a `ModelCache`'s counters and occupancy (``cache.stats()``)."""
+
+    #: ``use()`` calls served by a resident model (no I/O).
+    hits: int
+    #: ``use()`` calls that started or joined a load.
+    misses: int
+    #: Loads that finished and made a model resident.
+    loads: int
+    #: Loads that failed, plus calls answered from the remembered failure of a recent one.
+    failures: int
+    #: Models dropped to make room (or by ``evict``).
+    evictions: int
+    #: Bytes of the resident models' buffers.
+    bytes_resident: int
+    #: Bytes resident plus bytes reserved by loads in flight; never above ``bytes_budget``.
+    bytes_reserved: int
+    bytes_budget: int
+    #: Resident models.
+    models: int
+    #: Loads in flight (reading headers, waiting for bytes, reading weights or building).
+    loading: int
+    #: Tasks waiting in ``use()`` for a load to finish.
+    waiters: int
+    #: Leases held (``async with cache.use(...)`` blocks open).
+    leased: int
+    #: Seconds spent in loads that succeeded, summed.
+    load_seconds: float
+
+    @property
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{format_bytes(self.bytes_resident)}/{format_bytes(self.bytes_budget)} in "
+            f"{self.models} models, {self.loading} loading, {self.leased} leased, "
+            f"{self.waiters} waiting; hits={self.hits} misses={self.misses} loads={self.loads} "
+            f"failures={self.failures} evictions={self.evictions}"
+        )

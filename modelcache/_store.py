@@ -1,0 +1,455 @@
+"""Where a model lives, and async byte-range reads from there (any fsspec filesystem).
+
+Design notes:
+
+- Ids are checked against a whitelist before they touch a path (:func:`validate_model_id`), so an
+  accepted id can never leave the store root, whatever the template.
+- One filesystem instance per protocol per Store, made on first use. Filesystems with
+  ``async_impl`` are made inside the running loop with ``asynchronous=True`` and their coroutine
+  methods are awaited directly (so they need the asyncio backend); sync ones run in worker threads.
+- Local files (``file://``, ``local://``, plain paths) bypass fsspec: ``read_into`` opens the file
+  once and reads chunks concurrently with ``os.preadv`` straight into the caller's buffer (the GIL
+  is released while the kernel copies), so a load runs at page-cache or disk bandwidth, no copies.
+- Every worker thread and every in-flight remote request holds a token of one CapacityLimiter
+  (``max_concurrent_reads``): one Store never has more reads in flight than that.
+- MemoryFileSystem hands every opener the same BytesIO, so seek-then-read would race with any
+  concurrent read of that file: for a BytesIO we copy from its buffer at an absolute offset.
+- Errors are translated at this boundary: FileNotFoundError -> ModelNotFoundError, any other
+  Exception -> StoreError, naming the id and the path, with the cause chained. BaseException
+  (cancellation) is never caught. Chunk tasks record their first error and cancel their siblings,
+  so callers see one typed error, never an ExceptionGroup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import inspect
+import io
+import os
+import re
+import stat
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import fsspec
+from fsspec.core import split_protocol
+from fsspec.implementations.local import LocalFileSystem
+
+from ._exceptions import InvalidModelIdError, ModelCacheError, ModelNotFoundError, StoreError
+
+__all__ = ["Store", "validate_model_id"]
+
+_ID = re.compile(r"[A-Za-z0-9._\-+=@]+")
+_ID_WITH_SLASH = re.compile(r"[A-Za-z0-9._\-+=@/]+")
+_LOCAL_PROTOCOLS = frozenset(("file", "local"))  # LocalFileSystem.protocol
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+# Async reads: a copy this large would hold the event loop for over ~0.1 ms, so it goes to a thread.
+_COPY_IN_THREAD = 1 << 20
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def validate_model_id(model_id: object, *, allow_slash: bool = False, max_length: int = 200) -> str:
+    """Return ``model_id`` if it is safe to put in a path, else raise InvalidModelIdError.
+
+    Accepted: a non-empty str of at most ``max_length`` characters from ``A-Z a-z 0-9 . _ - + = @``
+    (and ``/`` when ``allow_slash``) that starts with a letter or digit, has no ``..``, and, with
+    ``allow_slash``, only non-empty segments that each start with a letter or digit.
+    """
+    if not isinstance(model_id, str):
+        raise InvalidModelIdError(
+            f"invalid model id {_show(model_id)}: it must be a str, not {type(model_id).__name__}"
+        )
+    problem = _id_problem(model_id, allow_slash, max_length)
+    if problem is not None:
+        raise InvalidModelIdError(
+            f"invalid model id {_show(model_id)}: {problem}", model_id=model_id
+        )
+    return model_id
+
+
+def _id_problem(model_id: str, allow_slash: bool, max_length: int) -> str | None:
+    if not model_id:
+        return "it is empty"
+    if len(model_id) > max_length:
+        return f"it has {len(model_id)} characters, more than the limit of {max_length}"
+    pattern = _ID_WITH_SLASH if allow_slash else _ID
+    if pattern.fullmatch(model_id) is None:
+        bad = next(c for c in model_id if pattern.fullmatch(c) is None)
+        hint = " (the store does not allow '/' in ids)" if bad == "/" else ""
+        return (
+            f"it contains the character {bad!r}{hint}; "
+            "allowed are ASCII letters, digits and . _ - + = @"
+        )
+    if ".." in model_id:
+        return "it contains '..'"
+    for segment in model_id.split("/"):  # a single segment unless allow_slash
+        if not segment:
+            return "it has an empty path segment (a leading, trailing or doubled '/')"
+        if not segment[0].isalnum():  # ASCII only here: the whitelist matched
+            return f"{segment!r} does not start with a letter or digit"
+    return None
+
+
+@contextlib.contextmanager
+def _translated(op: str, url: str, model_id: str) -> Iterator[None]:
+    """Turn filesystem errors into the library's typed errors; let ours and BaseException pass."""
+    try:
+        yield
+    except ModelCacheError:
+        raise
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"model {model_id!r} not found: no file at {url}", model_id=model_id, path=url
+        ) from exc
+    except Exception as exc:
+        raise StoreError(
+            f"cannot {op} {url} for model {model_id!r}: {type(exc).__name__}: {exc}",
+            model_id=model_id,
+            path=url,
+        ) from exc
+
+
+def _truncated(url: str, model_id: str, offset: int, expected: int, got: int) -> StoreError:
+    return StoreError(
+        f"{url} of model {model_id!r} is truncated: expected {expected} bytes from offset "
+        f"{offset}, got {got}",
+        model_id=model_id,
+        path=url,
+    )
+
+
+def _is_a_directory(path: str) -> IsADirectoryError:
+    return IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+
+
+def _open_regular(path: str, opened: list[int]) -> int:
+    """Open ``path``, append the fd to ``opened`` (the caller closes it), return the file size."""
+    fd = os.open(path, _OPEN_FLAGS)
+    opened.append(fd)
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise _is_a_directory(path)
+    return st.st_size
+
+
+def _pread_full(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill ``buf`` from ``fd`` at ``offset``; return the bytes read (fewer only at end of file)."""
+    filled, size = 0, len(buf)
+    while filled < size:
+        n = os.preadv(fd, [buf[filled:]], offset + filled)
+        if n == 0:
+            break
+        filled += n
+    return filled
+
+
+def _pread_range(path: str, start: int, end: int) -> bytes:
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        parts: list[bytes] = []
+        pos = start
+        while pos < end:
+            data = os.pread(fd, end - pos, pos)
+            if not data:
+                break
+            parts.append(data)
+            pos += len(data)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def _sync_read_into(fs: Any, path: str, offset: int, dest: memoryview) -> int:
+    """Read into ``dest`` from a sync fsspec file; return bytes read (< len(dest) at EOF)."""
+    with fs.open(path, "rb") as f:
+        if isinstance(f, io.BytesIO):  # shared by every opener (memory://): copy at an offset
+            with f.getbuffer() as buf, buf[offset : offset + len(dest)] as src:
+                dest[: len(src)] = src
+                return len(src)
+        f.seek(offset)
+        filled = 0
+        while filled < len(dest):
+            n = f.readinto(dest[filled:])
+            if not n:
+                break
+            filled += n
+        return filled
+
+
+def _copy(dest: memoryview, data: bytes) -> None:
+    dest[:] = data
+
+
+class Store:
+    """Maps model ids to URLs and reads byte ranges from there, translating errors."""
+
+    def __init__(
+        self,
+        location: str | Callable[[str], str],
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        allow_slash_in_ids: bool = False,
+        max_id_length: int = 200,
+        max_concurrent_reads: int = 8,
+        read_chunk_size: int = 16 << 20,
+    ) -> None:
+        if isinstance(location, str):
+            if location.count("{model_id}") != 1:
+                raise ValueError(
+                    f"store location {location!r} must contain '{{model_id}}' exactly once"
+                )
+        elif not callable(location):
+            raise TypeError(f"store location must be a str or a callable, not {location!r}")
+        for name, value in (
+            ("max_id_length", max_id_length),
+            ("max_concurrent_reads", max_concurrent_reads),
+            ("read_chunk_size", read_chunk_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self._location = location
+        self._storage_options = dict(storage_options or {})
+        self._allow_slash = allow_slash_in_ids
+        self._max_id_length = max_id_length
+        self._max_reads = max_concurrent_reads
+        self._chunk = read_chunk_size
+        self._filesystems: dict[str, Any] = {}
+        self._limiter: anyio.CapacityLimiter | None = None  # made in the loop, on first read
+        self._bytes_read = 0
+
+    def __repr__(self) -> str:
+        return f"Store({self._location!r}, bytes_read={self._bytes_read})"
+
+    @property
+    def location(self) -> str | Callable[[str], str]:
+        """The location template or resolver this Store was made with."""
+        return self._location
+
+    @property
+    def bytes_read(self) -> int:
+        """Total payload bytes this Store has read."""
+        return self._bytes_read
+
+    def model_url(self, model_id: str) -> str:
+        """Validate ``model_id``; return its URL (a directory, or one file for single-file models)."""
+        validate_model_id(model_id, allow_slash=self._allow_slash, max_length=self._max_id_length)
+        if isinstance(self._location, str):
+            return self._location.replace("{model_id}", model_id).rstrip("/")
+        url = self._location(model_id)
+        if not isinstance(url, str):
+            raise TypeError(f"store resolver returned {url!r} for model {model_id!r}, not a str")
+        return url
+
+    def join(self, url: str, name: str) -> str:
+        """Return the URL of file ``name`` (already validated) inside directory ``url``."""
+        return url + name if url.endswith("/") else f"{url}/{name}"
+
+    def local_path(self, url: str) -> str | None:
+        """Return the OS path of ``url`` when it is on the local filesystem, else None."""
+        protocol, _ = split_protocol(url)
+        if protocol is None or protocol in _LOCAL_PROTOCOLS:
+            path: str = LocalFileSystem._strip_protocol(url)
+            return path
+        return None
+
+    async def size(self, url: str, *, model_id: str) -> int:
+        """Return the size in bytes of the file at ``url``."""
+        with _translated("stat", url, model_id):
+            path = self.local_path(url)
+            if path is not None:
+                st = await anyio.to_thread.run_sync(os.stat, path, limiter=self._get_limiter())
+                if stat.S_ISDIR(st.st_mode):
+                    raise _is_a_directory(path)
+                return st.st_size
+            fs, fspath = await self._remote(url)
+            if fs.async_impl:
+                info: Mapping[str, Any] = await fs._info(fspath)
+            else:
+                info = await anyio.to_thread.run_sync(fs.info, fspath, limiter=self._get_limiter())
+            if info.get("type") == "directory":
+                raise _is_a_directory(fspath)
+            size = info.get("size")
+            if not isinstance(size, int):
+                raise StoreError(
+                    f"cannot stat {url} for model {model_id!r}: the store reports no size",
+                    model_id=model_id,
+                    path=url,
+                )
+            return size
+
+    async def read_range(self, url: str, start: int, end: int, *, model_id: str) -> bytes:
+        """Return bytes ``[start, end)`` of the file; fewer only if the file ends before ``end``."""
+        if not 0 <= start <= end:
+            raise ValueError(f"invalid byte range [{start}, {end})")
+        limiter = self._get_limiter()
+        with _translated("read", url, model_id):
+            path = self.local_path(url)
+            if path is not None:
+                data = await anyio.to_thread.run_sync(
+                    _pread_range, path, start, end, limiter=limiter
+                )
+            else:
+                fs, fspath = await self._remote(url)
+                if fs.async_impl:
+                    async with limiter:
+                        data = await fs._cat_file(fspath, start=start, end=end)
+                else:
+                    cat = functools.partial(fs.cat_file, fspath, start=start, end=end)
+                    data = await anyio.to_thread.run_sync(cat, limiter=limiter)
+            if len(data) > end - start:
+                raise StoreError(
+                    f"cannot read {url} for model {model_id!r}: the store returned {len(data)} "
+                    f"bytes for the {end - start}-byte range [{start}, {end})",
+                    model_id=model_id,
+                    path=url,
+                )
+        self._bytes_read += len(data)
+        return data
+
+    async def read_into(self, url: str, offset: int, dest: memoryview, *, model_id: str) -> None:
+        """Fill all of ``dest`` with the file's bytes from ``offset``; StoreError if it is short."""
+        if not (
+            isinstance(dest, memoryview)
+            and not dest.readonly
+            and dest.c_contiguous
+            and dest.ndim == 1
+            and dest.format == "B"
+        ):
+            raise ValueError("dest must be a writable, C-contiguous, 1-D unsigned-byte memoryview")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        with _translated("read", url, model_id):
+            path = self.local_path(url)
+            if path is not None:
+                got = await self._read_local(path, url, model_id, offset, dest)
+            else:
+                fs, fspath = await self._remote(url)
+                if fs.async_impl:
+                    got = await self._read_async(fs, fspath, url, model_id, offset, dest)
+                else:
+                    got = await anyio.to_thread.run_sync(
+                        _sync_read_into, fs, fspath, offset, dest, limiter=self._get_limiter()
+                    )
+            self._bytes_read += got
+            if got < len(dest):
+                raise _truncated(url, model_id, offset, len(dest), got)
+
+    async def aclose(self) -> None:
+        """Close the sessions of async filesystems (they are made again if the Store is reused)."""
+        closing = [fs for fs in self._filesystems.values() if fs.async_impl]
+        self._filesystems = {p: fs for p, fs in self._filesystems.items() if not fs.async_impl}
+        errors: list[Exception] = []
+        with anyio.CancelScope(shield=True):
+            for fs in closing:
+                # aiohttp sessions (http, gcsfs) live in `_session`; s3fs's client in `_s3`.
+                for attr in ("_session", "_s3"):
+                    close = getattr(getattr(fs, attr, None), "close", None)
+                    if close is not None and inspect.iscoroutinefunction(close):
+                        try:
+                            await close()
+                        except Exception as exc:
+                            errors.append(exc)
+                        setattr(fs, attr, None)
+        if errors:
+            raise StoreError(f"closing the store's sessions failed: {errors[0]!r}") from errors[0]
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _get_limiter(self) -> anyio.CapacityLimiter:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self._max_reads)
+        return self._limiter
+
+    async def _remote(self, url: str) -> tuple[Any, str]:
+        """Return this Store's filesystem for ``url``'s protocol and the path within it."""
+        protocol = split_protocol(url)[0] or "file"  # local URLs do not get here, in fact
+        fs: Any = self._filesystems.get(protocol)
+        if fs is None:
+            cls = fsspec.get_filesystem_class(protocol)
+            # Our own instance: aclose() must not close a session someone else shares.
+            options = {**self._storage_options, "skip_instance_cache": True}
+            if getattr(cls, "async_impl", False):
+                fs = cls(asynchronous=True, **options)
+            else:  # a sync constructor may connect (sftp...): not on the event loop
+                make = functools.partial(cls, **options)
+                fs = await anyio.to_thread.run_sync(make, limiter=self._get_limiter())
+            fs = self._filesystems.setdefault(protocol, fs)
+        path: str = fs._strip_protocol(url)
+        return fs, path
+
+    async def _run_chunks(self, size: int, read: Callable[[int, int], Awaitable[int]]) -> int:
+        """Run ``read(lo, hi)`` over ``[0, size)`` in concurrent chunks; return the bytes read."""
+        if size <= self._chunk:
+            return await read(0, size)
+        got = 0
+        errors: list[Exception] = []
+
+        async def one(lo: int, hi: int) -> None:
+            nonlocal got
+            try:
+                n = await read(lo, hi)
+            except Exception as exc:  # first error wins; siblings are cancelled
+                errors.append(exc)
+                tg.cancel_scope.cancel()
+            else:
+                got += n
+
+        async with anyio.create_task_group() as tg:
+            for lo in range(0, size, self._chunk):
+                tg.start_soon(one, lo, min(lo + self._chunk, size))
+        if errors:
+            raise errors[0]
+        return got
+
+    async def _read_local(
+        self, path: str, url: str, model_id: str, offset: int, dest: memoryview
+    ) -> int:
+        limiter = self._get_limiter()
+        opened: list[int] = []  # the worker puts the fd here, so a cancelled open still closes it
+        try:
+            file_size = await anyio.to_thread.run_sync(_open_regular, path, opened, limiter=limiter)
+            if file_size < offset + len(dest):  # fail before moving any byte
+                raise _truncated(url, model_id, offset, len(dest), max(0, file_size - offset))
+            fd = opened[0]
+
+            async def read(lo: int, hi: int) -> int:
+                return await anyio.to_thread.run_sync(
+                    _pread_full, fd, dest[lo:hi], offset + lo, limiter=limiter
+                )
+
+            return await self._run_chunks(len(dest), read)
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    async def _read_async(
+        self, fs: Any, path: str, url: str, model_id: str, offset: int, dest: memoryview
+    ) -> int:
+        limiter = self._get_limiter()
+
+        async def read(lo: int, hi: int) -> int:
+            async with limiter:
+                data: bytes = await fs._cat_file(path, start=offset + lo, end=offset + hi)
+                if len(data) > hi - lo:
+                    raise StoreError(
+                        f"cannot read {url} for model {model_id!r}: the store returned "
+                        f"{len(data)} bytes for a {hi - lo}-byte range",
+                        model_id=model_id,
+                        path=url,
+                    )
+                window = dest[lo : lo + len(data)]
+                if len(data) >= _COPY_IN_THREAD:
+                    await anyio.to_thread.run_sync(_copy, window, data)
+                else:
+                    window[:] = data
+            return len(data)
+
+        return await self._run_chunks(len(dest), read)

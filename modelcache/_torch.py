@@ -1,0 +1,178 @@
+"""The torch device backend: one buffer per model, tensors as views into it.
+
+Two ways to fill a CPU buffer, chosen per model:
+
+* **zero-copy** - a local single-file model whose tensors are aligned in the file is mapped
+  (copy-on-write, so writes never reach the file) and its pages are faulted in eagerly with
+  ``MADV_POPULATE_READ``, which is what ``safetensors.torch.load_file`` does lazily. The model is
+  ready when the call returns: no first-inference page faults.
+* **copy** - everything else: a page-aligned anonymous mapping (page-aligned destinations read
+  3.5x faster than ``bytearray``'s) filled by the store's concurrent ranged reads.
+
+A non-CPU device gets the host buffer copied into one device allocation; tensors are then views
+of that allocation at the layout's offsets. Mapped and device buffers are freed when the last
+view is dropped: nothing here holds a reference beyond the returned `Weights`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator, Mapping
+
+import anyio
+import torch
+
+from ._exceptions import ModelFormatError
+from ._format import ModelInfo
+from ._loader import fill_buffer
+from ._store import Store
+
+__all__ = ["TorchBackend", "Weights", "allocate_host", "tensor_views", "torch_dtype"]
+
+_DTYPE_ATTRS = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
+    "C64": "complex64",
+}
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_PAGE = mmap.PAGESIZE
+
+
+def torch_dtype(name: str, *, model_id: str = "?", url: str = "?") -> torch.dtype:
+    """The torch dtype of a safetensors dtype name; ModelFormatError if this torch lacks it."""
+    dtype = getattr(torch, _DTYPE_ATTRS.get(name, "?"), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ModelFormatError(
+            f"model {model_id!r}: dtype {name} is not supported by torch {torch.__version__}",
+            model_id=model_id,
+            path=url,
+        )
+    return dtype
+
+
+class Weights(Mapping[str, torch.Tensor]):
+    """A model's tensors by name: views into one buffer, read-only as a mapping."""
+
+    __slots__ = ("_tensors", "buffer", "info")
+
+    def __init__(self, tensors: dict[str, torch.Tensor], info: ModelInfo, buffer: torch.Tensor):
+        self._tensors = tensors
+        #: The model's ModelInfo (layout, metadata, config).
+        self.info = info
+        #: The one uint8 tensor every weight is a view of.
+        self.buffer = buffer
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def __repr__(self) -> str:
+        return (
+            f"<Weights {self.info.model_id!r}: {len(self)} tensors, {self.info.nbytes} bytes "
+            f"on {self.buffer.device}>"
+        )
+
+
+def allocate_host(nbytes: int) -> tuple[torch.Tensor, memoryview]:
+    """A page-aligned host buffer as a uint8 tensor and a writable memoryview of the same bytes."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8), memoryview(bytearray())
+    mapping = mmap.mmap(-1, nbytes)
+    return torch.frombuffer(mapping, dtype=torch.uint8), memoryview(mapping)
+
+
+def tensor_views(buffer: torch.Tensor, info: ModelInfo, base: int = 0) -> dict[str, torch.Tensor]:
+    """Typed views of ``buffer`` at the layout's offsets (shifted by ``base``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in info.tensors.items():
+        dtype = torch_dtype(t.dtype, model_id=info.model_id, url=info.url)
+        if t.nbytes == 0:
+            tensors[name] = torch.empty(t.shape, dtype=dtype, device=buffer.device)
+        else:
+            start = base + t.offset
+            tensors[name] = buffer[start : start + t.nbytes].view(dtype).view(t.shape)
+    return tensors
+
+
+def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
+    """Map the model's file copy-on-write and fault every page in; the mapping is the buffer."""
+    shard = info.shards[0]
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != shard.data_start + shard.data_size:
+            raise ModelFormatError(
+                f"model {info.model_id!r}: {shard.url} changed size while loading "
+                f"({shard.data_start + shard.data_size} -> {size} bytes)",
+                model_id=info.model_id,
+                path=shard.url,
+            )
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    buffer = torch.frombuffer(mapping, dtype=torch.uint8)
+    try:
+        mapping.madvise(_MADV_POPULATE_READ)
+    except OSError:  # older kernels: touch one byte per page instead
+        mapping.madvise(mmap.MADV_WILLNEED)
+        buffer[::_PAGE].max()
+    return buffer
+
+
+class TorchBackend:
+    """Loads models as torch tensors on one device (``"cpu"``, ``"cuda:0"``, ...)."""
+
+    def __init__(self, device: str | torch.device = "cpu", *, zero_copy: bool = True) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        #: Map local aligned single-file models instead of copying them (CPU devices only).
+        self.zero_copy = zero_copy
+
+    def __repr__(self) -> str:
+        return f"TorchBackend({str(self.device)!r})"
+
+    async def load(self, store: Store, info: ModelInfo) -> Weights:
+        """Read the model's weights onto the device; returns views into one buffer."""
+        base = 0
+        path = None
+        if self.device.type == "cpu" and self.zero_copy and info.mappable:
+            path = store.local_path(info.shards[0].url)
+        if path is not None:
+            buffer = await anyio.to_thread.run_sync(_map_file, path, info)
+            base = info.shards[0].data_start
+        else:
+            buffer, view = allocate_host(info.nbytes)
+            await fill_buffer(store, info, view)
+            del view
+            if self.device.type != "cpu":
+                buffer = await anyio.to_thread.run_sync(self._to_device, buffer)
+        return Weights(tensor_views(buffer, info, base), info, buffer)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        device_buffer = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)
+        device_buffer.copy_(host)
+        return device_buffer

@@ -1,0 +1,114 @@
+"""Shared fixtures: models in an in-memory store, and a store whose reads wait on gates."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import fsspec
+import pytest
+import torch
+from safetensors.torch import save
+
+from modelcache import ModelCache, Store
+from modelcache._cache import ModelCache as _ModelCache
+
+
+def model_bytes(nbytes: int, seed: int = 0) -> bytes:
+    """A safetensors file with one U8 tensor of ``nbytes`` bytes: its buffer is exactly nbytes."""
+    g = torch.Generator().manual_seed(seed)
+    return save({"w": torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)})
+
+
+class MemoryModels:
+    """Writes models under a fresh ``memory://`` root and removes them afterwards."""
+
+    def __init__(self) -> None:
+        self.root = f"/mc-{uuid.uuid4().hex}"
+        self.fs = fsspec.filesystem("memory")
+        self.template = f"memory://{self.root}/{{model_id}}"
+
+    def add(self, model_id: str, nbytes: int, *, seed: int = 0, config: Any = None) -> None:
+        self.fs.pipe(f"{self.root}/{model_id}/model.safetensors", model_bytes(nbytes, seed))
+        if config is not None:
+            self.fs.pipe(f"{self.root}/{model_id}/config.json", json.dumps(config).encode())
+
+    def put(self, name: str, data: bytes) -> None:
+        self.fs.pipe(f"{self.root}/{name}", data)
+
+    def cleanup(self) -> None:
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+
+
+@pytest.fixture
+def models() -> Iterator[MemoryModels]:
+    m = MemoryModels()
+    yield m
+    m.cleanup()
+
+
+class GatedStore(Store):
+    """A Store whose operations wait, per model id and operation, until a gate is opened.
+
+    ``store.gate("m", "read_into")`` closes a gate; ``store.open("m", "read_into")`` opens it.
+    ``store.calls`` counts operations by (operation, model id).
+    """
+
+    OPERATIONS = ("size", "read_range", "read_into")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gates: dict[tuple[str, str], anyio.Event] = {}
+        self.calls: Counter[tuple[str, str]] = Counter()
+
+    def gate(self, model_id: str, operation: str) -> None:
+        assert operation in self.OPERATIONS
+        self.gates[(operation, model_id)] = anyio.Event()
+
+    def open(self, model_id: str, operation: str) -> None:
+        self.gates.pop((operation, model_id)).set()
+
+    async def _pass(self, operation: str, model_id: str) -> None:
+        self.calls[(operation, model_id)] += 1
+        gate = self.gates.get((operation, model_id))
+        if gate is not None:
+            await gate.wait()
+
+    async def size(self, url: str, *, model_id: str) -> int:
+        await self._pass("size", model_id)
+        return await super().size(url, model_id=model_id)
+
+    async def read_range(self, url: str, start: int, end: int, *, model_id: str) -> bytes:
+        await self._pass("read_range", model_id)
+        return await super().read_range(url, start, end, model_id=model_id)
+
+    async def read_into(self, url: str, offset: int, dest: memoryview, *, model_id: str) -> None:
+        await self._pass("read_into", model_id)
+        await super().read_into(url, offset, dest, model_id=model_id)
+
+
+@pytest.fixture
+def gated(models: MemoryModels) -> GatedStore:
+    return GatedStore(models.template)
+
+
+def check_invariants(cache: ModelCache) -> None:
+    """The byte accounting and counters agree with the entries, and the budget holds."""
+    c: _ModelCache = cache
+    entries = list(c._entries.values())
+    ready = [e for e in entries if e.ready]
+    assert c._reserved <= c._budget, (c._reserved, c._budget)
+    assert c._resident == sum(e.nbytes for e in ready)
+    assert c._reserved == sum(e.nbytes for e in entries if e.reserved)
+    assert all(e.reserved for e in ready)
+    assert c._leased == sum(e.leases for e in entries) or c._state.value != "open"
+    assert c._loading == sum(1 for e in entries if not e.ready)
+    assert c._waiters == sum(e.waiters for e in entries)
+    assert all(e.leases >= 0 and e.waiters >= 0 for e in entries)
+    stats = c.stats()
+    assert stats.bytes_reserved <= stats.bytes_budget

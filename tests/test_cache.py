@@ -1,0 +1,499 @@
+"""ModelCache behaviour: single-flight, leases, budget, failures, cancellation, closing."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+import modelcache._cache
+from modelcache import (
+    CacheClosedError,
+    InvalidModelIdError,
+    ModelBuildError,
+    ModelCache,
+    ModelNotFoundError,
+    ModelTooLargeError,
+    Weights,
+)
+from modelcache._format import ModelInfo
+
+from .conftest import GatedStore, MemoryModels, check_invariants
+
+
+async def test_use_loads_once_then_hits(models: MemoryModels) -> None:
+    """The first use loads; later uses are hits on the same object."""
+    models.add("a", 1000)
+    async with ModelCache(models.template, device_budget=4096) as cache:
+        async with cache.use("a") as first:
+            assert isinstance(first, Weights)
+            assert first["w"].shape == (1000,)
+        async with cache.use("a") as second:
+            assert second is first
+        stats = cache.stats()
+        assert (stats.loads, stats.misses, stats.hits) == (1, 1, 1)
+        assert stats.bytes_resident == stats.bytes_reserved == 1000
+        assert "1 models" in repr(cache)
+        check_invariants(cache)
+
+
+async def test_single_flight_under_1000_waiters(models: MemoryModels, gated: GatedStore) -> None:
+    """1,000 concurrent first uses of one id make one load and all get the same model."""
+    models.add("a", 1000)
+    gated.gate("a", "read_into")
+    got: list[Any] = []
+
+    async def user() -> None:
+        async with cache.use("a") as m:
+            got.append(m)
+
+    async with ModelCache(gated, device_budget=4096) as cache, anyio.create_task_group() as tg:
+        for _ in range(1000):
+            tg.start_soon(user)
+        await anyio.wait_all_tasks_blocked()
+        stats = cache.stats()
+        assert (stats.loading, stats.waiters, stats.misses) == (1, 1000, 1000)
+        check_invariants(cache)
+        gated.open("a", "read_into")
+    assert len(got) == 1000 and all(m is got[0] for m in got)
+    assert cache.stats().loads == 1
+    assert gated.calls[("read_into", "a")] == 1
+
+
+async def test_different_ids_load_concurrently_up_to_the_limit(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """Loads of different ids overlap, at most max_concurrent_loads reading at once."""
+    for i in range(5):
+        models.add(f"m{i}", 100)
+        gated.gate(f"m{i}", "read_into")
+
+    async def user(i: int) -> None:
+        async with cache.use(f"m{i}"):
+            pass
+
+    async with ModelCache(gated, device_budget=4096, max_concurrent_loads=3) as cache:
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(user, i)
+            await anyio.wait_all_tasks_blocked()
+            reading = [i for i in range(5) if gated.calls[("read_into", f"m{i}")]]
+            assert len(reading) == 3
+            assert cache.stats().loading == 5
+            for i in range(5):
+                gated.open(f"m{i}", "read_into")
+        assert cache.stats().loads == 5
+
+
+async def test_lru_evicts_unleased_only(models: MemoryModels) -> None:
+    """Making room evicts the least recently used unleased model, never a leased one."""
+    for name in "abc":
+        models.add(name, 1000)
+    async with ModelCache(models.template, device_budget=2000) as cache:
+        async with cache.use("a"):
+            async with cache.use("b"):
+                pass
+            async with cache.use("c"):  # b is the only unleased one
+                assert sorted(cache.resident()) == ["a", "c"]
+                check_invariants(cache)
+        assert cache.stats().evictions == 1
+
+
+async def test_lru_order_follows_use(models: MemoryModels) -> None:
+    """The victim is the model used longest ago, not the one loaded first."""
+    for name in "abc":
+        models.add(name, 1000)
+    async with ModelCache(models.template, device_budget=2000) as cache:
+        for name in "aba":
+            async with cache.use(name):
+                pass
+        async with cache.use("c"):
+            pass
+        assert sorted(cache.resident()) == ["a", "c"]
+
+
+async def test_load_waits_while_every_byte_is_leased(models: MemoryModels) -> None:
+    """A load that finds every byte leased waits for a release, then proceeds."""
+    models.add("a", 1000)
+    models.add("b", 1000)
+    async with ModelCache(models.template, device_budget=1500) as cache:
+        lease = cache.use("a")
+        await lease.__aenter__()
+        done = anyio.Event()
+
+        async def want_b() -> None:
+            async with cache.use("b"):
+                done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(want_b)
+            await anyio.wait_all_tasks_blocked()
+            assert not done.is_set()
+            assert cache.stats().loading == 1
+            assert cache.stats().bytes_reserved == 1000
+            check_invariants(cache)
+            await lease.__aexit__(None, None, None)
+        assert done.is_set()
+        assert cache.resident() == ["b"]
+
+
+async def test_caller_bounds_the_wait_with_fail_after(models: MemoryModels) -> None:
+    """A caller's timeout ends its wait; the abandoned load frees its place in line."""
+    models.add("a", 1000)
+    models.add("b", 1000)
+    async with ModelCache(models.template, device_budget=1500) as cache:
+        async with cache.use("a"):
+            with pytest.raises(TimeoutError):
+                with anyio.fail_after(0.05):
+                    async with cache.use("b"):
+                        pass
+            await anyio.wait_all_tasks_blocked()
+            assert cache.stats().loading == 0
+            assert cache.stats().bytes_reserved == 1000
+            check_invariants(cache)
+        async with cache.use("b"):
+            assert cache.resident() == ["b"]
+
+
+async def test_model_larger_than_budget_fails_at_once(models: MemoryModels) -> None:
+    """A model over the whole budget fails with ModelTooLargeError, reserving nothing."""
+    models.add("big", 5000)
+    models.add("small", 100)
+    async with ModelCache(models.template, device_budget=4096) as cache:
+        async with cache.use("small"):
+            pass
+        with pytest.raises(ModelTooLargeError, match="'big'"):
+            async with cache.use("big"):
+                pass
+        assert cache.stats().bytes_reserved == 100
+        async with cache.use("small"):
+            pass
+        check_invariants(cache)
+
+
+async def test_failure_reaches_every_waiter_and_is_remembered(
+    models: MemoryModels, gated: GatedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed load raises in all its waiters, reserves nothing, and fails fast for a while."""
+    models.add("a", 100)
+    models.add("ok", 100)
+    calls = 0
+
+    @staticmethod  # type: ignore[misc]
+    def broken(weights: Weights, info: ModelInfo) -> Any:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("boom")
+
+    gated.gate("a", "read_into")
+    errors: list[BaseException] = []
+
+    async def user() -> None:
+        try:
+            async with cache.use("a"):
+                pass
+        except ModelBuildError as exc:
+            errors.append(exc)
+
+    cache = ModelCache(gated, device_budget=4096, failure_ttl=30)
+
+    @cache.model
+    class Broken:
+        from_weights = broken
+
+    async with cache:
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(user)
+            await anyio.wait_all_tasks_blocked()
+            gated.open("a", "read_into")
+        assert len(errors) == 10 and calls == 1
+        assert "'a'" in str(errors[0]) and "boom" in str(errors[0])
+        assert isinstance(errors[0].__cause__, RuntimeError)
+        stats = cache.stats()
+        assert (stats.bytes_reserved, stats.loading, stats.failures) == (0, 0, 1)
+        with pytest.raises(ModelBuildError):  # remembered: no new load
+            async with cache.use("a"):
+                pass
+        assert calls == 1 and cache.stats().failures == 2
+        now = modelcache._cache.time.monotonic()
+        monkeypatch.setattr(modelcache._cache.time, "monotonic", lambda: now + 31)
+        with pytest.raises(ModelBuildError):  # forgotten after failure_ttl: tried again
+            async with cache.use("a"):
+                pass
+        assert calls == 2
+        check_invariants(cache)
+
+
+async def test_missing_model_and_bad_ids(models: MemoryModels) -> None:
+    """Missing models and unsafe ids raise typed errors; other models are still served."""
+    models.add("ok", 100)
+    async with ModelCache(models.template, device_budget=4096) as cache:
+        with pytest.raises(ModelNotFoundError, match="'nope'") as info:
+            async with cache.use("nope"):
+                pass
+        assert isinstance(info.value, KeyError)
+        for bad in ("../ok", "/etc", "a/b", "s3://x", "a\x00", "x" * 500):
+            with pytest.raises(InvalidModelIdError):
+                async with cache.use(bad):
+                    pass
+        async with cache.use("ok") as w:
+            assert len(w) == 1
+        assert cache.stats().bytes_reserved == 100
+        check_invariants(cache)
+
+
+@pytest.mark.parametrize("point", ["size", "read_range", "reserve", "read_into"])
+async def test_cancelled_waiters_leave_state_consistent(
+    models: MemoryModels, gated: GatedStore, point: str
+) -> None:
+    """Cancelling waiters at any await of a load leaves the load going for the others."""
+    models.add("a", 1000)
+    models.add("blocker", 1000)
+    async with ModelCache(gated, device_budget=1500) as cache:
+        blocker = cache.use("blocker")
+        if point == "reserve":
+            await blocker.__aenter__()
+        else:
+            gated.gate("a", point)
+        got: list[Any] = []
+
+        async def user() -> None:
+            async with cache.use("a") as m:
+                got.append(m)
+
+        async with anyio.create_task_group() as tg:
+            scopes = []
+            for _ in range(3):
+                scope = anyio.CancelScope()
+                scopes.append(scope)
+
+                async def run(scope: anyio.CancelScope = scope) -> None:
+                    with scope:
+                        await user()
+
+                tg.start_soon(run)
+            await anyio.wait_all_tasks_blocked()
+            assert cache.stats().waiters == 3
+            scopes[0].cancel()
+            scopes[1].cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert cache.stats().waiters == 1
+            check_invariants(cache)
+            if point == "reserve":
+                await blocker.__aexit__(None, None, None)
+            else:
+                gated.open("a", point)
+        assert len(got) == 1
+        assert cache.resident() == ["a"]
+        check_invariants(cache)
+
+
+@pytest.mark.parametrize("point", ["size", "read_range", "read_into"])
+async def test_load_outlives_all_its_cancelled_callers(
+    models: MemoryModels, gated: GatedStore, point: str
+) -> None:
+    """When every caller is cancelled mid-load, the load still finishes and stays resident."""
+    models.add("a", 1000)
+    gated.gate("a", point)
+    async with ModelCache(gated, device_budget=1500) as cache:
+        with anyio.move_on_after(0.01):
+            async with cache.use("a"):
+                pass
+        assert cache.stats().loading == 1
+        gated.open("a", point)
+        await anyio.wait_all_tasks_blocked()
+        assert cache.resident() == ["a"]
+        check_invariants(cache)
+
+
+@pytest.mark.parametrize("point", ["size", "read_range", "reserve", "read_into"])
+async def test_closing_mid_load_fails_waiters_and_frees_everything(
+    models: MemoryModels, gated: GatedStore, point: str
+) -> None:
+    """Closing the cache during a load gives its waiters CacheClosedError and frees all bytes."""
+    models.add("a", 1000)
+    models.add("blocker", 1000)
+    errors: list[BaseException] = []
+    cache = ModelCache(gated, device_budget=1500)
+
+    async def user() -> None:
+        try:
+            async with cache.use("a"):
+                pass
+        except CacheClosedError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        async with cache:
+            if point == "reserve":
+                await cache.use("blocker").__aenter__()
+            else:
+                gated.gate("a", point)
+            tg.start_soon(user)
+            await anyio.wait_all_tasks_blocked()
+            assert cache.stats().loading == 1
+    assert len(errors) == 1 and "'a'" in str(errors[0])
+    stats = cache.stats()
+    assert (stats.bytes_reserved, stats.bytes_resident, stats.loading, stats.models) == (0, 0, 0, 0)
+    with pytest.raises(CacheClosedError):
+        async with cache.use("a"):
+            pass
+
+
+async def test_closing_frees_every_buffer(models: MemoryModels) -> None:
+    """After close, no buffer of a loaded model is referenced by the cache."""
+    models.add("a", 1000)
+    async with ModelCache(models.template, device_budget=4096) as cache:
+        async with cache.use("a") as w:
+            ref = weakref.ref(w.buffer)
+            del w
+    gc.collect()
+    assert ref() is None
+
+
+async def test_eviction_frees_the_buffer(models: MemoryModels) -> None:
+    """An evicted model's buffer is released (nothing in the cache keeps it alive)."""
+    models.add("a", 1000)
+    async with ModelCache(models.template, device_budget=4096) as cache:
+        async with cache.use("a") as w:
+            ref = weakref.ref(w.buffer)
+            del w
+        assert cache.evict("a")
+        assert not cache.evict("a")
+        gc.collect()
+        assert ref() is None
+        assert cache.stats().bytes_reserved == 0
+
+
+async def test_hit_path_is_not_a_checkpoint(models: MemoryModels) -> None:
+    """A hit completes inside an already-cancelled scope: it never yields to the scheduler."""
+    models.add("a", 100)
+    async with ModelCache(models.template, device_budget=4096) as cache:
+        async with cache.use("a"):
+            pass
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            async with cache.use("a") as w:
+                assert w["w"].numel() == 100
+        assert not scope.cancelled_caught
+        assert cache.stats().hits == 1
+
+
+async def test_use_outside_the_context_is_refused(models: MemoryModels) -> None:
+    """A cache not entered, or closed, refuses use with CacheClosedError."""
+    models.add("a", 100)
+    cache = ModelCache(models.template, device_budget=4096)
+    with pytest.raises(CacheClosedError, match="async with"):
+        async with cache.use("a"):
+            pass
+    async with cache:
+        pass
+    with pytest.raises(CacheClosedError):
+        async with cache:
+            pass
+
+
+async def test_body_exception_is_not_wrapped(models: MemoryModels) -> None:
+    """An exception raised inside `async with cache` propagates as itself."""
+    with pytest.raises(KeyError, match="mine"):
+        async with ModelCache(models.template, device_budget=4096):
+            raise KeyError("mine")
+
+
+def test_bad_arguments_are_refused(models: MemoryModels) -> None:
+    """Budgets and limits are validated when the cache is made."""
+    with pytest.raises(ValueError, match="device_budget"):
+        ModelCache(models.template, device_budget="lots")
+    with pytest.raises(ValueError, match="max_concurrent_loads"):
+        ModelCache(models.template, device_budget=10, max_concurrent_loads=0)
+    with pytest.raises(ValueError, match="model_id"):
+        ModelCache("memory://no-placeholder", device_budget=10)
+
+
+# -- model classes ---------------------------------------------------------------------------
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)  # type: ignore[no-any-return]
+
+
+def _tiny_net_file(width: int) -> bytes:
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(width)
+    return save({"lin.weight": torch.randn(2, width, generator=g), "lin.bias": torch.zeros(2)})
+
+
+async def test_module_subclass_is_built_on_meta_with_config(models: MemoryModels) -> None:
+    """An nn.Module is built from config.json and shares the weights' buffer (no copy)."""
+    models.put("net/model.safetensors", _tiny_net_file(8))
+    models.put("net/config.json", b'{"width": 8}')
+    cache = ModelCache(models.template, device_budget=4096)
+    cache.model(TinyNet)
+    async with cache:
+        async with TinyNet.use("net") as net:  # type: ignore[attr-defined]
+            assert isinstance(net, TinyNet)
+            assert not net.training and not net.lin.weight.requires_grad
+            assert net(torch.ones(1, 8)).shape == (1, 2)
+            entry = next(iter(cache._entries.values()))
+            base = entry.weights.buffer.untyped_storage().data_ptr()
+            assert net.lin.weight.untyped_storage().data_ptr() == base
+    del TinyNet.use  # type: ignore[attr-defined]
+
+
+async def test_from_weights_sync_runs_off_the_loop_async_on_it(models: MemoryModels) -> None:
+    """Sync builders run in a worker thread; async builders are awaited."""
+    models.add("a", 100)
+    threads: dict[str, int] = {}
+    cache = ModelCache(models.template, device_budget=4096)
+
+    @cache.model
+    class Sync:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        @classmethod
+        def from_weights(cls, weights: Weights, info: ModelInfo) -> Sync:
+            threads["sync"] = threading.get_ident()
+            return cls(weights["w"].numel())
+
+    @cache.model
+    class Async:
+        @classmethod
+        async def from_weights(cls, weights: Weights, info: ModelInfo) -> int:
+            threads["async"] = threading.get_ident()
+            await anyio.sleep(0)
+            return info.nbytes
+
+    async with cache:
+        async with Sync.use("a") as s:  # type: ignore[attr-defined]
+            assert s.n == 100
+        async with cache.use("a", model=Async) as n:
+            assert n == 100
+        with pytest.raises(TypeError, match="several model classes"):
+            cache.use("a")
+    assert threads["async"] == threading.get_ident() != threads["sync"]
+
+
+def test_decorating_the_wrong_things_is_refused(models: MemoryModels) -> None:
+    """Classes that cannot be built from weights, or that define use, are refused."""
+    cache = ModelCache(models.template, device_budget=4096)
+    with pytest.raises(TypeError, match="from_weights"):
+        cache.model(int)
+
+    class HasUse(torch.nn.Module):
+        def use(self) -> None: ...
+
+    with pytest.raises(TypeError, match="use"):
+        cache.model(HasUse)

@@ -1,0 +1,566 @@
+"""modelcache._store: id validation, id -> URL templates, ranged reads, error translation."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import fsspec
+import pytest
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+from fsspec.implementations.memory import MemoryFileSystem
+from hypothesis import given
+from hypothesis import strategies as st
+
+from modelcache._exceptions import (
+    InvalidModelIdError,
+    ModelFormatError,
+    ModelNotFoundError,
+    StoreError,
+)
+from modelcache._store import Store, validate_model_id
+
+# -- test filesystems -----------------------------------------------------------------------------
+
+
+class _AsyncMemory(AsyncFileSystemWrapper):  # type: ignore[misc]
+    """memory:// behind fsspec's async wrapper, under its own protocol."""
+
+    protocol = "mcasyncmem"
+    _cat_file: Callable[..., Awaitable[bytes]]  # set per instance by the wrapper
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(fs=MemoryFileSystem(), **kwargs)
+        self._strip_protocol = self._strip  # the wrapper copies memory's, which keeps our prefix
+
+    def _strip(self, path: str) -> str:
+        prefix = f"{type(self).protocol}://"  # self.protocol is the wrapped filesystem's
+        stripped: str = MemoryFileSystem._strip_protocol(path.removeprefix(prefix))
+        return stripped
+
+
+class _Gate:
+    """Holds every _cat_file of a _GatedAsyncMemory until `release` is set; counts them."""
+
+    def __init__(self) -> None:
+        self.release = anyio.Event()
+        self.in_flight = 0
+        self.peak = 0
+
+
+class _GatedAsyncMemory(_AsyncMemory):
+    protocol = "mcgatedmem"
+    gate: _Gate | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._plain_cat_file: Callable[..., Awaitable[bytes]] = self._cat_file
+        self._cat_file = self._gated_cat_file
+
+    async def _gated_cat_file(self, path: str, start: int, end: int) -> bytes:
+        gate = type(self).gate
+        assert gate is not None
+        gate.in_flight += 1
+        gate.peak = max(gate.peak, gate.in_flight)
+        try:
+            await gate.release.wait()
+        finally:
+            gate.in_flight -= 1
+        data: bytes = await self._plain_cat_file(path, start=start, end=end)
+        return data
+
+
+class _FakeSession:
+    def __init__(self) -> None:
+        self.closed = 0
+
+    async def close(self) -> None:
+        self.closed += 1
+
+
+class _SessionAsyncMemory(_AsyncMemory):
+    """Carries an aiohttp-like `_session`, as http:// and gcs:// filesystems do."""
+
+    protocol = "mcsessionmem"
+    made: ClassVar[list[_SessionAsyncMemory]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.session = _FakeSession()
+        self._session: _FakeSession | None = self.session
+        type(self).made.append(self)
+
+
+for _cls in (_AsyncMemory, _GatedAsyncMemory, _SessionAsyncMemory):
+    fsspec.register_implementation(_cls.protocol, _cls, clobber=True)
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def memory_root() -> Iterator[str]:
+    """A unique memory:// root; the global memory store is restored afterwards."""
+    saved_store = dict(MemoryFileSystem.store)
+    saved_dirs = list(MemoryFileSystem.pseudo_dirs)
+    yield f"t-{uuid.uuid4().hex}"
+    MemoryFileSystem.store.clear()
+    MemoryFileSystem.store.update(saved_store)
+    MemoryFileSystem.pseudo_dirs[:] = saved_dirs
+
+
+@dataclass
+class Backend:
+    name: str
+    location: str  # a template with {model_id}
+    write: Callable[[str, bytes], None]  # path relative to the root, e.g. "m1/w.bin"
+    mkdir: Callable[[str], None]
+
+
+@pytest.fixture(params=["file", "memory", "async"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, memory_root: str) -> Backend:
+    """The same model tree on a local, a sync in-memory and an async in-memory filesystem."""
+    if request.param == "file":
+
+        def write_file(rel: str, data: bytes) -> None:
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_bytes(data)
+
+        def mkdir_file(rel: str) -> None:
+            (tmp_path / rel).mkdir(parents=True)
+
+        return Backend("file", f"file://{tmp_path}/{{model_id}}/", write_file, mkdir_file)
+    mem = MemoryFileSystem()
+    protocol = "memory" if request.param == "memory" else _AsyncMemory.protocol
+    return Backend(
+        request.param,
+        f"{protocol}://{memory_root}/{{model_id}}",
+        lambda rel, data: mem.pipe_file(f"/{memory_root}/{rel}", data),
+        lambda rel: mem.mkdir(f"/{memory_root}/{rel}"),
+    )
+
+
+def _random(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+# -- validate_model_id ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model_id", "allow_slash"),
+    [
+        ("tenant-42", False),
+        ("bert_base.v2", False),
+        ("a=b@c+d", False),
+        ("A", False),
+        ("org/model", True),
+        ("org/model.v2/x", True),
+        ("x" * 200, False),
+    ],
+)
+def test_validate_accepts_safe_ids(model_id: str, allow_slash: bool) -> None:
+    """Safe ids come back unchanged."""
+    assert validate_model_id(model_id, allow_slash=allow_slash) == model_id
+
+
+@pytest.mark.parametrize(
+    ("model_id", "allow_slash"),
+    [
+        ("", False),
+        (".", False),
+        ("..", False),
+        ("../x", False),
+        ("../x", True),
+        ("a/../b", True),
+        ("a..b", False),
+        ("/abs", False),
+        ("/abs", True),
+        ("a/b", False),
+        ("a\\b", False),
+        ("s3://x", False),
+        ("s3://x", True),
+        ("http:x", False),
+        ("a?b", False),
+        ("a#b", False),
+        ("%2e%2e", False),
+        ("~root", False),
+        ("a\x00b", False),
+        ("a\nb", False),
+        ("tenant-42\n", False),
+        ("x" * 201, False),
+        ("a//b", True),
+        ("a/", True),
+        ("a/./b", True),
+        ("a/.b", True),
+        ("_x", False),
+        ("é", False),
+    ],
+)
+def test_validate_refuses_unsafe_ids(model_id: str, allow_slash: bool) -> None:
+    """Ids that could escape the root or carry URL/path syntax raise InvalidModelIdError."""
+    with pytest.raises(InvalidModelIdError) as info:
+        validate_model_id(model_id, allow_slash=allow_slash)
+    assert info.value.model_id == model_id
+    assert repr(model_id)[:40] in str(info.value)
+
+
+@pytest.mark.parametrize("model_id", [None, 5, b"x", ["a"]])
+def test_validate_refuses_non_str(model_id: object) -> None:
+    """A non-str id raises InvalidModelIdError (a ValueError) naming its type."""
+    with pytest.raises(InvalidModelIdError, match="must be a str") as info:
+        validate_model_id(model_id)
+    assert isinstance(info.value, ValueError)
+    assert info.value.model_id is None
+
+
+def test_validate_message_says_what_is_wrong() -> None:
+    """The message names the offending character / limit and repr()s the id, truncated."""
+    with pytest.raises(InvalidModelIdError, match=r"character ':'"):
+        validate_model_id("s3:x")
+    with pytest.raises(InvalidModelIdError, match=r"'\.\.'"):
+        validate_model_id("a..b")
+    with pytest.raises(InvalidModelIdError, match="limit of 10") as info:
+        validate_model_id("y" * 500, max_length=10)
+    assert len(str(info.value)) < 200
+
+
+@given(model_id=st.one_of(st.text(), st.text(alphabet="a0./\\:%~_-@")), allow_slash=st.booleans())
+def test_validate_never_lets_an_id_escape(model_id: str, allow_slash: bool) -> None:
+    """Any accepted id stays under the root when joined to it, and has no ':'."""
+    try:
+        validate_model_id(model_id, allow_slash=allow_slash)
+    except InvalidModelIdError:
+        return
+    assert os.path.normpath(os.path.join("/root", model_id)).startswith("/root/")
+    assert ":" not in model_id
+
+
+# -- templates ------------------------------------------------------------------------------------
+
+
+def test_file_template() -> None:
+    """A file:// template gives the model's URL without a trailing slash, and a local path."""
+    store = Store("file:///data/models/{model_id}/")
+    url = store.model_url("m1")
+    assert url == "file:///data/models/m1"
+    assert store.join(url, "model.safetensors") == "file:///data/models/m1/model.safetensors"
+    assert store.local_path(url) == "/data/models/m1"
+
+
+def test_plain_path_template() -> None:
+    """A plain path template is local; its URL is the path itself."""
+    store = Store("/plain/local/path/{model_id}")
+    assert store.model_url("m1") == "/plain/local/path/m1"
+    assert store.local_path("/plain/local/path/m1") == "/plain/local/path/m1"
+
+
+def test_remote_templates_are_not_local() -> None:
+    """memory:// and s3:// URLs have no local path."""
+    store = Store("memory://models/{model_id}")
+    assert store.model_url("m1") == "memory://models/m1"
+    assert store.local_path("memory://models/m1") is None
+    assert Store("s3://bucket/m/{model_id}/").local_path("s3://bucket/m/x") is None
+
+
+def test_single_file_template() -> None:
+    """A template ending in .safetensors names one file per model."""
+    store = Store("file:///data/{model_id}.safetensors")
+    assert store.model_url("tenant-42") == "file:///data/tenant-42.safetensors"
+
+
+def test_resolver_gets_only_validated_ids() -> None:
+    """A resolver's URL is used as given, and it is never called with an invalid id."""
+    seen: list[str] = []
+
+    def resolve(model_id: str) -> str:
+        seen.append(model_id)
+        return f"s3://bucket/{model_id[::-1]}/"
+
+    store = Store(resolve)
+    assert store.model_url("abc") == "s3://bucket/cba/"
+    with pytest.raises(InvalidModelIdError):
+        store.model_url("../etc")
+    assert seen == ["abc"]
+
+
+@pytest.mark.parametrize(
+    "location", ["file:///data/models/", "s3://b/{id}", "/{model_id}/{model_id}"]
+)
+def test_template_needs_model_id_once(location: str) -> None:
+    """A template without exactly one {model_id} is refused at construction."""
+    with pytest.raises(ValueError, match="model_id"):
+        Store(location)
+
+
+def test_model_url_validates_with_store_settings() -> None:
+    """model_url applies the store's slash and length settings."""
+    with pytest.raises(InvalidModelIdError):
+        Store("memory://m/{model_id}").model_url("org/model")
+    assert Store("memory://m/{model_id}", allow_slash_in_ids=True).model_url("org/m") == (
+        "memory://m/org/m"
+    )
+    with pytest.raises(InvalidModelIdError):
+        Store("memory://m/{model_id}", max_id_length=3).model_url("abcd")
+
+
+# -- reads on every backend -----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_size_and_read_range(backend: Backend) -> None:
+    """size is the file length; read_range returns [start, end), shorter only past EOF."""
+    data = _random(1000)
+    backend.write("m1/w.bin", data)
+    store = Store(backend.location)
+    url = store.join(store.model_url("m1"), "w.bin")
+    assert await store.size(url, model_id="m1") == 1000
+    assert await store.read_range(url, 10, 300, model_id="m1") == data[10:300]
+    assert await store.read_range(url, 900, 2000, model_id="m1") == data[900:]
+    assert await store.read_range(url, 5, 5, model_id="m1") == b""
+    assert store.bytes_read == 290 + 100
+    await store.aclose()
+
+
+@pytest.mark.asyncio
+async def test_read_into_in_small_chunks(backend: Backend) -> None:
+    """read_into with many small chunks fills dest with exactly the file's bytes."""
+    data = _random(300 * 1024 + 17)
+    backend.write("m1/w.bin", data)
+    store = Store(backend.location, read_chunk_size=4096, max_concurrent_reads=3)
+    url = store.join(store.model_url("m1"), "w.bin")
+    dest = bytearray(len(data))
+    await store.read_into(url, 0, memoryview(dest), model_id="m1")
+    assert dest == data
+    assert store.bytes_read == len(data)
+    await store.aclose()
+
+
+@pytest.mark.asyncio
+async def test_read_into_at_offset(backend: Backend) -> None:
+    """read_into at a non-zero offset reads the bytes from there, into a window of a buffer."""
+    data = _random(50_000)
+    backend.write("m1/w.bin", data)
+    store = Store(backend.location, read_chunk_size=4096)
+    url = store.join(store.model_url("m1"), "w.bin")
+    buf = bytearray(b"\xee" * 30_000)
+    await store.read_into(url, 12_345, memoryview(buf)[100:20_100], model_id="m1")
+    assert buf[100:20_100] == data[12_345:32_345]
+    assert buf[:100] == b"\xee" * 100
+    assert buf[20_100:] == b"\xee" * 9_900
+    assert store.bytes_read == 20_000
+
+
+@pytest.mark.asyncio
+async def test_read_into_truncated_file(backend: Backend) -> None:
+    """A file that ends before dest is full raises StoreError saying truncated, expected vs got."""
+    backend.write("m1/w.bin", _random(10_000))
+    store = Store(backend.location, read_chunk_size=4096)
+    url = store.join(store.model_url("m1"), "w.bin")
+    with pytest.raises(StoreError, match="truncated") as info:
+        await store.read_into(url, 2_000, memoryview(bytearray(9_000)), model_id="m1")
+    assert "expected 9000" in str(info.value)
+    assert "got 8000" in str(info.value)
+    assert info.value.model_id == "m1"
+    assert info.value.path == url
+
+
+@pytest.mark.asyncio
+async def test_missing_file_is_model_not_found(backend: Backend) -> None:
+    """Every read of a missing file raises ModelNotFoundError (a KeyError) naming id and path."""
+    store = Store(backend.location)
+    url = store.join(store.model_url("ghost"), "w.bin")
+    reads = [
+        store.size(url, model_id="ghost"),
+        store.read_range(url, 0, 10, model_id="ghost"),
+        store.read_into(url, 0, memoryview(bytearray(10)), model_id="ghost"),
+    ]
+    for read in reads:
+        with pytest.raises(ModelNotFoundError) as info:
+            await read
+        assert isinstance(info.value, KeyError)
+        assert "'ghost'" in str(info.value)
+        assert url in str(info.value)
+        assert (info.value.model_id, info.value.path) == ("ghost", url)
+        assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+@pytest.mark.asyncio
+async def test_size_of_directory_is_store_error(backend: Backend) -> None:
+    """Asking the size of a directory raises StoreError naming the operation, id and path."""
+    backend.mkdir("m1/sub")
+    store = Store(backend.location)
+    url = store.join(store.model_url("m1"), "sub")
+    with pytest.raises(StoreError, match="cannot stat") as info:
+        await store.size(url, model_id="m1")
+    assert "'m1'" in str(info.value)
+    assert url in str(info.value)
+    assert isinstance(info.value.__cause__, IsADirectoryError)
+
+
+# -- local files ----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("op", ["read_range", "read_into"])
+async def test_local_directory_read_is_store_error(tmp_path: Path, op: str) -> None:
+    """Reading a local directory as a file raises StoreError, not ModelNotFoundError."""
+    (tmp_path / "m1").mkdir()
+    store = Store(str(tmp_path / "{model_id}"))
+    url = store.model_url("m1")
+    read: Awaitable[object]
+    if op == "read_range":
+        read = store.read_range(url, 0, 4, model_id="m1")
+    else:
+        read = store.read_into(url, 0, memoryview(bytearray(4)), model_id="m1")
+    with pytest.raises(StoreError, match="cannot read") as info:
+        await read
+    assert not isinstance(info.value, ModelNotFoundError)
+    assert isinstance(info.value.__cause__, IsADirectoryError)
+
+
+@pytest.mark.asyncio
+async def test_local_permission_error_is_store_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PermissionError from the OS becomes StoreError with the cause chained."""
+    (tmp_path / "m1").write_bytes(b"abcd")
+
+    def denied(*args: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "preadv", denied)
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    with pytest.raises(StoreError, match="PermissionError") as info:
+        await store.read_into(store.model_url("m1"), 0, memoryview(bytearray(4)), model_id="m1")
+    assert isinstance(info.value.__cause__, PermissionError)
+
+
+@pytest.mark.asyncio
+async def test_failing_chunk_gives_one_store_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error in one chunk of many surfaces as a single StoreError, not an ExceptionGroup."""
+    (tmp_path / "m1").write_bytes(_random(64 * 1024))
+    real_preadv = os.preadv
+
+    def flaky(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if offset == 5 * 4096:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", flaky)
+    store = Store(f"{tmp_path}/{{model_id}}", read_chunk_size=4096)
+    with pytest.raises(StoreError, match="Input/output error") as info:
+        await store.read_into(
+            store.model_url("m1"), 0, memoryview(bytearray(64 * 1024)), model_id="m1"
+        )
+    assert isinstance(info.value.__cause__, OSError)
+
+
+@pytest.mark.asyncio
+async def test_read_into_checks_dest() -> None:
+    """dest must be a writable 1-D byte memoryview and offset non-negative."""
+    store = Store("/x/{model_id}")
+    with pytest.raises(ValueError, match="writable"):
+        await store.read_into("/x/m", 0, memoryview(b"read-only"), model_id="m")
+    with pytest.raises(ValueError, match="unsigned-byte"):
+        await store.read_into("/x/m", 0, memoryview(bytearray(8)).cast("I"), model_id="m")
+    with pytest.raises(ValueError, match="offset"):
+        await store.read_into("/x/m", -1, memoryview(bytearray(8)), model_id="m")
+    with pytest.raises(ValueError, match="range"):
+        await store.read_range("/x/m", 5, 4, model_id="m")
+
+
+# -- error pass-through, cancellation, limits, sessions ------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_sync_filesystem_errors_translate(
+    memory_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync filesystem's PermissionError -> StoreError; our own errors pass through untouched."""
+    own = ModelFormatError("bad header", model_id="m1")
+    raised: list[Exception] = [PermissionError("no"), own]
+
+    def cat_file(self: MemoryFileSystem, path: str, start: int, end: int) -> bytes:
+        raise raised.pop(0)
+
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", cat_file)
+    store = Store(f"memory://{memory_root}/{{model_id}}")
+    url = store.model_url("m1")
+    with pytest.raises(StoreError, match=r"cannot read memory://.*'m1'.*PermissionError"):
+        await store.read_range(url, 0, 1, model_id="m1")
+    with pytest.raises(ModelFormatError) as info:
+        await store.read_range(url, 0, 1, model_id="m1")
+    assert info.value is own
+
+
+@pytest.mark.asyncio
+async def test_async_reads_are_bounded(memory_root: str) -> None:
+    """Async chunked reads keep at most max_concurrent_reads requests in flight, and all land."""
+    data = _random(64 * 1024)
+    MemoryFileSystem().pipe_file(f"/{memory_root}/m1", data)
+    gate = _GatedAsyncMemory.gate = _Gate()
+    store = Store(
+        f"mcgatedmem://{memory_root}/{{model_id}}", read_chunk_size=4096, max_concurrent_reads=3
+    )
+    url = store.model_url("m1")
+    dest = bytearray(len(data))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(store.read_into, url, 0, memoryview(dest), model_id="m1"))
+        await anyio.wait_all_tasks_blocked()
+        assert gate.in_flight == 3
+        gate.release.set()
+    assert dest == data
+    assert gate.peak == 3
+    assert store.bytes_read == len(data)
+
+
+@pytest.mark.asyncio
+async def test_cancelled_async_read_is_not_translated(memory_root: str) -> None:
+    """A read cancelled while its request is in flight raises the cancellation, not StoreError."""
+    MemoryFileSystem().pipe_file(f"/{memory_root}/m1", b"abc")
+    _GatedAsyncMemory.gate = gate = _Gate()
+    store = Store(f"mcgatedmem://{memory_root}/{{model_id}}")
+    outcome: list[type[BaseException]] = []
+
+    async def read() -> None:
+        try:
+            await store.read_range(store.model_url("m1"), 0, 3, model_id="m1")
+        except BaseException as exc:
+            outcome.append(type(exc))
+            raise
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        await anyio.wait_all_tasks_blocked()
+        assert gate.in_flight == 1
+        tg.cancel_scope.cancel()
+    assert outcome == [anyio.get_cancelled_exc_class()]
+    assert store.bytes_read == 0
+
+
+@pytest.mark.asyncio
+async def test_aclose_closes_sessions_once(memory_root: str) -> None:
+    """aclose closes async filesystems' sessions and is idempotent; the store stays usable."""
+    MemoryFileSystem().pipe_file(f"/{memory_root}/m1", b"abc")
+    store = Store(f"mcsessionmem://{memory_root}/{{model_id}}")
+    url = store.model_url("m1")
+    _SessionAsyncMemory.made.clear()
+    assert await store.size(url, model_id="m1") == 3
+    [fs] = _SessionAsyncMemory.made
+    session = fs.session
+    await store.aclose()
+    await store.aclose()
+    assert session.closed == 1
+    assert fs._session is None
+    assert await store.read_range(url, 1, 3, model_id="m1") == b"bc"
+    await store.aclose()
