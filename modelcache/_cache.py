@@ -54,6 +54,9 @@ __all__ = ["ModelCache"]
 logger = logging.getLogger("modelcache")
 logger.addHandler(logging.NullHandler())
 
+#: Clock of the failure memory (a module attribute so tests can move time).
+_clock = time.monotonic
+
 T = TypeVar("T")
 _Key = tuple[ModelBuilder, str]
 
@@ -395,7 +398,7 @@ class ModelCache:
         if failure is None:
             return
         error, until = failure
-        if time.monotonic() < until:
+        if _clock() < until:
             self._fails += 1
             raise error
         del self._failures[key]
@@ -486,7 +489,7 @@ class ModelCache:
     def _remember_failure(self, key: _Key, error: BaseException) -> None:
         if self._failure_ttl <= 0:
             return
-        now = time.monotonic()
+        now = _clock()
         # Insertion order is expiry order (one TTL): drop expired ones from the front.
         while self._failures:
             oldest = next(iter(self._failures.values()))

@@ -8,6 +8,7 @@ import weakref
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import torch
 
@@ -221,8 +222,8 @@ async def test_failure_reaches_every_waiter_and_is_remembered(
             async with cache.use("a"):
                 pass
         assert calls == 1 and cache.stats().failures == 2
-        now = modelcache._cache.time.monotonic()
-        monkeypatch.setattr(modelcache._cache.time, "monotonic", lambda: now + 31)
+        now = modelcache._cache._clock()
+        monkeypatch.setattr(modelcache._cache, "_clock", lambda: now + 31)
         with pytest.raises(ModelBuildError):  # forgotten after failure_ttl: tried again
             async with cache.use("a"):
                 pass
@@ -329,15 +330,14 @@ async def test_closing_mid_load_fails_waiters_and_frees_everything(
         except CacheClosedError as exc:
             errors.append(exc)
 
-    async with anyio.create_task_group() as tg:
-        async with cache:
-            if point == "reserve":
-                await cache.use("blocker").__aenter__()
-            else:
-                gated.gate("a", point)
-            tg.start_soon(user)
-            await anyio.wait_all_tasks_blocked()
-            assert cache.stats().loading == 1
+    async with anyio.create_task_group() as tg, cache:
+        if point == "reserve":
+            await cache.use("blocker").__aenter__()
+        else:
+            gated.gate("a", point)
+        tg.start_soon(user)
+        await anyio.wait_all_tasks_blocked()
+        assert cache.stats().loading == 1
     assert len(errors) == 1 and "'a'" in str(errors[0])
     stats = cache.stats()
     assert (stats.bytes_reserved, stats.bytes_resident, stats.loading, stats.models) == (0, 0, 0, 0)
@@ -349,10 +349,9 @@ async def test_closing_mid_load_fails_waiters_and_frees_everything(
 async def test_closing_frees_every_buffer(models: MemoryModels) -> None:
     """After close, no buffer of a loaded model is referenced by the cache."""
     models.add("a", 1000)
-    async with ModelCache(models.template, device_budget=4096) as cache:
-        async with cache.use("a") as w:
-            ref = weakref.ref(w.buffer)
-            del w
+    async with ModelCache(models.template, device_budget=4096) as cache, cache.use("a") as w:
+        ref = weakref.ref(w.buffer)
+        del w
     gc.collect()
     assert ref() is None
 
@@ -441,14 +440,13 @@ async def test_module_subclass_is_built_on_meta_with_config(models: MemoryModels
     models.put("net/config.json", b'{"width": 8}')
     cache = ModelCache(models.template, device_budget=4096)
     cache.model(TinyNet)
-    async with cache:
-        async with TinyNet.use("net") as net:  # type: ignore[attr-defined]
-            assert isinstance(net, TinyNet)
-            assert not net.training and not net.lin.weight.requires_grad
-            assert net(torch.ones(1, 8)).shape == (1, 2)
-            entry = next(iter(cache._entries.values()))
-            base = entry.weights.buffer.untyped_storage().data_ptr()
-            assert net.lin.weight.untyped_storage().data_ptr() == base
+    async with cache, TinyNet.use("net") as net:  # type: ignore[attr-defined]
+        assert isinstance(net, TinyNet)
+        assert not net.training and not net.lin.weight.requires_grad
+        assert net(torch.ones(1, 8)).shape == (1, 2)
+        entry = next(iter(cache._entries.values()))
+        base = entry.weights.buffer.untyped_storage().data_ptr()
+        assert net.lin.weight.untyped_storage().data_ptr() == base
     del TinyNet.use  # type: ignore[attr-defined]
 
 
@@ -473,7 +471,7 @@ async def test_from_weights_sync_runs_off_the_loop_async_on_it(models: MemoryMod
         @classmethod
         async def from_weights(cls, weights: Weights, info: ModelInfo) -> int:
             threads["async"] = threading.get_ident()
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             return info.nbytes
 
     async with cache:

@@ -1,0 +1,159 @@
+"""Random sequences of use / release / cancel / block / fail / close against the cache's invariants."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any
+
+import anyio
+import anyio.from_thread
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    precondition,
+    rule,
+)
+
+from modelcache import ModelBuildError, ModelCache, ModelTooLargeError, Weights
+from modelcache._format import ModelInfo
+
+from .conftest import GatedStore, MemoryModels, check_invariants, settle
+
+SIZES = {"a": 300, "b": 500, "c": 700, "d": 200, "e": 900, "huge": 5000}
+BUDGET = 1200
+IDS = st.sampled_from(sorted(SIZES))
+
+
+class _Handle:
+    """One caller holding (or waiting for) a lease until told to release it."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        self.release = anyio.Event()
+        self.scope = anyio.CancelScope()
+        self.future: Future[str] | None = None
+
+
+class CacheMachine(RuleBasedStateMachine):
+    handles = Bundle("handles")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models = MemoryModels()
+        for model_id, size in SIZES.items():
+            self.models.add(model_id, size)
+        self.failing: set[str] = set()
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        self.portal = self._portal_cm.__enter__()
+        self.store = GatedStore(self.models.template)
+        self.cache = ModelCache(self.store, device_budget=BUDGET, failure_ttl=0)
+        failing = self.failing
+
+        @self.cache.model
+        class Model:
+            @classmethod
+            def from_weights(cls, weights: Weights, info: ModelInfo) -> Weights:
+                if info.model_id in failing:
+                    raise RuntimeError("told to fail")
+                return weights
+
+        self._cache_cm = self.portal.wrap_async_context_manager(self.cache)
+        self._cache_cm.__enter__()
+        self.all_handles: list[_Handle] = []
+
+    async def _hold(self, handle: _Handle) -> str:
+        with handle.scope:
+            try:
+                async with self.cache.use(handle.model_id) as model:
+                    assert model["w"].numel() == SIZES[handle.model_id]
+                    await handle.release.wait()
+                    return "released"
+            except (ModelBuildError, ModelTooLargeError) as exc:
+                return type(exc).__name__
+        return "cancelled"
+
+    def _settle(self) -> None:
+        self.portal.call(settle, self.store)
+
+    @rule(target=handles, model_id=IDS)
+    def use(self, model_id: str) -> _Handle:
+        handle = self.portal.call(_Handle, model_id)
+        handle.future = self.portal.start_task_soon(self._hold, handle)
+        self.all_handles.append(handle)
+        self._settle()
+        return handle
+
+    @rule(handle=consumes(handles))
+    def release(self, handle: _Handle) -> None:
+        self.portal.call(handle.release.set)
+        self._settle()
+
+    @rule(handle=consumes(handles))
+    def cancel(self, handle: _Handle) -> None:
+        self.portal.call(handle.scope.cancel)
+        self._settle()
+
+    @precondition(lambda self: not self.store.gates)
+    @rule(model_id=IDS, operation=st.sampled_from(GatedStore.OPERATIONS))
+    def block(self, model_id: str, operation: str) -> None:
+        self.store.gate(model_id, operation)
+
+    @precondition(lambda self: bool(self.store.gates))
+    @rule()
+    def unblock(self) -> None:
+        for operation, model_id in list(self.store.gates):
+            self.portal.call(self.store.open, model_id, operation)
+        self._settle()
+
+    @rule(model_id=IDS)
+    def toggle_failure(self, model_id: str) -> None:
+        self.failing.symmetric_difference_update({model_id})
+
+    @rule(model_id=IDS)
+    def evict(self, model_id: str) -> None:
+        self.portal.call(self.cache.evict, model_id)
+
+    @invariant()
+    def accounting_holds(self) -> None:
+        self.portal.call(check_invariants, self.cache)
+
+    @invariant()
+    def only_done_handles_have_results(self) -> None:
+        for handle in self.all_handles:
+            assert handle.future is not None
+            if handle.future.done():
+                result = handle.future.result()
+                assert result in {"released", "cancelled", "ModelBuildError", "ModelTooLargeError"}
+                if result == "ModelTooLargeError":
+                    assert SIZES[handle.model_id] > BUDGET
+
+    def teardown(self) -> None:
+        try:
+            self.unblock()
+            for handle in self.all_handles:
+                self.portal.call(handle.release.set)
+            self._settle()
+            check_invariants(self.cache)
+            self._cache_cm.__exit__(None, None, None)
+            stats = self.cache.stats()
+            assert (stats.bytes_reserved, stats.bytes_resident, stats.loading) == (0, 0, 0)
+            for handle in self.all_handles:
+                assert handle.future is not None
+                outcome: Any = handle.future.result(timeout=5)
+                assert isinstance(outcome, str)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+            self.models.cleanup()
+
+
+CacheMachine.TestCase.settings = settings(
+    max_examples=40,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_cache_state_machine = CacheMachine.TestCase
