@@ -1,0 +1,90 @@
+"""The public surface: exactly these names, and the runnable example works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import modelcache
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_public_names() -> None:
+    """modelcache exports exactly its documented names, each defined."""
+    assert sorted(modelcache.__all__) == [
+        "CacheClosedError",
+        "CacheStats",
+        "EvictionPolicy",
+        "InvalidModelIdError",
+        "LRUPolicy",
+        "ModelBuildError",
+        "ModelCache",
+        "ModelCacheError",
+        "ModelFormatError",
+        "ModelInfo",
+        "ModelLoadError",
+        "ModelNotFoundError",
+        "ModelTooLargeError",
+        "Store",
+        "StoreError",
+        "TensorInfo",
+        "Weights",
+        "parse_bytes",
+    ]
+    for name in modelcache.__all__:
+        assert getattr(modelcache, name).__module__.startswith("modelcache")
+
+
+def test_every_error_is_a_modelcache_error_and_a_builtin() -> None:
+    """Each leaf error subclasses ModelCacheError and the builtin a caller would catch."""
+    pairs = {
+        modelcache.InvalidModelIdError: ValueError,
+        modelcache.ModelNotFoundError: KeyError,
+        modelcache.StoreError: OSError,
+        modelcache.ModelFormatError: ValueError,
+        modelcache.ModelTooLargeError: ValueError,
+        modelcache.ModelLoadError: RuntimeError,
+        modelcache.ModelBuildError: modelcache.ModelLoadError,
+        modelcache.CacheClosedError: RuntimeError,
+    }
+    for cls, builtin in pairs.items():
+        assert issubclass(cls, modelcache.ModelCacheError)
+        assert issubclass(cls, builtin)
+    err = modelcache.ModelNotFoundError("model 'x' not found", model_id="x", path="p")
+    assert str(err) == "model 'x' not found"
+    assert (err.model_id, err.path) == ("x", "p")
+
+
+def test_parse_bytes() -> None:
+    """Sizes parse in decimal and binary units; nonsense is refused."""
+    assert modelcache.parse_bytes("2GiB") == 2 << 30
+    assert modelcache.parse_bytes("1.5 GB") == 1_500_000_000
+    assert modelcache.parse_bytes(4096) == 4096
+    for bad in ("lots", "-1", "1 XB", ""):
+        try:
+            modelcache.parse_bytes(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_quickstart_example_runs_and_checks_its_answers(tmp_path: Path) -> None:
+    """examples/quickstart.py serves its stream with every answer right (exit 0)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "quickstart.py"),
+            "--store",
+            str(tmp_path),
+            "--requests",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every answer matched" in result.stdout
