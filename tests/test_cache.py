@@ -495,3 +495,25 @@ def test_decorating_the_wrong_things_is_refused(models: MemoryModels) -> None:
 
     with pytest.raises(TypeError, match="use"):
         cache.model(HasUse)
+
+
+@pytest.mark.cuda
+async def test_cuda_device_tensors_are_bit_exact_views_of_one_allocation(
+    models: MemoryModels,
+) -> None:
+    """On CUDA, weights are views of one device buffer, bit-identical to the file, freed on evict."""
+    models.add("a", 1 << 20, seed=3)
+    expected = torch.frombuffer(
+        bytearray(models.fs.cat(f"{models.root}/a/model.safetensors")), dtype=torch.uint8
+    )[-(1 << 20) :]
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    async with ModelCache(models.template, device="cuda", device_budget="8MiB") as cache:
+        async with cache.use("a") as w:
+            assert w["w"].device.type == "cuda"
+            assert w["w"].untyped_storage().data_ptr() == w.buffer.untyped_storage().data_ptr()
+            assert torch.equal(w["w"].cpu(), expected)
+            del w
+        assert cache.evict("a")
+        gc.collect()
+        assert torch.cuda.memory_allocated() == start
