@@ -86,7 +86,7 @@ class TensorInfo:
     #: Byte range in the shard's data section, as in the header.
     start: int
     end: int
-    #: Byte offset in the model's contiguous buffer (a multiple of the item size).
+    #: Byte offset in the model's contiguous buffer (a multiple of the item size unless empty).
     offset: int = -1
 
     @property
@@ -143,7 +143,9 @@ class ModelInfo:
             return False
         data_start = self.shards[0].data_start
         return all(
-            (data_start + t.start) % DTYPE_SIZES[t.dtype] == 0 for t in self.tensors.values()
+            t.offset == t.start and (data_start + t.start) % DTYPE_SIZES[t.dtype] == 0
+            for t in self.tensors.values()
+            if t.nbytes
         )
 
 
@@ -176,7 +178,7 @@ def header_length(prefix: bytes, file_size: int, *, model_id: str, url: str) -> 
 def _load_json(data: bytes, what: str, model_id: str, url: str) -> dict[str, Any]:
     try:
         value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting or numbers
         raise _error(f"{what} is not valid JSON ({exc})", model_id, url) from exc
     if not isinstance(value, dict):
         raise _error(f"{what} is not a JSON object", model_id, url)

@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
-import anyio
-
+from ._concurrency import gather
 from ._exceptions import ModelFormatError, ModelNotFoundError
 from ._format import (
     INDEX_NAME,
@@ -66,13 +65,11 @@ async def read_model_info(store: Store, model_id: str) -> ModelInfo:
             path=url,
         ) from exc
     weight_map, metadata = parse_index(data, model_id=model_id, url=index_url)
-    names = sorted(set(weight_map.values()))
-    shards: list[ShardHeader | None] = [None] * len(names)
 
-    async def read(i: int, name: str) -> None:
+    async def read(name: str) -> ShardHeader:
         shard_url = store.join(url, name)
         try:
-            shards[i] = await _read_shard(store, model_id, shard_url, name)
+            return await _read_shard(store, model_id, shard_url, name)
         except ModelNotFoundError as exc:
             raise ModelFormatError(
                 f"model {model_id!r}: {INDEX_NAME} names shard {name!r}, "
@@ -81,10 +78,8 @@ async def read_model_info(store: Store, model_id: str) -> ModelInfo:
                 path=shard_url,
             ) from exc
 
-    async with anyio.create_task_group() as tg:
-        for i, name in enumerate(names):
-            tg.start_soon(read, i, name)
-    headers = [s for s in shards if s is not None]
+    names = sorted(set(weight_map.values()))
+    headers = await gather([partial(read, name) for name in names])
     return layout_model(model_id, url, headers, weight_map=weight_map, metadata=metadata)
 
 
@@ -130,7 +125,7 @@ async def read_config(store: Store, model_id: str) -> Mapping[str, Any] | None:
         return None
     try:
         config = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting or numbers
         raise ModelFormatError(
             f"model {model_id!r}: {config_url} is not valid JSON ({exc})",
             model_id=model_id,
@@ -154,9 +149,15 @@ async def fill_buffer(store: Store, info: ModelInfo, dest: memoryview) -> None:
         raise ValueError(
             f"buffer is {len(dest)} bytes, model {info.model_id!r} needs {info.nbytes}"
         )
-    async with anyio.create_task_group() as tg:
-        for seg in info.segments:
-            window = dest[seg.dst : seg.dst + seg.length]
-            tg.start_soon(
-                partial(store.read_into, seg.url, seg.src, window, model_id=info.model_id)
+    await gather(
+        [
+            partial(
+                store.read_into,
+                seg.url,
+                seg.src,
+                dest[seg.dst : seg.dst + seg.length],
+                model_id=info.model_id,
             )
+            for seg in info.segments
+        ]
+    )

@@ -39,6 +39,7 @@ import fsspec
 from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 
+from ._concurrency import gather
 from ._exceptions import InvalidModelIdError, ModelCacheError, ModelNotFoundError, StoreError
 
 __all__ = ["Store", "validate_model_id"]
@@ -389,25 +390,8 @@ class Store:
         """Run ``read(lo, hi)`` over ``[0, size)`` in concurrent chunks; return the bytes read."""
         if size <= self._chunk:
             return await read(0, size)
-        got = 0
-        errors: list[Exception] = []
-
-        async def one(lo: int, hi: int) -> None:
-            nonlocal got
-            try:
-                n = await read(lo, hi)
-            except Exception as exc:  # first error wins; siblings are cancelled
-                errors.append(exc)
-                tg.cancel_scope.cancel()
-            else:
-                got += n
-
-        async with anyio.create_task_group() as tg:
-            for lo in range(0, size, self._chunk):
-                tg.start_soon(one, lo, min(lo + self._chunk, size))
-        if errors:
-            raise errors[0]
-        return got
+        bounds = [(lo, min(lo + self._chunk, size)) for lo in range(0, size, self._chunk)]
+        return sum(await gather([functools.partial(read, lo, hi) for lo, hi in bounds]))
 
     async def _read_local(
         self, path: str, url: str, model_id: str, offset: int, dest: memoryview

@@ -1,0 +1,634 @@
+"""modelcache._loader and the torch backend, end to end through a real Store (file:// and memory://)."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import fsspec
+import pytest
+import torch
+from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
+from safetensors.torch import load_file, save_file
+
+from modelcache._exceptions import (
+    InvalidModelIdError,
+    ModelFormatError,
+    ModelNotFoundError,
+    StoreError,
+)
+from modelcache._format import DTYPE_SIZES
+from modelcache._loader import read_config, read_model_info
+from modelcache._store import Store
+from modelcache._torch import TorchBackend, Weights, torch_dtype
+
+from .safetensors_files import (
+    DTYPE_NAMES,
+    Dest,
+    put,
+    raw_file,
+    tensor_bytes,
+    write_model,
+    write_raw,
+    write_sharded,
+)
+
+# -- a local filesystem that counts what it serves ------------------------------------------------
+
+
+class CountingFileSystem(LocalFileSystem):  # type: ignore[misc]
+    """LocalFileSystem under the test-only "countfile" protocol, counting bytes it returns.
+
+    The Store treats only file/local URLs as local, so "countfile" URLs go through the
+    generic fsspec path: every byte the Store reads passes through here.
+    """
+
+    protocol = "countfile"
+    bytes_served: ClassVar[int] = 0
+    cat_calls: ClassVar[int] = 0
+    opens: ClassVar[int] = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.bytes_served = cls.cat_calls = cls.opens = 0
+
+    def cat_file(
+        self, path: str, start: int | None = None, end: int | None = None, **kw: Any
+    ) -> Any:
+        type(self).cat_calls += 1
+        return super().cat_file(path, start=start, end=end, **kw)
+
+    def _open(self, path: str, mode: str = "rb", block_size: Any = None, **kw: Any) -> Any:
+        type(self).opens += 1
+        return _CountingOpener(self._strip_protocol(path), mode, fs=self, **kw)
+
+
+class _CountingOpener(LocalFileOpener):  # type: ignore[misc]
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        data = super().read(*args, **kwargs)
+        CountingFileSystem.bytes_served += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        n: int = self.f.readinto(buffer)
+        CountingFileSystem.bytes_served += n
+        return n
+
+
+fsspec.register_implementation(CountingFileSystem.protocol, CountingFileSystem, clobber=True)
+
+
+@pytest.fixture
+def counting(tmp_path: Path) -> Iterator[Store]:
+    """A Store on tmp_path through the counting filesystem; counters start at zero."""
+    CountingFileSystem.reset()
+    yield Store(f"countfile://{tmp_path}/{{model_id}}")
+    CountingFileSystem.reset()
+
+
+# -- where models live ----------------------------------------------------------------------------
+
+
+@dataclass
+class Place:
+    """A store root: ``directory(id)`` is where a model's files go, ``store`` reads them."""
+
+    kind: str
+    template: str
+    root: Path | str
+
+    def directory(self, model_id: str) -> Dest:
+        if isinstance(self.root, Path):
+            return self.root / model_id
+        return f"{self.root}/{model_id}"
+
+    def file(self, model_id: str, name: str = "model.safetensors") -> Dest:
+        d = self.directory(model_id)
+        return d / name if isinstance(d, Path) else f"{d}/{name}"
+
+    def store(self) -> Store:
+        return Store(self.template)
+
+
+@pytest.fixture
+def memory_root() -> Iterator[str]:
+    """A fresh memory:// root, removed afterwards."""
+    root = f"/mcl-{uuid.uuid4().hex}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+@pytest.fixture(params=["file", "memory"])
+def place(request: pytest.FixtureRequest, tmp_path: Path, memory_root: str) -> Place:
+    """Models on the local disk (file://) and in fsspec's memory filesystem (memory://)."""
+    if request.param == "file":
+        root = tmp_path / "store"
+        root.mkdir()
+        return Place("file", f"file://{root}/{{model_id}}", root)
+    return Place("memory", f"memory://{memory_root}/{{model_id}}", f"memory://{memory_root}")
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+ALL_DTYPES = sorted(DTYPE_NAMES, key=lambda d: DTYPE_NAMES[d])
+MODEL_ID = "m-1"
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Random bit patterns of ``dtype`` (NaNs and odd payloads included; bools are 0/1)."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, (n,), generator=g).to(torch.bool).reshape(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (n * itemsize,), dtype=torch.uint8, generator=g)
+    return raw.view(dtype).reshape(shape)
+
+
+def assert_same(weights: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Same names, dtypes, shapes and bytes (bitwise, so NaNs compare)."""
+    assert set(weights) == set(expected)
+    for name, want in expected.items():
+        got = weights[name]
+        assert got.dtype == want.dtype, name
+        assert got.shape == want.shape, name
+        assert tensor_bytes(got) == tensor_bytes(want), name
+
+
+def assert_one_buffer(weights: Weights) -> None:
+    """Every non-empty tensor is a view of weights.buffer's storage, at an aligned address."""
+    base = weights.buffer.untyped_storage().data_ptr()
+    for name, t in weights.items():
+        if t.numel() == 0:
+            continue
+        assert t.untyped_storage().data_ptr() == base, name
+        assert t.data_ptr() % t.element_size() == 0, name
+
+
+async def load(store: Store, model_id: str = MODEL_ID, *, zero_copy: bool = True) -> Weights:
+    info = await read_model_info(store, model_id)
+    weights = await TorchBackend("cpu", zero_copy=zero_copy).load(store, info)
+    assert_one_buffer(weights)
+    assert weights.nbytes == info.nbytes
+    return weights
+
+
+def disk_bytes(dest: Dest) -> bytes:
+    if isinstance(dest, Path):
+        return dest.read_bytes()
+    data: bytes = fsspec.filesystem("memory").cat_file(fsspec.core.url_to_fs(dest)[1])
+    return data
+
+
+# -- bit-exactness --------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copy"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=[DTYPE_NAMES[d] for d in ALL_DTYPES])
+async def test_every_dtype_loads_bit_exact(
+    place: Place, tmp_path: Path, dtype: torch.dtype, zero_copy: bool
+) -> None:
+    """A save_file model of each dtype loads with the same dtype, shape and bytes as load_file."""
+    tensors = {
+        "matrix": random_tensor(dtype, (3, 5), 1),
+        "vector": random_tensor(dtype, (7,), 2),
+        "scalar": random_tensor(dtype, (), 3),
+        "empty": random_tensor(dtype, (0, 4), 4),
+        "odd": random_tensor(torch.uint8, (3,), 5),
+    }
+    reference = tmp_path / "reference.safetensors"
+    save_file(tensors, str(reference))
+    content = reference.read_bytes()
+    put(place.file(MODEL_ID), content)
+    expected = load_file(str(reference))
+    assert_same(expected, tensors)
+    weights = await load(place.store(), zero_copy=zero_copy)
+    assert_same(weights, expected)
+    if zero_copy and place.kind == "file":
+        assert weights.buffer.numel() == len(content)  # the mapping is the buffer
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copy"])
+async def test_misaligned_model_loads_bit_exact(place: Place, zero_copy: bool) -> None:
+    """Tensors at offsets that are not multiples of their item size load whole and aligned."""
+    tensors = {
+        "u": random_tensor(torch.uint8, (3,), 1),
+        "f": random_tensor(torch.float32, (2, 2), 2),
+        "b": random_tensor(torch.bool, (1,), 3),
+        "h": random_tensor(torch.float16, (3,), 4),
+        "q": random_tensor(torch.int64, (1,), 5),
+        "c": random_tensor(torch.complex64, (), 6),
+        "z": random_tensor(torch.float64, (0,), 7),
+        "d": random_tensor(torch.float64, (2,), 8),
+        "bf": random_tensor(torch.bfloat16, (5,), 9),
+    }
+    write_model(place.directory(MODEL_ID), tensors, misalign=True)
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    assert not info.mappable
+    assert any(t.offset != t.start for t in info.tensors.values())
+    weights = await load(store, zero_copy=zero_copy)
+    assert_same(weights, tensors)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("misalign", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copy"])
+async def test_sharded_model_loads_bit_exact(place: Place, zero_copy: bool, misalign: bool) -> None:
+    """A 3-shard model loads into one buffer with every tensor's bytes intact."""
+    shards = [
+        {"a": random_tensor(torch.float32, (4, 3), 1), "s": random_tensor(torch.int8, (), 2)},
+        {
+            "u": random_tensor(torch.uint8, (5,), 3),
+            "b": random_tensor(torch.bfloat16, (2, 2), 4),
+            "z": random_tensor(torch.float32, (0,), 5),
+        },
+        {"c": random_tensor(torch.float64, (3,), 6), "v": random_tensor(torch.int16, (1,), 7)},
+    ]
+    write_sharded(
+        place.directory(MODEL_ID), shards, misalign=misalign, metadata={"total_size": 123}
+    )
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    assert len(info.shards) == 3
+    assert not info.mappable
+    assert dict(info.metadata) == {"total_size": "123"}
+    weights = await load(store, zero_copy=zero_copy)
+    assert_same(weights, {k: v for s in shards for k, v in s.items()})
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copy"])
+async def test_scalar_and_empty_tensors_load(place: Place, zero_copy: bool) -> None:
+    """0-dim and zero-size tensors come back with their shapes; a model of only those loads."""
+    tensors = {
+        "s": random_tensor(torch.float32, (), 1),
+        "e": random_tensor(torch.float32, (0,), 2),
+        "e3": random_tensor(torch.int64, (2, 0, 3), 3),
+    }
+    write_model(place.directory(MODEL_ID), tensors)
+    weights = await load(place.store(), zero_copy=zero_copy)
+    assert_same(weights, tensors)
+    assert weights["s"].dim() == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copy"])
+async def test_model_without_tensors_loads_empty(place: Place, zero_copy: bool) -> None:
+    """A file whose header holds no tensor loads as an empty mapping."""
+    write_raw(place.file(MODEL_ID), {"__metadata__": {"k": "v"}}, b"")
+    weights = await load(place.store(), zero_copy=zero_copy)
+    assert len(weights) == 0
+    assert dict(weights.info.metadata) == {"k": "v"}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copy"])
+async def test_single_file_template(tmp_path: Path, zero_copy: bool) -> None:
+    """A template naming a .safetensors file reads that one file as the model."""
+    tensors = {"w": random_tensor(torch.float16, (4, 4))}
+    save_file(tensors, str(tmp_path / "m-1.safetensors"))
+    store = Store(f"file://{tmp_path}/{{model_id}}.safetensors")
+    weights = await load(store, zero_copy=zero_copy)
+    assert_same(weights, tensors)
+    assert await read_config(store, MODEL_ID) is None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copy"])
+async def test_zero_copy_with_unpadded_header(tmp_path: Path, zero_copy: bool) -> None:
+    """A file whose data_start is 4 mod 8 loads exactly, mapped or copied."""
+    # Its tensors are aligned in the file but not relative to the data section, so the layout
+    # shifts them; the mapped (zero-copy) views must still find each tensor's own bytes.
+    tensors = {
+        "u": random_tensor(torch.uint8, (4,), 1),
+        "q": random_tensor(torch.int64, (1,), 2),
+        "f": random_tensor(torch.float32, (1,), 3),
+    }
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in tensors.items():
+        n = len(tensor_bytes(t))
+        header[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    encoded = json.dumps(header).encode()
+    size = len(encoded) + (4 - len(encoded)) % 8  # 8 + size = 4 (mod 8)
+    data = b"".join(tensor_bytes(t) for t in tensors.values())
+    put(tmp_path / MODEL_ID / "model.safetensors", raw_file(encoded, data, align=1, size=size))
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    weights = await load(store, zero_copy=zero_copy)
+    assert_same(weights, tensors)
+
+
+# -- one buffer, and the zero-copy mapping --------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_zero_copy_maps_the_file_copy_on_write(tmp_path: Path) -> None:
+    """Zero-copy maps the whole file; writing a loaded tensor never reaches the file."""
+    tensors = {"w": random_tensor(torch.float32, (64, 64), 1), "b": random_tensor(torch.int8, (9,))}
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    path.parent.mkdir()
+    save_file(tensors, str(path))
+    content = path.read_bytes()
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    info = await read_model_info(store, MODEL_ID)
+    assert info.mappable
+    weights = await load(store, zero_copy=True)
+    assert weights.buffer.numel() == len(content)
+    assert bytes(weights.buffer.numpy()) == content
+    weights["w"].fill_(1.5)
+    weights["b"].zero_()
+    assert bool((weights["w"] == 1.5).all())
+    assert path.read_bytes() == content
+    again = await load(store, zero_copy=True)
+    assert_same(again, tensors)
+
+
+@pytest.mark.asyncio
+async def test_copy_path_buffer_is_exact_size(place: Place) -> None:
+    """Without zero-copy the buffer is exactly info.nbytes, the figure budgets are charged."""
+    tensors = {"w": random_tensor(torch.float32, (8, 8)), "u": random_tensor(torch.uint8, (3,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    weights = await load(place.store(), zero_copy=False)
+    assert weights.buffer.numel() == weights.info.nbytes == 8 * 8 * 4 + 3
+
+
+# -- header reads are cheap -----------------------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def sparse_model(path: Path) -> int:
+    """A model with a 1 GiB data section, written as header + truncate (no data on disk)."""
+    header = {
+        "embed": {"dtype": "F32", "shape": [1 << 20, 128], "data_offsets": [0, GIB // 2]},
+        "head": {"dtype": "BF16", "shape": [1 << 20, 256], "data_offsets": [GIB // 2, GIB]},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        f.write(raw_file(header, b""))
+        size = f.tell() + GIB
+        f.truncate(size)
+    return size
+
+
+@pytest.mark.asyncio
+async def test_header_of_1gib_model_costs_a_few_kib(tmp_path: Path) -> None:
+    """read_model_info on a 1 GiB model reads under 32 KiB (file:// through Store counts)."""
+    sparse_model(tmp_path / MODEL_ID / "model.safetensors")
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    info = await read_model_info(store, MODEL_ID)
+    assert info.nbytes == GIB
+    assert info.mappable
+    assert 0 < store.bytes_read < 32 << 10
+
+
+@pytest.mark.asyncio
+async def test_header_of_1gib_model_counted_by_filesystem(tmp_path: Path, counting: Store) -> None:
+    """Through an independent byte-counting filesystem, reading a 1 GiB model's info is < 32 KiB."""
+    sparse_model(tmp_path / MODEL_ID / "model.safetensors")
+    info = await read_model_info(counting, MODEL_ID)
+    assert info.nbytes == GIB
+    assert CountingFileSystem.cat_calls >= 1  # the store really went through it
+    assert 0 < CountingFileSystem.bytes_served < 32 << 10
+    assert counting.bytes_read == CountingFileSystem.bytes_served
+
+
+@pytest.mark.asyncio
+async def test_long_header_is_read_in_two_reads(tmp_path: Path, counting: Store) -> None:
+    """A header of thousands of tensors (far over 8 KiB) is read exactly, in two reads."""
+    tensors = {f"layers.{i}.weight": random_tensor(torch.uint8, (i % 5,), i) for i in range(3000)}
+    content = write_model(tmp_path / MODEL_ID, tensors)
+    header_end = 8 + int.from_bytes(content[:8], "little")
+    assert header_end > 8 << 10
+    info = await read_model_info(counting, MODEL_ID)
+    assert len(info.tensors) == 3000
+    assert CountingFileSystem.cat_calls == 2
+    assert CountingFileSystem.bytes_served == counting.bytes_read == header_end
+    weights = await load(counting, zero_copy=False)
+    assert_same(weights, tensors)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("header_end", "reads"), [(8 << 10, 1), ((8 << 10) + 1, 2), (100, 1)])
+async def test_header_read_count_at_the_8kib_boundary(
+    tmp_path: Path, counting: Store, header_end: int, reads: int
+) -> None:
+    """A header ending within the first 8 KiB takes one read; one byte more takes two."""
+    tensors = {"w": random_tensor(torch.float32, (300,))}
+    data = tensor_bytes(tensors["w"])
+    header = {"w": {"dtype": "F32", "shape": [300], "data_offsets": [0, len(data)]}}
+    put(tmp_path / MODEL_ID / "model.safetensors", raw_file(header, data, size=header_end - 8))
+    info = await read_model_info(counting, MODEL_ID)
+    assert info.shards[0].data_start == header_end
+    assert CountingFileSystem.cat_calls == reads
+    weights = await load(counting, zero_copy=False)
+    assert_same(weights, tensors)
+
+
+# -- bad inputs end to end ------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_missing_model_is_not_found(place: Place) -> None:
+    """A model with neither file nor index is ModelNotFoundError (a KeyError) naming id and path."""
+    store = place.store()
+    with pytest.raises(ModelNotFoundError) as info:
+        await read_model_info(store, "absent-7")
+    assert isinstance(info.value, KeyError)
+    assert "absent-7" in str(info.value)
+    assert str(place.directory("absent-7")).split("://")[-1] in str(info.value)
+    assert info.value.model_id == "absent-7"
+
+
+def _truncate_tail(content: bytes) -> bytes:
+    return content[:-1]
+
+
+BAD_FILES: list[tuple[str, bytes]] = [
+    ("empty", b""),
+    ("seven-bytes", b"\x02\0\0\0\0\0\0"),
+    ("header-past-end", raw_file({}, b"", header_len=1000)),
+    ("absurd-header", raw_file({}, b"", header_len=1 << 40)),
+    ("not-json", raw_file(b"{oops", b"")),
+    (
+        "truncated-data",
+        raw_file({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(12)),
+    ),
+    (
+        "trailing-data",
+        raw_file({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(5)),
+    ),
+    ("unknown-dtype", raw_file({"w": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}, b"x")),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("content"), [pytest.param(c, id=i) for i, c in BAD_FILES])
+async def test_bad_file_is_format_error(place: Place, content: bytes) -> None:
+    """Invalid or truncated files are ModelFormatError naming the model id and the file."""
+    put(place.file(MODEL_ID), content)
+    with pytest.raises(ModelFormatError) as info:
+        await read_model_info(place.store(), MODEL_ID)
+    assert MODEL_ID in str(info.value)
+    assert "model.safetensors" in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_data_truncated_after_save_is_format_error(place: Place, tmp_path: Path) -> None:
+    """A real save_file model missing its last byte is refused as truncated."""
+    save_file({"w": random_tensor(torch.float32, (10,))}, str(tmp_path / "ref.safetensors"))
+    put(place.file(MODEL_ID), (tmp_path / "ref.safetensors").read_bytes()[:-1])
+    with pytest.raises(ModelFormatError, match="truncated"):
+        await read_model_info(place.store(), MODEL_ID)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "shard", ["../escape.safetensors", "/etc/passwd", "a/../../escape.safetensors", "s3://b/x"]
+)
+async def test_index_shard_outside_model_is_format_error(place: Place, shard: str) -> None:
+    """An index naming a shard outside the model's directory is refused before reading it."""
+    write_sharded(place.directory(MODEL_ID), [{"w": random_tensor(torch.float32, (2,))}])
+    # a valid file where "../escape.safetensors" points, so only the name check can stop it
+    write_model(place.root, {"w": random_tensor(torch.float32, (2,))}, name="escape.safetensors")
+    put(
+        place.file(MODEL_ID, "model.safetensors.index.json"),
+        json.dumps({"weight_map": {"w": shard}}).encode(),
+    )
+    store = place.store()
+    with pytest.raises(ModelFormatError) as info:
+        await read_model_info(store, MODEL_ID)
+    assert MODEL_ID in str(info.value)
+    assert store.bytes_read < 200  # the index only
+
+
+@pytest.mark.asyncio
+async def test_index_naming_missing_shard_is_format_error(place: Place) -> None:
+    """An index naming a shard file that does not exist is ModelFormatError naming that shard."""
+    shards = [{"a": random_tensor(torch.float32, (2,))}, {"b": random_tensor(torch.float32, (2,))}]
+    weight_map = write_sharded(place.directory(MODEL_ID), shards)
+    put(
+        place.file(MODEL_ID, "model.safetensors.index.json"),
+        json.dumps({"weight_map": {**weight_map, "c": "ghost.safetensors"}}).encode(),
+    )
+    with pytest.raises(ModelFormatError) as info:
+        await read_model_info(place.store(), MODEL_ID)
+    assert not isinstance(info.value, KeyError)
+    assert "ghost.safetensors" in str(info.value)
+    assert MODEL_ID in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_invalid_shard_is_one_format_error(place: Place) -> None:
+    """A sharded model with one corrupt shard raises ModelFormatError itself, not an ExceptionGroup."""
+    shards = [{"a": random_tensor(torch.float32, (2,))}, {"b": random_tensor(torch.float32, (2,))}]
+    names = list(write_sharded(place.directory(MODEL_ID), shards).values())
+    put(place.file(MODEL_ID, names[1]), raw_file(b"{oops", b""))
+    with pytest.raises(ModelFormatError) as info:
+        await read_model_info(place.store(), MODEL_ID)
+    assert names[1] in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_file_truncated_after_info_is_one_store_error(place: Place) -> None:
+    """A file that shrinks between read_model_info and load gives StoreError, not an ExceptionGroup."""
+    tensors = {"w": random_tensor(torch.float32, (16,))}
+    content = write_model(place.directory(MODEL_ID), tensors)
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    put(place.file(MODEL_ID), content[:-8])
+    with pytest.raises(StoreError) as caught:
+        await TorchBackend("cpu", zero_copy=False).load(store, info)
+    assert MODEL_ID in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_index_inconsistent_with_shards_is_format_error(place: Place) -> None:
+    """An index placing a tensor in the wrong shard is ModelFormatError."""
+    shards = [{"a": random_tensor(torch.float32, (2,))}, {"b": random_tensor(torch.float32, (2,))}]
+    names = list(write_sharded(place.directory(MODEL_ID), shards).values())
+    put(
+        place.file(MODEL_ID, "model.safetensors.index.json"),
+        json.dumps({"weight_map": {"a": names[1], "b": names[0]}}).encode(),
+    )
+    with pytest.raises(ModelFormatError):
+        await read_model_info(place.store(), MODEL_ID)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("model_id", ["../x", "..", "a/b", "", "s3://x", "/etc", "a\x00b"])
+async def test_invalid_id_is_refused_before_io(counting: Store, model_id: str) -> None:
+    """An unsafe id is InvalidModelIdError before any byte is read or any file opened."""
+    with pytest.raises(InvalidModelIdError):
+        await read_model_info(counting, model_id)
+    with pytest.raises(InvalidModelIdError):
+        await read_config(counting, model_id)
+    assert counting.bytes_read == 0
+    assert CountingFileSystem.opens == CountingFileSystem.bytes_served == 0
+
+
+# -- read_config ----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_config_present_is_a_dict(place: Place) -> None:
+    """config.json next to the weights comes back as a dict."""
+    config = {"hidden_size": 8, "architectures": ["X"], "nested": {"a": None}}
+    put(place.file(MODEL_ID, "config.json"), json.dumps(config).encode())
+    assert await read_config(place.store(), MODEL_ID) == config
+
+
+@pytest.mark.asyncio
+async def test_config_missing_is_none(place: Place) -> None:
+    """A model without config.json (or no model at all) has config None."""
+    write_model(place.directory(MODEL_ID), {"w": random_tensor(torch.uint8, (1,))})
+    store = place.store()
+    assert await read_config(store, MODEL_ID) is None
+    assert await read_config(store, "absent") is None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"{oops", id="invalid"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b"[1, 2]", id="list"),
+        pytest.param(b"\xff\xfe", id="non-utf8"),
+        pytest.param(b"[" * 100_000, id="deeply-nested"),
+    ],
+)
+async def test_config_invalid_is_format_error(place: Place, data: bytes) -> None:
+    """An unreadable or non-object config.json is ModelFormatError naming id and file."""
+    put(place.file(MODEL_ID, "config.json"), data)
+    with pytest.raises(ModelFormatError) as info:
+        await read_config(place.store(), MODEL_ID)
+    assert MODEL_ID in str(info.value)
+    assert "config.json" in str(info.value)
+
+
+def test_every_format_dtype_has_a_torch_dtype_here() -> None:
+    """The bit-exactness matrix covers every DTYPE_SIZES entry this torch supports."""
+    for name in DTYPE_SIZES:
+        try:
+            dtype = torch_dtype(name)
+        except ModelFormatError:
+            continue  # this torch lacks it
+        assert DTYPE_NAMES.get(dtype) == name
+    for dtype, name in DTYPE_NAMES.items():
+        assert torch.empty((), dtype=dtype).element_size() == DTYPE_SIZES[name]
