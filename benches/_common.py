@@ -1,0 +1,182 @@
+"""Shared helpers for the benchmark scripts in ``benches/``.
+
+Each bench is a script (``python benches/NAME.py [--quick] [--data-dir DIR]``) that prints a
+readable table and, as its last line, one JSON object of its figures. Nothing here asserts on
+timings: benchmarks report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Percentiles",
+    "Repeated",
+    "base_parser",
+    "data_dir",
+    "emit_json",
+    "free_memory",
+    "gbps",
+    "machine_line",
+    "percentiles_us",
+    "print_table",
+    "rounded",
+    "timed",
+]
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every bench takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--quick", action="store_true", help="a small, fast version (< 30 s) for smoke tests"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="write the bench's data under this directory (default: a temp dir); "
+        "what the bench writes is removed at the end",
+    )
+    return parser
+
+
+@contextlib.contextmanager
+def data_dir(parent: str | None, prefix: str) -> Iterator[str]:
+    """A fresh directory (under ``parent`` or the system temp dir), removed on exit."""
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def free_memory() -> None:
+    """Collect garbage so that the previous repetition's buffers are gone before the next one."""
+    gc.collect()
+    gc.collect()
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    """Latency figures of one scenario, in microseconds."""
+
+    n: int
+    p50_us: float
+    p99_us: float
+    mean_us: float
+    max_us: float
+
+
+def percentiles_us(samples_ns: Sequence[int] | np.ndarray[Any, Any]) -> Percentiles:
+    """p50, p99, mean and max of per-call durations given in nanoseconds."""
+    arr = np.asarray(samples_ns, dtype=np.float64) / 1e3
+    if arr.size == 0:
+        nan = math.nan
+        return Percentiles(0, nan, nan, nan, nan)
+    p50, p99 = np.percentile(arr, [50.0, 99.0])
+    return Percentiles(int(arr.size), float(p50), float(p99), float(arr.mean()), float(arr.max()))
+
+
+@dataclass(frozen=True)
+class Repeated:
+    """Wall times in seconds of several repetitions of one measurement."""
+
+    seconds: tuple[float, ...]
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    """Throughput in GB/s (10**9 bytes per second)."""
+    return nbytes / seconds / 1e9 if seconds > 0 else math.inf
+
+
+def rounded(value: float, digits: int = 3) -> float | None:
+    """A figure for the JSON line: rounded to ``digits`` significant digits; None if not finite."""
+    if not math.isfinite(value):
+        return None
+    if value == 0:
+        return 0.0
+    return round(value, max(0, digits - 1 - math.floor(math.log10(abs(value)))))
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, c in enumerate(row):
+            widths[i] = max(widths[i], len(c))
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.ljust(widths[i]) if i == 0 else v.rjust(widths[i]) for i, v in enumerate(values)]
+        return "  ".join(parts).rstrip()
+
+    print()
+    print(title)
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print(line(row))
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.2f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def machine_line() -> str:
+    """One line describing where the bench ran."""
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, {platform.machine()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def emit_json(figures: dict[str, Any]) -> None:
+    """Print the figures as one JSON object: the bench's last line."""
+    sys.stdout.flush()
+    print(json.dumps(figures, sort_keys=False, allow_nan=False))
+    sys.stdout.flush()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds ``fn()`` took."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
