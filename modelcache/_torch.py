@@ -6,8 +6,8 @@ Two ways to fill a CPU buffer, chosen per model:
   (copy-on-write, so writes never reach the file) and its pages are faulted in eagerly with
   ``MADV_POPULATE_READ``, which is what ``safetensors.torch.load_file`` does lazily. The model is
   ready when the call returns: no first-inference page faults.
-* **copy** - everything else: a page-aligned anonymous mapping (page-aligned destinations read
-  3.5x faster than ``bytearray``'s) filled by the store's concurrent ranged reads.
+* **copy** - everything else: a page-aligned private mapping on huge pages (small models: the
+  heap) filled by the store's concurrent ranged reads.
 
 A non-CPU device gets the host buffer copied into one device allocation; tensors are then views
 of that allocation at the layout's offsets. Mapped and device buffers are freed when the last
@@ -16,9 +16,10 @@ view is dropped: nothing here holds a reference beyond the returned `Weights`.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import anyio
 import torch
@@ -52,7 +53,24 @@ _DTYPE_ATTRS = {
     "C64": "complex64",
 }
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _PAGE = mmap.PAGESIZE
+#: Host buffers below this come from the heap rather than a mapping of their own.
+_SMALL = 1 << 20
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _libc_madvise()
 
 
 def torch_dtype(name: str, *, model_id: str = "?", url: str = "?") -> torch.dtype:
@@ -100,10 +118,24 @@ class Weights(Mapping[str, torch.Tensor]):
 
 
 def allocate_host(nbytes: int) -> tuple[torch.Tensor, memoryview]:
-    """A page-aligned host buffer as a uint8 tensor and a writable memoryview of the same bytes."""
-    if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8), memoryview(bytearray())
-    mapping = mmap.mmap(-1, nbytes)
+    """A host buffer as a uint8 tensor and a writable memoryview of the same bytes.
+
+    Large buffers are private anonymous mappings (page-aligned) advised to use transparent huge
+    pages: a fresh 1 GiB buffer then takes 512 page faults instead of 262,144, which made copies
+    into it 2.5x faster here. Small ones come from the heap, so thousands of small models do not
+    each cost a mapping (the kernel allows ~65,000 per process) and a whole page.
+    """
+    if nbytes < _SMALL:
+        heap = bytearray(nbytes)
+        tensor = (
+            torch.frombuffer(heap, dtype=torch.uint8)
+            if nbytes
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        return tensor, memoryview(heap)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if _MADV_HUGEPAGE is not None:
+        mapping.madvise(_MADV_HUGEPAGE)
     return torch.frombuffer(mapping, dtype=torch.uint8), memoryview(mapping)
 
 
@@ -121,24 +153,24 @@ def tensor_views(buffer: torch.Tensor, info: ModelInfo, base: int = 0) -> dict[s
 
 
 def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
-    """Map the model's file copy-on-write and fault every page in; the mapping is the buffer."""
+    """Map the model's file copy-on-write and fault every page in; the mapping is the buffer.
+
+    torch's file mapping closes its descriptor once mapped (Python's mmap keeps a duplicate
+    open, which capped resident models at the open-file limit).
+    """
     shard = info.shards[0]
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size != shard.data_start + shard.data_size:
-            raise ModelFormatError(
-                f"model {info.model_id!r}: {shard.url} changed size while loading "
-                f"({shard.data_start + shard.data_size} -> {size} bytes)",
-                model_id=info.model_id,
-                path=shard.url,
-            )
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    buffer = torch.frombuffer(mapping, dtype=torch.uint8)
-    try:
-        mapping.madvise(_MADV_POPULATE_READ)
-    except OSError:  # older kernels: touch one byte per page instead
-        mapping.madvise(mmap.MADV_WILLNEED)
-        buffer[::_PAGE].max()
+    size = os.stat(path).st_size
+    if size != shard.data_start + shard.data_size:
+        raise ModelFormatError(
+            f"model {info.model_id!r}: {shard.url} changed size while loading "
+            f"({shard.data_start + shard.data_size} -> {size} bytes)",
+            model_id=info.model_id,
+            path=shard.url,
+        )
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+    buffer = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+    if _madvise is None or _madvise(buffer.data_ptr(), size, _MADV_POPULATE_READ) != 0:
+        buffer[::_PAGE].max()  # kernels before 5.14: touch one byte per page instead
     return buffer
 
 
