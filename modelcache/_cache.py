@@ -79,7 +79,6 @@ class _Entry:
         "builder",
         "done",
         "error",
-        "info",
         "key",
         "leases",
         "model_id",
@@ -97,7 +96,6 @@ class _Entry:
         self.ready = False
         self.value: Any = None
         self.weights: Any = None
-        self.info: Any = None
         self.nbytes = 0
         self.reserved = False  # True once nbytes are counted in the cache's _reserved
         self.leases = 0
@@ -109,12 +107,12 @@ class _Entry:
 class _Pending:
     """A load waiting for bytes."""
 
-    __slots__ = ("entry", "event", "granted")
+    __slots__ = ("entry", "event", "settled")
 
     def __init__(self, entry: _Entry) -> None:
         self.entry = entry
         self.event = anyio.Event()
-        self.granted = False
+        self.settled = False  # left the queue: granted, or dropped as abandoned
 
 
 class _Lease(Generic[T]):
@@ -440,7 +438,7 @@ class ModelCache:
                 raise
             return
         seconds = time.perf_counter() - started
-        entry.value, entry.weights, entry.info = value, weights, info
+        entry.value, entry.weights = value, weights
         entry.ready = True
         self._loading -= 1
         self._loads += 1
@@ -459,11 +457,7 @@ class ModelCache:
 
     def _fail(self, entry: _Entry, exc: BaseException) -> None:
         """Undo everything a load did, and tell its waiters why."""
-        if self._entries.get(entry.key) is entry:
-            del self._entries[entry.key]
-        if entry.reserved:
-            entry.reserved = False
-            self._reserved -= entry.nbytes
+        self._drop(entry)
         if isinstance(exc, _Abandoned):
             return  # nobody is waiting; nothing to remember
         if isinstance(exc, Exception) and self._state is _State.OPEN:
@@ -511,7 +505,7 @@ class ModelCache:
         try:
             await pending.event.wait()
         finally:
-            if not pending.granted:
+            if not pending.settled:
                 self._pending.remove(pending)
         if not entry.reserved:
             raise _Abandoned
@@ -533,13 +527,13 @@ class ModelCache:
             head = self._pending[0]
             if head.entry.waiters == 0:
                 self._pending.popleft()
-                head.granted = True  # abandoned: the load sees no reservation and stops
+                head.settled = True  # abandoned: the load sees no reservation and stops
                 head.event.set()
                 continue
             if not self._try_reserve(head.entry.nbytes):
                 return
             self._pending.popleft()
-            head.granted = head.entry.reserved = True
+            head.settled = head.entry.reserved = True
             head.event.set()
 
     def _evictable(self, entry: PolicyEntry) -> bool:

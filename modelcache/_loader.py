@@ -17,7 +17,6 @@ from ._concurrency import gather
 from ._exceptions import ModelFormatError, ModelNotFoundError
 from ._format import (
     INDEX_NAME,
-    MAX_HEADER_SIZE,
     SINGLE_NAME,
     ModelInfo,
     ShardHeader,
@@ -104,7 +103,7 @@ async def _read_shard(
 
 async def _read_side_file(store: Store, model_id: str, url: str) -> bytes:
     size = await store.size(url, model_id=model_id)
-    if size > min(_MAX_SIDE_FILE, MAX_HEADER_SIZE):
+    if size > _MAX_SIDE_FILE:
         raise ModelFormatError(
             f"model {model_id!r}: {url} is {size} bytes, too large for a side file",
             model_id=model_id,
