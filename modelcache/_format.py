@@ -105,6 +105,8 @@ class ShardHeader:
     data_size: int
     tensors: tuple[TensorInfo, ...]  # sorted by start
     metadata: Mapping[str, str]
+    #: The header JSON exactly as in the file (bytes 8 to data_start), to write the file again.
+    header: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +257,7 @@ def parse_header(
             model_id,
             url,
         )
-    return ShardHeader(name, url, data_start, data_size, tuple(tensors), metadata)
+    return ShardHeader(name, url, data_start, data_size, tuple(tensors), metadata, bytes(header))
 
 
 def _shard_name(name: object, model_id: str, url: str) -> str:
