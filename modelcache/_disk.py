@@ -1,0 +1,820 @@
+"""The disk tier: a local directory with a byte budget that keeps models fetched from a remote store.
+
+A model evicted from RAM comes back from here instead of the network. The directory survives
+restarts and may be shared by several processes (on one machine: the locks are ``flock``).
+
+Layout of ``directory``::
+
+    .lock                               flock'ed while a process scans, plans or publishes
+    <sha256(id)>-<slug>/                one complete entry, laid out like the store:
+        model.safetensors               (or the shards + model.safetensors.index.json)
+        config.json                     when the model has one
+        .modelcache-entry.json          the manifest: real id, file sizes, nbytes, etag, time
+    .tmp-<pid>-<random>-<bytes>/        a write in progress (reserves <bytes> of the budget)
+    .del-<pid>-<random>/                an evicted entry being deleted
+
+Invariants:
+
+- **Never half-written.** An entry is written into a temp dir, every file fsynced and its size
+  checked, the manifest written last, then the temp dir is renamed to its final name. Readers
+  trust only final directories whose manifest lists files of exactly the recorded sizes; any
+  other final directory (a truncated file, no manifest) is deleted when seen.
+- **Exact budget, across processes.** An entry costs the bytes of its files (headers, index,
+  config and manifest included; apparent sizes, not blocks). Every scan, eviction, reservation
+  and publish happens under the ``.lock`` flock, and a temp dir's name carries the bytes it will
+  hold, so complete entries + writes in flight never exceed the budget of the process planning.
+- **In use is never evicted.** `DiskTier.acquire` counts a lease and holds a shared flock on the
+  entry's manifest; eviction needs the in-process count at zero *and* an exclusive flock, so an
+  entry another process is reading is skipped too.
+- **LRU survives restarts.** A use sets the manifest's mtime (explicit nanoseconds); the index
+  rebuilt by `DiskTier.open` orders entries by it.
+- **Leftovers.** A temp dir is abandoned when its pid is not alive here and no process holds its
+  flock (the writer holds one for the whole write: a writer in another pid namespace on the same
+  kernel is not mistaken for a dead one). Abandoned temp dirs and trash dirs are removed on open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from ._format import INDEX_NAME, SINGLE_NAME, ModelInfo, Segment
+from ._store import Store
+from ._units import format_bytes, parse_bytes
+
+__all__ = ["DiskEntry", "DiskStats", "DiskTier", "entry_name"]
+
+MANIFEST_NAME = ".modelcache-entry.json"
+CONFIG_NAME = "config.json"  # as modelcache._loader.CONFIG_NAME (not imported: no cycle risk)
+_FORMAT = 1
+_LOCK_NAME = ".lock"
+_TEMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".del-"
+_FINAL = re.compile(r"[0-9a-f]{64}-[A-Za-z0-9._+=@-]*")
+_TEMP = re.compile(r"\.tmp-(\d+)-[0-9a-f]+-(\d+)")
+_SLUG_BAD = re.compile(r"[^A-Za-z0-9._+=@-]")
+_SLUG_LENGTH = 48
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+_OPEN_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_WRITE_CHUNK = 1 << 30  # below Linux's ~2 GiB cap on one write
+_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
+
+
+def entry_name(model_id: str) -> str:
+    """The directory name of ``model_id``'s entry: sha256 hex + a readable slug (<= 113 bytes).
+
+    Safe for any string: the slug keeps only ``A-Z a-z 0-9 . _ + = @ -`` (``/`` becomes ``_``)
+    and is cut short; the hash keeps distinct ids (``a/b``, ``a_b``) apart.
+    """
+    digest = hashlib.sha256(model_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{digest}-{_SLUG_BAD.sub('_', model_id)[:_SLUG_LENGTH]}"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskEntry:
+    """One complete model on disk."""
+
+    model_id: str
+    #: Absolute path of the entry's directory (laid out like the store).
+    directory: str
+    #: Bytes of its files on disk: what the budget is charged.
+    size: int
+    #: Size of the model's buffer (``ModelInfo.nbytes``).
+    nbytes: int
+    #: The store's etag when it was written, to compare with the store's current one.
+    etag: str | None
+    #: (relative file name, size) of each model file, manifest excluded.
+    files: tuple[tuple[str, int], ...]
+    #: When it was written (seconds since the epoch).
+    created: float
+
+    @property
+    def url(self) -> str:
+        """The directory as a ``file://`` URL, for a local `Store`."""
+        return f"file://{self.directory}"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskStats:
+    """A snapshot of a `DiskTier` (this process's view of the shared directory)."""
+
+    #: Bytes of the complete entries known here (files on disk, exactly).
+    bytes: int
+    budget: int
+    entries: int
+    #: `DiskTier.get` calls that returned an entry / returned None.
+    hits: int
+    misses: int
+    #: Entries this tier wrote and published.
+    writes: int
+    #: Entries deleted to make room.
+    evictions: int
+
+    def __str__(self) -> str:
+        return (
+            f"{format_bytes(self.bytes)}/{format_bytes(self.budget)} in {self.entries} entries; "
+            f"hits={self.hits} misses={self.misses} writes={self.writes} "
+            f"evictions={self.evictions}"
+        )
+
+
+@dataclass(slots=True)
+class _Record:
+    entry: DiskEntry
+    name: str
+    #: The manifest's bytes: what tells this entry from a later one of the same model exactly.
+    manifest: bytes
+    #: The manifest's (st_dev, st_ino, st_mtime_ns) when last seen: unchanged means "same entry,
+    #: not used elsewhere since" (a cheap check; a change means: read the manifest again).
+    ident: tuple[int, int, int]
+    #: Last use, ns since the epoch (the manifest's mtime), then an in-process tie-breaker.
+    used: tuple[int, int]
+    evicting: bool = False
+
+
+@dataclass(slots=True)
+class _File:
+    name: str
+    size: int
+    prefix: bytes  # written at offset 0
+    segments: list[Segment] = field(default_factory=list)  # buffer ranges written at seg.src
+
+
+class _Invalid(Exception):
+    """A final directory that is not a complete, consistent entry."""
+
+
+# -- file helpers ----------------------------------------------------------------------------
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data[:_WRITE_CHUNK], offset)
+        data = data[n:]
+        offset += n
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, _OPEN_DIR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlocked(path: str) -> bool:
+    """True when no process holds ``path``'s flock (a directory)."""
+    try:
+        fd = os.open(path, _OPEN_DIR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases the lock if we took it
+    return True
+
+
+def _safe_name(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 1024
+        and not name.startswith("/")
+        and "\x00" not in name
+        and "\\" not in name
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    )
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """Hold the directory-wide flock (a fresh descriptor each time, so threads queue too)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- what to write -----------------------------------------------------------------------------
+
+
+def _plan_files(info: ModelInfo) -> list[_File]:
+    """The files of ``info``'s entry, with the bytes or buffer ranges each is made of."""
+    shards = info.shards
+    single = len(shards) == 1 and shards[0].name in (SINGLE_NAME, shards[0].url)
+    by_url: dict[str, list[Segment]] = {s.url: [] for s in shards}
+    for seg in info.segments:
+        if seg.url not in by_url:
+            raise ValueError(f"model {info.model_id!r}: segment of unknown file {seg.url}")
+        if not 0 <= seg.dst <= seg.dst + seg.length <= info.nbytes:
+            raise ValueError(f"model {info.model_id!r}: segment outside the buffer: {seg}")
+        by_url[seg.url].append(seg)
+    files: list[_File] = []
+    for shard in shards:
+        name = SINGLE_NAME if single else shard.name
+        if not _safe_name(name):
+            raise ValueError(f"model {info.model_id!r}: unsafe shard name {name!r}")
+        if shard.data_start != 8 + len(shard.header):
+            raise ValueError(
+                f"model {info.model_id!r}: shard {shard.name!r} carries no header bytes "
+                f"({len(shard.header)} bytes for data at {shard.data_start})"
+            )
+        segments = by_url[shard.url]
+        covered = sum(seg.length for seg in segments)
+        end = shard.data_start + shard.data_size
+        if covered != shard.data_size or any(
+            not shard.data_start <= s.src <= s.src + s.length <= end for s in segments
+        ):
+            raise ValueError(
+                f"model {info.model_id!r}: the segments do not tile shard {shard.name!r}"
+            )
+        prefix = struct.pack("<Q", len(shard.header)) + shard.header
+        files.append(_File(name, end, prefix, segments))
+    if not single:
+        index = {
+            "metadata": dict(info.metadata),
+            "weight_map": {t.name: t.shard for t in info.tensors.values()},
+        }
+        data = json.dumps(index, indent=2).encode()
+        files.append(_File(INDEX_NAME, len(data), data))
+    if info.config is not None:
+        data = json.dumps(info.config).encode()
+        files.append(_File(CONFIG_NAME, len(data), data))
+    names = [f.name for f in files]
+    if len(set(names)) != len(names) or MANIFEST_NAME in names:
+        raise ValueError(f"model {info.model_id!r}: file names collide: {names}")
+    return files
+
+
+def _manifest(
+    model_id: str, files: Sequence[_File], nbytes: int, etag: str | None, created: float
+) -> bytes:
+    return json.dumps(
+        {
+            "format": _FORMAT,
+            "model_id": model_id,
+            "files": [[f.name, f.size] for f in files],
+            "nbytes": nbytes,
+            "etag": etag,
+            "created": created,
+        }
+    ).encode()
+
+
+def _read_entry(root: str, name: str) -> tuple[DiskEntry, os.stat_result, bytes]:
+    """Load and verify the entry in ``root/name``: (entry, the manifest's stat and bytes).
+
+    FileNotFoundError when the directory is gone; _Invalid when it is not a complete entry.
+    """
+    directory = os.path.join(root, name)
+    try:
+        fd = os.open(os.path.join(directory, MANIFEST_NAME), _OPEN_READ)
+    except FileNotFoundError:
+        if os.path.isdir(directory):
+            raise _Invalid("no manifest") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        raw = f.read()
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _Invalid(f"manifest is not JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise _Invalid("unknown manifest format")
+    model_id, files = manifest.get("model_id"), manifest.get("files")
+    nbytes, etag, created = manifest.get("nbytes"), manifest.get("etag"), manifest.get("created")
+    if (
+        not isinstance(model_id, str)
+        or entry_name(model_id) != name
+        or not isinstance(files, list)
+        or not isinstance(nbytes, int)
+        or not (etag is None or isinstance(etag, str))
+        or not isinstance(created, int | float)
+    ):
+        raise _Invalid("manifest fields are invalid")
+    checked: list[tuple[str, int]] = []
+    for item in files:
+        if not (isinstance(item, list) and len(item) == 2 and _safe_name(item[0])):
+            raise _Invalid(f"manifest lists an invalid file {item!r}")
+        file_name, size = item
+        if not isinstance(size, int):
+            raise _Invalid(f"manifest lists an invalid size for {file_name!r}")
+        try:
+            actual = os.stat(os.path.join(directory, file_name)).st_size
+        except FileNotFoundError:
+            raise _Invalid(f"{file_name} is missing") from None
+        if actual != size:
+            raise _Invalid(f"{file_name} is {actual} bytes, the manifest says {size}")
+        checked.append((file_name, size))
+    size = sum(s for _, s in checked) + st.st_size
+    entry = DiskEntry(model_id, directory, size, nbytes, etag, tuple(checked), float(created))
+    return entry, st, raw
+
+
+def _ident(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def _same_manifest(fd: int, manifest: bytes) -> bool:
+    return os.pread(fd, len(manifest) + 1, 0) == manifest
+
+
+def _intact(record: _Record) -> bool:
+    """The record's own manifest is in place and every file has its recorded size."""
+    directory = record.entry.directory
+    try:
+        if _ident(os.stat(os.path.join(directory, MANIFEST_NAME))) != record.ident:
+            return False
+        return all(
+            os.stat(os.path.join(directory, name)).st_size == size
+            for name, size in record.entry.files
+        )
+    except OSError:
+        return False
+
+
+# -- the tier --------------------------------------------------------------------------------
+
+
+class DiskTier:
+    """A byte-budgeted local directory of complete models, shared safely between processes.
+
+    Methods that touch the disk (`open`, `write`, `remove`, and lightly `get` and `acquire`: a
+    few ``stat`` calls) are blocking; run them in a worker thread. Everything is thread-safe.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], budget: int | str) -> None:
+        self._root = os.path.abspath(os.fspath(directory))
+        self._budget = parse_bytes(budget, name="disk budget")
+        self._lock_path = os.path.join(self._root, _LOCK_NAME)
+        self._lock = threading.Lock()  # guards everything below; never held during slow I/O
+        self._records: dict[str, _Record] = {}
+        self._leases: dict[str, list[int]] = {}  # model id -> flock'ed manifest descriptors
+        self._seq = 0
+        self._opened = False
+        self._hits = self._misses = self._writes = self._evictions = 0
+        self._store = Store(self._resolve, allow_slash_in_ids=True, max_id_length=1 << 16)
+
+    def __repr__(self) -> str:
+        return f"DiskTier({self._root!r}, {self.stats()})"
+
+    def __contains__(self, model_id: object) -> bool:
+        """Whether this process's index holds ``model_id`` (no I/O, not verified)."""
+        with self._lock:
+            return model_id in self._records
+
+    @property
+    def directory(self) -> str:
+        return self._root
+
+    @property
+    def budget(self) -> int:
+        return self._budget
+
+    @property
+    def store(self) -> Store:
+        """A local Store that finds each entry by model id: read it with the usual loader."""
+        return self._store
+
+    def url(self, entry: DiskEntry) -> str:
+        """The ``file://`` URL of ``entry``'s directory."""
+        return entry.url
+
+    def stats(self) -> DiskStats:
+        with self._lock:
+            return DiskStats(
+                bytes=sum(r.entry.size for r in self._records.values()),
+                budget=self._budget,
+                entries=len(self._records),
+                hits=self._hits,
+                misses=self._misses,
+                writes=self._writes,
+                evictions=self._evictions,
+            )
+
+    # -- opening -----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the directory, rebuild the index from complete entries, clean up leftovers.
+
+        Removes trash, temp dirs of writers that are gone and invalid entries, then evicts
+        least-recently-used entries while the total is over budget. Idempotent. Blocking.
+        """
+        os.makedirs(self._root, exist_ok=True)
+        trash: list[str] = []
+        with _locked(self._lock_path):
+            trash.extend(
+                os.path.join(self._root, name)
+                for name in os.listdir(self._root)
+                if name.startswith(_TRASH_PREFIX)
+            )
+            reserved = self._scan(trash)
+            self._make_room(reserved, trash)
+            self._opened = True
+        for path in trash:
+            _remove_tree(path)
+
+    def _require_open(self) -> None:
+        if not self._opened:
+            raise RuntimeError(f"DiskTier({self._root!r}): call open() first")
+
+    def _resolve(self, model_id: str) -> str:
+        return f"file://{os.path.join(self._root, entry_name(model_id))}"
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, model_id: str) -> DiskEntry | None:
+        """The complete entry of ``model_id`` (sizes checked now) or None; marks it used.
+
+        Finds entries other processes wrote. An entry whose files no longer match its manifest
+        is deleted and None returned.
+        """
+        self._require_open()
+        with self._lock:
+            record = self._records.get(model_id)
+        if record is not None and record.evicting:
+            record = None
+        elif record is None or not _intact(record):
+            stale = record
+            record = self._discover(entry_name(model_id), locked=False)
+            if record is None and stale is not None:
+                self._forget(stale)
+        if record is None:
+            with self._lock:
+                self._misses += 1
+            return None
+        self._touch(record)
+        with self._lock:
+            self._hits += 1
+        return record.entry
+
+    def acquire(self, entry: DiskEntry) -> bool:
+        """Pin ``entry`` while it is read; False when it is gone or being evicted.
+
+        Every True must be matched by one `release`. A pinned entry is not evicted by this
+        process nor, through a shared flock on its manifest, by another one.
+        """
+        with self._lock:
+            record = self._records.get(entry.model_id)
+            if record is None or record.evicting or record.entry != entry:
+                return False
+            leases = self._leases.setdefault(entry.model_id, [])
+            leases.append(-1)  # counted now, so it cannot be chosen as a victim meanwhile
+            expected = record.manifest
+        manifest = os.path.join(entry.directory, MANIFEST_NAME)
+        fd = -1
+        try:
+            fd = os.open(manifest, _OPEN_READ)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if not os.path.samestat(os.fstat(fd), os.stat(manifest)) or not _same_manifest(
+                fd, expected
+            ):
+                raise FileNotFoundError(manifest)  # evicted (and maybe rewritten) meanwhile
+        except OSError:
+            if fd >= 0:
+                os.close(fd)
+            fd = -2
+        with self._lock:
+            leases.remove(-1)
+            if fd >= 0:
+                leases.append(fd)
+            elif not leases:
+                del self._leases[entry.model_id]
+        return fd >= 0
+
+    def release(self, entry: DiskEntry) -> None:
+        """End one `acquire` of ``entry``."""
+        with self._lock:
+            leases = self._leases.get(entry.model_id)
+            held = [i for i, fd in enumerate(leases or ()) if fd >= 0]
+            if leases is None or not held:
+                raise RuntimeError(f"disk entry {entry.model_id!r} is not acquired")
+            fd = leases.pop(held[-1])
+            if not leases:
+                del self._leases[entry.model_id]
+        os.close(fd)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def write(
+        self, info: ModelInfo, buffer: memoryview, *, etag: str | None = None
+    ) -> DiskEntry | None:
+        """Write ``info``'s files from its buffer and publish them atomically. Blocking.
+
+        Returns the entry; the existing one when the model is already here with the same etag
+        (or ``etag`` is None); None, writing nothing, when the model is larger than the budget
+        or room cannot be made because entries are in use. If another process publishes the
+        same model first, ours is discarded and theirs returned. Raises ValueError when the
+        buffer does not match ``info`` and OSError on I/O errors (after removing its temp dir).
+        """
+        self._require_open()
+        view = memoryview(buffer)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        if len(view) != info.nbytes:
+            raise ValueError(
+                f"buffer is {len(view)} bytes, model {info.model_id!r} needs {info.nbytes}"
+            )
+        files = _plan_files(info)
+        created = time.time()
+        manifest = _manifest(info.model_id, files, info.nbytes, etag, created)
+        size = sum(f.size for f in files) + len(manifest)
+        if size > self._budget:
+            return None
+        name = entry_name(info.model_id)
+        final = os.path.join(self._root, name)
+        trash: list[str] = []
+        try:
+            with _locked(self._lock_path):
+                reserved = self._scan(trash)
+                with self._lock:
+                    existing = self._records.get(info.model_id)
+                if existing is not None and (etag is None or existing.entry.etag == etag):
+                    self._touch(existing)
+                    return existing.entry
+                if existing is not None and not self._evict(existing, trash):
+                    return None
+                if not self._make_room(size + reserved, trash):
+                    return None
+                temp = os.path.join(
+                    self._root, f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{size}"
+                )
+                os.mkdir(temp)
+                try:
+                    temp_fd = os.open(temp, _OPEN_DIR)
+                except BaseException:
+                    os.rmdir(temp)
+                    raise
+                fcntl.flock(temp_fd, fcntl.LOCK_EX)  # held while writing: "this writer lives"
+        finally:
+            for path in trash:
+                _remove_tree(path)
+        entry = DiskEntry(
+            info.model_id,
+            final,
+            size,
+            info.nbytes,
+            etag,
+            tuple((f.name, f.size) for f in files),
+            created,
+        )
+        try:
+            st = self._write_files(temp, files, view, manifest)
+            with _locked(self._lock_path):  # publish and index at once: no eviction in between
+                try:
+                    os.rename(temp, final)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.isdir(final):
+                        raise
+                    # Another process published this model first: ours goes, theirs is used.
+                    theirs = self._discover(name, locked=True)
+                else:
+                    _fsync_dir(self._root)
+                    theirs = _Record(entry, name, manifest, _ident(st), (0, 0))
+                    with self._lock:
+                        self._records[info.model_id] = theirs
+                        self._writes += 1
+                if theirs is not None:
+                    self._touch(theirs)
+        finally:
+            _remove_tree(temp)  # gone already when it was published
+            os.close(temp_fd)
+        return None if theirs is None else theirs.entry
+
+    def _write_files(
+        self, temp: str, files: Sequence[_File], view: memoryview, manifest: bytes
+    ) -> os.stat_result:
+        """Write, fsync and check every file, the manifest last; return the manifest's stat."""
+        directories = {temp}
+        for f in files:
+            path = os.path.join(temp, f.name)
+            parent = os.path.dirname(path)
+            if parent not in directories:
+                os.makedirs(parent, exist_ok=True)
+                directories.add(parent)
+            fd = os.open(path, _OPEN_NEW, 0o644)
+            try:
+                _pwrite_all(fd, memoryview(f.prefix), 0)
+                for seg in f.segments:
+                    _pwrite_all(fd, view[seg.dst : seg.dst + seg.length], seg.src)
+                os.fsync(fd)
+                actual = os.fstat(fd).st_size
+                if actual != f.size:
+                    raise OSError(errno.EIO, f"{path} is {actual} bytes after writing {f.size}")
+                if _FADV_DONTNEED is not None and f.segments:
+                    # The host tier holds these bytes already: do not keep a second copy cached.
+                    os.posix_fadvise(fd, 0, 0, _FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        fd = os.open(os.path.join(temp, MANIFEST_NAME), _OPEN_NEW, 0o644)
+        try:
+            _pwrite_all(fd, memoryview(manifest), 0)
+            os.fsync(fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        for directory in sorted(directories, key=len, reverse=True):
+            _fsync_dir(directory)
+        return st
+
+    # -- removing ----------------------------------------------------------------------------
+
+    def remove(self, model_id: str) -> bool:
+        """Delete ``model_id``'s entry; False when there is none or it is in use. Blocking."""
+        self._require_open()
+        trash: list[str] = []
+        try:
+            with _locked(self._lock_path):
+                record = self._discover(entry_name(model_id), locked=True)  # not a stale record
+                return record is not None and self._evict(record, trash, count=False)
+        finally:
+            for path in trash:
+                _remove_tree(path)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _touch(self, record: _Record) -> None:
+        """Mark ``record`` used now, here and in its manifest's mtime (for other processes)."""
+        now = time.time_ns()
+        try:
+            os.utime(os.path.join(record.entry.directory, MANIFEST_NAME), ns=(now, now))
+        except OSError:  # gone, or a read-only directory: its order on disk stays as it was
+            touched = False
+        else:
+            touched = True
+        with self._lock:
+            self._seq += 1
+            record.used = max(record.used, (now, self._seq))
+            if touched:
+                record.ident = (*record.ident[:2], now)
+
+    def _discover(self, name: str, *, locked: bool) -> _Record | None:
+        """Index the entry in ``root/name`` (written by another process or an earlier run).
+
+        An invalid entry is deleted, but only under the flock (``locked``: held already), after
+        reading it again there: unlocked, it may have been replaced while we looked.
+        """
+        try:
+            entry, st, raw = _read_entry(self._root, name)
+        except FileNotFoundError:
+            return None
+        except _Invalid:
+            if not locked:
+                with _locked(self._lock_path):
+                    return self._discover(name, locked=True)
+            self._delete(name)
+            return None
+        with self._lock:
+            record = self._records.get(entry.model_id)
+            if record is not None and record.manifest == raw:  # the same entry, used since
+                record.ident = _ident(st)
+                record.used = max(record.used, (st.st_mtime_ns, 0))
+            else:
+                record = _Record(entry, name, raw, _ident(st), (st.st_mtime_ns, 0))
+                self._records[entry.model_id] = record
+        if not locked:  # evicted while we read it? Then forget it again.
+            try:
+                still = os.stat(os.path.join(entry.directory, MANIFEST_NAME))
+            except OSError:
+                still = None
+            if still is None or _ident(still)[:2] != record.ident[:2]:
+                self._forget(record)
+                return None
+        return record
+
+    def _forget(self, record: _Record) -> None:
+        with self._lock:
+            if self._records.get(record.entry.model_id) is record:
+                del self._records[record.entry.model_id]
+
+    def _delete(self, name: str) -> None:
+        """Delete an invalid entry (under the flock)."""
+        trash = os.path.join(self._root, f"{_TRASH_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.rename(os.path.join(self._root, name), trash)
+        except OSError:
+            return
+        _remove_tree(trash)
+
+    def _scan(self, trash: list[str]) -> int:
+        """Sync the index with the directory (under the flock); return bytes reserved by writes.
+
+        Abandoned temp dirs go to ``trash``; invalid entries are deleted.
+        """
+        finals: set[str] = set()
+        reserved = 0
+        for name in os.listdir(self._root):
+            if _FINAL.fullmatch(name):
+                finals.add(name)
+            elif (match := _TEMP.fullmatch(name)) is not None:
+                path = os.path.join(self._root, name)
+                if not _pid_alive(int(match[1])) and _unlocked(path):
+                    trash.append(path)
+                else:
+                    reserved += int(match[2])
+        with self._lock:
+            known = {r.name: r for r in self._records.values() if not r.evicting}
+        current: set[str] = set()
+        for name, record in known.items():
+            try:  # gone, replaced, or used by another process since we looked
+                st = os.stat(os.path.join(self._root, name, MANIFEST_NAME))
+            except OSError:
+                st = None
+            if st is None:
+                self._forget(record)
+            elif _ident(st) == record.ident or self._discover(name, locked=True) is not None:
+                current.add(name)  # unchanged, or read again (used elsewhere, or replaced)
+            else:
+                self._forget(record)
+        for name in finals - current:
+            self._discover(name, locked=True)
+        return reserved
+
+    def _make_room(self, needed: int, trash: list[str]) -> bool:
+        """Evict least-recently-used unpinned entries until ``needed`` more bytes fit."""
+        skip: set[str] = set()
+        while True:
+            with self._lock:
+                used = sum(r.entry.size for r in self._records.values())
+                if used + needed <= self._budget:
+                    return True
+                candidates = [
+                    r
+                    for r in self._records.values()
+                    if not r.evicting
+                    and r.entry.model_id not in self._leases
+                    and r.name not in skip
+                ]
+            if not candidates:
+                return False
+            victim = min(candidates, key=lambda r: (r.used, r.name))
+            if not self._evict(victim, trash):
+                skip.add(victim.name)
+
+    def _evict(self, record: _Record, trash: list[str], *, count: bool = True) -> bool:
+        """Move an unpinned entry to ``trash`` (under the flock); False when it is in use."""
+        model_id = record.entry.model_id
+        with self._lock:
+            if record.evicting or model_id in self._leases:
+                return False
+            record.evicting = True
+        evicted = False
+        fd = -1
+        try:
+            fd = os.open(os.path.join(record.entry.directory, MANIFEST_NAME), _OPEN_READ)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another reader holds it
+            if not _same_manifest(fd, record.manifest):
+                raise BlockingIOError("a newer entry took its place")  # keep it: overcounting
+            path = os.path.join(self._root, f"{_TRASH_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+            os.rename(record.entry.directory, path)
+            trash.append(path)
+            evicted = True
+        except FileNotFoundError:
+            evicted = True  # already gone
+        except OSError:
+            evicted = False
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            with self._lock:
+                record.evicting = False
+                current = self._records.get(model_id)
+                if evicted and current is not None and current.ident == record.ident:
+                    del self._records[model_id]
+                if evicted and count:
+                    self._evictions += 1
+        return evicted

@@ -1,0 +1,555 @@
+"""modelcache._disk: the disk tier's files, budget, LRU, pins, restarts, leftovers and races."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import fcntl
+import json
+import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+from modelcache._disk import MANIFEST_NAME, DiskEntry, DiskTier, entry_name
+from modelcache._format import ModelInfo
+from modelcache._loader import fill_buffer, read_config, read_model_info
+from modelcache._store import Store
+from modelcache._torch import TorchBackend
+
+from .conftest import model_bytes
+from .safetensors_files import put, tensor_bytes, write_model, write_sharded
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def fetch(store: Store, model_id: str) -> tuple[ModelInfo, memoryview]:
+    """A model's info and its contiguous buffer, as the cache would hold them."""
+
+    async def run() -> tuple[ModelInfo, memoryview]:
+        info = await read_model_info(store, model_id)
+        buffer = memoryview(bytearray(info.nbytes))
+        await fill_buffer(store, info, buffer)
+        return info, buffer
+
+    return anyio.run(run)
+
+
+def load_tensors(store: Store, model_id: str, *, zero_copy: bool = True) -> dict[str, bytes]:
+    """Every tensor's bytes, loaded through the loader and the torch backend."""
+
+    async def run() -> dict[str, bytes]:
+        info = await read_model_info(store, model_id)
+        weights = await TorchBackend("cpu", zero_copy=zero_copy).load(store, info)
+        return {name: tensor_bytes(t) for name, t in weights.items()}
+
+    return anyio.run(run)
+
+
+class Models:
+    """Small one-tensor models under a local store root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.store = Store(f"file://{root}/{{model_id}}")
+
+    def add(self, model_id: str, nbytes: int = 1000, seed: int = 0) -> tuple[ModelInfo, memoryview]:
+        put(self.root / model_id / "model.safetensors", model_bytes(nbytes, seed))
+        return fetch(self.store, model_id)
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Models:
+    return Models(tmp_path / "store")
+
+
+@pytest.fixture
+def disk_dir(tmp_path: Path) -> Path:
+    return tmp_path / "disk"
+
+
+def opened(directory: Path, budget: int | str) -> DiskTier:
+    tier = DiskTier(directory, budget)
+    tier.open()
+    return tier
+
+
+def disk_total(directory: Path) -> int:
+    """Bytes of every file inside complete entries, measured on disk."""
+    return sum(
+        f.stat().st_size
+        for entry in directory.iterdir()
+        if not entry.name.startswith(".")
+        for f in entry.rglob("*")
+        if f.is_file()
+    )
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith((".tmp-", ".del-")))
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+# 3 entries of ~1350 bytes (1000-byte model + header + manifest) fit, 4 do not.
+BUDGET = 4200
+
+
+# -- round trip -----------------------------------------------------------------------------------
+
+
+def _tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "tiny": torch.randint(0, 256, (3,), dtype=torch.uint8, generator=g),
+        "f32": torch.randn(5, 7, generator=g),
+        "f16": torch.randn(11, generator=g).half(),
+        "i64": torch.randint(-(2**40), 2**40, (4,), dtype=torch.int64, generator=g),
+    }
+
+
+@pytest.mark.parametrize(
+    "layout", ["single", "misaligned", "sharded", "sharded-misaligned", "one-shard-index", "file"]
+)
+def test_round_trip_is_byte_exact(tmp_path: Path, disk_dir: Path, layout: str) -> None:
+    """An entry holds the original files byte for byte and loads the same tensors back."""
+    root = tmp_path / "store"
+    model_id = "m-1"
+    template = f"file://{root}/{{model_id}}"
+    originals: dict[str, Path] = {}
+    if layout in ("single", "misaligned"):
+        write_model(root / model_id, _tensors(0), misalign=layout == "misaligned")
+        originals["model.safetensors"] = root / model_id / "model.safetensors"
+    elif layout == "file":
+        write_model(root, _tensors(0), misalign=True, name=f"{model_id}.safetensors")
+        template = f"file://{root}/{{model_id}}.safetensors"
+        originals["model.safetensors"] = root / f"{model_id}.safetensors"
+    else:
+        shards = [_tensors(1), {f"{k}2": v for k, v in _tensors(2).items()}]
+        if layout == "one-shard-index":
+            shards = shards[:1]
+        weight_map = write_sharded(
+            root / model_id,
+            shards,
+            misalign=layout == "sharded-misaligned",
+            metadata={"total_size": 123, "format": "pt"},
+        )
+        originals.update({name: root / model_id / name for name in set(weight_map.values())})
+    store = Store(template)
+    info, buffer = fetch(store, model_id)
+    if layout == "misaligned":
+        assert len(info.segments) > 1  # the buffer layout differs from the file's
+    info = dataclasses.replace(info, config={"hidden_size": 7, "names": ["a", "b"]})
+
+    tier = opened(disk_dir, "1MiB")
+    entry = tier.write(info, buffer, etag='"abc"')
+
+    assert entry is not None
+    assert (entry.model_id, entry.etag, entry.nbytes) == (model_id, '"abc"', info.nbytes)
+    directory = Path(entry.directory)
+    for name, original in originals.items():
+        assert (directory / name).read_bytes() == original.read_bytes(), name
+    if layout not in ("single", "misaligned", "file"):
+        written = json.loads((directory / "model.safetensors.index.json").read_bytes())
+        assert written["weight_map"] == weight_map
+    assert entry.size == disk_total(disk_dir) == tier.stats().bytes
+    assert tier.get(model_id) == entry
+    assert load_tensors(tier.store, model_id) == load_tensors(store, model_id)
+    assert load_tensors(tier.store, model_id, zero_copy=False) == load_tensors(store, model_id)
+    again = anyio.run(read_model_info, tier.store, model_id)
+    assert (again.nbytes, dict(again.metadata)) == (info.nbytes, dict(info.metadata))
+    assert anyio.run(read_config, tier.store, model_id) == info.config
+    assert tier.url(entry) == entry.url == f"file://{entry.directory}"
+    assert leftovers(disk_dir) == []
+
+
+def test_buffer_of_the_wrong_size_is_refused(models: Models, disk_dir: Path) -> None:
+    """A buffer that does not match the info raises ValueError and writes nothing."""
+    info, buffer = models.add("a")
+    tier = opened(disk_dir, BUDGET)
+    with pytest.raises(ValueError, match="needs"):
+        tier.write(info, buffer[:-1])
+    assert os.listdir(disk_dir) == [".lock"]
+
+
+# -- budget and eviction --------------------------------------------------------------------------
+
+
+def test_budget_never_exceeded_across_many_writes(models: Models, disk_dir: Path) -> None:
+    """After every write, remove and get, the bytes on disk equal stats().bytes <= budget."""
+    rng = random.Random(0)
+    budget = 9000
+    tier = opened(disk_dir, budget)
+    infos = {f"m{i}": models.add(f"m{i}", rng.randrange(1, 4000), seed=i) for i in range(12)}
+    for step in range(80):
+        model_id = rng.choice(list(infos))
+        action = rng.random()
+        if action < 0.6:
+            entry = tier.write(*infos[model_id], etag=str(step % 3) if action < 0.2 else None)
+            assert entry is not None
+        elif action < 0.7:
+            tier.remove(model_id)
+        else:
+            tier.get(model_id)
+        stats = tier.stats()
+        assert disk_total(disk_dir) == stats.bytes <= budget, step
+    assert tier.stats().evictions > 0
+    assert leftovers(disk_dir) == []
+
+
+def test_least_recently_used_is_evicted_first(models: Models, disk_dir: Path) -> None:
+    """A write evicts the entry whose last write or get is oldest."""
+    tier = opened(disk_dir, BUDGET)
+    for model_id in "abc":
+        assert tier.write(*models.add(model_id)) is not None
+    assert tier.get("a") is not None
+    assert tier.write(*models.add("d")) is not None
+    assert "b" not in tier
+    assert tier.get("b") is None
+    assert tier.get("c") is not None
+    assert tier.write(*models.add("e")) is not None
+    assert sorted(m for m in "abcde" if m in tier) == ["c", "d", "e"]
+    stats = tier.stats()
+    assert (stats.evictions, stats.writes, stats.entries) == (2, 5, 3)
+    assert (stats.hits, stats.misses) == (2, 1)
+    assert not (disk_dir / entry_name("a")).exists()
+    assert leftovers(disk_dir) == []
+
+
+def test_entries_in_use_are_not_evicted(models: Models, disk_dir: Path) -> None:
+    """An acquired entry is skipped by eviction; with every entry acquired a write returns None."""
+    tier = opened(disk_dir, BUDGET)
+    entries = {m: tier.write(*models.add(m)) for m in "abc"}
+    a, b, c = (entries[m] for m in "abc")
+    assert a is not None and b is not None and c is not None
+    assert tier.acquire(a)  # a is least recently used, but being read
+    d = tier.write(*models.add("d"))
+    assert d is not None
+    assert "a" in tier and "b" not in tier
+    assert tier.acquire(c) and tier.acquire(d) and tier.acquire(d)
+    assert tier.write(*models.add("e")) is None
+    assert leftovers(disk_dir) == []
+    tier.release(d)
+    assert tier.write(*models.add("e")) is None  # d is still acquired once
+    tier.release(a)
+    assert tier.write(*models.add("e")) is not None
+    assert "a" not in tier and "c" in tier and "d" in tier
+    tier.release(c)
+    tier.release(d)
+    with pytest.raises(RuntimeError, match="not acquired"):
+        tier.release(d)
+
+
+def test_entry_read_by_another_process_is_not_evicted(models: Models, disk_dir: Path) -> None:
+    """An entry another tier instance (another open file, as another process) holds is skipped."""
+    writer = opened(disk_dir, BUDGET)
+    a = writer.write(*models.add("a"))
+    assert a is not None
+    for m in "bc":
+        assert writer.write(*models.add(m)) is not None
+    reader = opened(disk_dir, BUDGET)
+    assert reader.acquire(a)
+    assert writer.write(*models.add("d")) is not None
+    assert "a" in writer and "b" not in writer
+    assert writer.stats().evictions == 1
+    reader.release(a)
+
+
+def test_model_over_budget_writes_nothing(models: Models, disk_dir: Path) -> None:
+    """A model whose files exceed the whole budget returns None, evicts nothing, leaves nothing."""
+    tier = opened(disk_dir, 3000)
+    assert tier.write(*models.add("small")) is not None
+    assert tier.write(*models.add("big", 3000)) is None
+    assert "small" in tier
+    assert sorted(os.listdir(disk_dir)) == [".lock", entry_name("small")]
+
+
+def test_lower_budget_on_open_evicts_to_fit(models: Models, disk_dir: Path) -> None:
+    """Reopening with a smaller budget evicts least-recently-used entries until it fits."""
+    tier = opened(disk_dir, BUDGET)
+    for m in "abc":
+        tier.write(*models.add(m))
+    tier.get("a")
+    smaller = opened(disk_dir, 2800)
+    assert sorted(m for m in "abc" if m in smaller) == ["a", "c"]
+    assert disk_total(disk_dir) == smaller.stats().bytes <= 2800
+
+
+# -- etags and removal ----------------------------------------------------------------------------
+
+
+def test_etag_is_recorded_and_a_new_one_replaces_the_entry(models: Models, disk_dir: Path) -> None:
+    """The same etag (or none) returns the existing entry; a different one rewrites it."""
+    tier = opened(disk_dir, BUDGET)
+    info, buffer = models.add("a")
+    first = tier.write(info, buffer, etag="v1")
+    assert first is not None and first.etag == "v1"
+    assert tier.write(info, buffer, etag="v1") == first
+    assert tier.write(info, buffer) == first
+    second = tier.write(info, buffer, etag="v2")
+    assert second is not None and second.etag == "v2" and second != first
+    assert tier.get("a") == second
+    assert tier.stats().writes == 2
+    assert tier.acquire(second)
+    assert tier.write(info, buffer, etag="v3") is None  # in use: cannot be replaced now
+    tier.release(second)
+
+
+def test_remove(models: Models, disk_dir: Path) -> None:
+    """remove() deletes an unpinned entry, refuses a pinned one, and says False for none."""
+    tier = opened(disk_dir, BUDGET)
+    entry = tier.write(*models.add("a"))
+    assert entry is not None
+    assert tier.acquire(entry)
+    assert not tier.remove("a")
+    tier.release(entry)
+    assert tier.remove("a")
+    assert not tier.remove("a")
+    assert tier.get("a") is None
+    assert not tier.acquire(entry)  # a stale entry cannot be pinned
+    assert os.listdir(disk_dir) == [".lock"]
+    assert tier.stats().evictions == 0
+
+
+def test_use_before_open_raises(models: Models, disk_dir: Path) -> None:
+    """get, write and remove refuse to run before open(); open is idempotent."""
+    tier = DiskTier(disk_dir, "4KiB")
+    assert tier.budget == 4096
+    with pytest.raises(RuntimeError, match="open"):
+        tier.get("a")
+    with pytest.raises(RuntimeError, match="open"):
+        tier.write(*models.add("a"))
+    tier.open()
+    tier.open()
+    assert tier.write(*models.add("a")) is not None
+    tier.open()
+    assert tier.stats().entries == 1
+
+
+# -- restarts and sharing -------------------------------------------------------------------------
+
+
+def test_restart_keeps_entries_and_their_lru_order(models: Models, disk_dir: Path) -> None:
+    """A new tier on the same directory indexes every entry, ordered by last use."""
+    tier = opened(disk_dir, BUDGET)
+    written = {m: tier.write(*models.add(m), etag=m) for m in "abc"}
+    tier.get("a")
+    restarted = opened(disk_dir, BUDGET)
+    assert restarted.stats().entries == 3
+    assert restarted.stats().bytes == tier.stats().bytes
+    assert all(restarted.get(m) == written[m] for m in "ca")  # now b is least recently used
+    assert restarted.write(*models.add("d")) is not None
+    assert sorted(m for m in "abcd" if m in restarted) == ["a", "c", "d"]
+
+
+def test_get_finds_entries_written_by_another_process(models: Models, disk_dir: Path) -> None:
+    """get() finds an entry another tier published after this one opened."""
+    reader = opened(disk_dir, BUDGET)
+    writer = opened(disk_dir, BUDGET)
+    entry = writer.write(*models.add("a"))
+    assert reader.get("a") == entry
+    assert reader.stats().hits == 1
+
+
+def test_truncated_file_is_dropped_on_get(models: Models, disk_dir: Path) -> None:
+    """An entry whose file is shorter than its manifest says is deleted, and get returns None."""
+    tier = opened(disk_dir, BUDGET)
+    entry = tier.write(*models.add("a"))
+    assert entry is not None
+    path = Path(entry.directory) / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 1)
+    assert tier.get("a") is None
+    assert not Path(entry.directory).exists()
+    assert tier.stats().entries == 0
+
+
+def test_broken_entries_are_dropped_on_open(models: Models, disk_dir: Path) -> None:
+    """open() deletes entries with a truncated file or no manifest, and indexes the rest."""
+    tier = opened(disk_dir, BUDGET)
+    entries = [tier.write(*models.add(m)) for m in "abc"]
+    a, b, c = entries
+    assert a is not None and b is not None and c is not None
+    os.truncate(Path(a.directory) / "model.safetensors", 10)
+    os.unlink(Path(b.directory) / MANIFEST_NAME)
+    restarted = opened(disk_dir, BUDGET)
+    assert [m for m in "abc" if m in restarted] == ["c"]
+    assert sorted(os.listdir(disk_dir)) == [".lock", entry_name("c")]
+
+
+def test_temp_dirs_of_dead_writers_are_removed(disk_dir: Path) -> None:
+    """open() removes temp dirs of dead pids and trash, and keeps a live pid's temp dir."""
+    disk_dir.mkdir()
+    dead = disk_dir / f".tmp-{dead_pid()}-0123abcd-100"
+    live = disk_dir / f".tmp-{os.getpid()}-0123abcd-100"
+    trash = disk_dir / ".del-1-00"
+    for path in (dead, live, trash):
+        (path / "sub").mkdir(parents=True)
+        (path / "sub" / "model.safetensors").write_bytes(b"x" * 100)
+    opened(disk_dir, BUDGET)
+    assert leftovers(disk_dir) == [live.name]
+
+
+def test_locked_temp_dir_of_an_unknown_pid_is_kept(disk_dir: Path) -> None:
+    """A temp dir whose pid is not alive here but whose flock is held (another pid namespace) stays."""
+    disk_dir.mkdir()
+    temp = disk_dir / f".tmp-{dead_pid()}-0123abcd-100"
+    temp.mkdir()
+    fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        opened(disk_dir, BUDGET)
+        assert leftovers(disk_dir) == [temp.name]
+    finally:
+        os.close(fd)
+    opened(disk_dir, BUDGET)
+    assert leftovers(disk_dir) == []
+
+
+def test_writes_in_flight_reserve_their_bytes(models: Models, disk_dir: Path) -> None:
+    """A live writer's temp dir counts against the budget until it is gone."""
+    disk_dir.mkdir()
+    temp = disk_dir / f".tmp-{os.getpid()}-0123abcd-{BUDGET - 1000}"
+    temp.mkdir()
+    tier = opened(disk_dir, BUDGET)
+    info, buffer = models.add("a")
+    assert tier.write(info, buffer) is None
+    temp.rmdir()
+    assert tier.write(info, buffer) is not None
+
+
+def test_publish_race_keeps_the_first_entry(
+    models: Models, disk_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When another writer publishes the same model first, ours is discarded and theirs used."""
+    info, buffer = models.add("a")
+    first = opened(disk_dir, 3 * BUDGET)
+    second = opened(disk_dir, 3 * BUDGET)
+    theirs: list[DiskEntry | None] = []
+    write_files = second._write_files
+
+    def interleaved(temp: str, *args: Any) -> None:
+        write_files(temp, *args)
+        theirs.append(first.write(info, buffer, etag="first"))  # publishes while ours waits
+
+    monkeypatch.setattr(second, "_write_files", interleaved)
+    ours = second.write(info, buffer, etag="second")
+    assert theirs[0] is not None
+    assert ours == theirs[0]
+    assert ours.etag == "first"
+    assert second.stats().writes == 0
+    assert leftovers(disk_dir) == []
+    assert sorted(os.listdir(disk_dir)) == [".lock", entry_name("a")]
+
+
+def _race_writer(
+    disk_dir: str,
+    store_root: str,
+    barrier: multiprocessing.synchronize.Barrier,
+    results: multiprocessing.queues.Queue[str | None],
+) -> None:
+    """Child process: write model "m" into the shared tier as soon as the other one is ready."""
+    info, buffer = fetch(Store(f"file://{store_root}/{{model_id}}"), "m")
+    tier = opened(Path(disk_dir), "256MiB")
+    barrier.wait()
+    entry = tier.write(info, buffer, etag="e")
+    results.put(None if entry is None else entry.directory)
+
+
+def test_two_processes_writing_the_same_model(models: Models, disk_dir: Path) -> None:
+    """Two processes racing to write one model leave one complete, readable entry and no temp dir."""
+    models.add("m", 24 << 20)
+    original = (models.root / "m" / "model.safetensors").read_bytes()
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    results: multiprocessing.queues.Queue[str | None] = ctx.Queue()
+    procs = [
+        ctx.Process(target=_race_writer, args=(str(disk_dir), str(models.root), barrier, results))
+        for _ in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    directories = [results.get(timeout=90) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    results.close()
+    results.join_thread()
+    assert directories[0] is not None and directories == [directories[0]] * 2
+    assert sorted(os.listdir(disk_dir)) == [".lock", entry_name("m")]
+    tier = opened(disk_dir, "256MiB")
+    entry = tier.get("m")
+    assert entry is not None and entry.directory == directories[0]
+    assert (Path(entry.directory) / "model.safetensors").read_bytes() == original
+    assert load_tensors(tier.store, "m") == load_tensors(models.store, "m")
+
+
+# -- names ----------------------------------------------------------------------------------------
+
+
+def test_ids_map_to_safe_distinct_names(models: Models, disk_dir: Path) -> None:
+    """Ids with '/' and very long ids get short names without separators, and load back."""
+    ids = ["org/model", "org_model", "a/b/c", "x" * 1000, "A" + "/b" * 500, "m-1.v2+x=y@z"]
+    names = [entry_name(i) for i in ids]
+    assert len(set(names)) == len(ids)
+    for name in names:
+        assert "/" not in name and not name.startswith(".")
+        assert len(name.encode()) <= 255
+    root = models.root
+    put(root / "org" / "model" / "model.safetensors", model_bytes(500, seed=3))
+    slash_store = Store(f"file://{root}/{{model_id}}", allow_slash_in_ids=True)
+    info, buffer = fetch(slash_store, "org/model")
+    tier = opened(disk_dir, BUDGET)
+    entry = tier.write(info, buffer)
+    assert entry is not None and Path(entry.directory).parent == disk_dir
+    assert load_tensors(tier.store, "org/model") == load_tensors(slash_store, "org/model")
+    long_id = "x" * 1000
+    long_entry = tier.write(dataclasses.replace(info, model_id=long_id), buffer)
+    assert long_entry is not None and long_entry.model_id == long_id
+    restarted = opened(disk_dir, BUDGET)
+    assert restarted.get(long_id) == long_entry
+    assert load_tensors(restarted.store, long_id) == load_tensors(slash_store, "org/model")
+
+
+def test_threads_writing_at_once_stay_in_budget(models: Models, disk_dir: Path) -> None:
+    """Writes from many threads at once leave complete entries within the budget, no temp dirs."""
+    rng = random.Random(1)
+    budget = 9000
+    infos = [models.add(f"m{i}", rng.randrange(1, 3000), seed=i) for i in range(16)]
+    tier = opened(disk_dir, budget)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda item: tier.write(*item), infos * 3))
+    assert any(r is not None for r in results)
+    assert disk_total(disk_dir) == tier.stats().bytes <= budget
+    assert leftovers(disk_dir) == []
+    assert opened(disk_dir, budget).stats() == dataclasses.replace(
+        tier.stats(), hits=0, misses=0, writes=0, evictions=0
+    )
+
+
+def test_entry_replaced_by_another_process_is_reread(models: Models, disk_dir: Path) -> None:
+    """get() returns the entry now on disk when another process replaced it (new etag)."""
+    reader = opened(disk_dir, BUDGET)
+    writer = opened(disk_dir, BUDGET)
+    info, buffer = models.add("a")
+    first = writer.write(info, buffer, etag="v1")
+    assert first is not None and reader.get("a") == first
+    second = writer.write(info, buffer, etag="v2")
+    assert second is not None and second != first
+    assert reader.get("a") == second
+    assert not reader.acquire(first)
+    assert reader.acquire(second)
+    reader.release(second)
