@@ -9,9 +9,17 @@ Two ways to fill a CPU buffer, chosen per model:
 * **copy** - everything else: a page-aligned private mapping on huge pages (small models: the
   heap) filled by the store's concurrent ranged reads.
 
-A non-CPU device gets the host buffer copied into one device allocation; tensors are then views
-of that allocation at the layout's offsets. Mapped and device buffers are freed when the last
-view is dropped: nothing here holds a reference beyond the returned `Weights`.
+A CUDA device gets one device allocation per model, filled through the backend's staging pool
+(`modelcache._staging`): reads land in a few reusable pinned chunks and are copied on a side
+stream while the next chunks are read; no host buffer of the model's size is made. The pool and
+the copy engine are made on the first CUDA load and reused by every load after it. Other
+non-CPU devices get a host buffer copied into one device allocation. Tensors are views of the
+one allocation at the layout's offsets. Mapped and device buffers are freed when the last view
+is dropped: nothing here holds a reference beyond the returned `Weights`.
+
+`to_device` and `to_host` move a whole buffer between a (pinned) host block and the device in
+one asynchronous copy on the same side stream: promotion from and demotion to the host tier.
+Every copy is waited for, even when the caller is cancelled, before the call ends.
 """
 
 from __future__ import annotations
@@ -20,13 +28,17 @@ import ctypes
 import mmap
 import os
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 
 import anyio
+import anyio.to_thread
 import torch
 
+from ._arena import HostBlock, cuda_available
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
 from ._loader import fill_buffer
+from ._staging import StagingPool, TorchCudaCopyEngine, copy_and_wait, stage_to_device
 from ._store import Store
 
 __all__ = ["TorchBackend", "Weights", "allocate_host", "tensor_views", "torch_dtype"]
@@ -174,24 +186,103 @@ def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
     return buffer
 
 
-class TorchBackend:
-    """Loads models as torch tensors on one device (``"cpu"``, ``"cuda:0"``, ...)."""
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device with its index; ValueError for a CUDA device torch lacks."""
+    resolved = torch.device(device)
+    if resolved.type != "cuda":
+        return resolved
+    if not cuda_available():
+        raise ValueError(
+            f"device {str(device)!r} is not available: torch {torch.__version__} sees no CUDA device"
+        )
+    if resolved.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if resolved.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {str(device)!r} is not available: torch sees "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+    return resolved
 
-    def __init__(self, device: str | torch.device = "cpu", *, zero_copy: bool = True) -> None:
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+
+def _check_buffer(tensor: torch.Tensor, what: str) -> None:
+    if tensor.dtype != torch.uint8 or tensor.dim() != 1 or not tensor.is_contiguous():
+        raise ValueError(
+            f"{what} must be a contiguous 1-D uint8 tensor, got {tensor.dtype} "
+            f"{tuple(tensor.shape)}"
+        )
+
+
+class TorchBackend:
+    """Loads models as torch tensors on one device (``"cpu"``, ``"cuda:0"``, ...).
+
+    On CUDA, loads stream through ``staging_chunks`` pinned chunks of ``staging_chunk_size``
+    bytes (one allocation, made on the first load). A CUDA device that torch cannot use is a
+    ValueError here, not a torch error later.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        *,
+        zero_copy: bool = True,
+        staging_chunk_size: int = 32 << 20,
+        staging_chunks: int = 4,
+    ) -> None:
+        if staging_chunk_size < 1 or staging_chunks < 1:
+            raise ValueError(
+                "staging_chunk_size and staging_chunks must be >= 1, got "
+                f"{staging_chunk_size} and {staging_chunks}"
+            )
+        self.device = _resolve_device(device)
         #: Map local aligned single-file models instead of copying them (CPU devices only).
         self.zero_copy = zero_copy
+        self.staging_chunk_size = staging_chunk_size
+        self.staging_chunks = staging_chunks
+        self._staging: tuple[StagingPool, TorchCudaCopyEngine] | None = None
+        self._staging_lock: anyio.Lock | None = None
 
     def __repr__(self) -> str:
         return f"TorchBackend({str(self.device)!r})"
 
-    async def load(self, store: Store, info: ModelInfo) -> Weights:
-        """Read the model's weights onto the device; returns views into one buffer."""
+    @property
+    def staging_pool(self) -> StagingPool | None:
+        """The pinned staging pool (CUDA devices, after the first load), for statistics."""
+        return None if self._staging is None else self._staging[0]
+
+    async def _cuda_staging(self) -> tuple[StagingPool, TorchCudaCopyEngine]:
+        """The staging pool and copy engine, made once (CUDA initialisation runs in a thread)."""
+        if self._staging is None:
+            if self._staging_lock is None:
+                self._staging_lock = anyio.Lock()
+            async with self._staging_lock:
+                if self._staging is None:
+                    engine = await anyio.to_thread.run_sync(TorchCudaCopyEngine, self.device)
+                    pool = StagingPool(self.staging_chunk_size, self.staging_chunks, pin=True)
+                    self._staging = (pool, engine)
+        return self._staging
+
+    def _device_empty(self, nbytes: int, engine: TorchCudaCopyEngine) -> torch.Tensor:
+        # Same thread for both: the fence orders the side stream after the stream that the
+        # allocation came from (memory freed there may still be in use by queued kernels).
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        engine.fence()
+        return buffer
+
+    async def load(self, store: Store, info: ModelInfo, *, zero_copy: bool = True) -> Weights:
+        """Read the model's weights onto the device; returns views into one buffer.
+
+        ``zero_copy=False`` forces a copy where the backend would otherwise map the file (for
+        files that may be deleted while the model lives, such as the disk tier's).
+        """
+        if self.device.type == "cuda":
+            pool, engine = await self._cuda_staging()
+            buffer = await anyio.to_thread.run_sync(self._device_empty, info.nbytes, engine)
+            await stage_to_device(store, info, buffer, pool, engine)
+            return Weights(tensor_views(buffer, info), info, buffer)
         base = 0
         path = None
-        if self.device.type == "cpu" and self.zero_copy and info.mappable:
+        if self.device.type == "cpu" and self.zero_copy and zero_copy and info.mappable:
             path = store.local_path(info.shards[0].url)
         if path is not None:
             buffer = await anyio.to_thread.run_sync(_map_file, path, info)
@@ -208,3 +299,39 @@ class TorchBackend:
         device_buffer = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)
         device_buffer.copy_(host)
         return device_buffer
+
+    async def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A device copy of a host uint8 buffer: one allocation, one copy (async if pinned).
+
+        Returns once the copy is complete; cancelled, it still waits for the copy to end.
+        """
+        _check_buffer(host, "host buffer")
+        if self.device.type != "cuda":
+            return await anyio.to_thread.run_sync(self._to_device, host)
+        _, engine = await self._cuda_staging()
+        buffer = await anyio.to_thread.run_sync(self._device_empty, host.numel(), engine)
+        if host.is_pinned():
+            await copy_and_wait(engine, host, buffer)
+        else:  # torch copies pageable memory synchronously: keep it off the event loop
+            await anyio.to_thread.run_sync(partial(buffer.copy_, host))
+        return buffer
+
+    async def to_host(self, device_buffer: torch.Tensor, block: HostBlock) -> None:
+        """Copy a device buffer into a host block of the same size (async when it is pinned).
+
+        Returns once the copy is complete; cancelled, it still waits for the copy to end.
+        """
+        _check_buffer(device_buffer, "device buffer")
+        if device_buffer.numel() != block.nbytes:
+            raise ValueError(
+                f"device buffer is {device_buffer.numel()} bytes, the block {block.nbytes}"
+            )
+        if self.device.type != "cuda":
+            await anyio.to_thread.run_sync(partial(block.tensor.copy_, device_buffer))
+            return
+        _, engine = await self._cuda_staging()
+        engine.fence()  # after the kernels this thread queued (they may still write the weights)
+        if block.tensor.is_pinned():
+            await copy_and_wait(engine, device_buffer, block.tensor)
+        else:
+            await anyio.to_thread.run_sync(partial(block.tensor.copy_, device_buffer))

@@ -1,0 +1,397 @@
+"""Store -> device copies through a reusable pinned staging pool, overlapped with the reads.
+
+Design note (the invariants):
+
+* **One allocation.** A `StagingPool` carves its ``count`` chunks out of ONE host allocation
+  (pinned on CUDA), made on first use in a worker thread and reused by every load after it:
+  never an allocation per load or per tensor.
+* **No chunk is reused before its copy completed.** A chunk goes back to the pool only after
+  the engine's ``wait`` for the copy that reads it has returned (or raised: an engine's ``wait``
+  never ends while its copy can still read the source). On an error or a cancellation, a piece
+  whose copy was submitted waits for it, shielded, before its chunk is released; so afterwards
+  every chunk is back in the pool and no copy of this load is in flight.
+* **Overlap.** Each load runs up to ``pool.count`` workers; each takes the next piece, acquires a
+  chunk (FIFO, shared fairly with other loads), reads into it, submits the copy and waits for
+  it. While one chunk's copy runs, the other chunks are being read.
+* **Errors.** The first error cancels the other workers and is raised as itself (a StoreError
+  stays a StoreError, never an ExceptionGroup).
+* **Pieces.** The device buffer is cut into windows of at most ``chunk_size`` bytes, each filled
+  by the reads of the segments that cover it (usually one) and copied in one go. Padding bytes
+  between segments (alignment shifts, shard starts) are copied too: they hold no tensor and are
+  undefined, as in ``torch.empty``. A model costs ``ceil(nbytes / chunk_size)`` copies however
+  many segments it has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import anyio
+import anyio.to_thread
+import torch
+
+from ._arena import PAGE, allocate_slab, cuda_available, host_view
+from ._concurrency import gather
+from ._format import ModelInfo
+from ._store import Store
+
+__all__ = [
+    "CopyEngine",
+    "CopyHandle",
+    "StagingChunk",
+    "StagingPool",
+    "StagingStats",
+    "TorchCudaCopyEngine",
+    "copy_and_wait",
+    "plan_pieces",
+    "stage_to_device",
+]
+
+#: Polling of a CUDA event: first and longest pause between two queries, in seconds.
+_POLL_FIRST = 50e-6
+_POLL_MAX = 1e-3
+
+
+@dataclass(slots=True, eq=False)
+class CopyHandle:
+    """One submitted copy: the tensors it must keep alive, and the engine's completion token."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    #: Engine-specific: a ``torch.cuda.Event`` for `TorchCudaCopyEngine`.
+    token: Any = None
+
+
+class CopyEngine(Protocol):
+    """Asynchronous copies of uint8 tensors of the same length (host chunk -> device slice)."""
+
+    def submit(self, src: torch.Tensor, dst: torch.Tensor) -> CopyHandle:
+        """Start copying ``src`` into ``dst`` without blocking; both stay untouched by the caller
+        (``src`` unwritten, ``dst`` unread) until `wait` for the returned handle ends."""
+        ...
+
+    async def wait(self, handle: CopyHandle) -> None:
+        """Return when the copy is finished, without blocking the event loop.
+
+        May raise; must not return or raise (other than by cancellation) while the copy can
+        still read ``src`` or write ``dst``.
+        """
+        ...
+
+
+async def copy_and_wait(engine: CopyEngine, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Submit one copy and wait for it; cancelled, it still waits (shielded) for the copy."""
+    await _wait_out(engine, engine.submit(src, dst))
+
+
+async def _wait_out(engine: CopyEngine, handle: CopyHandle) -> None:
+    try:
+        await engine.wait(handle)
+    except BaseException:
+        # Whatever ended the wait, the copy may still be running: its source and destination
+        # are not ours to reuse until it ends.
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await engine.wait(handle)
+        raise
+
+
+class TorchCudaCopyEngine:
+    """Copies on one side stream of ``device``; completion is polled, never blocking the loop.
+
+    Copies are asynchronous only from and to pinned host memory (torch copies pageable memory
+    synchronously). Call `fence` before the first copy into memory that was allocated or used on
+    another stream, from the thread whose current stream that is.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        if not cuda_available():
+            raise ValueError("TorchCudaCopyEngine needs a CUDA device, and torch sees none")
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"TorchCudaCopyEngine needs a CUDA device, got {self.device}")
+        self.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+
+    def __repr__(self) -> str:
+        return f"TorchCudaCopyEngine({str(self.device)!r})"
+
+    def fence(self) -> None:
+        """Order later copies after the work already queued on this thread's current stream.
+
+        A buffer fresh from the caching allocator may still be in use by kernels queued on the
+        stream it was allocated on; the side stream must not write it before they finish.
+        """
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def submit(self, src: torch.Tensor, dst: torch.Tensor) -> CopyHandle:
+        if src.numel() != dst.numel():
+            raise ValueError(f"copy of {src.numel()} bytes into {dst.numel()}")
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(self.stream)
+        return CopyHandle(src, dst, event)
+
+    async def wait(self, handle: CopyHandle) -> None:
+        event: torch.cuda.Event = handle.token
+        pause = _POLL_FIRST
+        while not event.query():  # type: ignore[no-untyped-call]
+            await anyio.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StagingChunk:
+    """One chunk of a `StagingPool`: ``chunk_size`` bytes as a tensor and a writable view."""
+
+    index: int
+    tensor: torch.Tensor
+    view: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class StagingStats:
+    """A snapshot of a `StagingPool`."""
+
+    chunk_size: int
+    count: int
+    pinned: bool
+    #: Host allocations made (1 once used, ever after).
+    allocations: int
+    #: Chunks acquired since creation.
+    acquired: int
+    in_use: int
+    max_in_use: int
+    #: Tasks waiting for a chunk.
+    waiting: int
+
+
+class _Waiter:
+    __slots__ = ("chunk", "event")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.chunk: StagingChunk | None = None
+
+
+class StagingPool:
+    """``count`` reusable host chunks of ``chunk_size`` bytes from one allocation (see module).
+
+    ``pin=True`` needs CUDA (ValueError otherwise). Chunks start on page boundaries.
+    """
+
+    def __init__(self, chunk_size: int = 32 << 20, count: int = 4, *, pin: bool) -> None:
+        if chunk_size < 1 or count < 1:
+            raise ValueError(f"chunk_size and count must be >= 1, got {chunk_size} and {count}")
+        if pin and not cuda_available():
+            raise ValueError("a pinned StagingPool needs a CUDA device, and torch sees none")
+        self.chunk_size = chunk_size
+        self.count = count
+        self.pin = pin
+        self._stride = -(-chunk_size // PAGE) * PAGE
+        self._chunks: list[StagingChunk] | None = None
+        self._allocating: anyio.Event | None = None
+        self._free: deque[StagingChunk] = deque()
+        self._in_use: set[int] = set()
+        self._waiters: deque[_Waiter] = deque()
+        self._allocations = 0
+        self._acquired = 0
+        self._max_in_use = 0
+
+    @property
+    def in_use(self) -> int:
+        return len(self._in_use)
+
+    def stats(self) -> StagingStats:
+        return StagingStats(
+            chunk_size=self.chunk_size,
+            count=self.count,
+            pinned=self.pin,
+            allocations=self._allocations,
+            acquired=self._acquired,
+            in_use=len(self._in_use),
+            max_in_use=self._max_in_use,
+            waiting=len(self._waiters),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<StagingPool {self.count} x {self.chunk_size} bytes, {len(self._in_use)} in use"
+            f"{', pinned' if self.pin else ''}>"
+        )
+
+    async def allocate(self) -> None:
+        """Make the pool's one allocation (in a worker thread) if it is not made yet."""
+        while self._chunks is None:
+            if self._allocating is not None:
+                await self._allocating.wait()
+                continue
+            self._allocating = done = anyio.Event()
+            try:
+                with anyio.CancelScope(shield=True):  # once started, finish: never allocate twice
+                    slab = await anyio.to_thread.run_sync(
+                        partial(allocate_slab, self._stride * self.count, pin=self.pin)
+                    )
+                self._allocations += 1
+                view = host_view(slab)
+                self._chunks = [
+                    StagingChunk(
+                        i,
+                        slab[i * self._stride : i * self._stride + self.chunk_size],
+                        view[i * self._stride : i * self._stride + self.chunk_size],
+                    )
+                    for i in range(self.count)
+                ]
+                self._free.extend(self._chunks)
+            finally:
+                self._allocating = None
+                done.set()
+
+    async def acquire(self) -> StagingChunk:
+        """A free chunk; waits (first come, first served) while every chunk is in use."""
+        if self._chunks is None:
+            await self.allocate()
+        if self._free and not self._waiters:
+            chunk = self._free.popleft()
+            self._take(chunk)
+            self._acquired += 1
+            return chunk
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.chunk is not None:  # handed over as we were cancelled: pass it on
+                self.release(waiter.chunk)
+            else:
+                self._waiters.remove(waiter)
+            raise
+        assert waiter.chunk is not None
+        self._acquired += 1
+        return waiter.chunk
+
+    def _take(self, chunk: StagingChunk) -> None:
+        self._in_use.add(chunk.index)
+        self._max_in_use = max(self._max_in_use, len(self._in_use))
+
+    def release(self, chunk: StagingChunk) -> None:
+        """Give ``chunk`` back. Only once no copy can still read it (see module)."""
+        if (
+            self._chunks is None
+            or chunk.index >= len(self._chunks)
+            or self._chunks[chunk.index] is not chunk
+            or chunk.index not in self._in_use
+        ):
+            raise ValueError(f"chunk {chunk.index} is not an acquired chunk of this pool")
+        self._in_use.discard(chunk.index)
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.chunk = chunk
+            self._take(chunk)
+            waiter.event.set()
+        else:
+            self._free.append(chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    url: str
+    src: int
+    #: Offset in the chunk (and from the piece's start in the device buffer).
+    at: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """``length`` bytes at ``dst`` in the device buffer: filled by ``reads``, copied at once."""
+
+    dst: int
+    length: int
+    reads: tuple[_Read, ...]
+
+
+def plan_pieces(info: ModelInfo, chunk_size: int) -> list[Piece]:
+    """Cut ``info``'s buffer into pieces of at most ``chunk_size`` bytes, in buffer order."""
+    pieces: list[Piece] = []
+    reads: list[_Read] = []
+    start = 0
+
+    def flush() -> None:
+        last = reads[-1]
+        pieces.append(Piece(start, last.at + last.length, tuple(reads)))
+        reads.clear()
+
+    for seg in sorted(info.segments, key=lambda s: s.dst):
+        pos, end = seg.dst, seg.dst + seg.length
+        while pos < end:
+            if reads and pos >= start + chunk_size:
+                flush()
+            if not reads:
+                start = pos
+            n = min(end - pos, start + chunk_size - pos)
+            reads.append(_Read(seg.url, seg.src + pos - seg.dst, pos - start, n))
+            pos += n
+    if reads:
+        flush()
+    return pieces
+
+
+async def stage_to_device(
+    store: Store,
+    info: ModelInfo,
+    device_buffer: torch.Tensor,
+    pool: StagingPool,
+    engine: CopyEngine,
+) -> None:
+    """Fill ``device_buffer`` (``info.nbytes`` uint8 elements) with ``info``'s segments.
+
+    Reads go into pool chunks, chunks are copied by ``engine``; see the module's invariants.
+    Raises what the store raises (StoreError, ModelNotFoundError) or the engine raises.
+    """
+    if (
+        device_buffer.dtype != torch.uint8
+        or device_buffer.dim() != 1
+        or not device_buffer.is_contiguous()
+        or device_buffer.numel() != info.nbytes
+    ):
+        raise ValueError(
+            f"device buffer must be a contiguous 1-D uint8 tensor of {info.nbytes} elements "
+            f"for model {info.model_id!r}, got {device_buffer.dtype} {tuple(device_buffer.shape)}"
+        )
+    planned = plan_pieces(info, pool.chunk_size)
+    pieces = iter(planned)
+
+    async def worker() -> None:
+        for piece in pieces:  # shared: each piece goes to the worker that takes it first
+            await _stage_piece(store, info.model_id, piece, device_buffer, pool, engine)
+
+    await gather([worker] * min(pool.count, len(planned)))
+
+
+async def _stage_piece(
+    store: Store,
+    model_id: str,
+    piece: Piece,
+    device_buffer: torch.Tensor,
+    pool: StagingPool,
+    engine: CopyEngine,
+) -> None:
+    chunk = await pool.acquire()
+    try:
+        view = chunk.view
+        await gather(
+            [
+                partial(
+                    store.read_into, r.url, r.src, view[r.at : r.at + r.length], model_id=model_id
+                )
+                for r in piece.reads
+            ]
+        )
+        dst = device_buffer[piece.dst : piece.dst + piece.length]
+        await copy_and_wait(engine, chunk.tensor[: piece.length], dst)
+    finally:
+        pool.release(chunk)
