@@ -20,6 +20,7 @@ from ._policy import EvictionPolicy as EvictionPolicy
 from ._policy import LRUPolicy as LRUPolicy
 from ._stats import CacheStats as CacheStats
 from ._store import Store as Store
+from ._tiers import TierStats as TierStats
 from ._torch import Weights as Weights
 from ._units import parse_bytes as parse_bytes
 
@@ -40,6 +41,7 @@ __all__ = [
     "Store",
     "StoreError",
     "TensorInfo",
+    "TierStats",
     "Weights",
     "parse_bytes",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ._tiers import TierStats
 from ._units import format_bytes
 
 __all__ = ["CacheStats"]
@@ -38,6 +40,8 @@ class CacheStats:
     leased: int
     #: Seconds spent in loads that succeeded, summed.
     load_seconds: float
+    #: Per tier ("device", "host"): bytes, budget, entries, hits, promotions, demotions.
+    tiers: Mapping[str, TierStats]
 
     @property
     def hit_ratio(self) -> float:
@@ -50,4 +54,9 @@ class CacheStats:
             f"{self.models} models, {self.loading} loading, {self.leased} leased, "
             f"{self.waiters} waiting; hits={self.hits} misses={self.misses} loads={self.loads} "
             f"failures={self.failures} evictions={self.evictions}"
+            + "".join(
+                f"; {name} {format_bytes(t.bytes)}/{format_bytes(t.budget)} in {t.entries}"
+                for name, t in self.tiers.items()
+                if name != "device" and t.budget
+            )
         )

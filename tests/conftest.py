@@ -111,21 +111,27 @@ async def settle(store: Store) -> None:
 
 
 def check_invariants(cache: ModelCache) -> None:
-    """The byte accounting and counters agree with the entries, and the budget holds."""
+    """Every tier's byte accounting agrees with its entries, and budgets hold."""
     c: _ModelCache = cache
+    device, host = c._device, c._host
     entries = list(c._entries.values())
     ready = [e for e in entries if e.ready]
-    assert c._reserved <= c._budget, (c._reserved, c._budget)
-    assert c._resident == sum(e.nbytes for e in ready)
-    assert c._reserved == sum(e.nbytes for e in entries if e.reserved)
+    assert device.reserved <= device.budget, (device.reserved, device.budget)
+    assert device.resident == sum(e.nbytes for e in ready)
+    # Reserved = entries holding bytes + bytes still being copied out of the tier.
+    assert device.reserved == sum(e.nbytes for e in entries if e.reserved) + device.freeing
     assert all(e.reserved for e in ready)
     assert c._leased == sum(e.leases for e in entries) or c._state.value != "open"
     assert c._loading == sum(1 for e in entries if not e.ready)
     # Waiters of a load that just failed are still counted until they wake: hence >=.
     assert c._waiters >= sum(e.waiters for e in entries)
     assert all(e.leases >= 0 and e.waiters >= 0 for e in entries)
+    assert host.reserved <= host.budget, (host.reserved, host.budget)
+    assert host.resident == sum(e.nbytes for e in c._host_entries.values())
+    assert host.reserved == host.resident + host.freeing + c._host_in_flight
     stats = c.stats()
     assert stats.bytes_reserved <= stats.bytes_budget
+    assert stats.tiers["host"].bytes == host.resident
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

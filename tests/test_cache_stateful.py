@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from concurrent.futures import Future
 from typing import Any
 
@@ -25,6 +27,8 @@ from .conftest import GatedStore, MemoryModels, check_invariants, settle
 
 SIZES = {"a": 300, "b": 500, "c": 700, "d": 200, "e": 900, "huge": 5000}
 BUDGET = 1200
+HOST_BUDGET = 1000
+DISK_BUDGET = 4000  # files: headers and manifests count too
 IDS = st.sampled_from(sorted(SIZES))
 
 
@@ -50,7 +54,15 @@ class CacheMachine(RuleBasedStateMachine):
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self.portal = self._portal_cm.__enter__()
         self.store = GatedStore(self.models.template)
-        self.cache = ModelCache(self.store, device_budget=BUDGET, failure_ttl=0)
+        self.disk_dir = tempfile.mkdtemp(prefix="mc-disk-")
+        self.cache = ModelCache(
+            self.store,
+            device_budget=BUDGET,
+            host_budget=HOST_BUDGET,
+            disk_dir=self.disk_dir,
+            disk_budget=DISK_BUDGET,
+            failure_ttl=0,
+        )
         failing = self.failing
 
         @self.cache.model
@@ -64,6 +76,7 @@ class CacheMachine(RuleBasedStateMachine):
         self._cache_cm = self.portal.wrap_async_context_manager(self.cache)
         self._cache_cm.__enter__()
         self.all_handles: list[_Handle] = []
+        self.prefetches: list[Future[str]] = []
 
     async def _hold(self, handle: _Handle) -> str:
         with handle.scope:
@@ -113,6 +126,19 @@ class CacheMachine(RuleBasedStateMachine):
     def toggle_failure(self, model_id: str) -> None:
         self.failing.symmetric_difference_update({model_id})
 
+    async def _prefetch(self, model_id: str) -> str:
+        try:
+            await self.cache.prefetch([model_id], tier="host")
+        except ModelTooLargeError:
+            assert SIZES[model_id] > HOST_BUDGET
+            return "ModelTooLargeError"
+        return "prefetched"
+
+    @rule(model_id=IDS)
+    def prefetch_host(self, model_id: str) -> None:
+        self.prefetches.append(self.portal.start_task_soon(self._prefetch, model_id))
+        self._settle()
+
     @rule(model_id=IDS)
     def evict(self, model_id: str) -> None:
         self.portal.call(self.cache.evict, model_id)
@@ -138,6 +164,8 @@ class CacheMachine(RuleBasedStateMachine):
                 self.portal.call(handle.release.set)
             self._settle()
             check_invariants(self.cache)
+            for prefetch in self.prefetches:  # host reservations never wait on leases
+                assert prefetch.result(timeout=5) in {"prefetched", "ModelTooLargeError"}
             self._cache_cm.__exit__(None, None, None)
             stats = self.cache.stats()
             assert (stats.bytes_reserved, stats.bytes_resident, stats.loading) == (0, 0, 0)
@@ -145,9 +173,15 @@ class CacheMachine(RuleBasedStateMachine):
                 assert handle.future is not None
                 outcome: Any = handle.future.result(timeout=5)
                 assert isinstance(outcome, str)
-        finally:
+        except BaseException as exc:
+            # Stop the portal cancelling what still runs, so a failure fails instead of hanging.
+            self._portal_cm.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        else:
             self._portal_cm.__exit__(None, None, None)
+        finally:
             self.models.cleanup()
+            shutil.rmtree(self.disk_dir, ignore_errors=True)
 
 
 CacheMachine.TestCase.settings = settings(

@@ -30,6 +30,7 @@ def test_public_names() -> None:
         "Store",
         "StoreError",
         "TensorInfo",
+        "TierStats",
         "Weights",
         "parse_bytes",
     ]
