@@ -21,12 +21,20 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from tests.servers import SeaweedFS
+
+#: The repository's root (for ``tests.servers``).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 __all__ = [
+    "REPO_ROOT",
     "Percentiles",
     "Repeated",
     "base_parser",
@@ -34,10 +42,13 @@ __all__ = [
     "emit_json",
     "free_memory",
     "gbps",
+    "human_seconds",
     "machine_line",
     "percentiles_us",
     "print_table",
     "rounded",
+    "s3_upload",
+    "seaweedfs",
     "timed",
 ]
 
@@ -179,4 +190,53 @@ def timed(fn: Callable[[], object]) -> float:
     """Seconds ``fn()`` took."""
     start = time.perf_counter()
     fn()
+    return time.perf_counter() - start
+
+
+def human_seconds(seconds: float) -> str:
+    """A duration for a table cell, in the unit that suits it: µs, ms or s."""
+    if not math.isfinite(seconds):
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+@contextlib.contextmanager
+def seaweedfs(directory: Path) -> Iterator[SeaweedFS | None]:
+    """A running SeaweedFS S3 server (``weed mini`` on 127.0.0.1, from ``tests/servers.py``)
+    keeping its data under ``directory``; None where the ``weed`` binary is not installed.
+
+    Stopped on exit without waiting for a clean stop (its data is thrown away).
+    """
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from tests.servers import SeaweedFS, weed_binary
+
+    binary = weed_binary()
+    if binary is None:
+        yield None
+        return
+    server = SeaweedFS(binary, directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(timeout=2)
+
+
+def s3_upload(server: SeaweedFS, path: Path | str, key: str) -> float:
+    """Upload the file at ``path`` to ``key`` in the server's bucket (64 MiB parts, 4 at a time);
+    returns the seconds it took."""
+    from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
+
+    start = time.perf_counter()
+    server.client().upload_file(
+        str(path),
+        server.bucket,
+        key,
+        Config=TransferConfig(multipart_chunksize=64 << 20, max_concurrency=4),
+    )
     return time.perf_counter() - start

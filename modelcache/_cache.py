@@ -30,13 +30,13 @@ from dataclasses import replace
 from enum import Enum
 from functools import partial
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
 import torch
 
-from ._arena import host_view
+from ._arena import HostArena, HostBlock, host_view
 from ._builders import WEIGHTS, ModelBuilder, builder_for
 from ._concurrency import gather
 from ._disk import DiskEntry, DiskTier
@@ -55,9 +55,6 @@ from ._store import Store
 from ._tiers import Abandoned, ByteBudget, HostEntry, TierStats, host_evictable
 from ._torch import TorchBackend, Weights, tensor_views
 from ._units import format_bytes, parse_bytes
-
-if TYPE_CHECKING:
-    from ._arena import HostArena, HostBlock
 
 __all__ = ["ModelCache"]
 
@@ -389,6 +386,12 @@ class ModelCache:
         self._limiter = anyio.CapacityLimiter(self._max_concurrent_loads)
         if self._disk is not None:
             await anyio.to_thread.run_sync(self._disk.open)
+        if self.device.type != "cpu" and self._host.budget:
+            # One pinned slab for the host tier, made now (pinning takes seconds), with slack
+            # for blocks rounding up to pages; a fragmented slab makes a demotion drop instead.
+            slack = self._host.budget // 64 + (1 << 20)
+            self._arena = HostArena(self._host.budget + slack, pin=self.device.type == "cuda")
+            await self._arena.allocate()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -786,11 +789,8 @@ class ModelCache:
         )
 
     def _host_block(self, nbytes: int) -> HostBlock | None:
-        if self._arena is None:
-            from ._arena import HostArena
-
-            self._arena = HostArena(self._host.budget, pin=self.device.type == "cuda")
-        return self._arena.alloc(nbytes)
+        """A pinned block for a model's bytes, or None when the slab has no run that long."""
+        return self._arena.alloc(nbytes) if self._arena is not None else None
 
     def _free_block(self, block: HostBlock) -> None:
         if self._arena is not None:
