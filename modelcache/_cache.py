@@ -1,11 +1,15 @@
-"""ModelCache: leases on models loaded once, under an exact byte budget.
+"""ModelCache: leases on models loaded once, under an exact byte budget per tier.
 
-Invariants (the tests check them after every step):
+The device tier (built models, leased) lives here; host memory and the disk tier under it are
+`LowerTiers`. Invariants (the tests check them after every step):
 
-* ``_reserved`` = bytes of resident entries + bytes granted to loads in flight, and it never
-  exceeds the budget. Bytes are reserved from the model's headers before any weight byte is read.
+* The device `ByteBudget`'s ``reserved`` = bytes of resident entries + bytes granted to loads in
+  flight + bytes still being copied down, and it never exceeds the budget. Bytes are reserved
+  from the model's headers before any weight byte is read.
 * An entry is *evictable* only when it is ready, unleased and no task is waiting to lease it.
-  Eviction happens inside one synchronous planning step (`_try_reserve`), never across an await.
+  Eviction happens inside one synchronous planning step (`ByteBudget.try_reserve`), never across
+  an await; an evicted model is handed to the lower tiers (`_demote`).
+* A load reads from the highest tier that has the model: host memory, the disk tier, the store.
 * One load per key, run in the cache's task group - never in a caller's task - so cancelling a
   caller never cancels a load others share. Loads of different keys run concurrently, bounded by
   a capacity limiter that is held for I/O only, never while waiting for bytes.
@@ -36,24 +40,17 @@ import anyio
 import anyio.abc
 import torch
 
-from ._arena import HostArena, HostBlock, host_view
 from ._builders import WEIGHTS, ModelBuilder, builder_for
 from ._concurrency import gather
 from ._disk import DiskEntry, DiskTier
-from ._exceptions import (
-    CacheClosedError,
-    ModelCacheError,
-    ModelLoadError,
-    ModelNotFoundError,
-    ModelTooLargeError,
-)
-from ._format import INDEX_NAME, ModelInfo
-from ._loader import fill_buffer, read_config, read_model_info
+from ._exceptions import CacheClosedError, ModelNotFoundError, as_model_error
+from ._loader import read_config
+from ._lower import LowerTiers
 from ._policy import EvictionPolicy, PolicyEntry
 from ._stats import CacheStats
 from ._store import Store
-from ._tiers import Abandoned, ByteBudget, HostEntry, TierStats, host_evictable
-from ._torch import TorchBackend, Weights, tensor_views
+from ._tiers import Abandoned, ByteBudget, HostEntry, TierStats, check_fits
+from ._torch import TorchBackend, Weights
 from ._units import format_bytes, parse_bytes
 
 __all__ = ["ModelCache"]
@@ -103,16 +100,6 @@ class _Entry:
         self.reserved = False  # True once nbytes are counted in the device budget
         self.leases = 0
         self.waiters = 0
-        self.done = anyio.Event()
-        self.error: BaseException | None = None
-
-
-class _HostLoad:
-    """A load into the host tier (prefetch): its outcome, for whoever waits on it."""
-
-    __slots__ = ("done", "error")
-
-    def __init__(self) -> None:
         self.done = anyio.Event()
         self.error: BaseException | None = None
 
@@ -222,19 +209,14 @@ class ModelCache:
             policy=policy,
         )
         self._policy = self._device.policy  # read on the hit path
-        self._host = ByteBudget(
-            "host",
-            parse_bytes(host_budget, name="host_budget"),
-            evictable=host_evictable,
-            evict=self._evict_host,
-        )
-        self._arena: HostArena | None = None  # pinned host memory, made on first CUDA demotion
-        self._disk: DiskTier | None = None
+        disk: DiskTier | None = None
         if disk_dir is not None and disk_budget is not None:
-            self._disk = DiskTier(disk_dir, disk_budget)
+            disk = DiskTier(disk_dir, disk_budget)
         elif disk_dir is not None or disk_budget is not None:
             raise ValueError("disk_dir and disk_budget go together")
-        self._disk_writes: set[str] = set()
+        self._lower = LowerTiers(
+            self._store, self._backend, parse_bytes(host_budget, name="host_budget"), disk
+        )
         self._max_concurrent_loads = max_concurrent_loads
         self._failure_ttl = failure_ttl
         self._builders: list[ModelBuilder] = []
@@ -243,12 +225,6 @@ class ModelCache:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._entries: dict[_Key, _Entry] = {}
-        self._host_entries: dict[str, HostEntry] = {}
-        #: Model ids whose bytes are moving between tiers (demotion, host load): wait, then look.
-        self._moving: dict[str, anyio.Event] = {}
-        self._host_loads: dict[str, _HostLoad] = {}
-        #: Host bytes reserved for work in flight: claimed for a promotion, being loaded or copied in.
-        self._host_in_flight = 0
         self._failures: OrderedDict[_Key, tuple[BaseException, float]] = OrderedDict()
         self._hits = self._misses = self._loads = self._fails = 0
         self._loading = self._waiters = self._leased = 0
@@ -303,7 +279,7 @@ class ModelCache:
             builder = self._builder(model)
             calls = [partial(self._prefetch_device, (builder, i)) for i in model_ids]
         elif tier == "host":
-            if self._host.budget == 0:
+            if self._lower.host.budget == 0:
                 raise ValueError("prefetch(tier='host') needs a host_budget")
             calls = [partial(self._prefetch_host, i) for i in model_ids]
         else:
@@ -333,7 +309,7 @@ class ModelCache:
     def resident(self, tier: str = "device") -> list[str]:
         """Ids of the models resident in ``tier`` ("device" or "host"), for routers."""
         if tier == "host":
-            return list(self._host_entries)
+            return list(self._lower.entries)
         return [entry.model_id for entry in self._entries.values() if entry.ready]
 
     def stats(self) -> CacheStats:
@@ -357,23 +333,8 @@ class ModelCache:
         )
 
     def _tier_stats(self, models: int) -> dict[str, TierStats]:
-        tiers = {
-            "device": replace(self._device.stats(models), hits=self._hits),
-            "host": self._host.stats(len(self._host_entries)),
-        }
-        if self._disk is not None:
-            disk = self._disk.stats()
-            tiers["disk"] = TierStats(
-                bytes=disk.bytes,
-                bytes_reserved=disk.bytes,
-                budget=disk.budget,
-                entries=disk.entries,
-                hits=disk.hits,
-                promotions=disk.hits,
-                demotions=disk.writes,
-                evictions=disk.evictions,
-            )
-        return tiers
+        device = replace(self._device.stats(models), hits=self._hits)
+        return {"device": device, **self._lower.stats()}
 
     def __repr__(self) -> str:
         return f"<ModelCache {self._state.value} {self._store!r} on {self.device}: {self.stats()}>"
@@ -384,17 +345,15 @@ class ModelCache:
         if self._state is not _State.NEW:
             raise CacheClosedError(f"a ModelCache is entered once; this one is {self._state.value}")
         self._limiter = anyio.CapacityLimiter(self._max_concurrent_loads)
-        if self._disk is not None:
-            await anyio.to_thread.run_sync(self._disk.open)
-        if self.device.type != "cpu" and self._host.budget:
-            # One pinned slab for the host tier, made now (pinning takes seconds), with slack
-            # for blocks rounding up to pages; a fragmented slab makes a demotion drop instead.
-            slack = self._host.budget // 64 + (1 << 20)
-            self._arena = HostArena(self._host.budget + slack, pin=self.device.type == "cuda")
-            await self._arena.allocate()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
+        try:
+            await self._lower.open(task_group, self._limiter)
+        except BaseException as exc:
+            task_group.cancel_scope.cancel()
+            await task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
         self._state = _State.OPEN
         return self
 
@@ -418,11 +377,7 @@ class ModelCache:
         finally:
             for entry in list(self._entries.values()):
                 self._drop(entry)
-            for host_entry in list(self._host_entries.values()):
-                self._remove_host(host_entry)
-                self._host.reserved -= host_entry.nbytes
-                self._free_host_payload(host_entry)
-            self._arena = None
+            self._lower.close()
             self._failures.clear()
             self._state = _State.CLOSED
             with anyio.CancelScope(shield=True):
@@ -519,36 +474,36 @@ class ModelCache:
         claimed: HostEntry | None = None
         on_disk: DiskEntry | None = None
         try:
-            while (moving := self._moving.get(entry.model_id)) is not None:
+            while (moving := self._lower.moving.get(entry.model_id)) is not None:
                 await moving.wait()  # a demotion or host load of this id: then look again
-            claimed = self._claim_host(entry.model_id)
+            claimed = self._lower.claim(entry.model_id)
             if claimed is not None:
                 info, source = claimed.info, self._store
             else:
                 async with self._limiter:
-                    info, source, on_disk = await self._locate(entry.model_id)
+                    info, source, on_disk = await self._lower.locate(entry.model_id)
             if entry.builder.needs_config and info.config is None:
                 async with self._limiter:
                     info = replace(info, config=await read_config(self._store, entry.model_id))
-            self._check_fits(self._device, info)
+            check_fits(self._device, info)
             entry.nbytes = info.nbytes
             await self._device.reserve(entry.nbytes, lambda: entry.waiters > 0)
             entry.reserved = True
             async with self._limiter:
                 if claimed is not None:
-                    weights = await self._promote(claimed, info)
+                    weights = await self._lower.promote(claimed, info)
                     claimed = None
                 else:
                     weights = await self._backend.load(source, info, zero_copy=on_disk is None)
-                    self._release_disk(on_disk)
+                    self._lower.release_disk(on_disk)
                     on_disk = None
                     if weights.buffer.device.type == "cpu":
-                        self._write_through(info, buffer=weights.buffer)
+                        self._lower.write_through(info, buffer=weights.buffer)
                 value = await entry.builder.build(weights, info)
         except BaseException as exc:
-            self._release_disk(on_disk)
+            self._lower.release_disk(on_disk)
             if claimed is not None:
-                self._unclaim_host(claimed)
+                self._lower.unclaim(claimed)
             self._loading -= 1
             self._fail(entry, exc)
             entry.done.set()
@@ -573,22 +528,13 @@ class ModelCache:
             extra={"model_id": entry.model_id, "nbytes": entry.nbytes, "seconds": seconds},
         )
 
-    def _check_fits(self, tier: ByteBudget, info: ModelInfo) -> None:
-        if info.nbytes > tier.budget:
-            raise ModelTooLargeError(
-                f"model {info.model_id!r} needs {format_bytes(info.nbytes)}, more than the "
-                f"whole {tier.name} budget of {format_bytes(tier.budget)}",
-                model_id=info.model_id,
-                path=info.url,
-            )
-
     def _fail(self, entry: _Entry, exc: BaseException) -> None:
         """Undo everything a load did, and tell its waiters why."""
         self._drop(entry)
         if isinstance(exc, Abandoned):
             return  # nobody is waiting; nothing to remember
         if isinstance(exc, Exception) and self._state is _State.OPEN:
-            exc = self._typed(exc, entry.model_id)
+            exc = as_model_error(exc, entry.model_id)
             entry.error = exc
             self._fails += 1
             self._remember_failure(entry.key, exc)
@@ -600,16 +546,6 @@ class ModelCache:
                 model_id=entry.model_id,
             )
         self._device.pump()
-
-    @staticmethod
-    def _typed(exc: Exception, model_id: str) -> Exception:
-        if isinstance(exc, ModelCacheError):
-            return exc
-        wrapped = ModelLoadError(
-            f"model {model_id!r} failed to load: {type(exc).__name__}: {exc}", model_id=model_id
-        )
-        wrapped.__cause__ = exc
-        return wrapped
 
     def _remember_failure(self, key: _Key, error: BaseException) -> None:
         if self._failure_ttl <= 0:
@@ -631,12 +567,7 @@ class ModelCache:
         return e.ready and e.leases == 0 and e.waiters == 0
 
     def _demote(self, victim: PolicyEntry) -> None:
-        """Device eviction (synchronous): move the model to host memory if it fits, else drop.
-
-        On CPU devices the weights buffer itself moves (no copy). On CUDA a pinned host block is
-        taken now and the copy runs in the background; the device bytes stay counted as
-        ``freeing`` until it ends.
-        """
+        """Device eviction (synchronous): the lower tiers take the model, or it is dropped."""
         entry: _Entry = victim  # type: ignore[assignment]
         weights, nbytes = entry.weights, entry.nbytes
         self._drop(entry, release=False)
@@ -646,42 +577,10 @@ class ModelCache:
             format_bytes(nbytes),
             extra={"model_id": entry.model_id, "nbytes": nbytes},
         )
-        if weights is not None and self._host_can_take(entry.model_id, nbytes):
-            if self.device.type == "cpu":
-                self._device.drop_now(nbytes)
-                self._admit_host(HostEntry(weights.info, weights))
-                self._host.demotions += 1
-                return
-            block = self._host_block(nbytes)
-            if block is not None:
-                assert self._task_group is not None
-                self._device.start_freeing(nbytes)
-                self._host_in_flight += nbytes
-                self._moving[entry.model_id] = anyio.Event()
-                self._task_group.start_soon(self._copy_down, weights, block)
-                return
-            self._host.release(nbytes)
-        self._device.drop_now(nbytes)
-
-    async def _copy_down(self, weights: Weights, block: HostBlock) -> None:
-        """Finish a CUDA demotion: device buffer -> pinned host block."""
-        info = weights.info
-        try:
-            await self._backend.to_host(weights.buffer, block)
-        except BaseException as exc:
-            self._free_block(block)
-            self._host.release(info.nbytes)
-            if not isinstance(exc, Exception):
-                raise
-            logger.warning("could not move %r to host memory: %s", info.model_id, exc)
+        if weights is None:
+            self._device.drop_now(nbytes)
         else:
-            self._admit_host(HostEntry(info, block))
-            self._host.demotions += 1
-        finally:
-            del weights
-            self._host_in_flight -= info.nbytes
-            self._device.finish_freeing(info.nbytes)
-            self._moving.pop(info.model_id).set()
+            self._lower.demote(weights, self._device)
 
     def _drop(self, entry: _Entry, *, release: bool = True) -> None:
         """Remove a resident or loading entry; free its device bytes unless ``release`` is False
@@ -698,242 +597,13 @@ class ModelCache:
         entry.ready = False
         entry.value = entry.weights = None
 
-    # -- the disk tier --------------------------------------------------------------------------
-
-    def _remote(self, model_id: str) -> bool:
-        return self._store.local_path(self._store.model_url(model_id)) is None
-
-    async def _locate(self, model_id: str) -> tuple[ModelInfo, Store, DiskEntry | None]:
-        """Describe ``model_id`` from the disk tier if it holds it (acquired: release it after
-        reading), else from the store."""
-        disk = self._disk
-        if disk is not None and self._remote(model_id):
-            entry = await anyio.to_thread.run_sync(disk.get, model_id)
-            if entry is not None and await anyio.to_thread.run_sync(disk.acquire, entry):
-                try:
-                    return await read_model_info(disk.store, model_id), disk.store, entry
-                except ModelCacheError as exc:  # damaged since it was written: use the store
-                    logger.warning("disk copy of %r unreadable, dropped: %s", model_id, exc)
-                    disk.release(entry)
-                    await anyio.to_thread.run_sync(disk.remove, model_id)
-                except BaseException:
-                    disk.release(entry)
-                    raise
-        return await read_model_info(self._store, model_id), self._store, None
-
-    def _release_disk(self, entry: DiskEntry | None) -> None:
-        if entry is not None and self._disk is not None:
-            self._disk.release(entry)
-
-    def _write_through(
-        self,
-        info: ModelInfo,
-        *,
-        buffer: torch.Tensor | None = None,
-        host_entry: HostEntry | None = None,
-    ) -> None:
-        """Copy a model fetched from a remote store to the disk tier, in the background.
-
-        The bytes come from a host ``buffer`` (kept alive by the task) or a ``host_entry``
-        (pinned by the task: not evicted or freed until the copy ends).
-        """
-        disk, model_id = self._disk, info.model_id
-        if disk is None or model_id in disk or model_id in self._disk_writes:
-            return
-        if not self._remote(model_id) or self._task_group is None:
-            return
-        if host_entry is not None:
-            host_entry.users += 1
-        self._disk_writes.add(model_id)
-        self._task_group.start_soon(self._write_disk, info, buffer, host_entry)
-
-    async def _write_disk(
-        self, info: ModelInfo, buffer: torch.Tensor | None, host_entry: HostEntry | None
-    ) -> None:
-        assert self._disk is not None
-        try:
-            if host_entry is not None:
-                payload = host_entry.payload
-                buffer = payload.buffer if isinstance(payload, Weights) else payload.tensor
-            assert buffer is not None
-            primary = (
-                info.shards[0].url
-                if len(info.shards) == 1
-                else self._store.join(info.url, INDEX_NAME)
-            )
-            etag = await self._store.etag(primary, model_id=info.model_id)
-            write = partial(self._disk.write, info, host_view(buffer), etag=etag)
-            await anyio.to_thread.run_sync(write)
-        except Exception as exc:  # the disk tier is an optimisation: log and go on
-            logger.warning("could not copy %r to the disk tier: %s", info.model_id, exc)
-        finally:
-            del buffer
-            self._disk_writes.discard(info.model_id)
-            if host_entry is not None:
-                host_entry.users -= 1
-                if host_entry.detached:
-                    host_entry.detached = False
-                    self._free_host_payload(host_entry)
-                else:
-                    self._host.pump()
-
-    # -- the host tier --------------------------------------------------------------------------
-
-    def _host_can_take(self, model_id: str, nbytes: int) -> bool:
-        """Reserve host bytes for a demotion, if the host tier has (or can make) room."""
-        return (
-            model_id not in self._host_entries
-            and model_id not in self._moving
-            and nbytes <= self._host.budget
-            and self._host.try_reserve(nbytes)
-        )
-
-    def _host_block(self, nbytes: int) -> HostBlock | None:
-        """A pinned block for a model's bytes, or None when the slab has no run that long."""
-        return self._arena.alloc(nbytes) if self._arena is not None else None
-
-    def _free_block(self, block: HostBlock) -> None:
-        if self._arena is not None:
-            self._arena.free(block)
-
-    def _admit_host(self, entry: HostEntry) -> None:
-        """Insert an entry whose host bytes are already reserved."""
-        self._host_entries[entry.model_id] = entry
-        self._host.resident += entry.nbytes
-        self._host.policy.admitted(entry)
-
-    def _remove_host(self, entry: HostEntry) -> None:
-        del self._host_entries[entry.model_id]
-        self._host.policy.removed(entry)
-        self._host.resident -= entry.nbytes
-
-    def _free_host_payload(self, entry: HostEntry) -> None:
-        """Free a host entry's memory now, or when the copy reading it ends."""
-        if entry.users:
-            entry.detached = True
-            return
-        if entry.payload is not None and not isinstance(entry.payload, Weights):
-            self._free_block(entry.payload)
-        entry.payload = None
-
-    def _evict_host(self, victim: PolicyEntry) -> None:
-        """Host eviction (synchronous): the weights are dropped; the store still has them."""
-        entry: HostEntry = victim  # type: ignore[assignment]
-        self._remove_host(entry)
-        self._free_host_payload(entry)
-        self._host.drop_now(entry.nbytes)
-
-    def _claim_host(self, model_id: str) -> HostEntry | None:
-        """Take a host entry for a promotion: out of the index, its bytes still reserved."""
-        entry = self._host_entries.get(model_id)
-        if entry is not None:
-            self._remove_host(entry)
-            self._host_in_flight += entry.nbytes
-        return entry
-
-    def _unclaim_host(self, entry: HostEntry) -> None:
-        """A promotion failed before moving the weights: put them back in the host tier."""
-        self._host_in_flight -= entry.nbytes
-        if entry.payload is None:
-            self._host.release(entry.nbytes)
-        elif entry.model_id in self._host_entries or self._state is not _State.OPEN:
-            self._free_host_payload(entry)
-            self._host.release(entry.nbytes)
-        else:
-            self._admit_host(entry)
-
-    async def _promote(self, entry: HostEntry, info: ModelInfo) -> Weights:
-        """Host -> device for a claimed entry (device bytes already reserved)."""
-        if isinstance(entry.payload, Weights):  # CPU device: the buffer moves, no copy
-            weights, entry.payload = entry.payload, None
-        else:
-            buffer = await self._backend.to_device(entry.payload.tensor)
-            weights = Weights(tensor_views(buffer, info), info, buffer)
-            self._free_host_payload(entry)
-        self._host_in_flight -= entry.nbytes
-        self._host.release(entry.nbytes)
-        self._host.promotions += 1
-        self._host.hits += 1
-        return weights
-
     async def _prefetch_host(self, model_id: str) -> None:
-        """Bring ``model_id``'s weights into host memory, unless a higher tier has them."""
+        """Bring ``model_id``'s weights into host memory, unless the device has (or is loading)
+        them: then that load is shared rather than the store read twice."""
         self._check_open()
         self._store.model_url(model_id)  # validate before anything else
-        load = self._host_loads.get(model_id)
-        if load is None:
-            if model_id in self._host_entries:
-                return
-            on_device = [e for e in self._entries.values() if e.model_id == model_id]
-            if on_device:  # resident, or loading: share that load rather than read twice
-                await on_device[0].done.wait()
-                return
-            while (moving := self._moving.get(model_id)) is not None:
-                await moving.wait()
-                if model_id in self._host_entries:
-                    return
-            load = self._host_loads.get(model_id)
-            if load is None:
-                assert self._task_group is not None
-                load = self._host_loads[model_id] = _HostLoad()
-                self._moving[model_id] = anyio.Event()
-                self._task_group.start_soon(self._load_host, model_id, load)
-        await load.done.wait()
-        if load.error is not None:
-            raise load.error
-
-    async def _load_host(self, model_id: str, load: _HostLoad) -> None:
-        assert self._limiter is not None
-        try:
-            async with self._limiter:
-                info, source, on_disk = await self._locate(model_id)
-            try:
-                self._check_fits(self._host, info)
-                await self._host.reserve(info.nbytes)
-                self._host_in_flight += info.nbytes
-                try:
-                    async with self._limiter:
-                        payload = await self._read_to_host(
-                            source, info, from_disk=on_disk is not None
-                        )
-                except BaseException:
-                    self._host.release(info.nbytes)
-                    raise
-                finally:
-                    self._host_in_flight -= info.nbytes
-            finally:
-                self._release_disk(on_disk)
-            host_entry = HostEntry(info, payload)
-            self._admit_host(host_entry)
-            if on_disk is None:
-                self._write_through(info, host_entry=host_entry)
-        except Exception as exc:
-            load.error = self._typed(exc, model_id)
-        except BaseException:
-            load.error = CacheClosedError(
-                f"the cache closed while model {model_id!r} was loading", model_id=model_id
-            )
-            raise
-        finally:
-            del self._host_loads[model_id]
-            self._moving.pop(model_id).set()
-            load.done.set()
-
-    async def _read_to_host(
-        self, source: Store, info: ModelInfo, *, from_disk: bool
-    ) -> Weights | HostBlock:
-        if self.device.type == "cpu":
-            return await self._backend.load(source, info, zero_copy=not from_disk)
-        block = self._host_block(info.nbytes)
-        if block is None:
-            raise ModelLoadError(
-                f"model {info.model_id!r}: host memory is too fragmented for "
-                f"{format_bytes(info.nbytes)}",
-                model_id=info.model_id,
-            )
-        try:
-            await fill_buffer(source, info, block.view())
-        except BaseException:
-            self._free_block(block)
-            raise
-        return block
+        on_device = [e for e in self._entries.values() if e.model_id == model_id]
+        if on_device:
+            await on_device[0].done.wait()
+            return
+        await self._lower.load(model_id)

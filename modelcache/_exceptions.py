@@ -29,6 +29,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelTooLargeError",
     "StoreError",
+    "as_model_error",
 ]
 
 
@@ -85,3 +86,14 @@ class ModelBuildError(ModelLoadError):
 
 class CacheClosedError(ModelCacheError, RuntimeError):
     """The cache was used before ``async with cache:`` or after it closed."""
+
+
+def as_model_error(exc: Exception, model_id: str) -> ModelCacheError:
+    """``exc`` if it is already typed, else a ModelLoadError naming the model, caused by it."""
+    if isinstance(exc, ModelCacheError):
+        return exc
+    wrapped = ModelLoadError(
+        f"model {model_id!r} failed to load: {type(exc).__name__}: {exc}", model_id=model_id
+    )
+    wrapped.__cause__ = exc
+    return wrapped

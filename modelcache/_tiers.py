@@ -23,9 +23,11 @@ from typing import Any
 
 import anyio
 
+from ._exceptions import ModelTooLargeError
 from ._policy import EvictionPolicy, LRUPolicy, PolicyEntry
+from ._units import format_bytes
 
-__all__ = ["Abandoned", "ByteBudget", "HostEntry", "TierStats", "host_evictable"]
+__all__ = ["Abandoned", "ByteBudget", "HostEntry", "TierStats", "check_fits", "host_evictable"]
 
 
 class Abandoned(Exception):
@@ -200,3 +202,14 @@ class HostEntry:
 def host_evictable(entry: PolicyEntry) -> bool:
     e: HostEntry = entry  # type: ignore[assignment]
     return e.users == 0
+
+
+def check_fits(tier: ByteBudget, info: Any) -> None:
+    """ModelTooLargeError unless the model (a ModelInfo) can ever fit ``tier``'s budget."""
+    if info.nbytes > tier.budget:
+        raise ModelTooLargeError(
+            f"model {info.model_id!r} needs {format_bytes(info.nbytes)}, more than the "
+            f"whole {tier.name} budget of {format_bytes(tier.budget)}",
+            model_id=info.model_id,
+            path=info.url,
+        )

@@ -113,7 +113,7 @@ async def settle(store: Store) -> None:
 def check_invariants(cache: ModelCache) -> None:
     """Every tier's byte accounting agrees with its entries, and budgets hold."""
     c: _ModelCache = cache
-    device, host = c._device, c._host
+    device, host = c._device, c._lower.host
     entries = list(c._entries.values())
     ready = [e for e in entries if e.ready]
     assert device.reserved <= device.budget, (device.reserved, device.budget)
@@ -127,8 +127,8 @@ def check_invariants(cache: ModelCache) -> None:
     assert c._waiters >= sum(e.waiters for e in entries)
     assert all(e.leases >= 0 and e.waiters >= 0 for e in entries)
     assert host.reserved <= host.budget, (host.reserved, host.budget)
-    assert host.resident == sum(e.nbytes for e in c._host_entries.values())
-    assert host.reserved == host.resident + host.freeing + c._host_in_flight
+    assert host.resident == sum(e.nbytes for e in c._lower.entries.values())
+    assert host.reserved == host.resident + host.freeing + c._lower.in_flight
     stats = c.stats()
     assert stats.bytes_reserved <= stats.bytes_budget
     assert stats.tiers["host"].bytes == host.resident

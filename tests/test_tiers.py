@@ -189,7 +189,7 @@ async def test_closing_frees_the_host_tier(models: MemoryModels) -> None:
 async def _settle_writes(cache: ModelCache) -> None:
     """Wait until the background copies to the disk tier are done."""
     await settle(cache.store)
-    assert not cache._disk_writes
+    assert not cache._lower.disk_writes
 
 
 def _damage_disk_copies(root: Path) -> None:

@@ -1,0 +1,397 @@
+"""The tiers under the device: host memory and a disk directory, and the moves among them.
+
+Invariants (checked by the cache's tests after every step):
+
+* ``host.reserved`` = bytes of host entries + ``in_flight`` (claimed by a promotion, being
+  loaded, being copied in from the device) + ``host.freeing``; never above the host budget.
+* Model ids in ``moving`` have bytes on their way between tiers: a load of such an id waits for
+  the move to end and then looks again, so a model is never read twice at once.
+* A host entry being read by a background copy (to the disk tier) is pinned (``users``): it is
+  not evicted, and if it leaves the tier meanwhile its memory is freed by the copy's end.
+* The disk tier only holds models of remote stores; writes to it run in the background and
+  never fail a load.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import torch
+
+from ._arena import HostArena, HostBlock, host_view
+from ._disk import DiskEntry, DiskTier
+from ._exceptions import CacheClosedError, ModelCacheError, ModelLoadError, as_model_error
+from ._format import INDEX_NAME, ModelInfo
+from ._loader import fill_buffer, read_model_info
+from ._policy import PolicyEntry
+from ._store import Store
+from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
+from ._torch import TorchBackend, Weights, tensor_views
+from ._units import format_bytes
+
+__all__ = ["LowerTiers"]
+
+logger = logging.getLogger("modelcache")
+
+
+class _HostLoad:
+    """A load into the host tier (prefetch): its outcome, for whoever waits on it."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+
+class LowerTiers:
+    """Host memory and the disk tier under one device tier, owned by a `ModelCache`."""
+
+    def __init__(
+        self, store: Store, backend: TorchBackend, host_budget: int, disk: DiskTier | None
+    ) -> None:
+        self._store = store
+        self._backend = backend
+        self.host = ByteBudget(
+            "host", host_budget, evictable=host_evictable, evict=self._evict_host
+        )
+        self.entries: dict[str, HostEntry] = {}
+        #: Host bytes reserved for work in flight: claimed for a promotion, being loaded or
+        #: copied in.
+        self.in_flight = 0
+        #: Model ids whose bytes are moving between tiers: wait for the move, then look.
+        self.moving: dict[str, anyio.Event] = {}
+        self.disk = disk
+        self.disk_writes: set[str] = set()
+        self.arena: HostArena | None = None  # pinned host memory for non-CPU devices
+        self._loads: dict[str, _HostLoad] = {}
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._closed = True
+
+    async def open(self, task_group: anyio.abc.TaskGroup, limiter: anyio.CapacityLimiter) -> None:
+        """Start: the disk index is rebuilt, the pinned slab is made (both off the loop)."""
+        self._task_group, self._limiter = task_group, limiter
+        if self.disk is not None:
+            await anyio.to_thread.run_sync(self.disk.open)
+        if self._backend.device.type != "cpu" and self.host.budget:
+            # Pinning takes seconds: do it now, in a thread. Blocks round up to pages, so the
+            # slab gets some slack; a fragmented slab makes a demotion drop instead.
+            slack = self.host.budget // 64 + (1 << 20)
+            self.arena = HostArena(
+                self.host.budget + slack, pin=self._backend.device.type == "cuda"
+            )
+            await self.arena.allocate()
+        self._closed = False
+
+    def close(self) -> None:
+        """Free every host entry (the cache's task group has ended)."""
+        self._closed = True
+        for entry in list(self.entries.values()):
+            self._remove_host(entry)
+            self.host.reserved -= entry.nbytes
+            self._free_host_payload(entry)
+        self.arena = None
+
+    def stats(self) -> dict[str, TierStats]:
+        tiers = {"host": self.host.stats(len(self.entries))}
+        if self.disk is not None:
+            disk = self.disk.stats()
+            tiers["disk"] = TierStats(
+                bytes=disk.bytes,
+                bytes_reserved=disk.bytes,
+                budget=disk.budget,
+                entries=disk.entries,
+                hits=disk.hits,
+                promotions=disk.hits,
+                demotions=disk.writes,
+                evictions=disk.evictions,
+            )
+        return tiers
+
+    # -- the device's evictions ---------------------------------------------------------------
+
+    def demote(self, weights: Weights | None, device: ByteBudget) -> None:
+        """Take a model the device just evicted (synchronous; called while the device plans).
+
+        It moves to host memory if it fits there, else its device bytes are dropped. On CPU
+        devices the weights buffer itself moves (no copy). On CUDA a pinned host block is taken
+        now and the copy runs in the background; the device bytes stay counted as ``freeing``
+        until it ends.
+        """
+        if weights is None:
+            return
+        nbytes = weights.info.nbytes
+        model_id = weights.info.model_id
+        if self._host_can_take(model_id, nbytes):
+            if self._backend.device.type == "cpu":
+                device.drop_now(nbytes)
+                self._admit_host(HostEntry(weights.info, weights))
+                self.host.demotions += 1
+                return
+            block = self._host_block(nbytes)
+            if block is not None:
+                assert self._task_group is not None
+                device.start_freeing(nbytes)
+                self.in_flight += nbytes
+                self.moving[model_id] = anyio.Event()
+                self._task_group.start_soon(self._copy_down, weights, block, device)
+                return
+            self.host.release(nbytes)
+        device.drop_now(nbytes)
+
+    async def _copy_down(self, weights: Weights, block: HostBlock, device: ByteBudget) -> None:
+        """Finish a CUDA demotion: device buffer -> pinned host block."""
+        info = weights.info
+        try:
+            await self._backend.to_host(weights.buffer, block)
+        except BaseException as exc:
+            self._free_block(block)
+            self.host.release(info.nbytes)
+            if not isinstance(exc, Exception):
+                raise
+            logger.warning("could not move %r to host memory: %s", info.model_id, exc)
+        else:
+            self._admit_host(HostEntry(info, block))
+            self.host.demotions += 1
+        finally:
+            del weights
+            self.in_flight -= info.nbytes
+            device.finish_freeing(info.nbytes)
+            self.moving.pop(info.model_id).set()
+
+    # -- the disk tier --------------------------------------------------------------------------
+
+    def _remote(self, model_id: str) -> bool:
+        return self._store.local_path(self._store.model_url(model_id)) is None
+
+    async def locate(self, model_id: str) -> tuple[ModelInfo, Store, DiskEntry | None]:
+        """Describe ``model_id`` from the disk tier if it holds it (acquired: release it after
+        reading), else from the store."""
+        disk = self.disk
+        if disk is not None and self._remote(model_id):
+            entry = await anyio.to_thread.run_sync(disk.get, model_id)
+            if entry is not None and await anyio.to_thread.run_sync(disk.acquire, entry):
+                try:
+                    return await read_model_info(disk.store, model_id), disk.store, entry
+                except ModelCacheError as exc:  # damaged since it was written: use the store
+                    logger.warning("disk copy of %r unreadable, dropped: %s", model_id, exc)
+                    disk.release(entry)
+                    await anyio.to_thread.run_sync(disk.remove, model_id)
+                except BaseException:
+                    disk.release(entry)
+                    raise
+        return await read_model_info(self._store, model_id), self._store, None
+
+    def release_disk(self, entry: DiskEntry | None) -> None:
+        if entry is not None and self.disk is not None:
+            self.disk.release(entry)
+
+    def write_through(
+        self,
+        info: ModelInfo,
+        *,
+        buffer: torch.Tensor | None = None,
+        host_entry: HostEntry | None = None,
+    ) -> None:
+        """Copy a model fetched from a remote store to the disk tier, in the background.
+
+        The bytes come from a host ``buffer`` (kept alive by the task) or a ``host_entry``
+        (pinned by the task: not evicted or freed until the copy ends).
+        """
+        disk, model_id = self.disk, info.model_id
+        if disk is None or model_id in disk or model_id in self.disk_writes:
+            return
+        if not self._remote(model_id) or self._task_group is None:
+            return
+        if host_entry is not None:
+            host_entry.users += 1
+        self.disk_writes.add(model_id)
+        self._task_group.start_soon(self._write_disk, info, buffer, host_entry)
+
+    async def _write_disk(
+        self, info: ModelInfo, buffer: torch.Tensor | None, host_entry: HostEntry | None
+    ) -> None:
+        assert self.disk is not None
+        try:
+            if host_entry is not None:
+                payload = host_entry.payload
+                buffer = payload.buffer if isinstance(payload, Weights) else payload.tensor
+            assert buffer is not None
+            primary = (
+                info.shards[0].url
+                if len(info.shards) == 1
+                else self._store.join(info.url, INDEX_NAME)
+            )
+            etag = await self._store.etag(primary, model_id=info.model_id)
+            write = partial(self.disk.write, info, host_view(buffer), etag=etag)
+            await anyio.to_thread.run_sync(write)
+        except Exception as exc:  # the disk tier is an optimisation: log and go on
+            logger.warning("could not copy %r to the disk tier: %s", info.model_id, exc)
+        finally:
+            del buffer
+            self.disk_writes.discard(info.model_id)
+            if host_entry is not None:
+                host_entry.users -= 1
+                if host_entry.detached:
+                    host_entry.detached = False
+                    self._free_host_payload(host_entry)
+                else:
+                    self.host.pump()
+
+    # -- the host tier --------------------------------------------------------------------------
+
+    def _host_can_take(self, model_id: str, nbytes: int) -> bool:
+        """Reserve host bytes for a demotion, if the host tier has (or can make) room."""
+        return (
+            model_id not in self.entries
+            and model_id not in self.moving
+            and nbytes <= self.host.budget
+            and self.host.try_reserve(nbytes)
+        )
+
+    def _host_block(self, nbytes: int) -> HostBlock | None:
+        """A pinned block for a model's bytes, or None when the slab has no run that long."""
+        return self.arena.alloc(nbytes) if self.arena is not None else None
+
+    def _free_block(self, block: HostBlock) -> None:
+        if self.arena is not None:
+            self.arena.free(block)
+
+    def _admit_host(self, entry: HostEntry) -> None:
+        """Insert an entry whose host bytes are already reserved."""
+        self.entries[entry.model_id] = entry
+        self.host.resident += entry.nbytes
+        self.host.policy.admitted(entry)
+
+    def _remove_host(self, entry: HostEntry) -> None:
+        del self.entries[entry.model_id]
+        self.host.policy.removed(entry)
+        self.host.resident -= entry.nbytes
+
+    def _free_host_payload(self, entry: HostEntry) -> None:
+        """Free a host entry's memory now, or when the copy reading it ends."""
+        if entry.users:
+            entry.detached = True
+            return
+        if entry.payload is not None and not isinstance(entry.payload, Weights):
+            self._free_block(entry.payload)
+        entry.payload = None
+
+    def _evict_host(self, victim: PolicyEntry) -> None:
+        """Host eviction (synchronous): the weights are dropped; the store still has them."""
+        entry: HostEntry = victim  # type: ignore[assignment]
+        self._remove_host(entry)
+        self._free_host_payload(entry)
+        self.host.drop_now(entry.nbytes)
+
+    def claim(self, model_id: str) -> HostEntry | None:
+        """Take a host entry for a promotion: out of the index, its bytes still reserved."""
+        entry = self.entries.get(model_id)
+        if entry is not None:
+            self._remove_host(entry)
+            self.in_flight += entry.nbytes
+        return entry
+
+    def unclaim(self, entry: HostEntry) -> None:
+        """A promotion failed before moving the weights: put them back in the host tier."""
+        self.in_flight -= entry.nbytes
+        if entry.payload is None:
+            self.host.release(entry.nbytes)
+        elif entry.model_id in self.entries or self._closed:
+            self._free_host_payload(entry)
+            self.host.release(entry.nbytes)
+        else:
+            self._admit_host(entry)
+
+    async def promote(self, entry: HostEntry, info: ModelInfo) -> Weights:
+        """Host -> device for a claimed entry (device bytes already reserved)."""
+        if isinstance(entry.payload, Weights):  # CPU device: the buffer moves, no copy
+            weights, entry.payload = entry.payload, None
+        else:
+            buffer = await self._backend.to_device(entry.payload.tensor)
+            weights = Weights(tensor_views(buffer, info), info, buffer)
+            self._free_host_payload(entry)
+        self.in_flight -= entry.nbytes
+        self.host.release(entry.nbytes)
+        self.host.promotions += 1
+        self.host.hits += 1
+        return weights
+
+    async def load(self, model_id: str) -> None:
+        """Bring ``model_id``'s weights into host memory (single-flight per id)."""
+        load = self._loads.get(model_id)
+        if load is None:
+            while (moving := self.moving.get(model_id)) is not None:
+                await moving.wait()
+            if model_id in self.entries:
+                return
+            load = self._loads.get(model_id)
+            if load is None:
+                assert self._task_group is not None
+                load = self._loads[model_id] = _HostLoad()
+                self.moving[model_id] = anyio.Event()
+                self._task_group.start_soon(self._load, model_id, load)
+        await load.done.wait()
+        if load.error is not None:
+            raise load.error
+
+    async def _load(self, model_id: str, load: _HostLoad) -> None:
+        assert self._limiter is not None
+        try:
+            async with self._limiter:
+                info, source, on_disk = await self.locate(model_id)
+            try:
+                check_fits(self.host, info)
+                await self.host.reserve(info.nbytes)
+                self.in_flight += info.nbytes
+                try:
+                    async with self._limiter:
+                        payload = await self._read_to_host(
+                            source, info, from_disk=on_disk is not None
+                        )
+                except BaseException:
+                    self.host.release(info.nbytes)
+                    raise
+                finally:
+                    self.in_flight -= info.nbytes
+            finally:
+                self.release_disk(on_disk)
+            host_entry = HostEntry(info, payload)
+            self._admit_host(host_entry)
+            if on_disk is None:
+                self.write_through(info, host_entry=host_entry)
+        except Exception as exc:
+            load.error = as_model_error(exc, model_id)
+        except BaseException:
+            load.error = CacheClosedError(
+                f"the cache closed while model {model_id!r} was loading", model_id=model_id
+            )
+            raise
+        finally:
+            del self._loads[model_id]
+            self.moving.pop(model_id).set()
+            load.done.set()
+
+    async def _read_to_host(
+        self, source: Store, info: ModelInfo, *, from_disk: bool
+    ) -> Weights | HostBlock:
+        if self._backend.device.type == "cpu":
+            return await self._backend.load(source, info, zero_copy=not from_disk)
+        block = self._host_block(info.nbytes)
+        if block is None:
+            raise ModelLoadError(
+                f"model {info.model_id!r}: host memory is too fragmented for "
+                f"{format_bytes(info.nbytes)}",
+                model_id=info.model_id,
+            )
+        try:
+            await fill_buffer(source, info, block.view())
+        except BaseException:
+            self._free_block(block)
+            raise
+        return block
