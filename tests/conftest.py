@@ -98,16 +98,25 @@ def gated(models: MemoryModels) -> GatedStore:
     return GatedStore(models.template)
 
 
-async def settle(store: Store) -> None:
-    """Wait until no task can run and no worker thread (reads, builders) is busy."""
-    limiters = [anyio.to_thread.current_default_thread_limiter()]
+async def settle(*stores: Store) -> None:
+    """Wait until no task can run and no worker thread (reads, builders) is busy.
+
+    Pass every Store whose reads may be in flight: a cache's own, and its disk tier's.
+    """
     while True:
         await anyio.wait_all_tasks_blocked()
-        if store._limiter is not None:
-            limiters.append(store._limiter)
+        limiters = [anyio.to_thread.current_default_thread_limiter()]
+        limiters += [s._limiter for s in stores if s._limiter is not None]
         if all(limiter.borrowed_tokens == 0 for limiter in limiters):
             return
         await anyio.sleep(0.001)
+
+
+def cache_stores(cache: ModelCache) -> list[Store]:
+    """The Stores a cache reads through: its own and its disk tier's."""
+    c: _ModelCache = cache
+    disk = c._lower.disk
+    return [c.store] if disk is None else [c.store, disk.store]
 
 
 def check_invariants(cache: ModelCache) -> None:

@@ -23,7 +23,7 @@ from hypothesis.stateful import (
 from modelcache import ModelBuildError, ModelCache, ModelTooLargeError, Weights
 from modelcache._format import ModelInfo
 
-from .conftest import GatedStore, MemoryModels, check_invariants, settle
+from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, settle
 
 SIZES = {"a": 300, "b": 500, "c": 700, "d": 200, "e": 900, "huge": 5000}
 BUDGET = 1200
@@ -90,7 +90,7 @@ class CacheMachine(RuleBasedStateMachine):
         return "cancelled"
 
     def _settle(self) -> None:
-        self.portal.call(settle, self.store)
+        self.portal.call(lambda: settle(*cache_stores(self.cache)))
 
     @rule(target=handles, model_id=IDS)
     def use(self, model_id: str) -> _Handle:

@@ -10,7 +10,7 @@ import torch
 
 from modelcache import ModelCache, ModelNotFoundError, ModelTooLargeError
 
-from .conftest import GatedStore, MemoryModels, check_invariants, settle
+from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, settle
 
 
 async def test_eviction_demotes_to_host_and_use_promotes_without_a_read(
@@ -188,7 +188,7 @@ async def test_closing_frees_the_host_tier(models: MemoryModels) -> None:
 
 async def _settle_writes(cache: ModelCache) -> None:
     """Wait until the background copies to the disk tier are done."""
-    await settle(cache.store)
+    await settle(*cache_stores(cache))
     assert not cache._lower.disk_writes
 
 
