@@ -2,8 +2,14 @@
 
 Models live in a store (any fsspec URL); the ones in use sit on the device within an exact byte
 budget; any model id is served on demand. See `ModelCache`.
+
+`CupyBackend` (the ``cuda`` extra) is imported on first access, so ``import modelcache`` never
+imports CuPy.
 """
 
+from typing import TYPE_CHECKING, Any
+
+from ._backend import DeviceBackend as DeviceBackend
 from ._cache import ModelCache as ModelCache
 from ._exceptions import CacheClosedError as CacheClosedError
 from ._exceptions import InvalidModelIdError as InvalidModelIdError
@@ -24,9 +30,14 @@ from ._tiers import TierStats as TierStats
 from ._torch import Weights as Weights
 from ._units import parse_bytes as parse_bytes
 
+if TYPE_CHECKING:
+    from ._cupy import CupyBackend as CupyBackend
+
 __all__ = [
     "CacheClosedError",
     "CacheStats",
+    "CupyBackend",
+    "DeviceBackend",
     "EvictionPolicy",
     "InvalidModelIdError",
     "LRUPolicy",
@@ -47,3 +58,11 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CupyBackend":  # the module imports CuPy only when a backend is made
+        from ._cupy import CupyBackend
+
+        return CupyBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

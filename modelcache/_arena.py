@@ -9,6 +9,7 @@ Design note (the invariants):
   256 GiB: we map the slab ourselves (page-aligned, exact size, transparent huge pages) and
   register it with ``cudaHostRegister`` once, falling back to torch's pinned allocator only if
   registration fails. The registration ends when the last tensor or view of the slab is gone.
+  A backend that is not torch's (CuPy) registers the slab through its own `HostPinner`.
 * **Page alignment.** The slab starts on a page; every block starts at a multiple of `PAGE` from
   it and reserves its request rounded up to `PAGE` (at least one page), so reads into a block
   are page-aligned and blocks never share a page.
@@ -28,11 +29,12 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import logging
 import mmap
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -43,6 +45,7 @@ __all__ = [
     "ArenaStats",
     "HostArena",
     "HostBlock",
+    "HostPinner",
     "allocate_slab",
     "cuda_available",
     "host_view",
@@ -60,6 +63,18 @@ def cuda_available() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:
         return False
+
+
+class HostPinner(Protocol):
+    """Page-locks host memory for one device runtime (torch's is built in; CuPy brings one)."""
+
+    def register(self, address: int, nbytes: int) -> bool:
+        """Page-lock ``nbytes`` at ``address`` (page-aligned); False if it could not."""
+        ...
+
+    def unregister(self, address: int) -> None:
+        """Undo `register` (called once the memory is no longer used); never raises."""
+        ...
 
 
 def _round_up(n: int) -> int:
@@ -130,13 +145,28 @@ def _torch_pinned(nbytes: int) -> torch.Tensor:
     return tensor[start : start + nbytes]
 
 
-def allocate_slab(nbytes: int, *, pin: bool) -> torch.Tensor:
+def allocate_slab(nbytes: int, *, pin: bool, pinner: HostPinner | None = None) -> torch.Tensor:
     """ONE page-aligned host allocation of exactly ``nbytes``, page-locked when ``pin``.
 
-    Blocking (pinning locks every page): call it from a worker thread for large slabs.
+    ``pinner`` page-locks it instead of torch's CUDA runtime; if it cannot, the slab stays
+    pageable (correct, but device copies from it are synchronous). Blocking (pinning locks every
+    page): call it from a worker thread for large slabs.
     """
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    if pin and pinner is not None:
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        tensor, array = _mapped(nbytes)
+        address = tensor.data_ptr()
+        if pinner.register(address, nbytes):
+            weakref.finalize(array, pinner.unregister, address)
+        else:
+            logging.getLogger("modelcache").warning(
+                "could not page-lock %d bytes of host memory: device copies will be synchronous",
+                nbytes,
+            )
+        return tensor
     if pin and not cuda_available():
         raise ValueError("pinned host memory needs a CUDA device, and torch sees none")
     if nbytes == 0:
@@ -206,17 +236,18 @@ class ArenaStats:
 class HostArena:
     """A fixed host buffer of ``capacity`` bytes, sub-allocated in page-aligned blocks.
 
-    ``pin=True`` page-locks it for asynchronous device copies; it needs CUDA (pass
-    ``pin=torch.cuda.is_available()``-like values), else ValueError.
+    ``pin=True`` page-locks it for asynchronous device copies: through ``pinner`` when given,
+    else torch's CUDA runtime, which must be available (ValueError otherwise).
     """
 
-    def __init__(self, capacity: int, *, pin: bool) -> None:
+    def __init__(self, capacity: int, *, pin: bool, pinner: HostPinner | None = None) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
-        if pin and not cuda_available():
+        if pin and pinner is None and not cuda_available():
             raise ValueError("a pinned HostArena needs a CUDA device, and torch sees none")
         self._capacity = capacity // PAGE * PAGE
         self._pin = pin
+        self._pinner = pinner
         self._slab: torch.Tensor | None = None
         self._allocating: anyio.Event | None = None
         # Free runs sorted by offset, never adjacent: parallel lists for bisect.
@@ -290,7 +321,7 @@ class HostArena:
                 done.set()
 
     def _make_slab(self) -> torch.Tensor:
-        return allocate_slab(self._capacity, pin=self._pin)
+        return allocate_slab(self._capacity, pin=self._pin, pinner=self._pinner)
 
     def alloc(self, nbytes: int) -> HostBlock | None:
         """A block of ``nbytes`` bytes, or None when no free run is large enough."""

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import torch
 
+from ._backend import LoadedWeights
 from ._exceptions import ModelBuildError, ModelCacheError
 from ._format import ModelInfo
 from ._torch import Weights
@@ -49,7 +50,7 @@ def build_module(cls: type[torch.nn.Module], weights: Weights, info: ModelInfo) 
     return module
 
 
-def _weights_only(weights: Weights, info: ModelInfo) -> Weights:
+def _weights_only(weights: LoadedWeights, info: ModelInfo) -> LoadedWeights:
     return weights
 
 
@@ -68,7 +69,7 @@ class ModelBuilder:
     def __repr__(self) -> str:
         return f"<ModelBuilder {self.name}>"
 
-    async def build(self, weights: Weights, info: ModelInfo) -> Any:
+    async def build(self, weights: LoadedWeights, info: ModelInfo) -> Any:
         """Run the builder; any error it raises becomes a ModelBuildError naming the model."""
         try:
             if self.func is _weights_only:

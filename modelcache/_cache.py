@@ -40,6 +40,7 @@ import anyio
 import anyio.abc
 import torch
 
+from ._backend import DeviceBackend, LoadedWeights
 from ._builders import WEIGHTS, ModelBuilder, builder_for
 from ._concurrency import gather
 from ._disk import DiskEntry, DiskTier
@@ -50,7 +51,7 @@ from ._policy import EvictionPolicy, PolicyEntry
 from ._stats import CacheStats
 from ._store import Store
 from ._tiers import Abandoned, ByteBudget, HostEntry, TierStats, check_fits
-from ._torch import TorchBackend, Weights
+from ._torch import TorchBackend
 from ._units import format_bytes, parse_bytes
 
 __all__ = ["ModelCache"]
@@ -95,7 +96,7 @@ class _Entry:
         self.builder, self.model_id = key
         self.ready = False
         self.value: Any = None
-        self.weights: Weights | None = None
+        self.weights: LoadedWeights | None = None
         self.nbytes = 0
         self.reserved = False  # True once nbytes are counted in the device budget
         self.leases = 0
@@ -170,6 +171,9 @@ class ModelCache:
     Without a bound model class, ``use()`` yields the model's `Weights` (name -> tensor views).
     With a ``host_budget``, models evicted from the device move to host memory (pinned on CUDA)
     and come back from there with one copy instead of a download.
+
+    ``backend`` replaces the default ``TorchBackend(device, zero_copy=zero_copy)`` with any
+    `DeviceBackend` (such as ``CupyBackend(0)``); ``device`` and ``zero_copy`` then stay unset.
     """
 
     def __init__(
@@ -187,6 +191,7 @@ class ModelCache:
         allow_slash_in_ids: bool = False,
         zero_copy: bool = True,
         policy: EvictionPolicy | None = None,
+        backend: DeviceBackend | None = None,
     ) -> None:
         if isinstance(store, Store):
             if storage_options is not None or allow_slash_in_ids:
@@ -200,7 +205,11 @@ class ModelCache:
             raise ValueError(f"max_concurrent_loads must be at least 1, got {max_concurrent_loads}")
         if failure_ttl < 0:
             raise ValueError(f"failure_ttl must not be negative, got {failure_ttl}")
-        self._backend = TorchBackend(device, zero_copy=zero_copy)
+        if backend is None:
+            backend = TorchBackend(device, zero_copy=zero_copy)
+        elif str(device) != "cpu" or not zero_copy:
+            raise TypeError("pass device and zero_copy to the backend itself")
+        self._backend: DeviceBackend = backend
         self._device = ByteBudget(
             "device",
             parse_bytes(device_budget, name="device_budget"),
@@ -497,8 +506,8 @@ class ModelCache:
                     weights = await self._backend.load(source, info, zero_copy=on_disk is None)
                     self._lower.release_disk(on_disk)
                     on_disk = None
-                    if weights.buffer.device.type == "cpu":
-                        self._lower.write_through(info, buffer=weights.buffer)
+                    if self._backend.on_host:
+                        self._lower.write_through(info, loaded=weights)
                 value = await entry.builder.build(weights, info)
         except BaseException as exc:
             self._lower.release_disk(on_disk)
@@ -519,6 +528,8 @@ class ModelCache:
         self._load_seconds += seconds
         self._policy.admitted(entry)
         entry.done.set()
+        if entry.waiters == 0:  # every caller left: it is evictable now, which may serve the line
+            self._device.pump()
         logger.info(
             "loaded %r: %s in %.3f s (%.2f GB/s)",
             entry.model_id,

@@ -20,9 +20,9 @@ from functools import partial
 import anyio
 import anyio.abc
 import anyio.to_thread
-import torch
 
-from ._arena import HostArena, HostBlock, host_view
+from ._arena import HostArena, HostBlock
+from ._backend import DeviceBackend, LoadedWeights
 from ._disk import DiskEntry, DiskTier
 from ._exceptions import CacheClosedError, ModelCacheError, ModelLoadError, as_model_error
 from ._format import INDEX_NAME, ModelInfo
@@ -30,7 +30,6 @@ from ._loader import fill_buffer, read_model_info
 from ._policy import PolicyEntry
 from ._store import Store
 from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
-from ._torch import TorchBackend, Weights, tensor_views
 from ._units import format_bytes
 
 __all__ = ["LowerTiers"]
@@ -52,7 +51,7 @@ class LowerTiers:
     """Host memory and the disk tier under one device tier, owned by a `ModelCache`."""
 
     def __init__(
-        self, store: Store, backend: TorchBackend, host_budget: int, disk: DiskTier | None
+        self, store: Store, backend: DeviceBackend, host_budget: int, disk: DiskTier | None
     ) -> None:
         self._store = store
         self._backend = backend
@@ -67,7 +66,7 @@ class LowerTiers:
         self.moving: dict[str, anyio.Event] = {}
         self.disk = disk
         self.disk_writes: set[str] = set()
-        self.arena: HostArena | None = None  # pinned host memory for non-CPU devices
+        self.arena: HostArena | None = None  # (pinned) host memory for backends not on_host
         self._loads: dict[str, _HostLoad] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
@@ -78,13 +77,11 @@ class LowerTiers:
         self._task_group, self._limiter = task_group, limiter
         if self.disk is not None:
             await anyio.to_thread.run_sync(self.disk.open)
-        if self._backend.device.type != "cpu" and self.host.budget:
+        if not self._backend.on_host and self.host.budget:
             # Pinning takes seconds: do it now, in a thread. Blocks round up to pages, so the
             # slab gets some slack; a fragmented slab makes a demotion drop instead.
             slack = self.host.budget // 64 + (1 << 20)
-            self.arena = HostArena(
-                self.host.budget + slack, pin=self._backend.device.type == "cuda"
-            )
+            self.arena = self._backend.host_arena(self.host.budget + slack)
             await self.arena.allocate()
         self._closed = False
 
@@ -115,20 +112,20 @@ class LowerTiers:
 
     # -- the device's evictions ---------------------------------------------------------------
 
-    def demote(self, weights: Weights | None, device: ByteBudget) -> None:
+    def demote(self, weights: LoadedWeights | None, device: ByteBudget) -> None:
         """Take a model the device just evicted (synchronous; called while the device plans).
 
-        It moves to host memory if it fits there, else its device bytes are dropped. On CPU
-        devices the weights buffer itself moves (no copy). On CUDA a pinned host block is taken
-        now and the copy runs in the background; the device bytes stay counted as ``freeing``
-        until it ends.
+        It moves to host memory if it fits there, else its device bytes are dropped. When the
+        backend is ``on_host`` the weights themselves move (no copy). Otherwise a (pinned) host
+        block is taken now and the backend's copy runs in the background; the device bytes stay
+        counted as ``freeing`` until it ends.
         """
         if weights is None:
             return
         nbytes = weights.info.nbytes
         model_id = weights.info.model_id
         if self._host_can_take(model_id, nbytes):
-            if self._backend.device.type == "cpu":
+            if self._backend.on_host:
                 device.drop_now(nbytes)
                 self._admit_host(HostEntry(weights.info, weights))
                 self.host.demotions += 1
@@ -144,11 +141,13 @@ class LowerTiers:
             self.host.release(nbytes)
         device.drop_now(nbytes)
 
-    async def _copy_down(self, weights: Weights, block: HostBlock, device: ByteBudget) -> None:
-        """Finish a CUDA demotion: device buffer -> pinned host block."""
+    async def _copy_down(
+        self, weights: LoadedWeights, block: HostBlock, device: ByteBudget
+    ) -> None:
+        """Finish a device demotion: device buffer -> (pinned) host block."""
         info = weights.info
         try:
-            await self._backend.to_host(weights.buffer, block)
+            await self._backend.demote(weights, block)
         except BaseException as exc:
             self._free_block(block)
             self.host.release(info.nbytes)
@@ -195,13 +194,13 @@ class LowerTiers:
         self,
         info: ModelInfo,
         *,
-        buffer: torch.Tensor | None = None,
+        loaded: LoadedWeights | None = None,
         host_entry: HostEntry | None = None,
     ) -> None:
         """Copy a model fetched from a remote store to the disk tier, in the background.
 
-        The bytes come from a host ``buffer`` (kept alive by the task) or a ``host_entry``
-        (pinned by the task: not evicted or freed until the copy ends).
+        The bytes come from weights ``loaded`` into host memory (kept alive by the task) or a
+        ``host_entry`` (pinned by the task: not evicted or freed until the copy ends).
         """
         disk, model_id = self.disk, info.model_id
         if disk is None or model_id in disk or model_id in self.disk_writes:
@@ -211,29 +210,37 @@ class LowerTiers:
         if host_entry is not None:
             host_entry.users += 1
         self.disk_writes.add(model_id)
-        self._task_group.start_soon(self._write_disk, info, buffer, host_entry)
+        self._task_group.start_soon(self._write_disk, info, loaded, host_entry)
 
     async def _write_disk(
-        self, info: ModelInfo, buffer: torch.Tensor | None, host_entry: HostEntry | None
+        self, info: ModelInfo, loaded: LoadedWeights | None, host_entry: HostEntry | None
     ) -> None:
         assert self.disk is not None
+        view: memoryview | None = None
         try:
             if host_entry is not None:
                 payload = host_entry.payload
-                buffer = payload.buffer if isinstance(payload, Weights) else payload.tensor
-            assert buffer is not None
+                if isinstance(payload, HostBlock):
+                    view = payload.view()
+                else:
+                    loaded = payload
+            if view is None:
+                assert loaded is not None
+                view = self._backend.host_bytes(loaded)
+            if view is None:
+                return  # not in host memory: nothing to copy from
             primary = (
                 info.shards[0].url
                 if len(info.shards) == 1
                 else self._store.join(info.url, INDEX_NAME)
             )
             etag = await self._store.etag(primary, model_id=info.model_id)
-            write = partial(self.disk.write, info, host_view(buffer), etag=etag)
+            write = partial(self.disk.write, info, view, etag=etag)
             await anyio.to_thread.run_sync(write)
         except Exception as exc:  # the disk tier is an optimisation: log and go on
             logger.warning("could not copy %r to the disk tier: %s", info.model_id, exc)
         finally:
-            del buffer
+            del view, loaded
             self.disk_writes.discard(info.model_id)
             if host_entry is not None:
                 host_entry.users -= 1
@@ -263,10 +270,14 @@ class LowerTiers:
             self.arena.free(block)
 
     def _admit_host(self, entry: HostEntry) -> None:
-        """Insert an entry whose host bytes are already reserved."""
+        """Insert an entry whose host bytes are already reserved.
+
+        A new entry is a new eviction candidate, so reservations waiting in line may now fit.
+        """
         self.entries[entry.model_id] = entry
         self.host.resident += entry.nbytes
         self.host.policy.admitted(entry)
+        self.host.pump()
 
     def _remove_host(self, entry: HostEntry) -> None:
         del self.entries[entry.model_id]
@@ -278,7 +289,7 @@ class LowerTiers:
         if entry.users:
             entry.detached = True
             return
-        if entry.payload is not None and not isinstance(entry.payload, Weights):
+        if isinstance(entry.payload, HostBlock):
             self._free_block(entry.payload)
         entry.payload = None
 
@@ -308,14 +319,14 @@ class LowerTiers:
         else:
             self._admit_host(entry)
 
-    async def promote(self, entry: HostEntry, info: ModelInfo) -> Weights:
+    async def promote(self, entry: HostEntry, info: ModelInfo) -> LoadedWeights:
         """Host -> device for a claimed entry (device bytes already reserved)."""
-        if isinstance(entry.payload, Weights):  # CPU device: the buffer moves, no copy
-            weights, entry.payload = entry.payload, None
-        else:
-            buffer = await self._backend.to_device(entry.payload.tensor)
-            weights = Weights(tensor_views(buffer, info), info, buffer)
+        weights: LoadedWeights
+        if isinstance(entry.payload, HostBlock):
+            weights = await self._backend.promote(entry.payload, info)
             self._free_host_payload(entry)
+        else:  # an on_host backend: the weights move, no copy
+            weights, entry.payload = entry.payload, None
         self.in_flight -= entry.nbytes
         self.host.release(entry.nbytes)
         self.host.promotions += 1
@@ -379,8 +390,8 @@ class LowerTiers:
 
     async def _read_to_host(
         self, source: Store, info: ModelInfo, *, from_disk: bool
-    ) -> Weights | HostBlock:
-        if self._backend.device.type == "cpu":
+    ) -> LoadedWeights | HostBlock:
+        if self._backend.on_host:
             return await self._backend.load(source, info, zero_copy=not from_disk)
         block = self._host_block(info.nbytes)
         if block is None:

@@ -34,7 +34,7 @@ import anyio
 import anyio.to_thread
 import torch
 
-from ._arena import PAGE, allocate_slab, cuda_available, host_view
+from ._arena import PAGE, HostPinner, allocate_slab, cuda_available, host_view
 from ._concurrency import gather
 from ._format import ModelInfo
 from ._store import Store
@@ -58,18 +58,24 @@ _POLL_MAX = 1e-3
 
 @dataclass(slots=True, eq=False)
 class CopyHandle:
-    """One submitted copy: the tensors it must keep alive, and the engine's completion token."""
+    """One submitted copy: the buffers it must keep alive, and the engine's completion token.
 
-    src: torch.Tensor
-    dst: torch.Tensor
+    ``src`` and ``dst`` are torch tensors, or the device arrays of another backend (CuPy).
+    """
+
+    src: Any
+    dst: Any
     #: Engine-specific: a ``torch.cuda.Event`` for `TorchCudaCopyEngine`.
     token: Any = None
 
 
 class CopyEngine(Protocol):
-    """Asynchronous copies of uint8 tensors of the same length (host chunk -> device slice)."""
+    """Asynchronous copies of uint8 buffers of the same length (host chunk -> device slice).
 
-    def submit(self, src: torch.Tensor, dst: torch.Tensor) -> CopyHandle:
+    Buffers are torch tensors, or for another backend's engine its device arrays.
+    """
+
+    def submit(self, src: Any, dst: Any) -> CopyHandle:
         """Start copying ``src`` into ``dst`` without blocking; both stay untouched by the caller
         (``src`` unwritten, ``dst`` unread) until `wait` for the returned handle ends."""
         ...
@@ -83,7 +89,7 @@ class CopyEngine(Protocol):
         ...
 
 
-async def copy_and_wait(engine: CopyEngine, src: torch.Tensor, dst: torch.Tensor) -> None:
+async def copy_and_wait(engine: CopyEngine, src: Any, dst: Any) -> None:
     """Submit one copy and wait for it; cancelled, it still waits (shielded) for the copy."""
     await _wait_out(engine, engine.submit(src, dst))
 
@@ -180,17 +186,26 @@ class _Waiter:
 class StagingPool:
     """``count`` reusable host chunks of ``chunk_size`` bytes from one allocation (see module).
 
-    ``pin=True`` needs CUDA (ValueError otherwise). Chunks start on page boundaries.
+    ``pin=True`` page-locks the chunks through ``pinner``, or else torch's CUDA runtime, which
+    must be available (ValueError otherwise). Chunks start on page boundaries.
     """
 
-    def __init__(self, chunk_size: int = 32 << 20, count: int = 4, *, pin: bool) -> None:
+    def __init__(
+        self,
+        chunk_size: int = 32 << 20,
+        count: int = 4,
+        *,
+        pin: bool,
+        pinner: HostPinner | None = None,
+    ) -> None:
         if chunk_size < 1 or count < 1:
             raise ValueError(f"chunk_size and count must be >= 1, got {chunk_size} and {count}")
-        if pin and not cuda_available():
+        if pin and pinner is None and not cuda_available():
             raise ValueError("a pinned StagingPool needs a CUDA device, and torch sees none")
         self.chunk_size = chunk_size
         self.count = count
         self.pin = pin
+        self._pinner = pinner
         self._stride = -(-chunk_size // PAGE) * PAGE
         self._chunks: list[StagingChunk] | None = None
         self._allocating: anyio.Event | None = None
@@ -233,7 +248,12 @@ class StagingPool:
             try:
                 with anyio.CancelScope(shield=True):  # once started, finish: never allocate twice
                     slab = await anyio.to_thread.run_sync(
-                        partial(allocate_slab, self._stride * self.count, pin=self.pin)
+                        partial(
+                            allocate_slab,
+                            self._stride * self.count,
+                            pin=self.pin,
+                            pinner=self._pinner,
+                        )
                     )
                 self._allocations += 1
                 view = host_view(slab)
@@ -343,21 +363,18 @@ def plan_pieces(info: ModelInfo, chunk_size: int) -> list[Piece]:
 async def stage_to_device(
     store: Store,
     info: ModelInfo,
-    device_buffer: torch.Tensor,
+    device_buffer: Any,
     pool: StagingPool,
     engine: CopyEngine,
 ) -> None:
     """Fill ``device_buffer`` (``info.nbytes`` uint8 elements) with ``info``'s segments.
 
-    Reads go into pool chunks, chunks are copied by ``engine``; see the module's invariants.
-    Raises what the store raises (StoreError, ModelNotFoundError) or the engine raises.
+    ``device_buffer`` is a torch tensor, or a 1-D uint8 array of another backend that slices
+    like one (a CuPy array) for an engine that copies into it. Reads go into pool chunks,
+    chunks are copied by ``engine``; see the module's invariants. Raises what the store raises
+    (StoreError, ModelNotFoundError) or the engine raises.
     """
-    if (
-        device_buffer.dtype != torch.uint8
-        or device_buffer.dim() != 1
-        or not device_buffer.is_contiguous()
-        or device_buffer.numel() != info.nbytes
-    ):
+    if not _is_byte_buffer(device_buffer, info.nbytes):
         raise ValueError(
             f"device buffer must be a contiguous 1-D uint8 tensor of {info.nbytes} elements "
             f"for model {info.model_id!r}, got {device_buffer.dtype} {tuple(device_buffer.shape)}"
@@ -372,11 +389,30 @@ async def stage_to_device(
     await gather([worker] * min(pool.count, len(planned)))
 
 
+def _is_byte_buffer(buffer: Any, nbytes: int) -> bool:
+    """A contiguous 1-D uint8 buffer of ``nbytes`` elements (a torch tensor or an array)."""
+    if isinstance(buffer, torch.Tensor):
+        return (
+            buffer.dtype == torch.uint8
+            and buffer.dim() == 1
+            and buffer.is_contiguous()
+            and buffer.numel() == nbytes
+        )
+    dtype = getattr(buffer, "dtype", None)
+    flags = getattr(buffer, "flags", None)
+    return (
+        getattr(dtype, "char", None) == "B"
+        and getattr(buffer, "ndim", None) == 1
+        and getattr(buffer, "size", None) == nbytes
+        and bool(getattr(flags, "c_contiguous", False))
+    )
+
+
 async def _stage_piece(
     store: Store,
     model_id: str,
     piece: Piece,
-    device_buffer: torch.Tensor,
+    device_buffer: Any,
     pool: StagingPool,
     engine: CopyEngine,
 ) -> None:

@@ -191,7 +191,8 @@ class HostEntry:
         self.model_id: str = info.model_id
         self.key = self.model_id
         self.nbytes: int = info.nbytes
-        #: CPU devices: the model's `Weights` (moved, never copied); CUDA: a pinned `HostBlock`.
+        #: on_host backends: the model's loaded weights (moved, never copied); others: a
+        #: (pinned) `HostBlock`.
         self.payload = payload
         #: Copies reading the payload right now (to the disk tier): not evictable while > 0.
         self.users = 0

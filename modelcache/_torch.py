@@ -18,8 +18,9 @@ one allocation at the layout's offsets. Mapped and device buffers are freed when
 is dropped: nothing here holds a reference beyond the returned `Weights`.
 
 `to_device` and `to_host` move a whole buffer between a (pinned) host block and the device in
-one asynchronous copy on the same side stream: promotion from and demotion to the host tier.
-Every copy is waited for, even when the caller is cancelled, before the call ends.
+one asynchronous copy on the same side stream: promotion from and demotion to the host tier
+(`promote` and `demote`, the `DeviceBackend` methods the cache calls). Every copy is waited for,
+even when the caller is cancelled, before the call ends.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import anyio
 import anyio.to_thread
 import torch
 
-from ._arena import HostBlock, cuda_available
+from ._arena import HostArena, HostBlock, cuda_available, host_view
+from ._backend import LoadedWeights
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
 from ._loader import fill_buffer
@@ -205,6 +207,12 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def _own(loaded: LoadedWeights) -> Weights:
+    if not isinstance(loaded, Weights):
+        raise TypeError(f"TorchBackend got weights it did not load: {loaded!r}")
+    return loaded
+
+
 def _check_buffer(tensor: torch.Tensor, what: str) -> None:
     if tensor.dtype != torch.uint8 or tensor.dim() != 1 or not tensor.is_contiguous():
         raise ValueError(
@@ -244,6 +252,31 @@ class TorchBackend:
 
     def __repr__(self) -> str:
         return f"TorchBackend({str(self.device)!r})"
+
+    # -- the DeviceBackend contract (modelcache._backend) ----------------------------------------
+
+    @property
+    def on_host(self) -> bool:
+        """True on the CPU: the device tier is host memory."""
+        return self.device.type == "cpu"
+
+    def host_arena(self, capacity: int) -> HostArena:
+        """Host-tier memory: pinned (cudaHostRegister) for CUDA devices."""
+        return HostArena(capacity, pin=self.device.type == "cuda")
+
+    async def promote(self, block: HostBlock, info: ModelInfo) -> Weights:
+        """The model in ``block`` copied to a new device buffer, as `Weights`."""
+        buffer = await self.to_device(block.tensor)
+        return Weights(tensor_views(buffer, info), info, buffer)
+
+    async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
+        """Copy ``loaded`` (this backend's `Weights`) into ``block``."""
+        await self.to_host(_own(loaded).buffer, block)
+
+    def host_bytes(self, loaded: LoadedWeights) -> memoryview | None:
+        """The buffer's bytes when it is in host memory (CPU devices), else None."""
+        buffer = _own(loaded).buffer
+        return host_view(buffer) if buffer.device.type == "cpu" else None
 
     @property
     def staging_pool(self) -> StagingPool | None:

@@ -445,7 +445,7 @@ async def test_module_subclass_is_built_on_meta_with_config(models: MemoryModels
         assert not net.training and not net.lin.weight.requires_grad
         assert net(torch.ones(1, 8)).shape == (1, 2)
         entry = next(iter(cache._entries.values()))
-        assert entry.weights is not None
+        assert isinstance(entry.weights, Weights)
         base = entry.weights.buffer.untyped_storage().data_ptr()
         assert net.lin.weight.untyped_storage().data_ptr() == base
     del TinyNet.use  # type: ignore[attr-defined]

@@ -16,6 +16,8 @@ def test_public_names() -> None:
     assert sorted(modelcache.__all__) == [
         "CacheClosedError",
         "CacheStats",
+        "CupyBackend",
+        "DeviceBackend",
         "EvictionPolicy",
         "InvalidModelIdError",
         "LRUPolicy",
@@ -36,6 +38,18 @@ def test_public_names() -> None:
     ]
     for name in modelcache.__all__:
         assert getattr(modelcache, name).__module__.startswith("modelcache")
+
+
+def test_importing_modelcache_never_imports_cupy() -> None:
+    """import modelcache (and touching CupyBackend, without making one) leaves CuPy unimported."""
+    code = (
+        "import sys, modelcache; modelcache.CupyBackend; modelcache.DeviceBackend; "
+        "assert 'cupy' not in sys.modules, 'cupy imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_every_error_is_a_modelcache_error_and_a_builtin() -> None:

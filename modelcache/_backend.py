@@ -1,0 +1,82 @@
+"""The device-backend contract: what the cache core needs from torch, CuPy or anything else.
+
+The cache (`modelcache._cache`) and the tiers under it (`modelcache._lower`) move models between
+a store, host memory and one device; a backend is the only code that knows what a device buffer
+is. Two implementations ship: `TorchBackend` (``modelcache._torch``) and `CupyBackend`
+(``modelcache._cupy``, behind the ``cuda`` extra). The contract, as the core relies on it:
+
+* ``load`` fills one device allocation with a model and returns the weights handed to builders;
+  the result has an ``info`` (the model's `ModelInfo`) and owns the device memory: dropping the
+  last reference to it (and to views of it) frees the bytes.
+* ``on_host`` backends keep the device tier in host memory: the host tier then takes the loaded
+  weights themselves (no copy, no `HostArena`), and ``host_bytes`` gives their bytes to the disk
+  tier. Other backends get a `HostArena` from ``host_arena`` and move models between its blocks
+  and the device with ``promote`` (block -> new device allocation) and ``demote`` (device ->
+  block of the same size).
+* Every copy has ended when ``load``, ``promote`` or ``demote`` returns or raises, even when the
+  caller is cancelled: the core frees or reuses the memory right after.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ._arena import HostArena, HostBlock
+from ._format import ModelInfo
+from ._store import Store
+
+__all__ = ["DeviceBackend", "LoadedWeights"]
+
+
+@runtime_checkable
+class LoadedWeights(Protocol):
+    """A model's weights as a backend loaded them (`Weights`, `CupyWeights`, ...)."""
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model's layout, metadata and config."""
+        ...
+
+
+@runtime_checkable
+class DeviceBackend(Protocol):
+    """One device that models are loaded onto; see the module for the contract."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (``cache.device``), as a torch device name."""
+        ...
+
+    @property
+    def on_host(self) -> bool:
+        """True when device buffers are host memory (the host tier then moves, never copies)."""
+        ...
+
+    def host_arena(self, capacity: int) -> HostArena:
+        """The host tier's memory (pinned when the device copies faster from pinned memory).
+
+        Not allocated yet: the core awaits ``arena.allocate()`` off the event loop. Called only
+        when ``on_host`` is False.
+        """
+        ...
+
+    async def load(self, store: Store, info: ModelInfo, *, zero_copy: bool = True) -> LoadedWeights:
+        """Read ``info``'s weights from ``store`` onto the device.
+
+        ``zero_copy=False`` forbids mapping the store's files (they may be deleted meanwhile).
+        """
+        ...
+
+    async def promote(self, block: HostBlock, info: ModelInfo) -> LoadedWeights:
+        """A new device copy of the model whose bytes are in ``block`` (not on_host backends)."""
+        ...
+
+    async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
+        """Copy ``loaded``'s device bytes into ``block`` of the same size (not on_host)."""
+        ...
+
+    def host_bytes(self, loaded: LoadedWeights) -> memoryview | None:
+        """The model's buffer as host bytes (for the disk tier), or None if not in host memory."""
+        ...

@@ -1,0 +1,349 @@
+"""The CuPy device backend: models as CuPy arrays (and DLPack capsules) for non-torch users.
+
+Install with ``pip install 'modelcache[cuda]'`` (cupy-cuda12x); pass
+``ModelCache(..., backend=CupyBackend(0))``. CuPy is imported only when a `CupyBackend` or
+`CupyCopyEngine` is made, never by ``import modelcache``.
+
+The same pipeline as torch's CUDA path (`modelcache._torch`):
+
+* one ``cupy.empty(nbytes, uint8)`` device allocation per model; tensors are views of it at the
+  layout's offsets; the memory goes back to CuPy's pool when the last view is dropped;
+* loads stream through the shared `StagingPool` (pinned with ``cudaHostRegister`` through CuPy)
+  and a `CupyCopyEngine`: ``cudaMemcpyAsync`` on a non-blocking side stream, one event per copy,
+  polled without blocking the event loop;
+* promotion and demotion are one asynchronous copy between a pinned `HostBlock` of the host
+  tier's arena and the device allocation.
+
+Machines without CUDA get a ValueError when the backend is made (CuPy imports there, and raises
+``CUDARuntimeError`` on first use): never a CuPy error later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import torch
+
+from ._arena import HostArena, HostBlock
+from ._backend import LoadedWeights
+from ._exceptions import ModelFormatError
+from ._format import ModelInfo
+from ._staging import (
+    _POLL_FIRST,
+    _POLL_MAX,
+    CopyHandle,
+    StagingPool,
+    copy_and_wait,
+    stage_to_device,
+)
+from ._store import Store
+
+__all__ = ["CupyBackend", "CupyCopyEngine", "CupyPinner", "CupyWeights", "numpy_dtype"]
+
+#: safetensors dtype -> numpy dtype name. BF16 and the F8 types have no numpy dtype: their
+#: arrays are the raw bits (uint16 / uint8), listed in `RAW_DTYPES`.
+NUMPY_DTYPES: Mapping[str, str] = MappingProxyType(
+    {
+        "BOOL": "bool",
+        "U8": "uint8",
+        "I8": "int8",
+        "I16": "int16",
+        "U16": "uint16",
+        "F16": "float16",
+        "I32": "int32",
+        "U32": "uint32",
+        "F32": "float32",
+        "I64": "int64",
+        "U64": "uint64",
+        "F64": "float64",
+        "C64": "complex64",
+        "BF16": "uint16",
+        "F8_E5M2": "uint8",
+        "F8_E4M3": "uint8",
+        "F8_E4M3FNUZ": "uint8",
+        "F8_E5M2FNUZ": "uint8",
+        "F8_E8M0": "uint8",
+    }
+)
+RAW_DTYPES = frozenset({"BF16", "F8_E5M2", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
+
+_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction follows from the (unified) addresses
+_HOST_REGISTER_PORTABLE = 1
+
+
+def numpy_dtype(name: str, *, model_id: str = "?", url: str = "?") -> str:
+    """The numpy dtype name for a safetensors dtype (raw bits for BF16 / F8, see module)."""
+    dtype = NUMPY_DTYPES.get(name)
+    if dtype is None:
+        raise ModelFormatError(
+            f"model {model_id!r}: dtype {name} has no CuPy array type", model_id=model_id, path=url
+        )
+    return dtype
+
+
+def _import_cupy() -> Any:
+    try:
+        return importlib.import_module("cupy")
+    except ImportError as exc:
+        raise ImportError(
+            "the CuPy backend needs CuPy: pip install 'modelcache[cuda]' (cupy-cuda12x)"
+        ) from exc
+
+
+def _check_device(cupy: Any, device_id: int) -> None:
+    """ValueError unless CuPy can use CUDA device ``device_id`` (no CUDARuntimeError escapes)."""
+    try:
+        count = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # CUDARuntimeError without a driver or device, ImportErrors of libs
+        raise ValueError(
+            f"CUDA device {device_id} is not available: CuPy sees no CUDA device "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if not 0 <= device_id < count:
+        raise ValueError(
+            f"CUDA device {device_id} is not available: CuPy sees {count} CUDA device(s)"
+        )
+
+
+def _pointer(buffer: Any) -> tuple[int, int]:
+    """Address and byte length of a CPU torch tensor or a CuPy array."""
+    if isinstance(buffer, torch.Tensor):
+        return buffer.data_ptr(), buffer.numel() * buffer.element_size()
+    return int(buffer.data.ptr), int(buffer.nbytes)
+
+
+class CupyPinner:
+    """Page-locks host slabs through CuPy's CUDA runtime (a `HostPinner`)."""
+
+    def __init__(self, cupy: Any, device_id: int) -> None:
+        self._cupy = cupy
+        self.device_id = device_id
+
+    def register(self, address: int, nbytes: int) -> bool:
+        try:
+            with self._cupy.cuda.Device(self.device_id):
+                self._cupy.cuda.runtime.hostRegister(address, nbytes, _HOST_REGISTER_PORTABLE)
+        except Exception:
+            return False
+        return True
+
+    def unregister(self, address: int) -> None:
+        with contextlib.suppress(Exception):
+            self._cupy.cuda.runtime.hostUnregister(address)
+
+
+class CupyCopyEngine:
+    """Copies on one non-blocking CuPy stream; completion is polled, never blocking the loop.
+
+    A `CopyEngine` whose buffers are CPU torch tensors (staging chunks, host blocks) and CuPy
+    arrays. Asynchronous only from and to pinned host memory. Call `fence` before the first copy
+    into memory allocated on another stream, from the thread that allocated it.
+    """
+
+    def __init__(self, device_id: int = 0) -> None:
+        cupy = _import_cupy()
+        _check_device(cupy, device_id)
+        self._cupy = cupy
+        self.device_id = device_id
+        with cupy.cuda.Device(device_id):
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+
+    def __repr__(self) -> str:
+        return f"CupyCopyEngine({self.device_id})"
+
+    def fence(self) -> None:
+        """Order later copies after the work queued on this thread's current stream."""
+        with self._cupy.cuda.Device(self.device_id):
+            self.stream.wait_event(self._cupy.cuda.get_current_stream().record())
+
+    def submit(self, src: Any, dst: Any) -> CopyHandle:
+        src_ptr, n = _pointer(src)
+        dst_ptr, m = _pointer(dst)
+        if n != m:
+            raise ValueError(f"copy of {n} bytes into {m}")
+        cuda = self._cupy.cuda
+        with cuda.Device(self.device_id):
+            cuda.runtime.memcpyAsync(dst_ptr, src_ptr, n, _MEMCPY_DEFAULT, self.stream.ptr)
+            event = cuda.Event(disable_timing=True)
+            event.record(self.stream)
+        return CopyHandle(src, dst, event)
+
+    async def wait(self, handle: CopyHandle) -> None:
+        event = handle.token
+        pause = _POLL_FIRST
+        while not event.done:
+            await anyio.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX)
+
+
+class CupyWeights(Mapping[str, Any]):
+    """A model's tensors by name as CuPy arrays: views into one device buffer, read-only mapping.
+
+    dtypes follow `NUMPY_DTYPES`. BF16 and the F8 types have no numpy dtype: their arrays are
+    the raw bits as uint16 (BF16) or uint8 (F8); ``raw`` names them. Reinterpret them in the
+    consumer (for example ``jax.lax.bitcast_convert_type(x, jnp.bfloat16)`` after `dlpack`).
+    """
+
+    __slots__ = ("_arrays", "buffer", "info", "raw")
+
+    def __init__(self, arrays: dict[str, Any], info: ModelInfo, buffer: Any) -> None:
+        self._arrays = arrays
+        #: The model's ModelInfo (layout, metadata, config).
+        self.info = info
+        #: The one uint8 CuPy array every weight is a view of.
+        self.buffer = buffer
+        #: Names of the tensors exposed as raw bits (BF16, F8).
+        self.raw = frozenset(n for n, t in info.tensors.items() if t.dtype in RAW_DTYPES)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def dlpack(self, name: str) -> Any:
+        """A DLPack capsule of tensor ``name`` (``jax.dlpack.from_dlpack``,
+        ``OrtValue.from_dlpack``); the consumer shares the device memory, no copy."""
+        return self._arrays[name].toDlpack()
+
+    def __repr__(self) -> str:
+        return (
+            f"<CupyWeights {self.info.model_id!r}: {len(self)} arrays, {self.info.nbytes} bytes "
+            f"on cuda:{self.buffer.device.id}>"
+        )
+
+
+def _array_views(cupy: Any, buffer: Any, info: ModelInfo) -> dict[str, Any]:
+    arrays: dict[str, Any] = {}
+    for name, t in info.tensors.items():
+        dtype = numpy_dtype(t.dtype, model_id=info.model_id, url=info.url)
+        if t.nbytes == 0:
+            arrays[name] = cupy.empty(t.shape, dtype=dtype)
+        else:
+            arrays[name] = buffer[t.offset : t.offset + t.nbytes].view(dtype).reshape(t.shape)
+    return arrays
+
+
+class CupyBackend:
+    """Loads models as CuPy arrays on CUDA device ``device_id`` (a `DeviceBackend`).
+
+    Loads stream through ``staging_chunks`` pinned chunks of ``staging_chunk_size`` bytes (one
+    allocation, made on the first load). Without CuPy: ImportError; without a usable CUDA
+    device: ValueError, both here.
+    """
+
+    def __init__(
+        self,
+        device_id: int = 0,
+        *,
+        staging_chunk_size: int = 32 << 20,
+        staging_chunks: int = 4,
+    ) -> None:
+        if staging_chunk_size < 1 or staging_chunks < 1:
+            raise ValueError(
+                "staging_chunk_size and staging_chunks must be >= 1, got "
+                f"{staging_chunk_size} and {staging_chunks}"
+            )
+        cupy = _import_cupy()
+        _check_device(cupy, device_id)
+        self._cupy = cupy
+        self.device_id = device_id
+        self.staging_chunk_size = staging_chunk_size
+        self.staging_chunks = staging_chunks
+        self._pinner = CupyPinner(cupy, device_id)
+        self._staging: tuple[StagingPool, CupyCopyEngine] | None = None
+        self._staging_lock: anyio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"CupyBackend({self.device_id})"
+
+    @property
+    def device(self) -> torch.device:
+        """The device as torch names it (``cache.device``); torch itself is not used."""
+        return torch.device("cuda", self.device_id)
+
+    @property
+    def on_host(self) -> bool:
+        return False
+
+    @property
+    def staging_pool(self) -> StagingPool | None:
+        """The pinned staging pool (after the first load), for statistics."""
+        return None if self._staging is None else self._staging[0]
+
+    def host_arena(self, capacity: int) -> HostArena:
+        """Host-tier memory, pinned through CuPy."""
+        return HostArena(capacity, pin=True, pinner=self._pinner)
+
+    async def _cuda_staging(self) -> tuple[StagingPool, CupyCopyEngine]:
+        if self._staging is None:
+            if self._staging_lock is None:
+                self._staging_lock = anyio.Lock()
+            async with self._staging_lock:
+                if self._staging is None:
+                    engine = await anyio.to_thread.run_sync(CupyCopyEngine, self.device_id)
+                    pool = StagingPool(
+                        self.staging_chunk_size,
+                        self.staging_chunks,
+                        pin=True,
+                        pinner=self._pinner,
+                    )
+                    self._staging = (pool, engine)
+        return self._staging
+
+    def _device_empty(self, nbytes: int, engine: CupyCopyEngine) -> Any:
+        # Same thread for both: the fence orders the side stream after the stream the pool
+        # handed the memory out on (memory freed there may still be in use by queued kernels).
+        with self._cupy.cuda.Device(self.device_id):
+            buffer = self._cupy.empty(nbytes, dtype=self._cupy.uint8)
+        engine.fence()
+        return buffer
+
+    def _weights(self, buffer: Any, info: ModelInfo) -> CupyWeights:
+        with self._cupy.cuda.Device(self.device_id):
+            return CupyWeights(_array_views(self._cupy, buffer, info), info, buffer)
+
+    async def load(self, store: Store, info: ModelInfo, *, zero_copy: bool = True) -> CupyWeights:
+        """Read the model onto the device through the staging pool (``zero_copy`` is unused)."""
+        pool, engine = await self._cuda_staging()
+        buffer = await anyio.to_thread.run_sync(self._device_empty, info.nbytes, engine)
+        await stage_to_device(store, info, buffer, pool, engine)
+        return self._weights(buffer, info)
+
+    async def promote(self, block: HostBlock, info: ModelInfo) -> CupyWeights:
+        """The model in ``block`` copied to a new device buffer (one asynchronous copy)."""
+        if block.nbytes != info.nbytes:
+            raise ValueError(f"host block is {block.nbytes} bytes, the model {info.nbytes}")
+        _, engine = await self._cuda_staging()
+        buffer = await anyio.to_thread.run_sync(self._device_empty, info.nbytes, engine)
+        await copy_and_wait(engine, block.tensor, buffer)
+        return self._weights(buffer, info)
+
+    async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
+        """Copy ``loaded`` (this backend's `CupyWeights`) into ``block``."""
+        if not isinstance(loaded, CupyWeights):
+            raise TypeError(f"CupyBackend got weights it did not load: {loaded!r}")
+        if loaded.buffer.nbytes != block.nbytes:
+            raise ValueError(
+                f"device buffer is {loaded.buffer.nbytes} bytes, the block {block.nbytes}"
+            )
+        _, engine = await self._cuda_staging()
+        engine.fence()  # after the kernels this thread queued (they may still read the weights)
+        await copy_and_wait(engine, loaded.buffer, block.tensor)
+
+    def host_bytes(self, loaded: LoadedWeights) -> memoryview | None:
+        """None: the weights live in device memory."""
+        return None
