@@ -19,7 +19,8 @@ is. Two implementations ship: `TorchBackend` (``modelcache._torch``) and `CupyBa
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterator, Mapping
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -27,7 +28,9 @@ from ._arena import HostArena, HostBlock
 from ._format import ModelInfo
 from ._store import Store
 
-__all__ = ["DeviceBackend", "LoadedWeights"]
+__all__ = ["DeviceBackend", "LoadedWeights", "ViewMapping"]
+
+A = TypeVar("A")
 
 
 @runtime_checkable
@@ -38,6 +41,35 @@ class LoadedWeights(Protocol):
     def info(self) -> ModelInfo:
         """The model's layout, metadata and config."""
         ...
+
+
+class ViewMapping(Mapping[str, A], Generic[A]):
+    """A model's arrays by name, all views into one ``buffer``; read-only as a mapping.
+
+    The common shape of what backends load (`Weights` for torch, `CupyWeights` for CuPy).
+    """
+
+    __slots__ = ("_arrays", "buffer", "info")
+
+    def __init__(self, arrays: dict[str, A], info: ModelInfo, buffer: A) -> None:
+        self._arrays = arrays
+        #: The model's ModelInfo (layout, metadata, config).
+        self.info = info
+        #: The one uint8 buffer every array is a view of.
+        self.buffer = buffer
+
+    def __getitem__(self, name: str) -> A:
+        return self._arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
 
 
 @runtime_checkable

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -31,7 +31,7 @@ import anyio.to_thread
 import torch
 
 from ._arena import HostArena, HostBlock
-from ._backend import LoadedWeights
+from ._backend import LoadedWeights, ViewMapping
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
 from ._staging import (
@@ -182,7 +182,7 @@ class CupyCopyEngine:
             pause = min(pause * 2, _POLL_MAX)
 
 
-class CupyWeights(Mapping[str, Any]):
+class CupyWeights(ViewMapping[Any]):
     """A model's tensors by name as CuPy arrays: views into one device buffer, read-only mapping.
 
     dtypes follow `NUMPY_DTYPES`. BF16 and the F8 types have no numpy dtype: their arrays are
@@ -190,29 +190,12 @@ class CupyWeights(Mapping[str, Any]):
     consumer (for example ``jax.lax.bitcast_convert_type(x, jnp.bfloat16)`` after `dlpack`).
     """
 
-    __slots__ = ("_arrays", "buffer", "info", "raw")
+    __slots__ = ("raw",)
 
     def __init__(self, arrays: dict[str, Any], info: ModelInfo, buffer: Any) -> None:
-        self._arrays = arrays
-        #: The model's ModelInfo (layout, metadata, config).
-        self.info = info
-        #: The one uint8 CuPy array every weight is a view of.
-        self.buffer = buffer
+        super().__init__(arrays, info, buffer)
         #: Names of the tensors exposed as raw bits (BF16, F8).
         self.raw = frozenset(n for n, t in info.tensors.items() if t.dtype in RAW_DTYPES)
-
-    def __getitem__(self, name: str) -> Any:
-        return self._arrays[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._arrays)
-
-    def __len__(self) -> int:
-        return len(self._arrays)
-
-    @property
-    def nbytes(self) -> int:
-        return self.info.nbytes
 
     def dlpack(self, name: str) -> Any:
         """A DLPack capsule of tensor ``name`` (``jax.dlpack.from_dlpack``,

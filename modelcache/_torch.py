@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from functools import partial
 
 import anyio
@@ -36,7 +36,7 @@ import anyio.to_thread
 import torch
 
 from ._arena import HostArena, HostBlock, cuda_available, host_view
-from ._backend import LoadedWeights
+from ._backend import LoadedWeights, ViewMapping
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
 from ._loader import fill_buffer
@@ -99,30 +99,11 @@ def torch_dtype(name: str, *, model_id: str = "?", url: str = "?") -> torch.dtyp
     return dtype
 
 
-class Weights(Mapping[str, torch.Tensor]):
-    """A model's tensors by name: views into one buffer, read-only as a mapping."""
+class Weights(ViewMapping[torch.Tensor]):
+    """A model's tensors by name: views into one uint8 tensor (``buffer``), read-only as a
+    mapping, with the model's ``info``."""
 
-    __slots__ = ("_tensors", "buffer", "info")
-
-    def __init__(self, tensors: dict[str, torch.Tensor], info: ModelInfo, buffer: torch.Tensor):
-        self._tensors = tensors
-        #: The model's ModelInfo (layout, metadata, config).
-        self.info = info
-        #: The one uint8 tensor every weight is a view of.
-        self.buffer = buffer
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    @property
-    def nbytes(self) -> int:
-        return self.info.nbytes
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return (
