@@ -13,12 +13,9 @@ Design notes:
   is released while the kernel copies), so a load runs at page-cache or disk bandwidth, no copies.
 - Remote ``read_into`` is a sliding window of ranged reads: ``read_window`` workers each take the
   next ``read_chunk_size`` range in file order, so one call has at most ``read_window`` requests
-  in flight and a new one starts as soon as any ends (no batch barrier). For http(s) and s3 the
-  ranged GET is made here, on the filesystem's own session, and the response is streamed into its
-  slice of ``dest``: one copy, from aiohttp's receive buffers, never a bytes object of the whole
-  range; a worker thread makes it in 4 MiB batches with the GIL released, so the copy and the page
-  faults of a fresh buffer overlap the event loop's receiving. (For http the session also gets a
-  1 MiB ``read_bufsize``.) Other async filesystems go through ``_cat_file`` and one copy.
+  in flight and a new one starts as soon as any ends (no batch barrier). Each range is streamed
+  straight into its slice of ``dest`` (``_ranged.py``). (For http the session also gets a
+  1 MiB ``read_bufsize``.)
 - Every worker thread and every in-flight remote request holds a token of one CapacityLimiter
   (``max_concurrent_reads``): one Store never has more reads in flight than that.
 - Retries: a remote request (stat, ranged read) that fails with a transient error (connection
@@ -32,18 +29,15 @@ Design notes:
   instead of ``1 + max_retries``.
 - MemoryFileSystem hands every opener the same BytesIO, so seek-then-read would race with any
   concurrent read of that file: for a BytesIO we copy from its buffer at an absolute offset.
-- Errors are translated at this boundary: a missing file -> ModelNotFoundError, any other
-  Exception -> StoreError, naming the id and the path (and the attempts, after retries), with the
-  cause chained. fsspec's http ``_info`` reports every failure, even a 503, as FileNotFoundError:
-  the HTTP status in the cause decides, so only a 404/410 means "not found". BaseException
+- Errors are translated at this boundary (``_faults.py``): a missing file -> ModelNotFoundError,
+  any other Exception -> StoreError, naming the id and the path (and the attempts, after
+  retries), with the cause chained; only a 404/410 means "not found". BaseException
   (cancellation) is never caught. Chunk tasks record their first error and cancel their siblings,
   so callers see one typed error, never an ExceptionGroup.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import functools
 import inspect
@@ -53,8 +47,7 @@ import os
 import random
 import re
 import stat
-import sys
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -64,10 +57,12 @@ from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 
 from ._concurrency import gather
-from ._exceptions import InvalidModelIdError, ModelCacheError, ModelNotFoundError, StoreError
+from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
+from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
+from ._ranged import is_http_class, range_reader
 
 if TYPE_CHECKING:
-    import aiohttp
+    pass
 
 __all__ = ["Store", "validate_model_id"]
 
@@ -79,26 +74,8 @@ _ID = re.compile(r"[A-Za-z0-9._\-+=@]+")
 _ID_WITH_SLASH = re.compile(r"[A-Za-z0-9._\-+=@/]+")
 _LOCAL_PROTOCOLS = frozenset(("file", "local"))  # LocalFileSystem.protocol
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-# Async reads: a copy this large would hold the event loop for over ~0.1 ms, so it goes to a thread.
-_COPY_IN_THREAD = 1 << 20
-# Streamed responses are copied into their place by a worker thread in batches of this size.
-_COPY_BATCH = 4 << 20
-# S3 error codes that mean "try again later" whatever the HTTP status says.
-_TRANSIENT_CODES = frozenset(
-    (
-        "InternalError",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "ServiceUnavailable",
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "TooManyRequests",
-    )
-)
 # Keys of fsspec `info` dicts that carry a version tag or checksum (s3fs/http, gcsfs, ...).
 _ETAG_KEYS = ("ETag", "etag", "md5Hash", "Content-MD5", "crc32c", "checksum")
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-")
 _jitter = random.Random()
 
 
@@ -150,139 +127,6 @@ def _id_problem(model_id: str, allow_slash: bool, max_length: int) -> str | None
 
 
 # -- errors: which are transient, which mean "missing" ------------------------------------------
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and its causes (or contexts), innermost last."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen and len(seen) < 16:
-        seen.add(id(current))
-        yield current
-        cause = current.__cause__
-        current = (
-            cause if cause is not None or current.__suppress_context__ else current.__context__
-        )
-
-
-def _own_status(exc: BaseException) -> int | None:
-    """The HTTP status ``exc`` itself carries: aiohttp's, botocore's ClientError's, requests'."""
-    aiohttp = sys.modules.get("aiohttp")
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientResponseError):
-        status: int = exc.status
-        return status
-    response = getattr(exc, "response", None)
-    if isinstance(response, Mapping):  # botocore ClientError
-        meta = response.get("ResponseMetadata")
-        found = meta.get("HTTPStatusCode") if isinstance(meta, Mapping) else None
-        return found if isinstance(found, int) else None
-    found = getattr(response, "status_code", None)  # requests.HTTPError
-    return found if isinstance(found, int) else None
-
-
-def _error_code(exc: BaseException) -> object:
-    response = getattr(exc, "response", None)
-    error = response.get("Error") if isinstance(response, Mapping) else None
-    return error.get("Code") if isinstance(error, Mapping) else None
-
-
-def _http_status(exc: BaseException) -> int | None:
-    """The first HTTP status found along ``exc``'s cause chain."""
-    for e in _chain(exc):
-        status = _own_status(e)
-        if status is not None:
-            return status
-    return None
-
-
-def _transient_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    """(transient, permanent-though-they-look-transient) exception types of loaded libraries."""
-    transient: list[type[BaseException]] = [TimeoutError, ConnectionError]
-    permanent: list[type[BaseException]] = []
-    aiohttp = sys.modules.get("aiohttp")
-    if aiohttp is not None:
-        transient += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
-        permanent.append(aiohttp.ClientSSLError)  # a bad certificate stays bad
-    botocore = sys.modules.get("botocore.exceptions")
-    if botocore is not None:
-        for name in (
-            "ConnectionError",  # EndpointConnectionError, ConnectTimeoutError, ...
-            "HTTPClientError",  # ConnectionClosedError, ReadTimeoutError, ...
-            "IncompleteReadError",
-            "ResponseStreamingError",
-        ):
-            transient += [getattr(botocore, name)] if hasattr(botocore, name) else []
-        permanent += [botocore.SSLError] if hasattr(botocore, "SSLError") else []
-    return tuple(transient), tuple(permanent)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Whether a request that raised ``exc`` may succeed if made again.
-
-    Yes for connection errors and resets, timeouts, truncated bodies, HTTP 408, 429 and 5xx except
-    501, and S3 throttling and timeout codes; no for everything else (404, 403, TLS errors, our own
-    errors). The first error code or HTTP status along the cause chain decides.
-    """
-    transient, permanent = _transient_types()
-    for e in _chain(exc):
-        if isinstance(e, ModelCacheError):
-            return False
-        if _error_code(e) in _TRANSIENT_CODES:  # before the status: S3's RequestTimeout is a 400
-            return True
-        status = _own_status(e)
-        if status is not None:
-            return status in (408, 429) or (500 <= status < 600 and status != 501)
-        if isinstance(e, permanent):
-            return False
-        if isinstance(e, transient):
-            return True
-    return False
-
-
-def _is_missing(exc: BaseException) -> bool:
-    """A FileNotFoundError that means the file is not there (not a 503 or a reset in disguise)."""
-    if not isinstance(exc, FileNotFoundError):
-        return False
-    status = _http_status(exc)
-    if status is not None:
-        return status in (404, 410)
-    return not _is_transient(exc)
-
-
-def _describe(exc: BaseException) -> str:
-    """``Type: message`` of ``exc`` and of its direct cause (fsspec's http reports a 503 as a
-    FileNotFoundError from the aiohttp error; s3fs an OSError from botocore's)."""
-    text = f"{type(exc).__name__}: {exc}"
-    cause = exc.__cause__
-    return text if cause is None else f"{text} (from {type(cause).__name__}: {cause})"
-
-
-@contextlib.contextmanager
-def _translated(op: str, url: str, model_id: str) -> Iterator[None]:
-    """Turn filesystem errors into the library's typed errors; let ours and BaseException pass."""
-    try:
-        yield
-    except ModelCacheError:
-        raise
-    except Exception as exc:
-        if _is_missing(exc):
-            raise ModelNotFoundError(
-                f"model {model_id!r} not found: no file at {url}", model_id=model_id, path=url
-            ) from exc
-        raise StoreError(
-            f"cannot {op} {url} for model {model_id!r}: {_describe(exc)}",
-            model_id=model_id,
-            path=url,
-        ) from exc
-
-
-def _truncated(url: str, model_id: str, offset: int, expected: int, got: int) -> StoreError:
-    return StoreError(
-        f"{url} of model {model_id!r} is truncated: expected {expected} bytes from offset "
-        f"{offset}, got {got}",
-        model_id=model_id,
-        path=url,
-    )
 
 
 def _is_a_directory(path: str) -> IsADirectoryError:
@@ -341,167 +185,6 @@ def _sync_read_into(fs: Any, path: str, offset: int, dest: memoryview) -> int:
                 break
             filled += n
         return filled
-
-
-def _copy(dest: memoryview, data: bytes) -> None:
-    """``dest[:] = data``, with the GIL released for bytes (for worker threads; see `_scatter`)."""
-    if not isinstance(data, bytes):
-        dest[:] = data
-        return
-    target = (ctypes.c_char * len(dest)).from_buffer(dest)
-    ctypes.memmove(ctypes.addressof(target), data, len(data))
-
-
-# -- remote ranged reads into a buffer -----------------------------------------------------------
-
-#: ``read(start, dest)``: fill ``dest`` with the file's bytes from ``start``; return the count
-#: (fewer at end of file).
-_RangeReader = Callable[[int, memoryview], Awaitable[int]]
-
-
-def _is_plain(fs: Any, module: str, name: str) -> bool:
-    """``fs`` is an instance of ``module.name`` whose ``_cat_file`` no subclass overrides."""
-    cls = getattr(sys.modules.get(module), name, None)
-    return (
-        isinstance(cls, type)
-        and isinstance(fs, cls)
-        and getattr(type(fs), "_cat_file", None) is getattr(cls, "_cat_file", None)
-    )
-
-
-def _is_http_class(cls: type) -> bool:
-    http = getattr(sys.modules.get("fsspec.implementations.http"), "HTTPFileSystem", None)
-    return isinstance(http, type) and issubclass(cls, http)
-
-
-def _range_reader(fs: Any, path: str) -> _RangeReader:
-    """The way to read ranges of ``path`` into buffers that copies least on this filesystem."""
-    if _is_plain(fs, "fsspec.implementations.http", "HTTPFileSystem"):
-        return functools.partial(_http_read, fs, path)
-    if _is_plain(fs, "s3fs.core", "S3FileSystem"):
-        bucket, key, version = fs.split_path(path)
-        return functools.partial(_s3_read, fs, bucket, key, version)
-    return functools.partial(_cat_read, fs, path)
-
-
-def _range_header(start: int, size: int) -> str:
-    return f"bytes={start}-{start + size - 1}"
-
-
-def _scatter(base: int, parts: list[tuple[int, bytes]]) -> None:
-    """Copy each ``(offset, data)`` to address ``base + offset``.
-
-    ``ctypes.memmove`` releases the GIL, so in a worker thread the copy (and the page faults of a
-    fresh destination) runs on another core while the event loop goes on receiving.
-    """
-    for offset, data in parts:
-        ctypes.memmove(base + offset, data, len(data))
-
-
-async def _drain(content: aiohttp.StreamReader, dest: memoryview, skip: int) -> int:
-    """Copy a response body into ``dest`` as it arrives, after dropping its first ``skip`` bytes.
-
-    ``readchunk`` hands over aiohttp's receive buffers one by one (``read(n)`` would join them
-    into a new bytes first): each byte is copied once, straight into its place, in batches of
-    ``_COPY_BATCH`` bytes by a worker thread (see `_scatter`; 30% faster loads over loopback
-    http than copying on the loop). The thread always finishes before this returns or raises.
-    """
-    filled, size = 0, len(dest)
-    target = (ctypes.c_char * size).from_buffer(dest)  # dest's address (and a hold on it)
-    base = ctypes.addressof(target)
-    parts: list[tuple[int, bytes]] = []
-    pending = 0
-    try:
-        while filled < size:
-            data, end_of_http_chunk = await content.readchunk()
-            if not data:
-                if end_of_http_chunk:
-                    continue
-                break  # end of the body
-            if skip:  # only when a server ignored the Range header
-                if len(data) <= skip:
-                    skip -= len(data)
-                    continue
-                data, skip = data[skip:], 0
-            n = min(len(data), size - filled)
-            parts.append((filled, data if n == len(data) else data[:n]))
-            filled += n
-            pending += n
-            if pending >= _COPY_BATCH:
-                await anyio.to_thread.run_sync(_scatter, base, parts)
-                parts, pending = [], 0
-        if pending >= _COPY_IN_THREAD:
-            await anyio.to_thread.run_sync(_scatter, base, parts)
-        else:
-            _scatter(base, parts)
-        return filled
-    finally:
-        del target
-
-
-async def _http_read(fs: Any, url: str, start: int, dest: memoryview) -> int:
-    """One ranged GET on fsspec's HTTPFileSystem session, as its ``_cat_file`` makes it."""
-    kwargs = dict(fs.kwargs)
-    headers = dict(kwargs.pop("headers", None) or {})
-    headers["Range"] = _range_header(start, len(dest))
-    session = await fs.set_session()
-    async with session.get(fs.encode_url(url), headers=headers, **kwargs) as response:
-        if response.status == 416:  # the range starts at or past the end of the file
-            return 0
-        fs._raise_not_found_for_status(response, url)
-        skip = start  # a 200 is the whole file: the server ignored Range
-        if response.status == 206:
-            sent = response.headers.get("Content-Range", "")
-            match = _CONTENT_RANGE.match(sent)
-            length = response.content_length
-            if (match is not None and int(match[1]) != start) or (length or 0) > len(dest):
-                raise OSError(
-                    errno.EIO,
-                    f"asked for {len(dest)} bytes from {start}, the server sent {length} bytes "
-                    f"of {sent!r}",
-                )
-            skip = 0
-        return await _drain(response.content, dest, skip)
-
-
-async def _s3_read(
-    fs: Any, bucket: str, key: str, version: str | None, start: int, dest: memoryview
-) -> int:
-    """One ranged GetObject through s3fs's client, its body streamed into ``dest``."""
-    extra = {"VersionId": version} if version else {}
-    response = await fs._call_s3(
-        "get_object", Bucket=bucket, Key=key, Range=_range_header(start, len(dest)), **extra
-    )
-    body = response["Body"]
-    try:
-        aiohttp = sys.modules.get("aiohttp")
-        content = getattr(getattr(body, "raw_stream", None), "content", None)
-        if aiohttp is not None and isinstance(content, aiohttp.StreamReader):
-            return await _drain(content, dest, 0)
-        filled = 0  # another HTTP backend (httpx): its readinto copies once too
-        while filled < len(dest):
-            n: int = await body.readinto(dest[filled:])
-            if not n:
-                break
-            filled += n
-        return filled
-    finally:
-        body.close()  # after a whole body the connection is already back in the pool
-
-
-async def _cat_read(fs: Any, path: str, start: int, dest: memoryview) -> int:
-    """Any async filesystem: ``_cat_file`` of the range, then one copy into ``dest``."""
-    data: bytes = await fs._cat_file(path, start=start, end=start + len(dest))
-    if len(data) > len(dest):
-        raise OSError(
-            errno.EIO, f"the store returned {len(data)} bytes for a {len(dest)}-byte range"
-        )
-    window = dest[: len(data)]
-    if len(data) >= _COPY_IN_THREAD:
-        await anyio.to_thread.run_sync(_copy, window, data)
-    else:
-        window[:] = data
-    return len(data)
 
 
 class Store:
@@ -607,7 +290,7 @@ class Store:
 
     async def size(self, url: str, *, model_id: str) -> int:
         """Return the size in bytes of the file at ``url``."""
-        with _translated("stat", url, model_id):
+        with translated("stat", url, model_id):
             path = self.local_path(url)
             if path is not None:
                 st = await anyio.to_thread.run_sync(os.stat, path, limiter=self._get_limiter())
@@ -631,7 +314,7 @@ class Store:
         against the store later. Given as the store gives it (an S3 ETag keeps its quotes).
         Local files and directories have none (for a sharded model, ask for its index file).
         """
-        with _translated("stat", url, model_id):
+        with translated("stat", url, model_id):
             if self.local_path(url) is not None:
                 return None
             info = await self._remote_info(url, model_id, directory_ok=True)
@@ -648,7 +331,7 @@ class Store:
         if not 0 <= start <= end:
             raise ValueError(f"invalid byte range [{start}, {end})")
         limiter = self._get_limiter()
-        with _translated("read", url, model_id):
+        with translated("read", url, model_id):
             path = self.local_path(url)
             if path is not None:
                 data = await anyio.to_thread.run_sync(
@@ -666,7 +349,7 @@ class Store:
                         read = functools.partial(fs.cat_file, fspath, start=start, end=end)
                         return await anyio.to_thread.run_sync(read, limiter=limiter)
                     except Exception as exc:
-                        if _http_status(exc) == 416:  # starts at or past the end of the file
+                        if http_status(exc) == 416:  # starts at or past the end of the file
                             return b""
                         raise
 
@@ -693,7 +376,7 @@ class Store:
             raise ValueError("dest must be a writable, C-contiguous, 1-D unsigned-byte memoryview")
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
-        with _translated("read", url, model_id):
+        with translated("read", url, model_id):
             path = self.local_path(url)
             if path is not None:
                 got = await self._read_local(path, url, model_id, offset, dest)
@@ -714,7 +397,7 @@ class Store:
                     got = await self._retrying("read", url, model_id, read)
             self._bytes_read += got
             if got < len(dest):
-                raise _truncated(url, model_id, offset, len(dest), got)
+                raise truncated(url, model_id, offset, len(dest), got)
 
     async def aclose(self) -> None:
         """Close the sessions of async filesystems (they are made again if the Store is reused)."""
@@ -757,7 +440,7 @@ class Store:
                 config.setdefault("retries", {"total_max_attempts": 1})
                 config.setdefault("max_pool_connections", max(10, self._max_reads))
                 options["config_kwargs"] = config
-            elif _is_http_class(cls) and "get_client" not in options:
+            elif is_http_class(cls) and "get_client" not in options:
                 # aiohttp pauses a connection whenever 128 KiB wait unread (the default
                 # read_bufsize is 64 KiB): a pause and a resume per 256 KiB received. 1 MiB lets
                 # a window of 16 MiB responses stream without that (-13% load time here).
@@ -804,16 +487,16 @@ class Store:
             try:
                 return await call()
             except Exception as exc:
-                if isinstance(exc, ModelCacheError) or _is_missing(exc):
+                if isinstance(exc, ModelCacheError) or is_missing(exc):
                     raise
-                transient = _is_transient(exc)
+                transient = is_transient(exc)
                 if not transient and attempt == 1:
                     raise
                 if not transient or attempt > self._max_retries:
                     raise StoreError(
                         f"cannot {op} {url} for model {model_id!r} after {attempt} "
                         f"attempt{'s' if attempt > 1 else ''} (max_retries={self._max_retries}): "
-                        f"{_describe(exc)}",
+                        f"{describe(exc)}",
                         model_id=model_id,
                         path=url,
                     ) from exc
@@ -851,7 +534,7 @@ class Store:
         try:
             file_size = await anyio.to_thread.run_sync(_open_regular, path, opened, limiter=limiter)
             if file_size < offset + len(dest):  # fail before moving any byte
-                raise _truncated(url, model_id, offset, len(dest), max(0, file_size - offset))
+                raise truncated(url, model_id, offset, len(dest), max(0, file_size - offset))
             fd = opened[0]
 
             async def read(lo: int, hi: int) -> int:
@@ -871,7 +554,7 @@ class Store:
         size, chunk = len(dest), self._chunk
         if size == 0:
             return 0
-        reader = _range_reader(fs, path)
+        reader = range_reader(fs, path)
         limiter = self._get_limiter()
         starts = iter(range(0, size, chunk))  # shared: each chunk is taken by one worker
         got = 0
@@ -881,7 +564,7 @@ class Store:
                 try:
                     return await reader(offset + lo, dest[lo : min(lo + chunk, size)])
                 except Exception as exc:
-                    if _http_status(exc) == 416:  # starts at or past the end of the file
+                    if http_status(exc) == 416:  # starts at or past the end of the file
                         return 0
                     raise
 

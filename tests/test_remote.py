@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from yarl import URL
 
 from modelcache import ModelCache, ModelNotFoundError, Store, StoreError
-from modelcache._store import _is_missing, _is_transient
+from modelcache._faults import is_missing, is_transient
 from tests.safetensors_files import shard_name, write_model, write_sharded
 
 if TYPE_CHECKING:  # imported by pytest as a plugin: importing it here first would skip rewriting
@@ -143,16 +143,16 @@ def _botocore_connection_errors() -> list[Exception]:
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
 def test_transient_statuses(status: int) -> None:
     """HTTP 408, 429 and 5xx (not 501) are transient, as aiohttp and as s3fs errors."""
-    assert _is_transient(response_error(status))
-    assert _is_transient(_boto(status, "Whatever"))
-    assert not _is_missing(_caused(FileNotFoundError("x"), response_error(status)))
+    assert is_transient(response_error(status))
+    assert is_transient(_boto(status, "Whatever"))
+    assert not is_missing(_caused(FileNotFoundError("x"), response_error(status)))
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 416, 501])
 def test_permanent_statuses(status: int) -> None:
     """Client errors and 501 are not transient."""
-    assert not _is_transient(response_error(status))
-    assert not _is_transient(_boto(status, "Whatever"))
+    assert not is_transient(response_error(status))
+    assert not is_transient(_boto(status, "Whatever"))
 
 
 def test_transient_exception_types() -> None:
@@ -167,7 +167,7 @@ def test_transient_exception_types() -> None:
         *_botocore_connection_errors(),
     ]
     for exc in transient:
-        assert _is_transient(exc), exc
+        assert is_transient(exc), exc
     permanent: list[BaseException] = [
         PermissionError("no"),
         ValueError("bad"),
@@ -176,17 +176,17 @@ def test_transient_exception_types() -> None:
         FileNotFoundError("u"),
     ]
     for exc in permanent:
-        assert not _is_transient(exc), exc
+        assert not is_transient(exc), exc
 
 
 def test_missing_means_404() -> None:
     """Only a FileNotFoundError of a 404/410 (or with no status and no transient cause) is missing."""
-    assert _is_missing(FileNotFoundError("u"))
-    assert _is_missing(_boto(404, "NoSuchKey"))
-    assert _is_missing(_caused(FileNotFoundError("u"), response_error(404)))
-    assert not _is_missing(_caused(FileNotFoundError("u"), response_error(403)))
-    assert not _is_missing(_caused(FileNotFoundError("u"), aiohttp.ServerDisconnectedError()))
-    assert not _is_missing(PermissionError("no"))
+    assert is_missing(FileNotFoundError("u"))
+    assert is_missing(_boto(404, "NoSuchKey"))
+    assert is_missing(_caused(FileNotFoundError("u"), response_error(404)))
+    assert not is_missing(_caused(FileNotFoundError("u"), response_error(403)))
+    assert not is_missing(_caused(FileNotFoundError("u"), aiohttp.ServerDisconnectedError()))
+    assert not is_missing(PermissionError("no"))
 
 
 def test_store_checks_new_arguments() -> None:
