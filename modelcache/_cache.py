@@ -321,6 +321,19 @@ class ModelCache:
             return list(self._lower.entries)
         return [entry.model_id for entry in self._entries.values() if entry.ready]
 
+    def tier_of(self, model_id: str, *, model: type | None = None) -> str | None:
+        """The highest tier holding ``model_id`` ready to serve: "device", "host", "disk", or
+        None (a request would read it from the store). No I/O; for routers and logs."""
+        entry = self._entries.get((self._builder(model), model_id))
+        if entry is not None and entry.ready:
+            return "device"
+        if model_id in self._lower.entries:
+            return "host"
+        disk = self._lower.disk
+        if disk is not None and model_id in disk:
+            return "disk"
+        return None
+
     def stats(self) -> CacheStats:
         device = self._device
         models = sum(1 for e in self._entries.values() if e.ready)

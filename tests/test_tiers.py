@@ -273,3 +273,32 @@ async def test_local_stores_get_no_disk_copies(tmp_path: Path) -> None:
             pass
         await _settle_writes(cache)
         assert cache.stats().tiers["disk"].entries == 0
+
+
+async def test_tier_of_names_the_highest_tier_holding_a_model(
+    models: MemoryModels, gated: GatedStore, tmp_path: Path
+) -> None:
+    """tier_of follows a model down the tiers as it is evicted, and says None for the store."""
+    models.add("a", 1000, seed=7)
+    models.add("b", 1000, seed=8)
+    models.add("c", 1000, seed=9)
+    async with ModelCache(
+        gated, device_budget=1000, host_budget=1000, disk_dir=tmp_path, disk_budget="1MiB"
+    ) as cache:
+        assert cache.tier_of("a") is None
+        async with cache.use("a"):
+            assert cache.tier_of("a") == "device"
+        await _settle_writes(cache)
+        async with cache.use("b"):  # a: device -> host
+            pass
+        assert cache.tier_of("a") == "host"
+        await _settle_writes(cache)
+        async with cache.use("c"):  # b: device -> host, a: host -> disk
+            pass
+        await settle(*cache_stores(cache))
+        assert (cache.tier_of("a"), cache.tier_of("b"), cache.tier_of("c")) == (
+            "disk",
+            "host",
+            "device",
+        )
+        assert cache.tier_of("never-seen") is None
