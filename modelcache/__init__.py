@@ -22,6 +22,7 @@ from ._exceptions import ModelTooLargeError as ModelTooLargeError
 from ._exceptions import StoreError as StoreError
 from ._format import ModelInfo as ModelInfo
 from ._format import TensorInfo as TensorInfo
+from ._observe import CacheObserver as CacheObserver
 from ._policy import EvictionPolicy as EvictionPolicy
 from ._policy import LRUPolicy as LRUPolicy
 from ._stats import CacheStats as CacheStats
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CacheClosedError",
+    "CacheObserver",
     "CacheStats",
     "CupyBackend",
     "DeviceBackend",

@@ -40,6 +40,7 @@ import anyio
 import anyio.abc
 import torch
 
+from . import _observe
 from ._backend import DeviceBackend, LoadedWeights
 from ._builders import WEIGHTS, ModelBuilder, builder_for
 from ._concurrency import gather
@@ -47,6 +48,7 @@ from ._disk import DiskEntry, DiskTier
 from ._exceptions import CacheClosedError, ModelNotFoundError, as_model_error
 from ._loader import read_config
 from ._lower import LowerTiers
+from ._observe import CacheObserver, Observers
 from ._policy import EvictionPolicy, PolicyEntry
 from ._stats import CacheStats
 from ._store import Store
@@ -77,6 +79,7 @@ class _Entry:
     """One model id (for one builder) on the device: loading, then ready until evicted."""
 
     __slots__ = (
+        "admitted",
         "builder",
         "done",
         "error",
@@ -103,6 +106,7 @@ class _Entry:
         self.waiters = 0
         self.done = anyio.Event()
         self.error: BaseException | None = None
+        self.admitted = 0.0  # when it became ready (`_observe.clock`), for the age at eviction
 
 
 class _Lease(Generic[T]):
@@ -223,8 +227,13 @@ class ModelCache:
             disk = DiskTier(disk_dir, disk_budget)
         elif disk_dir is not None or disk_budget is not None:
             raise ValueError("disk_dir and disk_budget go together")
+        self._observers = Observers()
         self._lower = LowerTiers(
-            self._store, self._backend, parse_bytes(host_budget, name="host_budget"), disk
+            self._store,
+            self._backend,
+            parse_bytes(host_budget, name="host_budget"),
+            disk,
+            self._observers,
         )
         self._max_concurrent_loads = max_concurrent_loads
         self._failure_ttl = failure_ttl
@@ -235,7 +244,7 @@ class ModelCache:
         self._limiter: anyio.CapacityLimiter | None = None
         self._entries: dict[_Key, _Entry] = {}
         self._failures: OrderedDict[_Key, tuple[BaseException, float]] = OrderedDict()
-        self._hits = self._misses = self._loads = self._fails = 0
+        self._hits = self._misses = self._loads = self._fails = self._load_failures = 0
         self._loading = self._waiters = self._leased = 0
         self._load_seconds = 0.0
 
@@ -334,6 +343,15 @@ class ModelCache:
             return "disk"
         return None
 
+    def add_observer(self, observer: CacheObserver) -> None:
+        """Report loads, failures, waits and evictions to ``observer`` as they happen
+        (`CacheObserver`; never called on the hit path). ValueError if it already observes."""
+        self._observers.add(observer)
+
+    def remove_observer(self, observer: CacheObserver) -> None:
+        """Stop reporting to ``observer``; ValueError if it does not observe this cache."""
+        self._observers.remove(observer)
+
     def stats(self) -> CacheStats:
         device = self._device
         models = sum(1 for e in self._entries.values() if e.ready)
@@ -342,6 +360,7 @@ class ModelCache:
             misses=self._misses,
             loads=self._loads,
             failures=self._fails,
+            load_failures=self._load_failures,
             evictions=device.evictions,
             bytes_resident=device.resident,
             bytes_reserved=device.reserved,
@@ -355,7 +374,7 @@ class ModelCache:
         )
 
     def _tier_stats(self, models: int) -> dict[str, TierStats]:
-        device = replace(self._device.stats(models), hits=self._hits)
+        device = replace(self._device.stats(models), hits=self._hits, misses=self._misses)
         return {"device": device, **self._lower.stats()}
 
     def __repr__(self) -> str:
@@ -444,11 +463,14 @@ class ModelCache:
             self._misses += 1
             entry.waiters += 1
             self._waiters += 1
+            waiting_since = _observe.clock()
             try:
                 await entry.done.wait()
             finally:
                 entry.waiters -= 1
                 self._waiters -= 1
+                if self._observers:
+                    self._observers.waited(key[1], _observe.clock() - waiting_since)
                 if entry.waiters == 0 and entry.leases == 0:
                     self._device.pump()  # a load only this task waited for, or a ready entry
             if entry.error is not None:
@@ -500,10 +522,11 @@ class ModelCache:
                 await moving.wait()  # a demotion or host load of this id: then look again
             claimed = self._lower.claim(entry.model_id)
             if claimed is not None:
-                info, source = claimed.info, self._store
+                info, source, source_tier = claimed.info, self._store, "host"
             else:
                 async with self._limiter:
                     info, source, on_disk = await self._lower.locate(entry.model_id)
+                source_tier = "store" if on_disk is None else "disk"
             if entry.builder.needs_config and info.config is None:
                 async with self._limiter:
                     info = replace(info, config=await read_config(self._store, entry.model_id))
@@ -535,12 +558,15 @@ class ModelCache:
         seconds = time.perf_counter() - started
         entry.value, entry.weights = value, weights
         entry.ready = True
+        entry.admitted = _observe.clock()
         self._loading -= 1
         self._loads += 1
         self._device.resident += entry.nbytes
         self._load_seconds += seconds
         self._policy.admitted(entry)
         entry.done.set()
+        if self._observers:
+            self._observers.load_finished(entry.model_id, source_tier, entry.nbytes, seconds)
         if entry.waiters == 0:  # every caller left: it is evictable now, which may serve the line
             self._device.pump()
         logger.info(
@@ -561,7 +587,10 @@ class ModelCache:
             exc = as_model_error(exc, entry.model_id)
             entry.error = exc
             self._fails += 1
+            self._load_failures += 1
             self._remember_failure(entry.key, exc)
+            if self._observers:
+                self._observers.load_failed(entry.model_id, exc)
             level = logging.INFO if isinstance(exc, ModelNotFoundError) else logging.WARNING
             logger.log(level, "failed to load %r: %s", entry.model_id, exc)
         else:  # cancelled: the cache is closing
@@ -595,6 +624,9 @@ class ModelCache:
         entry: _Entry = victim  # type: ignore[assignment]
         weights, nbytes = entry.weights, entry.nbytes
         self._drop(entry, release=False)
+        if self._observers:
+            age = _observe.clock() - entry.admitted
+            self._observers.evicted(entry.model_id, "device", nbytes, age)
         logger.info(
             "evicted %r from the device (%s)",
             entry.model_id,

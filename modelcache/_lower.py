@@ -21,12 +21,14 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from . import _observe
 from ._arena import HostArena, HostBlock
 from ._backend import DeviceBackend, LoadedWeights
 from ._disk import DiskEntry, DiskTier
 from ._exceptions import CacheClosedError, ModelCacheError, ModelLoadError, as_model_error
 from ._format import INDEX_NAME, ModelInfo
 from ._loader import fill_buffer, read_model_info
+from ._observe import Observers
 from ._policy import PolicyEntry
 from ._store import Store
 from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
@@ -51,10 +53,16 @@ class LowerTiers:
     """Host memory and the disk tier under one device tier, owned by a `ModelCache`."""
 
     def __init__(
-        self, store: Store, backend: DeviceBackend, host_budget: int, disk: DiskTier | None
+        self,
+        store: Store,
+        backend: DeviceBackend,
+        host_budget: int,
+        disk: DiskTier | None,
+        observers: Observers | None = None,
     ) -> None:
         self._store = store
         self._backend = backend
+        self._observers = observers if observers is not None else Observers()
         self.host = ByteBudget(
             "host", host_budget, evictable=host_evictable, evict=self._evict_host
         )
@@ -104,6 +112,7 @@ class LowerTiers:
                 budget=disk.budget,
                 entries=disk.entries,
                 hits=disk.hits,
+                misses=disk.misses,
                 promotions=disk.hits,
                 demotions=disk.writes,
                 evictions=disk.evictions,
@@ -276,6 +285,7 @@ class LowerTiers:
         """
         self.entries[entry.model_id] = entry
         self.host.resident += entry.nbytes
+        entry.admitted = _observe.clock()
         self.host.policy.admitted(entry)
         self.host.pump()
 
@@ -299,6 +309,9 @@ class LowerTiers:
         self._remove_host(entry)
         self._free_host_payload(entry)
         self.host.drop_now(entry.nbytes)
+        if self._observers:
+            age = _observe.clock() - entry.admitted
+            self._observers.evicted(entry.model_id, "host", entry.nbytes, age)
 
     def claim(self, model_id: str) -> HostEntry | None:
         """Take a host entry for a promotion: out of the index, its bytes still reserved."""
@@ -306,6 +319,8 @@ class LowerTiers:
         if entry is not None:
             self._remove_host(entry)
             self.in_flight += entry.nbytes
+        elif self.host.budget:
+            self.host.misses += 1
         return entry
 
     def unclaim(self, entry: HostEntry) -> None:

@@ -23,6 +23,8 @@ class CacheStats:
     loads: int
     #: Loads that failed, plus calls answered from the remembered failure of a recent one.
     failures: int
+    #: Loads that failed (``failures`` without the answers from the failure memory).
+    load_failures: int
     #: Models dropped to make room (or by ``evict``).
     evictions: int
     #: Bytes of the resident models' buffers.
@@ -40,7 +42,7 @@ class CacheStats:
     leased: int
     #: Seconds spent in loads that succeeded, summed.
     load_seconds: float
-    #: Per tier ("device", "host"): bytes, budget, entries, hits, promotions, demotions.
+    #: Per tier ("device", "host"): bytes, budget, entries, hits, misses, promotions, demotions.
     tiers: Mapping[str, TierStats]
 
     @property

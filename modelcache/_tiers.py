@@ -46,6 +46,10 @@ class TierStats:
     entries: int
     #: Loads served from this tier (for the device tier: leases handed out without a load).
     hits: int
+    #: Lookups that did not find the model here: for the device tier, ``use()`` calls that
+    #: started or joined a load; for the host tier, device loads that found no host copy (a
+    #: tier with a budget only); for the disk tier, lookups of remote models it did not hold.
+    misses: int
     #: Models that moved up out of this tier.
     promotions: int
     #: Models that moved into this tier from the tier above.
@@ -83,7 +87,7 @@ class ByteBudget:
         self.reserved = 0
         self.resident = 0
         self.freeing = 0
-        self.hits = self.promotions = self.demotions = self.evictions = 0
+        self.hits = self.misses = self.promotions = self.demotions = self.evictions = 0
         self._evictable = evictable
         self._evict = evict
         self._line: deque[_Waiter] = deque()
@@ -99,6 +103,7 @@ class ByteBudget:
             budget=self.budget,
             entries=entries,
             hits=self.hits,
+            misses=self.misses,
             promotions=self.promotions,
             demotions=self.demotions,
             evictions=self.evictions,
@@ -184,7 +189,7 @@ class ByteBudget:
 class HostEntry:
     """A model's weights held in host memory, not built, under the host tier's budget."""
 
-    __slots__ = ("detached", "info", "key", "model_id", "nbytes", "payload", "users")
+    __slots__ = ("admitted", "detached", "info", "key", "model_id", "nbytes", "payload", "users")
 
     def __init__(self, info: Any, payload: Any) -> None:
         self.info = info
@@ -198,6 +203,8 @@ class HostEntry:
         self.users = 0
         #: The entry left the tier while in use: the last user frees the payload.
         self.detached = False
+        #: When it entered the tier (`_observe.clock`), for the age at eviction.
+        self.admitted = 0.0
 
 
 def host_evictable(entry: PolicyEntry) -> bool:

@@ -15,6 +15,7 @@ def test_public_names() -> None:
     """modelcache exports exactly its documented names, each defined."""
     assert sorted(modelcache.__all__) == [
         "CacheClosedError",
+        "CacheObserver",
         "CacheStats",
         "CupyBackend",
         "DeviceBackend",
