@@ -46,7 +46,8 @@ from ._builders import WEIGHTS, ModelBuilder, builder_for
 from ._concurrency import gather
 from ._disk import DiskEntry, DiskTier
 from ._exceptions import CacheClosedError, ModelNotFoundError, as_model_error
-from ._loader import read_config
+from ._format import ModelInfo
+from ._loader import read_config, read_model_info
 from ._lower import LowerTiers
 from ._observe import CacheObserver, Observers
 from ._policy import EvictionPolicy, PolicyEntry
@@ -343,6 +344,29 @@ class ModelCache:
             return "disk"
         return None
 
+    def is_bound(self, model: type) -> bool:
+        """Whether ``model`` was bound to this cache with `model` (``@cache.model``)."""
+        bound = vars(model).get("use")
+        return isinstance(bound, _BoundUse) and bound._cache is self
+
+    async def describe(self, model_id: str) -> ModelInfo:
+        """The model's `ModelInfo` (tensors, size, shards) without loading its weights: from
+        the device or host tier when it is there, else its safetensors headers (a few KiB of
+        reads). Raises as a load would: InvalidModelIdError, ModelNotFoundError, StoreError,
+        ModelFormatError. Servers use it to tell an unknown id (404) before a load starts."""
+        self._store.model_url(model_id)  # validates the id
+        for entry in self._entries.values():
+            if entry.model_id == model_id and entry.weights is not None:
+                return entry.weights.info
+        host = self._lower.entries.get(model_id)
+        if host is not None:
+            info: ModelInfo = host.info
+            return info
+        try:
+            return await read_model_info(self._store, model_id)
+        except Exception as exc:
+            raise as_model_error(exc, model_id)  # noqa: B904 (as_model_error chains the cause)
+
     def add_observer(self, observer: CacheObserver) -> None:
         """Report loads, failures, waits and evictions to ``observer`` as they happen
         (`CacheObserver`; never called on the hit path). ValueError if it already observes."""
@@ -428,10 +452,10 @@ class ModelCache:
 
     def _builder(self, model: type | None) -> ModelBuilder:
         if model is not None:
-            bound = vars(model).get("use")
-            if not isinstance(bound, _BoundUse) or bound._cache is not self:
+            if not self.is_bound(model):
                 raise TypeError(f"{model.__qualname__} is not bound to this cache")
-            return bound._builder
+            use: _BoundUse = vars(model)["use"]
+            return use._builder
         if len(self._builders) == 1:
             return self._builders[0]
         if not self._builders:

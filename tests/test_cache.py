@@ -518,3 +518,39 @@ async def test_cuda_device_tensors_are_bit_exact_views_of_one_allocation(
         assert cache.evict("a")
         gc.collect()
         assert torch.cuda.memory_allocated() == start
+
+
+async def test_is_bound_tells_which_classes_this_cache_builds(models: MemoryModels) -> None:
+    """is_bound is true only for classes bound to this very cache."""
+    cache, other = (ModelCache(models.template, device_budget=4096) for _ in range(2))
+
+    @cache.model
+    class Bound:
+        @classmethod
+        def from_weights(cls, weights: Weights, info: ModelInfo) -> int:
+            return 0
+
+    class Unbound:
+        pass
+
+    assert cache.is_bound(Bound)
+    assert not cache.is_bound(Unbound)
+    assert not other.is_bound(Bound)
+
+
+async def test_describe_reads_headers_only_and_raises_like_a_load(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """describe gives a model's size without reading weights; unknown ids are ModelNotFoundError."""
+    models.add("a", 1000)
+    async with ModelCache(gated, device_budget=8192) as cache:
+        info = await cache.describe("a")
+        assert (info.model_id, info.nbytes) == ("a", 1000)
+        assert gated.calls[("read_into", "a")] == 0
+        assert cache.stats().loads == 0
+        async with cache.use("a"):
+            assert (await cache.describe("a")).nbytes == 1000  # from the resident entry
+        with pytest.raises(ModelNotFoundError):
+            await cache.describe("missing")
+        with pytest.raises(InvalidModelIdError):
+            await cache.describe("../etc")

@@ -1,0 +1,184 @@
+"""The KServe ModelServer that owns the cache: one process, one cache, one HTTP server.
+
+`CacheModelServer` is KServe's `ModelServer` with the parts a cache needs changed:
+
+* The cache is an async context manager: `serve` enters it (and registers its Prometheus
+  collector) on the loop that serves HTTP, and closes it when the server stops.
+* The REST server binds ``host`` (KServe hard-codes 0.0.0.0), may take port 0 (the bound port is
+  passed to ``on_ready``), and answers modelcache's errors with their own status and the
+  ``modelcache-tier`` header.
+* One worker process and no gRPC: a cache is one process's memory (run more replicas to scale),
+  and KServe 0.21's gRPC repository load/unload raise TypeError.
+* It runs on the default asyncio loop, as ``ModelServer.start`` does.
+
+KServe's FastAPI app is a module global (``kserve.model_server.app``): one server per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+from kserve.errors import InvalidInput, ModelNotReady
+from kserve.model import BaseKServeModel
+from kserve.model_server import ModelServer
+from kserve.protocol.rest.server import RESTServer, _RefreshingServer
+
+from modelcache import ModelCache, ModelCacheError
+
+from ._errors import ModelRequestError, exception_handler
+from ._repository import CacheDataPlane, CacheModelRepository, CacheRepositoryExtension
+
+__all__ = ["CacheModelServer", "build_server"]
+
+_started = False  # the process's one server has started (kserve's app is global)
+
+
+class _ReadyServer(_RefreshingServer):  # type: ignore[misc]
+    """uvicorn's server, telling ``on_ready`` the bound port once it listens."""
+
+    def __init__(self, config: Any, on_ready: Callable[[int], None] | None) -> None:
+        super().__init__(config)
+        self._on_ready = on_ready
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self._on_ready is not None:
+            port = self.servers[0].sockets[0].getsockname()[1] if self.servers else None
+            self._on_ready(int(port if port is not None else self.config.port))
+
+
+class _RESTServer(RESTServer):  # type: ignore[misc]
+    def __init__(self, server: CacheModelServer, on_ready: Callable[[int], None] | None) -> None:
+        super().__init__(
+            FASTAPI_APP_IMPORT_STRING,
+            server.dataplane,
+            server.model_repository_extension,
+            server.http_port,
+            access_log_format=server.access_log_format,
+            workers=1,
+            grace_period=server.grace_period,
+            event_loop="asyncio",
+            timeout_keep_alive=server.timeout_keep_alive,
+            ssl_certfile=server.ssl_certfile,
+            ssl_keyfile=server.ssl_keyfile,
+        )
+        self.config.host = server.host
+        self._server = _ReadyServer(self.config, on_ready)
+        self._handler = exception_handler(server.cache)
+
+    def _add_exception_handlers(self, app: Any) -> None:
+        super()._add_exception_handlers(app)
+        for error in (ModelRequestError, ModelCacheError, InvalidInput, ModelNotReady):
+            app.add_exception_handler(error, self._handler)
+
+    def request_exit(self) -> None:
+        self._server.should_exit = True
+
+
+class CacheModelServer(ModelServer):  # type: ignore[misc]
+    """KServe's ModelServer serving every model of ``repository.cache`` (see the module doc).
+
+    ``start()`` blocks like ``ModelServer.start`` (SIGINT/SIGTERM stop it gracefully);
+    ``await serve()`` runs it on a loop that is already running; `stop` asks it to end.
+    """
+
+    def __init__(
+        self,
+        repository: CacheModelRepository,
+        *,
+        host: str = "0.0.0.0",
+        http_port: int = 8080,
+        metrics: bool = True,
+        grace_period: int = 30,
+        timeout_keep_alive: int = 65,
+        access_log_format: str | None = None,
+        enable_latency_logging: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            http_port=http_port,
+            workers=1,
+            registered_models=repository,
+            enable_grpc=False,
+            enable_docs_url=False,
+            enable_latency_logging=enable_latency_logging,
+            access_log_format=access_log_format,
+            event_loop="asyncio",
+            timeout_keep_alive=timeout_keep_alive,
+            grace_period=grace_period,
+            **kwargs,
+        )
+        self.repository = repository
+        self.cache: ModelCache = repository.cache
+        self.host = host
+        self.metrics = metrics
+        self.dataplane = CacheDataPlane(model_registry=repository)
+        self.model_repository_extension = CacheRepositoryExtension(model_registry=repository)
+        self._rest: _RESTServer | None = None
+        self._stop_requested = False
+
+    async def serve(self, *, on_ready: Callable[[int], None] | None = None) -> None:
+        """Open the cache, serve HTTP until `stop` (or a signal, in the main thread), close the
+        cache. ``on_ready(port)`` is called once the port accepts connections."""
+        global _started
+        if _started:
+            raise RuntimeError(
+                "a KServe model server already ran in this process (kserve's app is global)"
+            )
+        _started = True
+        self.setup_event_loop()
+        rest = self._rest = _RESTServer(self, on_ready)
+        if self._stop_requested:
+            rest.request_exit()
+        collector = None
+        if self.metrics:
+            from modelcache.metrics import CacheMetrics
+
+            collector = CacheMetrics(self.cache, per_model=self.repository.per_model_metrics)
+        try:
+            async with self.cache:
+                await rest.start()
+        finally:
+            if collector is not None:
+                collector.unregister()
+
+    def start(
+        self,
+        models: list[BaseKServeModel] | None = None,
+        *,
+        on_ready: Callable[[int], None] | None = None,
+    ) -> None:
+        """Register ``models`` (plain KServe models, served beside the cache's) and serve until
+        SIGINT or SIGTERM; the cache closes before this returns. ``on_ready(port)``: as in
+        `serve`."""
+        for model in models or []:
+            self.register_model(model)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: self.stop(signum))
+        asyncio.run(self.serve(on_ready=on_ready))
+
+    def stop(self, sig: int | None = None) -> None:
+        """Ask the server to finish its requests and stop (thread-safe enough for a signal)."""
+        self._stop_requested = True
+        if self._rest is not None:
+            self._rest.request_exit()
+
+
+def build_server(
+    cache: ModelCache,
+    model_class: type,
+    *,
+    host: str = "0.0.0.0",
+    http_port: int = 8080,
+    per_model_metrics: bool = False,
+    metrics: bool = True,
+    **kwargs: Any,
+) -> CacheModelServer:
+    """A `CacheModelServer` serving every model of ``cache``'s store, built by ``model_class``
+    (bound to ``cache`` here unless it already is). ``kwargs`` go to `CacheModelServer`."""
+    repository = CacheModelRepository(cache, model_class, per_model_metrics=per_model_metrics)
+    return CacheModelServer(repository, host=host, http_port=http_port, metrics=metrics, **kwargs)

@@ -1,0 +1,280 @@
+"""The real KServe ModelServer over a modelcache, spoken to over HTTP (V1, V2, repository)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import torch
+from conftest import BUDGET, TINY_BYTES, Server, expected, write_model
+
+ROW = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]]
+
+
+def v2_body(rows: list[list[float]], request_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "x",
+                "datatype": "FP32",
+                "shape": [len(rows), 4],
+                "data": [v for row in rows for v in row],
+            }
+        ]
+    }
+    if request_id is not None:
+        body["id"] = request_id
+    return body
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, **kwargs: Any
+) -> tuple[int, dict[str, Any], str | None]:
+    async with session.post(url, **kwargs) as response:
+        return response.status, await response.json(), response.headers.get("modelcache-tier")
+
+
+async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    async with session.get(url) as response:
+        return response.status, await response.json()
+
+
+async def metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """The server's Prometheus series, ``name{labels}`` -> value."""
+    async with session.get(f"{url}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            series[name] = float(value)
+    return series
+
+
+def counter(series: dict[str, float], name: str) -> float:
+    return series[f'modelcache_{name}{{cache="default"}}']
+
+
+def close(got: list[list[float]], want: torch.Tensor) -> bool:
+    return torch.allclose(torch.tensor(got), want, atol=1e-5)
+
+
+async def test_v1_cold_then_warm(server: Server) -> None:
+    """A store model serves over V1 unregistered: the first request loads it, the next hits."""
+    async with aiohttp.ClientSession() as s:
+        before = counter(await metrics(s, server.url), "loads_total")
+        url = f"{server.url}/v1/models/m0:predict"
+        status, body, tier = await post(s, url, json={"instances": ROW})
+        assert (status, tier) == (200, "store")
+        assert close(body["predictions"], expected("m0", ROW))
+        status, body, tier = await post(s, url, json={"instances": ROW})
+        assert (status, tier) == (200, "device")
+        assert close(body["predictions"], expected("m0", ROW))
+        assert counter(await metrics(s, server.url), "loads_total") == before + 1
+
+
+async def test_v2_cold_then_warm_with_request_ids(server: Server) -> None:
+    """V2 infer: tensors in and out as output-0, the request id echoed or a new uuid made."""
+    async with aiohttp.ClientSession() as s:
+        url = f"{server.url}/v2/models/m1/infer"
+        status, body, tier = await post(s, url, json=v2_body(ROW, "req-7"))
+        assert (status, tier, body["id"], body["model_name"]) == (200, "store", "req-7", "m1")
+        (output,) = body["outputs"]
+        assert (output["name"], output["datatype"], output["shape"]) == ("output-0", "FP32", [2, 3])
+        assert close(output["data"], expected("m1", ROW).reshape(-1))
+        status, body, tier = await post(s, url, json=v2_body(ROW))
+        assert (status, tier) == (200, "device")
+        assert uuid.UUID(body["id"])
+
+
+async def test_unknown_id_is_404_and_checked_once(server: Server) -> None:
+    """An id not in the store answers 404 naming it, over V1 and V2; a flood of requests for it
+    reads the store once (the cache remembers the failure for failure_ttl)."""
+    async with aiohttp.ClientSession() as s:
+        before = await metrics(s, server.url)
+        for i in range(30):
+            if i % 2:
+                status, body, tier = await post(
+                    s, f"{server.url}/v2/models/ghost/infer", json=v2_body(ROW)
+                )
+            else:
+                status, body, tier = await post(
+                    s, f"{server.url}/v1/models/ghost:predict", json={"instances": ROW}
+                )
+            assert (status, tier) == (404, "store")
+            assert "'ghost' not found" in body["error"]
+        after = await metrics(s, server.url)
+        assert counter(after, "load_failures_total") - counter(before, "load_failures_total") == 1
+        assert counter(after, "fast_failures_total") - counter(before, "fast_failures_total") == 29
+
+
+async def test_invalid_id_is_400(server: Server) -> None:
+    """An id that could escape the store root is refused with 400 before any I/O."""
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await post(
+            s, f"{server.url}/v1/models/..:predict", json={"instances": ROW}
+        )
+        assert status == 400
+        assert "invalid model id" in body["error"]
+
+
+@pytest.mark.parametrize(
+    ("model_id", "status", "cause"),
+    [
+        ("corrupt", 500, "safetensors"),
+        ("badconfig", 500, "bogus"),
+        ("huge", 507, "budget"),
+    ],
+)
+async def test_failed_loads_name_their_cause(
+    server: Server, model_id: str, status: int, cause: str
+) -> None:
+    """A model that cannot load answers an error naming the model and the cause (507 when it
+    is larger than the whole device budget); the server goes on serving others."""
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):  # the load, then the remembered failure
+            got, body, tier = await post(
+                s, f"{server.url}/v1/models/{model_id}:predict", json={"instances": ROW}
+            )
+            assert (got, tier) == (status, "store")
+            assert model_id in body["error"], body
+            assert cause in body["error"].lower(), body
+        got, _, _ = await post(s, f"{server.url}/v1/models/m2:predict", json={"instances": ROW})
+        assert got == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        ("/v1/models/m0:predict", b"not json"),
+        ("/v1/models/m0:predict", b'{"instancez": [[1, 2, 3, 4]]}'),
+        ("/v1/models/m0:predict", b'{"instances": [[1, 2], [3]]}'),
+        ("/v1/models/m0:predict", b'{"instances": [["a", "b", "c", "d"]]}'),
+        ("/v2/models/m0/infer", b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], '
+         b'"data": [1, 2, 3]}]}'),
+        ("/v2/models/m0/infer", b'{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], '
+         b'"data": ["a"]}]}'),
+        ("/v2/models/m0/infer", b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], '
+         b'"data": [1, 2, 3, 4]}, {"name": "y", "datatype": "FP32", "shape": [1], "data": [1]}]}'),
+    ],
+)  # fmt: skip
+async def test_bad_payloads_are_400(server: Server, path: str, payload: bytes) -> None:
+    """A payload that does not decode into the model's input answers 400 (422 is FastAPI's for a
+    V2 body that breaks the protocol's schema), and the model keeps serving."""
+    async with aiohttp.ClientSession() as s:
+        headers = {"content-type": "application/json"}
+        async with s.post(f"{server.url}{path}", data=payload, headers=headers) as response:
+            assert response.status in (400, 422), await response.text()
+            assert (await response.json()).get("error") or response.status == 422
+        status, _, _ = await post(s, f"{server.url}/v1/models/m0:predict", json={"instances": ROW})
+        assert status == 200
+
+
+async def test_repository_load_unload_and_readiness(server: Server) -> None:
+    """/load brings a model onto the device, /unload demotes it to host memory, and the
+    readiness endpoints say so; unknown ids answer 404 to all three."""
+    async with aiohttp.ClientSession() as s:
+        ready = f"{server.url}/v2/models/m3/ready"
+        status, body = await get(s, ready)
+        assert status == 503
+        assert "tier: store" in body["error"]
+        status, body, _ = await post(s, f"{server.url}/v2/repository/models/m3/load")
+        assert (status, body) == (200, {"name": "m3", "load": True})
+        assert await get(s, ready) == (200, {"name": "m3", "ready": True})
+        assert await get(s, f"{server.url}/v1/models/m3") == (200, {"name": "m3", "ready": True})
+        status, body = await get(s, f"{server.url}/v2/models")
+        assert status == 200
+        assert "m3" in body["models"]
+        status, _, tier = await post(
+            s, f"{server.url}/v1/models/m3:predict", json={"instances": ROW}
+        )
+        assert (status, tier) == (200, "device")
+
+        status, body, _ = await post(s, f"{server.url}/v2/repository/models/m3/unload")
+        assert (status, body) == (200, {"name": "m3", "unload": True})
+        status, body = await get(s, ready)
+        assert status == 503
+        assert "tier: host" in body["error"]
+        status, _, tier = await post(
+            s, f"{server.url}/v1/models/m3:predict", json={"instances": ROW}
+        )
+        assert (status, tier) == (200, "host")
+
+        for url in ("/v2/repository/models/nobody/load", "/v2/repository/models/nobody/unload"):
+            status, body, _ = await post(s, f"{server.url}{url}")
+            assert status == 404
+            assert "'nobody' not found" in body["error"]
+        for url in ("/v2/models/nobody/ready", "/v1/models/nobody", "/v2/models/nobody"):
+            status, body = await get(s, f"{server.url}{url}")
+            assert status == 404
+            assert "'nobody' not found" in body["error"]
+
+
+async def test_concurrent_cold_requests_share_loads(server: Server, store: Path) -> None:
+    """200 concurrent requests over 20 cold models: all answer correctly, exactly 20 loads."""
+    ids = [f"cold-{i}" for i in range(20)]
+    for model_id in ids:
+        write_model(store, model_id)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        before = counter(await metrics(s, server.url), "loads_total")
+
+        async def one(model_id: str) -> None:
+            status, body, _ = await post(
+                s, f"{server.url}/v1/models/{model_id}:predict", json={"instances": ROW}
+            )
+            assert status == 200, body
+            assert close(body["predictions"], expected(model_id, ROW))
+
+        await asyncio.gather(*(one(ids[i % 20]) for i in range(200)))
+        after = await metrics(s, server.url)
+        assert counter(after, "loads_total") - before == 20
+        assert after['modelcache_reserved_bytes{cache="default",tier="device"}'] <= BUDGET
+
+
+async def test_device_budget_is_respected(server: Server, store: Path) -> None:
+    """Serving twice the device budget's worth of models evicts (to host memory) and never
+    holds more bytes than the budget."""
+    ids = [f"wide-{i}" for i in range(2 * BUDGET // TINY_BYTES)]
+    for model_id in ids:
+        write_model(store, model_id)
+    async with aiohttp.ClientSession() as s:
+        before = await metrics(s, server.url)
+        for model_id in ids:
+            status, body, _ = await post(
+                s, f"{server.url}/v1/models/{model_id}:predict", json={"instances": ROW}
+            )
+            assert status == 200
+            assert close(body["predictions"], expected(model_id, ROW))
+        after = await metrics(s, server.url)
+    device = 'cache="default",tier="device"'
+    assert after[f"modelcache_reserved_bytes{{{device}}}"] <= BUDGET
+    assert after[f"modelcache_budget_bytes{{{device}}}"] == BUDGET
+    assert (
+        after[f"modelcache_evictions_total{{{device}}}"]
+        > before[f"modelcache_evictions_total{{{device}}}"]
+    )
+
+
+async def test_metrics_show_cache_and_request_series(server: Server) -> None:
+    """/metrics carries the cache's modelcache_* series beside KServe's request histograms."""
+    async with aiohttp.ClientSession() as s:
+        status, _, _ = await post(s, f"{server.url}/v1/models/m4:predict", json={"instances": ROW})
+        assert status == 200
+        series = await metrics(s, server.url)
+    names = {re.sub(r"\{.*", "", name) for name in series}
+    for name in (
+        "modelcache_loads_total",
+        "modelcache_hits_total",
+        "modelcache_budget_bytes",
+        "modelcache_load_seconds_bucket",
+        "request_predict_seconds_count",
+    ):
+        assert name in names, name
+    assert series['request_predict_seconds_count{model_name="*"}'] >= 1
+    assert not any('model="' in name for name in series)  # per-model series are opt-in

@@ -1,0 +1,110 @@
+"""The adapter's parts without a server: command line, default hooks, error statuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
+from modelcache_kserve import default_postprocess, default_preprocess, status_for
+from modelcache_kserve._cli import load_class, parse_args
+
+from modelcache import (
+    InvalidModelIdError,
+    ModelBuildError,
+    ModelNotFoundError,
+    ModelTooLargeError,
+    StoreError,
+)
+
+REQUIRED = ["--store", "file:///s/{model_id}/", "--model-class", "m:C", "--device-budget", "1GiB"]
+
+
+def test_flags_come_from_environment_and_command_line_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each flag may be a MODELCACHE_* variable; the command line overrides it."""
+    monkeypatch.setenv("MODELCACHE_STORE", "s3://b/{model_id}/")
+    monkeypatch.setenv("MODELCACHE_MODEL_CLASS", "pkg.mod:Cls")
+    monkeypatch.setenv("MODELCACHE_DEVICE_BUDGET", "2GiB")
+    monkeypatch.setenv("MODELCACHE_HTTP_PORT", "9000")
+    monkeypatch.setenv("MODELCACHE_PER_MODEL_METRICS", "true")
+    args = parse_args(["--device-budget", "3GiB"])
+    assert (args.store, args.model_class, args.device_budget) == (
+        "s3://b/{model_id}/",
+        "pkg.mod:Cls",
+        "3GiB",
+    )
+    assert (args.http_port, args.per_model_metrics, args.host, args.device) == (
+        9000,
+        True,
+        "0.0.0.0",
+        "cpu",
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--workers", "2"], ["--disk-dir", "/tmp/x"]],
+)
+def test_bad_command_lines_exit_with_usage(extra: list[str]) -> None:
+    """More than one worker, or a disk dir without a budget, is a usage error."""
+    with pytest.raises(SystemExit) as exc:
+        parse_args([*REQUIRED, *extra])
+    assert exc.value.code == 2
+
+
+def test_model_class_is_imported_by_spec() -> None:
+    """pkg.mod:Class imports; a spec without a colon or naming a non-class is refused."""
+    assert load_class("collections:OrderedDict").__name__ == "OrderedDict"
+    with pytest.raises(ValueError, match=r"pkg\.module:Class"):
+        load_class("collections.OrderedDict")
+    with pytest.raises(TypeError, match="not a class"):
+        load_class("os.path:join")
+
+
+def test_default_hooks_v1() -> None:
+    """V1: instances -> float32 tensor; outputs -> predictions list; bad payloads InvalidInput."""
+    x = default_preprocess({"instances": [[1, 2], [3, 4]]})
+    assert x.dtype == torch.float32
+    assert x.shape == (2, 2)
+    assert default_postprocess(x * 2, {"instances": []}) == {"predictions": [[2, 4], [6, 8]]}
+    bad: object
+    for bad in ({"inputs": []}, {"instances": 3}, {"instances": [[1], [2, 3]]}, [1, 2]):
+        with pytest.raises(InvalidInput):
+            default_preprocess(bad)
+
+
+def test_default_hooks_v2() -> None:
+    """V2: one input -> tensor of its datatype and shape; outputs named output-i or by dict key,
+    the request id echoed or generated."""
+    tensor = InferInput(name="x", shape=[2, 2], datatype="INT64", data=[1, 2, 3, 4])
+    request = InferRequest(model_name="m", infer_inputs=[tensor], request_id="r1")
+    x = default_preprocess(request)
+    assert x.dtype == torch.int64
+    assert x.tolist() == [[1, 2], [3, 4]]
+    response = default_postprocess((x, x.float()), request)
+    assert isinstance(response, InferResponse)
+    assert response.id == "r1"
+    assert [(o.name, o.datatype, o.shape) for o in response.outputs] == [
+        ("output-0", "INT64", [2, 2]),
+        ("output-1", "FP32", [2, 2]),
+    ]
+    request.id = None
+    response = default_postprocess({"logits": x}, request)
+    assert isinstance(response, InferResponse)
+    assert response.id
+    assert response.outputs[0].name == "logits"
+    two = InferRequest(model_name="m", infer_inputs=[tensor, tensor])
+    with pytest.raises(InvalidInput, match="one input"):
+        default_preprocess(two)
+
+
+def test_error_statuses() -> None:
+    """Each modelcache error answers its documented status."""
+    assert status_for(InvalidModelIdError("x")) == 400
+    assert status_for(InvalidInput("x")) == 400
+    assert status_for(ModelNotFoundError("x")) == 404
+    assert status_for(ModelTooLargeError("x")) == 507
+    assert status_for(ModelBuildError("x")) == 500
+    assert status_for(StoreError("x")) == 500
