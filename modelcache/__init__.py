@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._backend import DeviceBackend as DeviceBackend
 from ._cache import ModelCache as ModelCache
+from ._cost import LoadCosts as LoadCosts
 from ._exceptions import CacheClosedError as CacheClosedError
 from ._exceptions import InvalidModelIdError as InvalidModelIdError
 from ._exceptions import ModelBuildError as ModelBuildError
@@ -23,7 +24,9 @@ from ._exceptions import StoreError as StoreError
 from ._format import ModelInfo as ModelInfo
 from ._format import TensorInfo as TensorInfo
 from ._observe import CacheObserver as CacheObserver
+from ._policy import CostAwarePolicy as CostAwarePolicy
 from ._policy import EvictionPolicy as EvictionPolicy
+from ._policy import FrequencyHistory as FrequencyHistory
 from ._policy import LRUPolicy as LRUPolicy
 from ._stats import CacheStats as CacheStats
 from ._store import Store as Store
@@ -38,11 +41,14 @@ __all__ = [
     "CacheClosedError",
     "CacheObserver",
     "CacheStats",
+    "CostAwarePolicy",
     "CupyBackend",
     "DeviceBackend",
     "EvictionPolicy",
+    "FrequencyHistory",
     "InvalidModelIdError",
     "LRUPolicy",
+    "LoadCosts",
     "ModelBuildError",
     "ModelCache",
     "ModelCacheError",

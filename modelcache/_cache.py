@@ -44,13 +44,14 @@ from . import _observe
 from ._backend import DeviceBackend, LoadedWeights
 from ._builders import WEIGHTS, ModelBuilder, builder_for
 from ._concurrency import gather
+from ._cost import LoadCosts
 from ._disk import DiskEntry, DiskTier
 from ._exceptions import CacheClosedError, ModelNotFoundError, as_model_error
 from ._format import ModelInfo
 from ._loader import read_config, read_model_info
 from ._lower import LowerTiers
 from ._observe import CacheObserver, Observers
-from ._policy import EvictionPolicy, PolicyEntry
+from ._policy import CostAwarePolicy, EvictionPolicy, LRUPolicy, PolicyEntry
 from ._stats import CacheStats
 from ._store import Store
 from ._tiers import Abandoned, ByteBudget, HostEntry, TierStats, check_fits
@@ -61,6 +62,9 @@ __all__ = ["ModelCache"]
 
 logger = logging.getLogger("modelcache")
 logger.addHandler(logging.NullHandler())
+
+#: Models whose sizes `estimate_load_seconds` remembers after they leave every tier.
+_MAX_REMEMBERED_SIZES = 100_000
 
 #: Clock of the failure memory (a module attribute so tests can move time).
 _clock = time.monotonic
@@ -197,6 +201,8 @@ class ModelCache:
         zero_copy: bool = True,
         policy: EvictionPolicy | None = None,
         backend: DeviceBackend | None = None,
+        host_policy: EvictionPolicy | None = None,
+        load_costs: LoadCosts | None = None,
     ) -> None:
         if isinstance(store, Store):
             if storage_options is not None or allow_slash_in_ids:
@@ -235,7 +241,17 @@ class ModelCache:
             parse_bytes(host_budget, name="host_budget"),
             disk,
             self._observers,
+            policy=self._host_policy_for(host_policy),
+            costs=load_costs,
         )
+        #: Load timings per source tier, learned from this cache's own loads.
+        self._costs = self._lower.costs
+        #: Sizes of models this cache has read headers of (for `estimate_load_seconds`).
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        if isinstance(self._policy, CostAwarePolicy):
+            self._policy.bind_cost(self._device_miss_cost)
+        if isinstance(self._lower.host.policy, CostAwarePolicy):
+            self._lower.host.policy.bind_cost(self._host_miss_cost)
         self._max_concurrent_loads = max_concurrent_loads
         self._failure_ttl = failure_ttl
         self._builders: list[ModelBuilder] = []
@@ -330,6 +346,30 @@ class ModelCache:
         if tier == "host":
             return list(self._lower.entries)
         return [entry.model_id for entry in self._entries.values() if entry.ready]
+
+    def estimate_load_seconds(
+        self, model_id: str, *, nbytes: int | None = None, model: type | None = None
+    ) -> float | None:
+        """Estimated seconds before ``use(model_id)`` could hand the model out, from the tier
+        it sits in now: 0.0 on the device; else a fixed latency plus its size over the
+        bandwidth this cache has measured for that tier ("host", "disk", "store"). For a model
+        in no tier, its size must be known: from an earlier load by this cache, or ``nbytes``;
+        None when it is not. No I/O; for routers choosing the replica where a request is
+        cheapest. Builds (``from_weights``) are not included."""
+        tier = self.tier_of(model_id, model=model)
+        if tier == "device":
+            return 0.0
+        if tier == "host":
+            return self._costs.seconds("host", self._lower.entries[model_id].nbytes)
+        size = self._sizes.get(model_id, nbytes)
+        if size is None:
+            return None
+        return self._costs.seconds("disk" if tier == "disk" else "store", size)
+
+    @property
+    def load_costs(self) -> LoadCosts:
+        """The per-tier load bandwidths this cache has learned (`LoadCosts`)."""
+        return self._costs
 
     def tier_of(self, model_id: str, *, model: type | None = None) -> str | None:
         """The highest tier holding ``model_id`` ready to serve: "device", "host", "disk", or
@@ -559,6 +599,7 @@ class ModelCache:
             await self._device.reserve(entry.nbytes, lambda: entry.waiters > 0)
             entry.reserved = True
             async with self._limiter:
+                moving_since = time.perf_counter()
                 if claimed is not None:
                     weights = await self._lower.promote(claimed, info)
                     claimed = None
@@ -568,6 +609,8 @@ class ModelCache:
                     on_disk = None
                     if self._backend.on_host:
                         self._lower.write_through(info, loaded=weights)
+                self._costs.observe(source_tier, info.nbytes, time.perf_counter() - moving_since)
+                self._remember_size(entry.model_id, info.nbytes)
                 value = await entry.builder.build(weights, info)
         except BaseException as exc:
             self._lower.release_disk(on_disk)
@@ -601,6 +644,13 @@ class ModelCache:
             entry.nbytes / seconds / 1e9 if seconds else 0.0,
             extra={"model_id": entry.model_id, "nbytes": entry.nbytes, "seconds": seconds},
         )
+
+    def _remember_size(self, model_id: str, nbytes: int) -> None:
+        sizes = self._sizes
+        sizes[model_id] = nbytes
+        sizes.move_to_end(model_id)
+        if len(sizes) > _MAX_REMEMBERED_SIZES:
+            sizes.popitem(last=False)
 
     def _fail(self, entry: _Entry, exc: BaseException) -> None:
         """Undo everything a load did, and tell its waiters why."""
@@ -638,6 +688,28 @@ class ModelCache:
         self._failures.move_to_end(key)
 
     # -- the device tier ----------------------------------------------------------------------
+
+    def _host_policy_for(self, host_policy: EvictionPolicy | None) -> EvictionPolicy:
+        """The host tier's policy: the one given, else the device policy's kind (a
+        `CostAwarePolicy` sharing the device policy's access history, or LRU)."""
+        if host_policy is not None:
+            return host_policy
+        if isinstance(self._policy, CostAwarePolicy):
+            return CostAwarePolicy(history=self._policy.history)
+        return LRUPolicy()
+
+    def _device_miss_cost(self, victim: PolicyEntry) -> float:
+        """Seconds to bring a device victim back: from host memory when it fits there."""
+        nbytes = victim.nbytes
+        if nbytes <= self._lower.host.budget:
+            return self._costs.seconds("host", nbytes)
+        e: _Entry = victim  # type: ignore[assignment]
+        return self._costs.seconds(self._lower.fall_source(e.model_id), nbytes)
+
+    def _host_miss_cost(self, victim: PolicyEntry) -> float:
+        """Seconds to bring a host victim back: from the disk tier or the store."""
+        model_id: str = victim.key  # type: ignore[assignment]
+        return self._costs.seconds(self._lower.fall_source(model_id), victim.nbytes)
 
     def _evictable(self, entry: PolicyEntry) -> bool:
         e: _Entry = entry  # type: ignore[assignment]

@@ -15,6 +15,7 @@ Invariants (checked by the cache's tests after every step):
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 
 import anyio
@@ -24,12 +25,13 @@ import anyio.to_thread
 from . import _observe
 from ._arena import HostArena, HostBlock
 from ._backend import DeviceBackend, LoadedWeights
+from ._cost import LoadCosts
 from ._disk import DiskEntry, DiskTier
 from ._exceptions import CacheClosedError, ModelCacheError, ModelLoadError, as_model_error
 from ._format import INDEX_NAME, ModelInfo
 from ._loader import fill_buffer, read_model_info
 from ._observe import Observers
-from ._policy import PolicyEntry
+from ._policy import EvictionPolicy, PolicyEntry, admits
 from ._store import Store
 from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
 from ._units import format_bytes
@@ -59,13 +61,18 @@ class LowerTiers:
         host_budget: int,
         disk: DiskTier | None,
         observers: Observers | None = None,
+        *,
+        policy: EvictionPolicy | None = None,
+        costs: LoadCosts | None = None,
     ) -> None:
         self._store = store
         self._backend = backend
         self._observers = observers if observers is not None else Observers()
         self.host = ByteBudget(
-            "host", host_budget, evictable=host_evictable, evict=self._evict_host
+            "host", host_budget, evictable=host_evictable, evict=self._evict_host, policy=policy
         )
+        #: Bandwidth learned from loads into host memory (shared with the device tier's).
+        self.costs = costs if costs is not None else LoadCosts()
         self.entries: dict[str, HostEntry] = {}
         #: Host bytes reserved for work in flight: claimed for a promotion, being loaded or
         #: copied in.
@@ -263,12 +270,21 @@ class LowerTiers:
 
     def _host_can_take(self, model_id: str, nbytes: int) -> bool:
         """Reserve host bytes for a demotion, if the host tier has (or can make) room."""
+        host = self.host
         return (
             model_id not in self.entries
             and model_id not in self.moving
-            and nbytes <= self.host.budget
-            and self.host.try_reserve(nbytes)
+            and nbytes <= host.budget
+            and (host.budget - host.reserved >= nbytes or admits(host.policy, model_id, nbytes))
+            and host.try_reserve(nbytes)
         )
+
+    def fall_source(self, model_id: str) -> str:
+        """Where ``model_id`` would be read from once out of RAM: "disk" or "store"."""
+        disk = self.disk
+        if disk is not None and (model_id in disk or self._remote(model_id)):
+            return "disk"
+        return "store"
 
     def _host_block(self, nbytes: int) -> HostBlock | None:
         """A pinned block for a model's bytes, or None when the slab has no run that long."""
@@ -377,8 +393,14 @@ class LowerTiers:
                 self.in_flight += info.nbytes
                 try:
                     async with self._limiter:
+                        started = time.perf_counter()
                         payload = await self._read_to_host(
                             source, info, from_disk=on_disk is not None
+                        )
+                        self.costs.observe(
+                            "store" if on_disk is None else "disk",
+                            info.nbytes,
+                            time.perf_counter() - started,
                         )
                 except BaseException:
                     self.host.release(info.nbytes)

@@ -1,0 +1,412 @@
+"""Eviction policies: one contract suite for every policy, GDSF specifics, learned load costs,
+the cache's use of them, and the policy simulator's accounting."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import random
+import sys
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from modelcache import (
+    CostAwarePolicy,
+    EvictionPolicy,
+    FrequencyHistory,
+    LoadCosts,
+    LRUPolicy,
+    ModelCache,
+)
+from modelcache._policy import PolicyEntry, admits
+
+from .conftest import MemoryModels, check_invariants
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+
+
+class Item:
+    __slots__ = ("key", "nbytes")
+
+    def __init__(self, key: Hashable, nbytes: int) -> None:
+        self.key = key
+        self.nbytes = nbytes
+
+
+def _cost_by_key(entry: PolicyEntry) -> float:
+    return 0.01 + entry.nbytes / 1e9 * (1 + hash(entry.key) % 3)
+
+
+POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
+    "lru": LRUPolicy,
+    "cost-aware": CostAwarePolicy,
+    "cost-aware-with-cost": lambda: CostAwarePolicy(cost=_cost_by_key),
+    "cost-aware-admission": lambda: CostAwarePolicy(cost=_cost_by_key, admission=True),
+}
+
+
+def _run_ops(policy: EvictionPolicy, seed: int) -> list[list[Hashable] | None]:
+    """A random sequence of admits, hits, removals and victim requests; returns every answer,
+    checking the contract on each."""
+    rng = random.Random(seed)
+    resident: dict[Hashable, Item] = {}
+    leased: set[Hashable] = set()
+    answers: list[list[Hashable] | None] = []
+    for step in range(2000):
+        op = rng.random()
+        if op < 0.3 or not resident:
+            item = Item(f"m{step}", rng.choice((1, 10, 100, 1000)))
+            resident[item.key] = item
+            policy.admitted(item)
+        elif op < 0.7:
+            policy.accessed(resident[rng.choice(sorted(resident, key=str))])
+        elif op < 0.8:
+            key = rng.choice(sorted(resident, key=str))
+            leased.symmetric_difference_update({key})
+        elif op < 0.85:
+            key = rng.choice(sorted(resident, key=str))
+            policy.removed(resident.pop(key))
+            leased.discard(key)
+        else:
+            need = rng.randint(1, 3000)
+            evictable = sum(i.nbytes for k, i in resident.items() if k not in leased)
+            got = policy.victims(need, lambda e: e.key not in leased)
+            if got is None:
+                assert evictable < need
+                answers.append(None)
+                continue
+            keys = [e.key for e in got]
+            assert len(set(keys)) == len(keys)
+            assert all(k in resident and k not in leased for k in keys)
+            assert sum(e.nbytes for e in got) >= need
+            answers.append(keys)
+            for e in got:
+                policy.removed(e)
+                del resident[e.key]
+    return answers
+
+
+@pytest.mark.parametrize("make", POLICIES.values(), ids=POLICIES.keys())
+def test_contract_under_random_operations(make: Callable[[], EvictionPolicy]) -> None:
+    """Victims are resident, unleased, distinct and free enough; None only when impossible."""
+    for seed in range(3):
+        _run_ops(make(), seed)
+
+
+@pytest.mark.parametrize("make", POLICIES.values(), ids=POLICIES.keys())
+def test_deterministic_for_a_sequence(make: Callable[[], EvictionPolicy]) -> None:
+    """The same calls give the same victims, in the same order."""
+    assert _run_ops(make(), 42) == _run_ops(make(), 42)
+
+
+@pytest.mark.parametrize("make", POLICIES.values(), ids=POLICIES.keys())
+def test_never_picks_a_leased_entry(make: Callable[[], EvictionPolicy]) -> None:
+    """With the only cheap victims leased, the others are chosen, or None if too few."""
+    policy = make()
+    items = [Item(i, 100) for i in range(4)]
+    for item in items:
+        policy.admitted(item)
+    leased = {0, 1}
+    got = policy.victims(200, lambda e: e.key not in leased)
+    assert got is not None and {e.key for e in got} == {2, 3}
+    assert policy.victims(201, lambda e: e.key not in leased) is None
+    assert policy.victims(1, lambda e: False) is None
+
+
+@pytest.mark.parametrize("make", POLICIES.values(), ids=POLICIES.keys())
+def test_removed_entries_are_never_victims(make: Callable[[], EvictionPolicy]) -> None:
+    """An entry removed from the tier is never offered again."""
+    policy = make()
+    a, b = Item("a", 10), Item("b", 10)
+    policy.admitted(a)
+    policy.admitted(b)
+    policy.accessed(a)
+    policy.removed(a)
+    assert policy.victims(10, lambda e: True) == [b]
+    assert policy.victims(11, lambda e: True) is None
+
+
+def test_cost_aware_keeps_what_is_expensive_to_reload() -> None:
+    """Of two models of one size used alike, the one slower to bring back stays."""
+    costs = {"slow": 8.0, "fast": 0.1}
+    policy = CostAwarePolicy(cost=lambda e: costs[str(e.key)])
+    slow, fast = Item("slow", 100), Item("fast", 100)
+    for item in (slow, fast):
+        policy.admitted(item)
+        policy.accessed(item)
+    assert policy.victims(1, lambda e: True) == [fast]
+
+
+def test_cost_aware_keeps_what_is_used_more() -> None:
+    """Of two equal models, the one used more often stays, even if used less recently."""
+    policy = CostAwarePolicy()
+    hot, cold = Item("hot", 100), Item("cold", 100)
+    policy.admitted(hot)
+    for _ in range(5):
+        policy.accessed(hot)
+    policy.admitted(cold)
+    policy.accessed(cold)
+    assert policy.victims(1, lambda e: True) == [cold]
+
+
+def test_cost_aware_prefers_evicting_large_models_per_second_saved() -> None:
+    """With reload cost latency + size / bandwidth, a big model frees more bytes per second
+    of reloading lost than a small one: it goes first."""
+    policy = CostAwarePolicy(cost=lambda e: 0.05 + e.nbytes / 1e9)
+    small, big = Item("small", 1 << 20), Item("big", 4 << 30)
+    for item in (small, big):
+        policy.admitted(item)
+        policy.accessed(item)
+    assert policy.victims(1, lambda e: True) == [big]
+
+
+def test_inflation_ages_out_a_model_that_stopped_being_used() -> None:
+    """A once-hot model is evicted after enough newer models come and go (L grows)."""
+    policy = CostAwarePolicy()
+    old = Item("old", 100)
+    policy.admitted(old)
+    for _ in range(3):
+        policy.accessed(old)
+    evicted_old_at = None
+    for i in range(50):
+        new = Item(i, 100)
+        policy.admitted(new)
+        policy.accessed(new)
+        policy.accessed(new)
+        got = policy.victims(100, lambda e: True)
+        assert got is not None
+        policy.removed(got[0])
+        if got[0] is old:
+            evicted_old_at = i
+            break
+    assert evicted_old_at is not None and evicted_old_at > 0
+    assert policy.inflation > 0
+
+
+def test_the_heap_stays_proportional_to_the_entries() -> None:
+    """Lazy invalidation: a million-hit pattern on 3 entries keeps the heap small."""
+    policy = CostAwarePolicy()
+    items = [Item(i, 10) for i in range(3)]
+    for item in items:
+        policy.admitted(item)
+    for n in range(20_000):
+        policy.accessed(items[n % 3])
+    assert len(policy._heap) <= 2 * len(policy) + 65
+
+
+def test_admission_refuses_a_one_off_over_a_model_that_comes_back() -> None:
+    """With admission, a model seen once does not displace one seen often; without, it does."""
+    history = FrequencyHistory()
+    for _ in range(4):
+        history.touch("regular")
+    history.touch("one-off")
+    strict = CostAwarePolicy(history=history, admission=True)
+    lenient = CostAwarePolicy(history=history)
+    for policy in (strict, lenient):
+        policy.admitted(Item("regular", 100))
+    assert not admits(strict, "one-off", 100)
+    assert admits(lenient, "one-off", 100)
+    for _ in range(10):
+        history.touch("one-off")
+    assert admits(strict, "one-off", 100)
+    assert admits(LRUPolicy(), "anything", 1)
+
+
+def test_frequency_history_halves_every_period() -> None:
+    """Counts halve after ``period`` touches and keys at zero are forgotten."""
+    history = FrequencyHistory(min_period=10, period_factor=1)
+    for _ in range(7):
+        history.touch("a")
+    for _ in range(2):
+        history.touch("b")
+    assert (history.get("a"), history.get("b")) == (7, 2)
+    history.touch("c")  # the 10th touch: halve
+    assert (history.get("a"), history.get("b"), history.get("c")) == (3, 1, 0)
+    assert len(history) == 2
+    with pytest.raises(ValueError):
+        FrequencyHistory(min_period=0)
+
+
+def test_load_costs_learn_bandwidth_and_keep_latency() -> None:
+    """Observed loads move the bandwidth to what they show; the latency knob stays fixed."""
+    costs = LoadCosts({"store": (1e9, 0.01)}, alpha=0.5)
+    assert costs.seconds("store", 10**9) == pytest.approx(1.01)
+    for _ in range(30):
+        costs.observe("store", 200 << 20, 0.01 + (200 << 20) / 4e9)
+    assert costs.bandwidth("store") == pytest.approx(4e9, rel=1e-3)
+    assert costs.seconds("store", 4 * 10**9) == pytest.approx(1.01, rel=1e-3)
+    snap = costs.snapshot()["store"]
+    assert (snap.samples, snap.latency) == (30, 0.01)
+    assert snap.seconds(0) == 0.01
+    costs.observe("store", 0, 1.0)  # ignored: says nothing about bandwidth
+    costs.observe("store", 10, math.nan)
+    assert costs.snapshot()["store"].samples == 30
+    with pytest.raises(ValueError):
+        LoadCosts(alpha=0)
+    with pytest.raises(ValueError):
+        LoadCosts({"disk": (0.0, 0.0)})
+
+
+async def test_cache_learns_bandwidth_and_estimates_load_seconds(models: MemoryModels) -> None:
+    """Loads teach the cache each source's bandwidth; estimates follow the model's tier."""
+    for name in "ab":
+        models.add(name, 1000)
+    costs = LoadCosts()
+    async with ModelCache(
+        models.template, device_budget=1000, host_budget=1000, load_costs=costs
+    ) as cache:
+        assert cache.load_costs is costs
+        assert cache.estimate_load_seconds("a") is None  # never seen, size unknown
+        unseen = cache.estimate_load_seconds("a", nbytes=10**9)
+        assert unseen == pytest.approx(costs.seconds("store", 10**9))
+        async with cache.use("a"):
+            assert cache.estimate_load_seconds("a") == 0.0
+        async with cache.use("b"):  # a moves to host
+            pass
+        assert cache.resident("host") == ["a"]
+        assert cache.estimate_load_seconds("a") == pytest.approx(costs.seconds("host", 1000))
+        async with cache.use("a"):  # a promotion: the host source is observed
+            pass
+        snap = costs.snapshot()
+        assert (snap["store"].samples, snap["host"].samples) == (2, 1)
+        assert cache.evict("a") and cache.resident("host") == ["a"]
+        # b left host memory for a: in no tier now, its size is remembered from its load.
+        assert cache.resident() == [] and cache.tier_of("b") is None
+        assert cache.estimate_load_seconds("b") == pytest.approx(costs.seconds("store", 1000))
+        check_invariants(cache)
+
+
+async def test_cache_binds_costs_and_shares_history_with_the_host_tier(
+    models: MemoryModels,
+) -> None:
+    """A CostAwarePolicy given to the cache gets its cost model; the host tier gets a
+    CostAwarePolicy on the same history; the hot model survives a cold one."""
+    for name in "hcx":
+        models.add(name, 1000)
+    policy = CostAwarePolicy()
+    async with ModelCache(
+        models.template, device_budget=2000, host_budget=1000, policy=policy
+    ) as cache:
+        assert policy.has_cost
+        host_policy: Any = cache._lower.host.policy
+        assert isinstance(host_policy, CostAwarePolicy) and host_policy.history is policy.history
+        assert host_policy.has_cost
+        for _ in range(3):
+            async with cache.use("h"):
+                pass
+        async with cache.use("c"):
+            pass
+        async with cache.use("x"):  # c (used once) goes, h (used thrice) stays
+            pass
+        assert sorted(cache.resident()) == ["h", "x"]
+        assert cache.resident("host") == ["c"]
+        check_invariants(cache)
+
+
+async def test_host_admission_keeps_a_one_off_out_of_a_full_host_tier(
+    models: MemoryModels,
+) -> None:
+    """With admission on the host tier, a model used once is dropped rather than displace a
+    model used often."""
+    for name in "rst":
+        models.add(name, 1000)
+    async with ModelCache(
+        models.template,
+        device_budget=1000,
+        host_budget=1000,
+        policy=CostAwarePolicy(),
+        host_policy=CostAwarePolicy(admission=True),
+    ) as cache:
+        host_policy: Any = cache._lower.host.policy
+        assert host_policy.history is not cache._policy.history  # type: ignore[attr-defined]
+        for _ in range(3):
+            async with cache.use("r"):
+                pass
+        async with cache.use("s"):  # r moves to host (room is free: no admission check)
+            pass
+        for _ in range(2):  # this tier's own history: r comes back, s did not
+            host_policy.history.touch("r")
+        async with cache.use("t"):  # s would displace r: refused, s is dropped
+            pass
+        assert cache.resident("host") == ["r"]
+        check_invariants(cache)
+
+
+def _policy_sim() -> ModuleType:
+    if str(BENCHES) not in sys.path:
+        sys.path.insert(0, str(BENCHES))
+    return importlib.import_module("policy_sim")
+
+
+def test_policy_sim_accounting_on_a_tiny_trace() -> None:
+    """The simulator counts hits, bytes and load seconds exactly, and the offline bound is
+    below every policy's load seconds and above every hit ratio."""
+    import numpy as np
+
+    sim = _policy_sim()
+    sizes = np.array([100, 100, 100, 250], dtype=np.int64)
+    keys = np.array([0, 1, 0, 2, 0, 1, 3, 0, 1, 2], dtype=np.int64)
+    times = np.arange(len(keys), dtype=np.float64) * 1000.0  # loads end before the next request
+    trace = sim.Trace("tiny", times, keys, sizes, int(sizes.sum()))
+    jitter = np.ones(len(keys))
+    bw_h, lat_h = sim.TRUTH["host"]
+    bw_s, lat_s = sim.TRUTH["store"]
+
+    # Every model's first request is a store load: a floor under any policy's load seconds.
+    expected = sum(
+        lat_s + sizes[k] / bw_s for k, first in zip(keys, _firsts(keys), strict=True) if first
+    )
+    lru = sim.simulate(trace, "byte-lru", 250, 250, jitter=jitter)
+    assert lru.requests == 10
+    assert lru.hits + sum(lru.loads.values()) == 10
+    assert lru.bytes_requested == int(sizes[keys].sum())
+    assert lru.loads["store"] >= 4 and lru.load_seconds >= expected
+    assert lru.waits.count(0.0) == lru.hits
+    assert lru.hit_ratio == lru.hits / 10
+    # Seconds are exactly the sum of each load's latency + size / bandwidth.
+    small_keys = np.array([0, 1, 0, 1, 2], dtype=np.int64)  # 100 bytes each
+    small = sim.Trace("small", times[:5], small_keys, sizes[:3], 300)
+    loaded = sim.simulate(small, "byte-lru", 100, 0, jitter=jitter)  # one model at a time
+    assert loaded.hits == 0 and loaded.loads == {"host": 0, "store": 5}
+    assert loaded.load_seconds == pytest.approx(5 * (lat_s + 100 / bw_s))
+    assert (bw_h, lat_h) == sim.TRUTH["host"]
+
+    bound = sim.offline_bound(trace, 250, 250, jitter)
+    for kind in sim.POLICIES:
+        k = 2 if kind == "count-lru" else None
+        r = sim.simulate(trace, kind, 250, 250, count_limit=k, jitter=jitter)
+        assert r.requests == 10 and r.hits + sum(r.loads.values()) == 10
+        if kind != "count-lru":  # count-LRU ignores the byte budget: the bound is not its
+            assert bound.load_seconds <= r.load_seconds + 1e-9
+            assert bound.hit_ratio >= r.hit_ratio - 1e-9
+            assert bound.byte_hit_ratio >= r.byte_hit_ratio - 1e-9
+            assert r.peak_device_bytes <= 250
+    # A cache holding everything: only the first request of each model misses.
+    everything = sim.simulate(trace, "cost", 1000, 0, jitter=jitter)
+    assert everything.hits == 10 - 4 and everything.load_seconds == pytest.approx(expected)
+    assert sim.offline_bound(trace, 1000, 0, jitter).load_seconds == pytest.approx(expected)
+
+
+def _firsts(keys: Any) -> list[bool]:
+    seen: set[int] = set()
+    out = []
+    for k in keys.tolist():
+        out.append(k not in seen)
+        seen.add(k)
+    return out
+
+
+def test_policy_sim_replays_a_csv_trace(tmp_path: Path) -> None:
+    """A CSV trace (header, unsorted rows) is read, sorted by time, and simulated."""
+    sim = _policy_sim()
+    path = tmp_path / "trace.csv"
+    path.write_text("time,model,size\n2.0,b,300\n1.0,a,100\n3.0,a,100\n")
+    trace = sim.read_trace(str(path))
+    # Keys number the ids in file order (b=0, a=1); requests come out in time order.
+    assert trace.keys.tolist() == [1, 0, 1] and trace.sizes.tolist() == [300, 100]
+    r = sim.simulate(trace, "cost", 400, 0)
+    assert (r.hits, r.loads["store"]) == (1, 2)
