@@ -28,7 +28,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import anyio
@@ -37,6 +38,7 @@ import torch
 
 from ._arena import HostArena, HostBlock, cuda_available, host_view
 from ._backend import LoadedWeights, ViewMapping
+from ._concurrency import gather
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
 from ._loader import fill_buffer
@@ -67,10 +69,13 @@ _DTYPE_ATTRS = {
     "C64": "complex64",
 }
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _PAGE = mmap.PAGESIZE
 #: Host buffers below this come from the heap rather than a mapping of their own.
 _SMALL = 1 << 20
+#: A fresh buffer is faulted in ahead of the reads in steps of this many bytes.
+_PREFAULT_STEP = 64 << 20
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
@@ -132,6 +137,49 @@ def allocate_host(nbytes: int) -> tuple[torch.Tensor, memoryview]:
     if _MADV_HUGEPAGE is not None:
         mapping.madvise(_MADV_HUGEPAGE)
     return torch.frombuffer(mapping, dtype=torch.uint8), memoryview(mapping)
+
+
+def _prefault(address: int, nbytes: int, stop: threading.Event) -> None:
+    """Fault in (allocate and zero) a fresh mapping's pages, front to back, until ``stop``.
+
+    Run in a thread beside the reads that fill the buffer: the kernel's page allocation and
+    zeroing (0.25-1.8 s/GiB here, more with huge-page compaction) then overlaps the transfer
+    instead of stalling each write that first touches a page. Pages the reads reach first are
+    skipped by the kernel; a failure (old kernel) just leaves the faults to the reads.
+    """
+    if _madvise is None:
+        return
+    for offset in range(0, nbytes, _PREFAULT_STEP):
+        if stop.is_set():
+            return
+        step = min(_PREFAULT_STEP, nbytes - offset)
+        if _madvise(address + offset, step, _MADV_POPULATE_WRITE) != 0:
+            return
+
+
+async def fill_fresh(store: Store, info: ModelInfo, buffer: torch.Tensor, view: memoryview) -> None:
+    """`fill_buffer` into a freshly allocated host buffer; from a remote store, its pages are
+    faulted in alongside by another thread.
+
+    A remote read leaves the CPU waiting on the network, so the faults (and huge-page
+    compaction) overlap it: the median cold 1 GiB load over loopback http went from 1.9 s to
+    1.3 s here. Local reads are CPU-bound copies already spread over threads: there the extra
+    thread only competes with them, so they fault as they copy.
+    """
+    if info.nbytes < _SMALL or store.local_path(info.shards[0].url) is not None:
+        await fill_buffer(store, info, view)
+        return
+    stop = threading.Event()
+
+    async def fill() -> None:
+        try:
+            await fill_buffer(store, info, view)
+        finally:
+            stop.set()
+
+    prefault = partial(anyio.to_thread.run_sync, _prefault, buffer.data_ptr(), info.nbytes, stop)
+    calls: list[Callable[[], Awaitable[None]]] = [prefault, fill]
+    await gather(calls)
 
 
 def tensor_views(buffer: torch.Tensor, info: ModelInfo, base: int = 0) -> dict[str, torch.Tensor]:
@@ -303,7 +351,7 @@ class TorchBackend:
             base = info.shards[0].data_start
         else:
             buffer, view = allocate_host(info.nbytes)
-            await fill_buffer(store, info, view)
+            await fill_fresh(store, info, buffer, view)
             del view
             if self.device.type != "cpu":
                 buffer = await anyio.to_thread.run_sync(self._to_device, buffer)

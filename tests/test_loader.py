@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from safetensors.torch import load_file, save_file
 
+import modelcache._torch as backend
 from modelcache._exceptions import (
     InvalidModelIdError,
     ModelFormatError,
@@ -632,3 +634,67 @@ def test_every_format_dtype_has_a_torch_dtype_here() -> None:
         assert DTYPE_NAMES.get(dtype) == name
     for dtype, name in DTYPE_NAMES.items():
         assert torch.empty((), dtype=dtype).element_size() == DTYPE_SIZES[name]
+
+
+# -- fresh buffers from remote stores are faulted in beside the reads ----------------------------
+
+
+def test_prefault_advises_the_whole_buffer_in_steps_until_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_prefault populates every step of the buffer in order, and nothing once stopped."""
+
+    calls: list[tuple[int, int, int]] = []
+
+    def madvise(address: int, nbytes: int, advice: int) -> int:
+        calls.append((address, nbytes, advice))
+        return 0
+
+    monkeypatch.setattr(backend, "_madvise", madvise)
+    monkeypatch.setattr(backend, "_PREFAULT_STEP", 100)
+    backend._prefault(1000, 250, threading.Event())
+    write = backend._MADV_POPULATE_WRITE
+    assert calls == [(1000, 100, write), (1100, 100, write), (1200, 50, write)]
+    calls.clear()
+    stopped = threading.Event()
+    stopped.set()
+    backend._prefault(1000, 250, stopped)
+    assert calls == []
+
+
+@pytest.mark.asyncio
+async def test_memory_store_load_of_a_large_model_prefaults_and_is_exact(
+    memory_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multi-MiB load from a non-local store runs the prefault beside the reads, bit-exact."""
+
+    seen: list[int] = []
+    real = backend._prefault
+
+    def prefault(address: int, nbytes: int, stop: threading.Event) -> None:
+        seen.append(nbytes)
+        real(address, nbytes, stop)
+
+    monkeypatch.setattr(backend, "_prefault", prefault)
+    place = Place("memory", f"memory://{memory_root}/{{model_id}}", f"memory://{memory_root}")
+    tensors = {"w": random_tensor(torch.float32, (1 << 20,)), "b": random_tensor(torch.int8, (7,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    weights = await load(place.store(), zero_copy=False)
+    assert seen == [weights.info.nbytes]
+    assert_same(weights, tensors)
+
+
+@pytest.mark.asyncio
+async def test_a_failed_remote_read_stops_the_prefault_and_raises_typed(
+    memory_root: str,
+) -> None:
+    """A read that fails mid-load raises its StoreError (not a group) once the prefault ends."""
+    place = Place("memory", f"memory://{memory_root}/{{model_id}}", f"memory://{memory_root}")
+    content = write_model(
+        place.directory(MODEL_ID), {"w": random_tensor(torch.float32, (1 << 20,))}
+    )
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    put(place.file(MODEL_ID), content[: len(content) // 2])
+    with pytest.raises(StoreError):
+        await TorchBackend("cpu", zero_copy=False).load(store, info)
