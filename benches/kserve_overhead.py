@@ -26,8 +26,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +46,10 @@ from _common import (
     print_table,
     rounded,
 )
+
+sys.path.insert(0, str(REPO_ROOT / "examples" / "many_models"))
+# The demo's helpers for running `python -m modelcache_kserve` in a subprocess.
+from demo import free_port, stop_server, wait_ready
 
 GOAL_OVERHEAD = 0.05
 MODEL_ID = "bench-mlp"
@@ -143,12 +145,6 @@ def serve_plain(port: int, folder: Path) -> None:
 # -- the client -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Server:
     name: str
@@ -208,32 +204,7 @@ def start_servers(store: Path, workdir: Path) -> dict[str, Server]:
 
 def stop_servers(servers: dict[str, Server]) -> None:
     for server in servers.values():
-        if server.process.poll() is None:
-            server.process.send_signal(signal.SIGINT)
-    for server in servers.values():
-        try:
-            server.process.wait(15)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-
-
-async def wait_ready(session: Any, server: Server, deadline: float) -> None:
-    import aiohttp
-
-    while True:
-        if server.process.poll() is not None:
-            tail = server.log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the {server.name} server exited:\n{tail}")
-        try:
-            async with session.get(f"http://{HOST}:{server.port}/v2/health/ready") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the {server.name} server was not ready in time")
-        await asyncio.sleep(0.1)
+        stop_server(server.process)
 
 
 @dataclass(frozen=True)
@@ -266,9 +237,12 @@ async def measure(servers: dict[str, Server], cfg: Config) -> dict[str, Figures]
         for name in servers
     }
     try:
-        deadline = time.monotonic() + 120
-        for name, server in servers.items():
-            await wait_ready(sessions[name], server, deadline)
+        for server in servers.values():
+            try:
+                await wait_ready(f"http://{HOST}:{server.port}", server.process, 120)
+            except RuntimeError as exc:
+                tail = server.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the {server.name} server: {exc}\n{tail}") from exc
 
         async def one(name: str) -> tuple[int, str, Any]:
             t0 = time.perf_counter_ns()
