@@ -18,7 +18,8 @@ Policies (the host tier is the same size in every row):
   bytes (Ray Serve ``@serve.multiplexed``-like); K is calibrated so that the device's resident
   bytes, averaged over requests, fill the same budget (fitted on the first quarter of the
   trace). Its peak may exceed the budget (reported). Host tier: byte-LRU.
-* ``cost``       `CostAwarePolicy` (GDSF with learned costs) on both tiers, no admission.
+* ``cost``       `CostAwarePolicy` (cost-aware LFU with decaying counts, learned costs) on
+  both tiers, no admission.
 * ``cost+adm``   the same, with admission control on the host tier.
 * ``bound``      a lower bound on load seconds no policy can beat (and upper bounds on the hit
   ratios): PFOO-L of Berger et al. (SIGMETRICS 2018), extended to the two exclusive tiers. See

@@ -8,29 +8,35 @@ as a candidate and never mutates the cache. One policy object serves one tier (a
 Two policies ship:
 
 * `LRUPolicy` - least recently used first, by bytes (what ModelMesh does).
-* `CostAwarePolicy` - GreedyDual-Size-Frequency (Cherkasova 1998) with the cost of a miss taken
-  from the cache's own load timings: the victim is the entry with the lowest
+* `CostAwarePolicy` - GDSF-like (Cherkasova 1998) with the cost of a miss taken from the
+  cache's own load timings, aged by decaying counts instead of GDSF's additive inflation: the
+  victim is the entry with the lowest value now
 
-      H = L + F * C / S
+      F * C / S
 
   where C is the estimated seconds to bring the entry back from the tier it would fall to
-  (`LoadCosts`: a fixed latency plus its size over that tier's learned bandwidth), S its size,
-  F its aged access count (`FrequencyHistory`, kept across evictions) and L the tier's
-  *inflation*: the H of the last victim. L only grows, so an entry that stops being used is
-  overtaken by entries touched later: that is GDSF's ageing, and it needs no timers.
+  (`LoadCosts`: a fixed latency plus its size over that tier's learned bandwidth), S its size
+  and F its access count decayed exponentially (`FrequencyHistory`, kept across evictions).
+  GDSF's inflation (adding the last victim's priority to every newcomer) ages a tier by
+  recency, which lets a model seen once displace one used steadily for a long time; decayed
+  counts age by popularity alone, at a pace fitted to the cache's size.
 
-Invariants of `CostAwarePolicy` (the hit path must stay O(1)-ish): C / S is computed when an
-entry enters the tier (so bandwidth learned later applies from its next admission), `accessed`
-only bumps F and pushes one heap item, never scanning and never calling ``cost``; stale heap items (an entry touched again, or removed) are skipped when
-popped and the heap is rebuilt when it holds more than twice the live entries; ties break on a
-sequence number, so a policy is deterministic for a given sequence of calls.
+Invariants of `CostAwarePolicy` (the hit path must stay O(log n)): every count decays at the
+same rate, so an untouched entry's rank never changes and the heap keeps
+``log2(F * C / S) + clock`` as of the entry's last push - the order of the values now. C / S
+is computed when an entry enters the tier (so bandwidth learned later applies from its next
+admission); `accessed` bumps F and pushes one heap item, never scanning and never calling
+``cost``; stale heap items (an entry touched again, or removed) are skipped when popped and the
+heap is rebuilt when it holds more than twice the live entries; ties break on a sequence
+number, so a policy is deterministic for a given sequence of calls.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sized
 from typing import NamedTuple, Protocol
 
 __all__ = [
@@ -107,53 +113,81 @@ class LRUPolicy:
 
 
 class FrequencyHistory:
-    """Aged access counts per key, remembered after the key leaves a tier.
+    """Access counts per key that decay exponentially, remembered after the key leaves a tier.
 
-    `touch` adds one; every ``period`` touches all counts are halved (keys reaching zero are
-    forgotten), with ``period`` = max(``min_period``, ``period_factor`` x keys remembered), so
-    the halving costs O(1) amortised per touch and a count measures recent popularity. One
-    history is shared by a cache's device and host policies: the host tier never sees hits
-    itself (a hit there is a promotion, which removes the entry).
+    Every `touch` adds one to the key's count and advances a clock by 1 / half-life, so every
+    count halves each half-life of touches: a count measures *recent* popularity, and the
+    popularity of a model that stops being used fades at the same pace as every other's. The
+    half-life is ``half_life_factor`` x the entries resident in the tiers whose policies share
+    this history (at least ``min_half_life``): a small cache forgets fast and follows shifts, a
+    large one keeps long counts for its long tail. Counts are stored with the clock reading of
+    their last touch and decayed when read, so a touch is O(1); every max(``min_half_life``,
+    keys remembered) touches, keys whose count fell below 1/64 are forgotten (O(1) amortised)
+    and the half-life is re-fitted. One history is shared by a cache's device and host policies:
+    the host tier never sees hits itself (a hit there is a promotion, which removes the entry).
     """
 
-    __slots__ = ("_counts", "_min_period", "_period", "_period_factor", "_ticks")
+    __slots__ = ("_counts", "_factor", "_min_half_life", "_rate", "_ticks", "_tiers", "clock")
 
-    def __init__(self, *, min_period: int = 1024, period_factor: int = 32) -> None:
-        if min_period < 1 or period_factor < 1:
-            raise ValueError("min_period and period_factor must be at least 1")
-        self._counts: dict[Hashable, int] = {}
-        self._min_period = min_period
-        self._period_factor = period_factor
-        self._period = min_period
+    #: Counts below this are forgotten when the history is pruned.
+    FORGET_BELOW = 1 / 64
+
+    def __init__(self, *, half_life_factor: float = 32.0, min_half_life: int = 1024) -> None:
+        if min_half_life < 1 or not half_life_factor > 0:
+            raise ValueError("min_half_life must be at least 1 and half_life_factor positive")
+        #: key -> (count at its last touch, clock then)
+        self._counts: dict[Hashable, tuple[float, float]] = {}
+        self._factor = half_life_factor
+        self._min_half_life = min_half_life
+        self._rate = 1.0 / min_half_life
         self._ticks = 0
+        self._tiers: list[Sized] = []
+        #: Half-lives elapsed so far (advances by 1 / half-life per touch).
+        self.clock = 0.0
 
     def __len__(self) -> int:
         return len(self._counts)
 
-    def get(self, key: Hashable) -> int:
-        """The aged count of ``key`` (0 if unknown)."""
-        return self._counts.get(key, 0)
+    @property
+    def half_life(self) -> float:
+        """Touches after which every count has halved (re-fitted when the history is pruned)."""
+        return 1.0 / self._rate
 
-    def touch(self, key: Hashable) -> int:
-        """Count one access of ``key``; returns its aged count."""
-        counts = self._counts
-        count = counts.get(key, 0) + 1
-        counts[key] = count
+    def attach(self, tier: Sized) -> None:
+        """Count ``tier``'s resident entries when fitting the half-life (policies call this)."""
+        self._tiers.append(tier)
+
+    def get(self, key: Hashable) -> float:
+        """The decayed count of ``key`` now (0 if unknown or forgotten)."""
+        found = self._counts.get(key)
+        return 0.0 if found is None else found[0] * 2.0 ** (found[1] - self.clock)
+
+    def touch(self, key: Hashable) -> float:
+        """Count one access of ``key``; returns its decayed count (at least 1)."""
+        counts, clock = self._counts, self.clock
+        found = counts.get(key)
+        count = 1.0 if found is None else found[0] * 2.0 ** (found[1] - clock) + 1.0
+        counts[key] = (count, clock)
+        self.clock = clock + self._rate
         self._ticks += 1
-        if self._ticks >= self._period:
-            self._age()
+        if self._ticks >= self._min_half_life and self._ticks >= len(counts):
+            self._prune()
         return count
 
-    def _age(self) -> None:
-        self._counts = {k: c >> 1 for k, c in self._counts.items() if c > 1}
-        self._period = max(self._min_period, self._period_factor * len(self._counts))
+    def _prune(self) -> None:
+        clock, floor = self.clock, self.FORGET_BELOW
+        self._counts = {
+            k: v for k, v in self._counts.items() if v[0] * 2.0 ** (v[1] - clock) >= floor
+        }
         self._ticks = 0
+        resident = sum(len(tier) for tier in self._tiers)
+        self._rate = 1.0 / max(self._min_half_life, self._factor * resident)
 
 
 class _Slot:
     """A resident entry's place in a `CostAwarePolicy` (updated in place on a hit)."""
 
-    __slots__ = ("entry", "priority", "seq", "unit", "value")
+    __slots__ = ("entry", "priority", "seq", "unit")
 
     def __init__(self, entry: PolicyEntry, unit: float) -> None:
         self.entry = entry
@@ -161,26 +195,35 @@ class _Slot:
         self.unit = unit
         #: The heap item's sequence number that is current (older items for the key are stale).
         self.seq = 0
-        #: F * C / S when the entry was last pushed (H = inflation then + value).
-        self.value = 0.0
+        #: log2(F * C / S) + the history's clock when the entry was last pushed.
         self.priority = 0.0
 
 
+#: The count given to an entry the history does not know (admitted, never used).
+_MIN_COUNT = 1e-6
+
+
+def _log2(value: float) -> float:
+    """log2 of a value F * C / S (a zero cost ranks below every positive one)."""
+    return math.log2(value) if value > 0 else -math.inf
+
+
 class CostAwarePolicy:
-    """GreedyDual-Size-Frequency with learned miss costs: evict the lowest L + F * C / S.
+    """Size- and cost-aware LFU with decaying counts: evict the lowest F * C / S, F decayed.
 
     ``cost(entry)`` is the estimated seconds to bring ``entry`` back after evicting it from this
     tier. A `ModelCache` binds its own estimate (learned bandwidth of the tier below, see
-    `LoadCosts`) to a policy made without one; without any, C = S (GDSF degrades to an aged LFU).
+    `LoadCosts`) to a policy made without one; without any, C = S (an LFU with decay).
     ``history`` is the `FrequencyHistory` giving F (a fresh one when None; a cache shares its
-    device policy's history with its host policy).
+    device policy's history with its host policy); the policy attaches itself to it, so its
+    resident entries count towards the half-life.
 
     ``admission`` (for lower tiers): `admits` refuses a newcomer that would displace an entry
     worth more per byte (F * C / S) than itself, so a one-off model (a scan) does not flush a
     tier of models that come back. The cache asks only when the tier has no free room.
     """
 
-    __slots__ = ("_cost", "_heap", "_inflation", "_live", "_seq", "admission", "history")
+    __slots__ = ("_cost", "_heap", "_live", "_seq", "admission", "history")
 
     def __init__(
         self,
@@ -191,19 +234,14 @@ class CostAwarePolicy:
     ) -> None:
         self._cost = cost
         self.history = history if history is not None else FrequencyHistory()
+        self.history.attach(self)
         self.admission = admission
         self._live: dict[Hashable, _Slot] = {}
         self._heap: list[tuple[float, int, Hashable]] = []
-        self._inflation = 0.0
         self._seq = 0
 
     def __len__(self) -> int:
         return len(self._live)
-
-    @property
-    def inflation(self) -> float:
-        """L: the priority of the last victim (only grows)."""
-        return self._inflation
 
     @property
     def has_cost(self) -> bool:
@@ -221,19 +259,18 @@ class CostAwarePolicy:
         return cost / (nbytes if nbytes > 0 else 1)
 
     def value(self, entry: PolicyEntry) -> float:
-        """F * C / S of ``entry``: the seconds of loading it saves per byte it holds."""
-        return max(self.history.get(entry.key), 1) * self.unit_cost(entry)
+        """F * C / S of ``entry`` now: the seconds of loading it saves per byte it holds."""
+        return max(self.history.get(entry.key), _MIN_COUNT) * self.unit_cost(entry)
 
     def priority(self, key: Hashable) -> float | None:
-        """H of the resident ``key`` (None if it is not resident)."""
+        """log2 of the resident ``key``'s value when last pushed, plus the clock then (None if
+        it is not resident): it orders entries as their values now do."""
         slot = self._live.get(key)
         return None if slot is None else slot.priority
 
-    def _push(self, slot: _Slot, key: Hashable, frequency: int) -> None:
+    def _push(self, slot: _Slot, key: Hashable, priority: float) -> None:
         seq = self._seq = self._seq + 1
-        value = (frequency if frequency > 1 else 1) * slot.unit
-        priority = self._inflation + value
-        slot.seq, slot.value, slot.priority = seq, value, priority
+        slot.seq, slot.priority = seq, priority
         heap = self._heap
         heapq.heappush(heap, (priority, seq, key))
         if len(heap) > 2 * len(self._live) + 64:
@@ -245,24 +282,20 @@ class CostAwarePolicy:
 
     def admitted(self, entry: PolicyEntry) -> None:
         key = entry.key
+        history = self.history
         slot = self._live[key] = _Slot(entry, self.unit_cost(entry))
-        self._push(slot, key, self.history.get(key))
+        count = max(history.get(key), _MIN_COUNT)
+        self._push(slot, key, _log2(count * slot.unit) + history.clock)
 
     def accessed(self, entry: PolicyEntry) -> None:
-        # The hit path: `_push` inlined.
+        # The hit path: one count update, a log and a heap push.
         key = entry.key
-        live = self._live
-        slot = live.get(key)
+        slot = self._live.get(key)
         if slot is None:  # not admitted (a policy shared oddly): treat as admitted now
-            slot = live[key] = _Slot(entry, self.unit_cost(entry))
-        seq = self._seq = self._seq + 1
-        value = self.history.touch(key) * slot.unit  # touch() >= 1
-        priority = self._inflation + value
-        slot.seq, slot.value, slot.priority = seq, value, priority
-        heap = self._heap
-        heapq.heappush(heap, (priority, seq, key))
-        if len(heap) > 2 * len(live) + 64:
-            self._compact()
+            slot = self._live[key] = _Slot(entry, self.unit_cost(entry))
+        history = self.history
+        clock = history.clock
+        self._push(slot, key, _log2(history.touch(key) * slot.unit) + clock)
 
     def removed(self, entry: PolicyEntry) -> None:
         slot = self._live.get(entry.key)
@@ -285,7 +318,6 @@ class CostAwarePolicy:
         chosen: list[PolicyEntry] = []
         popped: list[tuple[float, int, Hashable]] = []
         freed = 0
-        last = self._inflation
         while freed < need:
             found = self._pop_live()
             if found is None:
@@ -295,14 +327,10 @@ class CostAwarePolicy:
             if evictable(slot.entry):
                 chosen.append(slot.entry)
                 freed += slot.entry.nbytes
-                last = item[0]
         heap = self._heap
         for item in popped:  # chosen ones go stale once the cache removes them
             heapq.heappush(heap, item)
-        if freed < need:
-            return None
-        self._inflation = max(self._inflation, last)
-        return chosen
+        return chosen if freed >= need else None
 
     def admits(self, entry: PolicyEntry) -> bool:
         """Whether ``entry`` is worth displacing this tier's next victim (always, without

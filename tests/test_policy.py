@@ -164,15 +164,15 @@ def test_cost_aware_prefers_evicting_large_models_per_second_saved() -> None:
     assert policy.victims(1, lambda e: True) == [big]
 
 
-def test_inflation_ages_out_a_model_that_stopped_being_used() -> None:
-    """A once-hot model is evicted after enough newer models come and go (L grows)."""
-    policy = CostAwarePolicy()
+def test_decay_ages_out_a_model_that_stopped_being_used() -> None:
+    """A once-hot model is evicted after enough newer models come and go (its count decays)."""
+    policy = CostAwarePolicy(history=FrequencyHistory(min_half_life=16))
     old = Item("old", 100)
     policy.admitted(old)
     for _ in range(3):
         policy.accessed(old)
     evicted_old_at = None
-    for i in range(50):
+    for i in range(200):
         new = Item(i, 100)
         policy.admitted(new)
         policy.accessed(new)
@@ -184,7 +184,26 @@ def test_inflation_ages_out_a_model_that_stopped_being_used() -> None:
             evicted_old_at = i
             break
     assert evicted_old_at is not None and evicted_old_at > 0
-    assert policy.inflation > 0
+
+
+def test_heap_order_matches_the_decayed_values_now() -> None:
+    """Entries touched at different times are evicted in the order of their F * C / S now."""
+    history = FrequencyHistory(min_half_life=8)
+    policy = CostAwarePolicy(history=history)
+    items = [Item(f"m{i}", 10 * (1 + i % 3)) for i in range(12)]
+    for item in items:
+        policy.admitted(item)
+    rng = random.Random(3)
+    for _ in range(60):
+        policy.accessed(rng.choice(items))
+    expected = sorted(items, key=lambda e: (policy.value(e), policy.priority(e.key)))
+    got: list[PolicyEntry] = []
+    while len(got) < len(items):
+        victims = policy.victims(1, lambda e: True)
+        assert victims is not None
+        got += victims
+        policy.removed(victims[0])
+    assert [e.key for e in got] == [e.key for e in expected]
 
 
 def test_the_heap_stays_proportional_to_the_entries() -> None:
@@ -216,19 +235,41 @@ def test_admission_refuses_a_one_off_over_a_model_that_comes_back() -> None:
     assert admits(LRUPolicy(), "anything", 1)
 
 
-def test_frequency_history_halves_every_period() -> None:
-    """Counts halve after ``period`` touches and keys at zero are forgotten."""
-    history = FrequencyHistory(min_period=10, period_factor=1)
-    for _ in range(7):
-        history.touch("a")
+def test_frequency_history_decays_by_half_each_half_life() -> None:
+    """Every count halves each half-life of touches; counts below 1/64 are forgotten."""
+    history = FrequencyHistory(min_half_life=4)
+    assert history.half_life == 4
     for _ in range(2):
+        history.touch("a")
+    # each touch advances the clock a quarter half-life: the first decayed once by then
+    assert history.get("a") == pytest.approx((2 ** (-0.25) + 1) * 2 ** (-0.25))
+    before = history.get("a")
+    for _ in range(4):
         history.touch("b")
-    assert (history.get("a"), history.get("b")) == (7, 2)
-    history.touch("c")  # the 10th touch: halve
-    assert (history.get("a"), history.get("b"), history.get("c")) == (3, 1, 0)
-    assert len(history) == 2
+    assert history.get("a") == pytest.approx(before / 2)
+    for _ in range(64):
+        history.touch("c")
+    assert history.get("a") == 0.0 and history.get("b") == 0.0
+    assert len(history) == 1
     with pytest.raises(ValueError):
-        FrequencyHistory(min_period=0)
+        FrequencyHistory(min_half_life=0)
+
+
+def test_half_life_follows_the_entries_resident() -> None:
+    """The half-life is refitted to half_life_factor x the attached tiers' resident entries."""
+    history = FrequencyHistory(half_life_factor=2, min_half_life=4)
+    policy = CostAwarePolicy(history=history)
+    items = [Item(i, 1) for i in range(50)]
+    for item in items:
+        policy.admitted(item)
+    for item in items:
+        policy.accessed(item)
+    assert history.half_life == 100
+    for item in items[:45]:
+        policy.removed(item)
+    for _ in range(60):
+        policy.accessed(items[-1])
+    assert history.half_life == 10
 
 
 def test_load_costs_learn_bandwidth_and_keep_latency() -> None:
