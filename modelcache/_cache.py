@@ -183,6 +183,11 @@ class ModelCache:
 
     ``backend`` replaces the default ``TorchBackend(device, zero_copy=zero_copy)`` with any
     `DeviceBackend` (such as ``CupyBackend(0)``); ``device`` and ``zero_copy`` then stay unset.
+
+    ``policy`` picks device victims (default: a `CostAwarePolicy` priced by this cache's learned
+    load costs; `LRUPolicy` for byte-LRU); ``host_policy`` the host tier's (default: the same
+    kind, sharing the device policy's access history). ``load_costs`` seeds the per-tier
+    bandwidth estimates (`LoadCosts`) that the cache then learns from its own loads.
     """
 
     def __init__(
@@ -226,7 +231,7 @@ class ModelCache:
             parse_bytes(device_budget, name="device_budget"),
             evictable=self._evictable,
             evict=self._demote,
-            policy=policy,
+            policy=policy if policy is not None else CostAwarePolicy(),
         )
         self._policy = self._device.policy  # read on the hit path
         disk: DiskTier | None = None
