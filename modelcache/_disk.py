@@ -2,6 +2,7 @@
 
 A model evicted from RAM comes back from here instead of the network. The directory survives
 restarts and may be shared by several processes (on one machine: the locks are ``flock``).
+An entry's format (its name, files and manifest, and how it is verified) is `_diskformat`.
 
 Layout of ``directory``::
 
@@ -35,76 +36,49 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
-import hashlib
-import json
 import os
 import re
 import secrets
-import shutil
-import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from ._format import INDEX_NAME, SINGLE_NAME, ModelInfo, Segment
+from ._diskformat import (
+    MANIFEST_NAME,
+    OPEN_DIR,
+    OPEN_NEW,
+    OPEN_READ,
+    DiskEntry,
+    EntryFile,
+    InvalidEntry,
+    entry_name,
+    flocked,
+    fsync_dir,
+    ident,
+    manifest_bytes,
+    pid_alive,
+    plan_files,
+    pwrite_all,
+    read_entry,
+    remove_tree,
+    same_manifest,
+    unlocked,
+)
+from ._format import ModelInfo
 from ._store import Store
 from ._units import format_bytes, parse_bytes
 
 __all__ = ["DiskEntry", "DiskStats", "DiskTier", "entry_name"]
 
-MANIFEST_NAME = ".modelcache-entry.json"
-CONFIG_NAME = "config.json"  # as modelcache._loader.CONFIG_NAME (not imported: no cycle risk)
-_FORMAT = 1
 _LOCK_NAME = ".lock"
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".del-"
 _FINAL = re.compile(r"[0-9a-f]{64}-[A-Za-z0-9._+=@-]*")
 _TEMP = re.compile(r"\.tmp-(\d+)-[0-9a-f]+-(\d+)")
-_SLUG_BAD = re.compile(r"[^A-Za-z0-9._+=@-]")
-_SLUG_LENGTH = 48
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
-_OPEN_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_WRITE_CHUNK = 1 << 30  # below Linux's ~2 GiB cap on one write
 _FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
-
-
-def entry_name(model_id: str) -> str:
-    """The directory name of ``model_id``'s entry: sha256 hex + a readable slug (<= 113 bytes).
-
-    Safe for any string: the slug keeps only ``A-Z a-z 0-9 . _ + = @ -`` (``/`` becomes ``_``)
-    and is cut short; the hash keeps distinct ids (``a/b``, ``a_b``) apart.
-    """
-    digest = hashlib.sha256(model_id.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{digest}-{_SLUG_BAD.sub('_', model_id)[:_SLUG_LENGTH]}"
-
-
-@dataclass(frozen=True, slots=True)
-class DiskEntry:
-    """One complete model on disk."""
-
-    model_id: str
-    #: Absolute path of the entry's directory (laid out like the store).
-    directory: str
-    #: Bytes of its files on disk: what the budget is charged.
-    size: int
-    #: Size of the model's buffer (``ModelInfo.nbytes``).
-    nbytes: int
-    #: The store's etag when it was written, to compare with the store's current one.
-    etag: str | None
-    #: (relative file name, size) of each model file, manifest excluded.
-    files: tuple[tuple[str, int], ...]
-    #: When it was written (seconds since the epoch).
-    created: float
-
-    @property
-    def url(self) -> str:
-        """The directory as a ``file://`` URL, for a local `Store`."""
-        return f"file://{self.directory}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,219 +119,11 @@ class _Record:
     evicting: bool = False
 
 
-@dataclass(slots=True)
-class _File:
-    name: str
-    size: int
-    prefix: bytes  # written at offset 0
-    segments: list[Segment] = field(default_factory=list)  # buffer ranges written at seg.src
-
-
-class _Invalid(Exception):
-    """A final directory that is not a complete, consistent entry."""
-
-
-# -- file helpers ----------------------------------------------------------------------------
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data[:_WRITE_CHUNK], offset)
-        data = data[n:]
-        offset += n
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, _OPEN_DIR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _unlocked(path: str) -> bool:
-    """True when no process holds ``path``'s flock (a directory)."""
-    try:
-        fd = os.open(path, _OPEN_DIR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # releases the lock if we took it
-    return True
-
-
-def _safe_name(name: object) -> bool:
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= 1024
-        and not name.startswith("/")
-        and "\x00" not in name
-        and "\\" not in name
-        and all(part not in ("", ".", "..") for part in name.split("/"))
-    )
-
-
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    """Hold the directory-wide flock (a fresh descriptor each time, so threads queue too)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-# -- what to write -----------------------------------------------------------------------------
-
-
-def _plan_files(info: ModelInfo) -> list[_File]:
-    """The files of ``info``'s entry, with the bytes or buffer ranges each is made of."""
-    shards = info.shards
-    single = len(shards) == 1 and shards[0].name in (SINGLE_NAME, shards[0].url)
-    by_url: dict[str, list[Segment]] = {s.url: [] for s in shards}
-    for seg in info.segments:
-        if seg.url not in by_url:
-            raise ValueError(f"model {info.model_id!r}: segment of unknown file {seg.url}")
-        if not 0 <= seg.dst <= seg.dst + seg.length <= info.nbytes:
-            raise ValueError(f"model {info.model_id!r}: segment outside the buffer: {seg}")
-        by_url[seg.url].append(seg)
-    files: list[_File] = []
-    for shard in shards:
-        name = SINGLE_NAME if single else shard.name
-        if not _safe_name(name):
-            raise ValueError(f"model {info.model_id!r}: unsafe shard name {name!r}")
-        if shard.data_start != 8 + len(shard.header):
-            raise ValueError(
-                f"model {info.model_id!r}: shard {shard.name!r} carries no header bytes "
-                f"({len(shard.header)} bytes for data at {shard.data_start})"
-            )
-        segments = by_url[shard.url]
-        covered = sum(seg.length for seg in segments)
-        end = shard.data_start + shard.data_size
-        if covered != shard.data_size or any(
-            not shard.data_start <= s.src <= s.src + s.length <= end for s in segments
-        ):
-            raise ValueError(
-                f"model {info.model_id!r}: the segments do not tile shard {shard.name!r}"
-            )
-        prefix = struct.pack("<Q", len(shard.header)) + shard.header
-        files.append(_File(name, end, prefix, segments))
-    if not single:
-        index = {
-            "metadata": dict(info.metadata),
-            "weight_map": {t.name: t.shard for t in info.tensors.values()},
-        }
-        data = json.dumps(index, indent=2).encode()
-        files.append(_File(INDEX_NAME, len(data), data))
-    if info.config is not None:
-        data = json.dumps(info.config).encode()
-        files.append(_File(CONFIG_NAME, len(data), data))
-    names = [f.name for f in files]
-    if len(set(names)) != len(names) or MANIFEST_NAME in names:
-        raise ValueError(f"model {info.model_id!r}: file names collide: {names}")
-    return files
-
-
-def _manifest(
-    model_id: str, files: Sequence[_File], nbytes: int, etag: str | None, created: float
-) -> bytes:
-    return json.dumps(
-        {
-            "format": _FORMAT,
-            "model_id": model_id,
-            "files": [[f.name, f.size] for f in files],
-            "nbytes": nbytes,
-            "etag": etag,
-            "created": created,
-        }
-    ).encode()
-
-
-def _read_entry(root: str, name: str) -> tuple[DiskEntry, os.stat_result, bytes]:
-    """Load and verify the entry in ``root/name``: (entry, the manifest's stat and bytes).
-
-    FileNotFoundError when the directory is gone; _Invalid when it is not a complete entry.
-    """
-    directory = os.path.join(root, name)
-    try:
-        fd = os.open(os.path.join(directory, MANIFEST_NAME), _OPEN_READ)
-    except FileNotFoundError:
-        if os.path.isdir(directory):
-            raise _Invalid("no manifest") from None
-        raise
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        raw = f.read()
-    try:
-        manifest = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise _Invalid(f"manifest is not JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
-        raise _Invalid("unknown manifest format")
-    model_id, files = manifest.get("model_id"), manifest.get("files")
-    nbytes, etag, created = manifest.get("nbytes"), manifest.get("etag"), manifest.get("created")
-    if (
-        not isinstance(model_id, str)
-        or entry_name(model_id) != name
-        or not isinstance(files, list)
-        or not isinstance(nbytes, int)
-        or not (etag is None or isinstance(etag, str))
-        or not isinstance(created, int | float)
-    ):
-        raise _Invalid("manifest fields are invalid")
-    checked: list[tuple[str, int]] = []
-    for item in files:
-        if not (isinstance(item, list) and len(item) == 2 and _safe_name(item[0])):
-            raise _Invalid(f"manifest lists an invalid file {item!r}")
-        file_name, size = item
-        if not isinstance(size, int):
-            raise _Invalid(f"manifest lists an invalid size for {file_name!r}")
-        try:
-            actual = os.stat(os.path.join(directory, file_name)).st_size
-        except FileNotFoundError:
-            raise _Invalid(f"{file_name} is missing") from None
-        if actual != size:
-            raise _Invalid(f"{file_name} is {actual} bytes, the manifest says {size}")
-        checked.append((file_name, size))
-    size = sum(s for _, s in checked) + st.st_size
-    entry = DiskEntry(model_id, directory, size, nbytes, etag, tuple(checked), float(created))
-    return entry, st, raw
-
-
-def _ident(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_dev, st.st_ino, st.st_mtime_ns
-
-
-def _same_manifest(fd: int, manifest: bytes) -> bool:
-    return os.pread(fd, len(manifest) + 1, 0) == manifest
-
-
 def _intact(record: _Record) -> bool:
     """The record's own manifest is in place and every file has its recorded size."""
     directory = record.entry.directory
     try:
-        if _ident(os.stat(os.path.join(directory, MANIFEST_NAME))) != record.ident:
+        if ident(os.stat(os.path.join(directory, MANIFEST_NAME))) != record.ident:
             return False
         return all(
             os.stat(os.path.join(directory, name)).st_size == size
@@ -436,7 +202,7 @@ class DiskTier:
         """
         os.makedirs(self._root, exist_ok=True)
         trash: list[str] = []
-        with _locked(self._lock_path):
+        with flocked(self._lock_path):
             trash.extend(
                 os.path.join(self._root, name)
                 for name in os.listdir(self._root)
@@ -446,7 +212,7 @@ class DiskTier:
             self._make_room(reserved, trash)
             self._opened = True
         for path in trash:
-            _remove_tree(path)
+            remove_tree(path)
 
     def _require_open(self) -> None:
         if not self._opened:
@@ -498,9 +264,9 @@ class DiskTier:
         manifest = os.path.join(entry.directory, MANIFEST_NAME)
         fd = -1
         try:
-            fd = os.open(manifest, _OPEN_READ)
+            fd = os.open(manifest, OPEN_READ)
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            if not os.path.samestat(os.fstat(fd), os.stat(manifest)) or not _same_manifest(
+            if not os.path.samestat(os.fstat(fd), os.stat(manifest)) or not same_manifest(
                 fd, expected
             ):
                 raise FileNotFoundError(manifest)  # evicted (and maybe rewritten) meanwhile
@@ -549,9 +315,9 @@ class DiskTier:
             raise ValueError(
                 f"buffer is {len(view)} bytes, model {info.model_id!r} needs {info.nbytes}"
             )
-        files = _plan_files(info)
+        files = plan_files(info)
         created = time.time()
-        manifest = _manifest(info.model_id, files, info.nbytes, etag, created)
+        manifest = manifest_bytes(info.model_id, files, info.nbytes, etag, created)
         size = sum(f.size for f in files) + len(manifest)
         if size > self._budget:
             return None
@@ -559,7 +325,7 @@ class DiskTier:
         final = os.path.join(self._root, name)
         trash: list[str] = []
         try:
-            with _locked(self._lock_path):
+            with flocked(self._lock_path):
                 reserved = self._scan(trash)
                 with self._lock:
                     existing = self._records.get(info.model_id)
@@ -575,14 +341,14 @@ class DiskTier:
                 )
                 os.mkdir(temp)
                 try:
-                    temp_fd = os.open(temp, _OPEN_DIR)
+                    temp_fd = os.open(temp, OPEN_DIR)
                 except BaseException:
                     os.rmdir(temp)
                     raise
                 fcntl.flock(temp_fd, fcntl.LOCK_EX)  # held while writing: "this writer lives"
         finally:
             for path in trash:
-                _remove_tree(path)
+                remove_tree(path)
         entry = DiskEntry(
             info.model_id,
             final,
@@ -594,7 +360,7 @@ class DiskTier:
         )
         try:
             st = self._write_files(temp, files, view, manifest)
-            with _locked(self._lock_path):  # publish and index at once: no eviction in between
+            with flocked(self._lock_path):  # publish and index at once: no eviction in between
                 try:
                     os.rename(temp, final)
                 except OSError as exc:
@@ -603,20 +369,20 @@ class DiskTier:
                     # Another process published this model first: ours goes, theirs is used.
                     theirs = self._discover(name, locked=True)
                 else:
-                    _fsync_dir(self._root)
-                    theirs = _Record(entry, name, manifest, _ident(st), (0, 0))
+                    fsync_dir(self._root)
+                    theirs = _Record(entry, name, manifest, ident(st), (0, 0))
                     with self._lock:
                         self._records[info.model_id] = theirs
                         self._writes += 1
                 if theirs is not None:
                     self._touch(theirs)
         finally:
-            _remove_tree(temp)  # gone already when it was published
+            remove_tree(temp)  # gone already when it was published
             os.close(temp_fd)
         return None if theirs is None else theirs.entry
 
     def _write_files(
-        self, temp: str, files: Sequence[_File], view: memoryview, manifest: bytes
+        self, temp: str, files: Sequence[EntryFile], view: memoryview, manifest: bytes
     ) -> os.stat_result:
         """Write, fsync and check every file, the manifest last; return the manifest's stat."""
         directories = {temp}
@@ -626,11 +392,11 @@ class DiskTier:
             if parent not in directories:
                 os.makedirs(parent, exist_ok=True)
                 directories.add(parent)
-            fd = os.open(path, _OPEN_NEW, 0o644)
+            fd = os.open(path, OPEN_NEW, 0o644)
             try:
-                _pwrite_all(fd, memoryview(f.prefix), 0)
+                pwrite_all(fd, memoryview(f.prefix), 0)
                 for seg in f.segments:
-                    _pwrite_all(fd, view[seg.dst : seg.dst + seg.length], seg.src)
+                    pwrite_all(fd, view[seg.dst : seg.dst + seg.length], seg.src)
                 os.fsync(fd)
                 actual = os.fstat(fd).st_size
                 if actual != f.size:
@@ -640,15 +406,15 @@ class DiskTier:
                     os.posix_fadvise(fd, 0, 0, _FADV_DONTNEED)
             finally:
                 os.close(fd)
-        fd = os.open(os.path.join(temp, MANIFEST_NAME), _OPEN_NEW, 0o644)
+        fd = os.open(os.path.join(temp, MANIFEST_NAME), OPEN_NEW, 0o644)
         try:
-            _pwrite_all(fd, memoryview(manifest), 0)
+            pwrite_all(fd, memoryview(manifest), 0)
             os.fsync(fd)
             st = os.fstat(fd)
         finally:
             os.close(fd)
         for directory in sorted(directories, key=len, reverse=True):
-            _fsync_dir(directory)
+            fsync_dir(directory)
         return st
 
     # -- removing ----------------------------------------------------------------------------
@@ -658,12 +424,12 @@ class DiskTier:
         self._require_open()
         trash: list[str] = []
         try:
-            with _locked(self._lock_path):
+            with flocked(self._lock_path):
                 record = self._discover(entry_name(model_id), locked=True)  # not a stale record
                 return record is not None and self._evict(record, trash, count=False)
         finally:
             for path in trash:
-                _remove_tree(path)
+                remove_tree(path)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -689,29 +455,29 @@ class DiskTier:
         reading it again there: unlocked, it may have been replaced while we looked.
         """
         try:
-            entry, st, raw = _read_entry(self._root, name)
+            entry, st, raw = read_entry(self._root, name)
         except FileNotFoundError:
             return None
-        except _Invalid:
+        except InvalidEntry:
             if not locked:
-                with _locked(self._lock_path):
+                with flocked(self._lock_path):
                     return self._discover(name, locked=True)
             self._delete(name)
             return None
         with self._lock:
             record = self._records.get(entry.model_id)
             if record is not None and record.manifest == raw:  # the same entry, used since
-                record.ident = _ident(st)
+                record.ident = ident(st)
                 record.used = max(record.used, (st.st_mtime_ns, 0))
             else:
-                record = _Record(entry, name, raw, _ident(st), (st.st_mtime_ns, 0))
+                record = _Record(entry, name, raw, ident(st), (st.st_mtime_ns, 0))
                 self._records[entry.model_id] = record
         if not locked:  # evicted while we read it? Then forget it again.
             try:
                 still = os.stat(os.path.join(entry.directory, MANIFEST_NAME))
             except OSError:
                 still = None
-            if still is None or _ident(still)[:2] != record.ident[:2]:
+            if still is None or ident(still)[:2] != record.ident[:2]:
                 self._forget(record)
                 return None
         return record
@@ -728,7 +494,7 @@ class DiskTier:
             os.rename(os.path.join(self._root, name), trash)
         except OSError:
             return
-        _remove_tree(trash)
+        remove_tree(trash)
 
     def _scan(self, trash: list[str]) -> int:
         """Sync the index with the directory (under the flock); return bytes reserved by writes.
@@ -742,7 +508,7 @@ class DiskTier:
                 finals.add(name)
             elif (match := _TEMP.fullmatch(name)) is not None:
                 path = os.path.join(self._root, name)
-                if not _pid_alive(int(match[1])) and _unlocked(path):
+                if not pid_alive(int(match[1])) and unlocked(path):
                     trash.append(path)
                 else:
                     reserved += int(match[2])
@@ -756,7 +522,7 @@ class DiskTier:
                 st = None
             if st is None:
                 self._forget(record)
-            elif _ident(st) == record.ident or self._discover(name, locked=True) is not None:
+            elif ident(st) == record.ident or self._discover(name, locked=True) is not None:
                 current.add(name)  # unchanged, or read again (used elsewhere, or replaced)
             else:
                 self._forget(record)
@@ -795,9 +561,9 @@ class DiskTier:
         evicted = False
         fd = -1
         try:
-            fd = os.open(os.path.join(record.entry.directory, MANIFEST_NAME), _OPEN_READ)
+            fd = os.open(os.path.join(record.entry.directory, MANIFEST_NAME), OPEN_READ)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another reader holds it
-            if not _same_manifest(fd, record.manifest):
+            if not same_manifest(fd, record.manifest):
                 raise BlockingIOError("a newer entry took its place")  # keep it: overcounting
             path = os.path.join(self._root, f"{_TRASH_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
             os.rename(record.entry.directory, path)

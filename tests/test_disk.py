@@ -20,7 +20,8 @@ import anyio
 import pytest
 import torch
 
-from modelcache._disk import MANIFEST_NAME, DiskEntry, DiskTier, entry_name
+from modelcache._disk import DiskEntry, DiskTier
+from modelcache._diskformat import MANIFEST_NAME, entry_name
 from modelcache._format import ModelInfo
 from modelcache._loader import fill_buffer, read_config, read_model_info
 from modelcache._store import Store

@@ -1,0 +1,298 @@
+"""The disk tier's on-disk format: entry names, manifests, the files an entry is made of.
+
+An entry is a directory named by `entry_name` (sha256 of the id + a readable slug) holding the
+model's files laid out like the store and, written last, a manifest (`MANIFEST_NAME`) listing
+every file with its size. `read_entry` trusts a directory only when the manifest is valid and
+every file has exactly its recorded size; anything else is `InvalidEntry`. The tier itself
+(locks, budget, eviction) is `modelcache._disk`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from ._format import INDEX_NAME, SINGLE_NAME, ModelInfo, Segment
+
+__all__ = [
+    "MANIFEST_NAME",
+    "OPEN_DIR",
+    "OPEN_NEW",
+    "OPEN_READ",
+    "DiskEntry",
+    "EntryFile",
+    "InvalidEntry",
+    "entry_name",
+    "flocked",
+    "fsync_dir",
+    "ident",
+    "manifest_bytes",
+    "pid_alive",
+    "plan_files",
+    "pwrite_all",
+    "read_entry",
+    "remove_tree",
+    "safe_name",
+    "same_manifest",
+    "unlocked",
+]
+
+MANIFEST_NAME = ".modelcache-entry.json"
+CONFIG_NAME = "config.json"  # as modelcache._loader.CONFIG_NAME (not imported: no cycle risk)
+_FORMAT = 1
+_SLUG_BAD = re.compile(r"[^A-Za-z0-9._+=@-]")
+_SLUG_LENGTH = 48
+OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+OPEN_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_WRITE_CHUNK = 1 << 30  # below Linux's ~2 GiB cap on one write
+
+
+def entry_name(model_id: str) -> str:
+    """The directory name of ``model_id``'s entry: sha256 hex + a readable slug (<= 113 bytes).
+
+    Safe for any string: the slug keeps only ``A-Z a-z 0-9 . _ + = @ -`` (``/`` becomes ``_``)
+    and is cut short; the hash keeps distinct ids (``a/b``, ``a_b``) apart.
+    """
+    digest = hashlib.sha256(model_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{digest}-{_SLUG_BAD.sub('_', model_id)[:_SLUG_LENGTH]}"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskEntry:
+    """One complete model on disk."""
+
+    model_id: str
+    #: Absolute path of the entry's directory (laid out like the store).
+    directory: str
+    #: Bytes of its files on disk: what the budget is charged.
+    size: int
+    #: Size of the model's buffer (``ModelInfo.nbytes``).
+    nbytes: int
+    #: The store's etag when it was written, to compare with the store's current one.
+    etag: str | None
+    #: (relative file name, size) of each model file, manifest excluded.
+    files: tuple[tuple[str, int], ...]
+    #: When it was written (seconds since the epoch).
+    created: float
+
+    @property
+    def url(self) -> str:
+        """The directory as a ``file://`` URL, for a local `Store`."""
+        return f"file://{self.directory}"
+
+
+@dataclass(slots=True)
+class EntryFile:
+    name: str
+    size: int
+    prefix: bytes  # written at offset 0
+    segments: list[Segment] = field(default_factory=list)  # buffer ranges written at seg.src
+
+
+class InvalidEntry(Exception):
+    """A final directory that is not a complete, consistent entry."""
+
+
+# -- file helpers ----------------------------------------------------------------------------
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data[:_WRITE_CHUNK], offset)
+        data = data[n:]
+        offset += n
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, OPEN_DIR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def unlocked(path: str) -> bool:
+    """True when no process holds ``path``'s flock (a directory)."""
+    try:
+        fd = os.open(path, OPEN_DIR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases the lock if we took it
+    return True
+
+
+def safe_name(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 1024
+        and not name.startswith("/")
+        and "\x00" not in name
+        and "\\" not in name
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    )
+
+
+@contextlib.contextmanager
+def flocked(path: str) -> Iterator[None]:
+    """Hold the directory-wide flock (a fresh descriptor each time, so threads queue too)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- what to write -----------------------------------------------------------------------------
+
+
+def plan_files(info: ModelInfo) -> list[EntryFile]:
+    """The files of ``info``'s entry, with the bytes or buffer ranges each is made of."""
+    shards = info.shards
+    single = len(shards) == 1 and shards[0].name in (SINGLE_NAME, shards[0].url)
+    by_url: dict[str, list[Segment]] = {s.url: [] for s in shards}
+    for seg in info.segments:
+        if seg.url not in by_url:
+            raise ValueError(f"model {info.model_id!r}: segment of unknown file {seg.url}")
+        if not 0 <= seg.dst <= seg.dst + seg.length <= info.nbytes:
+            raise ValueError(f"model {info.model_id!r}: segment outside the buffer: {seg}")
+        by_url[seg.url].append(seg)
+    files: list[EntryFile] = []
+    for shard in shards:
+        name = SINGLE_NAME if single else shard.name
+        if not safe_name(name):
+            raise ValueError(f"model {info.model_id!r}: unsafe shard name {name!r}")
+        if shard.data_start != 8 + len(shard.header):
+            raise ValueError(
+                f"model {info.model_id!r}: shard {shard.name!r} carries no header bytes "
+                f"({len(shard.header)} bytes for data at {shard.data_start})"
+            )
+        segments = by_url[shard.url]
+        covered = sum(seg.length for seg in segments)
+        end = shard.data_start + shard.data_size
+        if covered != shard.data_size or any(
+            not shard.data_start <= s.src <= s.src + s.length <= end for s in segments
+        ):
+            raise ValueError(
+                f"model {info.model_id!r}: the segments do not tile shard {shard.name!r}"
+            )
+        prefix = struct.pack("<Q", len(shard.header)) + shard.header
+        files.append(EntryFile(name, end, prefix, segments))
+    if not single:
+        index = {
+            "metadata": dict(info.metadata),
+            "weight_map": {t.name: t.shard for t in info.tensors.values()},
+        }
+        data = json.dumps(index, indent=2).encode()
+        files.append(EntryFile(INDEX_NAME, len(data), data))
+    if info.config is not None:
+        data = json.dumps(info.config).encode()
+        files.append(EntryFile(CONFIG_NAME, len(data), data))
+    names = [f.name for f in files]
+    if len(set(names)) != len(names) or MANIFEST_NAME in names:
+        raise ValueError(f"model {info.model_id!r}: file names collide: {names}")
+    return files
+
+
+def manifest_bytes(
+    model_id: str, files: Sequence[EntryFile], nbytes: int, etag: str | None, created: float
+) -> bytes:
+    return json.dumps(
+        {
+            "format": _FORMAT,
+            "model_id": model_id,
+            "files": [[f.name, f.size] for f in files],
+            "nbytes": nbytes,
+            "etag": etag,
+            "created": created,
+        }
+    ).encode()
+
+
+def read_entry(root: str, name: str) -> tuple[DiskEntry, os.stat_result, bytes]:
+    """Load and verify the entry in ``root/name``: (entry, the manifest's stat and bytes).
+
+    FileNotFoundError when the directory is gone; InvalidEntry when it is not a complete entry.
+    """
+    directory = os.path.join(root, name)
+    try:
+        fd = os.open(os.path.join(directory, MANIFEST_NAME), OPEN_READ)
+    except FileNotFoundError:
+        if os.path.isdir(directory):
+            raise InvalidEntry("no manifest") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        raw = f.read()
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidEntry(f"manifest is not JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise InvalidEntry("unknown manifest format")
+    model_id, files = manifest.get("model_id"), manifest.get("files")
+    nbytes, etag, created = manifest.get("nbytes"), manifest.get("etag"), manifest.get("created")
+    if (
+        not isinstance(model_id, str)
+        or entry_name(model_id) != name
+        or not isinstance(files, list)
+        or not isinstance(nbytes, int)
+        or not (etag is None or isinstance(etag, str))
+        or not isinstance(created, int | float)
+    ):
+        raise InvalidEntry("manifest fields are invalid")
+    checked: list[tuple[str, int]] = []
+    for item in files:
+        if not (isinstance(item, list) and len(item) == 2 and safe_name(item[0])):
+            raise InvalidEntry(f"manifest lists an invalid file {item!r}")
+        file_name, size = item
+        if not isinstance(size, int):
+            raise InvalidEntry(f"manifest lists an invalid size for {file_name!r}")
+        try:
+            actual = os.stat(os.path.join(directory, file_name)).st_size
+        except FileNotFoundError:
+            raise InvalidEntry(f"{file_name} is missing") from None
+        if actual != size:
+            raise InvalidEntry(f"{file_name} is {actual} bytes, the manifest says {size}")
+        checked.append((file_name, size))
+    size = sum(s for _, s in checked) + st.st_size
+    entry = DiskEntry(model_id, directory, size, nbytes, etag, tuple(checked), float(created))
+    return entry, st, raw
+
+
+def ident(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def same_manifest(fd: int, manifest: bytes) -> bool:
+    return os.pread(fd, len(manifest) + 1, 0) == manifest
