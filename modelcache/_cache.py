@@ -94,6 +94,7 @@ class _Entry:
         "nbytes",
         "ready",
         "reserved",
+        "source",
         "value",
         "waiters",
         "weights",
@@ -107,6 +108,7 @@ class _Entry:
         self.weights: LoadedWeights | None = None
         self.nbytes = 0
         self.reserved = False  # True once nbytes are counted in the device budget
+        self.source: str | None = None  # the tier a load in flight reads from, once known
         self.leases = 0
         self.waiters = 0
         self.done = anyio.Event()
@@ -378,10 +380,14 @@ class ModelCache:
 
     def tier_of(self, model_id: str, *, model: type | None = None) -> str | None:
         """The highest tier holding ``model_id`` ready to serve: "device", "host", "disk", or
-        None (a request would read it from the store). No I/O; for routers and logs."""
+        None (a request would read it from the store). A model being promoted from host memory
+        counts as "host" until it is on the device. No I/O; for routers and logs."""
         entry = self._entries.get((self._builder(model), model_id))
-        if entry is not None and entry.ready:
-            return "device"
+        if entry is not None:
+            if entry.ready:
+                return "device"
+            if entry.source == "host":
+                return "host"
         if model_id in self._lower.entries:
             return "host"
         disk = self._lower.disk
@@ -543,7 +549,7 @@ class ModelCache:
                 if entry.waiters == 0 and entry.leases == 0:
                     self._device.pump()  # a load only this task waited for, or a ready entry
             if entry.error is not None:
-                raise entry.error
+                raise entry.error.with_traceback(None)  # shared: keep its traceback short
             if entry.ready and self._entries.get(key) is entry:
                 self._take_lease(entry)
                 return entry
@@ -569,7 +575,7 @@ class ModelCache:
         error, until = failure
         if _clock() < until:
             self._fails += 1
-            raise error
+            raise error.with_traceback(None)  # the remembered error, raised again and again
         del self._failures[key]
 
     def _start_load(self, key: _Key) -> _Entry:
@@ -592,6 +598,7 @@ class ModelCache:
             claimed = self._lower.claim(entry.model_id)
             if claimed is not None:
                 info, source, source_tier = claimed.info, self._store, "host"
+                entry.source = source_tier
             else:
                 async with self._limiter:
                     info, source, on_disk = await self._lower.locate(entry.model_id)

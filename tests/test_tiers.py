@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -302,3 +303,25 @@ async def test_tier_of_names_the_highest_tier_holding_a_model(
             "device",
         )
         assert cache.tier_of("never-seen") is None
+
+
+async def test_tier_of_says_host_while_a_promotion_is_in_flight(models: MemoryModels) -> None:
+    """A model taken out of host memory for a promotion still reads as "host" until it lands."""
+    models.add("a", 1000)
+    models.add("b", 1000)
+    async with ModelCache(models.template, device_budget=1000, host_budget=1000) as cache:
+        async with cache.use("a"):
+            pass
+        async with anyio.create_task_group() as tg, cache.use("b"):  # a: device -> host
+            assert cache.tier_of("a") == "host"
+            tg.start_soon(partial(_use_once, cache, "a"))  # claims a, then waits for bytes
+            await anyio.wait_all_tasks_blocked()
+            assert cache.stats().loading == 1
+            assert cache.resident("host") == []  # claimed out of the host index
+            assert cache.tier_of("a") == "host"
+        assert cache.tier_of("a") == "device"
+
+
+async def _use_once(cache: ModelCache, model_id: str) -> None:
+    async with cache.use(model_id):
+        pass
