@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import traceback
 import weakref
 from typing import Any
 
@@ -554,3 +555,17 @@ async def test_describe_reads_headers_only_and_raises_like_a_load(
             await cache.describe("missing")
         with pytest.raises(InvalidModelIdError):
             await cache.describe("../etc")
+
+
+async def test_a_remembered_failure_raised_often_keeps_a_short_traceback(
+    models: MemoryModels,
+) -> None:
+    """Raising one remembered error again and again does not grow its traceback (no leak)."""
+    async with ModelCache(models.template, device_budget=4096, failure_ttl=60) as cache:
+        lengths = []
+        for _ in range(50):
+            with pytest.raises(ModelNotFoundError) as caught:
+                async with cache.use("missing"):
+                    pass
+            lengths.append(len(traceback.extract_tb(caught.value.__traceback__)))
+        assert max(lengths) <= lengths[1] < 20

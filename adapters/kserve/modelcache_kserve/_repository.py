@@ -61,9 +61,9 @@ class CachedModel(InferenceModel):  # type: ignore[misc]  # kserve ships no type
         self._model_class = repository.model_class
         self._hooks = repository.hooks
         # KServe's request_predict_seconds, here the time of the three steps under the lease
-        # (a load is not in it: modelcache_load_wait_seconds has that).
-        label = name if repository.per_model_metrics else ALL_MODELS_LABEL
-        self._predict_hist = PREDICT_HIST_TIME.labels(model_name=label)
+        # (a load is not in it: modelcache_load_wait_seconds has that). Labelled on the first
+        # lease, once the model exists: ids that are not in the store never make a series.
+        self._predict_hist: Any = None
 
     def load(self) -> bool:
         """KServe's sync hook: never loads (a request or ``/load`` does, asynchronously)."""
@@ -84,6 +84,9 @@ class CachedModel(InferenceModel):  # type: ignore[misc]  # kserve ships no type
             )
         try:
             async with cache.use(name, model=self._model_class) as model:
+                if self._predict_hist is None:
+                    label = name if self._repository.per_model_metrics else ALL_MODELS_LABEL
+                    self._predict_hist = PREDICT_HIST_TIME.labels(model_name=label)
                 with self._predict_hist.time():
                     response = await self._hooks.run(model, body, headers)
         except ModelRequestError:
@@ -198,7 +201,7 @@ class CacheModelRepository(ModelRepository):  # type: ignore[misc]
         known = self._checks.get(name)
         if known is not None and known[0] > now:
             if known[1] is not None:
-                raise known[1]
+                raise known[1].with_traceback(None)  # remembered: do not grow its traceback
             return
         error: BaseException | None = None
         try:
