@@ -45,6 +45,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from ._cache import ModelCache
+from ._exceptions import InvalidModelIdError, ModelNotFoundError
 from ._observe import CacheObserver
 from ._stats import CacheStats
 
@@ -223,7 +224,8 @@ class CacheMetrics(CacheObserver):
                 self._model_seconds[model_id] += seconds
 
     def load_failed(self, model_id: str, error: BaseException) -> None:
-        if self.per_model:
+        # Per model, only ids that exist: anyone can ask for a million ids that do not.
+        if self.per_model and not isinstance(error, ModelNotFoundError | InvalidModelIdError):
             with self._lock:
                 self._model_failures[model_id] += 1
 

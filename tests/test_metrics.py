@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelcache import CacheObserver, ModelCache, ModelNotFoundError, _observe
+from modelcache import CacheObserver, ModelCache, ModelFormatError, ModelNotFoundError, _observe
 from modelcache.metrics import LOAD_BUCKETS, CacheMetrics
 
 from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, settle
@@ -220,19 +220,24 @@ async def test_waits_for_a_load_are_timed_and_loads_in_flight_counted(
 async def test_failed_loads_and_remembered_failures_are_counted_apart(
     models: MemoryModels, registry: CollectorRegistry
 ) -> None:
-    """A failed load counts once as a load failure; answers from the failure memory count apart."""
+    """A failed load counts once as a load failure; answers from the failure memory count apart.
+    Per model, only ids that exist are labelled (an unknown id is anyone's to invent)."""
     models.add("a", 100)
+    models.put("broken/model.safetensors", b"not a safetensors file")
     cache = ModelCache(models.template, device_budget=1000, failure_ttl=60)
     CacheMetrics(cache, registry=registry, per_model=True)
     async with cache:
         for _ in range(3):
             with pytest.raises(ModelNotFoundError):
                 await use(cache, "missing")
+        with pytest.raises(ModelFormatError):
+            await use(cache, "broken")
         await use(cache, "a")
-        assert sample(registry, "modelcache_load_failures_total") == 1
+        assert sample(registry, "modelcache_load_failures_total") == 2
         assert sample(registry, "modelcache_fast_failures_total") == 2
         assert sample(registry, "modelcache_loads_total") == 1
-        assert sample(registry, "modelcache_model_load_failures_total", model="missing") == 1
+        assert sample(registry, "modelcache_model_load_failures_total", model="missing") is None
+        assert sample(registry, "modelcache_model_load_failures_total", model="broken") == 1
         assert sample(registry, "modelcache_model_loads_total", model="a") == 1
         assert sample(registry, "modelcache_model_loads_total", model="missing") is None
 

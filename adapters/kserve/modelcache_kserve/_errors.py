@@ -82,16 +82,17 @@ class ModelRequestError(Exception):
         return self.message
 
 
-def exception_handler(cache: ModelCache) -> Any:
+def exception_handler(cache: ModelCache, model_class: type) -> Any:
     """A Starlette exception handler answering ModelRequestError, ModelCacheError and
-    InvalidInput with their status and the tier header of the request's model."""
+    InvalidInput with their status and the tier header of the request's model (as built by
+    ``model_class``: other classes may be bound to the same cache)."""
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         tier = exc.tier if isinstance(exc, ModelRequestError) else None
         headers = {}
         model_id = request.path_params.get("model_name")
         if tier is None and isinstance(model_id, str):
-            tier = cache.tier_of(model_id) or "store"
+            tier = cache.tier_of(model_id, model=model_class) or "store"
         if tier is not None:
             headers[TIER_HEADER] = tier
         return JSONResponse({"error": str(exc)}, status_code=status_for(exc), headers=headers)

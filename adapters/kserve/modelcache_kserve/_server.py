@@ -68,7 +68,7 @@ class _RESTServer(RESTServer):  # type: ignore[misc]
         )
         self.config.host = server.host
         self._server = _ReadyServer(self.config, on_ready)
-        self._handler = exception_handler(server.cache)
+        self._handler = exception_handler(server.cache, server.repository.model_class)
 
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)

@@ -5,13 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 from kserve.errors import InvalidInput
+from kserve.metrics import PREDICT_HIST_TIME
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
-from modelcache_kserve import default_postprocess, default_preprocess, status_for
+from modelcache_kserve import (
+    CacheModelRepository,
+    default_postprocess,
+    default_preprocess,
+    status_for,
+)
 from modelcache_kserve._cli import load_class, parse_args
+from modelcache_kserve._errors import TIER_HEADER, exception_handler
+from starlette.requests import Request
 
 from modelcache import (
     InvalidModelIdError,
     ModelBuildError,
+    ModelCache,
     ModelNotFoundError,
     ModelTooLargeError,
     StoreError,
@@ -108,3 +117,40 @@ def test_error_statuses() -> None:
     assert status_for(ModelTooLargeError("x")) == 507
     assert status_for(ModelBuildError("x")) == 500
     assert status_for(StoreError("x")) == 500
+
+
+async def test_error_handler_names_the_tier_with_several_classes_bound() -> None:
+    """The error handler asks for the served class's tier, so a second bound class is no crash."""
+    cache = ModelCache("memory://none/{model_id}/", device_budget=1000)
+
+    @cache.model
+    class A:
+        @classmethod
+        def from_weights(cls, weights: object, info: object) -> int:
+            return 0
+
+    @cache.model
+    class B:
+        @classmethod
+        def from_weights(cls, weights: object, info: object) -> int:
+            return 1
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "path_params": {}}
+    scope["path_params"] = {"model_name": "m"}  # as routed: /v1/models/{model_name}:predict
+    response = await exception_handler(cache, A)(Request(scope), ModelNotFoundError("gone"))
+    assert response.status_code == 404
+    assert response.headers[TIER_HEADER] == "store"
+
+
+def test_ids_never_served_make_no_metric_series() -> None:
+    """A proxy for an id (perhaps not in the store) labels KServe's histogram only once served."""
+    cache = ModelCache("memory://none/{model_id}/", device_budget=1000)
+
+    class Net(torch.nn.Module):
+        pass
+
+    repository = CacheModelRepository(cache, Net, per_model_metrics=True)
+    for i in range(20):
+        repository.get_model(f"no-such-model-{i}")
+    labelled = {labels[0] for labels in PREDICT_HIST_TIME._metrics}
+    assert not any(name.startswith("no-such-model-") for name in labelled)
