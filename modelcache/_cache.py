@@ -703,8 +703,15 @@ class ModelCache:
 
     def _host_policy_for(self, host_policy: EvictionPolicy | None) -> EvictionPolicy:
         """The host tier's policy: the one given, else the device policy's kind (a
-        `CostAwarePolicy` sharing the device policy's access history, or LRU)."""
+        `CostAwarePolicy` sharing the device policy's access history, or LRU). A
+        `CostAwarePolicy` given for both tiers counts in the device policy's history: the host
+        tier sees no hits of its own (a hit there is a promotion), so its own would stay empty
+        and every model would look equally unpopular."""
         if host_policy is not None:
+            if isinstance(host_policy, CostAwarePolicy) and isinstance(
+                self._policy, CostAwarePolicy
+            ):
+                host_policy.share_history(self._policy.history)
             return host_policy
         if isinstance(self._policy, CostAwarePolicy):
             return CostAwarePolicy(history=self._policy.history)

@@ -21,14 +21,17 @@ Two policies ship:
   recency, which lets a model seen once displace one used steadily for a long time; decayed
   counts age by popularity alone, at a pace fitted to the cache's size.
 
-Invariants of `CostAwarePolicy` (the hit path must stay O(log n)): every count decays at the
-same rate, so an untouched entry's rank never changes and the heap keeps
-``log2(F * C / S) + clock`` as of the entry's last push - the order of the values now. C / S
-is computed when an entry enters the tier (so bandwidth learned later applies from its next
-admission); `accessed` bumps F and pushes one heap item, never scanning and never calling
-``cost``; stale heap items (an entry touched again, or removed) are skipped when popped and the
-heap is rebuilt when it holds more than twice the live entries; ties break on a sequence
-number, so a policy is deterministic for a given sequence of calls.
+Invariants of `CostAwarePolicy` (the hit path is O(1) and never scans): every count decays at
+the same rate, so an untouched entry's rank never changes, and ``log2(F * C / S) + clock`` as of
+the entry's last access orders entries as their values now do. That number only rises on a hit,
+so `accessed` bumps F and updates the entry's priority in place; its heap item keeps the older,
+lower value until `victims` pops it, sees the entry's priority is higher and pushes it again
+(stale items of removed entries are dropped then too; the heap is rebuilt when it holds more
+than twice the live entries). C / S is computed when an entry enters the tier (so bandwidth
+learned later applies from its next admission); `accessed` never calls ``cost``. Counts are kept
+by model id, shared by a cache's device and host policies, and pruned only when victims are
+chosen. Ties break on a sequence number, so a policy is deterministic for a given sequence of
+calls.
 """
 
 from __future__ import annotations
@@ -121,9 +124,10 @@ class FrequencyHistory:
     half-life is ``half_life_factor`` x the entries resident in the tiers whose policies share
     this history (at least ``min_half_life``): a small cache forgets fast and follows shifts, a
     large one keeps long counts for its long tail. Counts are stored with the clock reading of
-    their last touch and decayed when read, so a touch is O(1); every max(``min_half_life``,
-    keys remembered) touches, keys whose count fell below 1/64 are forgotten (O(1) amortised)
-    and the half-life is re-fitted. One history is shared by a cache's device and host policies:
+    their last touch and decayed when read, so a touch is O(1); after max(``min_half_life``,
+    keys remembered) touches, `maintain` (called by the policies when they choose victims, off
+    the hit path) forgets keys whose count fell below 1/64 and re-fits the half-life. Keys are
+    model ids (`history_key`), so the tiers of one cache count the same model once. One history is shared by a cache's device and host policies:
     the host tier never sees hits itself (a hit there is a promotion, which removes the entry).
     """
 
@@ -170,9 +174,16 @@ class FrequencyHistory:
         counts[key] = (count, clock)
         self.clock = clock + self._rate
         self._ticks += 1
-        if self._ticks >= self._min_half_life and self._ticks >= len(counts):
-            self._prune()
         return count
+
+    def maintain(self) -> None:
+        """Forget faded counts and re-fit the half-life when enough touches have passed.
+
+        A pass over every count: policies call it when choosing victims or admitting (a load is
+        under way then), never on the hit path, so a hit never pays for it.
+        """
+        if self._ticks >= self._min_half_life and self._ticks >= len(self._counts):
+            self._prune()
 
     def _prune(self) -> None:
         clock, floor = self.clock, self.FORGET_BELOW
@@ -195,12 +206,19 @@ class _Slot:
         self.unit = unit
         #: The heap item's sequence number that is current (older items for the key are stale).
         self.seq = 0
-        #: log2(F * C / S) + the history's clock when the entry was last pushed.
+        #: log2(F * C / S) + the history's clock at the entry's last access. A hit raises it in
+        #: place; the heap item keeps the value it was pushed with until `victims` re-files it.
         self.priority = 0.0
 
 
 #: The count given to an entry the history does not know (admitted, never used).
 _MIN_COUNT = 1e-6
+
+
+def history_key(entry: PolicyEntry) -> Hashable:
+    """The key an entry's accesses are counted under: its model id where it has one (a device
+    entry's own key also names the model class), else its key."""
+    return getattr(entry, "model_id", entry.key)
 
 
 def _log2(value: float) -> float:
@@ -260,7 +278,13 @@ class CostAwarePolicy:
 
     def value(self, entry: PolicyEntry) -> float:
         """F * C / S of ``entry`` now: the seconds of loading it saves per byte it holds."""
-        return max(self.history.get(entry.key), _MIN_COUNT) * self.unit_cost(entry)
+        return max(self.history.get(history_key(entry)), _MIN_COUNT) * self.unit_cost(entry)
+
+    def share_history(self, history: FrequencyHistory) -> None:
+        """Count accesses in ``history`` (another tier's policy's) instead of this one's own."""
+        if history is not self.history:
+            self.history = history
+            history.attach(self)
 
     def priority(self, key: Hashable) -> float | None:
         """log2 of the resident ``key``'s value when last pushed, plus the clock then (None if
@@ -283,19 +307,23 @@ class CostAwarePolicy:
     def admitted(self, entry: PolicyEntry) -> None:
         key = entry.key
         history = self.history
+        history.maintain()
         slot = self._live[key] = _Slot(entry, self.unit_cost(entry))
-        count = max(history.get(key), _MIN_COUNT)
+        count = max(history.get(history_key(entry)), _MIN_COUNT)
         self._push(slot, key, _log2(count * slot.unit) + history.clock)
 
     def accessed(self, entry: PolicyEntry) -> None:
-        # The hit path: one count update, a log and a heap push.
-        key = entry.key
-        slot = self._live.get(key)
+        # The hit path, O(1): a count update and a log. Priorities only rise on a hit (decay is
+        # in the clock term, the same for every entry), so the heap item is left as it is and
+        # `victims` re-files it when it surfaces with a stale, lower value.
+        slot = self._live.get(entry.key)
         if slot is None:  # not admitted (a policy shared oddly): treat as admitted now
-            slot = self._live[key] = _Slot(entry, self.unit_cost(entry))
+            self.admitted(entry)
+            slot = self._live[entry.key]
         history = self.history
         clock = history.clock
-        self._push(slot, key, _log2(history.touch(key) * slot.unit) + clock)
+        value = history.touch(getattr(entry, "model_id", entry.key)) * slot.unit  # history_key
+        slot.priority = (math.log2(value) if value > 0 else -math.inf) + clock  # _log2
 
     def removed(self, entry: PolicyEntry) -> None:
         slot = self._live.get(entry.key)
@@ -303,18 +331,25 @@ class CostAwarePolicy:
             del self._live[entry.key]
 
     def _pop_live(self) -> tuple[tuple[float, int, Hashable], _Slot] | None:
-        """Pop heap items until a live one (returned, already popped), dropping stale ones."""
+        """Pop the live entry of lowest priority now (returned, already popped): items of
+        removed entries are dropped, and items whose entry was hit since are pushed again
+        with the entry's current priority."""
         heap, live = self._heap, self._live
         while heap:
             item = heapq.heappop(heap)
             slot = live.get(item[2])
-            if slot is not None and slot.seq == item[1]:
-                return item, slot
+            if slot is None or slot.seq != item[1]:
+                continue
+            if slot.priority > item[0]:
+                heapq.heappush(heap, (slot.priority, item[1], item[2]))
+                continue
+            return item, slot
         return None
 
     def victims(
         self, need: int, evictable: Callable[[PolicyEntry], bool]
     ) -> list[PolicyEntry] | None:
+        self.history.maintain()
         chosen: list[PolicyEntry] = []
         popped: list[tuple[float, int, Hashable]] = []
         freed = 0
@@ -342,8 +377,9 @@ class CostAwarePolicy:
             return True
         item, slot = found
         heapq.heappush(self._heap, item)
-        # Both valued now (same frequencies, same bandwidth estimates): a tie keeps the victim.
-        return self.value(entry) > self.value(slot.entry)
+        # Both valued now (same frequencies, same bandwidth estimates); a tie goes to the
+        # newcomer, the more recently used of the two.
+        return self.value(entry) >= self.value(slot.entry)
 
 
 class _Candidate(NamedTuple):

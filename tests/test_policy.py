@@ -249,6 +249,7 @@ def test_frequency_history_decays_by_half_each_half_life() -> None:
     assert history.get("a") == pytest.approx(before / 2)
     for _ in range(64):
         history.touch("c")
+    history.maintain()  # off the hit path: when a policy chooses victims
     assert history.get("a") == 0.0 and history.get("b") == 0.0
     assert len(history) == 1
     with pytest.raises(ValueError):
@@ -264,11 +265,14 @@ def test_half_life_follows_the_entries_resident() -> None:
         policy.admitted(item)
     for item in items:
         policy.accessed(item)
+    assert history.half_life == 4  # hits never refit it (nor prune): that is not O(1)
+    assert policy.victims(1, lambda e: True) is not None  # choosing victims does
     assert history.half_life == 100
     for item in items[:45]:
         policy.removed(item)
     for _ in range(60):
         policy.accessed(items[-1])
+    history.maintain()
     assert history.half_life == 10
 
 
@@ -363,17 +367,31 @@ async def test_host_admission_keeps_a_one_off_out_of_a_full_host_tier(
         host_policy=CostAwarePolicy(admission=True),
     ) as cache:
         host_policy: Any = cache._lower.host.policy
-        assert host_policy.history is not cache._policy.history  # type: ignore[attr-defined]
+        assert host_policy.history is cache._policy.history  # type: ignore[attr-defined]
         for _ in range(3):
             async with cache.use("r"):
                 pass
         async with cache.use("s"):  # r moves to host (room is free: no admission check)
             pass
-        for _ in range(2):  # this tier's own history: r comes back, s did not
-            host_policy.history.touch("r")
-        async with cache.use("t"):  # s would displace r: refused, s is dropped
+        async with cache.use("t"):  # s (used once) would displace r (used 3 times): refused
             pass
         assert cache.resident("host") == ["r"]
+        check_invariants(cache)
+
+
+async def test_default_host_tier_keeps_the_model_used_most(models: MemoryModels) -> None:
+    """The default policy counts a model's device hits for its host copy too: a host tier that
+    must drop one keeps the model used often over one used once, though it is older there."""
+    for name in ("hot", "c1", "c2", "c3"):
+        models.add(name, 1000)
+    async with ModelCache(models.template, device_budget=1000, host_budget=2000) as cache:
+        for _ in range(20):
+            async with cache.use("hot"):
+                pass
+        for name in ("c1", "c2", "c3"):  # each demotes the one before: hot, c1, then c2
+            async with cache.use(name):
+                pass
+        assert sorted(cache.resident("host")) == ["c2", "hot"]
         check_invariants(cache)
 
 
@@ -451,3 +469,24 @@ def test_policy_sim_replays_a_csv_trace(tmp_path: Path) -> None:
     assert trace.keys.tolist() == [1, 0, 1] and trace.sizes.tolist() == [300, 100]
     r = sim.simulate(trace, "cost", 400, 0)
     assert (r.hits, r.loads["store"]) == (1, 2)
+
+
+def test_cost_aware_hits_touch_no_heap_and_victims_still_follow_the_counts() -> None:
+    """A hit updates its entry in place (no heap push, no pass over entries); victims re-file
+    stale heap items, so the least used entry still goes first."""
+    policy = CostAwarePolicy()
+    items = [Item(i, 1) for i in range(5)]
+    for item in items:
+        policy.admitted(item)
+    heap_size = len(policy._heap)
+    for _ in range(1000):
+        for item in items[1:]:
+            policy.accessed(item)
+    assert len(policy._heap) == heap_size
+    victims = policy.victims(1, lambda e: True)
+    assert victims is not None and victims[0] is items[0]
+    policy.removed(items[0])
+    for _ in range(3):
+        policy.accessed(items[2])
+    victims = policy.victims(1, lambda e: True)
+    assert victims is not None and victims[0] is items[1]
