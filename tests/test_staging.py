@@ -160,7 +160,9 @@ async def complete_copies(
         await engine.wait_for_pending()
         await quiesce(store)
         if stalls is not None and len(engine.pending) != pool.in_use:
-            stalls.append((len(engine.pending), pool.in_use))
+            await quiesce(store)  # look twice: a worker thread may just have handed back
+            if len(engine.pending) != pool.in_use:
+                stalls.append((len(engine.pending), pool.in_use))
         if order == "fifo":
             i = 0
         elif order == "lifo":
