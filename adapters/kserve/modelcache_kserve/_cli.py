@@ -65,6 +65,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--disk-dir", "directory of the disk tier (remote stores only)")
     add("--disk-budget", "bytes of the disk tier")
     add("--max-concurrent-loads", "loads of different models at once", default="4", type=int)
+    add(
+        "--load-timeout",
+        "seconds a request may wait for its model to load before it answers 503 (0: no limit)",
+        default="300",
+        type=float,
+    )
     add("--http-port", "HTTP port (0: any free port, printed when ready)", default="8080", type=int)
     add("--host", "address to bind", default="0.0.0.0")
     add(
@@ -86,6 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--workers must be 1: the cache is one process's memory; run more replicas instead"
         )
+    if args.load_timeout < 0:
+        parser.error("--load-timeout must not be negative")
     if (args.disk_dir is None) != (args.disk_budget is None):
         parser.error("--disk-dir and --disk-budget go together")
     return args
@@ -125,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         http_port=args.http_port,
         per_model_metrics=args.per_model_metrics,
+        load_timeout=args.load_timeout or None,
     )
 
     def ready(port: int) -> None:

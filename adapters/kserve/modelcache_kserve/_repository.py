@@ -25,10 +25,12 @@ How KServe 0.21 reaches a model, and what each hook does here:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from http import HTTPStatus
 from typing import Any
 
+import anyio
 from kserve.errors import ModelNotFound, ModelNotReady
 from kserve.metrics import PREDICT_HIST_TIME
 from kserve.model import BaseKServeModel, InferenceModel, InferenceVerb
@@ -82,18 +84,40 @@ class CachedModel(InferenceModel):  # type: ignore[misc]  # kserve ships no type
             raise ModelRequestError(
                 HTTPStatus.NOT_IMPLEMENTED, f"model {name!r}: only predict is served", tier=tier
             )
+        timeout = self._repository.load_timeout
         try:
-            async with cache.use(name, model=self._model_class) as model:
-                if self._predict_hist is None:
-                    label = name if self._repository.per_model_metrics else ALL_MODELS_LABEL
-                    self._predict_hist = PREDICT_HIST_TIME.labels(model_name=label)
-                with self._predict_hist.time():
-                    response = await self._hooks.run(model, body, headers)
+            if timeout is None or tier == "device":  # a hit: use() hands it out at once
+                async with cache.use(name, model=self._model_class) as model:
+                    response = await self._serve(model, body, headers)
+            else:
+                async with contextlib.AsyncExitStack() as stack:
+                    try:
+                        with anyio.fail_after(timeout):  # the wait for the model, not predict
+                            model = await stack.enter_async_context(
+                                cache.use(name, model=self._model_class)
+                            )
+                    except TimeoutError as exc:  # the load goes on, for later requests
+                        raise ModelRequestError(
+                            HTTPStatus.SERVICE_UNAVAILABLE,
+                            f"model {name!r} was not ready within {timeout:g} s (still "
+                            "loading, or waiting for memory that requests in progress hold); "
+                            "try again",
+                            tier=tier,
+                        ) from exc
+                    response = await self._serve(model, body, headers)
         except ModelRequestError:
             raise
         except Exception as exc:
             raise ModelRequestError.wrap(exc, name, tier) from exc
         return response, {TIER_HEADER: tier}
+
+    async def _serve(self, model: Any, body: Any, headers: dict[str, str] | None) -> Any:
+        """The user's hooks on a leased ``model``, timed as KServe's predict histogram."""
+        if self._predict_hist is None:
+            label = self.name if self._repository.per_model_metrics else ALL_MODELS_LABEL
+            self._predict_hist = PREDICT_HIST_TIME.labels(model_name=label)
+        with self._predict_hist.time():
+            return await self._hooks.run(model, body, headers)
 
     async def get_input_types(self) -> list[dict[str, Any]]:
         await self._repository.check_exists(self.name)
@@ -114,9 +138,14 @@ class CacheModelRepository(ModelRepository):  # type: ignore[misc]
         *,
         per_model_metrics: bool = False,
         check_ttl: float = 5.0,
+        load_timeout: float | None = None,
     ) -> None:
         super().__init__()
+        if load_timeout is not None and not load_timeout > 0:
+            raise ValueError(f"load_timeout must be positive or None, not {load_timeout!r}")
         self.cache = cache
+        #: Seconds a request may wait for its model to be ready (None: no limit).
+        self.load_timeout = load_timeout
         if not cache.is_bound(model_class):
             cache.model(model_class)
         self.model_class = model_class

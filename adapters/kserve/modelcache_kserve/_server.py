@@ -176,9 +176,14 @@ def build_server(
     http_port: int = 8080,
     per_model_metrics: bool = False,
     metrics: bool = True,
+    load_timeout: float | None = None,
     **kwargs: Any,
 ) -> CacheModelServer:
     """A `CacheModelServer` serving every model of ``cache``'s store, built by ``model_class``
-    (bound to ``cache`` here unless it already is). ``kwargs`` go to `CacheModelServer`."""
-    repository = CacheModelRepository(cache, model_class, per_model_metrics=per_model_metrics)
+    (bound to ``cache`` here unless it already is). A request that waits more than
+    ``load_timeout`` seconds for its model answers 503 (None: it waits as long as it takes).
+    ``kwargs`` go to `CacheModelServer`."""
+    repository = CacheModelRepository(
+        cache, model_class, per_model_metrics=per_model_metrics, load_timeout=load_timeout
+    )
     return CacheModelServer(repository, host=host, http_port=http_port, metrics=metrics, **kwargs)

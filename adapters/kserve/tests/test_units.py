@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
+from conftest import TINY_BYTES, write_model
 from kserve.errors import InvalidInput
 from kserve.metrics import PREDICT_HIST_TIME
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
+from mc_models import Tiny
 from modelcache_kserve import (
     CacheModelRepository,
     default_postprocess,
@@ -14,7 +19,7 @@ from modelcache_kserve import (
     status_for,
 )
 from modelcache_kserve._cli import load_class, parse_args
-from modelcache_kserve._errors import TIER_HEADER, exception_handler
+from modelcache_kserve._errors import TIER_HEADER, ModelRequestError, exception_handler
 from starlette.requests import Request
 
 from modelcache import (
@@ -154,3 +159,31 @@ def test_ids_never_served_make_no_metric_series() -> None:
         repository.get_model(f"no-such-model-{i}")
     labelled = {labels[0] for labels in PREDICT_HIST_TIME._metrics}
     assert not any(name.startswith("no-such-model-") for name in labelled)
+
+
+async def test_a_request_waiting_too_long_for_its_model_answers_503(tmp_path: Path) -> None:
+    """With load_timeout, a request whose model cannot load in time (every byte leased) answers
+    503; once memory is free the same request is served."""
+    for model_id in ("a", "b"):
+        write_model(tmp_path, model_id)
+    cache = ModelCache(f"file://{tmp_path}/{{model_id}}/", device_budget=TINY_BYTES)
+    repository = CacheModelRepository(cache, Tiny, load_timeout=0.05)
+    body = {"instances": [[1.0, 2.0, 3.0, 4.0]]}
+    proxy: Any = repository.get_model("b")
+    async with cache:
+        async with cache.use("a", model=Tiny):  # the whole budget, leased
+            with pytest.raises(ModelRequestError) as caught:
+                await proxy(body)
+            assert caught.value.status == 503
+            assert "0.05 s" in caught.value.message
+        response, headers = await proxy(body)
+        assert len(response["predictions"]) == 1
+        assert headers[TIER_HEADER] == "store"
+
+
+def test_load_timeout_flag_defaults_to_five_minutes_and_zero_means_none() -> None:
+    """--load-timeout is 300 s unless given; 0 turns the limit off; negative is a usage error."""
+    assert parse_args(REQUIRED).load_timeout == 300.0
+    assert parse_args([*REQUIRED, "--load-timeout", "0"]).load_timeout == 0.0
+    with pytest.raises(SystemExit):
+        parse_args([*REQUIRED, "--load-timeout", "-1"])
