@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ __all__ = [
     "machine_line",
     "percentiles_us",
     "print_table",
+    "print_times",
     "rounded",
     "s3_upload",
     "seaweedfs",
@@ -240,3 +241,35 @@ def s3_upload(server: SeaweedFS, path: Path | str, key: str) -> float:
         Config=TransferConfig(multipart_chunksize=64 << 20, max_concurrency=4),
     )
     return time.perf_counter() - start
+
+
+class Timed(Protocol):
+    """A benchmarked method: its label, its repeated times and its warm-up seconds."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def times(self) -> Repeated: ...
+
+    @property
+    def warmup(self) -> float: ...
+
+
+def print_times(title: str, methods: Sequence[Timed], nbytes: int) -> None:
+    """Each method's best and median time and GB/s for ``nbytes``, and its warm-up."""
+    print_table(
+        f"{title}: times in ms",
+        ["method", "best ms", "median ms", "best GB/s", "median GB/s", "warm-up ms"],
+        [
+            [
+                m.label,
+                m.times.best * 1e3,
+                m.times.median * 1e3,
+                gbps(nbytes, m.times.best),
+                gbps(nbytes, m.times.median),
+                m.warmup * 1e3,
+            ]
+            for m in methods
+        ],
+    )

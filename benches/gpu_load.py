@@ -54,6 +54,7 @@ from _common import (
     gbps,
     machine_line,
     print_table,
+    print_times,
     rounded,
     s3_upload,
     seaweedfs,
@@ -300,21 +301,7 @@ def report(
 ) -> list[list[object]]:
     """Print the size's table and add its figures; returns its rows of the ratios table."""
     by = {m.key: m for m in methods}
-    print_table(
-        f"Time to a ready model on the GPU, {n / GIB:.3f} GiB payload: times in ms",
-        ["method", "best ms", "median ms", "best GB/s", "median GB/s", "warm-up ms"],
-        [
-            [
-                m.label,
-                m.times.best * 1e3,
-                m.times.median * 1e3,
-                gbps(n, m.times.best),
-                gbps(n, m.times.median),
-                m.warmup * 1e3,
-            ]
-            for m in methods
-        ],
-    )
+    print_times(f"Time to a ready model on the GPU, {n / GIB:.3f} GiB payload", methods, n)
     for m in methods:
         figures[f"{m.key}_ms_{label}"] = rounded(m.times.best * 1e3)
         figures[f"{m.key}_median_ms_{label}"] = rounded(m.times.median * 1e3)

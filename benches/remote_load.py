@@ -51,6 +51,7 @@ from _common import (
     gbps,
     machine_line,
     print_table,
+    print_times,
     rounded,
 )
 from fsspec.implementations.http import HTTPFileSystem
@@ -356,21 +357,7 @@ def main() -> None:
 
     by = {m.key: m for m in methods}
     n = payload
-    print_table(
-        f"Cold remote load ({n / GIB:.3f} GiB payload, 127.0.0.1): times in ms",
-        ["method", "best ms", "median ms", "best GB/s", "median GB/s", "warm-up ms"],
-        [
-            [
-                m.label,
-                m.times.best * 1e3,
-                m.times.median * 1e3,
-                gbps(n, m.times.best),
-                gbps(n, m.times.median),
-                m.warmup * 1e3,
-            ]
-            for m in methods
-        ],
-    )
+    print_times(f"Cold remote load ({n / GIB:.3f} GiB payload, 127.0.0.1)", methods, n)
 
     def ceiling(prefix: str) -> Method:
         return min((by[f"{prefix}_raw_{c}"] for c in CONCURRENCY), key=lambda m: m.times.best)
