@@ -1,8 +1,9 @@
 """Quick start: serve 40 classifiers from a local store through a cache that holds a few.
 
-Run it with ``make example`` (or ``python examples/quickstart.py [--store DIR]``). It writes a store
-of small torch models (once), serves a skewed stream of requests for them from 8 concurrent
-clients, checks every answer against the model computed directly, and prints the cache's stats.
+Run it with ``make example`` (or ``python examples/quickstart.py [--store DIR]``). It writes a
+store of small torch models (once), serves a skewed stream of requests for them from 8
+concurrent clients, checks every answer against the model computed directly, and prints the
+cache's stats.
 """
 
 from __future__ import annotations
