@@ -14,8 +14,10 @@ ModelTooLargeError             507     the model is larger than the whole device
                                        server capacity limit, not a client mistake
 CacheClosedError               503     the server is shutting down
 readiness of a cold model      503     servable, not on the device (the message names its tier)
-other load errors              500     format, store, build and load errors; the message names
-                                       the model, the path and the cause
+not ready in ``load_timeout``  503     still loading or waiting for memory; the load goes on
+StoreError                     502     the store (our upstream) failed after the retries
+other load errors              500     format, build and load errors; the message names the
+                                       model, the path and the cause
 =============================  ======  ==========================================================
 """
 
@@ -35,6 +37,7 @@ from modelcache import (
     ModelCacheError,
     ModelNotFoundError,
     ModelTooLargeError,
+    StoreError,
 )
 
 __all__ = ["TIER_HEADER", "ModelRequestError", "status_for"]
@@ -56,6 +59,8 @@ def status_for(exc: BaseException) -> int:
         return HTTPStatus.INSUFFICIENT_STORAGE
     if isinstance(exc, CacheClosedError | ModelNotReady):
         return HTTPStatus.SERVICE_UNAVAILABLE
+    if isinstance(exc, StoreError):  # the store (our upstream) failed, after the retries
+        return HTTPStatus.BAD_GATEWAY
     return HTTPStatus.INTERNAL_SERVER_ERROR
 
 

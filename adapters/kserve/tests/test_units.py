@@ -121,7 +121,7 @@ def test_error_statuses() -> None:
     assert status_for(ModelNotFoundError("x")) == 404
     assert status_for(ModelTooLargeError("x")) == 507
     assert status_for(ModelBuildError("x")) == 500
-    assert status_for(StoreError("x")) == 500
+    assert status_for(StoreError("x")) == 502  # the store failed: a bad gateway
 
 
 async def test_error_handler_names_the_tier_with_several_classes_bound() -> None:
