@@ -60,15 +60,12 @@ from _common import (
     seaweedfs,
 )
 from load_throughput import N_TENSORS, dtypes
-from remote_load import Method, run_all, write_model
+from remote_load import GIB, MIB, MODEL_ID, Method, run_all, write_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from modelcache import ModelCache
 
-MIB = 1 << 20
-GIB = 1 << 30
-MODEL_ID = "model"  # remote_load.write_model's directory name
 GOAL_HOST_VS_CEILING = 0.8
 GOAL_HOST_VS_SAFETENSORS_CUDA = 3.0
 MOVE_TIMEOUT = 120.0

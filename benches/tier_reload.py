@@ -55,13 +55,10 @@ from _common import (
     seaweedfs,
 )
 from load_throughput import N_TENSORS, dtypes
-from remote_load import Method, run_all, write_model
+from remote_load import GIB, MIB, MODEL_ID, Method, run_all, write_model
 
 from modelcache import ModelCache
 
-MIB = 1 << 20
-GIB = 1 << 30
-MODEL_ID = "model"  # remote_load.write_model's directory name
 GOAL_HOST_VS_STORE = 10.0
 HITS_PER_REPEAT = 1000
 DISK_WRITE_TIMEOUT = 300.0
