@@ -45,7 +45,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from ._cache import ModelCache
-from ._exceptions import InvalidModelIdError, ModelNotFoundError
+from ._exceptions import InvalidModelIdError, ModelNotFoundError, StoreError
 from ._observe import CacheObserver
 from ._stats import CacheStats
 
@@ -224,9 +224,14 @@ class CacheMetrics(CacheObserver):
                 self._model_seconds[model_id] += seconds
 
     def load_failed(self, model_id: str, error: BaseException) -> None:
-        # Per model, only ids that exist: anyone can ask for a million ids that do not.
-        if self.per_model and not isinstance(error, ModelNotFoundError | InvalidModelIdError):
-            with self._lock:
+        # Per model, only ids known to exist: anyone can ask for a million ids that do not. A
+        # store error says nothing of existence (S3 without ListBucket answers 403, not 404, for
+        # a missing key), so it is labelled only for an id that has loaded before; format and
+        # build errors come after the store served the file.
+        if not self.per_model or isinstance(error, ModelNotFoundError | InvalidModelIdError):
+            return
+        with self._lock:
+            if not isinstance(error, StoreError) or model_id in self._model_loads:
                 self._model_failures[model_id] += 1
 
     def waited(self, model_id: str, seconds: float) -> None:

@@ -14,7 +14,14 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelcache import CacheObserver, ModelCache, ModelFormatError, ModelNotFoundError, _observe
+from modelcache import (
+    CacheObserver,
+    ModelCache,
+    ModelFormatError,
+    ModelNotFoundError,
+    StoreError,
+    _observe,
+)
 from modelcache.metrics import LOAD_BUCKETS, CacheMetrics
 
 from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, settle
@@ -240,6 +247,50 @@ async def test_failed_loads_and_remembered_failures_are_counted_apart(
         assert sample(registry, "modelcache_model_load_failures_total", model="broken") == 1
         assert sample(registry, "modelcache_model_loads_total", model="a") == 1
         assert sample(registry, "modelcache_model_loads_total", model="missing") is None
+
+
+class ForbiddingStore(GatedStore):
+    """Answers a store error (as S3 without ListBucket does, 403, for a missing key) for ids in
+    ``forbidden``."""
+
+    forbidden: set[str]
+
+    async def size(self, url: str, *, model_id: str) -> int:
+        if model_id in self.forbidden:
+            raise StoreError(f"403 Forbidden: {url}", model_id=model_id, path=url)
+        return await super().size(url, model_id=model_id)
+
+    async def read_range(self, url: str, start: int, end: int, *, model_id: str) -> bytes:
+        if model_id in self.forbidden:
+            raise StoreError(f"403 Forbidden: {url}", model_id=model_id, path=url)
+        return await super().read_range(url, start, end, model_id=model_id)
+
+
+async def test_store_errors_are_labelled_per_model_only_for_ids_that_have_loaded(
+    models: MemoryModels, registry: CollectorRegistry
+) -> None:
+    """A store error for an id never loaded makes no per-model series (it may not exist: S3
+    answers 403 for a missing key without ListBucket); for a model that loaded before it counts."""
+    models.add("a", 100)
+    store = ForbiddingStore(models.template)
+    store.forbidden = {f"ghost-{i}" for i in range(5)}
+    cache = ModelCache(store, device_budget=1000, failure_ttl=60)
+    CacheMetrics(cache, registry=registry, per_model=True)
+    async with cache:
+        for i in range(5):
+            with pytest.raises(StoreError):
+                await use(cache, f"ghost-{i}")
+        await use(cache, "a")
+        assert cache.evict("a")
+        store.forbidden.add("a")
+        with pytest.raises(StoreError):
+            await use(cache, "a")
+        assert sample(registry, "modelcache_load_failures_total") == 6
+        for i in range(5):
+            assert (
+                sample(registry, "modelcache_model_load_failures_total", model=f"ghost-{i}") is None
+            )
+        assert sample(registry, "modelcache_model_load_failures_total", model="a") == 1
 
 
 async def test_per_model_series_are_off_by_default_and_exact_when_on(
