@@ -20,7 +20,20 @@ the median over repetitions of each figure is reported. With 1,000 tasks every t
 event loop (``anyio.lowlevel.checkpoint()``) between its calls, outside the timed region, so
 the tasks interleave; a single task loops without yielding.
 
-Run: ``python benches/hit_latency.py [--quick] [--data-dir DIR] [--entries 10 100000]``.
+Release under pressure: microseconds per budget pump when a lease ends while a load waits for
+bytes that cannot yet be granted, at 10,000 and 100,000 resident models, for `LRUPolicy` and
+`CostAwarePolicy`. The device tier's own objects (`ByteBudget` and the policy) are driven as
+`ModelCache` drives them, with stand-in entries (``ModelCache`` cannot hold 100,000 models that
+own bytes, see above): every resident model holds 1 MiB and the budget is full; a load waits for
+the whole budget, so no release can grant it; ``PRESSURE_LEASES`` leases are held at any time.
+Each step leases a random model (``policy.accessed``, as a hit does) and ends the oldest lease;
+an ending lease with a waiter in line pumps the budget (`ModelCache._unlease`), and only that
+pump is timed. A pump asks the policy for victims, which it cannot find: the figure is the cost
+of a failed victims query, paid on the event loop by every request that ends under pressure.
+Steps stop after ``PRESSURE_MAX_PUMPS`` pumps or ``PRESSURE_SECONDS`` of timed pumps.
+
+Run: ``python benches/hit_latency.py [--quick] [--data-dir DIR] [--entries 10 100000]
+[--pressure-entries 10000 100000]``.
 """
 
 from __future__ import annotations
@@ -30,6 +43,8 @@ import os
 import statistics
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +64,21 @@ from _common import (
 )
 from safetensors.torch import save_file
 
-from modelcache import ModelCache
+from modelcache import CostAwarePolicy, EvictionPolicy, LRUPolicy, ModelCache
+from modelcache._tiers import ByteBudget
 
 GOAL_P50_US = 10.0
 GOAL_P99_US = 50.0
 N_TASKS = 1000
 FILL_TASKS = 64
+MiB = 1 << 20
+PRESSURE_LEASES = 16
+PRESSURE_MAX_PUMPS = 2000
+PRESSURE_SECONDS = 1.0
+PRESSURE_POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
+    "lru": LRUPolicy,
+    "cost": CostAwarePolicy,
+}
 
 
 @dataclass(frozen=True)
@@ -206,6 +230,73 @@ async def measure_entries(path: str, n: int, cfg: Config) -> tuple[float, list[S
     return fill_s, scenarios
 
 
+class Resident:
+    """A resident model as the device budget and its policy see one (what ``_Entry`` offers)."""
+
+    __slots__ = ("key", "leases", "model_id", "nbytes")
+
+    def __init__(self, model_id: str) -> None:
+        self.key = self.model_id = model_id
+        self.nbytes = MiB
+        self.leases = 0
+
+
+def no_eviction(victim: object) -> None:
+    raise AssertionError(f"nothing can be evicted under pressure, yet {victim!r} was")
+
+
+async def release_under_pressure(
+    n: int, make: Callable[[], EvictionPolicy], rng: np.random.Generator
+) -> Percentiles:
+    """Per-pump figures of ending leases while a load waits for bytes (see the docstring)."""
+    policy = make()
+    budget = ByteBudget(
+        "device", n * MiB, evictable=lambda e: e.leases == 0, evict=no_eviction, policy=policy
+    )
+    models = [Resident(f"m{i}") for i in range(n)]
+    for model in models:
+        assert budget.try_reserve(model.nbytes)  # room left: nothing is asked of the policy
+        budget.resident += model.nbytes
+        policy.admitted(model)
+    leased: deque[Resident] = deque()
+
+    def lease(model: Resident) -> None:
+        model.leases += 1
+        policy.accessed(model)
+        leased.append(model)
+
+    for i in rng.choice(n, size=PRESSURE_LEASES, replace=False):
+        lease(models[i])
+    samples: list[int] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(budget.reserve, n * MiB)  # needs every byte: waits while any is leased
+        await anyio.wait_all_tasks_blocked()
+        assert budget.waiting == 1
+        gc.collect()
+        clock = time.perf_counter_ns
+        spent, cap = 0, int(PRESSURE_SECONDS * 1e9)
+        picks = rng.integers(0, n, size=PRESSURE_MAX_PUMPS * 2)
+        for i in picks:
+            lease(models[i])
+            model = leased.popleft()
+            model.leases -= 1
+            if model.leases == 0 and budget.waiting:  # ModelCache._unlease
+                t0 = clock()
+                budget.pump()
+                took = clock() - t0
+                samples.append(took)
+                spent += took
+                if len(samples) >= PRESSURE_MAX_PUMPS or spent >= cap:
+                    break
+        assert budget.waiting == 1, "the waiting load was granted: no pressure was measured"
+        tg.cancel_scope.cancel()
+    return percentiles_us(samples)
+
+
+def short_count(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "hit latency")
     parser.add_argument(
@@ -213,6 +304,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--tensor-bytes", type=int, default=0, help="bytes of the tiny model's one tensor"
+    )
+    parser.add_argument(
+        "--pressure-entries",
+        type=int,
+        nargs="*",
+        default=[10_000, 100_000],
+        help="resident models for the release-under-pressure case (none: skip it)",
     )
     args = parser.parse_args()
     quick: bool = args.quick
@@ -293,6 +391,22 @@ def main() -> None:
             f"Flatness: figure at {hi:,} entries / figure at {lo:,} entries (1.00 = flat)",
             ["scenario", "p50 ratio", "p99 ratio"],
             ratio_rows,
+        )
+    pressure: list[list[object]] = []
+    rng = np.random.default_rng(7)
+    for n in args.pressure_entries:
+        for name, make in PRESSURE_POLICIES.items():
+            f = anyio.run(release_under_pressure, n, make, rng)
+            tag = f"{short_count(n)}_{name}"
+            figures[f"release_under_pressure_us_{tag}"] = rounded(f.mean_us)
+            figures[f"release_under_pressure_p99_us_{tag}"] = rounded(f.p99_us)
+            pressure.append([name, n, f.n, f.p50_us, f.p99_us, f.mean_us, f.max_us])
+    if pressure:
+        print_table(
+            "Release under pressure: us per pump when a lease ends while a load waits for bytes "
+            f"that cannot be granted ({PRESSURE_LEASES} leases held)",
+            ["policy", "entries", "pumps", "p50", "p99", "mean", "max"],
+            pressure,
         )
     figures["all_hits"] = all(r.all_hits for r in results)
     figures["quick"] = quick

@@ -32,6 +32,16 @@ learned later applies from its next admission); `accessed` never calls ``cost``.
 by model id, shared by a cache's device and host policies, and pruned only when victims are
 chosen. Ties break on a sequence number, so a policy is deterministic for a given sequence of
 calls.
+
+Both policies answer a victims query that cannot succeed without a pass over the tier (under
+memory pressure every lease that ends with a load waiting asks again, on the event loop): see
+`_Unpinned`. The cache alone knows which entries are evictable and says nothing when a lease
+ends, so a policy keeps the bytes of its entries *not suspected* of being pinned, an upper
+bound on what a query can free once the suspects (entries admitted or used since the last
+query - a use is a lease taken - and those a query found pinned) have been checked again. A
+failed query costs that check: the leases held plus the uses since the last query, however many
+entries the tier holds. A successful one examines entries in victim order until enough is
+freed, as it always did; the victims chosen do not depend on this bookkeeping.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sized
+from collections.abc import Callable, Hashable, Iterable, Sized
 from typing import NamedTuple, Protocol
 
 __all__ = [
@@ -77,41 +87,134 @@ class EvictionPolicy(Protocol):
     ) -> list[PolicyEntry] | None:
         """Entries whose eviction frees at least ``need`` bytes, or None if that is impossible.
 
-        Only entries for which ``evictable(entry)`` is true may be returned.
+        Only entries for which ``evictable(entry)`` is true may be returned. ``evictable`` is
+        the cache's own test, consistent for the span of one call; it may change between calls
+        without the policy being told (a lease that ends), so a policy must not trust an answer
+        it got in an earlier call.
         """
+
+
+class _Unpinned:
+    """The bytes a tier's policy could free at most, kept so that a query that cannot succeed
+    does not pass over the tier.
+
+    ``suspects`` are the entries that may be pinned now: admitted or used (a lease taken) since
+    they were last checked, or found not evictable when they were. ``bytes`` is the sum over the
+    other resident entries: an upper bound on the bytes evictable outside ``suspects``. `settle`
+    checks the suspects again, as a query must (a lease that ends tells the policy nothing), and
+    moves the released ones out; then ``bytes`` bounds every evictable byte, and a query for
+    more answers None after a pass over the suspects only.
+    """
+
+    __slots__ = ("bytes", "suspects")
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.suspects: dict[Hashable, PolicyEntry] = {}
+
+    def admitted(self, entry: PolicyEntry) -> None:
+        self.suspects[entry.key] = entry  # likely leased by the callers that waited for it
+
+    def suspect(self, entry: PolicyEntry) -> None:
+        """``entry`` may be pinned now (used, or found not evictable)."""
+        suspects = self.suspects
+        if entry.key not in suspects:
+            suspects[entry.key] = entry
+            self.bytes -= entry.nbytes
+
+    def cleared(self, entry: PolicyEntry) -> None:
+        """``entry`` was found evictable."""
+        if self.suspects.pop(entry.key, None) is not None:
+            self.bytes += entry.nbytes
+
+    def removed(self, entry: PolicyEntry) -> None:
+        if self.suspects.pop(entry.key, None) is None:
+            self.bytes -= entry.nbytes
+
+    def settle(self, evictable: Callable[[PolicyEntry], bool]) -> None:
+        """Move the suspects that are evictable now out of ``suspects``."""
+        # A new dict, not deletions from the old one: a dict keeps its size when keys leave, and
+        # iterating one that once held every entry of the tier would cost a pass over the tier.
+        kept: dict[Hashable, PolicyEntry] = {}
+        for key, entry in self.suspects.items():
+            if evictable(entry):
+                self.bytes += entry.nbytes
+            else:
+                kept[key] = entry
+        self.suspects = kept
+
+    def check(self, resident: Iterable[PolicyEntry]) -> None:
+        """Raise AssertionError unless the counts describe the ``resident`` entries."""
+        entries = {entry.key: entry for entry in resident}
+        assert all(entries.get(k) is e for k, e in self.suspects.items()), "a stale suspect"
+        free = sum(e.nbytes for k, e in entries.items() if k not in self.suspects)
+        assert self.bytes == free, f"unpinned bytes {self.bytes}, resident says {free}"
+
+    def cannot_free(self, need: int, evictable: Callable[[PolicyEntry], bool]) -> bool:
+        """Whether no choice of victims can free ``need`` bytes (the suspects are checked only
+        when the other entries alone fall short)."""
+        if self.bytes >= need:
+            return False
+        self.settle(evictable)
+        return self.bytes < need
 
 
 class LRUPolicy:
     """Least recently used first, by bytes: evict the oldest unleased entries until enough is free."""
 
-    __slots__ = ("_order",)
+    __slots__ = ("_order", "_unpinned")
 
     def __init__(self) -> None:
         self._order: OrderedDict[Hashable, PolicyEntry] = OrderedDict()
+        self._unpinned = _Unpinned()
 
     def __len__(self) -> int:
         return len(self._order)
 
     def admitted(self, entry: PolicyEntry) -> None:
+        old = self._order.get(entry.key)
+        if old is not None:  # admitted again without leaving: count it once
+            self._unpinned.removed(old)
         self._order[entry.key] = entry
+        self._unpinned.admitted(entry)
 
     def accessed(self, entry: PolicyEntry) -> None:
-        self._order.move_to_end(entry.key)
+        # The hit path: `_Unpinned.suspect` inlined (a use is a lease taken).
+        key = entry.key
+        self._order.move_to_end(key)
+        unpinned = self._unpinned
+        if key not in unpinned.suspects:
+            resident = unpinned.suspects[key] = self._order[key]
+            unpinned.bytes -= resident.nbytes
 
     def removed(self, entry: PolicyEntry) -> None:
-        self._order.pop(entry.key, None)
+        left = self._order.pop(entry.key, None)
+        if left is not None:
+            self._unpinned.removed(left)
+
+    def check(self) -> None:
+        """Raise AssertionError unless the policy's own counts are consistent (tests)."""
+        self._unpinned.check(self._order.values())
 
     def victims(
         self, need: int, evictable: Callable[[PolicyEntry], bool]
     ) -> list[PolicyEntry] | None:
+        unpinned = self._unpinned
+        if unpinned.cannot_free(need, evictable):
+            return None
         chosen: list[PolicyEntry] = []
         freed = 0
         for entry in self._order.values():
             if freed >= need:
                 break
             if evictable(entry):
+                unpinned.cleared(entry)
                 chosen.append(entry)
                 freed += entry.nbytes
+            else:
+                unpinned.suspect(entry)
+                if unpinned.cannot_free(need, evictable):
+                    return None
         return chosen if freed >= need else None
 
 
@@ -241,7 +344,7 @@ class CostAwarePolicy:
     tier of models that come back. The cache asks only when the tier has no free room.
     """
 
-    __slots__ = ("_cost", "_heap", "_live", "_seq", "admission", "history")
+    __slots__ = ("_cost", "_heap", "_live", "_seq", "_unpinned", "admission", "history")
 
     def __init__(
         self,
@@ -257,6 +360,7 @@ class CostAwarePolicy:
         self._live: dict[Hashable, _Slot] = {}
         self._heap: list[tuple[float, int, Hashable]] = []
         self._seq = 0
+        self._unpinned = _Unpinned()
 
     def __len__(self) -> int:
         return len(self._live)
@@ -308,7 +412,11 @@ class CostAwarePolicy:
         key = entry.key
         history = self.history
         history.maintain()
+        old = self._live.get(key)
+        if old is not None:  # admitted again without leaving: count it once
+            self._unpinned.removed(old.entry)
         slot = self._live[key] = _Slot(entry, self.unit_cost(entry))
+        self._unpinned.admitted(entry)
         count = max(history.get(history_key(entry)), _MIN_COUNT)
         self._push(slot, key, _log2(count * slot.unit) + history.clock)
 
@@ -324,11 +432,16 @@ class CostAwarePolicy:
         clock = history.clock
         value = history.touch(getattr(entry, "model_id", entry.key)) * slot.unit  # history_key
         slot.priority = (math.log2(value) if value > 0 else -math.inf) + clock  # _log2
+        unpinned = self._unpinned  # `_Unpinned.suspect` inlined (a use is a lease taken)
+        if entry.key not in unpinned.suspects:
+            unpinned.suspects[entry.key] = slot.entry
+            unpinned.bytes -= slot.entry.nbytes
 
     def removed(self, entry: PolicyEntry) -> None:
         slot = self._live.get(entry.key)
         if slot is not None and slot.entry is entry:
             del self._live[entry.key]
+            self._unpinned.removed(entry)
 
     def _pop_live(self) -> tuple[tuple[float, int, Hashable], _Slot] | None:
         """Pop the live entry of lowest priority now (returned, already popped): items of
@@ -350,6 +463,9 @@ class CostAwarePolicy:
         self, need: int, evictable: Callable[[PolicyEntry], bool]
     ) -> list[PolicyEntry] | None:
         self.history.maintain()
+        unpinned = self._unpinned
+        if unpinned.cannot_free(need, evictable):
+            return None  # no heap work: the heap stays as it was
         chosen: list[PolicyEntry] = []
         popped: list[tuple[float, int, Hashable]] = []
         freed = 0
@@ -359,13 +475,24 @@ class CostAwarePolicy:
                 break
             item, slot = found
             popped.append(item)
-            if evictable(slot.entry):
-                chosen.append(slot.entry)
-                freed += slot.entry.nbytes
+            entry = slot.entry
+            if evictable(entry):
+                unpinned.cleared(entry)
+                chosen.append(entry)
+                freed += entry.nbytes
+            else:
+                unpinned.suspect(entry)
+                if unpinned.cannot_free(need, evictable):
+                    break
         heap = self._heap
         for item in popped:  # chosen ones go stale once the cache removes them
             heapq.heappush(heap, item)
         return chosen if freed >= need else None
+
+    def check(self) -> None:
+        """Raise AssertionError unless the policy's own counts are consistent (tests)."""
+        self._unpinned.check(slot.entry for slot in self._live.values())
+        assert all(s.entry.key == k for k, s in self._live.items()), "a slot under another key"
 
     def admits(self, entry: PolicyEntry) -> bool:
         """Whether ``entry`` is worth displacing this tier's next victim (always, without

@@ -56,7 +56,9 @@ def _run_ops(policy: EvictionPolicy, seed: int) -> list[list[Hashable] | None]:
     resident: dict[Hashable, Item] = {}
     leased: set[Hashable] = set()
     answers: list[list[Hashable] | None] = []
+    check: Callable[[], None] = getattr(policy, "check", lambda: None)
     for step in range(2000):
+        check()
         op = rng.random()
         if op < 0.3 or not resident:
             item = Item(f"m{step}", rng.choice((1, 10, 100, 1000)))
@@ -128,6 +130,59 @@ def test_removed_entries_are_never_victims(make: Callable[[], EvictionPolicy]) -
     policy.removed(a)
     assert policy.victims(10, lambda e: True) == [b]
     assert policy.victims(11, lambda e: True) is None
+
+
+class CountingEvictable:
+    """The cache's ``evictable`` test (unleased), counting the entries it is asked about."""
+
+    def __init__(self) -> None:
+        self.leased: set[Hashable] = set()
+        self.calls = 0
+
+    def __call__(self, entry: PolicyEntry) -> bool:
+        self.calls += 1
+        return entry.key not in self.leased
+
+
+@pytest.mark.parametrize("make", POLICIES.values(), ids=POLICIES.keys())
+@pytest.mark.parametrize("n", [1_000, 10_000])
+def test_a_query_that_cannot_succeed_examines_only_leased_and_used_entries(
+    make: Callable[[], EvictionPolicy], n: int
+) -> None:
+    """Under pressure (a load needs more than every unleased byte) each lease that ends asks
+    again: a query that cannot succeed examines the entries leased or used since the last query,
+    whatever the number resident; one that can examines its victims and the leased ones."""
+    policy = make()
+    items = [Item(i, 10) for i in range(n)]
+    for item in items:
+        policy.admitted(item)
+    evictable = CountingEvictable()
+    rng = random.Random(n)
+    held: list[Item] = []
+    for item in rng.sample(items, 8):  # leases held, as the cache takes them
+        evictable.leased.add(item.key)
+        policy.accessed(item)
+        held.append(item)
+    need = 10 * n  # every byte: impossible while anything is leased
+    assert policy.victims(need, evictable) is None  # the first query checks the admissions
+    for _ in range(50):  # a lease starts, the oldest ends, the waiting load asks again
+        item = rng.choice(items)
+        if item.key not in evictable.leased:
+            evictable.leased.add(item.key)
+            policy.accessed(item)
+            held.append(item)
+        evictable.leased.discard(held.pop(0).key)
+        evictable.calls = 0
+        assert policy.victims(need, evictable) is None
+        assert evictable.calls <= len(held) + 1
+    # The few suspects left do not sit in a table sized for all n (a dict keeps its size when
+    # keys leave, and iterating it costs a pass over that size).
+    assert sys.getsizeof(policy._unpinned.suspects) < 4096  # type: ignore[attr-defined]
+    evictable.calls = 0
+    got = policy.victims(30, evictable)
+    assert got is not None and sum(e.nbytes for e in got) == 30
+    assert evictable.leased.isdisjoint(e.key for e in got)
+    assert evictable.calls <= 3 + len(held)
 
 
 def test_cost_aware_keeps_what_is_expensive_to_reload() -> None:
