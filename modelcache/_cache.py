@@ -201,6 +201,7 @@ class ModelCache:
         host_budget: int | str = 0,
         disk_dir: str | os.PathLike[str] | None = None,
         disk_budget: int | str | None = None,
+        disk_write_buffer: int | str = "1GiB",
         max_concurrent_loads: int = 4,
         failure_ttl: float = 5.0,
         storage_options: dict[str, Any] | None = None,
@@ -250,6 +251,7 @@ class ModelCache:
             self._observers,
             policy=self._host_policy_for(host_policy),
             costs=load_costs,
+            write_behind=parse_bytes(disk_write_buffer, name="disk_write_buffer"),
         )
         #: Load timings per source tier, learned from this cache's own loads.
         self._costs = self._lower.costs
@@ -466,9 +468,11 @@ class ModelCache:
         self._task_group = task_group
         try:
             await self._lower.open(task_group, self._limiter)
-        except BaseException as exc:
+        except BaseException:
+            # No task has started: the group exits quietly and the typed error (a StoreError
+            # naming the disk directory...) propagates as it was raised, not in a group.
             task_group.cancel_scope.cancel()
-            await task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            await task_group.__aexit__(None, None, None)
             raise
         self._state = _State.OPEN
         return self
@@ -616,9 +620,9 @@ class ModelCache:
                     weights = await self._lower.promote(claimed, info)
                     claimed = None
                 else:
-                    weights = await self._backend.load(source, info, zero_copy=on_disk is None)
-                    self._lower.release_disk(on_disk)
-                    on_disk = None
+                    disk_copy, on_disk = on_disk, None  # released by read_weights
+                    # A disk copy that fails to read falls back to the store, not a failure.
+                    weights, info = await self._lower.read_weights(source, info, disk_copy)
                     if self._backend.on_host:
                         self._lower.write_through(info, loaded=weights)
                 self._costs.observe(source_tier, info.nbytes, time.perf_counter() - moving_since)

@@ -29,15 +29,28 @@ Invariants:
   entry another process is reading is skipped too.
 - **LRU survives restarts.** A use sets the manifest's mtime (explicit nanoseconds); the index
   rebuilt by `DiskTier.open` orders entries by it.
-- **Leftovers.** A temp dir is abandoned when its pid is not alive here and no process holds its
-  flock (the writer holds one for the whole write: a writer in another pid namespace on the same
-  kernel is not mistaken for a dead one). Abandoned temp dirs and trash dirs are removed on open.
+- **Leftovers.** A temp dir or trash dir is abandoned when no process holds its flock: a writer
+  holds one for its whole write, a deleter from the rename to the end of the delete, and the
+  kernel drops it when they die. The pid in the name is for people only: after a restart it is
+  often alive again (always in a container, where the writer was pid 1). Every scan (open, and
+  each write) removes abandoned ones, so their bytes never stay reserved. Anything else in the
+  directory that is not a well-formed entry is ignored (logged at open); a final-named directory
+  that is not a complete entry of regular files is deleted when seen.
+- **Damage is a miss.** An entry that cannot be read (a missing file, a symlink, EIO) is dropped
+  with a log line; the cache then reads the model from the store.
+- **A full filesystem.** A write first makes room within the budget, then within the
+  filesystem's real free space, evicting least-recently-used entries for both; on ENOSPC it
+  evicts at least one entry more and retries once (counted in `DiskStats.full`).
+- **Read-only.** A directory this process cannot write (a read-only mount) is served as it is:
+  entries are read and pinned as usual, nothing is written, evicted or cleaned up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import logging
 import os
 import re
 import secrets
@@ -55,11 +68,11 @@ from ._diskformat import (
     EntryFile,
     InvalidEntry,
     entry_name,
+    file_size,
     flocked,
     fsync_dir,
     ident,
     manifest_bytes,
-    pid_alive,
     plan_files,
     pwrite_all,
     read_entry,
@@ -67,6 +80,7 @@ from ._diskformat import (
     same_manifest,
     unlocked,
 )
+from ._exceptions import StoreError
 from ._format import ModelInfo
 from ._store import Store
 from ._units import format_bytes, parse_bytes
@@ -79,6 +93,18 @@ _TRASH_PREFIX = ".del-"
 _FINAL = re.compile(r"[0-9a-f]{64}-[A-Za-z0-9._+=@-]*")
 _TEMP = re.compile(r"\.tmp-(\d+)-[0-9a-f]+-(\d+)")
 _FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
+#: A filesystem (or quota) that has no room left.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: Room a write asks of the filesystem per file beyond its bytes (its last block, its inode).
+_PER_FILE_SLACK = 8192
+
+logger = logging.getLogger("modelcache")
+
+
+def _free_bytes(path: str) -> int:
+    """Bytes the filesystem holding ``path`` still has for us (a module function: tests fake it)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +122,19 @@ class DiskStats:
     writes: int
     #: Entries deleted to make room.
     evictions: int
+    #: Writes that found the filesystem full (ENOSPC, or less free space than they need).
+    full: int = 0
+    #: Temp and trash directories of processes that died mid-write or mid-delete, removed.
+    leftovers: int = 0
+    #: The directory is read-only here: entries are served, nothing is written.
+    read_only: bool = False
 
     def __str__(self) -> str:
         return (
             f"{format_bytes(self.bytes)}/{format_bytes(self.budget)} in {self.entries} entries; "
             f"hits={self.hits} misses={self.misses} writes={self.writes} "
-            f"evictions={self.evictions}"
+            f"evictions={self.evictions} full={self.full} leftovers={self.leftovers}"
+            + (" read-only" if self.read_only else "")
         )
 
 
@@ -120,17 +153,19 @@ class _Record:
 
 
 def _intact(record: _Record) -> bool:
-    """The record's own manifest is in place and every file has its recorded size."""
-    directory = record.entry.directory
+    """The record's own manifest is in place and every file has its recorded size (no links)."""
     try:
-        if ident(os.stat(os.path.join(directory, MANIFEST_NAME))) != record.ident:
-            return False
-        return all(
-            os.stat(os.path.join(directory, name)).st_size == size
-            for name, size in record.entry.files
-        )
+        fd = os.open(record.entry.directory, OPEN_DIR)
     except OSError:
         return False
+    try:
+        if ident(os.stat(MANIFEST_NAME, dir_fd=fd, follow_symlinks=False)) != record.ident:
+            return False
+        return all(file_size(fd, name) == size for name, size in record.entry.files)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 # -- the tier --------------------------------------------------------------------------------
@@ -152,7 +187,11 @@ class DiskTier:
         self._leases: dict[str, list[int]] = {}  # model id -> flock'ed manifest descriptors
         self._seq = 0
         self._opened = False
+        self._read_only = False
+        #: Trash dirs this process is deleting -> their flock'ed descriptor ("a deleter lives").
+        self._trash_fds: dict[str, int] = {}
         self._hits = self._misses = self._writes = self._evictions = 0
+        self._full = self._leftovers = 0
         self._store = Store(self._resolve, allow_slash_in_ids=True, max_id_length=1 << 16)
 
     def __repr__(self) -> str:
@@ -170,6 +209,11 @@ class DiskTier:
     @property
     def budget(self) -> int:
         return self._budget
+
+    @property
+    def read_only(self) -> bool:
+        """True when the directory could not be written at `open` (entries served, none written)."""
+        return self._read_only
 
     @property
     def store(self) -> Store:
@@ -190,6 +234,9 @@ class DiskTier:
                 misses=self._misses,
                 writes=self._writes,
                 evictions=self._evictions,
+                full=self._full,
+                leftovers=self._leftovers,
+                read_only=self._read_only,
             )
 
     # -- opening -----------------------------------------------------------------------------
@@ -197,22 +244,53 @@ class DiskTier:
     def open(self) -> None:
         """Create the directory, rebuild the index from complete entries, clean up leftovers.
 
-        Removes trash, temp dirs of writers that are gone and invalid entries, then evicts
+        Removes trash and temp dirs nobody holds and invalid entries, then evicts
         least-recently-used entries while the total is over budget. Idempotent. Blocking.
+        A directory that cannot be written opens read-only; one that cannot be made or read
+        raises `StoreError` naming it.
         """
-        os.makedirs(self._root, exist_ok=True)
-        trash: list[str] = []
-        with flocked(self._lock_path):
-            trash.extend(
-                os.path.join(self._root, name)
-                for name in os.listdir(self._root)
-                if name.startswith(_TRASH_PREFIX)
+        root = self._root
+        try:
+            os.makedirs(root, exist_ok=True)
+            if not os.path.isdir(root):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
+            read_only = not self._writable()
+            if read_only and not self._read_only:
+                logger.warning(
+                    "disk tier %s is read-only: serving the models it holds, writing none", root
+                )
+            self._read_only = read_only
+            trash: list[str] = []
+            try:
+                with self._flocked():
+                    reserved = self._scan(trash, opening=True)
+                    if not read_only:
+                        self._make_room(reserved, trash)
+                    self._opened = True
+            finally:
+                self._empty(trash)
+        except OSError as exc:
+            raise StoreError(
+                f"the disk tier's directory {root!r} cannot be used: {exc}", path=root
+            ) from exc
+
+    def _writable(self) -> bool:
+        """Whether this process can write the directory (and so its lock file)."""
+        if not os.access(self._root, os.W_OK | os.X_OK):
+            return False
+        try:
+            fd = os.open(
+                self._lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
             )
-            reserved = self._scan(trash)
-            self._make_room(reserved, trash)
-            self._opened = True
-        for path in trash:
-            remove_tree(path)
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return False
+            raise
+        os.close(fd)
+        return True
+
+    def _flocked(self) -> contextlib.AbstractContextManager[None]:
+        return flocked(self._lock_path, read_only=self._read_only)
 
     def _require_open(self) -> None:
         if not self._opened:
@@ -302,9 +380,11 @@ class DiskTier:
         """Write ``info``'s files from its buffer and publish them atomically. Blocking.
 
         Returns the entry; the existing one when the model is already here with the same etag
-        (or ``etag`` is None); None, writing nothing, when the model is larger than the budget
-        or room cannot be made because entries are in use. If another process publishes the
-        same model first, ours is discarded and theirs returned. Raises ValueError when the
+        (or ``etag`` is None); None, writing nothing, when the model is larger than the budget,
+        room cannot be made (within the budget and the filesystem's free space) because entries
+        are in use, or the directory is read-only. If another process publishes the same model
+        first, ours is discarded and theirs returned. On ENOSPC the least recently used entry
+        is evicted (more while the filesystem lacks room) and the write is tried once more. Raises ValueError when the
         buffer does not match ``info`` and OSError on I/O errors (after removing its temp dir).
         """
         self._require_open()
@@ -319,22 +399,76 @@ class DiskTier:
         created = time.time()
         manifest = manifest_bytes(info.model_id, files, info.nbytes, etag, created)
         size = sum(f.size for f in files) + len(manifest)
-        if size > self._budget:
+        if size > self._budget or self._read_only:
             return None
-        name = entry_name(info.model_id)
-        final = os.path.join(self._root, name)
+        entry = DiskEntry(
+            info.model_id,
+            os.path.join(self._root, entry_name(info.model_id)),
+            size,
+            info.nbytes,
+            etag,
+            tuple((f.name, f.size) for f in files),
+            created,
+        )
+        full = False  # met ENOSPC: evict before trying again
+        while True:
+            started = self._begin(entry, len(files) + 2, evict=full)
+            if not isinstance(started, tuple):
+                return started
+            temp, temp_fd = started
+            try:
+                try:
+                    st = self._write_files(temp, files, view, manifest)
+                except OSError as exc:
+                    if exc.errno not in _FULL_ERRNOS or full:
+                        raise
+                    logger.warning(
+                        "disk tier %s is full writing %r (%s): evicting to make room, then "
+                        "trying once more",
+                        self._root,
+                        info.model_id,
+                        exc,
+                    )
+                    with self._lock:
+                        self._full += 1
+                    full = True
+                    continue
+                return self._publish(entry, temp, manifest, st)
+            finally:
+                remove_tree(temp)  # gone already when it was published
+                os.close(temp_fd)
+
+    def _begin(
+        self, entry: DiskEntry, nfiles: int, *, evict: bool
+    ) -> tuple[str, int] | DiskEntry | None:
+        """Plan a write under the flock: an existing entry to use, None (no room), or a new
+        temp dir and its flock'ed descriptor (held while writing: "this writer lives").
+
+        ``evict``: evict at least one entry (the filesystem was full, whatever it reports).
+        """
+        model_id, size = entry.model_id, entry.size
         trash: list[str] = []
         try:
-            with flocked(self._lock_path):
+            with self._flocked():
                 reserved = self._scan(trash)
                 with self._lock:
-                    existing = self._records.get(info.model_id)
-                if existing is not None and (etag is None or existing.entry.etag == etag):
+                    existing = self._records.get(model_id)
+                if existing is not None and (
+                    entry.etag is None or existing.entry.etag == entry.etag
+                ):
                     self._touch(existing)
                     return existing.entry
                 if existing is not None and not self._evict(existing, trash):
                     return None
-                if not self._make_room(size + reserved, trash):
+                if not self._make_room(size + reserved, trash, evict_one=evict):
+                    return None
+                if not self._make_space(size + nfiles * _PER_FILE_SLACK, trash):
+                    logger.warning(
+                        "disk tier %s: no room on the filesystem for %r (%s), nothing evictable",
+                        self._root,
+                        model_id,
+                        format_bytes(size),
+                    )
                     return None
                 temp = os.path.join(
                     self._root, f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{size}"
@@ -342,43 +476,37 @@ class DiskTier:
                 os.mkdir(temp)
                 try:
                     temp_fd = os.open(temp, OPEN_DIR)
+                    fcntl.flock(temp_fd, fcntl.LOCK_EX)
                 except BaseException:
                     os.rmdir(temp)
                     raise
-                fcntl.flock(temp_fd, fcntl.LOCK_EX)  # held while writing: "this writer lives"
+                return temp, temp_fd
         finally:
-            for path in trash:
-                remove_tree(path)
-        entry = DiskEntry(
-            info.model_id,
-            final,
-            size,
-            info.nbytes,
-            etag,
-            tuple((f.name, f.size) for f in files),
-            created,
-        )
-        try:
-            st = self._write_files(temp, files, view, manifest)
-            with flocked(self._lock_path):  # publish and index at once: no eviction in between
-                try:
-                    os.rename(temp, final)
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.isdir(final):
-                        raise
-                    # Another process published this model first: ours goes, theirs is used.
-                    theirs = self._discover(name, locked=True)
-                else:
-                    fsync_dir(self._root)
-                    theirs = _Record(entry, name, manifest, ident(st), (0, 0))
-                    with self._lock:
-                        self._records[info.model_id] = theirs
-                        self._writes += 1
-                if theirs is not None:
-                    self._touch(theirs)
-        finally:
-            remove_tree(temp)  # gone already when it was published
-            os.close(temp_fd)
+            self._empty(trash)
+
+    def _publish(
+        self, entry: DiskEntry, temp: str, manifest: bytes, st: os.stat_result
+    ) -> DiskEntry | None:
+        """Rename a complete temp dir to its final name and index it, under the flock."""
+        name = os.path.basename(entry.directory)
+        with self._flocked():  # publish and index at once: no eviction in between
+            try:
+                os.rename(temp, entry.directory)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.isdir(
+                    entry.directory
+                ):
+                    raise
+                # Another process published this model first: ours goes, theirs is used.
+                theirs = self._discover(name, locked=True)
+            else:
+                fsync_dir(self._root)
+                theirs = _Record(entry, name, manifest, ident(st), (0, 0))
+                with self._lock:
+                    self._records[entry.model_id] = theirs
+                    self._writes += 1
+            if theirs is not None:
+                self._touch(theirs)
         return None if theirs is None else theirs.entry
 
     def _write_files(
@@ -420,16 +548,18 @@ class DiskTier:
     # -- removing ----------------------------------------------------------------------------
 
     def remove(self, model_id: str) -> bool:
-        """Delete ``model_id``'s entry; False when there is none or it is in use. Blocking."""
+        """Delete ``model_id``'s entry; False when there is none, it is in use or the directory
+        is read-only. Blocking."""
         self._require_open()
+        if self._read_only:
+            return False
         trash: list[str] = []
         try:
-            with flocked(self._lock_path):
+            with self._flocked():
                 record = self._discover(entry_name(model_id), locked=True)  # not a stale record
                 return record is not None and self._evict(record, trash, count=False)
         finally:
-            for path in trash:
-                remove_tree(path)
+            self._empty(trash)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -458,11 +588,15 @@ class DiskTier:
             entry, st, raw = read_entry(self._root, name)
         except FileNotFoundError:
             return None
-        except InvalidEntry:
+        except InvalidEntry as exc:
             if not locked:
-                with flocked(self._lock_path):
+                with self._flocked():
                     return self._discover(name, locked=True)
-            self._delete(name)
+            if not self._read_only:
+                logger.warning(
+                    "disk tier %s: entry %s is damaged (%s): removed", self._root, name, exc
+                )
+                self._delete(name)
             return None
         with self._lock:
             record = self._records.get(entry.model_id)
@@ -496,28 +630,48 @@ class DiskTier:
             return
         remove_tree(trash)
 
-    def _scan(self, trash: list[str]) -> int:
+    def _empty(self, trash: list[str]) -> None:
+        """Delete trash dirs (outside the flock: deleting is slow), then let go of their flocks."""
+        for path in trash:
+            remove_tree(path)
+            with self._lock:
+                fd = self._trash_fds.pop(path, -1)
+            if fd >= 0:
+                os.close(fd)
+        trash.clear()
+
+    def _scan(self, trash: list[str], *, opening: bool = False) -> int:
         """Sync the index with the directory (under the flock); return bytes reserved by writes.
 
-        Abandoned temp dirs go to ``trash``; invalid entries are deleted.
+        Temp and trash dirs nobody holds go to ``trash``; invalid entries are deleted; other
+        names are ignored (logged when ``opening``).
         """
         finals: set[str] = set()
         reserved = 0
         for name in os.listdir(self._root):
             if _FINAL.fullmatch(name):
                 finals.add(name)
-            elif (match := _TEMP.fullmatch(name)) is not None:
+            elif name.startswith((_TEMP_PREFIX, _TRASH_PREFIX)):
                 path = os.path.join(self._root, name)
-                if not pid_alive(int(match[1])) and unlocked(path):
+                if self._read_only:
+                    continue  # nothing is written here, and nothing can be removed
+                if path not in self._trash_fds and unlocked(path):
+                    logger.info(
+                        "disk tier %s: removing %s, left by a process that died", self._root, name
+                    )
                     trash.append(path)
-                else:
-                    reserved += int(match[2])
+                    with self._lock:
+                        self._leftovers += 1
+                elif (match := _TEMP.fullmatch(name)) is not None:
+                    reserved += int(match[2])  # a live writer's; a malformed name reserves none
+            elif opening and name != _LOCK_NAME:
+                logger.info("disk tier %s: ignoring %r, not an entry", self._root, name)
         with self._lock:
             known = {r.name: r for r in self._records.values() if not r.evicting}
         current: set[str] = set()
         for name, record in known.items():
             try:  # gone, replaced, or used by another process since we looked
-                st = os.stat(os.path.join(self._root, name, MANIFEST_NAME))
+                st = os.stat(os.path.join(self._root, name, MANIFEST_NAME), follow_symlinks=False)
             except OSError:
                 st = None
             if st is None:
@@ -530,24 +684,51 @@ class DiskTier:
             self._discover(name, locked=True)
         return reserved
 
-    def _make_room(self, needed: int, trash: list[str]) -> bool:
-        """Evict least-recently-used unpinned entries until ``needed`` more bytes fit."""
+    def _victim(self, skip: set[str]) -> _Record | None:
+        """The least recently used entry that could be evicted now (not pinned, not skipped)."""
+        with self._lock:
+            candidates = [
+                r
+                for r in self._records.values()
+                if not r.evicting and r.entry.model_id not in self._leases and r.name not in skip
+            ]
+        return min(candidates, key=lambda r: (r.used, r.name)) if candidates else None
+
+    def _make_room(self, needed: int, trash: list[str], *, evict_one: bool = False) -> bool:
+        """Evict least-recently-used unpinned entries until ``needed`` more bytes fit the budget
+        (and, with ``evict_one``, at least one entry is gone)."""
         skip: set[str] = set()
         while True:
             with self._lock:
                 used = sum(r.entry.size for r in self._records.values())
-                if used + needed <= self._budget:
-                    return True
-                candidates = [
-                    r
-                    for r in self._records.values()
-                    if not r.evicting
-                    and r.entry.model_id not in self._leases
-                    and r.name not in skip
-                ]
-            if not candidates:
+            if used + needed <= self._budget and not evict_one:
+                return True
+            victim = self._victim(skip)
+            if victim is None:
+                return used + needed <= self._budget
+            if self._evict(victim, trash):
+                evict_one = False
+            else:
+                skip.add(victim.name)
+
+    def _make_space(self, needed: int, trash: list[str]) -> bool:
+        """Evict least-recently-used unpinned entries until the filesystem has ``needed`` bytes
+        free (deleting each at once: only then is its space free). False if it cannot."""
+        try:
+            if _free_bytes(self._root) >= needed:
+                return True
+        except OSError:
+            return True  # no figure: the budget alone decides, ENOSPC still handled
+        with self._lock:
+            self._full += 1
+        skip: set[str] = set()
+        while True:
+            self._empty(trash)
+            if _free_bytes(self._root) >= needed:
+                return True
+            victim = self._victim(skip)
+            if victim is None:
                 return False
-            victim = min(candidates, key=lambda r: (r.used, r.name))
             if not self._evict(victim, trash):
                 skip.add(victim.name)
 
@@ -559,14 +740,20 @@ class DiskTier:
                 return False
             record.evicting = True
         evicted = False
-        fd = -1
+        fd = dir_fd = -1
         try:
             fd = os.open(os.path.join(record.entry.directory, MANIFEST_NAME), OPEN_READ)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another reader holds it
             if not same_manifest(fd, record.manifest):
                 raise BlockingIOError("a newer entry took its place")  # keep it: overcounting
+            # Held until deleted: other processes' scans leave a trash dir with a live deleter.
+            dir_fd = os.open(record.entry.directory, OPEN_DIR)
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             path = os.path.join(self._root, f"{_TRASH_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
             os.rename(record.entry.directory, path)
+            with self._lock:
+                self._trash_fds[path] = dir_fd
+            dir_fd = -1
             trash.append(path)
             evicted = True
         except FileNotFoundError:
@@ -574,8 +761,9 @@ class DiskTier:
         except OSError:
             evicted = False
         finally:
-            if fd >= 0:
-                os.close(fd)
+            for descriptor in (fd, dir_fd):
+                if descriptor >= 0:
+                    os.close(descriptor)
             with self._lock:
                 record.evicting = False
                 current = self._records.get(model_id)

@@ -5,6 +5,12 @@ model's files laid out like the store and, written last, a manifest (`MANIFEST_N
 every file with its size. `read_entry` trusts a directory only when the manifest is valid and
 every file has exactly its recorded size; anything else is `InvalidEntry`. The tier itself
 (locks, budget, eviction) is `modelcache._disk`.
+
+Symlinks are never followed inside an entry: the directory, every directory on a file's path
+and every file must be the real thing (``lstat``, ``O_NOFOLLOW``), so a link planted in the
+directory cannot make the tier serve bytes from elsewhere. Any I/O error reading an entry (EIO,
+a manifest replaced by a directory) makes it `InvalidEntry` too: the tier drops it and the
+model comes from the store.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,11 +38,11 @@ __all__ = [
     "EntryFile",
     "InvalidEntry",
     "entry_name",
+    "file_size",
     "flocked",
     "fsync_dir",
     "ident",
     "manifest_bytes",
-    "pid_alive",
     "plan_files",
     "pwrite_all",
     "read_entry",
@@ -50,8 +57,9 @@ CONFIG_NAME = "config.json"  # as modelcache._loader.CONFIG_NAME (not imported: 
 _FORMAT = 1
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9._+=@-]")
 _SLUG_LENGTH = 48
-OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
-OPEN_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+OPEN_READ = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _WRITE_CHUNK = 1 << 30  # below Linux's ~2 GiB cap on one write
 
@@ -121,27 +129,30 @@ def fsync_dir(path: str) -> None:
 
 
 def remove_tree(path: str) -> None:
+    """Remove a directory tree, or a file or symlink (never what a symlink points to)."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            os.unlink(path)
+            return
+    except OSError:
+        return
     shutil.rmtree(path, ignore_errors=True)
 
 
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def unlocked(path: str) -> bool:
-    """True when no process holds ``path``'s flock (a directory)."""
+    """True when no process holds ``path``'s flock: a leftover, whatever pid its name carries.
+
+    A pid says nothing here: after a restart (always, in a container, where the writer is
+    pid 1) a dead writer's pid is alive again. A writer holds the flock for its whole write and
+    the kernel drops it when the writer dies. Something that is not a directory (a file, a
+    symlink) is no one's write in progress: True.
+    """
     try:
         fd = os.open(path, OPEN_DIR)
+    except FileNotFoundError:
+        return False  # gone already
     except OSError:
-        return False
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -163,9 +174,19 @@ def safe_name(name: object) -> bool:
 
 
 @contextlib.contextmanager
-def flocked(path: str) -> Iterator[None]:
-    """Hold the directory-wide flock (a fresh descriptor each time, so threads queue too)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+def flocked(path: str, *, read_only: bool = False) -> Iterator[None]:
+    """Hold the directory-wide flock (a fresh descriptor each time, so threads queue too).
+
+    ``read_only``: the lock file is opened for reading only (a flock needs no write access);
+    where there is none, nobody ever wrote here, and the directory itself is locked instead.
+    """
+    if not read_only:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    else:
+        try:
+            fd = os.open(path, OPEN_READ)
+        except FileNotFoundError:
+            fd = os.open(os.path.dirname(path), OPEN_DIR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -242,18 +263,36 @@ def manifest_bytes(
 def read_entry(root: str, name: str) -> tuple[DiskEntry, os.stat_result, bytes]:
     """Load and verify the entry in ``root/name``: (entry, the manifest's stat and bytes).
 
-    FileNotFoundError when the directory is gone; InvalidEntry when it is not a complete entry.
+    FileNotFoundError when the directory is gone; InvalidEntry when it is anything but a
+    complete entry made of real directories and regular files, or cannot be read.
     """
     directory = os.path.join(root, name)
     try:
-        fd = os.open(os.path.join(directory, MANIFEST_NAME), OPEN_READ)
+        dir_fd = os.open(directory, OPEN_DIR)
     except FileNotFoundError:
-        if os.path.isdir(directory):
-            raise InvalidEntry("no manifest") from None
         raise
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        raw = f.read()
+    except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file; EIO...
+        raise InvalidEntry(f"not a readable directory: {exc}") from exc
+    try:
+        return _read_entry(directory, dir_fd, name)
+    except OSError as exc:
+        raise InvalidEntry(f"unreadable: {exc}") from exc
+    finally:
+        os.close(dir_fd)
+
+
+def _read_entry(directory: str, dir_fd: int, name: str) -> tuple[DiskEntry, os.stat_result, bytes]:
+    try:
+        fd = os.open(MANIFEST_NAME, OPEN_READ, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise InvalidEntry("no manifest") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidEntry("the manifest is not a regular file")
+        raw = os.pread(fd, st.st_size + 1, 0)
+    finally:
+        os.close(fd)
     try:
         manifest = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -278,16 +317,30 @@ def read_entry(root: str, name: str) -> tuple[DiskEntry, os.stat_result, bytes]:
         file_name, size = item
         if not isinstance(size, int):
             raise InvalidEntry(f"manifest lists an invalid size for {file_name!r}")
-        try:
-            actual = os.stat(os.path.join(directory, file_name)).st_size
-        except FileNotFoundError:
-            raise InvalidEntry(f"{file_name} is missing") from None
+        actual = file_size(dir_fd, file_name)
+        if actual is None:
+            raise InvalidEntry(f"{file_name} is missing or not a regular file")
         if actual != size:
             raise InvalidEntry(f"{file_name} is {actual} bytes, the manifest says {size}")
         checked.append((file_name, size))
     size = sum(s for _, s in checked) + st.st_size
     entry = DiskEntry(model_id, directory, size, nbytes, etag, tuple(checked), float(created))
     return entry, st, raw
+
+
+def file_size(dir_fd: int, name: str) -> int | None:
+    """Size of the regular file ``name`` (relative) under ``dir_fd``; None when it is missing or
+    it or a directory on its way is not the real thing (a symlink, a device...)."""
+    parts = name.split("/")
+    try:
+        for i in range(1, len(parts)):
+            st = os.stat("/".join(parts[:i]), dir_fd=dir_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def ident(st: os.stat_result) -> tuple[int, int, int]:

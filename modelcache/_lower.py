@@ -3,19 +3,28 @@
 Invariants (checked by the cache's tests after every step):
 
 * ``host.reserved`` = bytes of host entries + ``in_flight`` (claimed by a promotion, being
-  loaded, being copied in from the device) + ``host.freeing``; never above the host budget.
+  loaded, being copied in from the device, or a block that left the tier while a disk write
+  still reads it) + ``host.freeing``; never above the host budget. So the host budget counts
+  every byte of the host arena in use.
 * Model ids in ``moving`` have bytes on their way between tiers: a load of such an id waits for
   the move to end and then looks again, so a model is never read twice at once.
 * A host entry being read by a background copy (to the disk tier) is pinned (``users``): it is
   not evicted, and if it leaves the tier meanwhile its memory is freed by the copy's end.
 * The disk tier only holds models of remote stores; writes to it run in the background and
-  never fail a load.
+  never fail a load. A write keeps its model's buffer alive until it ends: on ``on_host``
+  backends that buffer may have left every budgeted tier meanwhile, so those writes are bounded
+  by ``write_behind`` bytes (``writing``); a write that does not fit is skipped, never queued
+  (a queued write would hold its buffer too), and the next load of the model from the store
+  tries again. One write may always run, so any model can reach the disk.
+* A disk copy that cannot be read (removed or damaged under a load) is dropped and the model
+  read from the store: the disk tier is never the reason a load fails.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from functools import partial
 
 import anyio
@@ -41,6 +50,11 @@ __all__ = ["LowerTiers"]
 logger = logging.getLogger("modelcache")
 
 
+def _unreadable(exc: Exception) -> bool:
+    """Whether reading a disk copy failed because of the copy (gone, damaged, I/O), not memory."""
+    return isinstance(exc, ModelCacheError | OSError) and not isinstance(exc, ModelLoadError)
+
+
 class _HostLoad:
     """A load into the host tier (prefetch): its outcome, for whoever waits on it."""
 
@@ -64,6 +78,7 @@ class LowerTiers:
         *,
         policy: EvictionPolicy | None = None,
         costs: LoadCosts | None = None,
+        write_behind: int = 1 << 30,
     ) -> None:
         self._store = store
         self._backend = backend
@@ -81,6 +96,11 @@ class LowerTiers:
         self.moving: dict[str, anyio.Event] = {}
         self.disk = disk
         self.disk_writes: set[str] = set()
+        #: Bound of ``writing``: bytes of buffers held by disk writes (on_host backends).
+        self.write_behind = write_behind
+        self.writing = 0
+        #: Disk writes not started because ``writing`` was at its bound.
+        self.writes_skipped = 0
         self.arena: HostArena | None = None  # (pinned) host memory for backends not on_host
         self._loads: dict[str, _HostLoad] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -184,23 +204,74 @@ class LowerTiers:
     def _remote(self, model_id: str) -> bool:
         return self._store.local_path(self._store.model_url(model_id)) is None
 
-    async def locate(self, model_id: str) -> tuple[ModelInfo, Store, DiskEntry | None]:
+    async def locate(
+        self, model_id: str, *, use_disk: bool = True
+    ) -> tuple[ModelInfo, Store, DiskEntry | None]:
         """Describe ``model_id`` from the disk tier if it holds it (acquired: release it after
-        reading), else from the store."""
+        reading), else from the store. A disk tier that cannot be read is a miss."""
         disk = self.disk
-        if disk is not None and self._remote(model_id):
-            entry = await anyio.to_thread.run_sync(disk.get, model_id)
-            if entry is not None and await anyio.to_thread.run_sync(disk.acquire, entry):
+        if use_disk and disk is not None and self._remote(model_id):
+            try:
+                entry = await anyio.to_thread.run_sync(disk.get, model_id)
+                acquired = entry is not None and await anyio.to_thread.run_sync(disk.acquire, entry)
+            except OSError as exc:
+                logger.warning("disk tier unreadable for %r, reading the store: %s", model_id, exc)
+                entry, acquired = None, False
+            if entry is not None and acquired:
                 try:
                     return await read_model_info(disk.store, model_id), disk.store, entry
-                except ModelCacheError as exc:  # damaged since it was written: use the store
-                    logger.warning("disk copy of %r unreadable, dropped: %s", model_id, exc)
+                except Exception as exc:
                     disk.release(entry)
-                    await anyio.to_thread.run_sync(disk.remove, model_id)
+                    if not _unreadable(exc):
+                        raise
+                    await self._drop_disk_copy(model_id, exc)
                 except BaseException:
                     disk.release(entry)
                     raise
         return await read_model_info(self._store, model_id), self._store, None
+
+    async def _drop_disk_copy(self, model_id: str, exc: BaseException) -> None:
+        """A disk copy failed to read: remove it (if still there) so the store is read."""
+        logger.warning("disk copy of %r unreadable, dropped: %s", model_id, exc)
+        assert self.disk is not None
+        try:
+            await anyio.to_thread.run_sync(self.disk.remove, model_id)
+        except OSError as error:
+            logger.warning("could not remove the disk copy of %r: %s", model_id, error)
+
+    async def read_weights(
+        self, source: Store, info: ModelInfo, on_disk: DiskEntry | None
+    ) -> tuple[LoadedWeights, ModelInfo]:
+        """Load ``info`` onto the device from where `locate` found it, releasing ``on_disk``.
+
+        A disk copy that fails to read (removed or damaged since `locate`) is dropped and the
+        store read instead; the weights' info is returned with them (the store's, then).
+        """
+        if on_disk is None:
+            return await self._backend.load(source, info, zero_copy=True), info
+        try:
+            try:
+                return await self._backend.load(source, info, zero_copy=False), info
+            finally:
+                self.release_disk(on_disk)
+        except Exception as exc:
+            if not _unreadable(exc):
+                raise
+            await self._drop_disk_copy(info.model_id, exc)
+        fresh = await self._store_info(info)
+        return await self._backend.load(self._store, fresh, zero_copy=True), fresh
+
+    async def _store_info(self, info: ModelInfo) -> ModelInfo:
+        """The store's description of a model whose bytes are already reserved as ``info``'s."""
+        fresh = await read_model_info(self._store, info.model_id)
+        if fresh.nbytes != info.nbytes:
+            raise ModelLoadError(
+                f"model {info.model_id!r} changed in the store while its disk copy was read "
+                f"({format_bytes(info.nbytes)} -> {format_bytes(fresh.nbytes)}); try again",
+                model_id=info.model_id,
+                path=fresh.url,
+            )
+        return fresh if fresh.config is not None else replace(fresh, config=info.config)
 
     def release_disk(self, entry: DiskEntry | None) -> None:
         if entry is not None and self.disk is not None:
@@ -219,17 +290,33 @@ class LowerTiers:
         ``host_entry`` (pinned by the task: not evicted or freed until the copy ends).
         """
         disk, model_id = self.disk, info.model_id
-        if disk is None or model_id in disk or model_id in self.disk_writes:
+        if disk is None or disk.read_only or model_id in disk or model_id in self.disk_writes:
             return
         if not self._remote(model_id) or self._task_group is None:
             return
+        # A (pinned) host block stays counted in the host budget while the write reads it;
+        # an on_host buffer may leave every tier meanwhile: it is what write_behind bounds.
+        charge = info.nbytes if self._backend.on_host else 0
+        if charge and self.writing and self.writing + charge > self.write_behind:
+            self.writes_skipped += 1
+            logger.info(
+                "not copying %r to the disk tier now: %s of disk writes in flight",
+                model_id,
+                format_bytes(self.writing),
+            )
+            return
+        self.writing += charge
         if host_entry is not None:
             host_entry.users += 1
         self.disk_writes.add(model_id)
-        self._task_group.start_soon(self._write_disk, info, loaded, host_entry)
+        self._task_group.start_soon(self._write_disk, info, loaded, host_entry, charge)
 
     async def _write_disk(
-        self, info: ModelInfo, loaded: LoadedWeights | None, host_entry: HostEntry | None
+        self,
+        info: ModelInfo,
+        loaded: LoadedWeights | None,
+        host_entry: HostEntry | None,
+        charge: int,
     ) -> None:
         assert self.disk is not None
         view: memoryview | None = None
@@ -257,12 +344,14 @@ class LowerTiers:
             logger.warning("could not copy %r to the disk tier: %s", info.model_id, exc)
         finally:
             del view, loaded
+            self.writing -= charge
             self.disk_writes.discard(info.model_id)
             if host_entry is not None:
                 host_entry.users -= 1
-                if host_entry.detached:
+                if host_entry.detached and not host_entry.users:
                     host_entry.detached = False
-                    self._free_host_payload(host_entry)
+                    self.in_flight -= host_entry.nbytes
+                    self._let_go(host_entry)
                 else:
                     self.host.pump()
 
@@ -311,13 +400,20 @@ class LowerTiers:
         self.host.resident -= entry.nbytes
 
     def _free_host_payload(self, entry: HostEntry) -> None:
-        """Free a host entry's memory now, or when the copy reading it ends."""
-        if entry.users:
-            entry.detached = True
-            return
+        """Free a host entry's memory (nobody reads it: `users` is 0)."""
         if isinstance(entry.payload, HostBlock):
             self._free_block(entry.payload)
         entry.payload = None
+
+    def _let_go(self, entry: HostEntry) -> None:
+        """An entry out of the tier for good: free its memory and host bytes now, or, while a
+        disk write still reads its block, keep both (as ``in_flight``) until that write ends."""
+        if entry.users and isinstance(entry.payload, HostBlock):
+            entry.detached = True
+            self.in_flight += entry.nbytes
+            return
+        self._free_host_payload(entry)
+        self.host.release(entry.nbytes)
 
     def _evict_host(self, victim: PolicyEntry) -> None:
         """Host eviction (synchronous): the weights are dropped; the store still has them."""
@@ -345,8 +441,7 @@ class LowerTiers:
         if entry.payload is None:
             self.host.release(entry.nbytes)
         elif entry.model_id in self.entries or self._closed:
-            self._free_host_payload(entry)
-            self.host.release(entry.nbytes)
+            self._let_go(entry)
         else:
             self._admit_host(entry)
 
@@ -355,11 +450,10 @@ class LowerTiers:
         weights: LoadedWeights
         if isinstance(entry.payload, HostBlock):
             weights = await self._backend.promote(entry.payload, info)
-            self._free_host_payload(entry)
         else:  # an on_host backend: the weights move, no copy
             weights, entry.payload = entry.payload, None
         self.in_flight -= entry.nbytes
-        self.host.release(entry.nbytes)
+        self._let_go(entry)  # a disk write may still read the block: then it stays counted
         self.host.promotions += 1
         self.host.hits += 1
         return weights
@@ -385,30 +479,22 @@ class LowerTiers:
     async def _load(self, model_id: str, load: _HostLoad) -> None:
         assert self._limiter is not None
         try:
-            async with self._limiter:
-                info, source, on_disk = await self.locate(model_id)
-            try:
-                check_fits(self.host, info)
-                await self.host.reserve(info.nbytes)
-                self.in_flight += info.nbytes
+            use_disk = True
+            while True:
+                async with self._limiter:
+                    info, source, on_disk = await self.locate(model_id, use_disk=use_disk)
                 try:
-                    async with self._limiter:
-                        started = time.perf_counter()
-                        payload = await self._read_to_host(
-                            source, info, from_disk=on_disk is not None
-                        )
-                        self.costs.observe(
-                            "store" if on_disk is None else "disk",
-                            info.nbytes,
-                            time.perf_counter() - started,
-                        )
-                except BaseException:
-                    self.host.release(info.nbytes)
-                    raise
-                finally:
-                    self.in_flight -= info.nbytes
-            finally:
-                self.release_disk(on_disk)
+                    try:
+                        payload = await self._read_reserved(info, source, on_disk)
+                    finally:
+                        self.release_disk(on_disk)
+                except Exception as exc:
+                    if on_disk is None or not _unreadable(exc):
+                        raise
+                    await self._drop_disk_copy(model_id, exc)
+                    use_disk = False
+                    continue
+                break
             host_entry = HostEntry(info, payload)
             self._admit_host(host_entry)
             if on_disk is None:
@@ -424,6 +510,30 @@ class LowerTiers:
             del self._loads[model_id]
             self.moving.pop(model_id).set()
             load.done.set()
+
+    async def _read_reserved(
+        self, info: ModelInfo, source: Store, on_disk: DiskEntry | None
+    ) -> LoadedWeights | HostBlock:
+        """Reserve host bytes for ``info`` and read it there (the bytes go back on failure)."""
+        assert self._limiter is not None
+        check_fits(self.host, info)
+        await self.host.reserve(info.nbytes)
+        self.in_flight += info.nbytes
+        try:
+            async with self._limiter:
+                started = time.perf_counter()
+                payload = await self._read_to_host(source, info, from_disk=on_disk is not None)
+                self.costs.observe(
+                    "store" if on_disk is None else "disk",
+                    info.nbytes,
+                    time.perf_counter() - started,
+                )
+        except BaseException:
+            self.host.release(info.nbytes)
+            raise
+        finally:
+            self.in_flight -= info.nbytes
+        return payload
 
     async def _read_to_host(
         self, source: Store, info: ModelInfo, *, from_disk: bool

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import multiprocessing
@@ -13,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,9 @@ import anyio
 import pytest
 import torch
 
+from modelcache import StoreError
 from modelcache._disk import DiskEntry, DiskTier
-from modelcache._diskformat import MANIFEST_NAME, entry_name
+from modelcache._diskformat import MANIFEST_NAME, entry_name, pwrite_all
 from modelcache._format import ModelInfo
 from modelcache._loader import fill_buffer, read_config, read_model_info
 from modelcache._store import Store
@@ -391,17 +395,35 @@ def test_broken_entries_are_dropped_on_open(models: Models, disk_dir: Path) -> N
     assert sorted(os.listdir(disk_dir)) == [".lock", entry_name("c")]
 
 
-def test_temp_dirs_of_dead_writers_are_removed(disk_dir: Path) -> None:
-    """open() removes temp dirs of dead pids and trash, and keeps a live pid's temp dir."""
+def test_temp_dirs_nobody_holds_are_removed_whatever_their_pid(disk_dir: Path) -> None:
+    """open() removes every temp and trash dir whose flock nobody holds, even when its pid is
+    alive (a SIGKILLed writer's pid after a restart: pid 1 in a container), and its bytes stop
+    counting; a temp dir whose flock is held stays."""
     disk_dir.mkdir()
     dead = disk_dir / f".tmp-{dead_pid()}-0123abcd-100"
-    live = disk_dir / f".tmp-{os.getpid()}-0123abcd-100"
+    ours = disk_dir / f".tmp-{os.getpid()}-0123abcd-{BUDGET}"
+    init = disk_dir / f".tmp-1-0123abcd-{BUDGET}"
     trash = disk_dir / ".del-1-00"
-    for path in (dead, live, trash):
+    held = disk_dir / f".tmp-{os.getpid()}-4567abcd-100"
+    for path in (dead, ours, init, trash, held):
         (path / "sub").mkdir(parents=True)
         (path / "sub" / "model.safetensors").write_bytes(b"x" * 100)
-    opened(disk_dir, BUDGET)
-    assert leftovers(disk_dir) == [live.name]
+    with _flock_held(held):
+        tier = opened(disk_dir, BUDGET)
+        assert leftovers(disk_dir) == [held.name]
+        assert tier.stats().leftovers == 4
+        assert tier.write(*Models(disk_dir.parent / "store").add("a")) is not None
+
+
+@contextlib.contextmanager
+def _flock_held(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s flock, as a live writer does."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def test_locked_temp_dir_of_an_unknown_pid_is_kept(disk_dir: Path) -> None:
@@ -425,9 +447,10 @@ def test_writes_in_flight_reserve_their_bytes(models: Models, disk_dir: Path) ->
     disk_dir.mkdir()
     temp = disk_dir / f".tmp-{os.getpid()}-0123abcd-{BUDGET - 1000}"
     temp.mkdir()
-    tier = opened(disk_dir, BUDGET)
     info, buffer = models.add("a")
-    assert tier.write(info, buffer) is None
+    with _flock_held(temp):
+        tier = opened(disk_dir, BUDGET)
+        assert tier.write(info, buffer) is None
     temp.rmdir()
     assert tier.write(info, buffer) is not None
 
@@ -554,3 +577,190 @@ def test_entry_replaced_by_another_process_is_reread(models: Models, disk_dir: P
     assert not reader.acquire(first)
     assert reader.acquire(second)
     reader.release(second)
+
+
+# -- damage, odd names, links, leftovers ------------------------------------------------------
+
+
+def test_malformed_names_in_the_directory_do_not_stop_open(models: Models, disk_dir: Path) -> None:
+    """Names that are not well-formed entries (an overflowing pid, a file where a directory
+    belongs, strangers) never stop open(): ours are removed, strangers ignored, entries kept."""
+    tier = opened(disk_dir, BUDGET)
+    assert tier.write(*models.add("a")) is not None
+    (disk_dir / ".tmp-99999999999999999999-ab-1").mkdir()
+    (disk_dir / ".tmp-garbage").write_bytes(b"x")
+    (disk_dir / ".del-not-a-dir").write_bytes(b"x")
+    (disk_dir / entry_name("file-not-dir")).write_bytes(b"x")
+    (disk_dir / "notes.txt").write_bytes(b"mine")
+    (disk_dir / "lost+found").mkdir()
+    restarted = opened(disk_dir, BUDGET)
+    assert sorted(os.listdir(disk_dir)) == sorted(
+        [".lock", entry_name("a"), "notes.txt", "lost+found"]
+    )
+    assert restarted.get("a") is not None and restarted.stats().entries == 1
+
+
+def test_symlinks_in_an_entry_are_not_followed(models: Models, disk_dir: Path) -> None:
+    """An entry whose file, manifest or directory is a symlink is not served, and the link is
+    deleted without touching what it points to."""
+    tier = opened(disk_dir, 3 * BUDGET)
+    entries = {m: tier.write(*models.add(m, seed=i)) for i, m in enumerate("abcd")}
+    a, b, c, d = (entries[m] for m in "abcd")
+    assert a is not None and b is not None and c is not None and d is not None
+    # a: its weights file links to b's file (same size, other bytes).
+    weights = Path(a.directory) / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to(Path(b.directory) / "model.safetensors")
+    # c: its whole directory is a link to a copy of d's entry made under c's name.
+    elsewhere = disk_dir.parent / "elsewhere"
+    os.rename(c.directory, elsewhere)
+    os.symlink(elsewhere, c.directory)
+    # d: its manifest is a link to a copy of itself.
+    manifest = Path(d.directory) / MANIFEST_NAME
+    copy = disk_dir.parent / "manifest-copy"
+    copy.write_bytes(manifest.read_bytes())
+    manifest.unlink()
+    manifest.symlink_to(copy)
+    for reader in (tier, opened(disk_dir, 3 * BUDGET)):
+        assert reader.get("a") is None and reader.get("c") is None and reader.get("d") is None
+    assert reader.get("b") == b
+    assert (Path(b.directory) / "model.safetensors").is_file()
+    assert (elsewhere / "model.safetensors").is_file() and copy.is_file()
+    assert sorted(os.listdir(disk_dir)) == [".lock", entry_name("b")]
+
+
+def test_an_unreadable_entry_is_dropped_not_raised(models: Models, disk_dir: Path) -> None:
+    """An entry whose manifest cannot be read (a directory in its place; EIO goes the same way)
+    is a miss that deletes it, on get() and on open()."""
+    tier = opened(disk_dir, BUDGET)
+    a, b = (tier.write(*models.add(m)) for m in "ab")
+    assert a is not None and b is not None
+    for entry in (a, b):
+        os.unlink(Path(entry.directory) / MANIFEST_NAME)
+        (Path(entry.directory) / MANIFEST_NAME).mkdir()
+    assert tier.get("a") is None
+    restarted = opened(disk_dir, BUDGET)
+    assert restarted.stats().entries == 0
+    assert os.listdir(disk_dir) == [".lock"]
+
+
+def test_trash_left_by_a_crash_is_removed_by_a_running_tier(models: Models, disk_dir: Path) -> None:
+    """A trash dir nobody is deleting (its deleter died) is removed and counted by the next
+    write of a tier that is already open, not only at the next start."""
+    tier = opened(disk_dir, BUDGET)
+    leftover = disk_dir / ".del-12345-0123abcd"
+    (leftover / "sub").mkdir(parents=True)
+    (leftover / "sub" / "model.safetensors").write_bytes(b"x" * 100)
+    assert tier.write(*models.add("a")) is not None
+    assert leftovers(disk_dir) == []
+    assert tier.stats().leftovers == 1
+
+
+def test_enospc_evicts_least_recently_used_and_retries_once(
+    models: Models, disk_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that meets ENOSPC evicts the least recently used entry (more if the filesystem
+    still lacks room), tries once more and succeeds; the event is counted."""
+    tier = opened(disk_dir, 10 * BUDGET)
+    for m in "abc":
+        assert tier.write(*models.add(m)) is not None
+    tier.get("a")
+    real = pwrite_all
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def full_once(fd: int, data: memoryview, offset: int) -> None:
+        if failures:
+            raise failures.pop()
+        real(fd, data, offset)
+
+    monkeypatch.setattr("modelcache._disk.pwrite_all", full_once)
+    assert tier.write(*models.add("d")) is not None
+    assert sorted(m for m in "abcd" if m in tier) == ["a", "c", "d"]
+    assert (tier.stats().full, tier.stats().evictions) == (1, 1)
+    assert leftovers(disk_dir) == []
+
+
+def test_enospc_twice_raises_and_leaves_nothing(
+    models: Models, disk_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that meets ENOSPC again after making room raises OSError and leaves no temp dir."""
+    tier = opened(disk_dir, 10 * BUDGET)
+    assert tier.write(*models.add("a")) is not None
+
+    def always_full(fd: int, data: memoryview, offset: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("modelcache._disk.pwrite_all", always_full)
+    with pytest.raises(OSError, match="No space"):
+        tier.write(*models.add("b"))
+    assert leftovers(disk_dir) == []
+    assert tier.stats().full == 1
+
+
+def _mount(*args: str) -> bool:
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 32 KiB tmpfs (8 pages), where the machine lets us mount one (root); else skip."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if not _mount("-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mount)):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_really_full_filesystem_evicts_to_make_room(models: Models, small_tmpfs: Path) -> None:
+    """On a filesystem smaller than the budget, writes evict least-recently-used entries to fit
+    the real free space instead of failing: the newest models are always cached."""
+    tier = opened(small_tmpfs, "1MiB")
+    for i in range(12):
+        assert tier.write(*models.add(f"m{i}", seed=i)) is not None, i
+        assert f"m{i}" in tier
+    stats = tier.stats()
+    assert stats.full > 0 and stats.evictions > 0
+    assert stats.entries == len([n for n in os.listdir(small_tmpfs) if not n.startswith(".")])
+    assert "m0" not in tier
+    assert leftovers(small_tmpfs) == []
+
+
+def test_a_read_only_directory_is_served_and_never_written(models: Models, tmp_path: Path) -> None:
+    """A directory on a read-only mount opens read-only: its entries load, writes and removals
+    do nothing, nothing raises."""
+    source = tmp_path / "rw"
+    tier = opened(source, BUDGET)
+    written = tier.write(*models.add("a"))
+    assert written is not None
+    (source / ".tmp-1-0123abcd-100").mkdir()
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if not _mount("--bind", str(source), str(mount)):
+        pytest.skip("cannot bind-mount here")
+    try:
+        if not _mount("-o", "remount,ro,bind", str(mount)):
+            pytest.skip("cannot remount read-only here")
+        reader = opened(mount, BUDGET)
+        assert reader.read_only and reader.stats().read_only
+        entry = reader.get("a")
+        assert entry is not None and reader.acquire(entry)
+        assert load_tensors(reader.store, "a") == load_tensors(models.store, "a")
+        reader.release(entry)
+        assert reader.write(*models.add("b")) is None
+        assert not reader.remove("a")
+        assert sorted(os.listdir(mount)) == [".lock", ".tmp-1-0123abcd-100", entry_name("a")]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_directory_that_cannot_be_made_is_a_typed_error(tmp_path: Path) -> None:
+    """open() on a path that is a file (or cannot be created) raises StoreError naming it."""
+    path = tmp_path / "a-file"
+    path.write_bytes(b"x")
+    with pytest.raises(StoreError, match="a-file"):
+        opened(path, BUDGET)
+    with pytest.raises(StoreError, match="a-file"):
+        opened(path / "below", BUDGET)

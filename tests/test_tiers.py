@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import gc
+import logging
+import shutil
+import weakref
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 import torch
 
-from modelcache import ModelCache, ModelNotFoundError, ModelTooLargeError
+from modelcache import ModelCache, ModelNotFoundError, ModelTooLargeError, StoreError
+from modelcache._diskformat import MANIFEST_NAME, entry_name
 
 from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, settle
 
@@ -324,4 +330,178 @@ async def test_tier_of_says_host_while_a_promotion_is_in_flight(models: MemoryMo
 
 async def _use_once(cache: ModelCache, model_id: str) -> None:
     async with cache.use(model_id):
+        pass
+
+
+def _gate_disk_writes(store: GatedStore) -> anyio.Event:
+    """Hold every disk-tier write at its first step (the etag lookup) until the event is set."""
+    gate = anyio.Event()
+    etag = store.etag
+
+    async def gated_etag(url: str, *, model_id: str) -> str | None:
+        await gate.wait()
+        return await etag(url, model_id=model_id)
+
+    store.etag = gated_etag  # type: ignore[method-assign]
+    return gate
+
+
+async def test_disk_writes_hold_at_most_the_write_buffer(
+    models: MemoryModels, gated: GatedStore, tmp_path: Path
+) -> None:
+    """Buffers kept alive by disk writes in flight stay within disk_write_buffer: a write that
+    does not fit is skipped (not queued), and a later load from the store writes the model."""
+    for i, name in enumerate("abcd"):
+        models.add(name, 1000, seed=i)
+    gate = _gate_disk_writes(gated)
+    buffers: list[weakref.ref[torch.Tensor]] = []
+    async with ModelCache(
+        gated,
+        device_budget=1000,
+        disk_dir=tmp_path,
+        disk_budget="1MiB",
+        disk_write_buffer=2000,
+    ) as cache:
+        for name in "abcd":
+            async with cache.use(name) as w:
+                buffers.append(weakref.ref(w.buffer))
+            await anyio.wait_all_tasks_blocked()
+        gc.collect()
+        assert sorted(cache._lower.disk_writes) == ["a", "b"]
+        assert sum(ref() is not None for ref in buffers) <= 1 + 2  # d on the device, a and b
+        assert cache._lower.writing == 2000
+        gate.set()
+        await settle(*cache_stores(cache))
+        assert cache._lower.writing == 0
+        assert cache.tier_of("c") is None
+        async with cache.use("c"):
+            pass
+        await settle(*cache_stores(cache))
+        disk = cache._lower.disk
+        assert disk is not None and [m for m in "abcd" if m in disk] == ["a", "b", "c"]
+        assert cache._lower.writes_skipped == 2
+
+
+async def test_host_budget_counts_a_promoted_block_a_disk_write_still_reads(
+    models: MemoryModels, gated: GatedStore, tmp_path: Path
+) -> None:
+    """A host block promoted while its disk write runs stays counted in the host budget until
+    the write ends: the next host load waits for it instead of failing on a full arena."""
+    from .test_backend import RecordingBackend
+
+    mib = 1 << 20
+    models.add("a", 6 * mib, seed=1)
+    models.add("b", 6 * mib, seed=2)
+    gate = _gate_disk_writes(gated)
+    async with ModelCache(
+        gated,
+        backend=RecordingBackend(on_host=False),
+        device_budget=16 * mib,
+        host_budget=8 * mib,
+        disk_dir=tmp_path,
+        disk_budget="64MiB",
+    ) as cache:
+        host = cache._lower.host
+        await cache.prefetch(["a"], tier="host")
+        async with cache.use("a"):  # promoted while the write of a still reads its block
+            pass
+        assert cache._lower.arena is not None
+        assert host.reserved == cache._lower.arena.used == 6 * mib
+        check_invariants(cache)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: cache.prefetch(["b"], tier="host"))
+            await anyio.wait_all_tasks_blocked()
+            assert cache.resident("host") == []  # b waits for the bytes a's block holds
+            check_invariants(cache)
+            gate.set()
+        assert cache.resident("host") == ["b"]
+        assert host.reserved == cache._lower.arena.used == 6 * mib
+        await settle(*cache_stores(cache))
+        check_invariants(cache)
+
+
+async def test_a_disk_copy_removed_under_a_load_falls_back_to_the_store(
+    models: MemoryModels, gated: GatedStore, tmp_path: Path
+) -> None:
+    """A disk entry deleted between its lookup and its weights' read loads from the store, and
+    nothing is remembered as the model's failure."""
+    models.add("a", 1000, seed=3)
+    async with ModelCache(
+        gated, device_budget=4000, host_budget=4000, disk_dir=tmp_path, disk_budget="1MiB"
+    ) as cache:
+        async with cache.use("a") as w:
+            original = w["w"].clone()
+        await _settle_writes(cache)
+        assert cache.evict("a")
+        cache._lower.entries.clear()  # out of host memory too (as if evicted there)
+        cache._lower.host.resident = cache._lower.host.reserved = 0
+        disk = cache._lower.disk
+        assert disk is not None and cache.tier_of("a") == "disk"
+        read_into = disk.store.read_into
+
+        async def removed_first(*args: Any, **kwargs: Any) -> None:
+            shutil.rmtree(tmp_path / entry_name("a"))
+            await read_into(*args, **kwargs)
+
+        disk.store.read_into = removed_first  # type: ignore[method-assign]
+        async with cache.use("a") as w:
+            assert w["w"].equal(original)
+        assert gated.calls[("read_into", "a")] == 2
+        assert cache.stats().load_failures == 0
+        cache.evict("a")
+        cache._lower.entries.clear()
+        cache._lower.host.resident = cache._lower.host.reserved = 0
+        await cache.prefetch(["a"], tier="host")  # the host path falls back the same way
+        async with cache.use("a") as w:
+            assert w["w"].equal(original)
+        check_invariants(cache)
+
+
+async def test_a_damaged_disk_entry_falls_back_and_does_not_stop_the_cache(
+    models: MemoryModels, gated: GatedStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry whose manifest is a directory is dropped with a log line and the model loads
+    from the store, at once and after a restart."""
+    models.add("a", 1000, seed=4)
+    models.add("b", 1000, seed=5)
+    async with ModelCache(
+        gated, device_budget=4000, disk_dir=tmp_path, disk_budget="1MiB"
+    ) as cache:
+        for name in "ab":
+            async with cache.use(name):
+                pass
+        await _settle_writes(cache)
+        assert cache.evict("a")
+        for name in "ab":
+            manifest = tmp_path / entry_name(name) / MANIFEST_NAME
+            manifest.unlink()
+            manifest.mkdir()
+        with caplog.at_level(logging.WARNING, logger="modelcache"):
+            async with cache.use("a") as w:
+                assert w["w"].numel() == 1000
+        assert "damaged" in caplog.text
+        assert gated.calls[("read_into", "a")] == 2
+    async with ModelCache(
+        gated, device_budget=4000, disk_dir=tmp_path, disk_budget="1MiB"
+    ) as cache:
+        async with cache.use("b") as w:
+            assert w["w"].numel() == 1000
+        assert gated.calls[("read_into", "b")] == 2
+
+
+async def test_startup_errors_are_typed_not_grouped(models: MemoryModels, tmp_path: Path) -> None:
+    """A disk_dir that cannot be used fails `async with cache` with a StoreError naming it,
+    never an ExceptionGroup; odd names in a usable disk_dir do not stop it."""
+    (tmp_path / "file").write_bytes(b"x")
+    cache = ModelCache(
+        models.template, device_budget=4000, disk_dir=tmp_path / "file", disk_budget="1MiB"
+    )
+    with pytest.raises(StoreError, match="file") as info:
+        async with cache:
+            pass
+    assert not isinstance(info.value, BaseExceptionGroup)
+    (tmp_path / "ok" / ".tmp-99999999999999999999-ab-1").mkdir(parents=True)
+    async with ModelCache(
+        models.template, device_budget=4000, disk_dir=tmp_path / "ok", disk_budget="1MiB"
+    ):
         pass
