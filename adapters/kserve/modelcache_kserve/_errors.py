@@ -1,6 +1,6 @@
 """From errors to HTTP answers, each with the ``modelcache-tier`` header of its model.
 
-The statuses (the README's "Statuses" table has every one with its cause):
+The statuses (the README's status table has every one with its cause):
 
 =============================  ======  ==========================================================
 error                          status  why
