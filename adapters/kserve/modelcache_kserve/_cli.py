@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from modelcache import ModelCache
+from modelcache import ModelCache, parse_bytes
 
 from ._server import build_server
 
@@ -71,6 +71,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="300",
         type=float,
     )
+    add(
+        "--check-timeout",
+        "seconds a readiness, metadata or unload check may wait for the store before it "
+        "answers 503 (0: no limit)",
+        default="5",
+        type=float,
+    )
+    add(
+        "--grace-period",
+        "seconds requests in progress may take to finish after SIGTERM before they are "
+        "cancelled; keep it below the pod's terminationGracePeriodSeconds",
+        default="25",
+        type=int,
+    )
+    add(
+        "--max-request-size",
+        "largest request body, e.g. 64MiB; larger ones answer 413 (0: no limit)",
+        default="64MiB",
+    )
     add("--http-port", "HTTP port (0: any free port, printed when ready)", default="8080", type=int)
     add("--host", "address to bind", default="0.0.0.0")
     add(
@@ -92,8 +111,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--workers must be 1: the cache is one process's memory; run more replicas instead"
         )
-    if args.load_timeout < 0:
-        parser.error("--load-timeout must not be negative")
+    for flag in ("load_timeout", "check_timeout", "grace_period"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must not be negative")
+    try:
+        args.max_request_size = parse_bytes(args.max_request_size, name="--max-request-size")
+    except ValueError as exc:
+        parser.error(str(exc))
     if (args.disk_dir is None) != (args.disk_budget is None):
         parser.error("--disk-dir and --disk-budget go together")
     return args
@@ -134,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_port=args.http_port,
         per_model_metrics=args.per_model_metrics,
         load_timeout=args.load_timeout or None,
+        check_timeout=args.check_timeout or None,
+        grace_period=args.grace_period,
+        max_request_bytes=args.max_request_size or None,
     )
 
     def ready(port: int) -> None:

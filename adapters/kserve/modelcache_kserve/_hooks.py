@@ -8,7 +8,11 @@ when it has one - sync or async - else the default here:
   raises answers 400 (the payload is wrong), as kserve's InvalidInput does. V1 ``{"instances": [...]}`` becomes
   ``torch.tensor(instances, dtype=torch.float32)``; a V2 `InferRequest` with one input becomes a
   tensor of its datatype and shape. Both land on the cache's device.
-* ``predict(inputs) -> outputs``: ``model(inputs)`` under ``torch.inference_mode()``.
+* ``predict(inputs) -> outputs``: ``model(inputs)`` under ``torch.inference_mode()``. A
+  ValueError, TypeError, IndexError, KeyError or RuntimeError it raises answers 422: predict
+  computes on the request's tensors, so such an error (``mat1 and mat2 shapes cannot be
+  multiplied``) says the request does not fit the model. Out-of-memory, NotImplementedError,
+  RecursionError and modelcache's own errors stay the server's (500).
 * ``postprocess(outputs, request) -> response``. V1: ``{"predictions": outputs.tolist()}``; V2: an
   `InferResponse` whose outputs are ``output-0``, ``output-1``... (a tensor, or a tuple/list of
   them) or the keys of a dict of tensors, with the request's ``id`` (a new uuid4 when it has none).
@@ -32,6 +36,10 @@ import torch
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.utils.numpy_codec import from_np_dtype
+
+from modelcache import ModelCacheError
+
+from ._errors import RejectedInput
 
 __all__ = ["Hooks", "default_postprocess", "default_predict", "default_preprocess"]
 
@@ -131,6 +139,14 @@ def _v2_output(name: str, value: Any) -> InferOutput:
 _PAYLOAD_ERRORS = (ValueError, TypeError, KeyError, IndexError)
 
 
+#: Errors of predict that mean the request's inputs do not fit the model (HTTP 422)...
+COMPUTE_ERRORS = (ValueError, TypeError, IndexError, KeyError, RuntimeError)
+#: ...unless they are one of these, which are the server's faults whatever the input (500).
+SERVER_FAULTS = (torch.OutOfMemoryError, NotImplementedError, RecursionError, ModelCacheError)
+#: Raised by predict as they are (kserve's InvalidInput keeps its 400).
+_KEEP = (*SERVER_FAULTS, InvalidInput)
+
+
 def _is_async(func: object) -> bool:
     return inspect.iscoroutinefunction(func)
 
@@ -169,15 +185,20 @@ class Hooks:
                 raise InvalidInput(f"bad request: {type(exc).__name__}: {exc}") from exc
 
         pred = self.pred
-        if self.pred_mode == "loop":
-            outputs = default_predict(model, inputs) if pred is None else pred(model, inputs)
-        elif self.pred_mode == "async":
-            assert pred is not None
-            outputs = await pred(model, inputs)
-        elif pred is None:
-            outputs = await anyio.to_thread.run_sync(default_predict, model, inputs)
-        else:
-            outputs = await anyio.to_thread.run_sync(pred, model, inputs)
+        try:
+            if self.pred_mode == "loop":
+                outputs = default_predict(model, inputs) if pred is None else pred(model, inputs)
+            elif self.pred_mode == "async":
+                assert pred is not None
+                outputs = await pred(model, inputs)
+            elif pred is None:
+                outputs = await anyio.to_thread.run_sync(default_predict, model, inputs)
+            else:
+                outputs = await anyio.to_thread.run_sync(pred, model, inputs)
+        except COMPUTE_ERRORS as exc:
+            if isinstance(exc, _KEEP):
+                raise
+            raise RejectedInput from exc
 
         post = self.post
         if post is None:

@@ -20,28 +20,37 @@ How KServe 0.21 reaches a model, and what each hook does here:
   the sync ``ModelRepository.unload`` (KServe calls it at shutdown) only evicts, which never
   blocks.
 * Existence checks outside a request (readiness, unload, metadata) read the model's headers, a
-  few KiB, and are remembered for ``check_ttl`` seconds, positive or negative.
+  few KiB, and are remembered for ``check_ttl`` seconds, positive or negative. Each is bounded
+  by ``check_timeout`` (a stalled store answers 503, and is not remembered); ``/load`` by
+  ``load_timeout``, as a request's wait is.
+* Shutdown (`shut_down`, called when the server starts draining): requests that would wait for
+  a load, checks and ``/load`` answer 503 at once, and those already waiting are woken with it,
+  instead of holding the drain until the grace period ends. Hits are still served.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any
 
 import anyio
-from kserve.errors import ModelNotFound, ModelNotReady
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.metrics import PREDICT_HIST_TIME
 from kserve.model import BaseKServeModel, InferenceModel, InferenceVerb
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
-from modelcache import ModelCache, ModelCacheError
+from modelcache import ModelCache, ModelCacheError, ModelTooLargeError
 
 from ._errors import TIER_HEADER, ModelRequestError
 from ._hooks import Hooks
+
+logger = logging.getLogger("modelcache_kserve")
 
 __all__ = ["CacheDataPlane", "CacheModelRepository", "CacheRepositoryExtension", "CachedModel"]
 
@@ -84,31 +93,27 @@ class CachedModel(InferenceModel):  # type: ignore[misc]  # kserve ships no type
             raise ModelRequestError(
                 HTTPStatus.NOT_IMPLEMENTED, f"model {name!r}: only predict is served", tier=tier
             )
-        timeout = self._repository.load_timeout
+        repository = self._repository
         try:
-            if timeout is None or tier == "device":  # a hit: use() hands it out at once
+            if tier == "device":  # a hit: use() hands it out at once
                 async with cache.use(name, model=self._model_class) as model:
                     response = await self._serve(model, body, headers)
             else:
                 async with contextlib.AsyncExitStack() as stack:
-                    try:
-                        with anyio.fail_after(timeout):  # the wait for the model, not predict
-                            model = await stack.enter_async_context(
-                                cache.use(name, model=self._model_class)
-                            )
-                    except TimeoutError as exc:  # the load goes on, for later requests
-                        raise ModelRequestError(
-                            HTTPStatus.SERVICE_UNAVAILABLE,
-                            f"model {name!r} was not ready within {timeout:g} s (still "
-                            "loading, or waiting for memory that requests in progress hold); "
-                            "try again",
-                            tier=tier,
-                        ) from exc
+                    with repository.waiting(name, repository.load_timeout, "load", tier):
+                        model = await stack.enter_async_context(
+                            cache.use(name, model=self._model_class)
+                        )
                     response = await self._serve(model, body, headers)
         except ModelRequestError:
             raise
         except Exception as exc:
-            raise ModelRequestError.wrap(exc, name, tier) from exc
+            error = ModelRequestError.wrap(exc, name, tier)
+            if error.status >= HTTPStatus.INTERNAL_SERVER_ERROR and not isinstance(
+                exc, ModelCacheError
+            ):  # the model class's fault: its traceback is for the logs, once
+                logger.error("model %r failed to answer", name, exc_info=exc)
+            raise error from exc
         return response, {TIER_HEADER: tier}
 
     async def _serve(self, model: Any, body: Any, headers: dict[str, str] | None) -> Any:
@@ -139,13 +144,17 @@ class CacheModelRepository(ModelRepository):  # type: ignore[misc]
         per_model_metrics: bool = False,
         check_ttl: float = 5.0,
         load_timeout: float | None = None,
+        check_timeout: float | None = 5.0,
     ) -> None:
         super().__init__()
-        if load_timeout is not None and not load_timeout > 0:
-            raise ValueError(f"load_timeout must be positive or None, not {load_timeout!r}")
+        for what, value in (("load_timeout", load_timeout), ("check_timeout", check_timeout)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{what} must be positive or None, not {value!r}")
         self.cache = cache
-        #: Seconds a request may wait for its model to be ready (None: no limit).
+        #: Seconds a request (or ``/load``) may wait for its model to be ready (None: no limit).
         self.load_timeout = load_timeout
+        #: Seconds a readiness, metadata or ``/unload`` check may wait for the store.
+        self.check_timeout = check_timeout
         if not cache.is_bound(model_class):
             cache.model(model_class)
         self.model_class = model_class
@@ -153,7 +162,11 @@ class CacheModelRepository(ModelRepository):  # type: ignore[misc]
         self.per_model_metrics = per_model_metrics
         self.check_ttl = check_ttl
         self._proxies: dict[str, CachedModel] = {}
-        self._checks: dict[str, tuple[float, BaseException | None]] = {}
+        self._checks: dict[str, tuple[float, BaseException | int]] = {}
+        #: The server is draining: nothing new waits (see `shut_down`).
+        self.closing = False
+        #: The cancel scopes of the waits in progress, cancelled by `shut_down`.
+        self._waits: set[anyio.CancelScope] = set()
 
     # -- KServe's hooks ------------------------------------------------------------------------
 
@@ -178,10 +191,13 @@ class CacheModelRepository(ModelRepository):  # type: ignore[misc]
         return await self.readiness(name)
 
     async def load(self, name: str) -> bool:
-        """``POST /v2/repository/models/{name}/load``: bring the model onto the device."""
+        """``POST /v2/repository/models/{name}/load``: bring the model onto the device, waiting
+        at most ``load_timeout`` (503 after it; the load goes on)."""
         if name in self.models:
             return True
-        await self.cache.prefetch([name], tier="device", model=self.model_class)
+        tier = self.cache.tier_of(name, model=self.model_class) or "store"
+        with self.waiting(name, self.load_timeout, "load", tier):
+            await self.cache.prefetch([name], tier="device", model=self.model_class)
         return True
 
     def unload(self, name: str) -> None:
@@ -192,15 +208,66 @@ class CacheModelRepository(ModelRepository):  # type: ignore[misc]
         elif not self.cache.evict(name, model=self.model_class):
             raise KeyError(f"model {name!r} is not resident on the device")
 
+    # -- shutdown and bounded waits ------------------------------------------------------------
+
+    def shut_down(self) -> None:
+        """The server is draining: from now on nothing waits for a load or the store (503
+        "shutting down"), and the waits in progress end with that answer at once. Idempotent;
+        called on the loop."""
+        self.closing = True
+        for scope in self._waits:
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def waiting(self, name: str, timeout: float | None, what: str, tier: str) -> Iterator[None]:
+        """Bound the block, a wait for ``name`` to ``what`` ("load" or "check"): 503 after
+        ``timeout`` seconds (None: no limit) or when the server shuts down."""
+        if self.closing:
+            raise _shutting_down(name, tier)
+        scope = anyio.CancelScope()
+        self._waits.add(scope)
+        try:
+            with scope:
+                try:
+                    with anyio.fail_after(timeout):
+                        yield
+                except TimeoutError as exc:  # a load goes on, for later requests
+                    if what == "load":
+                        message = (
+                            f"model {name!r} was not ready within {timeout:g} s (still "
+                            "loading, or waiting for memory that requests in progress hold); "
+                            "try again"
+                        )
+                    else:
+                        message = (
+                            f"model {name!r} could not be checked: the store did not answer "
+                            f"within {timeout:g} s; try again"
+                        )
+                    raise ModelRequestError(
+                        HTTPStatus.SERVICE_UNAVAILABLE, message, tier=tier
+                    ) from exc
+        finally:
+            self._waits.discard(scope)
+        if scope.cancelled_caught:
+            raise _shutting_down(name, tier)
+
     # -- the asynchronous work behind them -----------------------------------------------------
 
     async def readiness(self, name: str) -> bool:
         """True when resident on the device; False when servable but not resident; raises the
-        model's error (ModelNotFoundError, ModelFormatError...) when it is not servable."""
+        model's error (ModelNotFoundError, ModelFormatError, ModelTooLargeError...) when it is
+        not servable: the error a request for it would answer."""
         tier = self.cache.tier_of(name, model=self.model_class)
         if tier == "device":
             return True
-        await self.check_exists(name)
+        nbytes = await self.check_exists(name)
+        budget = self.cache.stats().bytes_budget
+        if nbytes is not None and nbytes > budget:  # every request answers 507: say why
+            raise ModelTooLargeError(
+                f"model {name!r} needs {nbytes} bytes, more than the whole device budget of "
+                f"{budget} bytes",
+                model_id=name,
+            )
         raise ModelNotReady(
             name,
             f"It is not on the device (tier: {tier or 'store'}); the first request, or "
@@ -221,27 +288,34 @@ class CacheModelRepository(ModelRepository):  # type: ignore[misc]
             )
         await self.check_exists(name)
 
-    async def check_exists(self, name: str) -> None:
+    async def check_exists(self, name: str) -> int | None:
         """Raise the model's error if ``name`` is not a loadable model in the store: its headers
-        are read (a few KiB), and the answer is remembered for ``check_ttl`` seconds."""
-        if self.cache.tier_of(name, model=self.model_class) is not None:
-            return
+        are read (a few KiB), and the answer is remembered for ``check_ttl`` seconds. Returns
+        the model's size in bytes (None when it is in a tier, where it is known to fit). A store
+        that does not answer within ``check_timeout`` answers 503, remembered by nobody."""
+        tier = self.cache.tier_of(name, model=self.model_class)
+        if tier is not None:
+            return None
         now = time.monotonic()
         known = self._checks.get(name)
         if known is not None and known[0] > now:
-            if known[1] is not None:
+            if isinstance(known[1], BaseException):
                 raise known[1].with_traceback(None)  # remembered: do not grow its traceback
-            return
-        error: BaseException | None = None
-        try:
-            await self.cache.describe(name)
-        except ModelCacheError as exc:
-            error = exc
-        self._remember(name, now, error)
-        if error is not None:
-            raise error
+            return known[1]
+        result: BaseException | int
+        # The core's describe() may read the store: bounded, so a stalled store cannot hold a
+        # probe (or the drain at shutdown) for as long as the store stalls.
+        with self.waiting(name, self.check_timeout, "check", "store"):
+            try:
+                result = (await self.cache.describe(name)).nbytes
+            except ModelCacheError as exc:
+                result = exc
+        self._remember(name, now, result)
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-    def _remember(self, name: str, now: float, error: BaseException | None) -> None:
+    def _remember(self, name: str, now: float, result: BaseException | int) -> None:
         checks = self._checks
         if len(checks) >= _MAX_PROXIES:  # drop the expired, else the oldest
             for key in [k for k, (until, _) in checks.items() if until <= now] or [
@@ -249,7 +323,15 @@ class CacheModelRepository(ModelRepository):  # type: ignore[misc]
             ]:
                 del checks[key]
         checks.pop(name, None)
-        checks[name] = (now + self.check_ttl, error)
+        checks[name] = (now + self.check_ttl, result)
+
+
+def _shutting_down(name: str, tier: str) -> ModelRequestError:
+    return ModelRequestError(
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        f"model {name!r}: the server is shutting down; try another replica",
+        tier=tier,
+    )
 
 
 class CacheDataPlane(DataPlane):  # type: ignore[misc]
@@ -277,6 +359,22 @@ class CacheDataPlane(DataPlane):  # type: ignore[misc]
         if disable_predictor_health_check:  # an inference request: the lease decides
             return True
         return await self._model_registry.readiness(model_name)
+
+    def decode(
+        self, body: Any, headers: Any, protocol_version: str = "v1", model_name: str | None = None
+    ) -> Any:
+        """KServe's decode, whose every failure is the client's malformed request (400).
+
+        Its binary-extension path raises ValueError for a bad
+        ``Inference-Header-Content-Length``, or for raw bytes that do not fill the declared
+        shape, and KeyError for a missing field: KServe would answer those 500 through its
+        catch-all."""
+        try:
+            return super().decode(body, headers, protocol_version, model_name)
+        except InvalidInput:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise InvalidInput(f"malformed request: {type(exc).__name__}: {exc}") from exc
 
 
 class CacheRepositoryExtension(ModelRepositoryExtension):  # type: ignore[misc]

@@ -5,8 +5,12 @@
 * The cache is an async context manager: `serve` enters it (and registers its Prometheus
   collector) on the loop that serves HTTP, and closes it when the server stops.
 * The REST server binds ``host`` (KServe hard-codes 0.0.0.0), may take port 0 (the bound port is
-  passed to ``on_ready``), and answers modelcache's errors with their own status and the
-  ``modelcache-tier`` header.
+  passed to ``on_ready``), and answers every error with its own status and the
+  ``modelcache-tier`` header, keeping the connection (`LastResort` catches what no handler
+  knows); bodies over ``max_request_bytes`` answer 413.
+* When it starts draining (SIGTERM), the repository is told first (`shut_down`): requests
+  waiting for a load answer 503 at once instead of holding the drain for ``grace_period``
+  seconds; then uvicorn lets the requests in progress finish, then the cache closes.
 * One worker process and no gRPC: a cache is one process's memory (run more replicas to scale),
   and KServe 0.21's gRPC repository load/unload raise TypeError.
 * It runs on the default asyncio loop, as ``ModelServer.start`` does.
@@ -22,14 +26,13 @@ from collections.abc import Callable
 from typing import Any
 
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
-from kserve.errors import InvalidInput, ModelNotReady
 from kserve.model import BaseKServeModel
 from kserve.model_server import ModelServer
 from kserve.protocol.rest.server import RESTServer, _RefreshingServer
 
-from modelcache import ModelCache, ModelCacheError
+from modelcache import ModelCache
 
-from ._errors import ModelRequestError, exception_handler
+from ._errors import HANDLED, LastResort, exception_handler
 from ._repository import CacheDataPlane, CacheModelRepository, CacheRepositoryExtension
 
 __all__ = ["CacheModelServer", "build_server"]
@@ -40,15 +43,27 @@ _started = False  # the process's one server has started (kserve's app is global
 class _ReadyServer(_RefreshingServer):  # type: ignore[misc]
     """uvicorn's server, telling ``on_ready`` the bound port once it listens."""
 
-    def __init__(self, config: Any, on_ready: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        config: Any,
+        on_ready: Callable[[int], None] | None,
+        on_drain: Callable[[], None],
+    ) -> None:
         super().__init__(config)
         self._on_ready = on_ready
+        self._on_drain = on_drain
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets=sockets)
         if self.started and self._on_ready is not None:
             port = self.servers[0].sockets[0].getsockname()[1] if self.servers else None
             self._on_ready(int(port if port is not None else self.config.port))
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        # Before uvicorn waits for the requests in progress: those waiting for a load would
+        # otherwise hold the drain until the grace period ends, then answer 500.
+        self._on_drain()
+        await super().shutdown(sockets=sockets)
 
 
 class _RESTServer(RESTServer):  # type: ignore[misc]
@@ -67,12 +82,19 @@ class _RESTServer(RESTServer):  # type: ignore[misc]
             ssl_keyfile=server.ssl_keyfile,
         )
         self.config.host = server.host
-        self._server = _ReadyServer(self.config, on_ready)
+        self._server = _ReadyServer(self.config, on_ready, server.repository.shut_down)
         self._handler = exception_handler(server.cache, server.repository.model_class)
+        self._max_body = server.max_request_bytes
+
+    def _add_middlewares(self, app: Any) -> None:
+        super()._add_middlewares(app)
+        # Added last, so the outermost of the app's own middlewares: right inside Starlette's
+        # ServerErrorMiddleware, which it must keep every exception from.
+        app.add_middleware(LastResort, handler=self._handler, max_body=self._max_body)
 
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)
-        for error in (ModelRequestError, ModelCacheError, InvalidInput, ModelNotReady):
+        for error in HANDLED:
             app.add_exception_handler(error, self._handler)
 
     def request_exit(self) -> None:
@@ -93,7 +115,8 @@ class CacheModelServer(ModelServer):  # type: ignore[misc]
         host: str = "0.0.0.0",
         http_port: int = 8080,
         metrics: bool = True,
-        grace_period: int = 30,
+        grace_period: int = 25,
+        max_request_bytes: int | None = 64 << 20,
         timeout_keep_alive: int = 65,
         access_log_format: str | None = None,
         enable_latency_logging: bool = False,
@@ -116,6 +139,8 @@ class CacheModelServer(ModelServer):  # type: ignore[misc]
         self.cache: ModelCache = repository.cache
         self.host = host
         self.metrics = metrics
+        #: Largest request body accepted (413 above it; None: no limit).
+        self.max_request_bytes = max_request_bytes
         self.dataplane = CacheDataPlane(model_registry=repository)
         self.model_repository_extension = CacheRepositoryExtension(model_registry=repository)
         self._rest: _RESTServer | None = None
@@ -177,13 +202,20 @@ def build_server(
     per_model_metrics: bool = False,
     metrics: bool = True,
     load_timeout: float | None = None,
+    check_timeout: float | None = 5.0,
     **kwargs: Any,
 ) -> CacheModelServer:
     """A `CacheModelServer` serving every model of ``cache``'s store, built by ``model_class``
     (bound to ``cache`` here unless it already is). A request that waits more than
-    ``load_timeout`` seconds for its model answers 503 (None: it waits as long as it takes).
-    ``kwargs`` go to `CacheModelServer`."""
+    ``load_timeout`` seconds for its model answers 503 (None: it waits as long as it takes); a
+    readiness, metadata or ``/unload`` check that waits more than ``check_timeout`` seconds for
+    the store too. ``kwargs`` go to `CacheModelServer` (``grace_period``,
+    ``max_request_bytes``...)."""
     repository = CacheModelRepository(
-        cache, model_class, per_model_metrics=per_model_metrics, load_timeout=load_timeout
+        cache,
+        model_class,
+        per_model_metrics=per_model_metrics,
+        load_timeout=load_timeout,
+        check_timeout=check_timeout,
     )
     return CacheModelServer(repository, host=host, http_port=http_port, metrics=metrics, **kwargs)

@@ -3,16 +3,21 @@
 Each server is ``python -m modelcache_kserve`` (the container command) bound to 127.0.0.1 on a
 port the kernel picks, in its own process: kserve's FastAPI app is a module global (one server per
 process) and kserve parses ``sys.argv`` at import. A server is ready when it prints its ready line.
+
+`StallingStore` is an http store whose reads stall, for the ids that start with ``stall-``, until
+it stops: the store an outage or a hung backend looks like.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from aiohttp import web
 from mc_models import Tiny
 from safetensors.torch import save_file
 
@@ -97,8 +103,82 @@ class Server:
         return self.process.returncode
 
 
+class StallingStore:
+    """``root`` over http on 127.0.0.1, from its own thread and loop (the test's loop stays
+    free): a request under an id that starts with ``stall-`` never answers until `stop`, and is
+    counted in `stalled` first, so a test can wait until the server under test is stuck."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cond = threading.Condition()
+        self._stalled = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._gate: asyncio.Event
+        self._runner: web.AppRunner
+        port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def _start(self) -> int:
+        self._gate = asyncio.Event()
+        app = web.Application()
+        app.router.add_route("*", "/{model_id}/{name}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        return int(self._runner.addresses[0][1])
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        model_id = request.match_info["model_id"]
+        if model_id.startswith("stall-"):
+            with self._cond:
+                self._stalled += 1
+                self._cond.notify_all()
+            await self._gate.wait()  # set by stop(): the store never answers before
+        path = self.root / model_id / request.match_info["name"]
+        if not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    @property
+    def stalled(self) -> int:
+        """Requests that arrived for a stalled id."""
+        with self._cond:
+            return self._stalled
+
+    def wait_stalled(self, n: int, timeout: float = 30.0) -> None:
+        """Block (a worker thread, not the test's loop) until ``n`` requests have stalled."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._stalled >= n, timeout):
+                raise TimeoutError(f"{self._stalled} requests stalled after {timeout} s, not {n}")
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            self._gate.set()
+            await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()
+
+
+@pytest.fixture(scope="session")
+def stalling_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StallingStore]:
+    root = tmp_path_factory.mktemp("http-store")
+    for model_id in ("h0", "h1", "stall-a", "stall-b"):
+        write_model(root, model_id)
+    store = StallingStore(root)
+    yield store
+    store.stop()
+
+
 #: The main server's device (and host) budget: 25 Tiny models.
 BUDGET = 25 * TINY_BYTES
+#: The main server's largest request body.
+MAX_BODY = 1 << 20
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +207,7 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
             "--host-budget", str(BUDGET),
             "--max-concurrent-loads", "4",
         ],
+        env={"MODELCACHE_MAX_REQUEST_SIZE": str(MAX_BODY)},
     )  # fmt: skip
     yield srv
     assert srv.stop() == 0, log.read_text()[-4000:]

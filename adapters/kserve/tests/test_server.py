@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import re
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 import torch
-from conftest import BUDGET, TINY_BYTES, Server, expected, write_model
+from conftest import BUDGET, MAX_BODY, TINY_BYTES, Server, expected, write_model
 
 ROW = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]]
 
@@ -278,3 +282,120 @@ async def test_metrics_show_cache_and_request_series(server: Server) -> None:
         assert name in names, name
     assert series['request_predict_seconds_count{model_name="*"}'] >= 1
     assert not any('model="' in name for name in series)  # per-model series are opt-in
+
+
+async def test_an_input_the_model_cannot_take_is_422_naming_the_cause(
+    server: Server, store: Path
+) -> None:
+    """A request whose tensors do not fit the model (a width-2 row to a width-4 model) is the
+    client's error: 422 naming the model's own message, over V1 and V2, never 500."""
+    write_model(store, "shape-0")
+    async with aiohttp.ClientSession() as s:
+        status, body, tier = await post(
+            s, f"{server.url}/v1/models/shape-0:predict", json={"instances": [[1.0, 2.0]]}
+        )
+        assert (status, tier) == (422, "store"), body
+        assert "'shape-0'" in body["error"]
+        assert "mat1 and mat2 shapes cannot be multiplied" in body["error"]
+        v2 = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
+        status, body, tier = await post(s, f"{server.url}/v2/models/shape-0/infer", json=v2)
+        assert (status, tier) == (422, "device"), body
+        assert "mat1 and mat2" in body["error"]
+
+
+def _binary_v2(raw: bytes, shape: list[int]) -> tuple[bytes, int]:
+    """A V2 binary-extension body: the JSON header, then ``raw``; and the header's length."""
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": shape,
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    return header + raw, len(header)
+
+
+@pytest.mark.parametrize(
+    ("raw", "length", "cause"),
+    [
+        (b"\0" * 8, None, "cannot reshape"),  # 8 bytes for a [1, 4] FP32 input
+        (b"\0" * 16, "abc", "invalid literal"),  # Inference-Header-Content-Length: abc
+    ],
+)
+async def test_malformed_binary_requests_are_400_and_keep_the_connection(
+    server: Server, store: Path, raw: bytes, length: str | None, cause: str
+) -> None:
+    """A malformed V2 binary-extension body is the client's: 400 with the reason and the tier
+    header, and the keep-alive connection serves the next request (same client port)."""
+    write_model(store, "bin-0")
+    body, header_length = _binary_v2(raw, [1, 4])
+    headers = {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": length or str(header_length),
+    }
+    ok, ok_length = _binary_v2(torch.tensor(ROW[:1]).numpy().tobytes(), [1, 4])
+    ok_headers = {**headers, "inference-header-content-length": str(ok_length)}
+    url = f"{server.url}/v2/models/bin-0/infer"
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as client:
+        first = await client.post(url, content=ok, headers=ok_headers)
+        assert first.status_code == 200, first.text
+        port = first.extensions["network_stream"].get_extra_info("client_addr")[1]
+        bad = await client.post(url, content=body, headers=headers)
+        assert bad.status_code == 400, bad.text
+        assert cause in bad.json()["error"]
+        assert bad.headers["modelcache-tier"] == "device"
+        assert bad.headers.get("connection") != "close"
+        again = await client.post(url, content=ok, headers=ok_headers)
+        assert again.status_code == 200, again.text
+        assert again.extensions["network_stream"].get_extra_info("client_addr")[1] == port
+
+
+async def test_every_error_on_a_model_route_carries_the_tier_header(
+    server: Server, store: Path
+) -> None:
+    """Errors answered by FastAPI or KServe themselves (a V2 body that breaks the schema, a
+    verb the server does not serve) carry modelcache-tier like the adapter's own."""
+    write_model(store, "hdr-0")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{server.url}/v2/models/hdr-0/infer", json={"inputs": 3}) as r:
+            assert (r.status, r.headers.get("modelcache-tier")) == (422, "store")
+            assert "schema" in (await r.json())["error"]
+        async with s.post(f"{server.url}/v1/models/hdr-0:explain", json={"instances": ROW}) as r:
+            assert (r.status, r.headers.get("modelcache-tier")) == (501, "store")
+        async with s.get(f"{server.url}/v2/models/hdr-0/versions/7") as r:
+            assert (r.status, r.headers.get("modelcache-tier")) == (501, "store")
+
+
+async def test_a_body_over_the_size_limit_is_413(server: Server) -> None:
+    """A body larger than --max-request-size answers 413 with the tier header, whether its
+    Content-Length says so or it streams in chunks, over V1 and V2; the server goes on."""
+    big = b"[" + b"1.0," * (MAX_BODY // 4) + b"1.0]"  # the size of a body, not a valid one
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(big), 1 << 16):
+            yield big[i : i + (1 << 16)]
+
+    async with aiohttp.ClientSession() as s:
+        for path in ("/v1/models/big-0:predict", "/v2/models/big-0/infer"):
+            for data in (io.BytesIO(big), chunks()):
+                headers = {"content-type": "application/json"}
+                async with s.post(f"{server.url}{path}", data=data, headers=headers) as r:
+                    assert (r.status, r.headers.get("modelcache-tier")) == (413, "store")
+                    assert str(MAX_BODY) in (await r.json())["error"]
+        status, _, _ = await post(s, f"{server.url}/v1/models/m0:predict", json={"instances": ROW})
+        assert status == 200
+
+
+async def test_readiness_of_a_model_over_the_device_budget_says_507(server: Server) -> None:
+    """Readiness of a model that can never fit the device answers what every request for it
+    answers: 507 naming the budget, not 503 'the first request loads it'."""
+    async with aiohttp.ClientSession() as s:
+        for url in ("/v2/models/huge/ready", "/v1/models/huge"):
+            async with s.get(f"{server.url}{url}") as r:
+                assert (r.status, r.headers.get("modelcache-tier")) == (507, "store")
+                assert "budget" in (await r.json())["error"]

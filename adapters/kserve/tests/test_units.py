@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 from conftest import TINY_BYTES, write_model
-from kserve.errors import InvalidInput
+from fastapi.exceptions import RequestValidationError
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.metrics import PREDICT_HIST_TIME
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from mc_models import Tiny
@@ -19,13 +21,22 @@ from modelcache_kserve import (
     status_for,
 )
 from modelcache_kserve._cli import load_class, parse_args
-from modelcache_kserve._errors import TIER_HEADER, ModelRequestError, exception_handler
+from modelcache_kserve._errors import (
+    TIER_HEADER,
+    ModelRequestError,
+    PayloadTooLarge,
+    RejectedInput,
+    exception_handler,
+)
+from modelcache_kserve._hooks import Hooks
 from starlette.requests import Request
 
 from modelcache import (
+    CacheClosedError,
     InvalidModelIdError,
     ModelBuildError,
     ModelCache,
+    ModelFormatError,
     ModelNotFoundError,
     ModelTooLargeError,
     StoreError,
@@ -115,13 +126,75 @@ def test_default_hooks_v2() -> None:
 
 
 def test_error_statuses() -> None:
-    """Each modelcache error answers its documented status."""
+    """Each error answers the status the README's table gives it."""
     assert status_for(InvalidModelIdError("x")) == 400
     assert status_for(InvalidInput("x")) == 400
     assert status_for(ModelNotFoundError("x")) == 404
+    assert status_for(ModelNotFound("x")) == 404
+    assert status_for(ModelRequestError(409, "x")) == 409
+    assert status_for(PayloadTooLarge(10)) == 413
+    assert status_for(RequestValidationError([])) == 422
+    assert status_for(RejectedInput()) == 422
+    assert status_for(NotImplementedError()) == 501
     assert status_for(ModelTooLargeError("x")) == 507
-    assert status_for(ModelBuildError("x")) == 500
+    assert status_for(CacheClosedError("x")) == 503
+    assert status_for(ModelNotReady("x")) == 503
     assert status_for(StoreError("x")) == 502  # the store failed: a bad gateway
+    assert status_for(ModelBuildError("x")) == 500
+    assert status_for(ModelFormatError("x")) == 500
+    assert status_for(KeyError("x")) == 500
+
+
+class _Raises(torch.nn.Module):
+    """A model whose forward raises ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 422),
+        (ValueError("bad"), 422),
+        (TypeError("bad"), 422),
+        (IndexError("index 7 is out of bounds"), 422),
+        (KeyError("x"), 422),
+        (InvalidInput("no"), 400),
+        (torch.OutOfMemoryError("CUDA out of memory"), 500),
+        (NotImplementedError("todo"), 501),  # as KServe answers it
+        (RecursionError("deep"), 500),
+        (ModelBuildError("x"), 500),
+        (AssertionError("bug"), 500),
+        (ZeroDivisionError("bug"), 500),
+    ],
+)
+async def test_errors_of_predict_on_the_inputs_are_the_clients(
+    error: BaseException, status: int
+) -> None:
+    """predict's ValueError, TypeError, IndexError, KeyError and RuntimeError answer 422 naming
+    the cause; out-of-memory, NotImplementedError (501), RecursionError, the cache's errors and
+    any other type stay the server's (5xx), in every predict mode."""
+    for mode in ("loop", "async", "thread"):
+        hooks = Hooks(_Raises, torch.device("cpu"))
+        hooks.pred_mode = mode
+        if mode == "async":  # an async predict of the model class
+
+            async def predict(model: _Raises, inputs: torch.Tensor) -> torch.Tensor:
+                return model(inputs)  # type: ignore[no-any-return]
+
+            hooks.pred = predict
+        with pytest.raises(Exception) as caught:
+            await hooks.run(_Raises(error), {"instances": [[1.0]]}, None)
+        answer = ModelRequestError.wrap(caught.value, "m", "device")
+        assert answer.status == status, (mode, caught.value)
+        if status == 422:
+            assert answer.message.startswith("model 'm' could not compute on the request's")
+            assert str(error) in answer.message
 
 
 async def test_error_handler_names_the_tier_with_several_classes_bound() -> None:
@@ -179,6 +252,55 @@ async def test_a_request_waiting_too_long_for_its_model_answers_503(tmp_path: Pa
         response, headers = await proxy(body)
         assert len(response["predictions"]) == 1
         assert headers[TIER_HEADER] == "store"
+
+
+def test_new_flags_have_sensible_defaults_and_refuse_nonsense() -> None:
+    """--check-timeout 5 s, --grace-period 25 s (below Kubernetes' 30 s before SIGKILL),
+    --max-request-size 64 MiB, read as a size; negative values are usage errors."""
+    args = parse_args(REQUIRED)
+    assert (args.check_timeout, args.grace_period, args.max_request_size) == (5.0, 25, 64 << 20)
+    assert parse_args([*REQUIRED, "--max-request-size", "1KiB"]).max_request_size == 1024
+    for bad in (["--check-timeout", "-1"], ["--grace-period", "-1"], ["--max-request-size", "x"]):
+        with pytest.raises(SystemExit):
+            parse_args([*REQUIRED, *bad])
+
+
+async def test_shutdown_wakes_requests_waiting_for_a_load_with_503(tmp_path: Path) -> None:
+    """shut_down() ends every wait for a load at once with 503 'shutting down' (whatever the
+    load_timeout), refuses new waits, and still serves hits."""
+    for model_id in ("a", "b"):
+        write_model(tmp_path, model_id)
+    cache = ModelCache(f"file://{tmp_path}/{{model_id}}/", device_budget=TINY_BYTES)
+
+    class Net(Tiny):  # a class of its own: binding marks the class
+        pass
+
+    repository = CacheModelRepository(cache, Net)  # no load_timeout: it would wait forever
+    body = {"instances": [[1.0, 2.0, 3.0, 4.0]]}
+    waiting: Any = repository.get_model("b")
+    answers: list[ModelRequestError] = []
+
+    async def request() -> None:
+        with pytest.raises(ModelRequestError) as caught:
+            await waiting(body)
+        answers.append(caught.value)
+
+    async with cache:
+        await cache.prefetch(["a"])
+        async with cache.use("a", model=Net), anyio.create_task_group() as tg:
+            tg.start_soon(request)  # waits for the bytes "a" holds
+            await anyio.wait_all_tasks_blocked()
+            assert answers == []
+            repository.shut_down()
+        assert [(e.status, e.tier) for e in answers] == [(503, "store")]
+        assert "shutting down" in answers[0].message
+        with pytest.raises(ModelRequestError, match="shutting down"):
+            await waiting(body)
+        with pytest.raises(ModelRequestError, match="shutting down"):
+            await repository.check_exists("b")
+        hit: Any = repository.get_model("a")
+        _, headers = await hit(body)
+        assert headers[TIER_HEADER] == "device"
 
 
 def test_load_timeout_flag_defaults_to_five_minutes_and_zero_means_none() -> None:
