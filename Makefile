@@ -2,6 +2,9 @@
 #   make demo   - the main job: 500 models served over HTTP by the KServe adapter through one cache
 #   make test   - lint, type-check and every test suite (core, KServe adapter, demo)
 #   make bench  - the benchmarks (each prints a table, then one JSON line)
+#   make gpu-check - on a machine with an NVIDIA GPU: the cuda tests and gpu_load --quick, one
+#                    JSON line; elsewhere it says so and exits 0. `make gpu-check PY=python3`
+#                    uses that interpreter as it is (no virtualenv, no installs).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +15,7 @@ TORCH_CPU ?= torch==2.13.0
 READY  := $(VENV)/.ready
 PIN    := $(VENV)/constraints.txt
 
-.PHONY: demo example test lint bench clean
+.PHONY: demo example test lint bench clean gpu-check gpu-check-run
 
 # The core with its test and dev extras, and the KServe adapter (kserve is ~450 MB with its
 # dependencies: it lives in the adapter's own distribution, never in the core's requirements).
@@ -45,6 +48,25 @@ test: lint
 
 bench: $(READY)
 	for b in benches/hit_latency.py benches/load_throughput.py benches/kserve_overhead.py; do $(PY) $$b || exit 1; done
+
+# No GPU, no work: checked before any virtualenv is built. With PY given on the command line the
+# check runs on that interpreter as it is; otherwise in the virtualenv, where the CUDA build of
+# torch (pip's default where nvidia-smi exists) and CuPy are installed if missing.
+GPU_DEPS := $(if $(filter command line,$(origin PY)),,$(READY))
+gpu-check:
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "gpu-check: no NVIDIA GPU here (nvidia-smi not found): nothing to check"; \
+	else \
+		$(MAKE) --no-print-directory gpu-check-run; \
+	fi
+
+gpu-check-run: $(GPU_DEPS)
+ifneq ($(origin PY),command line)
+	$(PY) -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || \
+		$(PY) -m pip install -q --force-reinstall torch
+	$(PY) -c "import cupy" 2>/dev/null || $(PY) -m pip install -q "cupy-cuda12x>=13"
+endif
+	$(PY) benches/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .demo-store demo-results

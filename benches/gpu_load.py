@@ -16,6 +16,14 @@ pinned staging pool and copy stream are made on its first load, in the warm-up):
    pinned chunks, each copied to the device while the next is read;
 3. **store (S3)**: the same from a local SeaweedFS (``weed mini``); skipped without it.
 
+4. **CuPy (file://)**: the same page-cache reload through ``CupyBackend`` (skipped without CuPy).
+
+Also measured: ``file_cpu``, ours from file:// into CPU memory (copy path), for the staging
+overlap estimate ``(file_cpu + ceiling - file) / min(file_cpu, ceiling)`` (1.0: reads and
+copies fully overlapped, 0.0: one after the other); and ``memory_match``: whether the bytes the
+cache reports resident equal what ``torch.cuda.memory_allocated`` grew by (within the
+allocator's 512-byte rounding).
+
 Baselines, in the same run:
 
 a. ``safetensors.torch.load_file(path, device="cuda")``;
@@ -35,6 +43,7 @@ Run: ``python benches/gpu_load.py [--quick] [--data-dir DIR] [--repeats N]``.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -188,6 +197,76 @@ async def store_reload(cache: ModelCache, model: Model) -> float:
     return seconds
 
 
+async def cpu_reload(cache: ModelCache) -> float:
+    """Drop the model from a CPU-device cache (copy path) and time reading it again."""
+    if MODEL_ID not in cache.resident("device"):
+        async with cache.use(MODEL_ID):
+            pass
+    if not cache.evict(MODEL_ID):
+        raise RuntimeError(f"evict() refused: {cache.stats()}")
+    start = time.perf_counter()
+    async with cache.use(MODEL_ID) as weights:
+        seconds = time.perf_counter() - start
+        if len(weights) != N_TENSORS:
+            raise RuntimeError("the CPU load returned the wrong tensors")
+    del weights
+    return seconds
+
+
+def cupy_check(weights: Any, model: Model) -> None:
+    from torch.utils.dlpack import from_dlpack
+
+    for name, expected in model.reference.items():
+        got = from_dlpack(weights.dlpack(name)).reshape(-1).view(torch.uint8).cpu()
+        if not torch.equal(got, expected):
+            raise RuntimeError(f"CuPy: {name} differs from safetensors' bytes")
+
+
+async def cupy_reload(cache: ModelCache, model: Model) -> float:
+    if MODEL_ID in cache.resident("device") and not cache.evict(MODEL_ID):
+        raise RuntimeError(f"evict() refused: {cache.stats()}")
+    synchronize()
+    start = time.perf_counter()
+    async with cache.use(MODEL_ID) as weights:
+        synchronize()
+        seconds = time.perf_counter() - start
+        cupy_check(weights, model)
+    del weights
+    return seconds
+
+
+def cupy_backend() -> Any:
+    """A CupyBackend on device 0, or None without CuPy."""
+    try:
+        from modelcache import CupyBackend
+
+        return CupyBackend(0)
+    except (ImportError, ValueError):
+        return None
+
+
+async def memory_match(file_template: str, payload: int) -> dict[str, Any]:
+    """Load the model into a fresh cache: does memory_allocated grow by what the cache reports?"""
+    gc.collect()
+    synchronize()
+    before = torch.cuda.memory_allocated(DEVICE)
+    async with ModelCache(file_template, device=DEVICE, device_budget=budget(payload)) as cache:
+        async with cache.use(MODEL_ID):
+            pass
+        synchronize()
+        grown = torch.cuda.memory_allocated(DEVICE) - before
+        reported = cache.stats().bytes_reserved
+    gc.collect()
+    synchronize()
+    after = torch.cuda.memory_allocated(DEVICE) - before
+    return {
+        "memory_match": 0 <= grown - reported <= 512 and after == 0,
+        "memory_allocated_growth": grown,
+        "memory_reported": reported,
+        "memory_left_after_close": after,
+    }
+
+
 # -- baselines -----------------------------------------------------------------------------------
 
 
@@ -256,6 +335,9 @@ async def measure_size(
 
         host_cache = await cache(file_template, None, budget(n))
         file_cache = await cache(file_template, None, 0)
+        cpu_cache = await stack.enter_async_context(
+            ModelCache(file_template, device="cpu", device_budget=budget(n), zero_copy=False)
+        )
         methods = [
             Method(
                 "ceiling",
@@ -271,6 +353,21 @@ async def measure_size(
                 "file", "ours: file:// (page cache) -> GPU", lambda: store_reload(file_cache, model)
             ),
         ]
+        methods.append(
+            Method("file_cpu", "ours: file:// (page cache) -> CPU", lambda: cpu_reload(cpu_cache))
+        )
+        backend = cupy_backend()
+        if backend is not None:
+            cupy_cache = await stack.enter_async_context(
+                ModelCache(file_template, device_budget=budget(n), backend=backend)
+            )
+            methods.append(
+                Method(
+                    "cupy_file",
+                    "ours, CuPy: file:// (page cache) -> GPU",
+                    lambda: cupy_reload(cupy_cache, model),
+                )
+            )
         if s3 is not None:
             s3_cache = await cache(s3[0], s3[1], 0)
             methods.append(
@@ -311,6 +408,10 @@ def report(
         figures[f"{key}_{label}"] = rounded(value)
         verdict = "" if goal is None else ("meets" if value >= goal else "misses")
         rows.append([f"{key}_{label}", value, "" if goal is None else f">= {goal:.1f}x", verdict])
+    if {"file_cpu", "ceiling", "file"} <= by.keys():
+        read, copy = by["file_cpu"].times.best, by["ceiling"].times.best
+        overlap = (read + copy - by["file"].times.best) / min(read, copy)
+        figures[f"staging_overlap_{label}"] = rounded(max(0.0, min(1.0, overlap)))
     return rows
 
 
@@ -355,6 +456,10 @@ def main() -> None:
                 )
                 ratio_rows += report(label, payload, methods, figures)
                 figures[f"payload_bytes_{label}"] = payload
+                if total == totals[0]:
+                    figures.update(
+                        anyio.run(memory_match, f"file://{files}/{{model_id}}/", payload)
+                    )
                 path.unlink()
                 del model
                 free_memory()

@@ -13,6 +13,7 @@ from ._backend import DeviceBackend as DeviceBackend
 from ._cache import ModelCache as ModelCache
 from ._cost import LoadCosts as LoadCosts
 from ._exceptions import CacheClosedError as CacheClosedError
+from ._exceptions import DeviceOutOfMemoryError as DeviceOutOfMemoryError
 from ._exceptions import InvalidModelIdError as InvalidModelIdError
 from ._exceptions import ModelBuildError as ModelBuildError
 from ._exceptions import ModelCacheError as ModelCacheError
@@ -44,6 +45,7 @@ __all__ = [
     "CostAwarePolicy",
     "CupyBackend",
     "DeviceBackend",
+    "DeviceOutOfMemoryError",
     "EvictionPolicy",
     "FrequencyHistory",
     "InvalidModelIdError",

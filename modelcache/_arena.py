@@ -46,14 +46,17 @@ __all__ = [
     "HostArena",
     "HostBlock",
     "HostPinner",
+    "TorchPinner",
     "allocate_slab",
     "cuda_available",
+    "device_guard",
     "host_view",
 ]
 
 #: Alignment and rounding unit of every block (and of staging chunks).
 PAGE = 4096
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+_MADV_DONTFORK = getattr(mmap, "MADV_DONTFORK", None)
 _HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not only the current device's
 
 
@@ -63,6 +66,23 @@ def cuda_available() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:
         return False
+
+
+def device_guard(device: torch.device | str | int | None) -> contextlib.AbstractContextManager[Any]:
+    """Make ``device`` this thread's current CUDA device for the block (a no-op for others).
+
+    CUDA runtime calls act on the calling thread's current device, creating its context on first
+    use: a worker thread (or a finalizer run by whichever thread drops the last reference) starts
+    on device 0, so a call made there for ``cuda:1`` without this guard would cost a context
+    (~0.5 GiB) on GPU 0. torch's guard restores the previous device without creating a context
+    on it.
+    """
+    if device is None:
+        return contextlib.nullcontext()
+    resolved = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if resolved.type != "cuda" or resolved.index is None:
+        return contextlib.nullcontext()
+    return torch.cuda.device(resolved)
 
 
 class HostPinner(Protocol):
@@ -118,18 +138,52 @@ def _cudart() -> Any:
     return torch.cuda.cudart()  # type: ignore[no-untyped-call]
 
 
-def _unregister(address: int) -> None:
-    with contextlib.suppress(Exception):
-        if int(_cudart().cudaHostUnregister(address)) != 0:
+class TorchPinner:
+    """Page-locks host memory with torch's CUDA runtime, on ``device``'s context (a `HostPinner`).
+
+    Both calls run under `device_guard`: registration happens in a worker thread and
+    unregistration in whichever thread drops the slab, and either would otherwise act on (and
+    create a context on) device 0.
+    """
+
+    def __init__(self, device: torch.device | str | int | None = None) -> None:
+        self.device = device
+
+    def __repr__(self) -> str:
+        return f"TorchPinner({self.device!r})"
+
+    def register(self, address: int, nbytes: int) -> bool:
+        try:
+            with device_guard(self.device):
+                code = _cudart().cudaHostRegister(address, nbytes, _HOST_REGISTER_PORTABLE)
+        except Exception:
+            code = -1
+        if int(code) != 0:
             _clear_cuda_error()
+            return False
+        return True
+
+    def unregister(self, address: int) -> None:
+        with contextlib.suppress(Exception), device_guard(self.device):
+            if int(_cudart().cudaHostUnregister(address)) != 0:
+                _clear_cuda_error()
 
 
-def _mapped(nbytes: int) -> tuple[torch.Tensor, ctypes.Array[ctypes.c_ubyte]]:
-    """An anonymous private mapping (page-aligned, lazily zero-filled) as a uint8 tensor."""
+def _mapped(
+    nbytes: int, *, dontfork: bool = False
+) -> tuple[torch.Tensor, ctypes.Array[ctypes.c_ubyte]]:
+    """An anonymous private mapping (page-aligned, lazily zero-filled) as a uint8 tensor.
+
+    ``dontfork``: a child made by ``fork()`` gets no copy of it (a pinned slab would otherwise be
+    copied page by page into every child, which can neither use nor unpin it).
+    """
     mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if _MADV_HUGEPAGE is not None:
         with contextlib.suppress(OSError):
             mapping.madvise(_MADV_HUGEPAGE)
+    if dontfork and _MADV_DONTFORK is not None:
+        with contextlib.suppress(OSError):
+            mapping.madvise(_MADV_DONTFORK)
     # The tensor owns a ctypes array that owns the mapping: a finalizer on the array runs while
     # the mapping is still mapped, once the last tensor or view of it is gone.
     array = (ctypes.c_ubyte * nbytes).from_buffer(mapping)
@@ -145,47 +199,52 @@ def _torch_pinned(nbytes: int) -> torch.Tensor:
     return tensor[start : start + nbytes]
 
 
-def allocate_slab(nbytes: int, *, pin: bool, pinner: HostPinner | None = None) -> torch.Tensor:
+def allocate_slab(
+    nbytes: int,
+    *,
+    pin: bool,
+    pinner: HostPinner | None = None,
+    device: torch.device | str | int | None = None,
+) -> torch.Tensor:
     """ONE page-aligned host allocation of exactly ``nbytes``, page-locked when ``pin``.
 
-    ``pinner`` page-locks it instead of torch's CUDA runtime; if it cannot, the slab stays
-    pageable (correct, but device copies from it are synchronous). Blocking (pinning locks every
-    page): call it from a worker thread for large slabs.
+    ``pinner`` page-locks it; by default a `TorchPinner` for ``device`` (the CUDA device whose
+    context does the registration: never device 0 by accident). If a given ``pinner`` cannot,
+    the slab stays pageable (correct, but device copies from it are synchronous); if torch's
+    cannot, torch's pinned allocator is used, with a warning (it rounds up to a power of two and
+    keeps the memory cached). Blocking (pinning locks every page): call it from a worker thread
+    for large slabs.
     """
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    if pin and pinner is not None:
-        if nbytes == 0:
-            return torch.empty(0, dtype=torch.uint8)
-        tensor, array = _mapped(nbytes)
-        address = tensor.data_ptr()
-        if pinner.register(address, nbytes):
-            weakref.finalize(array, pinner.unregister, address)
-        else:
-            logging.getLogger("modelcache").warning(
-                "could not page-lock %d bytes of host memory: device copies will be synchronous",
-                nbytes,
-            )
-        return tensor
-    if pin and not cuda_available():
+    if pin and pinner is None and not cuda_available():
         raise ValueError("pinned host memory needs a CUDA device, and torch sees none")
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    tensor, array = _mapped(nbytes)
+    tensor, array = _mapped(nbytes, dontfork=pin)
     if not pin:
         return tensor
+    log = logging.getLogger("modelcache")
     address = tensor.data_ptr()
-    try:
-        code = _cudart().cudaHostRegister(address, nbytes, _HOST_REGISTER_PORTABLE)
-        registered = int(code) == 0
-    except Exception:
-        registered = False
-    if registered:
-        weakref.finalize(array, _unregister, address)
+    own = pinner or TorchPinner(device)
+    if own.register(address, nbytes):
+        weakref.finalize(array, own.unregister, address)
         return tensor
-    _clear_cuda_error()
+    if pinner is not None:
+        log.warning(
+            "could not page-lock %d bytes of host memory: device copies will be synchronous",
+            nbytes,
+        )
+        return tensor
     del tensor, array
-    return _torch_pinned(nbytes)
+    log.warning(
+        "cudaHostRegister of %d bytes failed: falling back to torch's pinned allocator, which "
+        "rounds the slab up to %d bytes and keeps it cached after it is freed",
+        nbytes,
+        1 << (nbytes - 1).bit_length(),
+    )
+    with device_guard(device):
+        return _torch_pinned(nbytes)
 
 
 class HostBlock:
@@ -237,10 +296,18 @@ class HostArena:
     """A fixed host buffer of ``capacity`` bytes, sub-allocated in page-aligned blocks.
 
     ``pin=True`` page-locks it for asynchronous device copies: through ``pinner`` when given,
-    else torch's CUDA runtime, which must be available (ValueError otherwise).
+    else torch's CUDA runtime on ``device``'s context, which must be available (ValueError
+    otherwise).
     """
 
-    def __init__(self, capacity: int, *, pin: bool, pinner: HostPinner | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        pin: bool,
+        pinner: HostPinner | None = None,
+        device: torch.device | str | int | None = None,
+    ) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         if pin and pinner is None and not cuda_available():
@@ -248,6 +315,7 @@ class HostArena:
         self._capacity = capacity // PAGE * PAGE
         self._pin = pin
         self._pinner = pinner
+        self._device = device
         self._slab: torch.Tensor | None = None
         self._allocating: anyio.Event | None = None
         # Free runs sorted by offset, never adjacent: parallel lists for bisect.
@@ -321,7 +389,9 @@ class HostArena:
                 done.set()
 
     def _make_slab(self) -> torch.Tensor:
-        return allocate_slab(self._capacity, pin=self._pin, pinner=self._pinner)
+        return allocate_slab(
+            self._capacity, pin=self._pin, pinner=self._pinner, device=self._device
+        )
 
     def alloc(self, nbytes: int) -> HostBlock | None:
         """A block of ``nbytes`` bytes, or None when no free run is large enough."""

@@ -15,22 +15,89 @@ is. Two implementations ship: `TorchBackend` (``modelcache._torch``) and `CupyBa
   block of the same size).
 * Every copy has ended when ``load``, ``promote`` or ``demote`` returns or raises, even when the
   caller is cancelled: the core frees or reuses the memory right after.
+* A device allocation that fails for lack of memory is retried once after the garbage collector
+  ran and the allocator's cached blocks were freed (`allocate_with_retry`); then it raises
+  `DeviceOutOfMemoryError`, which the cache does not remember as the model's failure.
+* The loaded weights' ``device_context()`` makes their device current in a thread (builders run
+  under it); ``record_current_stream()`` keeps their memory from being reused before the work
+  queued on the caller's current stream (when it is not the default one) has finished.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 
 from ._arena import HostArena, HostBlock
+from ._exceptions import DeviceOutOfMemoryError
 from ._format import ModelInfo
 from ._store import Store
 
-__all__ = ["DeviceBackend", "LoadedWeights", "ViewMapping"]
+__all__ = [
+    "DeviceBackend",
+    "LoadedWeights",
+    "ViewMapping",
+    "allocate_with_retry",
+    "device_context",
+    "record_current_stream",
+]
 
 A = TypeVar("A")
+T = TypeVar("T")
+
+
+def allocate_with_retry(
+    allocate: Callable[[], T],
+    *,
+    is_oom: Callable[[BaseException], bool],
+    free_cached: Callable[[], object],
+    nbytes: int,
+    device: str,
+    model_id: str,
+) -> T:
+    """``allocate()``; on out-of-memory, collect garbage, free cached blocks and try once more.
+
+    A failed allocation is often transient: a dropped model still in a reference cycle, or blocks
+    the caching allocator keeps for reuse but cannot split to this size. If the second try fails
+    too, `DeviceOutOfMemoryError` (not remembered as the model's failure) names the model.
+    Blocking (the collector, the allocator): call it in a worker thread.
+    """
+    try:
+        return allocate()
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+    # Retry outside the except block: the first error and its frames are gone by now.
+    gc.collect()
+    free_cached()
+    try:
+        return allocate()
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise DeviceOutOfMemoryError(
+            f"model {model_id!r}: {device} has no room for its {nbytes} bytes, even after "
+            f"freeing cached blocks ({type(exc).__name__}: {first_line})",
+            model_id=model_id,
+        ) from exc
+
+
+def device_context(weights: object) -> contextlib.AbstractContextManager[Any]:
+    """The weights' ``device_context()`` (their device current in this thread), else a no-op."""
+    make = getattr(weights, "device_context", None)
+    return make() if callable(make) else contextlib.nullcontext()
+
+
+def record_current_stream(weights: object) -> None:
+    """Call the weights' ``record_current_stream()`` if they have one (leaving a lease)."""
+    record = getattr(weights, "record_current_stream", None)
+    if callable(record):
+        record()
 
 
 @runtime_checkable
@@ -70,6 +137,13 @@ class ViewMapping(Mapping[str, A], Generic[A]):
     @property
     def nbytes(self) -> int:
         return self.info.nbytes
+
+    def device_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Make this buffer's device the thread's current one for the block (no-op here)."""
+        return contextlib.nullcontext()
+
+    def record_current_stream(self) -> None:
+        """Order the buffer's reuse after the caller's current stream (no-op here)."""
 
 
 @runtime_checkable

@@ -3,7 +3,10 @@
 A builder is anything the user binds to the cache: a class with a ``from_weights(weights, info)``
 classmethod, a ``torch.nn.Module`` subclass (built on the meta device, then handed the weight
 views with ``load_state_dict(assign=True)``: no second copy of the weights), or a plain function
-``(weights, info) -> model``. Sync builders run in a worker thread, async ones on the event loop.
+``(weights, info) -> model``. Sync builders run in a worker thread with the weights' device
+current (``torch.cuda.device`` / ``cupy.cuda.Device``): a worker thread starts on device 0, so a
+builder's ``torch.empty(..., device="cuda")`` would otherwise land on GPU 0 for a ``cuda:1``
+cache. Async builders run on the event loop, which is shared: they name their device themselves.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import anyio
 import torch
 
-from ._backend import LoadedWeights
+from ._backend import LoadedWeights, device_context
 from ._exceptions import ModelBuildError, ModelCacheError
 from ._format import ModelInfo
 from ._torch import Weights
@@ -50,6 +53,11 @@ def build_module(cls: type[torch.nn.Module], weights: Weights, info: ModelInfo) 
     return module
 
 
+def _on_device(func: Callable[..., Any], weights: LoadedWeights, info: ModelInfo) -> Any:
+    with device_context(weights):
+        return func(weights, info)
+
+
 def _weights_only(weights: LoadedWeights, info: ModelInfo) -> LoadedWeights:
     return weights
 
@@ -76,7 +84,7 @@ class ModelBuilder:
                 return weights
             if self.is_async:
                 return await self.func(weights, info)
-            return await anyio.to_thread.run_sync(self.func, weights, info)
+            return await anyio.to_thread.run_sync(_on_device, self.func, weights, info)
         except ModelCacheError:
             raise
         except Exception as exc:

@@ -9,10 +9,15 @@ The same pipeline as torch's CUDA path (`modelcache._torch`):
 * one ``cupy.empty(nbytes, uint8)`` device allocation per model; tensors are views of it at the
   layout's offsets; the memory goes back to CuPy's pool when the last view is dropped;
 * loads stream through the shared `StagingPool` (pinned with ``cudaHostRegister`` through CuPy)
-  and a `CupyCopyEngine`: ``cudaMemcpyAsync`` on a non-blocking side stream, one event per copy,
-  polled without blocking the event loop;
+  and a `CupyCopyEngine`: ``cudaMemcpyAsync`` on a non-blocking side stream, one blocking-sync
+  event per copy, waited for in order by the engine's `CompletionWaiter` thread;
 * promotion and demotion are one asynchronous copy between a pinned `HostBlock` of the host
-  tier's arena and the device allocation.
+  tier's arena and the device allocation, on a host -> device and a device -> host engine;
+* host memory that could not be pinned is copied synchronously in the waiter thread, never on
+  the event loop (``cudaMemcpyAsync`` from pageable memory returns only when the copy is done);
+* every CUDA call runs inside ``cupy.cuda.Device(device_id)``, whatever thread makes it;
+* an allocation that fails for lack of memory frees CuPy's pool blocks and retries once, then
+  raises `DeviceOutOfMemoryError`.
 
 Machines without CUDA get a ValueError when the backend is made (CuPy imports there, and raises
 ``CUDARuntimeError`` on first use): never a CuPy error later.
@@ -20,9 +25,11 @@ Machines without CUDA get a ValueError when the backend is made (CuPy imports th
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import importlib
 from collections.abc import Mapping
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -30,13 +37,13 @@ import anyio
 import anyio.to_thread
 import torch
 
-from ._arena import HostArena, HostBlock
-from ._backend import LoadedWeights, ViewMapping
+from ._arena import HostArena, HostBlock, cuda_available, device_guard
+from ._backend import LoadedWeights, ViewMapping, allocate_with_retry
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
 from ._staging import (
-    _POLL_FIRST,
-    _POLL_MAX,
+    Completion,
+    CompletionWaiter,
     CopyHandle,
     StagingPool,
     copy_and_wait,
@@ -119,11 +126,18 @@ def _pointer(buffer: Any) -> tuple[int, int]:
 
 
 class CupyPinner:
-    """Page-locks host slabs through CuPy's CUDA runtime (a `HostPinner`)."""
+    """Page-locks host slabs through CuPy's CUDA runtime (a `HostPinner`), on ``device_id``.
+
+    Remembers what it registered: `is_pinned` tells a copy engine whether an asynchronous copy
+    from a host address would really be asynchronous.
+    """
 
     def __init__(self, cupy: Any, device_id: int) -> None:
         self._cupy = cupy
         self.device_id = device_id
+        # Registered ranges, sorted by start: parallel lists for bisect.
+        self._starts: list[int] = []
+        self._ends: list[int] = []
 
     def register(self, address: int, nbytes: int) -> bool:
         try:
@@ -131,28 +145,44 @@ class CupyPinner:
                 self._cupy.cuda.runtime.hostRegister(address, nbytes, _HOST_REGISTER_PORTABLE)
         except Exception:
             return False
+        i = bisect.bisect(self._starts, address)
+        self._starts.insert(i, address)
+        self._ends.insert(i, address + nbytes)
         return True
 
     def unregister(self, address: int) -> None:
-        with contextlib.suppress(Exception):
+        i = bisect.bisect_left(self._starts, address)
+        if i < len(self._starts) and self._starts[i] == address:
+            del self._starts[i], self._ends[i]
+        # Run by whichever thread drops the slab: without the guard, on device 0's context.
+        with contextlib.suppress(Exception), self._cupy.cuda.Device(self.device_id):
             self._cupy.cuda.runtime.hostUnregister(address)
+
+    def is_pinned(self, address: int, nbytes: int) -> bool:
+        """Whether ``nbytes`` at ``address`` lie in one range this pinner registered."""
+        i = bisect.bisect(self._starts, address) - 1
+        return i >= 0 and address + nbytes <= self._ends[i]
 
 
 class CupyCopyEngine:
-    """Copies on one non-blocking CuPy stream; completion is polled, never blocking the loop.
+    """Copies on one non-blocking CuPy stream; a `CompletionWaiter` thread waits for them.
 
     A `CopyEngine` whose buffers are CPU torch tensors (staging chunks, host blocks) and CuPy
-    arrays. Asynchronous only from and to pinned host memory. Call `fence` before the first copy
-    into memory allocated on another stream, from the thread that allocated it.
+    arrays. Copies from and to host memory that ``pinner`` did not pin run synchronously in the
+    waiter thread instead (an "asynchronous" copy from pageable memory would block the event
+    loop). Call `fence` before the first copy into memory allocated on another stream, from the
+    thread that allocated it.
     """
 
-    def __init__(self, device_id: int = 0) -> None:
+    def __init__(self, device_id: int = 0, pinner: CupyPinner | None = None) -> None:
         cupy = _import_cupy()
         _check_device(cupy, device_id)
         self._cupy = cupy
         self.device_id = device_id
+        self._pinner = pinner
         with cupy.cuda.Device(device_id):
             self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.waiter = CompletionWaiter(f"modelcache copies on CUDA device {device_id}")
 
     def __repr__(self) -> str:
         return f"CupyCopyEngine({self.device_id})"
@@ -162,24 +192,39 @@ class CupyCopyEngine:
         with self._cupy.cuda.Device(self.device_id):
             self.stream.wait_event(self._cupy.cuda.get_current_stream().record())
 
+    def _pinned(self, buffer: Any, address: int, nbytes: int) -> bool:
+        if not isinstance(buffer, torch.Tensor):
+            return True  # device memory
+        return self._pinner is None or self._pinner.is_pinned(address, nbytes)
+
     def submit(self, src: Any, dst: Any) -> CopyHandle:
         src_ptr, n = _pointer(src)
         dst_ptr, m = _pointer(dst)
         if n != m:
             raise ValueError(f"copy of {n} bytes into {m}")
+        if not (self._pinned(src, src_ptr, n) and self._pinned(dst, dst_ptr, n)):
+            copy = partial(self._copy_now, dst_ptr, src_ptr, n)
+            return CopyHandle(src, dst, self.waiter.watch(copy))
         cuda = self._cupy.cuda
         with cuda.Device(self.device_id):
             cuda.runtime.memcpyAsync(dst_ptr, src_ptr, n, _MEMCPY_DEFAULT, self.stream.ptr)
-            event = cuda.Event(disable_timing=True)
+            event = cuda.Event(block=True, disable_timing=True)
             event.record(self.stream)
-        return CopyHandle(src, dst, event)
+        return CopyHandle(src, dst, self.waiter.watch(partial(self._synchronize, event)))
+
+    def _copy_now(self, dst_ptr: int, src_ptr: int, n: int) -> None:
+        """In the waiter thread: a copy with pageable host memory, after the earlier copies."""
+        with self._cupy.cuda.Device(self.device_id):
+            self.stream.synchronize()
+            self._cupy.cuda.runtime.memcpy(dst_ptr, src_ptr, n, _MEMCPY_DEFAULT)
+
+    def _synchronize(self, event: Any) -> None:
+        with self._cupy.cuda.Device(self.device_id):
+            event.synchronize()
 
     async def wait(self, handle: CopyHandle) -> None:
-        event = handle.token
-        pause = _POLL_FIRST
-        while not event.done:
-            await anyio.sleep(pause)
-            pause = min(pause * 2, _POLL_MAX)
+        completion: Completion = handle.token
+        await completion.wait()
 
 
 class CupyWeights(ViewMapping[Any]):
@@ -198,9 +243,22 @@ class CupyWeights(ViewMapping[Any]):
         self.raw = frozenset(n for n, t in info.tensors.items() if t.dtype in RAW_DTYPES)
 
     def dlpack(self, name: str) -> Any:
-        """A DLPack capsule of tensor ``name`` (``jax.dlpack.from_dlpack``,
-        ``OrtValue.from_dlpack``); the consumer shares the device memory, no copy."""
-        return self._arrays[name].toDlpack()
+        """Tensor ``name`` as an object with ``__dlpack__`` / ``__dlpack_device__`` (the array
+        itself), for ``jax.dlpack.from_dlpack``, ``torch.from_dlpack``, ``np.from_dlpack`` and
+        other DLPack consumers; the consumer shares the device memory, no copy.
+
+        Not a legacy capsule: CuPy deprecates ``toDlpack()``, and the protocol lets the consumer
+        ask for the stream to synchronize with.
+        """
+        return self._arrays[name]
+
+    def device_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Make the buffer's CUDA device current in this thread, for CuPy and torch alike."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.buffer.device)
+        if cuda_available():  # a CPU build of torch beside CuPy has no device to guard
+            stack.enter_context(device_guard(torch.device("cuda", int(self.buffer.device.id))))
+        return stack
 
     def __repr__(self) -> str:
         return (
@@ -247,7 +305,7 @@ class CupyBackend:
         self.staging_chunk_size = staging_chunk_size
         self.staging_chunks = staging_chunks
         self._pinner = CupyPinner(cupy, device_id)
-        self._staging: tuple[StagingPool, CupyCopyEngine] | None = None
+        self._staging: tuple[StagingPool, CupyCopyEngine, CupyCopyEngine] | None = None
         self._staging_lock: anyio.Lock | None = None
 
     def __repr__(self) -> str:
@@ -271,27 +329,38 @@ class CupyBackend:
         """Host-tier memory, pinned through CuPy."""
         return HostArena(capacity, pin=True, pinner=self._pinner)
 
-    async def _cuda_staging(self) -> tuple[StagingPool, CupyCopyEngine]:
+    async def _cuda_staging(self) -> tuple[StagingPool, CupyCopyEngine, CupyCopyEngine]:
+        """The staging pool and the host -> device and device -> host engines, made once."""
         if self._staging is None:
             if self._staging_lock is None:
                 self._staging_lock = anyio.Lock()
             async with self._staging_lock:
                 if self._staging is None:
-                    engine = await anyio.to_thread.run_sync(CupyCopyEngine, self.device_id)
+                    make = partial(CupyCopyEngine, self.device_id, self._pinner)
+                    to_device = await anyio.to_thread.run_sync(make)
+                    to_host = await anyio.to_thread.run_sync(make)
                     pool = StagingPool(
                         self.staging_chunk_size,
                         self.staging_chunks,
                         pin=True,
                         pinner=self._pinner,
                     )
-                    self._staging = (pool, engine)
+                    self._staging = (pool, to_device, to_host)
         return self._staging
 
-    def _device_empty(self, nbytes: int, engine: CupyCopyEngine) -> Any:
+    def _device_empty(self, nbytes: int, engine: CupyCopyEngine, model_id: str) -> Any:
         # Same thread for both: the fence orders the side stream after the stream the pool
         # handed the memory out on (memory freed there may still be in use by queued kernels).
-        with self._cupy.cuda.Device(self.device_id):
-            buffer = self._cupy.empty(nbytes, dtype=self._cupy.uint8)
+        cupy = self._cupy
+        with cupy.cuda.Device(self.device_id):
+            buffer = allocate_with_retry(
+                partial(cupy.empty, nbytes, dtype=cupy.uint8),
+                is_oom=lambda exc: isinstance(exc, cupy.cuda.memory.OutOfMemoryError),
+                free_cached=cupy.get_default_memory_pool().free_all_blocks,
+                nbytes=nbytes,
+                device=f"CUDA device {self.device_id}",
+                model_id=model_id,
+            )
         engine.fence()
         return buffer
 
@@ -301,8 +370,10 @@ class CupyBackend:
 
     async def load(self, store: Store, info: ModelInfo, *, zero_copy: bool = True) -> CupyWeights:
         """Read the model onto the device through the staging pool (``zero_copy`` is unused)."""
-        pool, engine = await self._cuda_staging()
-        buffer = await anyio.to_thread.run_sync(self._device_empty, info.nbytes, engine)
+        pool, engine, _ = await self._cuda_staging()
+        buffer = await anyio.to_thread.run_sync(
+            self._device_empty, info.nbytes, engine, info.model_id
+        )
         await stage_to_device(store, info, buffer, pool, engine)
         return self._weights(buffer, info)
 
@@ -310,8 +381,10 @@ class CupyBackend:
         """The model in ``block`` copied to a new device buffer (one asynchronous copy)."""
         if block.nbytes != info.nbytes:
             raise ValueError(f"host block is {block.nbytes} bytes, the model {info.nbytes}")
-        _, engine = await self._cuda_staging()
-        buffer = await anyio.to_thread.run_sync(self._device_empty, info.nbytes, engine)
+        _, engine, _ = await self._cuda_staging()
+        buffer = await anyio.to_thread.run_sync(
+            self._device_empty, info.nbytes, engine, info.model_id
+        )
         await copy_and_wait(engine, block.tensor, buffer)
         return self._weights(buffer, info)
 
@@ -323,7 +396,7 @@ class CupyBackend:
             raise ValueError(
                 f"device buffer is {loaded.buffer.nbytes} bytes, the block {block.nbytes}"
             )
-        _, engine = await self._cuda_staging()
+        _, _, engine = await self._cuda_staging()
         engine.fence()  # after the kernels this thread queued (they may still read the weights)
         await copy_and_wait(engine, loaded.buffer, block.tensor)
 

@@ -11,7 +11,11 @@ naturally catch, so ``except KeyError`` still works for a missing model::
      ├── ModelTooLargeError (ValueError)       the model can never fit the tier's byte budget
      ├── ModelLoadError (RuntimeError)         loading failed for another reason (e.g. out of memory)
      │    └── ModelBuildError                  the user's builder raised while making the model
+     ├── DeviceOutOfMemoryError (MemoryError)  the device had no memory left for the model now
      └── CacheClosedError (RuntimeError)       the cache is not open (not entered, or closed)
+
+Errors with ``remember = False`` (`DeviceOutOfMemoryError`) are transient: the cache does not
+remember them as the model's failure, so the next request tries again.
 
 Messages name the model id and, where there is one, the store path. Errors from fsspec, the OS
 and torch are translated at the boundary with ``raise ... from exc`` so the cause is kept.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "CacheClosedError",
+    "DeviceOutOfMemoryError",
     "InvalidModelIdError",
     "ModelBuildError",
     "ModelCacheError",
@@ -35,6 +40,10 @@ __all__ = [
 
 class ModelCacheError(Exception):
     """Base class of every error modelcache raises."""
+
+    #: Whether a failed load with this error is remembered for ``failure_ttl`` (a broken model
+    #: fails fast); False for conditions of the moment that say nothing about the model.
+    remember: bool = True
 
     def __init__(self, message: str, *, model_id: str | None = None, path: str | None = None):
         super().__init__(message)
@@ -82,6 +91,16 @@ class ModelLoadError(ModelCacheError, RuntimeError):
 
 class ModelBuildError(ModelLoadError):
     """The model class or builder raised while making a model from its weights."""
+
+
+class DeviceOutOfMemoryError(ModelCacheError, MemoryError):
+    """The device could not allocate the model's buffer, even after its cached blocks were freed.
+
+    Transient (``remember = False``): device memory the budget does not count (other processes,
+    the user's tensors, the allocator's cache) was in the way; a later load may well succeed.
+    """
+
+    remember = False
 
 
 class CacheClosedError(ModelCacheError, RuntimeError):

@@ -15,6 +15,11 @@ Design note (the invariants):
   it. While one chunk's copy runs, the other chunks are being read.
 * **Errors.** The first error cancels the other workers and is raised as itself (a StoreError
   stays a StoreError, never an ExceptionGroup).
+* **Completion is waited for, not polled.** Each engine has one `CompletionWaiter` thread that
+  synchronizes its copies' events in submission order (blocking-sync events: the thread sleeps
+  in the driver, it does not spin) and wakes the event loop once per finished copy with a
+  thread-safe callback. Copies on one stream finish in order, so FIFO waits lose nothing, and a
+  chunk is released as soon as its copy ends instead of at the next timer tick.
 * **Pieces.** The device buffer is cut into windows of at most ``chunk_size`` bytes, each filled
   by the reads of the segments that cover it (usually one) and copied in one go. Padding bytes
   between segments (alignment shifts, shard starts) are copied too: they hold no tensor and are
@@ -24,8 +29,14 @@ Design note (the invariants):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib
+import queue
+import threading
+import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -34,12 +45,14 @@ import anyio
 import anyio.to_thread
 import torch
 
-from ._arena import PAGE, HostPinner, allocate_slab, cuda_available, host_view
+from ._arena import PAGE, HostPinner, allocate_slab, cuda_available, device_guard, host_view
 from ._concurrency import gather
 from ._format import ModelInfo
 from ._store import Store
 
 __all__ = [
+    "Completion",
+    "CompletionWaiter",
     "CopyEngine",
     "CopyHandle",
     "StagingChunk",
@@ -51,9 +64,123 @@ __all__ = [
     "stage_to_device",
 ]
 
-#: Polling of a CUDA event: first and longest pause between two queries, in seconds.
-_POLL_FIRST = 50e-6
-_POLL_MAX = 1e-3
+
+def _thread_safe_caller() -> Callable[[Callable[[], object]], None]:
+    """A function that runs a callback on the current event loop, callable from any thread.
+
+    It never blocks the calling thread (anyio's ``from_thread.run_sync`` would wait for the loop
+    to run the callback); once the loop has closed, callbacks are dropped.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        trio: Any = importlib.import_module("trio")  # anyio's only other backend
+        token = trio.lowlevel.current_trio_token()
+
+        def call_trio(callback: Callable[[], object]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(callback)
+
+        return call_trio
+
+    def call_asyncio(callback: Callable[[], object]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+            loop.call_soon_threadsafe(callback)
+
+    return call_asyncio
+
+
+class Completion:
+    """The end of one device operation, as the event loop sees it.
+
+    Made on the event loop thread; the `CompletionWaiter` thread finishes it. `wait` may be
+    awaited more than once (a cancelled wait is retried, shielded) and by several tasks.
+    """
+
+    __slots__ = ("_call", "_event", "error", "finished")
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._call = _thread_safe_caller()
+        #: True once the operation ended (set on the event loop thread).
+        self.finished = False
+        #: What waiting for it raised, if anything.
+        self.error: BaseException | None = None
+
+    def _finish(self, error: BaseException | None) -> None:
+        """From the waiter thread: record the outcome and wake the loop."""
+        self.error = error
+        self._call(self._set)
+
+    def _set(self) -> None:
+        self.finished = True
+        self._event.set()
+
+    async def wait(self) -> None:
+        """Return when the operation has ended; raise what waiting for it raised."""
+        await self._event.wait()
+        if self.error is not None:
+            raise self.error
+
+
+def _wait_in_order(
+    pending: queue.SimpleQueue[tuple[Callable[[], object], Completion] | None],
+) -> None:
+    """The waiter thread: block on each operation in submission order, then wake its waiter."""
+    while (item := pending.get()) is not None:
+        sync, completion = item
+        error: BaseException | None = None
+        try:
+            sync()
+        except BaseException as exc:  # a device error: it is the waiter's to raise
+            error = exc.with_traceback(None)  # no frame of this thread kept alive by it
+        completion._finish(error)
+        del item, sync, completion, error
+
+
+class CompletionWaiter:
+    """One daemon thread that waits, in FIFO order, for blocking ``sync`` calls (CUDA events).
+
+    `watch` is called on the event loop thread; the returned `Completion` ends when its ``sync``
+    has returned (or raised). The thread starts on the first `watch` and stops at `close` or
+    when this object is garbage collected; it holds no reference to it.
+    """
+
+    def __init__(self, name: str = "modelcache completion waiter") -> None:
+        self.name = name
+        self._pending: queue.SimpleQueue[tuple[Callable[[], object], Completion] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<CompletionWaiter {self.name!r}{' closed' if self._closed else ''}>"
+
+    def watch(self, sync: Callable[[], object]) -> Completion:
+        """Wait for ``sync()`` to return in the waiter thread, after every earlier one."""
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        completion = Completion()
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=_wait_in_order, args=(self._pending,), name=self.name, daemon=True
+            )
+            self._thread.start()
+            weakref.finalize(self, self._pending.put, None)
+        self._pending.put((sync, completion))
+        return completion
+
+    def close(self) -> None:
+        """Stop the thread once the operations already watched have ended."""
+        if not self._closed:
+            self._closed = True
+            self._pending.put(None)
+
+
+def _synchronize(device: torch.device, event: Any) -> None:
+    with device_guard(device):
+        event.synchronize()
 
 
 @dataclass(slots=True, eq=False)
@@ -65,7 +192,7 @@ class CopyHandle:
 
     src: Any
     dst: Any
-    #: Engine-specific: a ``torch.cuda.Event`` for `TorchCudaCopyEngine`.
+    #: Engine-specific: a `Completion` for `TorchCudaCopyEngine` and `CupyCopyEngine`.
     token: Any = None
 
 
@@ -106,11 +233,12 @@ async def _wait_out(engine: CopyEngine, handle: CopyHandle) -> None:
 
 
 class TorchCudaCopyEngine:
-    """Copies on one side stream of ``device``; completion is polled, never blocking the loop.
+    """Copies on one side stream of ``device``; a `CompletionWaiter` thread waits for them.
 
     Copies are asynchronous only from and to pinned host memory (torch copies pageable memory
     synchronously). Call `fence` before the first copy into memory that was allocated or used on
-    another stream, from the thread whose current stream that is.
+    another stream, from the thread whose current stream that is. Every CUDA call runs with
+    ``device`` current (`device_guard`), whichever thread makes it.
     """
 
     def __init__(self, device: torch.device | str) -> None:
@@ -119,7 +247,11 @@ class TorchCudaCopyEngine:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"TorchCudaCopyEngine needs a CUDA device, got {self.device}")
-        self.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        with device_guard(self.device):
+            self.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        self.waiter = CompletionWaiter(f"modelcache copies on {self.device}")
 
     def __repr__(self) -> str:
         return f"TorchCudaCopyEngine({str(self.device)!r})"
@@ -130,23 +262,23 @@ class TorchCudaCopyEngine:
         A buffer fresh from the caching allocator may still be in use by kernels queued on the
         stream it was allocated on; the side stream must not write it before they finish.
         """
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with device_guard(self.device):
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def submit(self, src: torch.Tensor, dst: torch.Tensor) -> CopyHandle:
         if src.numel() != dst.numel():
             raise ValueError(f"copy of {src.numel()} bytes into {dst.numel()}")
-        with torch.cuda.stream(self.stream):
+        # The device guard first: the stream context saves and restores the current stream of
+        # the current device, which must be ours (not device 0's, whose context it would make).
+        with device_guard(self.device), torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
             event.record(self.stream)
-        return CopyHandle(src, dst, event)
+        return CopyHandle(src, dst, self.waiter.watch(partial(_synchronize, self.device, event)))
 
     async def wait(self, handle: CopyHandle) -> None:
-        event: torch.cuda.Event = handle.token
-        pause = _POLL_FIRST
-        while not event.query():  # type: ignore[no-untyped-call]
-            await anyio.sleep(pause)
-            pause = min(pause * 2, _POLL_MAX)
+        completion: Completion = handle.token
+        await completion.wait()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -186,8 +318,9 @@ class _Waiter:
 class StagingPool:
     """``count`` reusable host chunks of ``chunk_size`` bytes from one allocation (see module).
 
-    ``pin=True`` page-locks the chunks through ``pinner``, or else torch's CUDA runtime, which
-    must be available (ValueError otherwise). Chunks start on page boundaries.
+    ``pin=True`` page-locks the chunks through ``pinner``, or else torch's CUDA runtime on
+    ``device``'s context, which must be available (ValueError otherwise). Chunks start on page
+    boundaries.
     """
 
     def __init__(
@@ -197,6 +330,7 @@ class StagingPool:
         *,
         pin: bool,
         pinner: HostPinner | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if chunk_size < 1 or count < 1:
             raise ValueError(f"chunk_size and count must be >= 1, got {chunk_size} and {count}")
@@ -206,6 +340,7 @@ class StagingPool:
         self.count = count
         self.pin = pin
         self._pinner = pinner
+        self._device = device
         self._stride = -(-chunk_size // PAGE) * PAGE
         self._chunks: list[StagingChunk] | None = None
         self._allocating: anyio.Event | None = None
@@ -253,6 +388,7 @@ class StagingPool:
                             self._stride * self.count,
                             pin=self.pin,
                             pinner=self._pinner,
+                            device=self._device,
                         )
                     )
                 self._allocations += 1

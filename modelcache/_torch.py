@@ -18,26 +18,32 @@ one allocation at the layout's offsets. Mapped and device buffers are freed when
 is dropped: nothing here holds a reference beyond the returned `Weights`.
 
 `to_device` and `to_host` move a whole buffer between a (pinned) host block and the device in
-one asynchronous copy on the same side stream: promotion from and demotion to the host tier
-(`promote` and `demote`, the `DeviceBackend` methods the cache calls). Every copy is waited for,
-even when the caller is cancelled, before the call ends.
+one asynchronous copy: promotion from and demotion to the host tier (`promote` and `demote`, the
+`DeviceBackend` methods the cache calls). Host -> device copies (loads, promotions) and device ->
+host copies (demotions) have a side stream each, so a multi-GiB demotion never queues ahead of a
+load's chunks. Every copy is waited for, even when the caller is cancelled, before the call ends.
+
+Every CUDA call of the backend runs with its device current (`device_guard`), whatever thread
+makes it: ``cuda:1`` never costs a context on GPU 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 import threading
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import anyio
 import anyio.to_thread
 import torch
 
-from ._arena import HostArena, HostBlock, cuda_available, host_view
-from ._backend import LoadedWeights, ViewMapping
+from ._arena import HostArena, HostBlock, cuda_available, device_guard, host_view
+from ._backend import LoadedWeights, ViewMapping, allocate_with_retry
 from ._concurrency import gather
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
@@ -109,6 +115,25 @@ class Weights(ViewMapping[torch.Tensor]):
     mapping, with the model's ``info``."""
 
     __slots__ = ()
+
+    def device_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Make the buffer's CUDA device current in this thread for the block (builders)."""
+        return device_guard(self.buffer.device)
+
+    def record_current_stream(self) -> None:
+        """Keep the buffer from reuse until the work queued so far on the caller's current
+        stream has run, when that stream is not the device's default one.
+
+        The caching allocator orders a freed block only after the stream it was allocated on
+        (the default stream); kernels a user queued on a stream of their own may still read the
+        weights after the model is evicted and its memory handed to the next load.
+        """
+        buffer = self.buffer
+        if buffer.device.type != "cuda":
+            return
+        stream = torch.cuda.current_stream(buffer.device)
+        if stream != torch.cuda.default_stream(buffer.device):
+            buffer.record_stream(stream)
 
     def __repr__(self) -> str:
         return (
@@ -217,6 +242,15 @@ def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
     return buffer
 
 
+def _is_cuda_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _empty_cache(device: torch.device) -> None:
+    with device_guard(device):  # empty_cache acts on the current device
+        torch.cuda.empty_cache()
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch.device with its index; ValueError for a CUDA device torch lacks."""
     resolved = torch.device(device)
@@ -276,7 +310,7 @@ class TorchBackend:
         self.zero_copy = zero_copy
         self.staging_chunk_size = staging_chunk_size
         self.staging_chunks = staging_chunks
-        self._staging: tuple[StagingPool, TorchCudaCopyEngine] | None = None
+        self._staging: tuple[StagingPool, TorchCudaCopyEngine, TorchCudaCopyEngine] | None = None
         self._staging_lock: anyio.Lock | None = None
 
     def __repr__(self) -> str:
@@ -291,11 +325,11 @@ class TorchBackend:
 
     def host_arena(self, capacity: int) -> HostArena:
         """Host-tier memory: pinned (cudaHostRegister) for CUDA devices."""
-        return HostArena(capacity, pin=self.device.type == "cuda")
+        return HostArena(capacity, pin=self.device.type == "cuda", device=self.device)
 
     async def promote(self, block: HostBlock, info: ModelInfo) -> Weights:
         """The model in ``block`` copied to a new device buffer, as `Weights`."""
-        buffer = await self.to_device(block.tensor)
+        buffer = await self.to_device(block.tensor, model_id=info.model_id)
         return Weights(tensor_views(buffer, info), info, buffer)
 
     async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
@@ -312,22 +346,35 @@ class TorchBackend:
         """The pinned staging pool (CUDA devices, after the first load), for statistics."""
         return None if self._staging is None else self._staging[0]
 
-    async def _cuda_staging(self) -> tuple[StagingPool, TorchCudaCopyEngine]:
-        """The staging pool and copy engine, made once (CUDA initialisation runs in a thread)."""
+    async def _cuda_staging(self) -> tuple[StagingPool, TorchCudaCopyEngine, TorchCudaCopyEngine]:
+        """The staging pool and the host -> device and device -> host copy engines, made once
+        (CUDA initialisation runs in a thread)."""
         if self._staging is None:
             if self._staging_lock is None:
                 self._staging_lock = anyio.Lock()
             async with self._staging_lock:
                 if self._staging is None:
-                    engine = await anyio.to_thread.run_sync(TorchCudaCopyEngine, self.device)
-                    pool = StagingPool(self.staging_chunk_size, self.staging_chunks, pin=True)
-                    self._staging = (pool, engine)
+                    to_device = await anyio.to_thread.run_sync(TorchCudaCopyEngine, self.device)
+                    to_host = await anyio.to_thread.run_sync(TorchCudaCopyEngine, self.device)
+                    pool = StagingPool(
+                        self.staging_chunk_size, self.staging_chunks, pin=True, device=self.device
+                    )
+                    self._staging = (pool, to_device, to_host)
         return self._staging
 
-    def _device_empty(self, nbytes: int, engine: TorchCudaCopyEngine) -> torch.Tensor:
+    def _device_empty(
+        self, nbytes: int, engine: TorchCudaCopyEngine, model_id: str
+    ) -> torch.Tensor:
         # Same thread for both: the fence orders the side stream after the stream that the
         # allocation came from (memory freed there may still be in use by queued kernels).
-        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        buffer = allocate_with_retry(
+            partial(torch.empty, nbytes, dtype=torch.uint8, device=self.device),
+            is_oom=_is_cuda_oom,
+            free_cached=partial(_empty_cache, self.device),
+            nbytes=nbytes,
+            device=str(self.device),
+            model_id=model_id,
+        )
         engine.fence()
         return buffer
 
@@ -338,8 +385,10 @@ class TorchBackend:
         files that may be deleted while the model lives, such as the disk tier's).
         """
         if self.device.type == "cuda":
-            pool, engine = await self._cuda_staging()
-            buffer = await anyio.to_thread.run_sync(self._device_empty, info.nbytes, engine)
+            pool, engine, _ = await self._cuda_staging()
+            buffer = await anyio.to_thread.run_sync(
+                self._device_empty, info.nbytes, engine, info.model_id
+            )
             await stage_to_device(store, info, buffer, pool, engine)
             return Weights(tensor_views(buffer, info), info, buffer)
         base = 0
@@ -362,7 +411,7 @@ class TorchBackend:
         device_buffer.copy_(host)
         return device_buffer
 
-    async def to_device(self, host: torch.Tensor) -> torch.Tensor:
+    async def to_device(self, host: torch.Tensor, *, model_id: str = "?") -> torch.Tensor:
         """A device copy of a host uint8 buffer: one allocation, one copy (async if pinned).
 
         Returns once the copy is complete; cancelled, it still waits for the copy to end.
@@ -370,8 +419,8 @@ class TorchBackend:
         _check_buffer(host, "host buffer")
         if self.device.type != "cuda":
             return await anyio.to_thread.run_sync(self._to_device, host)
-        _, engine = await self._cuda_staging()
-        buffer = await anyio.to_thread.run_sync(self._device_empty, host.numel(), engine)
+        _, engine, _ = await self._cuda_staging()
+        buffer = await anyio.to_thread.run_sync(self._device_empty, host.numel(), engine, model_id)
         if host.is_pinned():
             await copy_and_wait(engine, host, buffer)
         else:  # torch copies pageable memory synchronously: keep it off the event loop
@@ -391,7 +440,7 @@ class TorchBackend:
         if self.device.type != "cuda":
             await anyio.to_thread.run_sync(partial(block.tensor.copy_, device_buffer))
             return
-        _, engine = await self._cuda_staging()
+        _, _, engine = await self._cuda_staging()
         engine.fence()  # after the kernels this thread queued (they may still write the weights)
         if block.tensor.is_pinned():
             await copy_and_wait(engine, device_buffer, block.tensor)

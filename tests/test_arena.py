@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gc
 import itertools
+import threading
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from modelcache import _arena
 from modelcache._arena import PAGE, HostArena, HostBlock, allocate_slab, host_view
 
 
@@ -221,6 +224,65 @@ def test_slab_is_page_aligned_and_exact() -> None:
         slab = allocate_slab(n, pin=False)
         assert slab.numel() == n and slab.data_ptr() % PAGE == 0
     assert allocate_slab(0, pin=False).numel() == 0
+
+
+class RecordingDevices:
+    """Stand-ins for ``torch.cuda.device`` and torch's cudart: each runtime call records the
+    calling thread's current device, which (as in CUDA) starts at 0 in every thread."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self.calls: list[tuple[str, int]] = []
+        devices = self
+
+        class Guard:
+            def __init__(self, device: Any) -> None:
+                self.index = torch.device(device).index
+
+            def __enter__(self) -> None:
+                self.previous = devices.current()
+                devices.local.device = self.index
+
+            def __exit__(self, *exc: object) -> None:
+                devices.local.device = self.previous
+
+        self.guard = Guard
+
+    def current(self) -> int:
+        return int(getattr(self.local, "device", 0))
+
+    def cudaHostRegister(self, address: int, nbytes: int, flags: int) -> int:
+        self.calls.append(("register", self.current()))
+        return 0
+
+    def cudaHostUnregister(self, address: int) -> int:
+        self.calls.append(("unregister", self.current()))
+        return 0
+
+
+def test_pinning_registers_and_unregisters_on_the_arena_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cuda:1 arena's slab is registered and unregistered (by whichever thread drops it) with
+    device 1 current: never on device 0 (every thread's start), whose context that would make."""
+    devices = RecordingDevices()
+    monkeypatch.setattr(torch.cuda, "device", devices.guard)
+    monkeypatch.setattr(_arena, "_cudart", lambda: devices)
+    monkeypatch.setattr(_arena, "cuda_available", lambda: True)
+    arena = HostArena(16 * PAGE, pin=True, device="cuda:1")
+    block = arena.alloc(100)  # makes the slab on this thread, whose current device is 0
+    assert block is not None
+    holder = [arena, block]
+    del arena, block
+
+    def drop() -> None:
+        holder.clear()
+        gc.collect()
+
+    thread = threading.Thread(target=drop)
+    thread.start()
+    thread.join()
+    assert devices.calls == [("register", 1), ("unregister", 1)]
 
 
 @pytest.mark.cuda

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 import types
 import warnings
+import weakref
+from functools import partial
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 import torch
 
-from modelcache import CupyBackend, DeviceBackend, ModelCache, Weights
+from modelcache import CupyBackend, DeviceBackend, DeviceOutOfMemoryError, ModelCache, Weights
 from modelcache._arena import HostArena, HostBlock
-from modelcache._backend import LoadedWeights
+from modelcache._backend import LoadedWeights, allocate_with_retry
 from modelcache._cupy import RAW_DTYPES, CupyWeights, _array_views, numpy_dtype
 from modelcache._format import ModelInfo
 from modelcache._loader import fill_buffer, read_model_info
@@ -22,7 +26,8 @@ from modelcache._staging import StagingPool
 from modelcache._store import Store
 from modelcache._torch import TorchBackend, tensor_views
 
-from .conftest import GatedStore, MemoryModels, check_invariants
+from .conftest import GatedStore, MemoryModels, check_invariants, model_bytes
+from .fake_cupy import FakeCupy, FakeOutOfMemoryError
 from .safetensors_files import model_file, tensor_bytes
 
 
@@ -245,6 +250,192 @@ async def test_array_views_are_bit_exact(models: MemoryModels) -> None:
         assert array.tobytes() == tensor_bytes(tensor), name
     assert weights["bf16"].dtype == np.uint16 and weights["f8"].dtype == np.uint8
     assert {"BF16", "F8_E4M3"} <= RAW_DTYPES
+
+
+# -- the CuPy backend on a fake CuPy with two devices (records each call's current device) -----
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch: pytest.MonkeyPatch) -> FakeCupy:
+    fake = FakeCupy(devices=2)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    return fake
+
+
+def _file_bytes(model_id: str, nbytes: int, seed: int) -> bytes:
+    from safetensors.torch import load
+
+    return bytes(load(model_bytes(nbytes, seed))["w"].numpy().tobytes())
+
+
+async def test_cupy_backend_runs_every_cuda_call_on_its_device(
+    models: MemoryModels, fake_cupy: FakeCupy
+) -> None:
+    """Device 1: pinning, unpinning, copies, event waits, allocations and sync builders all run
+    with device 1 current, in whichever thread (never on device 0, whose context they'd make)."""
+    built_on: list[int] = []
+
+    class Model:
+        @classmethod
+        def from_weights(cls, weights: CupyWeights, info: ModelInfo) -> CupyWeights:
+            built_on.append(fake_cupy.current())  # in a worker thread
+            return weights
+
+    models.add("a", 3000, seed=1)
+    models.add("b", 3000, seed=2)
+    backend = CupyBackend(1, staging_chunk_size=1000, staging_chunks=2)
+    async with ModelCache(
+        models.template, device_budget=4000, host_budget=16384, backend=backend
+    ) as cache:
+        cache.model(Model)
+        async with cache.use("a", model=Model) as a:
+            assert a["w"].get().tobytes() == _file_bytes("a", 3000, 1)
+        async with cache.use("b", model=Model):
+            pass
+        async with cache.use("a", model=Model) as a:  # promoted from the pinned host block
+            assert a["w"].get().tobytes() == _file_bytes("a", 3000, 1)
+    del a, cache, backend
+    gc.collect()  # the slabs go: their unregistration runs here, on this thread
+    names = {what for what, _, _ in fake_cupy.calls}
+    assert {"hostRegister", "hostUnregister", "memcpyAsync", "Event.synchronize"} <= names
+    assert fake_cupy.devices_of() == {1}, sorted(set(fake_cupy.calls))
+    assert built_on == [1, 1, 1]
+
+
+async def test_cupy_copies_are_waited_for_by_a_thread_not_polled(
+    models: MemoryModels, fake_cupy: FakeCupy
+) -> None:
+    """Copy completion: blocking-sync events synchronized by the engine's waiter thread, in
+    submission order; the event loop never polls an event (no timer between copy and release)."""
+    models.add("a", 5000, seed=3)
+    release = threading.Event()
+    fake_cupy.sync_gate = lambda event: release.wait()
+    backend = CupyBackend(0, staging_chunk_size=1000, staging_chunks=3)
+    store = Store(models.template)
+    info = await read_model_info(store, "a")
+    async with anyio.create_task_group() as tg:
+        result: list[CupyWeights] = []
+        tg.start_soon(lambda: _append(result, backend.load(store, info)))
+        # Every chunk's copy submitted, none finished: all three wait for the gated thread.
+        while not result and (
+            backend.staging_pool is None or backend.staging_pool.stats().in_use < 3
+        ):
+            await anyio.wait_all_tasks_blocked()
+        assert not result and backend.staging_pool is not None
+        assert backend.staging_pool.stats().in_use == 3
+        release.set()
+    assert result[0]["w"].get().tobytes() == _file_bytes("a", 5000, 3)
+    syncs = [(what, thread) for what, _, thread in fake_cupy.calls if what.startswith("Event.s")]
+    assert {what for what, _ in syncs} == {"Event.synchronize"}  # blocking, never spinning
+    assert len(syncs) == 5 and len({thread for _, thread in syncs}) == 1
+    assert syncs[0][1] != threading.current_thread().name
+    assert "Event.done" not in {what for what, _, _ in fake_cupy.calls}
+
+
+async def _append(into: list[Any], awaitable: Any) -> None:
+    into.append(await awaitable)
+
+
+async def test_cupy_copies_with_pageable_memory_run_off_the_event_loop(
+    models: MemoryModels, fake_cupy: FakeCupy
+) -> None:
+    """Host memory CuPy could not pin is copied synchronously in the waiter thread, never with
+    memcpyAsync on the loop (from pageable memory it returns only when the copy is done)."""
+    fake_cupy.register_ok = False
+    models.add("a", 3000, seed=1)
+    models.add("b", 3000, seed=2)
+    backend = CupyBackend(0, staging_chunk_size=1000, staging_chunks=2)
+    async with ModelCache(
+        models.template, device_budget=4000, host_budget=16384, backend=backend
+    ) as cache:
+        async with cache.use("a"):
+            pass
+        async with cache.use("b"):
+            pass
+        async with cache.use("a") as a:  # demoted to, then promoted from, pageable memory
+            assert a["w"].get().tobytes() == _file_bytes("a", 3000, 1)
+    copies = [(what, thread) for what, _, thread in fake_cupy.calls if what.startswith("memcpy")]
+    assert copies and {what for what, _ in copies} == {"memcpy"}
+    assert threading.current_thread().name not in {thread for _, thread in copies}
+
+
+async def test_cupy_out_of_memory_frees_the_pool_retries_once_then_is_typed(
+    models: MemoryModels, fake_cupy: FakeCupy
+) -> None:
+    """A CuPy OOM frees the pool's cached blocks and retries; a second OOM is a
+    DeviceOutOfMemoryError naming the model, which is not to be remembered as its failure."""
+    models.add("a", 3000, seed=1)
+    backend = CupyBackend(0)
+    store = Store(models.template)
+    info = await read_model_info(store, "a")
+    fake_cupy.oom_above, fake_cupy.oom_until_freed = 1000, 1  # transient: gone after one free
+    weights = await backend.load(store, info)
+    assert weights["w"].get().tobytes() == _file_bytes("a", 3000, 1)
+    assert fake_cupy.freed_blocks == 1
+    fake_cupy.oom_until_freed = 1 << 30  # for good
+    with pytest.raises(DeviceOutOfMemoryError, match="'a'") as caught:
+        await backend.load(store, info)
+    assert caught.value.model_id == "a" and not caught.value.remember
+    assert isinstance(caught.value, MemoryError)
+    assert isinstance(caught.value.__cause__, FakeOutOfMemoryError)
+    assert fake_cupy.freed_blocks == 2
+
+
+async def test_cupy_dlpack_is_a_dlpack_object_and_a_dropped_model_frees_at_once(
+    models: MemoryModels, fake_cupy: FakeCupy
+) -> None:
+    """dlpack() gives the array (a __dlpack__ object), not CuPy's deprecated capsule; dropping
+    the weights frees the device buffer by reference count alone (no cycle keeps it)."""
+    models.add("a", 3000, seed=1)
+    backend = CupyBackend(0, staging_chunk_size=1000, staging_chunks=2)
+    store = Store(models.template)
+    info = await read_model_info(store, "a")
+    await backend.load(store, info)  # the staging pool and engines
+    gc.collect()
+    gc.disable()
+    try:
+        weights = await backend.load(store, info)
+        assert weights.dlpack("w") is weights["w"]
+        buffer = weakref.ref(weights.buffer._array)
+        del weights
+        assert buffer() is None
+    finally:
+        gc.enable()
+
+
+def test_allocate_with_retry_frees_then_retries_once() -> None:
+    """An OOM is retried once after gc and freeing cached blocks; other errors pass through."""
+    attempts: list[int] = []
+    freed: list[int] = []
+
+    def allocate(fail: int) -> str:
+        attempts.append(1)
+        if len(attempts) <= fail:
+            raise FakeOutOfMemoryError("out of memory")
+        return "buffer"
+
+    call = partial(
+        allocate_with_retry,
+        is_oom=lambda e: isinstance(e, FakeOutOfMemoryError),
+        free_cached=lambda: freed.append(1),
+        nbytes=10,
+        device="cuda:0",
+        model_id="m",
+    )
+    assert call(partial(allocate, 0)) == "buffer" and not freed
+    attempts.clear()
+    assert call(partial(allocate, 1)) == "buffer" and len(freed) == 1 and len(attempts) == 2
+    attempts.clear()
+    with pytest.raises(DeviceOutOfMemoryError, match=r"'m'.*cuda:0.*10 bytes"):
+        call(partial(allocate, 2))
+    assert len(attempts) == 2 and len(freed) == 2
+
+    def broken() -> str:
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError, match="not memory"):
+        call(broken)
+    assert len(freed) == 2
 
 
 # -- the CuPy backend on a GPU ----------------------------------------------------------------

@@ -20,6 +20,7 @@ def test_public_names() -> None:
         "CostAwarePolicy",
         "CupyBackend",
         "DeviceBackend",
+        "DeviceOutOfMemoryError",
         "EvictionPolicy",
         "FrequencyHistory",
         "InvalidModelIdError",
@@ -67,6 +68,7 @@ def test_every_error_is_a_modelcache_error_and_a_builtin() -> None:
         modelcache.ModelLoadError: RuntimeError,
         modelcache.ModelBuildError: modelcache.ModelLoadError,
         modelcache.CacheClosedError: RuntimeError,
+        modelcache.DeviceOutOfMemoryError: MemoryError,
     }
     for cls, builtin in pairs.items():
         assert issubclass(cls, modelcache.ModelCacheError)
