@@ -412,7 +412,16 @@ class DiskTier:
         )
         full = False  # met ENOSPC: evict before trying again
         while True:
-            started = self._begin(entry, len(files) + 2, evict=full)
+            try:
+                started = self._begin(entry, len(files) + 2, evict=full)
+            except OSError as exc:
+                # Making the temp dir needs an inode and a directory block: a filesystem out of
+                # inodes (bytes to spare) fails here, and must evict like a full one.
+                if exc.errno not in _FULL_ERRNOS or full:
+                    raise
+                self._note_full(info.model_id, exc)
+                full = True
+                continue
             if not isinstance(started, tuple):
                 return started
             temp, temp_fd = started
@@ -422,21 +431,23 @@ class DiskTier:
                 except OSError as exc:
                     if exc.errno not in _FULL_ERRNOS or full:
                         raise
-                    logger.warning(
-                        "disk tier %s is full writing %r (%s): evicting to make room, then "
-                        "trying once more",
-                        self._root,
-                        info.model_id,
-                        exc,
-                    )
-                    with self._lock:
-                        self._full += 1
+                    self._note_full(info.model_id, exc)
                     full = True
                     continue
                 return self._publish(entry, temp, manifest, st)
             finally:
                 remove_tree(temp)  # gone already when it was published
                 os.close(temp_fd)
+
+    def _note_full(self, model_id: str, exc: OSError) -> None:
+        logger.warning(
+            "disk tier %s is full writing %r (%s): evicting to make room, then trying once more",
+            self._root,
+            model_id,
+            exc,
+        )
+        with self._lock:
+            self._full += 1
 
     def _begin(
         self, entry: DiskEntry, nfiles: int, *, evict: bool
@@ -470,6 +481,8 @@ class DiskTier:
                         format_bytes(size),
                     )
                     return None
+                if evict:
+                    self._empty(trash)  # the evicted entry's inodes, freed before the mkdir
                 temp = os.path.join(
                     self._root, f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{size}"
                 )

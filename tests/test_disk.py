@@ -728,6 +728,27 @@ def test_a_really_full_filesystem_evicts_to_make_room(models: Models, small_tmpf
     assert leftovers(small_tmpfs) == []
 
 
+def test_a_filesystem_out_of_inodes_evicts_to_make_room(models: Models, tmp_path: Path) -> None:
+    """A filesystem with bytes to spare but no inode left (the temp dir's mkdir fails with
+    ENOSPC) evicts the least recently used entry and retries, like one out of bytes."""
+    mount = tmp_path / "inodes"
+    mount.mkdir()
+    # The root, the lock file and 3 entries of 3 inodes (directory, model, manifest): full.
+    if not _mount("-t", "tmpfs", "-o", "size=8m,nr_inodes=11", "tmpfs", str(mount)):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        tier = opened(mount, "4MiB")
+        for i in range(6):
+            assert tier.write(*models.add(f"m{i}", seed=i)) is not None, i
+            assert f"m{i}" in tier
+        stats = tier.stats()
+        assert stats.full > 0 and stats.evictions > 0
+        assert "m0" not in tier
+        assert leftovers(mount) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 def test_a_read_only_directory_is_served_and_never_written(models: Models, tmp_path: Path) -> None:
     """A directory on a read-only mount opens read-only: its entries load, writes and removals
     do nothing, nothing raises."""
