@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from ._diskformat import (
     MANIFEST_NAME,
     OPEN_DIR,
+    OPEN_LOCK,
     OPEN_NEW,
     OPEN_READ,
     DiskEntry,
@@ -279,9 +280,7 @@ class DiskTier:
         if not os.access(self._root, os.W_OK | os.X_OK):
             return False
         try:
-            fd = os.open(
-                self._lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
-            )
+            fd = os.open(self._lock_path, OPEN_LOCK, 0o644)
         except OSError as exc:
             if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 return False

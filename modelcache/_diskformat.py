@@ -32,6 +32,7 @@ from ._format import INDEX_NAME, SINGLE_NAME, ModelInfo, Segment
 __all__ = [
     "MANIFEST_NAME",
     "OPEN_DIR",
+    "OPEN_LOCK",
     "OPEN_NEW",
     "OPEN_READ",
     "DiskEntry",
@@ -60,6 +61,8 @@ _SLUG_LENGTH = 48
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 OPEN_READ = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+#: The lock file: never through a link (O_CREAT would make its target, wherever it points).
+OPEN_LOCK = os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _WRITE_CHUNK = 1 << 30  # below Linux's ~2 GiB cap on one write
 
@@ -181,7 +184,7 @@ def flocked(path: str, *, read_only: bool = False) -> Iterator[None]:
     where there is none, nobody ever wrote here, and the directory itself is locked instead.
     """
     if not read_only:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(path, OPEN_LOCK, 0o644)
     else:
         try:
             fd = os.open(path, OPEN_READ)

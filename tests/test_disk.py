@@ -777,6 +777,17 @@ def test_a_read_only_directory_is_served_and_never_written(models: Models, tmp_p
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def test_a_lock_file_that_is_a_link_is_never_followed(disk_dir: Path, tmp_path: Path) -> None:
+    """A ``.lock`` that is a symlink is a typed error naming it; its target is neither created
+    nor opened (O_CREAT through a link would make a file wherever it points)."""
+    disk_dir.mkdir()
+    target = tmp_path / "elsewhere"
+    (disk_dir / ".lock").symlink_to(target)
+    with pytest.raises(StoreError, match=r"\.lock"):
+        opened(disk_dir, BUDGET)
+    assert not target.exists()
+
+
 def test_a_directory_that_cannot_be_made_is_a_typed_error(tmp_path: Path) -> None:
     """open() on a path that is a file (or cannot be created) raises StoreError naming it."""
     path = tmp_path / "a-file"
