@@ -58,6 +58,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from ._diskformat import (
     MANIFEST_NAME,
@@ -74,6 +75,7 @@ from ._diskformat import (
     fsync_dir,
     ident,
     manifest_bytes,
+    open_beneath,
     plan_files,
     pwrite_all,
     read_entry,
@@ -193,7 +195,14 @@ class DiskTier:
         self._trash_fds: dict[str, int] = {}
         self._hits = self._misses = self._writes = self._evictions = 0
         self._full = self._leftovers = 0
-        self._store = Store(self._resolve, allow_slash_in_ids=True, max_id_length=1 << 16)
+        # Entries are checked (lstat, O_NOFOLLOW) when found, but read later by path: the
+        # store's opens must refuse links too, or one planted in between would be followed.
+        self._store = Store(
+            self._resolve,
+            allow_slash_in_ids=True,
+            max_id_length=1 << 16,
+            opener=partial(open_beneath, self._root),
+        )
 
     def __repr__(self) -> str:
         return f"DiskTier({self._root!r}, {self.stats()})"

@@ -16,6 +16,7 @@ model comes from the store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -44,6 +45,7 @@ __all__ = [
     "fsync_dir",
     "ident",
     "manifest_bytes",
+    "open_beneath",
     "plan_files",
     "pwrite_all",
     "read_entry",
@@ -163,6 +165,29 @@ def unlocked(path: str) -> bool:
     finally:
         os.close(fd)  # releases the lock if we took it
     return True
+
+
+def open_beneath(root: str, path: str) -> int:
+    """Open ``path`` (a file under the directory ``root``) for reading without following a link
+    below ``root``: each directory on the way is opened from the previous one with
+    ``O_NOFOLLOW``, so an entry (or a file in it) replaced by a symlink after it was checked
+    fails to open (ELOOP/ENOTDIR) instead of being read from wherever the link points."""
+    relative = os.path.relpath(path, root)
+    parts = relative.split(os.sep)
+    if relative.startswith(os.pardir) or os.path.isabs(relative) or "" in parts:
+        raise PermissionError(errno.EACCES, "outside the disk tier", path)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in parts[:-1]:
+            parent, fd = fd, -1
+            try:
+                fd = os.open(part, OPEN_DIR, dir_fd=parent)
+            finally:
+                os.close(parent)
+        return os.open(parts[-1], OPEN_READ, dir_fd=fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def safe_name(name: object) -> bool:

@@ -13,6 +13,7 @@ import multiprocessing.queues
 import multiprocessing.synchronize
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import anyio
 import pytest
 import torch
 
-from modelcache import StoreError
+from modelcache import ModelCacheError, StoreError
 from modelcache._disk import DiskEntry, DiskTier
 from modelcache._diskformat import MANIFEST_NAME, entry_name, pwrite_all
 from modelcache._format import ModelInfo
@@ -627,6 +628,42 @@ def test_symlinks_in_an_entry_are_not_followed(models: Models, disk_dir: Path) -
     assert (Path(b.directory) / "model.safetensors").is_file()
     assert (elsewhere / "model.safetensors").is_file() and copy.is_file()
     assert sorted(os.listdir(disk_dir)) == [".lock", entry_name("b")]
+
+
+def test_links_planted_after_the_check_are_not_followed_by_reads(
+    models: Models, disk_dir: Path
+) -> None:
+    """A file or entry directory replaced by a symlink after get() and acquire() checked it is
+    not read through the link: the tier's store fails to open it (the cache then reads the
+    store) instead of serving the bytes the link points to."""
+    tier = opened(disk_dir, 3 * BUDGET)
+    a, b = (tier.write(*models.add(m, seed=i)) for i, m in enumerate("ab"))
+    assert a is not None and b is not None
+    elsewhere = disk_dir.parent / "elsewhere"
+    elsewhere.mkdir()
+    planted = elsewhere / "model.safetensors"
+    planted.write_bytes((Path(b.directory) / "model.safetensors").read_bytes())  # same size
+
+    def swap_file() -> None:
+        weights = Path(a.directory) / "model.safetensors"
+        weights.unlink()
+        weights.symlink_to(planted)
+
+    def swap_directory() -> None:
+        shutil.copy(Path(a.directory) / MANIFEST_NAME, elsewhere / MANIFEST_NAME)
+        shutil.rmtree(a.directory)
+        os.symlink(elsewhere, a.directory)
+
+    for swap in (swap_file, swap_directory):
+        entry = tier.get("a")
+        assert entry is not None and tier.acquire(entry)
+        swap()
+        with pytest.raises(ModelCacheError):
+            load_tensors(tier.store, "a", zero_copy=False)
+        tier.release(entry)
+        tier.remove("a")  # damaged now: deleted (a link, not what it points to)
+        assert tier.write(*models.add("a", seed=0)) is not None
+    assert planted.read_bytes() == (Path(b.directory) / "model.safetensors").read_bytes()
 
 
 def test_an_unreadable_entry_is_dropped_not_raised(models: Models, disk_dir: Path) -> None:
