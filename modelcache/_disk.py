@@ -58,10 +58,12 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from ._diskformat import (
     MANIFEST_NAME,
     OPEN_DIR,
+    OPEN_LOCK,
     OPEN_NEW,
     OPEN_READ,
     DiskEntry,
@@ -73,6 +75,7 @@ from ._diskformat import (
     fsync_dir,
     ident,
     manifest_bytes,
+    open_beneath,
     plan_files,
     pwrite_all,
     read_entry,
@@ -192,7 +195,14 @@ class DiskTier:
         self._trash_fds: dict[str, int] = {}
         self._hits = self._misses = self._writes = self._evictions = 0
         self._full = self._leftovers = 0
-        self._store = Store(self._resolve, allow_slash_in_ids=True, max_id_length=1 << 16)
+        # Entries are checked (lstat, O_NOFOLLOW) when found, but read later by path: the
+        # store's opens must refuse links too, or one planted in between would be followed.
+        self._store = Store(
+            self._resolve,
+            allow_slash_in_ids=True,
+            max_id_length=1 << 16,
+            opener=partial(open_beneath, self._root),
+        )
 
     def __repr__(self) -> str:
         return f"DiskTier({self._root!r}, {self.stats()})"
@@ -279,9 +289,7 @@ class DiskTier:
         if not os.access(self._root, os.W_OK | os.X_OK):
             return False
         try:
-            fd = os.open(
-                self._lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
-            )
+            fd = os.open(self._lock_path, OPEN_LOCK, 0o644)
         except OSError as exc:
             if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 return False
@@ -412,7 +420,16 @@ class DiskTier:
         )
         full = False  # met ENOSPC: evict before trying again
         while True:
-            started = self._begin(entry, len(files) + 2, evict=full)
+            try:
+                started = self._begin(entry, len(files) + 2, evict=full)
+            except OSError as exc:
+                # Making the temp dir needs an inode and a directory block: a filesystem out of
+                # inodes (bytes to spare) fails here, and must evict like a full one.
+                if exc.errno not in _FULL_ERRNOS or full:
+                    raise
+                self._note_full(info.model_id, exc)
+                full = True
+                continue
             if not isinstance(started, tuple):
                 return started
             temp, temp_fd = started
@@ -422,21 +439,23 @@ class DiskTier:
                 except OSError as exc:
                     if exc.errno not in _FULL_ERRNOS or full:
                         raise
-                    logger.warning(
-                        "disk tier %s is full writing %r (%s): evicting to make room, then "
-                        "trying once more",
-                        self._root,
-                        info.model_id,
-                        exc,
-                    )
-                    with self._lock:
-                        self._full += 1
+                    self._note_full(info.model_id, exc)
                     full = True
                     continue
                 return self._publish(entry, temp, manifest, st)
             finally:
                 remove_tree(temp)  # gone already when it was published
                 os.close(temp_fd)
+
+    def _note_full(self, model_id: str, exc: OSError) -> None:
+        logger.warning(
+            "disk tier %s is full writing %r (%s): evicting to make room, then trying once more",
+            self._root,
+            model_id,
+            exc,
+        )
+        with self._lock:
+            self._full += 1
 
     def _begin(
         self, entry: DiskEntry, nfiles: int, *, evict: bool
@@ -470,6 +489,8 @@ class DiskTier:
                         format_bytes(size),
                     )
                     return None
+                if evict:
+                    self._empty(trash)  # the evicted entry's inodes, freed before the mkdir
                 temp = os.path.join(
                     self._root, f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{size}"
                 )

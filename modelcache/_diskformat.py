@@ -16,6 +16,7 @@ model comes from the store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -32,6 +33,7 @@ from ._format import INDEX_NAME, SINGLE_NAME, ModelInfo, Segment
 __all__ = [
     "MANIFEST_NAME",
     "OPEN_DIR",
+    "OPEN_LOCK",
     "OPEN_NEW",
     "OPEN_READ",
     "DiskEntry",
@@ -43,6 +45,7 @@ __all__ = [
     "fsync_dir",
     "ident",
     "manifest_bytes",
+    "open_beneath",
     "plan_files",
     "pwrite_all",
     "read_entry",
@@ -60,6 +63,8 @@ _SLUG_LENGTH = 48
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 OPEN_READ = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+#: The lock file: never through a link (O_CREAT would make its target, wherever it points).
+OPEN_LOCK = os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _WRITE_CHUNK = 1 << 30  # below Linux's ~2 GiB cap on one write
 
@@ -162,6 +167,29 @@ def unlocked(path: str) -> bool:
     return True
 
 
+def open_beneath(root: str, path: str) -> int:
+    """Open ``path`` (a file under the directory ``root``) for reading without following a link
+    below ``root``: each directory on the way is opened from the previous one with
+    ``O_NOFOLLOW``, so an entry (or a file in it) replaced by a symlink after it was checked
+    fails to open (ELOOP/ENOTDIR) instead of being read from wherever the link points."""
+    relative = os.path.relpath(path, root)
+    parts = relative.split(os.sep)
+    if relative.startswith(os.pardir) or os.path.isabs(relative) or "" in parts:
+        raise PermissionError(errno.EACCES, "outside the disk tier", path)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in parts[:-1]:
+            parent, fd = fd, -1
+            try:
+                fd = os.open(part, OPEN_DIR, dir_fd=parent)
+            finally:
+                os.close(parent)
+        return os.open(parts[-1], OPEN_READ, dir_fd=fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def safe_name(name: object) -> bool:
     return (
         isinstance(name, str)
@@ -181,7 +209,7 @@ def flocked(path: str, *, read_only: bool = False) -> Iterator[None]:
     where there is none, nobody ever wrote here, and the directory itself is locked instead.
     """
     if not read_only:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(path, OPEN_LOCK, 0o644)
     else:
         try:
             fd = os.open(path, OPEN_READ)

@@ -133,9 +133,24 @@ def _is_a_directory(path: str) -> IsADirectoryError:
     return IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
 
 
-def _open_regular(path: str, opened: list[int]) -> int:
+def _open_plain(path: str) -> int:
+    return os.open(path, _OPEN_FLAGS)
+
+
+def _stat_local(path: str, opener: Callable[[str], int]) -> os.stat_result:
+    """``os.stat``, or the stat of what ``opener`` opens (it may refuse what stat follows)."""
+    if opener is _open_plain:
+        return os.stat(path)
+    fd = opener(path)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: str, opened: list[int], opener: Callable[[str], int]) -> int:
     """Open ``path``, append the fd to ``opened`` (the caller closes it), return the file size."""
-    fd = os.open(path, _OPEN_FLAGS)
+    fd = opener(path)
     opened.append(fd)
     st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):
@@ -154,8 +169,8 @@ def _pread_full(fd: int, buf: memoryview, offset: int) -> int:
     return filled
 
 
-def _pread_range(path: str, start: int, end: int) -> bytes:
-    fd = os.open(path, _OPEN_FLAGS)
+def _pread_range(path: str, start: int, end: int, opener: Callable[[str], int]) -> bytes:
+    fd = opener(path)
     try:
         parts: list[bytes] = []
         pos = start
@@ -210,6 +225,7 @@ class Store:
         max_retries: int = 4,
         retry_base_delay: float = 0.05,
         retry_max_delay: float = 2.0,
+        opener: Callable[[str], int] | None = None,
     ) -> None:
         if isinstance(location, str):
             if location.count("{model_id}") != 1:
@@ -243,6 +259,8 @@ class Store:
         self._max_retries = max_retries
         self._retry_base_delay = retry_base_delay
         self._retry_max_delay = retry_max_delay
+        #: Opens a local path for reading (the disk tier's never follows a link in an entry).
+        self._opener = opener if opener is not None else _open_plain
         self._filesystems: dict[str, Any] = {}
         self._limiter: anyio.CapacityLimiter | None = None  # made in the loop, on first read
         self._bytes_read = 0
@@ -293,7 +311,9 @@ class Store:
         with translated("stat", url, model_id):
             path = self.local_path(url)
             if path is not None:
-                st = await anyio.to_thread.run_sync(os.stat, path, limiter=self._get_limiter())
+                st = await anyio.to_thread.run_sync(
+                    _stat_local, path, self._opener, limiter=self._get_limiter()
+                )
                 if stat.S_ISDIR(st.st_mode):
                     raise _is_a_directory(path)
                 return st.st_size
@@ -335,7 +355,7 @@ class Store:
             path = self.local_path(url)
             if path is not None:
                 data = await anyio.to_thread.run_sync(
-                    _pread_range, path, start, end, limiter=limiter
+                    _pread_range, path, start, end, self._opener, limiter=limiter
                 )
             else:
                 fs, fspath = await self._remote(url)
@@ -532,7 +552,9 @@ class Store:
         limiter = self._get_limiter()
         opened: list[int] = []  # the worker puts the fd here, so a cancelled open still closes it
         try:
-            file_size = await anyio.to_thread.run_sync(_open_regular, path, opened, limiter=limiter)
+            file_size = await anyio.to_thread.run_sync(
+                _open_regular, path, opened, self._opener, limiter=limiter
+            )
             if file_size < offset + len(dest):  # fail before moving any byte
                 raise truncated(url, model_id, offset, len(dest), max(0, file_size - offset))
             fd = opened[0]

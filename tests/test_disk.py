@@ -13,6 +13,7 @@ import multiprocessing.queues
 import multiprocessing.synchronize
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import anyio
 import pytest
 import torch
 
-from modelcache import StoreError
+from modelcache import ModelCacheError, StoreError
 from modelcache._disk import DiskEntry, DiskTier
 from modelcache._diskformat import MANIFEST_NAME, entry_name, pwrite_all
 from modelcache._format import ModelInfo
@@ -629,6 +630,42 @@ def test_symlinks_in_an_entry_are_not_followed(models: Models, disk_dir: Path) -
     assert sorted(os.listdir(disk_dir)) == [".lock", entry_name("b")]
 
 
+def test_links_planted_after_the_check_are_not_followed_by_reads(
+    models: Models, disk_dir: Path
+) -> None:
+    """A file or entry directory replaced by a symlink after get() and acquire() checked it is
+    not read through the link: the tier's store fails to open it (the cache then reads the
+    store) instead of serving the bytes the link points to."""
+    tier = opened(disk_dir, 3 * BUDGET)
+    a, b = (tier.write(*models.add(m, seed=i)) for i, m in enumerate("ab"))
+    assert a is not None and b is not None
+    elsewhere = disk_dir.parent / "elsewhere"
+    elsewhere.mkdir()
+    planted = elsewhere / "model.safetensors"
+    planted.write_bytes((Path(b.directory) / "model.safetensors").read_bytes())  # same size
+
+    def swap_file() -> None:
+        weights = Path(a.directory) / "model.safetensors"
+        weights.unlink()
+        weights.symlink_to(planted)
+
+    def swap_directory() -> None:
+        shutil.copy(Path(a.directory) / MANIFEST_NAME, elsewhere / MANIFEST_NAME)
+        shutil.rmtree(a.directory)
+        os.symlink(elsewhere, a.directory)
+
+    for swap in (swap_file, swap_directory):
+        entry = tier.get("a")
+        assert entry is not None and tier.acquire(entry)
+        swap()
+        with pytest.raises(ModelCacheError):
+            load_tensors(tier.store, "a", zero_copy=False)
+        tier.release(entry)
+        tier.remove("a")  # damaged now: deleted (a link, not what it points to)
+        assert tier.write(*models.add("a", seed=0)) is not None
+    assert planted.read_bytes() == (Path(b.directory) / "model.safetensors").read_bytes()
+
+
 def test_an_unreadable_entry_is_dropped_not_raised(models: Models, disk_dir: Path) -> None:
     """An entry whose manifest cannot be read (a directory in its place; EIO goes the same way)
     is a miss that deletes it, on get() and on open()."""
@@ -728,6 +765,27 @@ def test_a_really_full_filesystem_evicts_to_make_room(models: Models, small_tmpf
     assert leftovers(small_tmpfs) == []
 
 
+def test_a_filesystem_out_of_inodes_evicts_to_make_room(models: Models, tmp_path: Path) -> None:
+    """A filesystem with bytes to spare but no inode left (the temp dir's mkdir fails with
+    ENOSPC) evicts the least recently used entry and retries, like one out of bytes."""
+    mount = tmp_path / "inodes"
+    mount.mkdir()
+    # The root, the lock file and 3 entries of 3 inodes (directory, model, manifest): full.
+    if not _mount("-t", "tmpfs", "-o", "size=8m,nr_inodes=11", "tmpfs", str(mount)):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        tier = opened(mount, "4MiB")
+        for i in range(6):
+            assert tier.write(*models.add(f"m{i}", seed=i)) is not None, i
+            assert f"m{i}" in tier
+        stats = tier.stats()
+        assert stats.full > 0 and stats.evictions > 0
+        assert "m0" not in tier
+        assert leftovers(mount) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 def test_a_read_only_directory_is_served_and_never_written(models: Models, tmp_path: Path) -> None:
     """A directory on a read-only mount opens read-only: its entries load, writes and removals
     do nothing, nothing raises."""
@@ -754,6 +812,17 @@ def test_a_read_only_directory_is_served_and_never_written(models: Models, tmp_p
         assert sorted(os.listdir(mount)) == [".lock", ".tmp-1-0123abcd-100", entry_name("a")]
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_lock_file_that_is_a_link_is_never_followed(disk_dir: Path, tmp_path: Path) -> None:
+    """A ``.lock`` that is a symlink is a typed error naming it; its target is neither created
+    nor opened (O_CREAT through a link would make a file wherever it points)."""
+    disk_dir.mkdir()
+    target = tmp_path / "elsewhere"
+    (disk_dir / ".lock").symlink_to(target)
+    with pytest.raises(StoreError, match=r"\.lock"):
+        opened(disk_dir, BUDGET)
+    assert not target.exists()
 
 
 def test_a_directory_that_cannot_be_made_is_a_typed_error(tmp_path: Path) -> None:
