@@ -74,6 +74,8 @@ _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _PAGE = mmap.PAGESIZE
 #: Host buffers below this come from the heap rather than a mapping of their own.
 _SMALL = 1 << 20
+#: Models with more tensors than this get their views made in a worker thread.
+_VIEWS_ON_LOOP = 256
 #: A fresh buffer is faulted in ahead of the reads in steps of this many bytes.
 _PREFAULT_STEP = 64 << 20
 
@@ -195,6 +197,15 @@ def tensor_views(buffer: torch.Tensor, info: ModelInfo, base: int = 0) -> dict[s
     return tensors
 
 
+async def build_views(
+    buffer: torch.Tensor, info: ModelInfo, base: int = 0
+) -> dict[str, torch.Tensor]:
+    """`tensor_views`, in a worker thread for a model of many tensors (~5 us each)."""
+    if len(info.tensors) > _VIEWS_ON_LOOP:
+        return await anyio.to_thread.run_sync(tensor_views, buffer, info, base)
+    return tensor_views(buffer, info, base)
+
+
 def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
     """Map the model's file copy-on-write and fault every page in; the mapping is the buffer.
 
@@ -296,7 +307,7 @@ class TorchBackend:
     async def promote(self, block: HostBlock, info: ModelInfo) -> Weights:
         """The model in ``block`` copied to a new device buffer, as `Weights`."""
         buffer = await self.to_device(block.tensor)
-        return Weights(tensor_views(buffer, info), info, buffer)
+        return Weights(await build_views(buffer, info), info, buffer)
 
     async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
         """Copy ``loaded`` (this backend's `Weights`) into ``block``."""
@@ -341,7 +352,7 @@ class TorchBackend:
             pool, engine = await self._cuda_staging()
             buffer = await anyio.to_thread.run_sync(self._device_empty, info.nbytes, engine)
             await stage_to_device(store, info, buffer, pool, engine)
-            return Weights(tensor_views(buffer, info), info, buffer)
+            return Weights(await build_views(buffer, info), info, buffer)
         base = 0
         path = None
         if self.device.type == "cpu" and self.zero_copy and zero_copy and info.mappable:
@@ -355,7 +366,7 @@ class TorchBackend:
             del view
             if self.device.type != "cpu":
                 buffer = await anyio.to_thread.run_sync(self._to_device, buffer)
-        return Weights(tensor_views(buffer, info, base), info, buffer)
+        return Weights(await build_views(buffer, info, base), info, buffer)
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         device_buffer = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)
