@@ -2,10 +2,11 @@
 
 Two ways to fill a CPU buffer, chosen per model:
 
-* **zero-copy** - a local single-file model whose tensors are aligned in the file is mapped
-  (copy-on-write, so writes never reach the file) and its pages are faulted in eagerly with
-  ``MADV_POPULATE_READ``, which is what ``safetensors.torch.load_file`` does lazily. The model is
-  ready when the call returns: no first-inference page faults.
+* **zero-copy** (opt-in, see `TorchBackend`) - a local single-file model whose tensors are
+  aligned in the file is mapped (copy-on-write, so writes never reach the file) and its pages
+  are faulted in eagerly with ``MADV_POPULATE_READ``, which is what
+  ``safetensors.torch.load_file`` does lazily. The model is ready when the call returns: no
+  first-inference page faults.
 * **copy** - everything else: a page-aligned private mapping on huge pages (small models: the
   heap) filled by the store's concurrent ranged reads.
 
@@ -267,13 +268,20 @@ class TorchBackend:
     On CUDA, loads stream through ``staging_chunks`` pinned chunks of ``staging_chunk_size``
     bytes (one allocation, made on the first load). A CUDA device that torch cannot use is a
     ValueError here, not a torch error later.
+
+    ``zero_copy=True`` (CPU devices) serves a local, aligned single-file model from a mapping of
+    the store's file instead of a copy: opt in only where files are never changed in place. A
+    mapping shares the file's pages until they are written, so a file truncated under it makes
+    the next access to the weights kill the process (SIGBUS), and a file rewritten in place
+    changes the weights being served. Replacing a file by rename is safe. Copying (the default)
+    reads the file once and serves the copy whatever happens to the file.
     """
 
     def __init__(
         self,
         device: str | torch.device = "cpu",
         *,
-        zero_copy: bool = True,
+        zero_copy: bool = False,
         staging_chunk_size: int = 32 << 20,
         staging_chunks: int = 4,
     ) -> None:

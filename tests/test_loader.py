@@ -365,6 +365,41 @@ async def test_a_header_of_many_tensors_does_not_stall_the_event_loop(tmp_path: 
     assert max(gaps) < elapsed / 3, (max(gaps), elapsed)
 
 
+def test_store_file_changes_cannot_crash_or_change_a_default_cache(tmp_path: Path) -> None:
+    """Under the default settings, a loaded model's store file truncated, or rewritten in place
+    at the same size, neither kills the process (it once died of SIGBUS) nor changes the weights
+    it serves."""
+    for model_id in ("cut", "rewritten"):
+        write_model(tmp_path / model_id, {"w": random_tensor(torch.int32, (64, 1024), 7)})
+    result = run_python(
+        f"""
+        import anyio, os
+        from modelcache import ModelCache
+
+        async def main():
+            async with ModelCache("file://{tmp_path}/{{model_id}}", device_budget="64MiB") as c:
+                for model_id in ("cut", "rewritten"):
+                    async with c.use(model_id) as weights:
+                        want = weights["w"].clone()
+                    path = os.path.join({str(tmp_path)!r}, model_id, "model.safetensors")
+                    if model_id == "cut":
+                        os.truncate(path, 0)
+                    else:
+                        size = os.path.getsize(path)
+                        with open(path, "r+b") as f:  # the same size, other weights
+                            f.seek(size - (1 << 18))
+                            f.write(bytes(1 << 18))
+                    async with c.use(model_id) as weights:
+                        assert weights["w"].equal(want), model_id
+            print("ok")
+
+        anyio.run(main)
+        """
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+    assert result.stdout.strip() == "ok"
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("misalign", [False, True], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copy"])
