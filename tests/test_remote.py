@@ -254,6 +254,23 @@ async def test_http_misaligned_tensors_cost_a_bounded_number_of_requests(
     assert http_server.count("GET", f"{url}/m1/model.safetensors") <= 3
 
 
+async def test_http_server_ignoring_range_serves_loads_with_bounded_transfer(
+    http_server: HttpServer,
+) -> None:
+    """A server that answers every ranged GET with the whole file (200): the model loads
+    bit-exact, a header read stops early instead of downloading the file, and the host's files
+    are then read in one request each, not one per chunk (each would stream from the start)."""
+    root, url = http_server.fresh_dir()
+    g = torch.Generator().manual_seed(9)
+    write_model(root / "m1", {"w": torch.randint(0, 1 << 30, (8 * MIB,), generator=g)})
+    size = (root / "m1" / "model.safetensors").stat().st_size
+    http_server.ignore_ranges = True
+    store = Store(f"{url}/{{model_id}}/", read_chunk_size=4 * MIB)
+    got = await load(store, "m1")
+    assert_bit_exact(got, expected_tensors(root / "m1" / "model.safetensors"))
+    assert http_server.bytes_sent < 1.5 * size, (http_server.bytes_sent, size)
+
+
 async def test_http_missing_model_is_not_found(http_server: HttpServer) -> None:
     """A model the server does not have (404) raises ModelNotFoundError, not StoreError."""
     _, url = http_server.fresh_dir()
