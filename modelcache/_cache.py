@@ -183,6 +183,9 @@ class ModelCache:
     With a ``host_budget``, models evicted from the device move to host memory (pinned on CUDA)
     and come back from there with one copy instead of a download.
 
+    ``zero_copy=True`` maps local files instead of copying them: only for stores whose files
+    never change in place (see `TorchBackend`).
+
     ``backend`` replaces the default ``TorchBackend(device, zero_copy=zero_copy)`` with any
     `DeviceBackend` (such as ``CupyBackend(0)``); ``device`` and ``zero_copy`` then stay unset.
 
@@ -206,7 +209,7 @@ class ModelCache:
         failure_ttl: float = 5.0,
         storage_options: dict[str, Any] | None = None,
         allow_slash_in_ids: bool = False,
-        zero_copy: bool = True,
+        zero_copy: bool | None = None,
         policy: EvictionPolicy | None = None,
         backend: DeviceBackend | None = None,
         host_policy: EvictionPolicy | None = None,
@@ -225,8 +228,8 @@ class ModelCache:
         if failure_ttl < 0:
             raise ValueError(f"failure_ttl must not be negative, got {failure_ttl}")
         if backend is None:
-            backend = TorchBackend(device, zero_copy=zero_copy)
-        elif str(device) != "cpu" or not zero_copy:
+            backend = TorchBackend(device, zero_copy=bool(zero_copy))  # default: copy
+        elif str(device) != "cpu" or zero_copy is not None:
             raise TypeError("pass device and zero_copy to the backend itself")
         self._backend: DeviceBackend = backend
         self._device = ByteBudget(

@@ -10,10 +10,15 @@ the reference implementation: ``N`` at most 100 MB and inside the file, a JSON o
 ``end - start == prod(shape) * itemsize``, and the ranges sorted by offset tile the data section
 exactly: no overlap, no hole, nothing missing at the end (truncated data) and nothing extra.
 
-Layout: a model's shards are placed one after another in ONE buffer, each shard's data section
-copied as it is on disk, so loading is a few large reads. A tensor whose offset is not a multiple
-of its item size (legal in the format, fatal for a typed view) is shifted forward by the padding
-it needs; the reads are then split into `Segment`s, runs of bytes that keep one shift.
+Limits of our own, so that what a header costs to parse and to hold is bounded whatever it says
+(a model's description is not charged to any tier's byte budget): a file, and a model, hold at
+most `max_tensors` of its weight bytes: `MAX_TENSORS`, or one tensor per `BYTES_PER_TENSOR` of
+weights where that is more (a 405B checkpoint has a few thousand tensors per shard; the largest
+mixture-of-experts checkpoints about 90,000 in all, over hundreds of GB); and a model's headers
+total at most `MAX_HEADER_SIZE` bytes (the format's per-file limit, applied to the model). A
+tensor's description and view cost about 1.3 KiB, so what a loaded model holds beyond its
+charged bytes is at most ~85 MiB (65,536 empty tensors), or ~2% of its weight bytes where more
+tensors are allowed; KiBs to a few MiB for real models.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from typing import Any
 from ._exceptions import ModelFormatError
 
 __all__ = [
+    "BYTES_PER_TENSOR",
     "DTYPE_SIZES",
     "INDEX_NAME",
     "MAX_HEADER_SIZE",
+    "MAX_TENSORS",
     "SINGLE_NAME",
     "ModelInfo",
     "Segment",
@@ -39,6 +46,7 @@ __all__ = [
     "TensorInfo",
     "header_length",
     "layout_model",
+    "max_tensors",
     "parse_header",
     "parse_index",
 ]
@@ -46,6 +54,18 @@ __all__ = [
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_SIZE = 100_000_000
+#: Tensors in one file or model at most, unless its weights allow more (see `max_tensors`).
+#: Zero-size tensors cost no buffer byte but a few hundred bytes of description each.
+MAX_TENSORS = 65_536
+#: Beyond MAX_TENSORS, a file or model may hold one tensor per this many bytes of weights.
+BYTES_PER_TENSOR = 64 << 10
+
+
+def max_tensors(nbytes: int) -> int:
+    """The most tensors a file or model with ``nbytes`` bytes of weights may hold."""
+    return max(MAX_TENSORS, nbytes // BYTES_PER_TENSOR)
+
+
 #: Each shard starts at a multiple of this in the model's buffer (what cudaMalloc guarantees).
 SHARD_ALIGNMENT = 256
 
@@ -177,9 +197,15 @@ def header_length(prefix: bytes, file_size: int, *, model_id: str, url: str) -> 
     return int(length)
 
 
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A Python call per JSON object: where a header is parsed in a worker thread, the event
+    # loop's thread can take the GIL back between objects (json's C scanner never lets go).
+    return dict(pairs)
+
+
 def _load_json(data: bytes, what: str, model_id: str, url: str) -> dict[str, Any]:
     try:
-        value = json.loads(data.decode("utf-8"))
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_pairs)
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting or numbers
         raise _error(f"{what} is not valid JSON ({exc})", model_id, url) from exc
     if not isinstance(value, dict):
@@ -235,6 +261,14 @@ def parse_header(
     data_start = 8 + len(header)
     raw = _load_json(header, "header", model_id, url)
     metadata = _metadata(raw.pop("__metadata__", None), model_id, url)
+    data_size = file_size - data_start
+    if len(raw) > max_tensors(data_size):
+        raise _error(
+            f"header lists {len(raw)} tensors, more than the limit of "
+            f"{max_tensors(data_size)} for {data_size} bytes of weights",
+            model_id,
+            url,
+        )
     tensors = sorted(
         (_tensor(key, entry, name, model_id, url) for key, entry in raw.items()),
         key=lambda t: (t.start, t.end),
@@ -249,7 +283,6 @@ def parse_header(
                 url,
             )
         position = tensor.end
-    data_size = file_size - data_start
     if position != data_size:
         kind = "truncated" if position > data_size else "has trailing bytes"
         raise _error(
@@ -286,6 +319,17 @@ def parse_index(
     weight_map = raw.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise _error("index has no weight_map object", model_id, url)
+    # Before a shard header is read: the claimed total_size may only allow more tensors, and
+    # layout_model checks the real figure.
+    claimed = raw.get("metadata")
+    total = claimed.get("total_size") if isinstance(claimed, dict) else None
+    limit = max_tensors(total if isinstance(total, int) and _is_count(total) else 0)
+    if len(weight_map) > limit:
+        raise _error(
+            f"index lists {len(weight_map)} tensors, more than the limit of {limit} per model",
+            model_id,
+            url,
+        )
     for tensor, shard in weight_map.items():
         if not isinstance(tensor, str):
             raise _error("index weight_map keys must be tensor names", model_id, url)
@@ -310,6 +354,15 @@ def layout_model(
     With a ``weight_map`` (sharded models), every tensor must be in the shard the index names,
     and every tensor the index names must exist.
     """
+    count = sum(len(shard.tensors) for shard in shards)
+    weights = sum(shard.data_size for shard in shards)
+    if count > max_tensors(weights):
+        raise _error(
+            f"model has {count} tensors, more than the limit of {max_tensors(weights)} "
+            f"for {weights} bytes of weights",
+            model_id,
+            url,
+        )
     tensors: dict[str, TensorInfo] = {}
     segments: list[Segment] = []
     cursor = 0

@@ -4,21 +4,35 @@ Reading a model's description costs a few KiB of I/O whatever its size: the file
 ranged read of the first 8 KiB, which holds the whole header of most models (one more read
 fetches the rest of a longer one). A sharded model costs one index read and then its shard headers,
 read concurrently.
+
+Parsing is CPU work of about 10 us per tensor: a header longer than the first read (over ~80
+tensors), a large index or config, and the layout of a model of many tensors are worked out in a
+thread, so the event loop never waits on them. A model's headers total at most
+`MAX_HEADER_SIZE` bytes, checked before each is read.
+
+Filling a buffer reads each shard's data section as ONE run of the file, scattered into the
+segments of the layout (``Store.read_scatter``): a header of thousands of tensors that each need
+their own shift costs one open (or one window of requests), not one per tensor; and at most
+``_RUNS_AT_ONCE`` shards are read at once.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
+
+import anyio.to_thread
 
 from ._concurrency import gather
 from ._exceptions import ModelFormatError, ModelNotFoundError
 from ._format import (
     INDEX_NAME,
+    MAX_HEADER_SIZE,
     SINGLE_NAME,
     ModelInfo,
+    Segment,
     ShardHeader,
     header_length,
     layout_model,
@@ -27,7 +41,7 @@ from ._format import (
 )
 from ._store import Store
 
-__all__ = ["CONFIG_NAME", "fill_buffer", "read_config", "read_model_info"]
+__all__ = ["CONFIG_NAME", "fill_buffer", "plan_runs", "read_config", "read_model_info"]
 
 CONFIG_NAME = "config.json"
 #: First read of a file: the whole header of a model with up to ~80 tensors; larger headers
@@ -35,6 +49,40 @@ CONFIG_NAME = "config.json"
 _PREFIX = 8 << 10
 #: Index and config files larger than this are refused rather than read.
 _MAX_SIDE_FILE = 16 << 20
+#: JSON longer than this is parsed in a thread (~1 ms of parsing), and so is the layout of a
+#: model with more tensors than _LAYOUT_ON_LOOP.
+_PARSE_ON_LOOP = _PREFIX
+_LAYOUT_ON_LOOP = 256
+#: Shards one `fill_buffer` reads at once (each read holds a file open or a window of requests).
+_RUNS_AT_ONCE = 4
+
+T = TypeVar("T")
+
+
+async def _off_loop_if(big: bool, call: Callable[[], T]) -> T:
+    """``call()``, in a worker thread when ``big`` (CPU work that would hold the event loop)."""
+    if big:
+        return await anyio.to_thread.run_sync(call)
+    return call()
+
+
+class _HeaderBudget:
+    """Bytes of headers a model may still read (`MAX_HEADER_SIZE` for all its shards)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_HEADER_SIZE
+
+    def take(self, length: int, *, model_id: str, url: str) -> None:
+        if length > self.left:
+            raise ModelFormatError(
+                f"model {model_id!r}: {url}: its headers total more than the limit of "
+                f"{MAX_HEADER_SIZE} bytes per model",
+                model_id=model_id,
+                path=url,
+            )
+        self.left -= length
 
 
 async def read_model_info(store: Store, model_id: str) -> ModelInfo:
@@ -43,16 +91,18 @@ async def read_model_info(store: Store, model_id: str) -> ModelInfo:
     Raises InvalidModelIdError, ModelNotFoundError, ModelFormatError or StoreError.
     """
     url = store.model_url(model_id)
+    budget = _HeaderBudget()
     if url.endswith(".safetensors"):
-        return layout_model(model_id, url, [await _read_shard(store, model_id, url, url)])
+        shard = await _read_shard(store, model_id, url, url, budget)
+        return await _layout(model_id, url, [shard])
     single = store.join(url, SINGLE_NAME)
     try:
         size = await store.size(single, model_id=model_id)
     except ModelNotFoundError:
         pass
     else:
-        shard = await _read_shard(store, model_id, single, SINGLE_NAME, size=size)
-        return layout_model(model_id, url, [shard])
+        shard = await _read_shard(store, model_id, single, SINGLE_NAME, budget, size=size)
+        return await _layout(model_id, url, [shard])
 
     index_url = store.join(url, INDEX_NAME)
     try:
@@ -63,12 +113,14 @@ async def read_model_info(store: Store, model_id: str) -> ModelInfo:
             model_id=model_id,
             path=url,
         ) from exc
-    weight_map, metadata = parse_index(data, model_id=model_id, url=index_url)
+    weight_map, metadata = await _off_loop_if(
+        len(data) > _PARSE_ON_LOOP, partial(parse_index, data, model_id=model_id, url=index_url)
+    )
 
     async def read(name: str) -> ShardHeader:
         shard_url = store.join(url, name)
         try:
-            return await _read_shard(store, model_id, shard_url, name)
+            return await _read_shard(store, model_id, shard_url, name, budget)
         except ModelNotFoundError as exc:
             raise ModelFormatError(
                 f"model {model_id!r}: {INDEX_NAME} names shard {name!r}, "
@@ -79,26 +131,51 @@ async def read_model_info(store: Store, model_id: str) -> ModelInfo:
 
     names = sorted(set(weight_map.values()))
     headers = await gather([partial(read, name) for name in names])
-    return layout_model(model_id, url, headers, weight_map=weight_map, metadata=metadata)
+    return await _layout(model_id, url, headers, weight_map=weight_map, metadata=metadata)
+
+
+async def _layout(
+    model_id: str,
+    url: str,
+    shards: list[ShardHeader],
+    *,
+    weight_map: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> ModelInfo:
+    layout = partial(layout_model, model_id, url, shards, weight_map=weight_map, metadata=metadata)
+    return await _off_loop_if(sum(len(s.tensors) for s in shards) > _LAYOUT_ON_LOOP, layout)
 
 
 async def _read_shard(
-    store: Store, model_id: str, url: str, name: str, *, size: int | None = None
+    store: Store,
+    model_id: str,
+    url: str,
+    name: str,
+    budget: _HeaderBudget,
+    *,
+    size: int | None = None,
 ) -> ShardHeader:
     if size is None:
         size = await store.size(url, model_id=model_id)
     prefix = await store.read_range(url, 0, min(size, _PREFIX), model_id=model_id)
     length = header_length(prefix, size, model_id=model_id, url=url)
+    budget.take(length, model_id=model_id, url=url)
     end = 8 + length
+    rest = b""
     if len(prefix) < end:
-        prefix += await store.read_range(url, len(prefix), end, model_id=model_id)
-        if len(prefix) < end:
+        rest = await store.read_range(url, len(prefix), end, model_id=model_id)
+        if len(prefix) + len(rest) < end:
             raise ModelFormatError(
                 f"model {model_id!r}: {url}: file shrank while its header was read",
                 model_id=model_id,
                 path=url,
             )
-    return parse_header(prefix[8:end], size, name=name, model_id=model_id, url=url)
+
+    def parse() -> ShardHeader:
+        header = prefix[8:end] + rest  # joined here: a copy of up to 100 MB is off the loop too
+        return parse_header(header, size, name=name, model_id=model_id, url=url)
+
+    return await _off_loop_if(length > _PARSE_ON_LOOP, parse)
 
 
 async def _read_side_file(store: Store, model_id: str, url: str) -> bytes:
@@ -123,7 +200,9 @@ async def read_config(store: Store, model_id: str) -> Mapping[str, Any] | None:
     except ModelNotFoundError:
         return None
     try:
-        config = json.loads(data.decode("utf-8"))
+        config = await _off_loop_if(
+            len(data) > _PARSE_ON_LOOP, lambda: json.loads(data.decode("utf-8"))
+        )
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting or numbers
         raise ModelFormatError(
             f"model {model_id!r}: {config_url} is not valid JSON ({exc})",
@@ -139,24 +218,40 @@ async def read_config(store: Store, model_id: str) -> Mapping[str, Any] | None:
     return config
 
 
-async def fill_buffer(store: Store, info: ModelInfo, dest: memoryview) -> None:
-    """Read every segment of ``info`` into ``dest`` (``info.nbytes`` writable bytes), concurrently.
+def plan_runs(segments: Sequence[Segment]) -> list[list[Segment]]:
+    """``segments`` grouped into runs: consecutive segments of one file, each starting where the
+    one before it ends, so that a run is one contiguous range of the file (one read)."""
+    runs: list[list[Segment]] = []
+    for seg in segments:
+        if runs:
+            last = runs[-1][-1]
+            if last.url == seg.url and last.src + last.length == seg.src:
+                runs[-1].append(seg)
+                continue
+        runs.append([seg])
+    return runs
 
-    The store splits each segment into chunks and bounds its own concurrency.
+
+async def fill_buffer(store: Store, info: ModelInfo, dest: memoryview) -> None:
+    """Read every segment of ``info`` into ``dest`` (``info.nbytes`` writable bytes).
+
+    One scattered read per run of segments (a shard's whole data section), ``_RUNS_AT_ONCE``
+    at a time; the store splits each into chunks and bounds its own concurrency.
     """
     if len(dest) != info.nbytes:
         raise ValueError(
             f"buffer is {len(dest)} bytes, model {info.model_id!r} needs {info.nbytes}"
         )
-    await gather(
-        [
-            partial(
-                store.read_into,
-                seg.url,
-                seg.src,
-                dest[seg.dst : seg.dst + seg.length],
-                model_id=info.model_id,
-            )
-            for seg in info.segments
-        ]
-    )
+    runs = iter(plan_runs(info.segments))  # shared: each run is read by the worker that takes it
+
+    async def worker() -> None:
+        for run in runs:
+            first = run[0]
+            if len(run) == 1:  # the usual case: a shard that keeps one shift
+                view = dest[first.dst : first.dst + first.length]
+                await store.read_into(first.url, first.src, view, model_id=info.model_id)
+            else:
+                views = [dest[seg.dst : seg.dst + seg.length] for seg in run]
+                await store.read_scatter(first.url, first.src, views, model_id=info.model_id)
+
+    await gather([worker] * min(_RUNS_AT_ONCE, len(info.segments)))

@@ -7,6 +7,16 @@ range; a worker thread makes it in 4 MiB batches with the GIL released, so the c
 faults of a fresh buffer overlap the event loop's receiving. Other async filesystems go through
 ``_cat_file`` and one copy. The Store (``_store.py``) owns the sliding window, retries and error
 translation around these.
+
+A destination is a sequence of views filled in order (a scatter list): one contiguous range of the
+file lands in several places, so a run of tensors that each need their own shift in the model's
+buffer costs one request, not one per tensor.
+
+An http server may ignore ``Range`` and answer 200 with the whole file: the body is then streamed,
+the bytes before the range dropped, and the response closed as soon as the range is filled, so a
+header read never downloads a whole model. ``on_whole_body`` tells the Store, which then reads
+that host's files in one request each instead of a window of ranges (each of which would stream
+the file from its start).
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import errno
 import functools
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -43,9 +53,9 @@ def copy_into(dest: memoryview, data: bytes) -> None:
     ctypes.memmove(ctypes.addressof(target), data, len(data))
 
 
-#: ``read(start, dest)``: fill ``dest`` with the file's bytes from ``start``; return the count
-#: (fewer at end of file).
-RangeReader = Callable[[int, memoryview], Awaitable[int]]
+#: ``read(start, dests)``: fill the views of ``dests``, in order, with the file's bytes from
+#: ``start``; return the count (fewer at end of file).
+RangeReader = Callable[[int, Sequence[memoryview]], Awaitable[int]]
 
 
 def _is_plain(fs: Any, module: str, name: str) -> bool:
@@ -63,10 +73,15 @@ def is_http_class(cls: type) -> bool:
     return isinstance(http, type) and issubclass(cls, http)
 
 
-def range_reader(fs: Any, path: str) -> RangeReader:
-    """The way to read ranges of ``path`` into buffers that copies least on this filesystem."""
+def range_reader(
+    fs: Any, path: str, *, on_whole_body: Callable[[], None] | None = None
+) -> RangeReader:
+    """The way to read ranges of ``path`` into buffers that copies least on this filesystem.
+
+    ``on_whole_body`` is called when an http server answers a ranged GET with the whole file.
+    """
     if _is_plain(fs, "fsspec.implementations.http", "HTTPFileSystem"):
-        return functools.partial(_http_read, fs, path)
+        return functools.partial(_http_read, fs, path, on_whole_body)
     if _is_plain(fs, "s3fs.core", "S3FileSystem"):
         bucket, key, version = fs.split_path(path)
         return functools.partial(_s3_read, fs, bucket, key, version)
@@ -77,27 +92,34 @@ def _range_header(start: int, size: int) -> str:
     return f"bytes={start}-{start + size - 1}"
 
 
-def _scatter(base: int, parts: list[tuple[int, bytes]]) -> None:
-    """Copy each ``(offset, data)`` to address ``base + offset``.
+def _total(dests: Sequence[memoryview]) -> int:
+    return sum(len(d) for d in dests)
+
+
+def _scatter(parts: list[tuple[int, bytes]]) -> None:
+    """Copy each ``(address, data)`` to its address.
 
     ``ctypes.memmove`` releases the GIL, so in a worker thread the copy (and the page faults of a
     fresh destination) runs on another core while the event loop goes on receiving.
     """
-    for offset, data in parts:
-        ctypes.memmove(base + offset, data, len(data))
+    for address, data in parts:
+        ctypes.memmove(address, data, len(data))
 
 
-async def _drain(content: aiohttp.StreamReader, dest: memoryview, skip: int) -> int:
-    """Copy a response body into ``dest`` as it arrives, after dropping its first ``skip`` bytes.
+async def _drain(content: aiohttp.StreamReader, dests: Sequence[memoryview], skip: int) -> int:
+    """Copy a response body into ``dests`` as it arrives, after dropping its first ``skip`` bytes.
 
     ``readchunk`` hands over aiohttp's receive buffers one by one (``read(n)`` would join them
     into a new bytes first): each byte is copied once, straight into its place, in batches of
     ``_COPY_BATCH`` bytes by a worker thread (see `_scatter`; 30% faster loads over loopback
     http than copying on the loop). The thread always finishes before this returns or raises.
+    Reading stops once ``dests`` are full, whatever is left of the body.
     """
-    filled, size = 0, len(dest)
-    target = (ctypes.c_char * size).from_buffer(dest)  # dest's address (and a hold on it)
-    base = ctypes.addressof(target)
+    # The views' addresses, and a hold on each (a view cannot be released while held).
+    holds = [(ctypes.c_char * len(d)).from_buffer(d) for d in dests if len(d)]
+    targets = [(ctypes.addressof(h), len(h)) for h in holds]
+    filled, size = 0, _total(dests)
+    index = used = 0  # the target being filled, and how much of it is
     parts: list[tuple[int, bytes]] = []
     pending = 0
     try:
@@ -112,27 +134,44 @@ async def _drain(content: aiohttp.StreamReader, dest: memoryview, skip: int) -> 
                     skip -= len(data)
                     continue
                 data, skip = data[skip:], 0
-            n = min(len(data), size - filled)
-            parts.append((filled, data if n == len(data) else data[:n]))
-            filled += n
-            pending += n
+            while data and filled < size:
+                address, length = targets[index]
+                n = min(len(data), length - used)
+                if n == len(data):
+                    parts.append((address + used, data))
+                    data = b""
+                else:  # the chunk ends this target (or the range): split it
+                    parts.append((address + used, data[:n]))
+                    data = data[n:]
+                used += n
+                filled += n
+                pending += n
+                if used == length:
+                    index, used = index + 1, 0
             if pending >= _COPY_BATCH:
-                await anyio.to_thread.run_sync(_scatter, base, parts)
+                await anyio.to_thread.run_sync(_scatter, parts)
                 parts, pending = [], 0
         if pending >= COPY_IN_THREAD:
-            await anyio.to_thread.run_sync(_scatter, base, parts)
+            await anyio.to_thread.run_sync(_scatter, parts)
         else:
-            _scatter(base, parts)
+            _scatter(parts)
         return filled
     finally:
-        del target
+        del holds, targets
 
 
-async def _http_read(fs: Any, url: str, start: int, dest: memoryview) -> int:
+async def _http_read(
+    fs: Any,
+    url: str,
+    on_whole_body: Callable[[], None] | None,
+    start: int,
+    dests: Sequence[memoryview],
+) -> int:
     """One ranged GET on fsspec's HTTPFileSystem session, as its ``_cat_file`` makes it."""
+    size = _total(dests)
     kwargs = dict(fs.kwargs)
     headers = dict(kwargs.pop("headers", None) or {})
-    headers["Range"] = _range_header(start, len(dest))
+    headers["Range"] = _range_header(start, size)
     session = await fs.set_session()
     async with session.get(fs.encode_url(url), headers=headers, **kwargs) as response:
         if response.status == 416:  # the range starts at or past the end of the file
@@ -143,51 +182,73 @@ async def _http_read(fs: Any, url: str, start: int, dest: memoryview) -> int:
             sent = response.headers.get("Content-Range", "")
             match = _CONTENT_RANGE.match(sent)
             length = response.content_length
-            if (match is not None and int(match[1]) != start) or (length or 0) > len(dest):
+            if (match is not None and int(match[1]) != start) or (length or 0) > size:
                 raise OSError(
                     errno.EIO,
-                    f"asked for {len(dest)} bytes from {start}, the server sent {length} bytes "
+                    f"asked for {size} bytes from {start}, the server sent {length} bytes "
                     f"of {sent!r}",
                 )
             skip = 0
-        return await _drain(response.content, dest, skip)
+        elif on_whole_body is not None:
+            on_whole_body()
+        # Leaving the block with body unread closes the connection rather than reading on.
+        return await _drain(response.content, dests, skip)
 
 
 async def _s3_read(
-    fs: Any, bucket: str, key: str, version: str | None, start: int, dest: memoryview
+    fs: Any,
+    bucket: str,
+    key: str,
+    version: str | None,
+    start: int,
+    dests: Sequence[memoryview],
 ) -> int:
-    """One ranged GetObject through s3fs's client, its body streamed into ``dest``."""
+    """One ranged GetObject through s3fs's client, its body streamed into ``dests``."""
     extra = {"VersionId": version} if version else {}
     response = await fs._call_s3(
-        "get_object", Bucket=bucket, Key=key, Range=_range_header(start, len(dest)), **extra
+        "get_object", Bucket=bucket, Key=key, Range=_range_header(start, _total(dests)), **extra
     )
     body = response["Body"]
     try:
         aiohttp = sys.modules.get("aiohttp")
         content = getattr(getattr(body, "raw_stream", None), "content", None)
         if aiohttp is not None and isinstance(content, aiohttp.StreamReader):
-            return await _drain(content, dest, 0)
+            return await _drain(content, dests, 0)
         filled = 0  # another HTTP backend (httpx): its readinto copies once too
-        while filled < len(dest):
-            n: int = await body.readinto(dest[filled:])
-            if not n:
-                break
-            filled += n
+        for dest in dests:
+            done = 0
+            while done < len(dest):
+                n: int = await body.readinto(dest[done:])
+                if not n:
+                    return filled + done
+                done += n
+            filled += done
         return filled
     finally:
         body.close()  # after a whole body the connection is already back in the pool
 
 
-async def _cat_read(fs: Any, path: str, start: int, dest: memoryview) -> int:
-    """Any async filesystem: ``_cat_file`` of the range, then one copy into ``dest``."""
-    data: bytes = await fs._cat_file(path, start=start, end=start + len(dest))
-    if len(data) > len(dest):
-        raise OSError(
-            errno.EIO, f"the store returned {len(data)} bytes for a {len(dest)}-byte range"
-        )
-    window = dest[: len(data)]
+def _copy_out(dests: Sequence[memoryview], data: bytes) -> None:
+    """Copy ``data`` into ``dests`` in order (GIL released for large pieces; see copy_into)."""
+    pos = 0
+    for dest in dests:
+        if pos >= len(data):
+            return
+        if not len(dest):
+            continue
+        piece = data if pos == 0 and len(dest) >= len(data) else data[pos : pos + len(dest)]
+        copy_into(dest[: len(piece)], piece)
+        pos += len(piece)
+
+
+async def _cat_read(fs: Any, path: str, start: int, dests: Sequence[memoryview]) -> int:
+    """Any async filesystem: ``_cat_file`` of the range, then one copy into ``dests``."""
+    size = _total(dests)
+    data: bytes = await fs._cat_file(path, start=start, end=start + size)
+    if len(data) > size:
+        raise OSError(errno.EIO, f"the store returned {len(data)} bytes for a {size}-byte range")
     if len(data) >= COPY_IN_THREAD:
-        await anyio.to_thread.run_sync(copy_into, window, data)
+        await anyio.to_thread.run_sync(_copy_out, dests, data)
     else:
-        window[:] = data
+        _copy_out(dests, data)
     return len(data)

@@ -555,12 +555,30 @@ async def _stage_piece(
     chunk = await pool.acquire()
     try:
         view = chunk.view
+        # Reads that continue one another in one file are one scattered read (a run of
+        # misaligned tensors would otherwise cost a read, and a request or a descriptor, each).
+        runs: list[list[_Read]] = []
+        for r in piece.reads:
+            last = runs[-1][-1] if runs else None
+            if last is not None and last.url == r.url and last.src + last.length == r.src:
+                runs[-1].append(r)
+            else:
+                runs.append([r])
         await gather(
             [
                 partial(
                     store.read_into, r.url, r.src, view[r.at : r.at + r.length], model_id=model_id
                 )
-                for r in piece.reads
+                if len(run) == 1
+                else partial(
+                    store.read_scatter,
+                    r.url,
+                    r.src,
+                    [view[x.at : x.at + x.length] for x in run],
+                    model_id=model_id,
+                )
+                for run in runs
+                for r in run[:1]
             ]
         )
         dst = device_buffer[piece.dst : piece.dst + piece.length]

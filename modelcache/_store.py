@@ -11,11 +11,19 @@ Design notes:
 - Local files (``file://``, ``local://``, plain paths) bypass fsspec: ``read_into`` opens the file
   once and reads chunks concurrently with ``os.preadv`` straight into the caller's buffer (the GIL
   is released while the kernel copies), so a load runs at page-cache or disk bandwidth, no copies.
+  At most ``max_concurrent_reads`` files are open for reads at once in a Store, however many
+  reads are asked for: a read waits for a slot before it opens its file.
+- ``read_scatter`` fills several views in order from one contiguous range of a file (a shard's
+  data section cut into runs of different shifts): one open, or one request per chunk, for the
+  whole run, whatever the number of views (``os.preadv`` takes up to IOV_MAX of them per call).
 - Remote ``read_into`` is a sliding window of ranged reads: ``read_window`` workers each take the
   next ``read_chunk_size`` range in file order, so one call has at most ``read_window`` requests
   in flight and a new one starts as soon as any ends (no batch barrier). Each range is streamed
   straight into its slice of ``dest`` (``_ranged.py``). (For http the session also gets a
-  1 MiB ``read_bufsize``.)
+  1 MiB ``read_bufsize``.) A server that answers a ranged GET with the whole file (200) is
+  remembered by host: its files are then read in one streamed request per ``read_into``, since a
+  window of ranges would stream the file from its start once per chunk (``_ranged.py``).
+- Remote ``read_range`` (headers, side files) streams too and stops at the range's end.
 - Every worker thread and every in-flight remote request holds a token of one CapacityLimiter
   (``max_concurrent_reads``): one Store never has more reads in flight than that.
 - Retries: a remote request (stat, ranged read) that fails with a transient error (connection
@@ -47,7 +55,9 @@ import os
 import random
 import re
 import stat
-from collections.abc import Awaitable, Callable, Mapping
+import urllib.parse
+from bisect import bisect_right
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -59,7 +69,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ._concurrency import gather
 from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
 from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
-from ._ranged import is_http_class, range_reader
+from ._ranged import COPY_IN_THREAD, RangeReader, is_http_class, range_reader
 
 if TYPE_CHECKING:
     pass
@@ -77,6 +87,8 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 # Keys of fsspec `info` dicts that carry a version tag or checksum (s3fs/http, gcsfs, ...).
 _ETAG_KEYS = ("ETag", "etag", "md5Hash", "Content-MD5", "crc32c", "checksum")
 _jitter = random.Random()
+# Views one preadv call takes at most (the kernel's IOV_MAX).
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
 
 
 def _show(value: object) -> str:
@@ -158,14 +170,46 @@ def _open_regular(path: str, opened: list[int], opener: Callable[[str], int]) ->
     return st.st_size
 
 
-def _pread_full(fd: int, buf: memoryview, offset: int) -> int:
-    """Fill ``buf`` from ``fd`` at ``offset``; return the bytes read (fewer only at end of file)."""
-    filled, size = 0, len(buf)
-    while filled < size:
-        n = os.preadv(fd, [buf[filled:]], offset + filled)
+class _Scatter:
+    """Views filled in order as one run of bytes, and the slices of them that cover a range."""
+
+    __slots__ = ("size", "starts", "views")
+
+    def __init__(self, views: Sequence[memoryview]) -> None:
+        self.views = [v for v in views if len(v)]
+        self.starts: list[int] = []
+        self.size = 0
+        for v in self.views:
+            self.starts.append(self.size)
+            self.size += len(v)
+
+    def slices(self, lo: int, hi: int) -> list[memoryview]:
+        """The pieces of the views that hold bytes ``[lo, hi)`` of the run, in order."""
+        out: list[memoryview] = []
+        i = bisect_right(self.starts, lo) - 1
+        while lo < hi:
+            view, start = self.views[i], self.starts[i]
+            end = min(len(view), hi - start)
+            out.append(view[lo - start : end])
+            lo = start + end
+            i += 1
+        return out
+
+
+def _pread_full(fd: int, bufs: list[memoryview], offset: int) -> int:
+    """Fill ``bufs`` in order from ``fd`` at ``offset``; return the bytes read (fewer only at end
+    of file)."""
+    filled = 0
+    while bufs:
+        n = os.preadv(fd, bufs[:_IOV_MAX], offset + filled)
         if n == 0:
             break
         filled += n
+        while bufs and n >= len(bufs[0]):
+            n -= len(bufs[0])
+            bufs = bufs[1:]
+        if bufs and n:
+            bufs = [bufs[0][n:], *bufs[1:]]
     return filled
 
 
@@ -185,20 +229,28 @@ def _pread_range(path: str, start: int, end: int, opener: Callable[[str], int]) 
         os.close(fd)
 
 
-def _sync_read_into(fs: Any, path: str, offset: int, dest: memoryview) -> int:
-    """Read into ``dest`` from a sync fsspec file; return bytes read (< len(dest) at EOF)."""
+def _sync_read_into(fs: Any, path: str, offset: int, dests: list[memoryview]) -> int:
+    """Read into ``dests`` in order from a sync fsspec file; return bytes read (fewer at EOF)."""
+    filled = 0
     with fs.open(path, "rb") as f:
         if isinstance(f, io.BytesIO):  # shared by every opener (memory://): copy at an offset
-            with f.getbuffer() as buf, buf[offset : offset + len(dest)] as src:
-                dest[: len(src)] = src
-                return len(src)
+            with f.getbuffer() as buf:
+                for dest in dests:
+                    with buf[offset + filled : offset + filled + len(dest)] as src:
+                        dest[: len(src)] = src
+                        filled += len(src)
+                        if len(src) < len(dest):
+                            break
+            return filled
         f.seek(offset)
-        filled = 0
-        while filled < len(dest):
-            n = f.readinto(dest[filled:])
-            if not n:
-                break
-            filled += n
+        for dest in dests:
+            done = 0
+            while done < len(dest):
+                n = f.readinto(dest[done:])
+                if not n:
+                    return filled + done
+                done += n
+            filled += done
         return filled
 
 
@@ -263,6 +315,9 @@ class Store:
         self._opener = opener if opener is not None else _open_plain
         self._filesystems: dict[str, Any] = {}
         self._limiter: anyio.CapacityLimiter | None = None  # made in the loop, on first read
+        self._open_files: anyio.Semaphore | None = None  # likewise: local files open for reads
+        #: Hosts that answered a ranged GET with the whole file (see the module notes).
+        self._whole_body_hosts: set[str] = set()
         self._bytes_read = 0
         self._retries = 0
 
@@ -359,13 +414,18 @@ class Store:
                 )
             else:
                 fs, fspath = await self._remote(url)
+                reader = self._range_reader(fs, fspath, url)
 
                 async def cat() -> bytes:
                     try:
-                        if fs.async_impl:
+                        if fs.async_impl:  # streamed: stops at the range's end, whatever is sent
+                            buf = bytearray(end - start)
                             async with limiter:
-                                got: bytes = await fs._cat_file(fspath, start=start, end=end)
-                                return got
+                                n = await reader(start, [memoryview(buf)])
+                            del buf[n:]
+                            if n >= COPY_IN_THREAD:  # a copy that would hold the loop
+                                return await anyio.to_thread.run_sync(bytes, buf)
+                            return bytes(buf)
                         read = functools.partial(fs.cat_file, fspath, start=start, end=end)
                         return await anyio.to_thread.run_sync(read, limiter=limiter)
                     except Exception as exc:
@@ -386,24 +446,35 @@ class Store:
 
     async def read_into(self, url: str, offset: int, dest: memoryview, *, model_id: str) -> None:
         """Fill all of ``dest`` with the file's bytes from ``offset``; StoreError if it is short."""
-        if not (
-            isinstance(dest, memoryview)
-            and not dest.readonly
-            and dest.c_contiguous
-            and dest.ndim == 1
-            and dest.format == "B"
-        ):
-            raise ValueError("dest must be a writable, C-contiguous, 1-D unsigned-byte memoryview")
+        await self.read_scatter(url, offset, [dest], model_id=model_id)
+
+    async def read_scatter(
+        self, url: str, offset: int, dests: Sequence[memoryview], *, model_id: str
+    ) -> None:
+        """Fill ``dests`` in order with the file's bytes from ``offset`` (one contiguous range);
+        StoreError if the file is short. One open or one window of requests for all of them."""
+        for dest in dests:
+            if not (
+                isinstance(dest, memoryview)
+                and not dest.readonly
+                and dest.c_contiguous
+                and dest.ndim == 1
+                and dest.format == "B"
+            ):
+                raise ValueError(
+                    "dest must be a writable, C-contiguous, 1-D unsigned-byte memoryview"
+                )
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
+        run = _Scatter(dests)
         with translated("read", url, model_id):
             path = self.local_path(url)
             if path is not None:
-                got = await self._read_local(path, url, model_id, offset, dest)
+                got = await self._read_local(path, url, model_id, offset, run)
             else:
                 fs, fspath = await self._remote(url)
                 if fs.async_impl:
-                    got = await self._read_window(fs, fspath, url, model_id, offset, dest)
+                    got = await self._read_window(fs, fspath, url, model_id, offset, run)
                 else:
                     read = functools.partial(
                         anyio.to_thread.run_sync,
@@ -411,13 +482,13 @@ class Store:
                         fs,
                         fspath,
                         offset,
-                        dest,
+                        run.views,
                         limiter=self._get_limiter(),
                     )
                     got = await self._retrying("read", url, model_id, read)
             self._bytes_read += got
-            if got < len(dest):
-                raise truncated(url, model_id, offset, len(dest), got)
+            if got < run.size:
+                raise truncated(url, model_id, offset, run.size, got)
 
     async def aclose(self) -> None:
         """Close the sessions of async filesystems (they are made again if the Store is reused)."""
@@ -444,6 +515,15 @@ class Store:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self._max_reads)
         return self._limiter
+
+    def _get_open_files(self) -> anyio.Semaphore:
+        if self._open_files is None:
+            self._open_files = anyio.Semaphore(self._max_reads)
+        return self._open_files
+
+    def _range_reader(self, fs: Any, path: str, url: str) -> RangeReader:
+        host = _host(url)
+        return range_reader(fs, path, on_whole_body=lambda: self._whole_body_hosts.add(host))
 
     async def _remote(self, url: str) -> tuple[Any, str]:
         """Return this Store's filesystem for ``url``'s protocol and the path within it."""
@@ -547,36 +627,41 @@ class Store:
         return sum(await gather([functools.partial(read, lo, hi) for lo, hi in bounds]))
 
     async def _read_local(
-        self, path: str, url: str, model_id: str, offset: int, dest: memoryview
+        self, path: str, url: str, model_id: str, offset: int, run: _Scatter
     ) -> int:
         limiter = self._get_limiter()
         opened: list[int] = []  # the worker puts the fd here, so a cancelled open still closes it
-        try:
-            file_size = await anyio.to_thread.run_sync(
-                _open_regular, path, opened, self._opener, limiter=limiter
-            )
-            if file_size < offset + len(dest):  # fail before moving any byte
-                raise truncated(url, model_id, offset, len(dest), max(0, file_size - offset))
-            fd = opened[0]
-
-            async def read(lo: int, hi: int) -> int:
-                return await anyio.to_thread.run_sync(
-                    _pread_full, fd, dest[lo:hi], offset + lo, limiter=limiter
+        # A slot before the open: however many reads are asked for at once, this Store holds at
+        # most max_concurrent_reads descriptors (it once ran a process out of them).
+        async with self._get_open_files():
+            try:
+                file_size = await anyio.to_thread.run_sync(
+                    _open_regular, path, opened, self._opener, limiter=limiter
                 )
+                if file_size < offset + run.size:  # fail before moving any byte
+                    raise truncated(url, model_id, offset, run.size, max(0, file_size - offset))
+                fd = opened[0]
 
-            return await self._run_chunks(len(dest), read)
-        finally:
-            for fd in opened:
-                os.close(fd)
+                async def read(lo: int, hi: int) -> int:
+                    return await anyio.to_thread.run_sync(
+                        _pread_full, fd, run.slices(lo, hi), offset + lo, limiter=limiter
+                    )
+
+                return await self._run_chunks(run.size, read)
+            finally:
+                for fd in opened:
+                    os.close(fd)
 
     async def _read_window(
-        self, fs: Any, path: str, url: str, model_id: str, offset: int, dest: memoryview
+        self, fs: Any, path: str, url: str, model_id: str, offset: int, run: _Scatter
     ) -> int:
-        """Ranged reads of ``read_chunk_size`` into ``dest``, ``read_window`` at a time at most."""
-        size, chunk = len(dest), self._chunk
+        """Ranged reads of ``read_chunk_size`` into ``run``, ``read_window`` at a time at most;
+        one read of it all from a host known to ignore ranges."""
+        size = run.size
         if size == 0:
             return 0
-        reader = range_reader(fs, path)
+        chunk = size if _host(url) in self._whole_body_hosts else self._chunk
+        reader = self._range_reader(fs, path, url)
         limiter = self._get_limiter()
         starts = iter(range(0, size, chunk))  # shared: each chunk is taken by one worker
         got = 0
@@ -584,7 +669,7 @@ class Store:
         async def fetch(lo: int) -> int:
             async with limiter:
                 try:
-                    return await reader(offset + lo, dest[lo : min(lo + chunk, size)])
+                    return await reader(offset + lo, run.slices(lo, min(lo + chunk, size)))
                 except Exception as exc:
                     if http_status(exc) == 416:  # starts at or past the end of the file
                         return 0
@@ -599,3 +684,8 @@ class Store:
         workers = min(self._window, -(-size // chunk))
         await gather([worker] * workers)
         return got
+
+
+def _host(url: str) -> str:
+    """The host part of a remote URL (what a server's Range support is remembered by)."""
+    return urllib.parse.urlsplit(url).netloc

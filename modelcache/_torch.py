@@ -2,10 +2,11 @@
 
 Two ways to fill a CPU buffer, chosen per model:
 
-* **zero-copy** - a local single-file model whose tensors are aligned in the file is mapped
-  (copy-on-write, so writes never reach the file) and its pages are faulted in eagerly with
-  ``MADV_POPULATE_READ``, which is what ``safetensors.torch.load_file`` does lazily. The model is
-  ready when the call returns: no first-inference page faults.
+* **zero-copy** (opt-in, see `TorchBackend`) - a local single-file model whose tensors are
+  aligned in the file is mapped (copy-on-write, so writes never reach the file) and its pages
+  are faulted in eagerly with ``MADV_POPULATE_READ``, which is what
+  ``safetensors.torch.load_file`` does lazily. The model is ready when the call returns: no
+  first-inference page faults.
 * **copy** - everything else: a page-aligned private mapping on huge pages (small models: the
   heap) filled by the store's concurrent ranged reads.
 
@@ -80,6 +81,8 @@ _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _PAGE = mmap.PAGESIZE
 #: Host buffers below this come from the heap rather than a mapping of their own.
 _SMALL = 1 << 20
+#: Models with more tensors than this get their views made in a worker thread.
+_VIEWS_ON_LOOP = 256
 #: A fresh buffer is faulted in ahead of the reads in steps of this many bytes.
 _PREFAULT_STEP = 64 << 20
 
@@ -220,6 +223,15 @@ def tensor_views(buffer: torch.Tensor, info: ModelInfo, base: int = 0) -> dict[s
     return tensors
 
 
+async def build_views(
+    buffer: torch.Tensor, info: ModelInfo, base: int = 0
+) -> dict[str, torch.Tensor]:
+    """`tensor_views`, in a worker thread for a model of many tensors (~5 us each)."""
+    if len(info.tensors) > _VIEWS_ON_LOOP:
+        return await anyio.to_thread.run_sync(tensor_views, buffer, info, base)
+    return tensor_views(buffer, info, base)
+
+
 def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
     """Map the model's file copy-on-write and fault every page in; the mapping is the buffer.
 
@@ -290,13 +302,20 @@ class TorchBackend:
     On CUDA, loads stream through ``staging_chunks`` pinned chunks of ``staging_chunk_size``
     bytes (one allocation, made on the first load). A CUDA device that torch cannot use is a
     ValueError here, not a torch error later.
+
+    ``zero_copy=True`` (CPU devices) serves a local, aligned single-file model from a mapping of
+    the store's file instead of a copy: opt in only where files are never changed in place. A
+    mapping shares the file's pages until they are written, so a file truncated under it makes
+    the next access to the weights kill the process (SIGBUS), and a file rewritten in place
+    changes the weights being served. Replacing a file by rename is safe. Copying (the default)
+    reads the file once and serves the copy whatever happens to the file.
     """
 
     def __init__(
         self,
         device: str | torch.device = "cpu",
         *,
-        zero_copy: bool = True,
+        zero_copy: bool = False,
         staging_chunk_size: int = 32 << 20,
         staging_chunks: int = 4,
     ) -> None:
@@ -330,7 +349,7 @@ class TorchBackend:
     async def promote(self, block: HostBlock, info: ModelInfo) -> Weights:
         """The model in ``block`` copied to a new device buffer, as `Weights`."""
         buffer = await self.to_device(block.tensor, model_id=info.model_id)
-        return Weights(tensor_views(buffer, info), info, buffer)
+        return Weights(await build_views(buffer, info), info, buffer)
 
     async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
         """Copy ``loaded`` (this backend's `Weights`) into ``block``."""
@@ -390,7 +409,7 @@ class TorchBackend:
                 self._device_empty, info.nbytes, engine, info.model_id
             )
             await stage_to_device(store, info, buffer, pool, engine)
-            return Weights(tensor_views(buffer, info), info, buffer)
+            return Weights(await build_views(buffer, info), info, buffer)
         base = 0
         path = None
         if self.device.type == "cpu" and self.zero_copy and zero_copy and info.mappable:
@@ -404,7 +423,7 @@ class TorchBackend:
             del view
             if self.device.type != "cpu":
                 buffer = await anyio.to_thread.run_sync(self._to_device, buffer)
-        return Weights(tensor_views(buffer, info, base), info, buffer)
+        return Weights(await build_views(buffer, info, base), info, buffer)
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         device_buffer = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)

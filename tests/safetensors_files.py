@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "DTYPE_NAMES",
     "encode_header",
+    "misaligned_pairs",
     "model_file",
     "put",
     "raw_file",
@@ -155,6 +156,18 @@ def model_file(
         chunks.append(data)
         offset += len(data)
     return raw_file(header, b"".join(chunks), align=align)
+
+
+def misaligned_pairs(n: int) -> dict[str, torch.Tensor]:
+    """``n`` pairs of a 1-byte U8 and a 2-byte F16, in that order: once laid out, every F16
+    needs its own shift, so the model's layout has ``n + 1`` segments for a few bytes each."""
+    g = torch.Generator().manual_seed(n)
+    raw = torch.randint(0, 256, (3 * n,), dtype=torch.uint8, generator=g)
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(n):
+        tensors[f"u{i}"] = raw[3 * i : 3 * i + 1].clone()
+        tensors[f"h{i}"] = raw[3 * i + 1 : 3 * i + 3].clone().view(torch.float16)
+    return tensors
 
 
 def write_model(

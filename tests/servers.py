@@ -13,6 +13,8 @@ Load as a plugin from a test module: ``pytest_plugins = ("tests.servers",)``.
   loop can block it deterministically. It counts requests per (method, path), GETs in flight (and
   their peak) and client connections; it injects faults (the next N requests for a path answer a
   status, drop the connection, or cut the body short); and it can hold every GET at a gate.
+  With ``ignore_ranges`` set it answers every GET with the whole file (200), as some servers
+  do, counting the body bytes it manages to send in ``bytes_sent``.
 """
 
 from __future__ import annotations
@@ -387,6 +389,9 @@ class HttpServer:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._gate: asyncio.Event | None = None  # made in the server's loop
+        #: Answer GETs with the whole file, ignoring Range (see the module notes).
+        self.ignore_ranges = False
+        self._bytes_sent = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -431,6 +436,8 @@ class HttpServer:
             self._connections.clear()
             self._faults.clear()
             self._peak = self._in_flight
+            self.ignore_ranges = False
+            self._bytes_sent = 0
 
     # -- what tests use ---------------------------------------------------------------------------
 
@@ -506,6 +513,12 @@ class HttpServer:
             return self._peak
 
     @property
+    def bytes_sent(self) -> int:
+        """Body bytes of whole-file answers (``ignore_ranges``) written since the last reset."""
+        with self._cond:
+            return self._bytes_sent
+
+    @property
     def connections(self) -> int:
         """Distinct client connections since the last reset."""
         with self._cond:
@@ -552,7 +565,25 @@ class HttpServer:
         file = (self.root / path).resolve()
         if not file.is_relative_to(self.root) or not file.is_file():
             raise web.HTTPNotFound()
+        if self.ignore_ranges and request.method == "GET":
+            return await self._whole(request, file)
         return _HeldFile(file, self)
+
+    async def _whole(self, request: web.Request, file: Path) -> web.StreamResponse:
+        """The whole file with a 200, whatever Range asked for, until the client hangs up."""
+        data = await asyncio.to_thread(file.read_bytes)
+        response = web.StreamResponse(status=200)
+        response.content_length = len(data)
+        await response.prepare(request)
+        try:
+            for at in range(0, len(data), 64 << 10):
+                piece = data[at : at + (64 << 10)]
+                await response.write(piece)  # waits while the client does not read
+                with self._cond:
+                    self._bytes_sent += len(piece)
+        except (ConnectionError, RuntimeError):  # the client closed the connection
+            pass
+        return response
 
     async def _inject(self, request: web.Request, fault: _Fault) -> web.StreamResponse:
         if fault.kind == "status":

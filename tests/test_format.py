@@ -12,15 +12,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import modelcache._format as fmt
 from modelcache._exceptions import ModelFormatError
 from modelcache._format import (
+    BYTES_PER_TENSOR,
     DTYPE_SIZES,
     MAX_HEADER_SIZE,
+    MAX_TENSORS,
     SHARD_ALIGNMENT,
     ModelInfo,
     ShardHeader,
     header_length,
     layout_model,
+    max_tensors,
     parse_header,
     parse_index,
 )
@@ -615,3 +619,38 @@ def test_any_valid_model_lays_out_exactly(
     data = sum(h.data_size for h in headers)
     padding = sum(len(h.tensors) for h in headers) * 7 + (len(headers) - 1) * SHARD_ALIGNMENT
     assert data <= info.nbytes <= data + padding
+
+
+# -- limits on what a header may describe -----------------------------------------------------------
+
+
+def test_more_tensors_than_the_cap_is_format_error() -> None:
+    """A file listing more than MAX_TENSORS tensors (zero-size ones cost no weight byte) is
+    refused before its tensors are described; exactly MAX_TENSORS parse."""
+    empty = {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}
+    at_cap = raw_file({f"t{i}": empty for i in range(MAX_TENSORS)}, b"")
+    assert len(single(at_cap).tensors) == MAX_TENSORS
+    with pytest.raises(ModelFormatError, match=f"limit of {MAX_TENSORS}"):
+        parse(raw_file({f"t{i}": empty for i in range(MAX_TENSORS + 1)}, b""))
+
+
+def test_tensor_cap_grows_with_the_weight_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond MAX_TENSORS a file or model may hold one tensor per BYTES_PER_TENSOR of weights:
+    a model of many real tensors loads, the same count of empty ones is refused."""
+    monkeypatch.setattr(fmt, "MAX_TENSORS", 4)
+    assert max_tensors(0) == 4 and max_tensors(10 * BYTES_PER_TENSOR) == 10
+    assert len(parse(packed([(f"t{i}", "U8", [BYTES_PER_TENSOR]) for i in range(6)])).tensors)
+    with pytest.raises(ModelFormatError, match="limit of 4"):
+        parse(packed([(f"t{i}", "U8", [0]) for i in range(6)]))
+
+
+def test_tensors_of_all_shards_count_toward_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap is per model: shards within it one by one are refused together, and an index
+    that lists more tensors than the cap is refused before any shard is read."""
+    monkeypatch.setattr(fmt, "MAX_TENSORS", 4)
+    headers, _, weight_map = sharded([[(f"a{i}", "U8", [0]) for i in range(3)]] * 2)
+    with pytest.raises(ModelFormatError, match="limit of 4"):
+        layout_model(MODEL_ID, MODEL_URL, headers, weight_map=weight_map)
+    data = index({f"t{i}": "model-00001-of-00001.safetensors" for i in range(5)})
+    with pytest.raises(ModelFormatError, match="limit of 4"):
+        parse_index(data, model_id=MODEL_ID, url=INDEX_URL)

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import anyio
 import fsspec
 import pytest
 import torch
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from safetensors.torch import load_file, save_file
 
+import modelcache._loader as loader
 import modelcache._torch as backend
 from modelcache._exceptions import (
     InvalidModelIdError,
@@ -32,6 +39,7 @@ from modelcache._torch import TorchBackend, Weights, torch_dtype
 from .safetensors_files import (
     DTYPE_NAMES,
     Dest,
+    misaligned_pairs,
     put,
     raw_file,
     tensor_bytes,
@@ -240,6 +248,156 @@ async def test_misaligned_model_loads_bit_exact(place: Place, zero_copy: bool) -
     assert any(t.offset != t.start for t in info.tensors.values())
     weights = await load(store, zero_copy=zero_copy)
     assert_same(weights, tensors)
+
+
+def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter that imports this worktree's modelcache."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.asyncio
+async def test_many_misaligned_tensors_share_one_read_per_shard(place: Place) -> None:
+    """3,000 tensors that each need their own shift are read in one scattered read of the
+    shard (one open, one request window), and load bit-exact."""
+    tensors = misaligned_pairs(3000)
+    write_model(place.directory(MODEL_ID), tensors, misalign=True)
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    assert len(info.segments) == 3001
+    calls: list[int] = []
+    real = store.read_scatter
+
+    async def counted(url: str, offset: int, dests: Any, *, model_id: str) -> None:
+        calls.append(len(dests))
+        await real(url, offset, dests, model_id=model_id)
+
+    store.read_scatter = counted  # type: ignore[method-assign]
+    weights = await load(store, zero_copy=False)
+    assert_same(weights, tensors)
+    assert calls == [3001]
+
+
+def test_misaligned_header_cannot_exhaust_file_descriptors(tmp_path: Path) -> None:
+    """A model whose header makes thousands of segments loads bit-exact in a process allowed
+    only a few dozen more open files than it has (it once opened one per segment: EMFILE)."""
+    write_model(tmp_path / MODEL_ID, misaligned_pairs(3000), misalign=True)
+    result = run_python(
+        f"""
+        import asyncio, os, resource
+        from modelcache._loader import read_model_info
+        from modelcache._store import Store
+        from modelcache._torch import TorchBackend
+        from tests.safetensors_files import misaligned_pairs, tensor_bytes
+
+        async def main():
+            store = Store("file://{tmp_path}/{{model_id}}")
+            info = await read_model_info(store, {MODEL_ID!r})
+            assert len(info.segments) == 3001, len(info.segments)
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 24, hard)
+            )
+            weights = await TorchBackend("cpu", zero_copy=False).load(store, info)
+            want = misaligned_pairs(3000)
+            assert all(tensor_bytes(weights[n]) == tensor_bytes(t) for n, t in want.items())
+            print("ok")
+
+        asyncio.run(main())
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.asyncio
+async def test_headers_of_all_shards_count_toward_the_header_limit(
+    place: Place, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model's headers total at most MAX_HEADER_SIZE bytes, all shards together: shards
+    within it one by one are refused as a model, before the over-limit header is read."""
+    shards = [{f"s{i}.w": random_tensor(torch.float32, (4,), i)} for i in range(3)]
+    write_sharded(place.directory(MODEL_ID), shards)
+    store = place.store()
+    sizes = [s.data_start - 8 for s in (await read_model_info(store, MODEL_ID)).shards]
+    monkeypatch.setattr(loader, "MAX_HEADER_SIZE", sum(sizes) - 1)
+    with pytest.raises(ModelFormatError, match="headers total more than"):
+        await read_model_info(store, MODEL_ID)
+    monkeypatch.setattr(loader, "MAX_HEADER_SIZE", sum(sizes))
+    assert len((await read_model_info(store, MODEL_ID)).tensors) == 3
+
+
+@pytest.mark.asyncio
+async def test_a_header_of_many_tensors_does_not_stall_the_event_loop(tmp_path: Path) -> None:
+    """Parsing a header of 30,000 tensors, laying the model out and making its views run off
+    the event loop: a task that wakes every millisecond is never held for a large part of
+    the load (it was held for most of it; what is left is the garbage collector)."""
+    tensors = {f"t{i}": torch.tensor([i % 256], dtype=torch.uint8) for i in range(30_000)}
+    write_model(tmp_path / MODEL_ID, tensors)
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    gaps: list[float] = []
+    done = anyio.Event()
+
+    async def probe() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await anyio.sleep(0.001)  # a heartbeat, not an ordering
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(probe)
+        await anyio.sleep(0.01)  # the probe is beating
+        started = time.perf_counter()
+        weights = await load(store, zero_copy=False)
+        elapsed = time.perf_counter() - started
+        done.set()
+    assert_same(weights, tensors)
+    assert max(gaps) < elapsed / 3, (max(gaps), elapsed)
+
+
+def test_store_file_changes_cannot_crash_or_change_a_default_cache(tmp_path: Path) -> None:
+    """Under the default settings, a loaded model's store file truncated, or rewritten in place
+    at the same size, neither kills the process (it once died of SIGBUS) nor changes the weights
+    it serves."""
+    for model_id in ("cut", "rewritten"):
+        write_model(tmp_path / model_id, {"w": random_tensor(torch.int32, (64, 1024), 7)})
+    result = run_python(
+        f"""
+        import anyio, os
+        from modelcache import ModelCache
+
+        async def main():
+            async with ModelCache("file://{tmp_path}/{{model_id}}", device_budget="64MiB") as c:
+                for model_id in ("cut", "rewritten"):
+                    async with c.use(model_id) as weights:
+                        want = weights["w"].clone()
+                    path = os.path.join({str(tmp_path)!r}, model_id, "model.safetensors")
+                    if model_id == "cut":
+                        os.truncate(path, 0)
+                    else:
+                        size = os.path.getsize(path)
+                        with open(path, "r+b") as f:  # the same size, other weights
+                            f.seek(size - (1 << 18))
+                            f.write(bytes(1 << 18))
+                    async with c.use(model_id) as weights:
+                        assert weights["w"].equal(want), model_id
+            print("ok")
+
+        anyio.run(main)
+        """
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+    assert result.stdout.strip() == "ok"
 
 
 @pytest.mark.asyncio

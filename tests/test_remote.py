@@ -28,7 +28,7 @@ from yarl import URL
 
 from modelcache import ModelCache, ModelNotFoundError, Store, StoreError
 from modelcache._faults import is_missing, is_transient
-from tests.safetensors_files import shard_name, write_model, write_sharded
+from tests.safetensors_files import misaligned_pairs, shard_name, write_model, write_sharded
 
 if TYPE_CHECKING:  # imported by pytest as a plugin: importing it here first would skip rewriting
     from tests.servers import HttpServer, S3Prefix, SeaweedFS
@@ -240,6 +240,35 @@ async def test_http_sharded_load_is_bit_exact(http_server: HttpServer) -> None:
     got = await load(store, "m1")
     files = [root / "m1" / shard_name(i, 3) for i in range(3)]
     assert_bit_exact(got, expected_tensors(*files))
+
+
+async def test_http_misaligned_tensors_cost_a_bounded_number_of_requests(
+    http_server: HttpServer,
+) -> None:
+    """A header of 3,000 tensors that each need their own shift costs a few GETs (headers, then
+    one for the data), not one per tensor, and the model loads bit-exact."""
+    root, url = http_server.fresh_dir()
+    write_model(root / "m1", misaligned_pairs(3000), misalign=True)
+    got = await load(f"{url}/{{model_id}}/", "m1")
+    assert_bit_exact(got, misaligned_pairs(3000))
+    assert http_server.count("GET", f"{url}/m1/model.safetensors") <= 3
+
+
+async def test_http_server_ignoring_range_serves_loads_with_bounded_transfer(
+    http_server: HttpServer,
+) -> None:
+    """A server that answers every ranged GET with the whole file (200): the model loads
+    bit-exact, a header read stops early instead of downloading the file, and the host's files
+    are then read in one request each, not one per chunk (each would stream from the start)."""
+    root, url = http_server.fresh_dir()
+    g = torch.Generator().manual_seed(9)
+    write_model(root / "m1", {"w": torch.randint(0, 1 << 30, (8 * MIB,), generator=g)})
+    size = (root / "m1" / "model.safetensors").stat().st_size
+    http_server.ignore_ranges = True
+    store = Store(f"{url}/{{model_id}}/", read_chunk_size=4 * MIB)
+    got = await load(store, "m1")
+    assert_bit_exact(got, expected_tensors(root / "m1" / "model.safetensors"))
+    assert http_server.bytes_sent < 1.5 * size, (http_server.bytes_sent, size)
 
 
 async def test_http_missing_model_is_not_found(http_server: HttpServer) -> None:

@@ -359,6 +359,79 @@ async def test_read_into_at_offset(backend: Backend) -> None:
 
 
 @pytest.mark.asyncio
+async def test_read_scatter_fills_views_in_file_order(backend: Backend) -> None:
+    """read_scatter puts one contiguous range of the file into its views in order, whatever the
+    number of views (more than one preadv takes) and wherever the chunks cut them."""
+    data = _random(60_000, seed=3)
+    backend.write("m1/w.bin", data)
+    store = Store(backend.location, read_chunk_size=1000, max_concurrent_reads=3)
+    url = store.join(store.model_url("m1"), "w.bin")
+    rng = random.Random(5)
+    sizes = [2500 if i % 500 == 7 else rng.choice((0, 1, 2, 3, 7, 16)) for i in range(3000)]
+    total = sum(sizes)
+    assert total <= len(data) - 11
+    buf = bytearray(b"\xee" * (total + len(sizes)))  # a one-byte gap after each view
+    views, at = [], 0
+    for size in sizes:
+        views.append(memoryview(buf)[at : at + size])
+        at += size + 1
+    await store.read_scatter(url, 11, views, model_id="m1")
+    pos = 11
+    for view, size in zip(views, sizes, strict=True):
+        assert view == data[pos : pos + size]
+        pos += size
+    assert buf.count(b"\xee") >= len(sizes)  # the gaps are untouched
+    assert store.bytes_read == total
+    with pytest.raises(StoreError, match="truncated"):
+        await store.read_scatter(url, len(data) - 5, [memoryview(bytearray(3))] * 2, model_id="m1")
+    await store.aclose()
+
+
+@pytest.mark.asyncio
+async def test_local_reads_hold_at_most_max_concurrent_reads_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many local reads are asked for at once, a Store holds at most
+    max_concurrent_reads files open for them."""
+    data = _random(4096)
+    (tmp_path / "m1").mkdir()
+    (tmp_path / "m1" / "w.bin").write_bytes(data)
+    store = Store(f"file://{tmp_path}/{{model_id}}/", max_concurrent_reads=3)
+    url = store.join(store.model_url("m1"), "w.bin")
+    import modelcache._store as store_module
+
+    open_now = peak = 0
+    real_open, real_close = store_module._open_regular, os.close
+    ours: set[int] = set()
+
+    def counting_open(path: str, opened: list[int], opener: Callable[[str], int]) -> int:
+        nonlocal open_now, peak
+        size = real_open(path, opened, opener)
+        ours.add(opened[-1])
+        open_now += 1
+        peak = max(peak, open_now)
+        return size
+
+    def counting_close(fd: int) -> None:
+        nonlocal open_now
+        if fd in ours:
+            ours.discard(fd)
+            open_now -= 1
+        real_close(fd)
+
+    monkeypatch.setattr(store_module, "_open_regular", counting_open)
+    monkeypatch.setattr(os, "close", counting_close)
+    dests = [bytearray(16) for _ in range(200)]
+    async with anyio.create_task_group() as tg:
+        for i, dest in enumerate(dests):
+            tg.start_soon(
+                functools.partial(store.read_into, url, i, memoryview(dest), model_id="m1")
+            )
+    assert all(dest == data[i : i + 16] for i, dest in enumerate(dests))
+    assert 1 <= peak <= 3
+
+
+@pytest.mark.asyncio
 async def test_read_into_truncated_file(backend: Backend) -> None:
     """A file that ends before dest is full raises StoreError saying truncated, expected vs got."""
     backend.write("m1/w.bin", _random(10_000))
