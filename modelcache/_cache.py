@@ -47,6 +47,7 @@ from ._concurrency import gather
 from ._cost import LoadCosts
 from ._disk import DiskEntry, DiskTier
 from ._exceptions import CacheClosedError, ModelNotFoundError, as_model_error
+from ._failures import FailureMemory, release_frames
 from ._format import ModelInfo
 from ._loader import read_config, read_model_info
 from ._lower import LowerTiers
@@ -260,14 +261,14 @@ class ModelCache:
         if isinstance(self._lower.host.policy, CostAwarePolicy):
             self._lower.host.policy.bind_cost(self._host_miss_cost)
         self._max_concurrent_loads = max_concurrent_loads
-        self._failure_ttl = failure_ttl
         self._builders: list[ModelBuilder] = []
 
         self._state = _State.NEW
         self._task_group: anyio.abc.TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._entries: dict[_Key, _Entry] = {}
-        self._failures: OrderedDict[_Key, tuple[BaseException, float]] = OrderedDict()
+        #: Errors of recent failed loads, for ``failure_ttl`` seconds.
+        self._failures: FailureMemory[_Key] = FailureMemory(failure_ttl, lambda: _clock())
         self._hits = self._misses = self._loads = self._fails = self._load_failures = 0
         self._loading = self._waiters = self._leased = 0
         self._load_seconds = 0.0
@@ -464,6 +465,7 @@ class ModelCache:
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
+        self._failures.open(task_group)
         try:
             await self._lower.open(task_group, self._limiter)
         except BaseException as exc:
@@ -569,14 +571,10 @@ class ModelCache:
             self._device.pump()
 
     def _raise_recent_failure(self, key: _Key) -> None:
-        failure = self._failures.get(key)
-        if failure is None:
-            return
-        error, until = failure
-        if _clock() < until:
+        error = self._failures.recent(key)
+        if error is not None:
             self._fails += 1
             raise error.with_traceback(None)  # the remembered error, raised again and again
-        del self._failures[key]
 
     def _start_load(self, key: _Key) -> _Entry:
         assert self._task_group is not None
@@ -671,10 +669,12 @@ class ModelCache:
             return  # nobody is waiting; nothing to remember
         if isinstance(exc, Exception) and self._state is _State.OPEN:
             exc = as_model_error(exc, entry.model_id)
+            # Its frames hold the load's buffer: waiters may keep the error, and it is kept.
+            release_frames(exc)
             entry.error = exc
             self._fails += 1
             self._load_failures += 1
-            self._remember_failure(entry.key, exc)
+            self._failures.remember(entry.key, exc)
             if self._observers:
                 self._observers.load_failed(entry.model_id, exc)
             level = logging.INFO if isinstance(exc, ModelNotFoundError) else logging.WARNING
@@ -685,19 +685,6 @@ class ModelCache:
                 model_id=entry.model_id,
             )
         self._device.pump()
-
-    def _remember_failure(self, key: _Key, error: BaseException) -> None:
-        if self._failure_ttl <= 0:
-            return
-        now = _clock()
-        # Insertion order is expiry order (one TTL): drop expired ones from the front.
-        while self._failures:
-            oldest = next(iter(self._failures.values()))
-            if oldest[1] > now:
-                break
-            self._failures.popitem(last=False)
-        self._failures[key] = (error, now + self._failure_ttl)
-        self._failures.move_to_end(key)
 
     # -- the device tier ----------------------------------------------------------------------
 
