@@ -760,8 +760,19 @@ class ModelCache:
         them: then that load is shared rather than the store read twice."""
         self._check_open()
         self._store.model_url(model_id)  # validate before anything else
-        on_device = [e for e in self._entries.values() if e.model_id == model_id]
-        if on_device:
-            await on_device[0].done.wait()
-            return
+        while (entry := self._device_entry(model_id)) is not None:
+            if entry.ready:
+                return
+            await entry.done.wait()
+            if entry.error is not None:  # the load failed: so does this prefetch, as use() would
+                raise entry.error.with_traceback(None)
+            # Loaded (then it is ready, or was evicted to host memory) or dropped: look again.
         await self._lower.load(model_id)
+
+    def _device_entry(self, model_id: str) -> _Entry | None:
+        """An entry for ``model_id`` on the device, loading or ready, for any bound class."""
+        for builder in (*self._builders, WEIGHTS):
+            entry = self._entries.get((builder, model_id))
+            if entry is not None:
+                return entry
+        return None

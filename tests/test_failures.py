@@ -120,6 +120,39 @@ async def test_expired_failures_are_forgotten_without_another_failure(
         assert sweeper[0].done() and len(cache._failures) == 0
 
 
+async def test_host_prefetch_raises_the_error_of_the_device_load_it_joined(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """prefetch(tier="host") that shares a failing device load raises that load's error."""
+    models.add("a", 1000)
+    gated.gate("a", "read_into")
+    errors: list[BaseException] = []
+
+    async def record(call: Any) -> None:
+        try:
+            await call()
+        except Exception as exc:
+            errors.append(exc)
+
+    async with ModelCache(gated, device_budget=4096, host_budget=4096) as cache:
+
+        async def user() -> None:
+            async with cache.use("a"):
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(record, user)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(record, lambda: cache.prefetch(["a"], tier="host"))
+            await anyio.wait_all_tasks_blocked()
+            models.fs.rm(f"{models.root}/a/model.safetensors")
+            gated.open("a", "read_into")
+        assert len(errors) == 2
+        assert all(isinstance(e, ModelNotFoundError) for e in errors)
+        assert cache.resident("host") == []
+        check_invariants(cache)
+
+
 @pytest.mark.cuda
 async def test_cuda_failed_loads_give_their_device_memory_back(
     models: MemoryModels, gated: GatedStore
