@@ -46,7 +46,14 @@ from ._builders import WEIGHTS, ModelBuilder, builder_for
 from ._concurrency import gather
 from ._cost import LoadCosts
 from ._disk import DiskEntry, DiskTier
-from ._exceptions import CacheClosedError, ModelNotFoundError, as_model_error
+from ._exceptions import (
+    CacheClosedError,
+    ModelFormatError,
+    ModelNotFoundError,
+    StoreError,
+    as_model_error,
+)
+from ._failures import FailureMemory, release_frames
 from ._format import ModelInfo
 from ._loader import read_config, read_model_info
 from ._lower import LowerTiers
@@ -71,6 +78,10 @@ _clock = time.monotonic
 
 T = TypeVar("T")
 _Key = tuple[ModelBuilder, str]
+#: Keys of the failure memory: a load's (builder, id), or (None, id) for `describe`'s checks.
+_FailureKey = tuple[ModelBuilder | None, str]
+#: Errors of a failed load that say nothing of the builder: `describe` raises them too.
+_HEADER_ERRORS = (ModelNotFoundError, ModelFormatError, StoreError)
 
 
 class _State(Enum):
@@ -88,6 +99,7 @@ class _Entry:
         "builder",
         "done",
         "error",
+        "info",
         "key",
         "leases",
         "model_id",
@@ -107,6 +119,7 @@ class _Entry:
         self.value: Any = None
         self.weights: LoadedWeights | None = None
         self.nbytes = 0
+        self.info: ModelInfo | None = None  # the headers, once the load has read them
         self.reserved = False  # True once nbytes are counted in the device budget
         self.source: str | None = None  # the tier a load in flight reads from, once known
         self.leases = 0
@@ -114,6 +127,19 @@ class _Entry:
         self.done = anyio.Event()
         self.error: BaseException | None = None
         self.admitted = 0.0  # when it became ready (`_observe.clock`), for the age at eviction
+
+
+class _Check:
+    """One read of a model's headers for `describe`, shared by its concurrent callers."""
+
+    __slots__ = ("done", "error", "info", "scope", "waiters")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.info: ModelInfo | None = None
+        self.error: BaseException | None = None
+        self.scope = anyio.CancelScope()  # cancelled when its last caller leaves
+        self.waiters = 0
 
 
 class _Lease(Generic[T]):
@@ -265,14 +291,16 @@ class ModelCache:
         if isinstance(self._lower.host.policy, CostAwarePolicy):
             self._lower.host.policy.bind_cost(self._host_miss_cost)
         self._max_concurrent_loads = max_concurrent_loads
-        self._failure_ttl = failure_ttl
         self._builders: list[ModelBuilder] = []
 
         self._state = _State.NEW
         self._task_group: anyio.abc.TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._entries: dict[_Key, _Entry] = {}
-        self._failures: OrderedDict[_Key, tuple[BaseException, float]] = OrderedDict()
+        #: Errors of recent failed loads and header checks, for ``failure_ttl`` seconds.
+        self._failures: FailureMemory[_FailureKey] = FailureMemory(failure_ttl, lambda: _clock())
+        #: `describe`'s header reads in flight, by model id.
+        self._checks: dict[str, _Check] = {}
         self._hits = self._misses = self._loads = self._fails = self._load_failures = 0
         self._loading = self._waiters = self._leased = 0
         self._load_seconds = 0.0
@@ -407,21 +435,94 @@ class ModelCache:
 
     async def describe(self, model_id: str) -> ModelInfo:
         """The model's `ModelInfo` (tensors, size, shards) without loading its weights: from
-        the device or host tier when it is there, else its safetensors headers (a few KiB of
-        reads). Raises as a load would: InvalidModelIdError, ModelNotFoundError, StoreError,
-        ModelFormatError. Servers use it to tell an unknown id (404) before a load starts."""
+        the device or host tier when it is there, or a load in flight that has read them, else
+        its safetensors headers (a few KiB of reads). Raises as a load would:
+        InvalidModelIdError, ModelNotFoundError, StoreError, ModelFormatError, CacheClosedError.
+        Servers use it to tell an unknown id (404) before a load starts.
+
+        Concurrent calls for one id share one read, run in the cache's task group: a caller
+        cancelled (``anyio.fail_after``) leaves it to the others, and the read is dropped when
+        its last caller leaves. Its errors are remembered for ``failure_ttl`` seconds, as are
+        the header errors of failed loads (not found, invalid, store errors)."""
         self._store.model_url(model_id)  # validates the id
-        for entry in self._entries.values():
-            if entry.model_id == model_id and entry.weights is not None:
-                return entry.weights.info
+        while True:
+            self._check_open()
+            info = self._known_info(model_id)
+            if info is not None:
+                return info
+            error = self._recent_header_error(model_id)
+            if error is not None:
+                raise error.with_traceback(None)  # remembered: keep its traceback short
+            check = self._checks.get(model_id)
+            if check is None:
+                check = self._start_check(model_id)
+            check.waiters += 1
+            try:
+                await check.done.wait()
+            finally:
+                check.waiters -= 1
+                if check.waiters == 0 and not check.done.is_set():
+                    # Nobody wants the answer any more: drop the read rather than leave it
+                    # behind on a stalled store, and let the next caller start afresh.
+                    check.scope.cancel()
+                    if self._checks.get(model_id) is check:
+                        del self._checks[model_id]
+            if check.error is not None:
+                raise check.error.with_traceback(None)  # shared: keep its traceback short
+            if check.info is not None:
+                return check.info
+            # The read was dropped (the cache is closing): look again.
+
+    def _known_info(self, model_id: str) -> ModelInfo | None:
+        """``model_id``'s headers if a tier holds the model or a load has read them: no I/O."""
+        for builder in (*self._builders, WEIGHTS):
+            entry = self._entries.get((builder, model_id))
+            if entry is not None:
+                if entry.weights is not None:
+                    return entry.weights.info
+                if entry.info is not None:
+                    return entry.info
         host = self._lower.entries.get(model_id)
         if host is not None:
             info: ModelInfo = host.info
             return info
+        return None
+
+    def _recent_header_error(self, model_id: str) -> BaseException | None:
+        """A remembered error that any load of ``model_id`` would meet again: a failed header
+        check, or a failed load's missing, invalid or unreadable files (not a build error)."""
+        error = self._failures.recent((None, model_id))
+        if error is not None:
+            return error
+        for builder in (*self._builders, WEIGHTS):
+            error = self._failures.recent((builder, model_id))
+            if isinstance(error, _HEADER_ERRORS):
+                return error
+        return None
+
+    def _start_check(self, model_id: str) -> _Check:
+        assert self._task_group is not None
+        check = self._checks[model_id] = _Check()
+        self._task_group.start_soon(
+            self._check, model_id, check, name=f"modelcache describe {model_id!r}"
+        )
+        return check
+
+    async def _check(self, model_id: str, check: _Check) -> None:
+        """Read ``model_id``'s headers for `describe`'s callers (in the cache's task group)."""
         try:
-            return await read_model_info(self._store, model_id)
+            with check.scope:
+                check.info = await read_model_info(self._store, model_id)
         except Exception as exc:
-            raise as_model_error(exc, model_id)  # noqa: B904 (as_model_error chains the cause)
+            error = as_model_error(exc, model_id)
+            release_frames(error)
+            check.error = error
+            if self._state is _State.OPEN:
+                self._failures.remember((None, model_id), error)
+        finally:
+            if self._checks.get(model_id) is check:
+                del self._checks[model_id]
+            check.done.set()
 
     def add_observer(self, observer: CacheObserver) -> None:
         """Report loads, failures, waits and evictions to ``observer`` as they happen
@@ -469,6 +570,7 @@ class ModelCache:
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
+        self._failures.open(task_group)
         try:
             await self._lower.open(task_group, self._limiter)
         except BaseException:
@@ -576,14 +678,10 @@ class ModelCache:
             self._device.pump()
 
     def _raise_recent_failure(self, key: _Key) -> None:
-        failure = self._failures.get(key)
-        if failure is None:
-            return
-        error, until = failure
-        if _clock() < until:
+        error = self._failures.recent(key)
+        if error is not None:
             self._fails += 1
             raise error.with_traceback(None)  # the remembered error, raised again and again
-        del self._failures[key]
 
     def _start_load(self, key: _Key) -> _Entry:
         assert self._task_group is not None
@@ -615,6 +713,7 @@ class ModelCache:
                     info = replace(info, config=await read_config(self._store, entry.model_id))
             check_fits(self._device, info)
             entry.nbytes = info.nbytes
+            entry.info = info  # for describe()
             await self._device.reserve(entry.nbytes, lambda: entry.waiters > 0)
             entry.reserved = True
             async with self._limiter:
@@ -678,10 +777,12 @@ class ModelCache:
             return  # nobody is waiting; nothing to remember
         if isinstance(exc, Exception) and self._state is _State.OPEN:
             exc = as_model_error(exc, entry.model_id)
+            # Its frames hold the load's buffer: waiters may keep the error, and it is kept.
+            release_frames(exc)
             entry.error = exc
             self._fails += 1
             self._load_failures += 1
-            self._remember_failure(entry.key, exc)
+            self._failures.remember(entry.key, exc)
             if self._observers:
                 self._observers.load_failed(entry.model_id, exc)
             level = logging.INFO if isinstance(exc, ModelNotFoundError) else logging.WARNING
@@ -692,19 +793,6 @@ class ModelCache:
                 model_id=entry.model_id,
             )
         self._device.pump()
-
-    def _remember_failure(self, key: _Key, error: BaseException) -> None:
-        if self._failure_ttl <= 0:
-            return
-        now = _clock()
-        # Insertion order is expiry order (one TTL): drop expired ones from the front.
-        while self._failures:
-            oldest = next(iter(self._failures.values()))
-            if oldest[1] > now:
-                break
-            self._failures.popitem(last=False)
-        self._failures[key] = (error, now + self._failure_ttl)
-        self._failures.move_to_end(key)
 
     # -- the device tier ----------------------------------------------------------------------
 
@@ -780,8 +868,19 @@ class ModelCache:
         them: then that load is shared rather than the store read twice."""
         self._check_open()
         self._store.model_url(model_id)  # validate before anything else
-        on_device = [e for e in self._entries.values() if e.model_id == model_id]
-        if on_device:
-            await on_device[0].done.wait()
-            return
+        while (entry := self._device_entry(model_id)) is not None:
+            if entry.ready:
+                return
+            await entry.done.wait()
+            if entry.error is not None:  # the load failed: so does this prefetch, as use() would
+                raise entry.error.with_traceback(None)
+            # Loaded (then it is ready, or was evicted to host memory) or dropped: look again.
         await self._lower.load(model_id)
+
+    def _device_entry(self, model_id: str) -> _Entry | None:
+        """An entry for ``model_id`` on the device, loading or ready, for any bound class."""
+        for builder in (*self._builders, WEIGHTS):
+            entry = self._entries.get((builder, model_id))
+            if entry is not None:
+                return entry
+        return None

@@ -1,0 +1,131 @@
+"""The failure memory: errors of failed loads, kept for a while so that a storm of requests for
+a broken model fails fast instead of reading the store again and again.
+
+Invariants:
+
+* A kept error holds no frame. The frames of a failed load reference its buffer (the builder's
+  ``weights``, the store read's destination); an error that kept them would keep those bytes
+  alive outside every budget, on CUDA device memory the budget believes free. So before an
+  error is kept or handed to waiters, `release_frames` drops the tracebacks of it and of every
+  exception it chains (causes, contexts, group members), keeping each foreign one's traceback as
+  text in a note. Frames are released, not cleared: ``frame.clear()`` on a suspended coroutine's
+  frame (Python 3.11) would close a coroutine that is still running elsewhere.
+* Errors leave by time, not only when another failure comes: a sweeper task (in the cache's
+  task group, alive only while something is kept) sleeps until the oldest error expires and
+  drops every expired one.
+* One ttl for every error, so insertion order is expiry order: expired errors are popped from
+  the front, and a key remembered again moves to the back.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+import anyio
+import anyio.abc
+
+from ._exceptions import ModelCacheError
+
+__all__ = ["FailureMemory", "release_frames"]
+
+K = TypeVar("K", bound=Hashable)
+
+#: Opens the note that keeps a released traceback as text.
+_NOTE = "Traceback of this error (as text: its frames were released with the failed load):\n"
+#: Innermost frames kept in that note.
+_NOTE_FRAMES = 32
+
+
+def release_frames(error: BaseException) -> None:
+    """Drop the traceback of ``error`` and of every exception it chains, so that no frame (and
+    no local of a frame, such as a model's buffer) stays reachable from it.
+
+    The traceback of each exception that is not one of ours (the builder's, the filesystem's)
+    is kept as text in a note, replacing an earlier such note: the error still says where it
+    was raised. Our own errors' tracebacks only show the cache's internals.
+    """
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        if tb is not None:
+            if not isinstance(exc, ModelCacheError):
+                text = "".join(traceback.format_tb(tb, limit=-_NOTE_FRAMES))
+                notes = [n for n in getattr(exc, "__notes__", ()) if not n.startswith(_NOTE)]
+                exc.__notes__ = [*notes, _NOTE + text.rstrip("\n")]
+            exc.__traceback__ = None
+        pending.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+
+
+class FailureMemory(Generic[K]):
+    """Errors by key, each kept for ``ttl`` seconds of ``clock`` (none when ``ttl`` <= 0).
+
+    `open` gives it the task group its sweeper runs in; until then, errors expire only when
+    they are looked up or when another is remembered.
+    """
+
+    def __init__(self, ttl: float, clock: Callable[[], float]) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._errors: OrderedDict[K, tuple[BaseException, float]] = OrderedDict()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._sweeping = False
+
+    def __len__(self) -> int:
+        return len(self._errors)
+
+    def open(self, task_group: anyio.abc.TaskGroup) -> None:
+        self._task_group = task_group
+
+    def clear(self) -> None:
+        """Forget everything (the cache closed; its task group, and so the sweeper, ended)."""
+        self._errors.clear()
+        self._task_group = None
+
+    def remember(self, key: K, error: BaseException) -> None:
+        """Keep ``error`` for ``key`` for ``ttl`` seconds, its frames released; not an error
+        that says its cause may pass (``remember = False``: a device out of memory)."""
+        if self.ttl <= 0 or not getattr(error, "remember", True):
+            return
+        release_frames(error)
+        now = self._clock()
+        self.prune(now)
+        self._errors[key] = (error, now + self.ttl)
+        self._errors.move_to_end(key)
+        if not self._sweeping and self._task_group is not None:
+            self._sweeping = True
+            self._task_group.start_soon(self._sweep, name="modelcache failure memory")
+
+    def recent(self, key: K) -> BaseException | None:
+        """The error remembered for ``key``, if it has not expired."""
+        kept = self._errors.get(key)
+        if kept is None:
+            return None
+        if self._clock() < kept[1]:
+            return kept[0]
+        del self._errors[key]
+        return None
+
+    def prune(self, now: float) -> None:
+        """Drop every error expired at ``now``."""
+        errors = self._errors
+        while errors and next(iter(errors.values()))[1] <= now:
+            errors.popitem(last=False)
+
+    async def _sweep(self) -> None:
+        try:
+            while self._errors:
+                until = next(iter(self._errors.values()))[1]
+                await anyio.sleep(max(until - self._clock(), 0.0))
+                self.prune(self._clock())
+        finally:
+            self._sweeping = False

@@ -1,0 +1,231 @@
+"""The failure memory: failed loads hold no buffer, are forgotten on time, and reach prefetch."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+import modelcache._torch
+from modelcache import (
+    DeviceOutOfMemoryError,
+    ModelBuildError,
+    ModelCache,
+    ModelNotFoundError,
+    Weights,
+)
+from modelcache._format import ModelInfo
+
+from .conftest import GatedStore, MemoryModels, check_invariants, settle
+
+#: Large enough for a mapped (weak-referenceable) host buffer, not a heap bytearray.
+BIG = 2 << 20
+
+
+def track_buffers(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[Any]]:
+    """Weak references to every host buffer the torch backend allocates from now on: the
+    tensor and the memory under it."""
+    refs: list[weakref.ref[Any]] = []
+    allocate = modelcache._torch.allocate_host
+
+    def tracking(nbytes: int) -> tuple[torch.Tensor, memoryview]:
+        tensor, view = allocate(nbytes)
+        refs.extend([weakref.ref(tensor), weakref.ref(view.obj)])
+        return tensor, view
+
+    monkeypatch.setattr(modelcache._torch, "allocate_host", tracking)
+    return refs
+
+
+async def test_a_failed_build_leaves_no_buffer_reachable(models: MemoryModels) -> None:
+    """After a builder raises, nothing keeps the weights it was given alive, while the
+    failure is still remembered with its type, message and cause."""
+    models.add("a", BIG)
+    refs: list[weakref.ref[torch.Tensor]] = []
+
+    def broken(weights: Weights, info: ModelInfo) -> Any:
+        refs.append(weakref.ref(weights.buffer))
+        raise ValueError("the weights do not fit this class")
+
+    cache = ModelCache(models.template, device_budget=4 * BIG, failure_ttl=60)
+
+    @cache.model
+    class Broken:
+        from_weights = broken
+
+    async with cache:
+        with pytest.raises(ModelBuildError) as first:
+            async with cache.use("a"):
+                pass
+        del first
+        await settle(cache.store)
+        gc.collect()
+        assert len(refs) == 1 and refs[0]() is None
+        assert cache.stats().bytes_reserved == 0
+        with pytest.raises(ModelBuildError) as again:  # remembered: raised without a load
+            async with cache.use("a"):
+                pass
+        assert len(refs) == 1
+        error = again.value
+        assert "'a'" in str(error) and "do not fit this class" in str(error)
+        assert isinstance(error.__cause__, ValueError)
+        assert str(error.__cause__) == "the weights do not fit this class"
+        # The cause's traceback survives as text, naming the user's function.
+        assert "in broken" in "".join(getattr(error.__cause__, "__notes__", []))
+        check_invariants(cache)
+
+
+async def test_a_store_failure_mid_load_leaves_no_buffer_reachable(
+    models: MemoryModels, gated: GatedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load whose weight read fails after its buffer was allocated leaves that buffer
+    unreachable, though the failure is remembered."""
+    models.add("a", BIG)
+    refs = track_buffers(monkeypatch)
+    gated.gate("a", "read_into")
+    async with ModelCache(gated, device_budget=4 * BIG, failure_ttl=60) as cache:
+        async with anyio.create_task_group() as tg:
+
+            async def user() -> None:
+                with pytest.raises(ModelNotFoundError):
+                    async with cache.use("a"):
+                        pass
+
+            tg.start_soon(user)
+            await anyio.wait_all_tasks_blocked()
+            models.fs.rm(f"{models.root}/a/model.safetensors")  # gone under the load
+            gated.open("a", "read_into")
+        await settle(cache.store)
+        gc.collect()
+        assert refs and all(ref() is None for ref in refs)
+        with pytest.raises(ModelNotFoundError):  # still remembered
+            async with cache.use("a"):
+                pass
+        assert gated.calls[("read_into", "a")] == 1
+        check_invariants(cache)
+
+
+async def test_expired_failures_are_forgotten_without_another_failure(
+    models: MemoryModels,
+) -> None:
+    """A remembered failure is dropped once failure_ttl has passed, with no further use of
+    the cache (not only when the next failure is recorded)."""
+    async with ModelCache(models.template, device_budget=4096, failure_ttl=0.05) as cache:
+        with pytest.raises(ModelNotFoundError):
+            async with cache.use("missing"):
+                pass
+        assert len(cache._failures) == 1
+        sweeper = [t for t in asyncio.all_tasks() if t.get_name() == "modelcache failure memory"]
+        assert len(sweeper) == 1
+        await asyncio.wait(sweeper, timeout=5)  # it ends once the memory is empty
+        assert sweeper[0].done() and len(cache._failures) == 0
+
+
+async def test_host_prefetch_raises_the_error_of_the_device_load_it_joined(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """prefetch(tier="host") that shares a failing device load raises that load's error."""
+    models.add("a", 1000)
+    gated.gate("a", "read_into")
+    errors: list[BaseException] = []
+
+    async def record(call: Any) -> None:
+        try:
+            await call()
+        except Exception as exc:
+            errors.append(exc)
+
+    async with ModelCache(gated, device_budget=4096, host_budget=4096) as cache:
+
+        async def user() -> None:
+            async with cache.use("a"):
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(record, user)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(record, lambda: cache.prefetch(["a"], tier="host"))
+            await anyio.wait_all_tasks_blocked()
+            models.fs.rm(f"{models.root}/a/model.safetensors")
+            gated.open("a", "read_into")
+        assert len(errors) == 2
+        assert all(isinstance(e, ModelNotFoundError) for e in errors)
+        assert cache.resident("host") == []
+        check_invariants(cache)
+
+
+@pytest.mark.cuda
+async def test_cuda_failed_loads_give_their_device_memory_back(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """On CUDA, a builder exception and a store failure mid-load leave memory_allocated at its
+    baseline while the cache is open and both failures are remembered."""
+    models.add("build", BIG, seed=1)
+    models.add("store", BIG, seed=2)
+
+    def broken(weights: Weights, info: ModelInfo) -> Any:
+        raise ValueError(f"cannot build {info.model_id}")
+
+    cache = ModelCache(gated, device="cuda", device_budget=4 * BIG, failure_ttl=60)
+
+    @cache.model
+    class Broken:
+        from_weights = broken
+
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    async with cache:
+        with pytest.raises(ModelBuildError):
+            async with cache.use("build"):
+                pass
+        gated.gate("store", "read_into")
+        async with anyio.create_task_group() as tg:
+
+            async def user() -> None:
+                with pytest.raises(ModelNotFoundError):
+                    async with cache.use("store"):
+                        pass
+
+            tg.start_soon(user)
+            await anyio.wait_all_tasks_blocked()
+            models.fs.rm(f"{models.root}/store/model.safetensors")
+            gated.open("store", "read_into")
+        await settle(cache.store)
+        assert len(cache._failures) == 2
+        gc.collect()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == start
+        assert cache.stats().bytes_reserved == 0
+
+
+async def test_a_device_out_of_memory_is_not_remembered(models: MemoryModels) -> None:
+    """DeviceOutOfMemoryError (memory the budget does not count) reaches the caller typed and is
+    not remembered as the model's failure: the next use() loads the model."""
+    models.add("a", 100)
+    builds: list[int] = []
+
+    def flaky(weights: Weights, info: ModelInfo) -> Any:
+        builds.append(1)
+        if len(builds) == 1:
+            raise DeviceOutOfMemoryError("out of device memory", model_id=info.model_id)
+        return weights
+
+    cache = ModelCache(models.template, device_budget=1000, failure_ttl=60)
+
+    @cache.model
+    class Flaky:
+        from_weights = flaky
+
+    async with cache:
+        with pytest.raises(DeviceOutOfMemoryError):
+            async with cache.use("a"):
+                pass
+        async with cache.use("a") as weights:
+            assert weights["w"].numel() == 100
+        assert len(builds) == 2
+        check_invariants(cache)
