@@ -355,6 +355,31 @@ async def test_malformed_binary_requests_are_400_and_keep_the_connection(
         assert again.extensions["network_stream"].get_extra_info("client_addr")[1] == port
 
 
+async def test_kserve_decode_errors_are_400_with_the_tier_header(
+    server: Server, store: Path
+) -> None:
+    """What KServe's binary-extension decoder raises besides ValueError - InferenceError for a
+    negative dimension, struct.error for a BYTES length past the end - is the client's
+    malformed request: 400 with the tier header, not KServe's bare 500."""
+    write_model(store, "dec-0")
+    negative, negative_length = _binary_v2(b"\0" * 16, [-1, 4])
+    header = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1],
+                     "parameters": {"binary_data_size": 8}}]}
+    ).encode()  # fmt: skip
+    past_end = header + (10**9).to_bytes(4, "little") + b"abcd"
+    url = f"{server.url}/v2/models/dec-0/infer"
+    async with aiohttp.ClientSession() as s:
+        for body, length in ((negative, negative_length), (past_end, len(header))):
+            headers = {
+                "content-type": "application/octet-stream",
+                "inference-header-content-length": str(length),
+            }
+            status, answer, tier = await post(s, url, data=body, headers=headers)
+            assert (status, tier) == (400, "store"), answer
+            assert answer["error"].startswith("malformed request"), answer
+
+
 async def test_every_error_on_a_model_route_carries_the_tier_header(
     server: Server, store: Path
 ) -> None:
@@ -369,6 +394,16 @@ async def test_every_error_on_a_model_route_carries_the_tier_header(
             assert (r.status, r.headers.get("modelcache-tier")) == (501, "store")
         async with s.get(f"{server.url}/v2/models/hdr-0/versions/7") as r:
             assert (r.status, r.headers.get("modelcache-tier")) == (501, "store")
+        # FastAPI's own HTTPException: a body its JSON parser refuses (a 5,000-digit number).
+        body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [%s]}]}'
+        headers = {"content-type": "application/json"}
+        data = body % (b"9" * 5000)
+        async with s.post(f"{server.url}/v2/models/hdr-0/infer", data=data, headers=headers) as r:
+            assert (r.status, r.headers.get("modelcache-tier")) == (400, "store")
+            assert "error" in await r.json()
+        async with s.put(f"{server.url}/v2/models/hdr-0/infer", json={}) as r:
+            assert r.status == 405
+            assert "error" in await r.json()  # {"error": ...}, as every error body
 
 
 async def test_a_body_over_the_size_limit_is_413(server: Server) -> None:
@@ -389,6 +424,25 @@ async def test_a_body_over_the_size_limit_is_413(server: Server) -> None:
                     assert str(MAX_BODY) in (await r.json())["error"]
         status, _, _ = await post(s, f"{server.url}/v1/models/m0:predict", json={"instances": ROW})
         assert status == 200
+
+
+async def test_a_413_closes_the_connection_its_body_is_left_on(server: Server) -> None:
+    """A 413 answered before the body is read says Connection: close and closes: the unread
+    body would otherwise be read as the client's next request on that connection (which then
+    waits for an answer that never comes)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        "POST /v1/models/m0:predict HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Length: {MAX_BODY * 4}\r\nContent-Type: application/json\r\n\r\n"
+    )
+    writer.write(head.encode() + b"[1.0,")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 20)  # to EOF: the server closed it
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"413", answer
+    assert b"connection: close" in rest.lower(), answer
 
 
 async def test_readiness_of_a_model_over_the_device_budget_says_507(server: Server) -> None:
