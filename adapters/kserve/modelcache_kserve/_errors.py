@@ -41,7 +41,13 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
-from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from kserve.errors import (
+    InferenceError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    UnsupportedProtocol,
+)
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -84,7 +90,11 @@ class PayloadTooLarge(HTTPException):
     """The request's body is larger than the server's limit (HTTP 413).
 
     An HTTPException so that FastAPI, reading a V2 body for its schema, passes it on as it is
-    instead of making it a 400 "error parsing the body"."""
+    instead of making it a 400 "error parsing the body". It does not ask to close the
+    connection: uvicorn would close it with the body's rest unread, and the kernel then resets
+    it, which can discard the answer before the client reads it (1 in 20 chunked uploads of
+    8 MiB did); uvicorn reads and drops the rest, and the connection serves the next request.
+    """
 
     def __init__(self, limit: int) -> None:
         super().__init__(
@@ -111,7 +121,7 @@ def status_for(exc: BaseException) -> int:
         return HTTPStatus.SERVICE_UNAVAILABLE
     if isinstance(exc, StoreError):  # the store (our upstream) failed, after the retries
         return HTTPStatus.BAD_GATEWAY
-    if isinstance(exc, NotImplementedError):
+    if isinstance(exc, NotImplementedError | UnsupportedProtocol):
         return HTTPStatus.NOT_IMPLEMENTED
     return HTTPStatus.INTERNAL_SERVER_ERROR
 
@@ -155,17 +165,51 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-#: The exception types `exception_handler` answers (registered on KServe's app for each).
+#: The exception types `exception_handler` answers (registered on KServe's app for each):
+#: every type KServe or FastAPI has a handler of its own for, whose answers would lack the tier
+#: header and the ``{"error": message}`` body (FastAPI's HTTPException: "error parsing the
+#: body", 404, 405).
 HANDLED: tuple[type[BaseException], ...] = (
     ModelRequestError,
     ModelCacheError,
     InvalidInput,
+    InferenceError,
+    UnsupportedProtocol,
     ModelNotReady,
     ModelNotFound,
     NotImplementedError,
     RequestValidationError,
-    PayloadTooLarge,
+    HTTPException,
 )
+
+#: Characters of an error message an answer carries at most: a model's error may hold
+#: megabytes of text (a tensor's repr), which no client needs and every error would copy.
+MAX_MESSAGE = 4000
+
+
+def _clip(message: str) -> str:
+    """``message`` as an answer carries it: at most `MAX_MESSAGE` characters, and encodable
+    (a lone surrogate in an exception's text would fail the JSON answer, and lose its
+    status)."""
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[:MAX_MESSAGE]}... ({len(message)} characters)"
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _forget_frames(exc: BaseException) -> None:
+    """Drop the tracebacks of ``exc`` and its causes, once answered (and logged). The cache
+    remembers a failed load's error, and the adapter a failed check's, for seconds: the same
+    object, raised again to each request, gets the frames of the last one it went through -
+    the request, its body and its decoded payload - and would keep them alive as long."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        error = stack.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        error.__traceback__ = None
+        stack += (error.__cause__, error.__context__)
 
 
 def exception_handler(cache: ModelCache, model_class: type) -> Any:
@@ -184,7 +228,10 @@ def exception_handler(cache: ModelCache, model_class: type) -> Any:
                 tier = None
         if tier is not None:
             headers[TIER_HEADER] = tier
-        return JSONResponse({"error": _message(exc)}, status_code=status_for(exc), headers=headers)
+        status = status_for(exc)
+        message = _clip(_message(exc))
+        _forget_frames(exc)
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     return handle
 

@@ -61,6 +61,17 @@ _V2_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+#: What torch raises for numbers that do not make a tensor of the dtype (10**400 as FP32, -1
+#: as UINT64: OverflowError) - the payload's fault - but not the device's faults.
+_DECODE_ERRORS = (TypeError, ValueError, OverflowError, RuntimeError)
+
+
+def _decode_fault(exc: BaseException) -> bool:
+    """``exc``, raised while making the request's tensor, is the device's fault, not the
+    payload's (out of memory on the device, a broken device)."""
+    return isinstance(exc, torch.OutOfMemoryError | torch.AcceleratorError)
+
+
 def default_preprocess(
     payload: Any, headers: Mapping[str, str] | None = None, *, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
@@ -75,7 +86,9 @@ def default_preprocess(
         raise InvalidInput('"instances" must be a list')
     try:
         return torch.tensor(instances, dtype=torch.float32, device=device)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except _DECODE_ERRORS as exc:
+        if _decode_fault(exc):
+            raise
         raise InvalidInput(f'"instances" is not a numeric array: {exc}') from exc
 
 
@@ -95,7 +108,9 @@ def _v2_tensor(request: InferRequest, device: torch.device | str) -> torch.Tenso
             return torch.from_numpy(array.copy()).to(device)
         shape = [int(n) for n in tensor.shape]
         return torch.tensor(tensor.data, dtype=dtype, device=device).reshape(shape)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except _DECODE_ERRORS as exc:
+        if _decode_fault(exc):
+            raise
         raise InvalidInput(
             f"input {tensor.name!r} does not match datatype {tensor.datatype} and shape "
             f"{tensor.shape}: {exc}"
@@ -136,13 +151,21 @@ def _v2_output(name: str, value: Any) -> InferOutput:
 
 
 #: Errors of a model class's preprocess that mean the payload is wrong (HTTP 400).
-_PAYLOAD_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+_PAYLOAD_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError)
 
 
 #: Errors of predict that mean the request's inputs do not fit the model (HTTP 422)...
 COMPUTE_ERRORS = (ValueError, TypeError, IndexError, KeyError, RuntimeError)
-#: ...unless they are one of these, which are the server's faults whatever the input (500).
-SERVER_FAULTS = (torch.OutOfMemoryError, NotImplementedError, RecursionError, ModelCacheError)
+#: ...unless they are one of these, which are the server's faults whatever the input (500):
+#: torch's out-of-memory and accelerator errors (an illegal memory access, a device-side
+#: assert, a lost device) subclass RuntimeError, yet say the device is full or broken.
+SERVER_FAULTS = (
+    torch.OutOfMemoryError,
+    torch.AcceleratorError,
+    NotImplementedError,
+    RecursionError,
+    ModelCacheError,
+)
 #: Raised by predict as they are (kserve's InvalidInput keeps its 400).
 _KEEP = (*SERVER_FAULTS, InvalidInput)
 

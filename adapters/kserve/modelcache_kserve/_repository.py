@@ -368,12 +368,15 @@ class CacheDataPlane(DataPlane):  # type: ignore[misc]
         Its binary-extension path raises ValueError for a bad
         ``Inference-Header-Content-Length``, or for raw bytes that do not fill the declared
         shape, and KeyError for a missing field: KServe would answer those 500 through its
-        catch-all."""
+        catch-all; its BYTES path raises struct.error for a length past the end, and
+        InferenceError for a shape that does not match the data (a negative dimension)."""
         try:
             return super().decode(body, headers, protocol_version, model_name)
         except InvalidInput:
             raise
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # InferenceError (a negative shape), struct.error (BYTES)...
             raise InvalidInput(f"malformed request: {type(exc).__name__}: {exc}") from exc
 
 

@@ -355,6 +355,31 @@ async def test_malformed_binary_requests_are_400_and_keep_the_connection(
         assert again.extensions["network_stream"].get_extra_info("client_addr")[1] == port
 
 
+async def test_kserve_decode_errors_are_400_with_the_tier_header(
+    server: Server, store: Path
+) -> None:
+    """What KServe's binary-extension decoder raises besides ValueError - InferenceError for a
+    negative dimension, struct.error for a BYTES length past the end - is the client's
+    malformed request: 400 with the tier header, not KServe's bare 500."""
+    write_model(store, "dec-0")
+    negative, negative_length = _binary_v2(b"\0" * 16, [-1, 4])
+    header = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1],
+                     "parameters": {"binary_data_size": 8}}]}
+    ).encode()  # fmt: skip
+    past_end = header + (10**9).to_bytes(4, "little") + b"abcd"
+    url = f"{server.url}/v2/models/dec-0/infer"
+    async with aiohttp.ClientSession() as s:
+        for body, length in ((negative, negative_length), (past_end, len(header))):
+            headers = {
+                "content-type": "application/octet-stream",
+                "inference-header-content-length": str(length),
+            }
+            status, answer, tier = await post(s, url, data=body, headers=headers)
+            assert (status, tier) == (400, "store"), answer
+            assert answer["error"].startswith("malformed request"), answer
+
+
 async def test_every_error_on_a_model_route_carries_the_tier_header(
     server: Server, store: Path
 ) -> None:
@@ -369,6 +394,16 @@ async def test_every_error_on_a_model_route_carries_the_tier_header(
             assert (r.status, r.headers.get("modelcache-tier")) == (501, "store")
         async with s.get(f"{server.url}/v2/models/hdr-0/versions/7") as r:
             assert (r.status, r.headers.get("modelcache-tier")) == (501, "store")
+        # FastAPI's own HTTPException: a body its JSON parser refuses (a 5,000-digit number).
+        body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [%s]}]}'
+        headers = {"content-type": "application/json"}
+        data = body % (b"9" * 5000)
+        async with s.post(f"{server.url}/v2/models/hdr-0/infer", data=data, headers=headers) as r:
+            assert (r.status, r.headers.get("modelcache-tier")) == (400, "store")
+            assert "error" in await r.json()
+        async with s.put(f"{server.url}/v2/models/hdr-0/infer", json={}) as r:
+            assert r.status == 405
+            assert "error" in await r.json()  # {"error": ...}, as every error body
 
 
 async def test_a_body_over_the_size_limit_is_413(server: Server) -> None:

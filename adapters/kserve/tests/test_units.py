@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from modelcache_kserve import (
 )
 from modelcache_kserve._cli import load_class, parse_args
 from modelcache_kserve._errors import (
+    MAX_MESSAGE,
     TIER_HEADER,
     ModelRequestError,
     PayloadTooLarge,
@@ -166,6 +169,7 @@ class _Raises(torch.nn.Module):
         (KeyError("x"), 422),
         (InvalidInput("no"), 400),
         (torch.OutOfMemoryError("CUDA out of memory"), 500),
+        (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), 500),
         (NotImplementedError("todo"), 501),  # as KServe answers it
         (RecursionError("deep"), 500),
         (ModelBuildError("x"), 500),
@@ -177,7 +181,7 @@ async def test_errors_of_predict_on_the_inputs_are_the_clients(
     error: BaseException, status: int
 ) -> None:
     """predict's ValueError, TypeError, IndexError, KeyError and RuntimeError answer 422 naming
-    the cause; out-of-memory, NotImplementedError (501), RecursionError, the cache's errors and
+    the cause; out-of-memory, a broken accelerator (both RuntimeErrors), NotImplementedError (501), RecursionError, the cache's errors and
     any other type stay the server's (5xx), in every predict mode."""
     for mode in ("loop", "async", "thread"):
         hooks = Hooks(_Raises, torch.device("cpu"))
@@ -309,3 +313,62 @@ def test_load_timeout_flag_defaults_to_five_minutes_and_zero_means_none() -> Non
     assert parse_args([*REQUIRED, "--load-timeout", "0"]).load_timeout == 0.0
     with pytest.raises(SystemExit):
         parse_args([*REQUIRED, "--load-timeout", "-1"])
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"), [("FP32", [10**400, 1.0]), ("UINT64", [-1, 2]), ("INT64", [2**70, 1])]
+)
+def test_numbers_a_dtype_cannot_hold_are_the_payloads_fault(datatype: str, data: list[Any]) -> None:
+    """A V2 number the datatype cannot hold (OverflowError in torch) is a malformed payload:
+    InvalidInput (400), not the model's 500."""
+    request = InferRequest(
+        "m", infer_inputs=[InferInput(name="x", shape=[2], datatype=datatype, data=data)]
+    )
+    with pytest.raises(InvalidInput, match="does not match datatype"):
+        default_preprocess(request)
+
+
+async def test_an_answer_carries_a_clipped_encodable_message() -> None:
+    """An error whose text is megabytes long, or holds a lone surrogate, answers its own status
+    with at most MAX_MESSAGE characters of it, instead of copying it all or failing as a 500."""
+    cache = ModelCache("memory://none/{model_id}/", device_budget=1000)
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "path_params": {}}
+    handle = exception_handler(cache, Tiny)
+    response = await handle(Request(scope), ModelRequestError(422, "x" * (8 << 20)))
+    assert response.status_code == 422
+    assert len(response.body) < MAX_MESSAGE + 100
+    assert b"(8388608 characters)" in response.body
+    response = await handle(Request(scope), ModelRequestError(422, "bad \udcff byte"))
+    assert response.status_code == 422
+    assert b"bad \\\\udcff byte" in response.body
+
+
+async def test_an_answered_error_keeps_no_request_frames_alive() -> None:
+    """The cache and the checks remember an error object for seconds and raise it again to
+    each request: once answered, it holds none of the frames it went through (the request's
+    body and payload would stay alive as long)."""
+    cache = ModelCache("memory://none/{model_id}/", device_budget=1000)
+    remembered = ModelNotFoundError("gone")  # as the cache's failure memory holds it
+
+    class Payload:
+        pass
+
+    def serve(payload: Payload) -> None:
+        raise remembered
+
+    payload = Payload()
+    alive = weakref.ref(payload)
+    try:
+        try:
+            serve(payload)
+        except ModelNotFoundError as exc:
+            raise ModelRequestError.wrap(exc, "m", "store") from exc
+    except ModelRequestError as answer:
+        error = answer
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "path_params": {}}
+    response = await exception_handler(cache, Tiny)(Request(scope), error)
+    assert response.status_code == 404
+    del payload, error
+    gc.collect()
+    assert alive() is None
+    assert remembered.__traceback__ is None
