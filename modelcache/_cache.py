@@ -53,7 +53,7 @@ from ._exceptions import (
     StoreError,
     as_model_error,
 )
-from ._failures import FailureMemory, release_frames
+from ._failures import FailureMemory, for_caller, release_frames
 from ._format import ModelInfo
 from ._loader import read_config, read_model_info
 from ._lower import LowerTiers
@@ -251,8 +251,8 @@ class ModelCache:
             )
         if max_concurrent_loads < 1:
             raise ValueError(f"max_concurrent_loads must be at least 1, got {max_concurrent_loads}")
-        if failure_ttl < 0:
-            raise ValueError(f"failure_ttl must not be negative, got {failure_ttl}")
+        if not failure_ttl >= 0:  # also refuses NaN, which would reach the sweeper's sleep
+            raise ValueError(f"failure_ttl must be a number >= 0, got {failure_ttl}")
         if backend is None:
             backend = TorchBackend(device, zero_copy=bool(zero_copy))  # default: copy
         elif str(device) != "cpu" or zero_copy is not None:
@@ -452,7 +452,7 @@ class ModelCache:
                 return info
             error = self._recent_header_error(model_id)
             if error is not None:
-                raise error.with_traceback(None)  # remembered: keep its traceback short
+                raise for_caller(error)  # remembered: a copy, so it keeps no caller's frames
             check = self._checks.get(model_id)
             if check is None:
                 check = self._start_check(model_id)
@@ -468,7 +468,7 @@ class ModelCache:
                     if self._checks.get(model_id) is check:
                         del self._checks[model_id]
             if check.error is not None:
-                raise check.error.with_traceback(None)  # shared: keep its traceback short
+                raise for_caller(check.error)  # shared: each caller raises its own copy
             if check.info is not None:
                 return check.info
             # The read was dropped (the cache is closing): look again.
@@ -658,7 +658,7 @@ class ModelCache:
                 if entry.waiters == 0 and entry.leases == 0:
                     self._device.pump()  # a load only this task waited for, or a ready entry
             if entry.error is not None:
-                raise entry.error.with_traceback(None)  # shared: keep its traceback short
+                raise for_caller(entry.error)  # shared: each waiter raises its own copy
             if entry.ready and self._entries.get(key) is entry:
                 self._take_lease(entry)
                 return entry
@@ -681,7 +681,7 @@ class ModelCache:
         error = self._failures.recent(key)
         if error is not None:
             self._fails += 1
-            raise error.with_traceback(None)  # the remembered error, raised again and again
+            raise for_caller(error)  # remembered: a copy, so it keeps no caller's frames
 
     def _start_load(self, key: _Key) -> _Entry:
         assert self._task_group is not None
@@ -873,7 +873,7 @@ class ModelCache:
                 return
             await entry.done.wait()
             if entry.error is not None:  # the load failed: so does this prefetch, as use() would
-                raise entry.error.with_traceback(None)
+                raise for_caller(entry.error)
             # Loaded (then it is ready, or was evicted to host memory) or dropped: look again.
         await self._lower.load(model_id)
 

@@ -13,13 +13,22 @@ Invariants:
 * Errors leave by time, not only when another failure comes: a sweeper task (in the cache's
   task group, alive only while something is kept) sleeps until the oldest error expires and
   drops every expired one.
+* A kept error is never raised itself: each caller raises its own copy (`for_caller`). Raising
+  an exception attaches the raiser's frames (``__traceback__``) and the exception it was
+  handling (``__context__``); on a shared error those would keep the last caller's locals alive
+  for ``failure_ttl`` and show one waiter another waiter's traceback.
+* Releasing is cheap and bounded: the note is written without the source-line carets of
+  `traceback.format_tb` (which parse each line), for the first `_NOTED` exceptions of a chain.
 * One ttl for every error, so insertion order is expiry order: expired errors are popped from
   the front, and a key remembered again moves to the back.
 """
 
 from __future__ import annotations
 
+import copy
+import linecache
 import traceback
+import types
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -29,7 +38,7 @@ import anyio.abc
 
 from ._exceptions import ModelCacheError
 
-__all__ = ["FailureMemory", "release_frames"]
+__all__ = ["FailureMemory", "for_caller", "release_frames"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -37,6 +46,8 @@ K = TypeVar("K", bound=Hashable)
 _NOTE = "Traceback of this error (as text: its frames were released with the failed load):\n"
 #: Innermost frames kept in that note.
 _NOTE_FRAMES = 32
+#: Exceptions of one chain that get that note (a chain may be thousands long).
+_NOTED = 16
 
 
 def release_frames(error: BaseException) -> None:
@@ -48,6 +59,7 @@ def release_frames(error: BaseException) -> None:
     was raised. Our own errors' tracebacks only show the cache's internals.
     """
     seen: set[int] = set()
+    noted = 0
     pending = [error]
     while pending:
         exc = pending.pop()
@@ -56,14 +68,45 @@ def release_frames(error: BaseException) -> None:
         seen.add(id(exc))
         tb = exc.__traceback__
         if tb is not None:
-            if not isinstance(exc, ModelCacheError):
-                text = "".join(traceback.format_tb(tb, limit=-_NOTE_FRAMES))
-                notes = [n for n in getattr(exc, "__notes__", ()) if not n.startswith(_NOTE)]
-                exc.__notes__ = [*notes, _NOTE + text.rstrip("\n")]
+            if not isinstance(exc, ModelCacheError) and noted < _NOTED:
+                noted += 1
+                notes = getattr(exc, "__notes__", None)
+                kept = [n for n in notes if not str(n).startswith(_NOTE)] if notes else []
+                exc.__notes__ = [*kept, _NOTE + _format_tb(tb)]
             exc.__traceback__ = None
         pending.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
         if isinstance(exc, BaseExceptionGroup):
             pending.extend(exc.exceptions)
+
+
+def _format_tb(tb: types.TracebackType) -> str:
+    """The innermost `_NOTE_FRAMES` frames of ``tb`` as `traceback` prints them, less carets."""
+    lines = []
+    for frame, lineno in list(traceback.walk_tb(tb))[-_NOTE_FRAMES:]:
+        code = frame.f_code
+        lines.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}')
+        source = linecache.getline(code.co_filename, lineno or 0, frame.f_globals).strip()
+        if source:
+            lines.append(f"    {source}")
+    return "\n".join(lines)
+
+
+def for_caller(error: BaseException) -> BaseException:
+    """A copy of the shared or kept ``error`` for one caller to raise: same type, message,
+    attributes, notes and cause, and no traceback. The original is left untouched by the raise
+    (no caller's frames, no caller's ``__context__``). An error that cannot be copied (a
+    subclass whose constructor takes other arguments) is raised itself."""
+    try:
+        own = copy.copy(error)
+    except Exception:
+        own = error
+    if own is error or type(own) is not type(error):
+        return error.with_traceback(None)
+    vars(own).update(vars(error))
+    own.__cause__ = error.__cause__
+    own.__context__ = error.__context__
+    own.__suppress_context__ = error.__suppress_context__
+    return own.with_traceback(None)
 
 
 class FailureMemory(Generic[K]):

@@ -77,6 +77,8 @@ class CacheMachine(RuleBasedStateMachine):
         self._cache_cm.__enter__()
         self.all_handles: list[_Handle] = []
         self.prefetches: list[Future[str]] = []
+        #: Every error a caller caught, kept to compare identities.
+        self.caught: list[BaseException] = []
 
     async def _hold(self, handle: _Handle) -> str:
         with handle.scope:
@@ -86,6 +88,7 @@ class CacheMachine(RuleBasedStateMachine):
                     await handle.release.wait()
                     return "released"
             except (ModelBuildError, ModelTooLargeError) as exc:
+                self.caught.append(exc)
                 return type(exc).__name__
         return "cancelled"
 
@@ -132,7 +135,8 @@ class CacheMachine(RuleBasedStateMachine):
         except ModelTooLargeError:
             assert SIZES[model_id] > HOST_BUDGET
             return "ModelTooLargeError"
-        except ModelBuildError:  # it joined a device load of the model, which failed
+        except ModelBuildError as exc:  # it joined a device load of the model, which failed
+            self.caught.append(exc)
             return "ModelBuildError"
         return "prefetched"
 
@@ -148,6 +152,12 @@ class CacheMachine(RuleBasedStateMachine):
     @invariant()
     def accounting_holds(self) -> None:
         self.portal.call(check_invariants, self.cache)
+
+    @invariant()
+    def each_caller_caught_its_own_error(self) -> None:
+        # Waiters of one failed load raise copies: a shared object would carry one waiter's
+        # traceback (and locals) to the others.
+        assert len({id(exc) for exc in self.caught}) == len(self.caught)
 
     @invariant()
     def only_done_handles_have_results(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import traceback
 import weakref
 from typing import Any
 
@@ -19,6 +20,7 @@ from modelcache import (
     ModelNotFoundError,
     Weights,
 )
+from modelcache._failures import release_frames
 from modelcache._format import ModelInfo
 
 from .conftest import GatedStore, MemoryModels, check_invariants, settle
@@ -229,3 +231,99 @@ async def test_a_device_out_of_memory_is_not_remembered(models: MemoryModels) ->
             assert weights["w"].numel() == 100
         assert len(builds) == 2
         check_invariants(cache)
+
+
+class _Local:
+    """An object a caller holds in a local variable (weak-referenceable)."""
+
+
+async def test_a_remembered_error_keeps_no_frame_of_the_callers_it_was_raised_to(
+    models: MemoryModels,
+) -> None:
+    """Raising a remembered error to a caller (use() or describe()) does not attach that
+    caller's frames or its handled exception to the remembered error: once the caller returns,
+    its locals are unreachable, though the error is still remembered."""
+    cache = ModelCache(models.template, device_budget=4096, failure_ttl=60)
+
+    async def caller(call: Any) -> weakref.ref[_Local]:
+        local = _Local()
+        try:
+            raise KeyError("the caller's own error, being handled")
+        except KeyError:
+            with pytest.raises(ModelNotFoundError):
+                await call()
+        return weakref.ref(local)
+
+    async def use() -> None:
+        async with cache.use("missing"):
+            pass
+
+    async with cache:
+        await caller(use)  # the load fails: remembered
+        refs = [await caller(use), await caller(lambda: cache.describe("missing"))]
+        gc.collect()
+        assert [ref() for ref in refs] == [None, None]
+        assert len(cache._failures) == 1
+
+
+async def test_each_waiter_of_a_failed_load_gets_its_own_traceback(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """Waiters of one failed load each raise an error of their own: a waiter that looks at its
+    traceback after another waiter raised still sees its own frames, not the other's."""
+    models.add("a", 1000)
+    gated.gate("a", "read_into")
+    looked = anyio.Event()
+    names: list[list[str]] = []
+
+    async def first_waiter() -> None:
+        with pytest.raises(ModelNotFoundError) as caught:
+            async with cache.use("a"):
+                pass
+        await looked.wait()  # the other waiter has raised by now
+        names.append([frame.name for frame in traceback.extract_tb(caught.value.__traceback__)])
+
+    async def second_waiter() -> None:
+        with pytest.raises(ModelNotFoundError):
+            async with cache.use("a"):
+                pass
+        looked.set()
+
+    async with ModelCache(gated, device_budget=4096) as cache, anyio.create_task_group() as tg:
+        tg.start_soon(first_waiter)
+        tg.start_soon(second_waiter)
+        await anyio.wait_all_tasks_blocked()
+        models.fs.rm(f"{models.root}/a/model.safetensors")
+        gated.open("a", "read_into")
+    assert names and "first_waiter" in names[0] and "second_waiter" not in names[0]
+
+
+@pytest.mark.parametrize("ttl", [float("nan"), -1.0])
+async def test_failure_ttl_must_be_a_non_negative_number(models: MemoryModels, ttl: float) -> None:
+    """A NaN or negative failure_ttl is refused when the cache is made (a NaN would reach the
+    sweeper's sleep and crash the cache's task group at the first failure)."""
+    with pytest.raises(ValueError, match="failure_ttl"):
+        ModelCache(models.template, device_budget=4096, failure_ttl=ttl)
+
+
+def test_release_frames_notes_a_bounded_part_of_a_long_chain() -> None:
+    """An error chaining thousands of exceptions loses every traceback, but only the first
+    few exceptions get a note: the work done on the event loop per failure is bounded."""
+    error: BaseException | None = None
+    for i in range(2000):
+        try:
+            raise ValueError(i) from error
+        except ValueError as raised:
+            error = raised
+    assert error is not None
+    release_frames(error)
+    chain: list[BaseException] = []
+    noted = 0
+    link: BaseException | None = error
+    while link is not None:
+        chain.append(link)
+        noted += bool(getattr(link, "__notes__", None))
+        link = link.__cause__
+    assert len(chain) == 2000 and all(e.__traceback__ is None for e in chain)
+    assert 0 < noted <= 64
+    assert "in test_release_frames_notes_a_bounded_part_of_a_long_chain" in error.__notes__[0]
