@@ -679,10 +679,10 @@ class Store:
         starts = iter(range(0, size, chunk))  # shared: each chunk is taken by one worker
         got = 0
 
-        async def fetch(lo: int) -> int:
+        async def fetch(lo: int, hi: int) -> int:
             async with limiter:
                 try:
-                    return await reader(offset + lo, run.slices(lo, min(lo + chunk, size)))
+                    return await reader(offset + lo, run.slices(lo, hi))
                 except Exception as exc:
                     if http_status(exc) == 416:  # starts at or past the end of the file
                         return 0
@@ -691,7 +691,16 @@ class Store:
         async def worker() -> None:
             nonlocal got
             for lo in starts:
-                n = await self._retrying("read", url, model_id, functools.partial(fetch, lo))
+                hi = min(lo + chunk, size)
+                if chunk < size and _host(url) in self._whole_body_hosts:
+                    # The host was found ignoring Range during this read: every further chunk
+                    # would stream the file from its start again (O(size^2 / chunk) bytes). The
+                    # rest goes in this one request; the other workers find no chunk left.
+                    hi = size
+                    for _ in starts:
+                        pass
+                read = functools.partial(fetch, lo, hi)
+                n = await self._retrying("read", url, model_id, read)
                 got += n  # not `got += await ...`: that reads `got` before the await
 
         workers = min(self._window, -(-size // chunk))
