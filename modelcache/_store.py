@@ -196,21 +196,34 @@ class _Scatter:
         return out
 
 
-def _pread_full(fd: int, bufs: list[memoryview], offset: int) -> int:
+def _pread_full(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
     """Fill ``bufs`` in order from ``fd`` at ``offset``; return the bytes read (fewer only at end
-    of file)."""
+    of file).
+
+    Linear in the number of views: a crafted header makes tens of thousands of them, and
+    re-slicing the whole list after each call (as this once did) cost seconds of a worker thread
+    holding the GIL for a 200 KB file.
+    """
+    pending = list(bufs)  # ours to shorten: a view a call filled in part is replaced by its rest
     filled = 0
-    while bufs:
-        n = os.preadv(fd, bufs[:_IOV_MAX], offset + filled)
+    first = 0  # the first view not yet full
+    while first < len(pending):
+        n = os.preadv(fd, pending[first : first + _IOV_MAX], offset + filled)
         if n == 0:
             break
         filled += n
-        while bufs and n >= len(bufs[0]):
-            n -= len(bufs[0])
-            bufs = bufs[1:]
-        if bufs and n:
-            bufs = [bufs[0][n:], *bufs[1:]]
+        while first < len(pending) and n >= len(pending[first]):
+            n -= len(pending[first])
+            first += 1
+        if n:
+            pending[first] = pending[first][n:]
     return filled
+
+
+def _pread_run(fd: int, run: _Scatter, lo: int, hi: int, offset: int) -> int:
+    """`_pread_full` of bytes ``[lo, hi)`` of ``run``; the views are cut here, in the worker
+    thread (tens of thousands of them take the event loop tens of ms)."""
+    return _pread_full(fd, run.slices(lo, hi), offset + lo)
 
 
 def _pread_range(path: str, start: int, end: int, opener: Callable[[str], int]) -> bytes:
@@ -644,7 +657,7 @@ class Store:
 
                 async def read(lo: int, hi: int) -> int:
                     return await anyio.to_thread.run_sync(
-                        _pread_full, fd, run.slices(lo, hi), offset + lo, limiter=limiter
+                        _pread_run, fd, run, lo, hi, offset, limiter=limiter
                     )
 
                 return await self._run_chunks(run.size, read)
@@ -666,10 +679,10 @@ class Store:
         starts = iter(range(0, size, chunk))  # shared: each chunk is taken by one worker
         got = 0
 
-        async def fetch(lo: int) -> int:
+        async def fetch(lo: int, hi: int) -> int:
             async with limiter:
                 try:
-                    return await reader(offset + lo, run.slices(lo, min(lo + chunk, size)))
+                    return await reader(offset + lo, run.slices(lo, hi))
                 except Exception as exc:
                     if http_status(exc) == 416:  # starts at or past the end of the file
                         return 0
@@ -678,7 +691,16 @@ class Store:
         async def worker() -> None:
             nonlocal got
             for lo in starts:
-                n = await self._retrying("read", url, model_id, functools.partial(fetch, lo))
+                hi = min(lo + chunk, size)
+                if chunk < size and _host(url) in self._whole_body_hosts:
+                    # The host was found ignoring Range during this read: every further chunk
+                    # would stream the file from its start again (O(size^2 / chunk) bytes). The
+                    # rest goes in this one request; the other workers find no chunk left.
+                    hi = size
+                    for _ in starts:
+                        pass
+                read = functools.partial(fetch, lo, hi)
+                n = await self._retrying("read", url, model_id, read)
                 got += n  # not `got += await ...`: that reads `got` before the await
 
         workers = min(self._window, -(-size // chunk))

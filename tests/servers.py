@@ -14,7 +14,8 @@ Load as a plugin from a test module: ``pytest_plugins = ("tests.servers",)``.
   their peak) and client connections; it injects faults (the next N requests for a path answer a
   status, drop the connection, or cut the body short); and it can hold every GET at a gate.
   With ``ignore_ranges`` set it answers every GET with the whole file (200), as some servers
-  do, counting the body bytes it manages to send in ``bytes_sent``.
+  do, counting the body bytes it manages to send in ``bytes_sent``; ``ignore_ranges_from`` does
+  so only for ranges that start at or past that byte (header reads are honoured, data reads not).
 """
 
 from __future__ import annotations
@@ -391,6 +392,8 @@ class HttpServer:
         self._gate: asyncio.Event | None = None  # made in the server's loop
         #: Answer GETs with the whole file, ignoring Range (see the module notes).
         self.ignore_ranges = False
+        #: Answer GETs whose range starts at or past this byte with the whole file.
+        self.ignore_ranges_from: int | None = None
         self._bytes_sent = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -437,6 +440,7 @@ class HttpServer:
             self._faults.clear()
             self._peak = self._in_flight
             self.ignore_ranges = False
+            self.ignore_ranges_from = None
             self._bytes_sent = 0
 
     # -- what tests use ---------------------------------------------------------------------------
@@ -565,7 +569,9 @@ class HttpServer:
         file = (self.root / path).resolve()
         if not file.is_relative_to(self.root) or not file.is_file():
             raise web.HTTPNotFound()
-        if self.ignore_ranges and request.method == "GET":
+        start = request.http_range.start or 0
+        late = self.ignore_ranges_from is not None and start >= self.ignore_ranges_from
+        if (self.ignore_ranges or late) and request.method == "GET":
             return await self._whole(request, file)
         return _HeldFile(file, self)
 

@@ -271,6 +271,23 @@ async def test_http_server_ignoring_range_serves_loads_with_bounded_transfer(
     assert http_server.bytes_sent < 1.5 * size, (http_server.bytes_sent, size)
 
 
+async def test_http_host_found_ignoring_range_mid_read_is_read_in_one_more_request(
+    http_server: HttpServer,
+) -> None:
+    """A server that honours Range for header reads but answers data reads with the whole file:
+    once a read finds that out, the rest of it is one request, so the transfer stays within
+    (read_window + 1) x the file, not one whole-file stream per chunk; and it loads bit-exact."""
+    root, url = http_server.fresh_dir()
+    g = torch.Generator().manual_seed(10)
+    write_model(root / "m1", {"w": torch.randint(0, 1 << 30, (8 * MIB,), generator=g)})
+    size = (root / "m1" / "model.safetensors").stat().st_size
+    http_server.ignore_ranges_from = 1
+    store = Store(f"{url}/{{model_id}}/", read_chunk_size=MIB, read_window=2)
+    got = await load(store, "m1")
+    assert_bit_exact(got, expected_tensors(root / "m1" / "model.safetensors"))
+    assert http_server.bytes_sent <= 3 * size, (http_server.bytes_sent, size)
+
+
 async def test_http_missing_model_is_not_found(http_server: HttpServer) -> None:
     """A model the server does not have (404) raises ModelNotFoundError, not StoreError."""
     _, url = http_server.fresh_dir()
