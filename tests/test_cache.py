@@ -207,9 +207,12 @@ async def test_new_leases_on_a_victim_wait_so_a_waiting_load_gets_its_bytes(
         models.add(name, 1000)
     entered: dict[str, list[anyio.Event]] = {name: [] for name in "abc"}
     releases: dict[str, list[anyio.Event]] = {name: [] for name in "abc"}
+    buffers: dict[str, weakref.ref[Any]] = {}
 
     async def user(model_id: str, inside: anyio.Event, release: anyio.Event) -> None:
-        async with cache.use(model_id):
+        async with cache.use(model_id) as weights:
+            buffers.setdefault(model_id, weakref.ref(weights.buffer))
+            del weights
             inside.set()
             await release.wait()
 
@@ -239,7 +242,10 @@ async def test_new_leases_on_a_victim_wait_so_a_waiting_load_gets_its_bytes(
         assert entered["c"][0].is_set()
         assert sorted(cache.resident()) == ["b", "c"]
         assert not entered["a"][1].is_set()  # a reloads, queued behind c, as a new load
-        assert cache.stats().loading == 1
+        stats = cache.stats()
+        assert (stats.loading, stats.evictions, stats.bytes_reserved) == (1, 1, 2000)
+        gc.collect()
+        assert buffers["a"]() is None, "the evicted victim's buffer is still alive"
         check_invariants(cache)
         releases["c"][0].set()
         await settle(*cache_stores(cache))
@@ -302,6 +308,44 @@ async def test_a_load_whose_callers_left_before_it_reserved_evicts_nothing(
         assert stats.bytes_reserved == 600
         assert gated.calls[("read_into", "b")] == 0
         check_invariants(cache)
+
+
+async def test_a_load_abandoned_while_waiting_to_read_weights_gives_its_bytes_back(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """A load whose callers left while it waited for a slot to read weights frees its bytes."""
+    for name, nbytes in (("y", 100), ("x", 600), ("z", 100)):
+        models.add(name, nbytes)
+    gated.gate("y", "read_into")
+    gated.gate("z", "size")
+    gated.gate("x", "size")
+    async with ModelCache(gated, device_budget=1000, max_concurrent_loads=2) as cache:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.prefetch, ["y"])  # holds one slot, reading weights
+            await anyio.wait_all_tasks_blocked()
+            x_scope = anyio.CancelScope()
+
+            async def use_x() -> None:
+                with x_scope:
+                    async with cache.use("x"):
+                        pass
+
+            tg.start_soon(use_x)  # holds the other slot, reading its header
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(cache.prefetch, ["z"])  # queued for a slot
+            await anyio.wait_all_tasks_blocked()
+            gated.open("x", "size")  # x reserves its bytes; z takes the slot, reads its header
+            await settle(*cache_stores(cache))
+            assert cache.stats().bytes_reserved == 700 and gated.calls[("size", "z")] == 1
+            x_scope.cancel()
+            await anyio.wait_all_tasks_blocked()
+            stats = cache.stats()
+            assert (stats.bytes_reserved, stats.loading) == (100, 2)
+            check_invariants(cache)
+            gated.open("y", "read_into")
+            gated.open("z", "size")
+        assert sorted(cache.resident()) == ["y", "z"]
+    assert gated.calls[("read_into", "x")] == 0
 
 
 async def test_abandoned_loads_never_take_the_load_limiter(
