@@ -9,13 +9,24 @@ The device tier (built models, leased) lives here; host memory and the disk tier
 * An entry is *evictable* only when it is ready, unleased and no task is waiting to lease it.
   Eviction happens inside one synchronous planning step (`ByteBudget.try_reserve`), never across
   an await; an evicted model is handed to the lower tiers (`_demote`).
+* A load that finished for waiting callers is leased by each of them before they stop counting
+  as its waiters, so nothing can evict it between its load and their leases (that gap once let
+  two models larger than half the budget evict each other forever, unleased).
+* Fairness: when the load at the head of the line does not fit, victims are chosen for it among
+  leased entries too (`ByteBudget`'s drains); a *draining* entry hands out no new lease (the hit
+  path checks ``draining``): its users wait until it is evicted and then load it again, queued
+  behind the load it made room for. So a waiting load gets its bytes once the leases held when
+  its victims were chosen end, whatever the traffic on them.
 * A load reads from the highest tier that has the model: host memory, the disk tier, the store.
 * One load per key, run in the cache's task group - never in a caller's task - so cancelling a
   caller never cancels a load others share. Loads of different keys run concurrently, bounded by
   a capacity limiter that is held for I/O only, never while waiting for bytes.
 * Reservations that must wait are granted strictly first-come first-served, whenever bytes free
-  up (a lease ends, a load fails, a waiter leaves). A load whose callers have all gone while it
-  waits for bytes is abandoned rather than left to block the queue.
+  up (a lease ends, a load fails, a waiter leaves). A load whose callers have all gone (a device
+  prefetch is a caller) stops at its next stage boundary - the wait for the load limiter (left
+  at once, by cancelling ``entry.abandon``), the header read, the reservation of bytes, the
+  weight read - so it never takes a limiter slot, reads, or evicts for nobody, and a backlog of
+  abandoned loads costs nothing once their callers are gone.
 * A failed load reaches every waiter, leaves no bytes reserved and no entry behind, and is
   remembered for ``failure_ttl`` seconds so a storm of requests for a broken model fails fast.
 * The hit path (`_Lease.__aenter__` finding a ready entry) does no I/O and never awaits, so it
@@ -29,7 +40,8 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from enum import Enum
 from functools import partial
@@ -95,9 +107,11 @@ class _Entry:
     """One model id (for one builder) on the device: loading, then ready until evicted."""
 
     __slots__ = (
+        "abandon",
         "admitted",
         "builder",
         "done",
+        "draining",
         "error",
         "info",
         "key",
@@ -127,6 +141,11 @@ class _Entry:
         self.done = anyio.Event()
         self.error: BaseException | None = None
         self.admitted = 0.0  # when it became ready (`_observe.clock`), for the age at eviction
+        #: Set while it is a victim chosen for a waiting load: new leases wait on it (it is set,
+        #: and cleared, when the entry is evicted or no longer needed as a victim).
+        self.draining: anyio.Event | None = None
+        #: The load's wait for the limiter, cancelled when its last waiter leaves.
+        self.abandon: anyio.CancelScope | None = None
 
 
 class _Check:
@@ -157,7 +176,12 @@ class _Lease(Generic[T]):
             raise RuntimeError("a lease is entered once; call cache.use() again")
         cache = self._cache
         entry = cache._entries.get(self._key)
-        if entry is not None and entry.ready and cache._state is _State.OPEN:
+        if (
+            entry is not None
+            and entry.ready
+            and entry.draining is None
+            and cache._state is _State.OPEN
+        ):
             # The hit path: no await, no I/O.
             entry.leases += 1
             cache._leased += 1
@@ -264,6 +288,9 @@ class ModelCache:
             evictable=self._evictable,
             evict=self._demote,
             policy=policy if policy is not None else CostAwarePolicy(),
+            drainable=self._drainable,
+            drain=self._start_draining,
+            undrain=self._stop_draining,
         )
         self._policy = self._device.policy  # read on the hit path
         disk: DiskTier | None = None
@@ -414,10 +441,12 @@ class ModelCache:
     def tier_of(self, model_id: str, *, model: type | None = None) -> str | None:
         """The highest tier holding ``model_id`` ready to serve: "device", "host", "disk", or
         None (a request would read it from the store). A model being promoted from host memory
-        counts as "host" until it is on the device. No I/O; for routers and logs."""
+        counts as "host" until it is on the device; one chosen as a victim for a waiting load
+        (new uses wait for it to leave, then load it again) is not "device" any more. No I/O;
+        for routers and logs."""
         entry = self._entries.get((self._builder(model), model_id))
         if entry is not None:
-            if entry.ready:
+            if entry.ready and entry.draining is None:
                 return "device"
             if entry.source == "host":
                 return "host"
@@ -637,9 +666,12 @@ class ModelCache:
             self._check_open()
             entry = self._entries.get(key)
             if entry is not None and entry.ready:
-                self._take_lease(entry)
-                self._hits += 1
-                return entry
+                if entry.draining is None:
+                    self._take_lease(entry)
+                    self._hits += 1
+                    return entry
+                await self._wait_drained(entry.draining)
+                continue  # evicted: load it again, behind the load it made room for
             if entry is None:
                 self._raise_recent_failure(key)
                 self._store.model_url(key[1])  # validates the id before anything else happens
@@ -648,20 +680,41 @@ class ModelCache:
             entry.waiters += 1
             self._waiters += 1
             waiting_since = _observe.clock()
+            leased = False
             try:
                 await entry.done.wait()
+                if entry.ready and self._entries.get(key) is entry:
+                    # Leased while still counted as a waiter: between its load and this lease,
+                    # the entry is never evictable (nor chosen as a victim).
+                    self._take_lease(entry)
+                    leased = True
             finally:
                 entry.waiters -= 1
                 self._waiters -= 1
                 if self._observers:
                     self._observers.waited(key[1], _observe.clock() - waiting_since)
-                if entry.waiters == 0 and entry.leases == 0:
-                    self._device.pump()  # a load only this task waited for, or a ready entry
+                if entry.waiters == 0:
+                    self._left(entry)
+            if leased:
+                return entry
             if entry.error is not None:
                 raise for_caller(entry.error)  # shared: each waiter raises its own copy
-            if entry.ready and self._entries.get(key) is entry:
-                self._take_lease(entry)
-                return entry
+
+    def _left(self, entry: _Entry) -> None:
+        """``entry``'s last waiter stopped waiting (leased it, or left)."""
+        if not entry.ready and entry.abandon is not None:
+            entry.abandon.cancel()  # nobody wants the load: leave the limiter's queue now
+        if self._device.waiting:
+            # Its place in line may be unwanted now, or the entry may be a candidate victim.
+            self._device.pump()
+
+    async def _wait_drained(self, drained: anyio.Event) -> None:
+        """Wait while an entry is a victim chosen for a waiting load (counted as a waiter)."""
+        self._waiters += 1
+        try:
+            await drained.wait()
+        finally:
+            self._waiters -= 1
 
     async def _prefetch_device(self, key: _Key) -> None:
         self._unlease(await self._acquire(key))
@@ -670,6 +723,22 @@ class ModelCache:
         entry.leases += 1
         self._leased += 1
         self._policy.accessed(entry)
+
+    def _drainable(self, entry: PolicyEntry) -> bool:
+        """May be chosen as a victim for a waiting load even while leased: no task is waiting
+        for it to finish loading (those lease it first)."""
+        e: _Entry = entry  # type: ignore[assignment]
+        return e.ready and e.waiters == 0
+
+    def _start_draining(self, entry: PolicyEntry) -> None:
+        e: _Entry = entry  # type: ignore[assignment]
+        e.draining = anyio.Event()
+
+    def _stop_draining(self, entry: PolicyEntry) -> None:
+        e: _Entry = entry  # type: ignore[assignment]
+        drained, e.draining = e.draining, None
+        if drained is not None:
+            drained.set()
 
     def _unlease(self, entry: _Entry) -> None:
         entry.leases -= 1
@@ -691,8 +760,41 @@ class ModelCache:
         self._task_group.start_soon(self._load, entry, name=f"modelcache load {key[1]!r}")
         return entry
 
+    @staticmethod
+    def _check_wanted(entry: _Entry) -> None:
+        """At a stage boundary of a load: stop if nobody waits for it any more."""
+        if entry.waiters == 0:
+            raise Abandoned
+
+    @asynccontextmanager
+    async def _limited(self, entry: _Entry) -> AsyncIterator[None]:
+        """Hold the load limiter for one stage of ``entry``'s load, if anyone still wants it:
+        a load whose waiters all leave while it waits for the limiter leaves its queue at once
+        (`_left` cancels ``entry.abandon``), so abandoned loads never hold up wanted ones."""
+        limiter = self._limiter
+        assert limiter is not None
+        while True:
+            self._check_wanted(entry)
+            with anyio.CancelScope() as scope:
+                entry.abandon = scope
+                try:
+                    await limiter.acquire()
+                finally:
+                    entry.abandon = None
+            if not scope.cancelled_caught:
+                break
+            # Its waiters left; a new caller may have joined since: look again.
+        try:
+            self._check_wanted(entry)
+            yield
+        finally:
+            limiter.release()
+
     async def _load(self, entry: _Entry) -> None:
-        """Bring ``entry``'s model onto the device from the highest tier that has it."""
+        """Bring ``entry``'s model onto the device from the highest tier that has it.
+
+        Before each stage (the limiter, the header read, the reservation, the weight read) it
+        stops with `Abandoned` if nobody waits for it any more."""
         assert self._limiter is not None
         started = time.perf_counter()
         claimed: HostEntry | None = None
@@ -700,23 +802,25 @@ class ModelCache:
         try:
             while (moving := self._lower.moving.get(entry.model_id)) is not None:
                 await moving.wait()  # a demotion or host load of this id: then look again
+            self._check_wanted(entry)
             claimed = self._lower.claim(entry.model_id)
             if claimed is not None:
                 info, source, source_tier = claimed.info, self._store, "host"
                 entry.source = source_tier
             else:
-                async with self._limiter:
+                async with self._limited(entry):
                     info, source, on_disk = await self._lower.locate(entry.model_id)
                 source_tier = "store" if on_disk is None else "disk"
             if entry.builder.needs_config and info.config is None:
-                async with self._limiter:
+                async with self._limited(entry):
                     info = replace(info, config=await read_config(self._store, entry.model_id))
             check_fits(self._device, info)
             entry.nbytes = info.nbytes
             entry.info = info  # for describe()
+            self._check_wanted(entry)  # a load nobody waits for must not evict anything
             await self._device.reserve(entry.nbytes, lambda: entry.waiters > 0)
             entry.reserved = True
-            async with self._limiter:
+            async with self._limited(entry):
                 moving_since = time.perf_counter()
                 if claimed is not None:
                     weights = await self._lower.promote(claimed, info)
@@ -774,7 +878,8 @@ class ModelCache:
         """Undo everything a load did, and tell its waiters why."""
         self._drop(entry)
         if isinstance(exc, Abandoned):
-            return  # nobody is waiting; nothing to remember
+            self._device.pump()  # bytes it held, if any, go to the line; nothing to remember
+            return
         if isinstance(exc, Exception) and self._state is _State.OPEN:
             exc = as_model_error(exc, entry.model_id)
             # Its frames hold the load's buffer: waiters may keep the error, and it is kept.
@@ -853,6 +958,8 @@ class ModelCache:
         (an eviction, whose caller decides how the bytes come free)."""
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
+        if entry.draining is not None:
+            self._device.forget(entry)  # wakes the uses waiting for it to leave
         if entry.ready:
             self._policy.removed(entry)
             self._device.resident -= entry.nbytes

@@ -36,7 +36,8 @@ class CacheStats:
     models: int
     #: Loads in flight (reading headers, waiting for bytes, reading weights or building).
     loading: int
-    #: Tasks waiting in ``use()`` for a load to finish.
+    #: Tasks waiting in ``use()`` for a load to finish (or for a model chosen as a victim for a
+    #: waiting load to leave the device, before loading it again).
     waiters: int
     #: Leases held (``async with cache.use(...)`` blocks open).
     leased: int

@@ -12,6 +12,14 @@ A `ByteBudget` is the one mechanism every tier uses to stay within its bytes:
 * Reservations that cannot be granted wait in line, first come first served; `pump` grants
   them, in order, whenever bytes are freed. A waiter that is no longer wanted is dropped from
   the line rather than left to block it.
+* Fairness (a tier given ``drainable``): when the head of the line does not fit, victims for it
+  are chosen among *leased* entries too. Those are ``draining``: the tier's owner hands out no
+  new lease on them (``drain`` / ``undrain`` tell it), so their leases end in bounded time and
+  `try_reserve` evicts them first. Without this, overlapping leases on resident entries would
+  keep them unevictable and starve the line forever. Drains last while the line has a head:
+  they are given back (``undrain``) when a reservation is granted or the line empties, and
+  chosen again for the next head; an entry that leaves the tier is `forget`-ed.
+  ``draining_bytes`` = the bytes of the ``draining`` entries.
 """
 
 from __future__ import annotations
@@ -80,7 +88,16 @@ class ByteBudget:
         evictable: Callable[[Any], bool],
         evict: Callable[[Any], None],
         policy: EvictionPolicy | None = None,
+        drainable: Callable[[Any], bool] | None = None,
+        drain: Callable[[Any], None] | None = None,
+        undrain: Callable[[Any], None] | None = None,
     ) -> None:
+        """``evictable(entry)``: may be evicted now. ``drainable(entry)``: may be chosen as a
+        victim for the line while leased (then ``drain(entry)``; ``undrain(entry)`` when it
+        is no longer one and stays). Without ``drainable``, only evictable entries are ever
+        victims."""
+        if drainable is not None and (drain is None or undrain is None):
+            raise TypeError("drainable needs drain and undrain")
         self.name = name
         self.budget = budget
         self.policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
@@ -90,7 +107,13 @@ class ByteBudget:
         self.hits = self.misses = self.promotions = self.demotions = self.evictions = 0
         self._evictable = evictable
         self._evict = evict
+        self._drainable = drainable
+        self._drain = drain
+        self._undrain = undrain
         self._line: deque[_Waiter] = deque()
+        #: Victims chosen for the head of the line, waiting for their leases to end (in order).
+        self._draining: dict[Any, None] = {}
+        self.draining_bytes = 0
 
     @property
     def waiting(self) -> int:
@@ -111,9 +134,24 @@ class ByteBudget:
 
     # -- reserving ------------------------------------------------------------------------------
 
+    def is_draining(self, entry: Any) -> bool:
+        return entry in self._draining
+
+    def check(self) -> None:
+        """The invariants of the counters and the line (the tests call it after every step)."""
+        assert 0 <= self.reserved <= self.budget, (self.name, self.reserved, self.budget)
+        assert self.freeing >= 0, (self.name, self.freeing)
+        assert self.resident >= 0, (self.name, self.resident)
+        assert self.draining_bytes == sum(e.nbytes for e in self._draining)
+        assert not self._draining or self._line, "drains outlive the line they were chosen for"
+
     def try_reserve(self, nbytes: int) -> bool:
-        """Grant ``nbytes`` now, evicting if that frees enough; False (nothing evicted) if not."""
+        """Grant ``nbytes`` now, evicting if that frees enough; False if not. Nothing is evicted
+        then, except draining entries whose leases have ended (chosen for the line already)."""
         if self.budget - self.reserved < nbytes:
+            if self._draining:
+                for victim in [v for v in self._draining if self._evictable(v)]:
+                    self._evict(victim)  # its owner `forget`s it as it leaves the tier
             need = nbytes - (self.budget - self.reserved) - self.freeing
             if need > 0:
                 victims = self.policy.victims(need, self._evictable)
@@ -136,11 +174,15 @@ class ByteBudget:
             return
         waiter = _Waiter(nbytes, wanted)
         self._line.append(waiter)
+        if len(self._line) == 1:
+            self._choose_drains(nbytes)  # at the head: victims are chosen for it now
         try:
             await waiter.event.wait()
         except BaseException:
             if not waiter.settled:
                 self._line.remove(waiter)
+                if not self._line:
+                    self._end_drains()
             elif waiter.granted:
                 self.release(nbytes)  # granted while we were being cancelled
             raise
@@ -148,7 +190,8 @@ class ByteBudget:
             raise Abandoned
 
     def pump(self) -> None:
-        """Grant waiting reservations in order while they fit."""
+        """Grant waiting reservations in order while they fit; when the head does not fit,
+        choose (drain) victims for it among leased entries too."""
         while self._line:
             head = self._line[0]
             if not head.wanted():
@@ -157,10 +200,54 @@ class ByteBudget:
                 head.event.set()
                 continue
             if not self.try_reserve(head.nbytes):
-                return
+                self._choose_drains(head.nbytes)
+                if self.budget - self.reserved < head.nbytes:
+                    return
+                continue  # the victims chosen were all unleased: gone already
             self._line.popleft()
             head.settled = head.granted = True
             head.event.set()
+            self._end_drains()  # chosen for this head; the next one chooses its own
+        self._end_drains()
+
+    def _choose_drains(self, nbytes: int) -> None:
+        """Choose victims for a head of ``nbytes`` that does not fit: unleased ones are evicted
+        now, leased ones drain. None if even that cannot free enough yet (loads in flight
+        become candidates when they are ready, and pump again then)."""
+        if self._drainable is None:
+            return
+        need = nbytes - (self.budget - self.reserved) - self.freeing - self.draining_bytes
+        if need <= 0:
+            return
+        drainable, draining = self._drainable, self._draining
+        victims = self.policy.victims(need, lambda e: e not in draining and drainable(e))
+        if victims is None:
+            return
+        assert self._drain is not None
+        for victim in victims:
+            if self._evictable(victim):
+                self._evict(victim)
+            else:
+                draining[victim] = None
+                self.draining_bytes += victim.nbytes
+                self._drain(victim)
+
+    def _end_drains(self) -> None:
+        if not self._draining:
+            return
+        assert self._undrain is not None
+        ended, self._draining = list(self._draining), {}
+        self.draining_bytes = 0
+        for victim in ended:
+            self._undrain(victim)
+
+    def forget(self, entry: Any) -> None:
+        """``entry`` left the tier (evicted, failed, closed): it drains no more."""
+        if entry in self._draining:
+            del self._draining[entry]
+            self.draining_bytes -= entry.nbytes
+            assert self._undrain is not None
+            self._undrain(entry)
 
     # -- freeing --------------------------------------------------------------------------------
 

@@ -135,6 +135,12 @@ def check_invariants(cache: ModelCache) -> None:
     # Waiters of a load that just failed are still counted until they wake: hence >=.
     assert c._waiters >= sum(e.waiters for e in entries)
     assert all(e.leases >= 0 and e.waiters >= 0 for e in entries)
+    # Victims chosen for the line (draining) are ready entries, and known to the budget.
+    device.check()
+    host.check()
+    assert all(device.is_draining(e) == (e.draining is not None) for e in entries)
+    assert all(e.ready for e in entries if e.draining is not None)
+    assert device.draining_bytes == sum(e.nbytes for e in entries if e.draining is not None)
     assert host.reserved <= host.budget, (host.reserved, host.budget)
     assert host.resident == sum(e.nbytes for e in c._lower.entries.values())
     assert host.reserved == host.resident + host.freeing + c._lower.in_flight

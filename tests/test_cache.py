@@ -17,6 +17,7 @@ import modelcache._cache
 from modelcache import (
     CacheClosedError,
     InvalidModelIdError,
+    LRUPolicy,
     ModelBuildError,
     ModelCache,
     ModelNotFoundError,
@@ -162,6 +163,228 @@ async def test_caller_bounds_the_wait_with_fail_after(models: MemoryModels) -> N
             assert cache.resident() == ["b"]
 
 
+async def test_a_model_loaded_for_a_waiting_caller_is_leased_before_anything_evicts_it(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """A load that finished for a waiting caller is leased by it before any eviction (no livelock)."""
+    models.add("a", 1000)
+    models.add("b", 1000)
+    gated.gate("a", "read_into")  # weight reads slower than header reads, as on remote stores
+    gated.gate("b", "read_into")
+    entered = {"a": anyio.Event(), "b": anyio.Event()}
+    release = {"a": anyio.Event(), "b": anyio.Event()}
+
+    async def user(model_id: str) -> None:
+        async with cache.use(model_id):
+            entered[model_id].set()
+            await release[model_id].wait()
+
+    async with ModelCache(gated, device_budget=1500) as cache, anyio.create_task_group() as tg:
+        tg.start_soon(user, "a")
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(user, "b")  # headers read, then waits in line for a's bytes
+        await anyio.wait_all_tasks_blocked()
+        gated.open("a", "read_into")
+        await settle(*cache_stores(cache))
+        assert entered["a"].is_set(), "a was evicted before its caller could lease it"
+        stats = cache.stats()
+        assert (stats.loads, stats.evictions, stats.leased, stats.loading) == (1, 0, 1, 1)
+        check_invariants(cache)
+        release["a"].set()  # now a may go, and b gets its bytes
+        await settle(*cache_stores(cache))
+        gated.open("b", "read_into")
+        await settle(*cache_stores(cache))
+        assert entered["b"].is_set()
+        assert gated.calls[("read_into", "a")] == 1
+        release["b"].set()
+
+
+async def test_new_leases_on_a_victim_wait_so_a_waiting_load_gets_its_bytes(
+    models: MemoryModels,
+) -> None:
+    """Once a victim is chosen for a waiting load, new uses of it wait: the load is not starved."""
+    for name in "abc":
+        models.add(name, 1000)
+    entered: dict[str, list[anyio.Event]] = {name: [] for name in "abc"}
+    releases: dict[str, list[anyio.Event]] = {name: [] for name in "abc"}
+    buffers: dict[str, weakref.ref[Any]] = {}
+
+    async def user(model_id: str, inside: anyio.Event, release: anyio.Event) -> None:
+        async with cache.use(model_id) as weights:
+            buffers.setdefault(model_id, weakref.ref(weights.buffer))
+            del weights
+            inside.set()
+            await release.wait()
+
+    def start(model_id: str) -> int:
+        inside, release = anyio.Event(), anyio.Event()
+        entered[model_id].append(inside)
+        releases[model_id].append(release)
+        tg.start_soon(user, model_id, inside, release)
+        return len(entered[model_id]) - 1
+
+    cache = ModelCache(models.template, device_budget=2000, policy=LRUPolicy())
+    async with cache, anyio.create_task_group() as tg:
+        start("a")
+        start("b")  # a is now the least recently used: the victim for c
+        await settle(*cache_stores(cache))
+        start("c")
+        await settle(*cache_stores(cache))
+        assert not entered["c"][0].is_set() and cache.stats().loading == 1
+        # Steady, overlapping traffic on both resident models: before, a never drained.
+        start("a")
+        start("b")
+        await settle(*cache_stores(cache))
+        assert entered["b"][1].is_set(), "b was not chosen: its uses stay hits"
+        assert not entered["a"][1].is_set(), "a new lease on the victim was handed out"
+        releases["a"][0].set()  # the last lease on a that was held when c queued
+        await settle(*cache_stores(cache))
+        assert entered["c"][0].is_set()
+        assert sorted(cache.resident()) == ["b", "c"]
+        assert not entered["a"][1].is_set()  # a reloads, queued behind c, as a new load
+        stats = cache.stats()
+        assert (stats.loading, stats.evictions, stats.bytes_reserved) == (1, 1, 2000)
+        gc.collect()
+        assert buffers["a"]() is None, "the evicted victim's buffer is still alive"
+        check_invariants(cache)
+        releases["c"][0].set()
+        await settle(*cache_stores(cache))
+        assert entered["a"][1].is_set()
+        assert sorted(cache.resident()) == ["a", "b"]
+        check_invariants(cache)
+        for events in releases.values():
+            for release in events:
+                release.set()
+
+
+async def test_waiting_loads_get_their_bytes_first_come_first_served(
+    models: MemoryModels,
+) -> None:
+    """Loads waiting for bytes are granted in the order they queued, whatever their size."""
+    models.add("big", 1000)
+    models.add("c", 1000)
+    models.add("small", 100)
+    order: list[str] = []
+
+    async def user(model_id: str) -> None:
+        async with cache.use(model_id):
+            order.append(model_id)
+
+    cache = ModelCache(models.template, device_budget=1500)
+    async with cache, anyio.create_task_group() as tg:
+        lease = cache.use("big")
+        await lease.__aenter__()
+        tg.start_soon(user, "c")
+        await settle(*cache_stores(cache))
+        tg.start_soon(user, "small")  # fits now, but c queued first
+        await settle(*cache_stores(cache))
+        assert order == []
+        await lease.__aexit__(None, None, None)
+        await settle(*cache_stores(cache))
+        assert order == ["c", "small"]
+        check_invariants(cache)
+
+
+@pytest.mark.parametrize("point", ["size", "read_range"])
+async def test_a_load_whose_callers_left_before_it_reserved_evicts_nothing(
+    models: MemoryModels, gated: GatedStore, point: str
+) -> None:
+    """A load every caller left during its header read stops there: no bytes, no eviction."""
+    models.add("a", 600)
+    models.add("b", 600)
+    async with ModelCache(gated, device_budget=1000) as cache:
+        async with cache.use("a"):
+            pass
+        gated.gate("b", point)
+        with anyio.move_on_after(0.01):
+            async with cache.use("b"):
+                pass
+        assert cache.stats().loading == 1
+        gated.open("b", point)
+        await settle(*cache_stores(cache))
+        stats = cache.stats()
+        assert cache.resident() == ["a"]
+        assert (stats.evictions, stats.loading, stats.loads, stats.failures) == (0, 0, 1, 0)
+        assert stats.bytes_reserved == 600
+        assert gated.calls[("read_into", "b")] == 0
+        check_invariants(cache)
+
+
+async def test_a_load_abandoned_while_waiting_to_read_weights_gives_its_bytes_back(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """A load whose callers left while it waited for a slot to read weights frees its bytes."""
+    for name, nbytes in (("y", 100), ("x", 600), ("z", 100)):
+        models.add(name, nbytes)
+    gated.gate("y", "read_into")
+    gated.gate("z", "size")
+    gated.gate("x", "size")
+    async with ModelCache(gated, device_budget=1000, max_concurrent_loads=2) as cache:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.prefetch, ["y"])  # holds one slot, reading weights
+            await anyio.wait_all_tasks_blocked()
+            x_scope = anyio.CancelScope()
+
+            async def use_x() -> None:
+                with x_scope:
+                    async with cache.use("x"):
+                        pass
+
+            tg.start_soon(use_x)  # holds the other slot, reading its header
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(cache.prefetch, ["z"])  # queued for a slot
+            await anyio.wait_all_tasks_blocked()
+            gated.open("x", "size")  # x reserves its bytes; z takes the slot, reads its header
+            await settle(*cache_stores(cache))
+            assert cache.stats().bytes_reserved == 700 and gated.calls[("size", "z")] == 1
+            x_scope.cancel()
+            await anyio.wait_all_tasks_blocked()
+            stats = cache.stats()
+            assert (stats.bytes_reserved, stats.loading) == (100, 2)
+            check_invariants(cache)
+            gated.open("y", "read_into")
+            gated.open("z", "size")
+        assert sorted(cache.resident()) == ["y", "z"]
+    assert gated.calls[("read_into", "x")] == 0
+
+
+async def test_abandoned_loads_never_take_the_load_limiter(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """Loads whose callers all left are dropped at once: the backlog is only loads still wanted."""
+    models.add("blocker", 100)
+    models.add("fresh", 100)
+    gated.gate("blocker", "size")  # holds the only load slot, as a stalled store does
+    cache = ModelCache(gated, device_budget=4096, max_concurrent_loads=1)
+    async with cache, anyio.create_task_group() as tg:
+        tg.start_soon(cache.prefetch, ["blocker"])
+        await anyio.wait_all_tasks_blocked()
+        for i in range(50):  # ids that exist or not: the callers give up (a 503 upstream)
+            if i % 2:
+                models.add(f"m{i}", 100)
+            with anyio.move_on_after(0):
+                async with cache.use(f"m{i}"):
+                    pass
+        await anyio.wait_all_tasks_blocked()
+        assert cache.stats().loading == 1  # only the blocker: the abandoned loads are gone
+        fresh_done = anyio.Event()
+
+        async def use_fresh() -> None:
+            async with cache.use("fresh"):
+                fresh_done.set()
+
+        tg.start_soon(use_fresh)
+        await anyio.wait_all_tasks_blocked()
+        gated.open("blocker", "size")
+        await settle(*cache_stores(cache))
+        assert fresh_done.is_set()
+        abandoned = {mid for (_, mid) in gated.calls} - {"blocker", "fresh"}
+        assert abandoned == set(), "loads nobody waited for read the store"
+        stats = cache.stats()
+        assert (stats.loading, stats.failures, stats.loads) == (0, 0, 2)
+        check_invariants(cache)
+
+
 async def test_model_larger_than_budget_fails_at_once(models: MemoryModels) -> None:
     """A model over the whole budget fails with ModelTooLargeError, reserving nothing."""
     models.add("big", 5000)
@@ -296,11 +519,14 @@ async def test_cancelled_waiters_leave_state_consistent(
         check_invariants(cache)
 
 
-@pytest.mark.parametrize("point", ["size", "read_range", "read_into"])
-async def test_load_outlives_all_its_cancelled_callers(
-    models: MemoryModels, gated: GatedStore, point: str
+async def test_load_outlives_all_its_cancelled_callers_once_reading_weights(
+    models: MemoryModels, gated: GatedStore
 ) -> None:
-    """When every caller is cancelled mid-load, the load still finishes and stays resident."""
+    """When every caller is cancelled during the weight read, the load finishes and stays.
+
+    (Cancelled before the bytes were reserved, it stops instead: see
+    test_a_load_whose_callers_left_before_it_reserved_evicts_nothing.)"""
+    point = "read_into"
     models.add("a", 1000)
     gated.gate("a", point)
     async with ModelCache(gated, device_budget=1500) as cache:

@@ -1,4 +1,9 @@
-"""Random sequences of use / release / cancel / block / fail / close against the cache's invariants."""
+"""Random sequences of use / release / cancel / block / fail / close against the cache's invariants.
+
+Weight reads may be *slow* (an example draws it): each waits until the machine finishes it,
+while header reads stay fast - the timing of remote stores, under which a freshly loaded model
+was once evicted before its caller could lease it, and two models reloaded each other forever.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,30 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
     consumes,
+    initialize,
     invariant,
     precondition,
     rule,
 )
 
-from modelcache import ModelBuildError, ModelCache, ModelTooLargeError, Weights
+from modelcache import (
+    CacheObserver,
+    LRUPolicy,
+    ModelBuildError,
+    ModelCache,
+    ModelTooLargeError,
+    Store,
+    Weights,
+)
+from modelcache._cache import ModelCache as _ModelCache
 from modelcache._format import ModelInfo
+from modelcache._torch import TorchBackend
 
 from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, settle
 
@@ -30,6 +46,8 @@ BUDGET = 1200
 HOST_BUDGET = 1000
 DISK_BUDGET = 4000  # files: headers and manifests count too
 IDS = st.sampled_from(sorted(SIZES))
+#: A step of the machine settles within this, or the cache is spinning (a livelock).
+SETTLE_SECONDS = 5
 
 
 class _Handle:
@@ -40,6 +58,59 @@ class _Handle:
         self.release = anyio.Event()
         self.scope = anyio.CancelScope()
         self.future: Future[str] | None = None
+        self.entered = False  # got its lease (set once, never cleared)
+        self.finished = False  # its task ended, whatever the outcome
+        self.cancel_requested = False
+
+    @property
+    def waiting(self) -> bool:
+        """Still waiting for its model, and still wanting it."""
+        return not (self.entered or self.finished or self.cancel_requested)
+
+
+class SlowWeights(TorchBackend):
+    """Weight reads wait until `finish` (per model id) while ``slow``; headers stay fast."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.slow = False
+        self.pending: dict[str, anyio.Event] = {}
+
+    async def load(self, store: Store, info: ModelInfo, *, zero_copy: bool = True) -> Weights:
+        if self.slow:
+            await self.pending.setdefault(info.model_id, anyio.Event()).wait()
+        return await super().load(store, info, zero_copy=zero_copy)
+
+    def finish(self, model_id: str) -> None:
+        self.pending.pop(model_id).set()
+
+
+class LeaseWatch(CacheObserver):
+    """Records evictions of a model that finished loading for callers who never leased it."""
+
+    def __init__(self, handles: list[_Handle]) -> None:
+        self.handles = handles
+        self.loaded_for: dict[str, list[_Handle]] = {}
+        self.violations: list[str] = []
+
+    def load_finished(self, model_id: str, source: str, nbytes: int, seconds: float) -> None:
+        self.loaded_for[model_id] = [
+            h for h in self.handles if h.model_id == model_id and h.waiting
+        ]
+
+    def load_failed(self, model_id: str, error: BaseException) -> None:
+        return None
+
+    def waited(self, model_id: str, seconds: float) -> None:
+        return None
+
+    def evicted(self, model_id: str, tier: str, nbytes: int, age_seconds: float) -> None:
+        if tier == "device":
+            unleased = [h for h in self.loaded_for.pop(model_id, []) if h.waiting]
+            if unleased:
+                self.violations.append(
+                    f"{model_id!r} evicted before {len(unleased)} waiting caller(s) leased it"
+                )
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -55,8 +126,10 @@ class CacheMachine(RuleBasedStateMachine):
         self.portal = self._portal_cm.__enter__()
         self.store = GatedStore(self.models.template)
         self.disk_dir = tempfile.mkdtemp(prefix="mc-disk-")
+        self.backend = SlowWeights()
         self.cache = ModelCache(
             self.store,
+            backend=self.backend,
             device_budget=BUDGET,
             host_budget=HOST_BUDGET,
             disk_dir=self.disk_dir,
@@ -79,21 +152,42 @@ class CacheMachine(RuleBasedStateMachine):
         self.prefetches: list[Future[str]] = []
         #: Every error a caller caught, kept to compare identities.
         self.caught: list[BaseException] = []
+        self.watch = LeaseWatch(self.all_handles)
+        self.cache.add_observer(self.watch)
+        #: (entry, its draining event) -> leases then: a victim gains no lease while it drains.
+        self.drain_leases: dict[tuple[object, object], int] = {}
+        self.spinning = False  # a step never settled: the example failed
+
+    @initialize(slow=st.booleans())
+    def weight_reads(self, slow: bool) -> None:
+        self.backend.slow = slow
 
     async def _hold(self, handle: _Handle) -> str:
-        with handle.scope:
-            try:
-                async with self.cache.use(handle.model_id) as model:
-                    assert model["w"].numel() == SIZES[handle.model_id]
-                    await handle.release.wait()
-                    return "released"
-            except (ModelBuildError, ModelTooLargeError) as exc:
-                self.caught.append(exc)
-                return type(exc).__name__
-        return "cancelled"
+        try:
+            with handle.scope:
+                try:
+                    async with self.cache.use(handle.model_id) as model:
+                        handle.entered = True
+                        assert model["w"].numel() == SIZES[handle.model_id]
+                        await handle.release.wait()
+                        return "released"
+                except (ModelBuildError, ModelTooLargeError) as exc:
+                    self.caught.append(exc)
+                    return type(exc).__name__
+            return "cancelled"
+        finally:
+            handle.finished = True
 
     def _settle(self) -> None:
-        self.portal.call(lambda: settle(*cache_stores(self.cache)))
+        self.portal.call(self._settle_or_fail)
+
+    async def _settle_or_fail(self) -> None:
+        try:
+            with anyio.fail_after(SETTLE_SECONDS):
+                await settle(*cache_stores(self.cache))
+        except TimeoutError:
+            self.spinning = True
+            raise AssertionError("the cache never settled: loads and evictions spin") from None
 
     @rule(target=handles, model_id=IDS)
     def use(self, model_id: str) -> _Handle:
@@ -110,7 +204,15 @@ class CacheMachine(RuleBasedStateMachine):
 
     @rule(handle=consumes(handles))
     def cancel(self, handle: _Handle) -> None:
+        handle.cancel_requested = True
         self.portal.call(handle.scope.cancel)
+        self._settle()
+
+    @precondition(lambda self: bool(self.backend.pending))
+    @rule(data=st.data())
+    def finish_weights(self, data: st.DataObject) -> None:
+        model_id = data.draw(st.sampled_from(sorted(self.backend.pending)))
+        self.portal.call(self.backend.finish, model_id)
         self._settle()
 
     @precondition(lambda self: not self.store.gates)
@@ -160,6 +262,41 @@ class CacheMachine(RuleBasedStateMachine):
         assert len({id(exc) for exc in self.caught}) == len(self.caught)
 
     @invariant()
+    def a_loaded_model_is_leased_by_its_waiters_before_any_eviction(self) -> None:
+        assert not self.watch.violations, self.watch.violations
+
+    @invariant()
+    def victims_are_chosen_for_a_waiting_load_and_gain_no_lease(self) -> None:
+        self.portal.call(self._check_fairness)
+
+    def _check_fairness(self) -> None:
+        c: _ModelCache = self.cache
+        device, entries = c._device, list(c._entries.values())
+        line = device._line
+        if line and line[0].wanted():
+            # The head of the line gets bytes once the leases on its victims end: unless even
+            # every ready, unwaited-for model (leased or not) cannot cover it, enough of them
+            # must have been chosen (draining) already.
+            head = line[0].nbytes
+            coming = device.budget - device.reserved + device.freeing
+            coming += getattr(device, "draining_bytes", 0)
+            if coming < head:
+                candidates = sum(
+                    e.nbytes
+                    for e in entries
+                    if e.ready and e.waiters == 0 and getattr(e, "draining", None) is None
+                )
+                assert coming + candidates < head, "no victims chosen for the waiting load"
+        draining = [(e, getattr(e, "draining", None)) for e in entries]
+        drains: dict[tuple[object, object], int] = {
+            (e, d): e.leases for e, d in draining if d is not None
+        }
+        for key, leases in drains.items():
+            before = self.drain_leases.get(key)
+            assert before is None or leases <= before, "a victim chosen for the line was leased"
+        self.drain_leases = drains
+
+    @invariant()
     def only_done_handles_have_results(self) -> None:
         for handle in self.all_handles:
             assert handle.future is not None
@@ -170,7 +307,18 @@ class CacheMachine(RuleBasedStateMachine):
                     assert SIZES[handle.model_id] > BUDGET
 
     def teardown(self) -> None:
+        if self.spinning or self.watch.violations:
+            # Failed already, and its cache may spin forever: cancel everything, settle nothing
+            # (or each example hypothesis shrinks would wait for a step that never settles).
+            stop = AssertionError("the example failed")
+            self._portal_cm.__exit__(type(stop), stop, None)
+            self.models.cleanup()
+            shutil.rmtree(self.disk_dir, ignore_errors=True)
+            return
         try:
+            self.backend.slow = False
+            for model_id in list(self.backend.pending):
+                self.portal.call(self.backend.finish, model_id)
             self.unblock()
             for handle in self.all_handles:
                 self.portal.call(handle.release.set)
@@ -207,3 +355,67 @@ CacheMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_cache_state_machine = CacheMachine.TestCase
+
+
+#: Overlapping traffic on two resident models: a new lease on one of them, or the end of the
+#: oldest lease still held.
+TRAFFIC = st.lists(st.sampled_from(["a", "b", "release"]), max_size=24)
+
+
+@settings(max_examples=40, deadline=None)
+@given(before=TRAFFIC, after=TRAFFIC, lru=st.booleans())
+def test_a_waiting_load_gets_its_bytes_once_the_leases_held_when_it_queued_end(
+    before: list[str], after: list[str], lru: bool
+) -> None:
+    """Whatever the traffic on resident models, a load waiting for bytes waits only for the
+    leases that were held when it queued, never for newer ones."""
+    anyio.run(_traffic_then_a_cold_load, before, after, lru)
+
+
+async def _traffic_then_a_cold_load(before: list[str], after: list[str], lru: bool) -> None:
+    models = MemoryModels()
+    for name in ("a", "b", "cold"):
+        models.add(name, 1000)
+    held: list[anyio.Event] = []  # releases of the uses started and not yet told to end
+    cold_in, cold_release = anyio.Event(), anyio.Event()
+
+    async def hold(model_id: str, release: anyio.Event, inside: anyio.Event | None) -> None:
+        async with cache.use(model_id):
+            if inside is not None:
+                inside.set()
+            await release.wait()
+
+    def step(op: str) -> None:
+        if op == "release":
+            if held:
+                held.pop(0).set()
+        else:
+            held.append(anyio.Event())
+            tg.start_soon(hold, op, held[-1], None)
+
+    policy = LRUPolicy() if lru else None
+    cache = ModelCache(models.template, device_budget=2000, policy=policy)  # two of three fit
+    try:
+        async with cache, anyio.create_task_group() as tg:
+            for op in before:
+                step(op)
+                await settle(*cache_stores(cache))
+            tg.start_soon(hold, "cold", cold_release, cold_in)
+            await settle(*cache_stores(cache))
+            held_then = list(held)
+            for op in after:
+                step(op)
+                await settle(*cache_stores(cache))
+                check_invariants(cache)
+                if all(release.is_set() for release in held_then):
+                    assert cold_in.is_set(), "the cold load waited for leases newer than it"
+            for release in held_then:
+                release.set()
+            await settle(*cache_stores(cache))
+            assert cold_in.is_set(), "the cold load waited for leases newer than it"
+            check_invariants(cache)
+            cold_release.set()
+            for release in held:
+                release.set()
+    finally:
+        models.cleanup()
