@@ -53,7 +53,7 @@ import anyio.abc
 import torch
 
 from . import _observe
-from ._backend import DeviceBackend, LoadedWeights
+from ._backend import DeviceBackend, LoadedWeights, record_current_stream
 from ._builders import WEIGHTS, ModelBuilder, builder_for
 from ._concurrency import gather
 from ._cost import LoadCosts
@@ -200,7 +200,12 @@ class _Lease(Generic[T]):
     ) -> None:
         entry, self._entry = self._entry, None
         if entry is not None:
-            self._cache._unlease(entry)
+            cache = self._cache
+            if entry.weights is not None and not cache._backend.on_host:
+                # Kernels the caller queued on a stream of its own may still read the weights:
+                # their memory is not reused (after an eviction) before that work has run.
+                record_current_stream(entry.weights)
+            cache._unlease(entry)
 
 
 class _BoundUse:

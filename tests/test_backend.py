@@ -499,3 +499,22 @@ async def test_cupy_device_memory_returns_after_eviction(models: MemoryModels) -
     del a  # the cache dropped every model when it closed: this was the last reference
     pool.free_all_blocks()
     assert pool.used_bytes() == start
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+async def test_leaving_a_lease_records_the_callers_stream_on_device_weights(
+    models: MemoryModels, monkeypatch: pytest.MonkeyPatch, on_host: bool
+) -> None:
+    """Each lease exit asks device weights to record the caller's current stream (work queued
+    there must finish before an eviction lets their memory be reused); host weights are not."""
+    models.add("a", 100)
+    recorded: list[str] = []
+    monkeypatch.setattr(
+        Weights, "record_current_stream", lambda self: recorded.append(self.info.model_id)
+    )
+    backend = RecordingBackend(on_host=on_host)
+    async with ModelCache(models.template, device_budget=1000, backend=backend) as cache:
+        for _ in range(3):
+            async with cache.use("a"):
+                pass
+    assert recorded == ([] if on_host else ["a"] * 3)
