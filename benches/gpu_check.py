@@ -34,6 +34,7 @@ CUDA_TEST_FILES = (
     "tests/test_backend.py",
     "tests/test_arena.py",
     "tests/test_cache.py",
+    "tests/test_failures.py",
 )
 #: Seconds each part may take before it counts as failed (issue 16: all within 8 minutes).
 TESTS_TIMEOUT = 240
