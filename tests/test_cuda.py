@@ -132,6 +132,11 @@ async def test_device_memory_returns_after_evictions_failures_and_close(
         def from_weights(cls, weights: Any, info: Any) -> Any:
             raise ValueError("builder bug")
 
+    class Plain:  # two classes are bound: each use names its own
+        @classmethod
+        def from_weights(cls, weights: Any, info: Any) -> Any:
+            return weights
+
     backend = TorchBackend("cuda", staging_chunk_size=MIB + 3, staging_chunks=2)
     budget = 16 * MIB
     store = FailingStore(models.template, fail_at=2)
@@ -139,8 +144,9 @@ async def test_device_memory_returns_after_evictions_failures_and_close(
     reserved_before = torch.cuda.memory_reserved()
     async with ModelCache(store, device_budget=budget, backend=backend, failure_ttl=0) as cache:
         cache.model(Broken)
+        cache.model(Plain)
         with pytest.raises(StoreError, match="injected"):
-            async with cache.use("m0"):
+            async with cache.use("m0", model=Plain):
                 pass
         assert _settled() == baseline, "a load failed by the store kept device memory"
         with pytest.raises(ModelBuildError, match="builder bug"):
@@ -148,19 +154,19 @@ async def test_device_memory_returns_after_evictions_failures_and_close(
                 pass
         assert _settled() == baseline, "a load failed by its builder kept device memory"
         for i in range(3):
-            async with cache.use(f"m{i}"):
+            async with cache.use(f"m{i}", model=Plain):
                 pass
         held = _settled() - baseline
         reported = cache.stats().bytes_reserved
         assert 0 <= held - reported <= 512 * 3, (held, reported)  # the allocator rounds to 512
         for i in range(3):
-            assert cache.evict(f"m{i}")
+            assert cache.evict(f"m{i}", model=Plain)
         await _until(lambda: not cache.resident(), "evictions")
         assert _settled() == baseline, "evicted models kept device memory"
         # Slack of one 20 MiB segment: the allocator packs allocations under 10 MiB into those.
         reserved = torch.cuda.memory_reserved() - reserved_before
         assert reserved <= budget + 20 * MIB, f"{reserved} bytes reserved for a {budget} budget"
-        async with cache.use("m2"):
+        async with cache.use("m2", model=Plain):
             pass
     assert _settled() == baseline, "close kept device memory"
 
