@@ -586,6 +586,8 @@ class ModelCache:
             leased=self._leased,
             load_seconds=self._load_seconds,
             tiers=MappingProxyType(self._tier_stats(models)),
+            disk_write_bytes=self._lower.writing,
+            disk_writes_skipped=self._lower.writes_skipped,
         )
 
     def _tier_stats(self, models: int) -> dict[str, TierStats]:

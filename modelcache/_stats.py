@@ -45,6 +45,12 @@ class CacheStats:
     load_seconds: float
     #: Per tier ("device", "host"): bytes, budget, entries, hits, misses, promotions, demotions.
     tiers: Mapping[str, TierStats]
+    #: Bytes of model buffers held by disk-tier writes in flight (at most ``disk_write_buffer``,
+    #: or one model): RAM in use beside the device and host budgets.
+    disk_write_bytes: int = 0
+    #: Disk-tier writes skipped because ``disk_write_bytes`` was at its bound (the model is
+    #: written the next time it is read from the store).
+    disk_writes_skipped: int = 0
 
     @property
     def hit_ratio(self) -> float:

@@ -369,17 +369,17 @@ async def test_disk_writes_hold_at_most_the_write_buffer(
         gc.collect()
         assert sorted(cache._lower.disk_writes) == ["a", "b"]
         assert sum(ref() is not None for ref in buffers) <= 1 + 2  # d on the device, a and b
-        assert cache._lower.writing == 2000
+        assert cache.stats().disk_write_bytes == 2000
         gate.set()
         await settle(*cache_stores(cache))
-        assert cache._lower.writing == 0
+        assert cache.stats().disk_write_bytes == 0
         assert cache.tier_of("c") is None
         async with cache.use("c"):
             pass
         await settle(*cache_stores(cache))
         disk = cache._lower.disk
         assert disk is not None and [m for m in "abcd" if m in disk] == ["a", "b", "c"]
-        assert cache._lower.writes_skipped == 2
+        assert cache.stats().disk_writes_skipped == 2
 
 
 async def test_host_budget_counts_a_promoted_block_a_disk_write_still_reads(
