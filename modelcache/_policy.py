@@ -63,7 +63,12 @@ __all__ = [
 
 
 class PolicyEntry(Protocol):
-    """What a policy may read of a cache entry."""
+    """What a policy may read of a cache entry.
+
+    ``nbytes`` must not change while the entry is resident (the cache's entries never do): a
+    policy keeps running sums of it (`_Unpinned`), which would drift and could answer a
+    victims query None while enough bytes are unleased. To resize an entry, remove it first.
+    """
 
     @property
     def key(self) -> Hashable: ...

@@ -7,12 +7,16 @@ import importlib
 import math
 import random
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from modelcache import (
     CostAwarePolicy,
@@ -545,3 +549,114 @@ def test_cost_aware_hits_touch_no_heap_and_victims_still_follow_the_counts() -> 
         policy.accessed(items[2])
     victims = policy.victims(1, lambda e: True)
     assert victims is not None and victims[0] is items[1]
+
+
+class _OracleItem:
+    __slots__ = ("key", "model_id", "nbytes")
+
+    def __init__(self, key: str, nbytes: int) -> None:
+        self.key = self.model_id = key
+        self.nbytes = nbytes
+
+
+class PolicyOracleMachine(RuleBasedStateMachine):
+    """A policy against a brute-force oracle, with pins that change without the policy being
+    told (a lease that ends, a disk copy's ``users`` of a host entry): every victims query
+    returns exactly the entries a full pass in victim order would (None iff the unpinned bytes
+    fall short), and the policy's running bound always matches its entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.policy: Any = None
+        self.resident: dict[str, _OracleItem] = {}
+        self.pinned: set[str] = set()
+        self.lru_order: OrderedDict[str, _OracleItem] = OrderedDict()  # LRUPolicy's, mirrored
+
+    def _started(self) -> bool:
+        return self.policy is not None
+
+    @precondition(lambda self: self.policy is None)
+    @rule(kind=st.sampled_from(sorted(POLICIES)))
+    def start(self, kind: str) -> None:
+        self.policy = POLICIES[kind]()
+
+    @precondition(_started)
+    @rule(key=st.sampled_from("abcd"), nbytes=st.sampled_from((0, 1, 2, 3, 5, 8, 100)))
+    def admit(self, key: str, nbytes: int) -> None:
+        """Admitted (again, under a key already resident, replacing its entry)."""
+        item = self.resident[key] = self.lru_order[key] = _OracleItem(key, nbytes)
+        self.policy.admitted(item)
+
+    @precondition(_started)
+    @rule(key=st.sampled_from("abcd"), lease=st.booleans())
+    def access(self, key: str, lease: bool) -> None:
+        if key in self.resident:
+            self.policy.accessed(self.resident[key])
+            self.lru_order.move_to_end(key)
+            if lease:
+                self.pinned.add(key)
+
+    @precondition(_started)
+    @rule(key=st.sampled_from("abcd"))
+    def pin_changes_silently(self, key: str) -> None:
+        self.pinned.symmetric_difference_update({key})
+
+    @precondition(_started)
+    @rule(key=st.sampled_from("abcd"))
+    def remove(self, key: str) -> None:
+        if key in self.resident:
+            self.policy.removed(self.resident.pop(key))
+            del self.lru_order[key]
+
+    def _victim_order(self) -> list[_OracleItem]:
+        if isinstance(self.policy, LRUPolicy):
+            return list(self.lru_order.values())
+        slots = self.policy._live.values()
+        return [s.entry for s in sorted(slots, key=lambda s: (s.priority, s.seq))]
+
+    @precondition(_started)
+    @rule(
+        need=st.integers(-1, 130),
+        at_edge=st.integers(-2, 2) | st.none(),
+        evict=st.booleans(),
+    )
+    def victims(self, need: int, at_edge: int | None, evict: bool) -> None:
+        resident, pinned = self.resident, self.pinned
+        unpinned = [i for k, i in resident.items() if k not in pinned]
+        if at_edge is not None:  # right at the unpinned bytes: where a stale bound errs
+            need = sum(i.nbytes for i in unpinned) + at_edge
+        expected: list[_OracleItem] | None = []
+        freed = 0
+        for item in self._victim_order():
+            if freed >= need:
+                break
+            if item.key not in pinned:
+                expected.append(item)  # type: ignore[union-attr]
+                freed += item.nbytes
+        if freed < need:
+            expected = None
+
+        def evictable(entry: PolicyEntry) -> bool:
+            assert resident.get(entry.key) is entry, "asked about an entry not resident"  # type: ignore[call-overload]
+            return entry.key not in pinned
+
+        got = self.policy.victims(need, evictable)
+        if expected is None:
+            assert got is None
+        else:
+            assert got is not None and [id(e) for e in got] == [id(e) for e in expected]
+            if evict:
+                for entry in got:
+                    self.remove(entry.key)
+
+    @invariant()
+    def bound_matches_entries(self) -> None:
+        if self.policy is not None:
+            self.policy.check()
+            assert len(self.policy) == len(self.resident)
+
+
+PolicyOracleMachine.TestCase.settings = settings(
+    max_examples=600, stateful_step_count=30, deadline=None
+)
+test_policies_answer_as_a_full_pass_would = PolicyOracleMachine.TestCase
