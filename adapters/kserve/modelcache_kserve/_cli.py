@@ -90,6 +90,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "largest request body, e.g. 64MiB; larger ones answer 413 (0: no limit)",
         default="64MiB",
     )
+    add(
+        "--body-timeout",
+        "seconds a request's body may take to arrive; a client that stalls mid-body gets 408 "
+        "(0: no limit)",
+        default="60",
+        type=float,
+    )
     add("--http-port", "HTTP port (0: any free port, printed when ready)", default="8080", type=int)
     add("--host", "address to bind", default="0.0.0.0")
     add(
@@ -111,7 +118,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--workers must be 1: the cache is one process's memory; run more replicas instead"
         )
-    for flag in ("load_timeout", "check_timeout", "grace_period"):
+    for flag in ("load_timeout", "check_timeout", "grace_period", "body_timeout"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must not be negative")
     try:
@@ -161,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_timeout=args.check_timeout or None,
         grace_period=args.grace_period,
         max_request_bytes=args.max_request_size or None,
+        body_timeout=args.body_timeout or None,
     )
 
     def ready(port: int) -> None:

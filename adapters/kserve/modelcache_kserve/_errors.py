@@ -11,6 +11,7 @@ kserve InvalidInput            400     the payload does not decode into the mode
 ModelNotFoundError             404     no model under that id in the store (not 503: retrying
                                        does not help)
 leased model on ``/unload``    409     it is serving requests; it leaves when they end
+BodyTimeout                    408     the body did not arrive within ``body_timeout`` s
 PayloadTooLarge                413     the body is larger than ``max_request_bytes``
 RequestValidationError         422     a V2 body that breaks the protocol's schema
 RejectedInput                  422     the model could not compute on the request's inputs
@@ -37,9 +38,11 @@ logs a second traceback and makes uvicorn drop the keep-alive connection.
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 from typing import Any
 
+import anyio
 from fastapi.exceptions import RequestValidationError
 from kserve.errors import (
     InferenceError,
@@ -66,6 +69,7 @@ from modelcache import (
 __all__ = [
     "HANDLED",
     "TIER_HEADER",
+    "BodyTimeout",
     "LastResort",
     "ModelRequestError",
     "PayloadTooLarge",
@@ -100,6 +104,19 @@ class PayloadTooLarge(HTTPException):
         super().__init__(
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             f"the request body is larger than the server's limit of {limit} bytes",
+        )
+
+
+class BodyTimeout(HTTPException):
+    """The request's body did not arrive within the server's ``body_timeout`` (HTTP 408): a
+    client that stalls mid-body would otherwise hold its part of the body, and a connection,
+    for as long as it likes. The connection is closed (the rest of the body never came)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            HTTPStatus.REQUEST_TIMEOUT,
+            f"the request body did not arrive within {seconds:g} s",
+            headers={"connection": "close"},
         )
 
 
@@ -244,10 +261,18 @@ class LastResort:
     Content-Length before a byte is read, or as it streams in; uvicorn reads a body only as
     fast as the app takes it, so no more than the limit is ever held."""
 
-    def __init__(self, app: ASGIApp, *, handler: Any, max_body: int | None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        handler: Any,
+        max_body: int | None,
+        body_timeout: float | None = None,
+    ) -> None:
         self.app = app
         self.handler = handler
         self.max_body = max_body
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -260,29 +285,39 @@ class LastResort:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        limit = self.max_body
-        if limit is not None:
-            received = 0
-            declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        limit, timeout = self.max_body, self.body_timeout
+        received = 0
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        deadline = math.inf  # set when the app first reads the body
+        body_done = False
 
-            async def limited_receive() -> Message:
-                # Checked when the app first reads the body, once routed: the answer can name
-                # the model's tier, and a request that never reads its body is not refused.
-                nonlocal received
-                if declared.isdigit() and int(declared) > limit:
-                    raise PayloadTooLarge(limit)  # before a byte of it is read
+        async def guarded_receive() -> Message:
+            # Checked when the app first reads the body, once routed: the answer can name the
+            # model's tier, and a request that never reads its body is not refused.
+            nonlocal received, deadline, body_done
+            if body_done:  # only a disconnect can come now: no limit on waiting for it
+                return await receive()
+            if limit is not None and declared.isdigit() and int(declared) > limit:
+                raise PayloadTooLarge(limit)  # before a byte of it is read
+            if timeout is not None and deadline == math.inf:
+                deadline = anyio.current_time() + timeout
+            with anyio.move_on_after(deadline - anyio.current_time()) as scope_:
                 message = await receive()
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLarge(limit)
-                return message
+            if scope_.cancelled_caught:
+                assert timeout is not None
+                raise BodyTimeout(timeout)
+            received += len(message.get("body", b""))
+            if limit is not None and received > limit:
+                raise PayloadTooLarge(limit)
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
 
         try:
-            await self.app(scope, limited_receive if limit is not None else receive, tracked_send)
+            await self.app(scope, guarded_receive, tracked_send)
         except Exception as exc:
             if started:  # too late for an answer: let the server close the connection
                 raise
-            if not isinstance(exc, PayloadTooLarge):
+            if not isinstance(exc, PayloadTooLarge | BodyTimeout):
                 logger.exception("%s %s failed", scope.get("method"), scope.get("path"))
             response = await self.handler(Request(scope, receive), exc)
             await response(scope, receive, send)

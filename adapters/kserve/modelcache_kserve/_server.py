@@ -7,7 +7,8 @@
 * The REST server binds ``host`` (KServe hard-codes 0.0.0.0), may take port 0 (the bound port is
   passed to ``on_ready``), and answers every error with its own status and the
   ``modelcache-tier`` header, keeping the connection (`LastResort` catches what no handler
-  knows); bodies over ``max_request_bytes`` answer 413.
+  knows); bodies over ``max_request_bytes`` answer 413, bodies that take longer than
+  ``body_timeout`` seconds to arrive 408.
 * When it starts draining (SIGTERM), the repository is told first (`shut_down`): requests
   waiting for a load answer 503 at once instead of holding the drain for ``grace_period``
   seconds; then uvicorn lets the requests in progress finish, then the cache closes.
@@ -85,12 +86,18 @@ class _RESTServer(RESTServer):  # type: ignore[misc]
         self._server = _ReadyServer(self.config, on_ready, server.repository.shut_down)
         self._handler = exception_handler(server.cache, server.repository.model_class)
         self._max_body = server.max_request_bytes
+        self._body_timeout = server.body_timeout
 
     def _add_middlewares(self, app: Any) -> None:
         super()._add_middlewares(app)
         # Added last, so the outermost of the app's own middlewares: right inside Starlette's
         # ServerErrorMiddleware, which it must keep every exception from.
-        app.add_middleware(LastResort, handler=self._handler, max_body=self._max_body)
+        app.add_middleware(
+            LastResort,
+            handler=self._handler,
+            max_body=self._max_body,
+            body_timeout=self._body_timeout,
+        )
 
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)
@@ -117,6 +124,7 @@ class CacheModelServer(ModelServer):  # type: ignore[misc]
         metrics: bool = True,
         grace_period: int = 25,
         max_request_bytes: int | None = 64 << 20,
+        body_timeout: float | None = 60.0,
         timeout_keep_alive: int = 65,
         access_log_format: str | None = None,
         enable_latency_logging: bool = False,
@@ -141,6 +149,9 @@ class CacheModelServer(ModelServer):  # type: ignore[misc]
         self.metrics = metrics
         #: Largest request body accepted (413 above it; None: no limit).
         self.max_request_bytes = max_request_bytes
+        #: Seconds a request's body may take to arrive from the app's first read (408 after;
+        #: None: no limit).
+        self.body_timeout = body_timeout
         self.dataplane = CacheDataPlane(model_registry=repository)
         self.model_repository_extension = CacheRepositoryExtension(model_registry=repository)
         self._rest: _RESTServer | None = None
@@ -210,7 +221,7 @@ def build_server(
     ``load_timeout`` seconds for its model answers 503 (None: it waits as long as it takes); a
     readiness, metadata or ``/unload`` check that waits more than ``check_timeout`` seconds for
     the store too. ``kwargs`` go to `CacheModelServer` (``grace_period``,
-    ``max_request_bytes``...)."""
+    ``max_request_bytes``, ``body_timeout``...)."""
     repository = CacheModelRepository(
         cache,
         model_class,

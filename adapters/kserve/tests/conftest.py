@@ -178,6 +178,8 @@ def stalling_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stallin
 #: The main server's device (and host) budget: 25 Tiny models.
 BUDGET = 25 * TINY_BYTES
 #: The main server's largest request body.
+#: --body-timeout of the main server: a body stalled longer answers 408.
+BODY_TIMEOUT = 2.0
 MAX_BODY = 1 << 20
 
 
@@ -207,7 +209,10 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
             "--host-budget", str(BUDGET),
             "--max-concurrent-loads", "4",
         ],
-        env={"MODELCACHE_MAX_REQUEST_SIZE": str(MAX_BODY)},
+        env={
+            "MODELCACHE_MAX_REQUEST_SIZE": str(MAX_BODY),
+            "MODELCACHE_BODY_TIMEOUT": str(BODY_TIMEOUT),
+        },
     )  # fmt: skip
     yield srv
     assert srv.stop() == 0, log.read_text()[-4000:]

@@ -15,7 +15,7 @@ import aiohttp
 import httpx
 import pytest
 import torch
-from conftest import BUDGET, MAX_BODY, TINY_BYTES, Server, expected, write_model
+from conftest import BODY_TIMEOUT, BUDGET, MAX_BODY, TINY_BYTES, Server, expected, write_model
 
 ROW = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]]
 
@@ -422,6 +422,36 @@ async def test_a_body_over_the_size_limit_is_413(server: Server) -> None:
                 async with s.post(f"{server.url}{path}", data=data, headers=headers) as r:
                     assert (r.status, r.headers.get("modelcache-tier")) == (413, "store")
                     assert str(MAX_BODY) in (await r.json())["error"]
+        status, _, _ = await post(s, f"{server.url}/v1/models/m0:predict", json={"instances": ROW})
+        assert status == 200
+
+
+async def test_a_body_stalled_past_the_body_timeout_is_408_and_frees_the_connection(
+    server: Server,
+) -> None:
+    """A client that stops sending mid-body gets 408 with the tier header once --body-timeout
+    has passed since the app began reading, and the connection is closed (its body never came):
+    a stalled body holds neither memory nor a connection for longer; the server goes on."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"POST /v1/models/m1:predict HTTP/1.1\r\nhost: x\r\n"
+            b"content-type: application/json\r\ncontent-length: 100000\r\n\r\n"
+            b'{"instances": [[1.0, '
+        )
+        await writer.drain()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BODY_TIMEOUT + 10)
+        waited = loop.time() - started
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert b"modelcache-tier: " in head.lower()  # whichever tier m1 is in now
+        assert BODY_TIMEOUT - 0.5 <= waited < BODY_TIMEOUT + 5, waited
+        await asyncio.wait_for(reader.read(), 10)  # the rest of the answer, then EOF
+    finally:
+        writer.close()
+    async with aiohttp.ClientSession() as s:
         status, _, _ = await post(s, f"{server.url}/v1/models/m0:predict", json={"instances": ROW})
         assert status == 200
 
