@@ -982,6 +982,10 @@ class ModelCache:
         them: then that load is shared rather than the store read twice."""
         self._check_open()
         self._store.model_url(model_id)  # validate before anything else
+        error = self._recent_header_error(model_id)
+        if error is not None:  # missing or unreadable a moment ago: answered as use() would be
+            self._fails += 1
+            raise for_caller(error)
         while (entry := self._device_entry(model_id)) is not None:
             if entry.ready:
                 return

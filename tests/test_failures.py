@@ -327,3 +327,24 @@ def test_release_frames_notes_a_bounded_part_of_a_long_chain() -> None:
     assert len(chain) == 2000 and all(e.__traceback__ is None for e in chain)
     assert 0 < noted <= 64
     assert "in test_release_frames_notes_a_bounded_part_of_a_long_chain" in error.__notes__[0]
+
+
+async def test_a_host_prefetch_of_a_remembered_missing_model_reads_nothing(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """A host prefetch answers from the failure memory, as use() and describe() do: an id found
+    missing a moment ago raises ModelNotFoundError again without a store read."""
+    models.add("a", 100)
+    cache = ModelCache(gated, device_budget=1000, host_budget=1000, failure_ttl=60)
+    async with cache:
+        with pytest.raises(ModelNotFoundError):
+            async with cache.use("missing"):
+                pass
+        reads = sum(gated.calls.values())
+        for _ in range(3):
+            with pytest.raises(ModelNotFoundError):
+                await cache.prefetch(["missing"], tier="host")
+        assert sum(gated.calls.values()) == reads
+        await cache.prefetch(["a"], tier="host")
+        assert cache.resident("host") == ["a"]
+        check_invariants(cache)
