@@ -198,9 +198,10 @@ class _Lease(Generic[T]):
             entry = await cache._acquire(self._key)
         self._entry = entry
         held = _held.get()
-        if held:
-            held = tuple(lease for lease in held if lease._entry is not None)
-        _held.set((*held, self))
+        if held:  # nested (or an earlier lease was left out of order): drop the ended ones
+            _held.set((*[lease for lease in held if lease._entry is not None], self))
+        else:
+            _held.set((self,))
         return entry.value  # type: ignore[no-any-return]
 
     async def __aexit__(
@@ -217,6 +218,9 @@ class _Lease(Generic[T]):
                 # their memory is not reused (after an eviction) before that work has run.
                 record_current_stream(entry.weights)
             cache._unlease(entry)
+            held = _held.get()
+            if held and held[-1] is self:  # the usual, last-in first-out exit
+                _held.set(held[:-1])
 
 
 class _BoundUse:
