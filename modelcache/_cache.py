@@ -42,6 +42,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import replace
 from enum import Enum
 from functools import partial
@@ -94,6 +95,12 @@ _Key = tuple[ModelBuilder, str]
 _FailureKey = tuple[ModelBuilder | None, str]
 #: Errors of a failed load that say nothing of the builder: `describe` raises them too.
 _HEADER_ERRORS = (ModelNotFoundError, ModelFormatError, StoreError)
+
+
+#: The leases entered in this task (and inherited by the tasks it starts): a use by a task that
+#: holds a lease is served by a draining model rather than wait for it, since the drain may be
+#: waiting for that very task. Entries whose lease has ended are dropped at the next enter.
+_held: ContextVar[tuple[_Lease[Any], ...]] = ContextVar("modelcache_held_leases", default=())
 
 
 class _State(Enum):
@@ -190,6 +197,11 @@ class _Lease(Generic[T]):
         else:
             entry = await cache._acquire(self._key)
         self._entry = entry
+        held = _held.get()
+        if held:  # nested (or an earlier lease was left out of order): drop the ended ones
+            _held.set((*[lease for lease in held if lease._entry is not None], self))
+        else:
+            _held.set((self,))
         return entry.value  # type: ignore[no-any-return]
 
     async def __aexit__(
@@ -206,6 +218,9 @@ class _Lease(Generic[T]):
                 # their memory is not reused (after an eviction) before that work has run.
                 record_current_stream(entry.weights)
             cache._unlease(entry)
+            held = _held.get()
+            if held and held[-1] is self:  # the usual, last-in first-out exit
+                _held.set(held[:-1])
 
 
 class _BoundUse:
@@ -673,7 +688,10 @@ class ModelCache:
             self._check_open()
             entry = self._entries.get(key)
             if entry is not None and entry.ready:
-                if entry.draining is None:
+                if entry.draining is None or self._holds_lease():
+                    # A task holding a lease must not wait for a drain: it may be one of the
+                    # leases the drain waits for (a nested use), or be needed by the load the
+                    # victims are for. Its nested lease ends no later than it would have.
                     self._take_lease(entry)
                     self._hits += 1
                     return entry
@@ -714,6 +732,10 @@ class ModelCache:
         if self._device.waiting:
             # Its place in line may be unwanted now, or the entry may be a candidate victim.
             self._device.pump()
+
+    def _holds_lease(self) -> bool:
+        """Whether the current task (or the task that started it) holds a lease here now."""
+        return any(lease._entry is not None and lease._cache is self for lease in _held.get())
 
     async def _wait_drained(self, drained: anyio.Event) -> None:
         """Wait while an entry is a victim chosen for a waiting load (counted as a waiter)."""

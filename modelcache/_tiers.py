@@ -146,19 +146,23 @@ class ByteBudget:
         assert not self._draining or self._line, "drains outlive the line they were chosen for"
 
     def try_reserve(self, nbytes: int) -> bool:
-        """Grant ``nbytes`` now, evicting if that frees enough; False if not. Nothing is evicted
-        then, except draining entries whose leases have ended (chosen for the line already)."""
-        if self.budget - self.reserved < nbytes:
-            if self._draining:
-                for victim in [v for v in self._draining if self._evictable(v)]:
-                    self._evict(victim)  # its owner `forget`s it as it leaves the tier
-            need = nbytes - (self.budget - self.reserved) - self.freeing
+        """Grant ``nbytes`` now, evicting if that frees enough; False if not, and then nothing
+        is evicted: a victim keeps serving until its bytes are actually granted. Draining
+        entries whose leases have ended are evicted first, then the policy's victims."""
+        free = self.budget - self.reserved
+        if free < nbytes:
+            ready = [v for v in self._draining if self._evictable(v)] if self._draining else []
+            need = nbytes - free - self.freeing - sum(v.nbytes for v in ready)
             if need > 0:
-                victims = self.policy.victims(need, self._evictable)
+                draining, evictable = self._draining, self._evictable
+                victims = self.policy.victims(
+                    need, (lambda e: e not in draining and evictable(e)) if draining else evictable
+                )
                 if victims is None:
                     return False
-                for victim in victims:
-                    self._evict(victim)
+                ready += victims
+            for victim in ready:
+                self._evict(victim)  # a draining one is `forget`-ed by its owner as it leaves
             if self.budget - self.reserved < nbytes:
                 return False  # the rest frees up when copies out of this tier finish
         self.reserved += nbytes
@@ -174,8 +178,8 @@ class ByteBudget:
             return
         waiter = _Waiter(nbytes, wanted)
         self._line.append(waiter)
-        if len(self._line) == 1:
-            self._choose_drains(nbytes)  # at the head: victims are chosen for it now
+        if len(self._line) == 1 and self._choose_drains(nbytes):
+            self.pump()  # at the head: victims were chosen for it; unleased ones may do
         try:
             await waiter.event.wait()
         except BaseException:
@@ -199,38 +203,38 @@ class ByteBudget:
                 head.settled = True
                 head.event.set()
                 continue
-            if not self.try_reserve(head.nbytes):
-                self._choose_drains(head.nbytes)
-                if self.budget - self.reserved < head.nbytes:
-                    return
-                continue  # the victims chosen were all unleased: gone already
+            if not self.try_reserve(head.nbytes) and not (
+                self._choose_drains(head.nbytes) and self.try_reserve(head.nbytes)
+            ):
+                return
             self._line.popleft()
             head.settled = head.granted = True
             head.event.set()
             self._end_drains()  # chosen for this head; the next one chooses its own
         self._end_drains()
 
-    def _choose_drains(self, nbytes: int) -> None:
-        """Choose victims for a head of ``nbytes`` that does not fit: unleased ones are evicted
-        now, leased ones drain. None if even that cannot free enough yet (loads in flight
-        become candidates when they are ready, and pump again then)."""
+    def _choose_drains(self, nbytes: int) -> bool:
+        """Choose victims for a head of ``nbytes`` that does not fit, leased or not; True if
+        any were. None if even all of them could not free enough yet (loads in flight become
+        candidates when they are ready, and pump again then). Unleased victims are not evicted
+        here: they keep serving the tasks that hold leases (`ModelCache` serves those) until
+        `try_reserve` can grant the whole head, so no bytes are freed for a load that cannot
+        start yet."""
         if self._drainable is None:
-            return
+            return False
         need = nbytes - (self.budget - self.reserved) - self.freeing - self.draining_bytes
         if need <= 0:
-            return
+            return False
         drainable, draining = self._drainable, self._draining
         victims = self.policy.victims(need, lambda e: e not in draining and drainable(e))
         if victims is None:
-            return
+            return False
         assert self._drain is not None
         for victim in victims:
-            if self._evictable(victim):
-                self._evict(victim)
-            else:
-                draining[victim] = None
-                self.draining_bytes += victim.nbytes
-                self._drain(victim)
+            draining[victim] = None
+            self.draining_bytes += victim.nbytes
+            self._drain(victim)
+        return bool(victims)
 
     def _end_drains(self) -> None:
         if not self._draining:

@@ -257,6 +257,65 @@ async def test_new_leases_on_a_victim_wait_so_a_waiting_load_gets_its_bytes(
                 release.set()
 
 
+async def test_a_task_holding_a_victim_is_served_its_nested_use_of_it(
+    models: MemoryModels,
+) -> None:
+    """A nested use of a model the task holds is served even once it is a victim (no self-wait)."""
+    models.add("a", 400)
+    models.add("c", 700)
+
+    async def use_c() -> None:
+        async with cache.use("c"):
+            c_entered.set()
+
+    c_entered = anyio.Event()
+    cache = ModelCache(models.template, device_budget=1000, policy=LRUPolicy())
+    async with cache, anyio.create_task_group() as tg:
+        async with cache.use("a") as outer:
+            tg.start_soon(use_c)  # c needs a's bytes: a is chosen as its victim
+            await settle(*cache_stores(cache))
+            assert cache.tier_of("a") is None  # draining
+            with anyio.fail_after(5):  # before the fix: waited for its own lease forever
+                async with cache.use("a") as inner:
+                    assert inner is outer
+            assert not c_entered.is_set()
+        await settle(*cache_stores(cache))
+        assert c_entered.is_set()
+        assert cache.stats().loads == 2
+        check_invariants(cache)
+
+
+async def test_a_task_holding_a_lease_is_served_a_second_resident_victim(
+    models: MemoryModels,
+) -> None:
+    """Holding a victim, a task's use of another resident victim is a hit: it is not evicted
+    for a load that still waits for the task's own lease (that was a deadlock)."""
+    for name in "ab":
+        models.add(name, 400)
+    models.add("c", 700)
+
+    async def use_c() -> None:
+        async with cache.use("c"):
+            c_entered.set()
+
+    c_entered = anyio.Event()
+    cache = ModelCache(models.template, device_budget=1000, policy=LRUPolicy())
+    async with cache, anyio.create_task_group() as tg:
+        async with cache.use("a"), cache.use("b"):
+            pass
+        async with cache.use("a"):
+            tg.start_soon(use_c)  # c needs 700: a (leased) and b (not) are its victims
+            await settle(*cache_stores(cache))
+            assert sorted(cache.resident()) == ["a", "b"]  # b is not evicted before it helps
+            with anyio.fail_after(5):  # before the fix: b was gone, its load queued behind c
+                async with cache.use("b"):
+                    pass
+        await settle(*cache_stores(cache))
+        assert c_entered.is_set()
+        assert cache.stats().loads == 3
+        check_invariants(cache)
+
+
 async def test_waiting_loads_get_their_bytes_first_come_first_served(
     models: MemoryModels,
 ) -> None:
