@@ -796,10 +796,14 @@ class ModelCache:
             raise Abandoned
 
     @asynccontextmanager
-    async def _limited(self, entry: _Entry) -> AsyncIterator[None]:
+    async def _limited(self, entry: _Entry, *, abandonable: bool = False) -> AsyncIterator[None]:
         """Hold the load limiter for one stage of ``entry``'s load, if anyone still wants it:
         a load whose waiters all leave while it waits for the limiter leaves its queue at once
-        (`_left` cancels ``entry.abandon``), so abandoned loads never hold up wanted ones."""
+        (`_left` cancels ``entry.abandon``), so abandoned loads never hold up wanted ones.
+
+        An ``abandonable`` stage (the header and config reads: they move no weight byte) is
+        cancelled too when the last waiter leaves, raising `Abandoned`: a read stalled on the
+        store does not keep a load slot for a load nobody waits for."""
         limiter = self._limiter
         assert limiter is not None
         while True:
@@ -815,7 +819,17 @@ class ModelCache:
             # Its waiters left; a new caller may have joined since: look again.
         try:
             self._check_wanted(entry)
-            yield
+            if not abandonable:
+                yield
+                return
+            with anyio.CancelScope() as scope:
+                entry.abandon = scope
+                try:
+                    yield
+                finally:
+                    entry.abandon = None
+            if scope.cancelled_caught:
+                raise Abandoned
         finally:
             limiter.release()
 
@@ -837,11 +851,11 @@ class ModelCache:
                 info, source, source_tier = claimed.info, self._store, "host"
                 entry.source = source_tier
             else:
-                async with self._limited(entry):
+                async with self._limited(entry, abandonable=True):
                     info, source, on_disk = await self._lower.locate(entry.model_id)
                 source_tier = "store" if on_disk is None else "disk"
             if entry.builder.needs_config and info.config is None:
-                async with self._limited(entry):
+                async with self._limited(entry, abandonable=True):
                     info = replace(info, config=await read_config(self._store, entry.model_id))
             check_fits(self._device, info)
             entry.nbytes = info.nbytes

@@ -444,6 +444,38 @@ async def test_abandoned_loads_never_take_the_load_limiter(
         check_invariants(cache)
 
 
+async def test_a_header_read_stalled_on_the_store_is_dropped_when_its_callers_leave(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """A header read nobody waits for any more is cancelled, not left to hold a load slot until
+    the store answers: with one slot, a stalled read of an abandoned id blocks no other load."""
+    models.add("stalled", 100)
+    models.add("fresh", 100)
+    gated.gate("stalled", "size")  # the store never answers for it
+    cache = ModelCache(gated, device_budget=4096, max_concurrent_loads=1)
+    async with cache, anyio.create_task_group() as tg:
+        caller = anyio.CancelScope()
+
+        async def use_stalled() -> None:
+            with caller:
+                async with cache.use("stalled"):
+                    pass
+
+        tg.start_soon(use_stalled)
+        await anyio.wait_all_tasks_blocked()
+        assert gated.calls[("size", "stalled")] == 1  # its header read is waiting on the store
+        caller.cancel()  # the caller gives up (a 503 upstream)
+        await anyio.wait_all_tasks_blocked()
+        assert cache.stats().loading == 0
+        with anyio.fail_after(5):
+            async with cache.use("fresh"):
+                pass
+        stats = cache.stats()
+        assert (stats.loading, stats.loads, stats.load_failures) == (0, 1, 0)
+        check_invariants(cache)
+        gated.open("stalled", "size")
+
+
 async def test_model_larger_than_budget_fails_at_once(models: MemoryModels) -> None:
     """A model over the whole budget fails with ModelTooLargeError, reserving nothing."""
     models.add("big", 5000)
