@@ -323,9 +323,11 @@ class BufferPool:
 
     @staticmethod
     def _unmap(mappings: list[_Mapping]) -> None:
-        assert _libc is not None or not mappings
+        libc = _libc
+        if libc is None:  # never mapped anything; or the interpreter is shutting down
+            return
         for mapping in mappings:
-            _libc.munmap(mapping.address, mapping.size)  # type: ignore[union-attr]
+            libc.munmap(mapping.address, mapping.size)
 
 
 def pool_of(backend: object) -> BufferPool | None:

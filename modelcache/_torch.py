@@ -7,8 +7,9 @@ Two ways to fill a CPU buffer, chosen per model:
   are faulted in eagerly with ``MADV_POPULATE_READ``, which is what
   ``safetensors.torch.load_file`` does lazily. The model is ready when the call returns: no
   first-inference page faults.
-* **copy** - everything else: a page-aligned private mapping on huge pages (small models: the
-  heap) filled by the store's concurrent ranged reads.
+* **copy** - everything else: a page-aligned private mapping on huge pages from the backend's
+  `BufferPool`, whose pages a dead model may have left (small models: the heap), filled by the
+  store's concurrent ranged reads.
 
 A CUDA device gets one device allocation per model, filled through the backend's staging pool
 (`modelcache._staging`): reads land in a few reusable pinned chunks and are copied on a side
