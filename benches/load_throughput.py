@@ -10,7 +10,11 @@ block being entered ("ready"), then separately the time to touch every byte of `
 
 1. file:// with ``zero_copy=True`` (the file mapped, pages populated eagerly),
 2. file:// with ``zero_copy=False`` (concurrent preadv into a page-aligned buffer),
-3. memory:// (the same bytes in fsspec's MemoryFileSystem).
+3. memory:// (the same bytes in fsspec's MemoryFileSystem);
+
+and 2. and 3. again in the steady state ("steady"): one cache kept open, the model evicted after
+each load, so each load reads the store again into a buffer whose pages a dead model left (the
+`BufferPool`), as in a busy cache; compared with a read into a pre-faulted buffer.
 
 Baselines, in the same run:
 
@@ -37,6 +41,7 @@ import struct
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +68,8 @@ GIB = 1 << 30
 N_TENSORS = 64
 GOAL_FILE_VS_SAFETENSORS = 1.0
 GOAL_MEMORY_VS_RAW_FLOOR = 0.8
+#: Steady-state loads (buffer pages reused) against one read into a pre-faulted buffer.
+GOAL_STEADY_VS_PREFAULTED = 0.9
 MODEL_ID = "model"
 
 
@@ -196,28 +203,47 @@ def torch_load_baseline(files: Files) -> Measured:
 
 @dataclass
 class OurLoad:
+    """A cold load: from a fresh `ModelCache` (fresh process memory too), or with ``steady``
+    from one cache kept open across repetitions, the model evicted after each (the store is read
+    again each time; the freed buffer's pages are reused: the steady state of a busy cache)."""
+
     location: str
     zero_copy: bool
+    steady: bool = False
     mappable: list[bool] = field(default_factory=list)
+    #: Where a steady load's cache stays open (set by `run_all`, which closes them in order).
+    stack: AsyncExitStack | None = None
+    _open: ModelCache | None = None
 
-    async def __call__(self) -> Measured:
-        cache = ModelCache(
+    def _cache(self) -> ModelCache:
+        return ModelCache(
             self.location,
             device="cpu",
             device_budget="2GiB",
             max_concurrent_loads=4,
             zero_copy=self.zero_copy,
         )
-        async with cache:
-            start = time.perf_counter()
-            async with cache.use(MODEL_ID) as weights:
-                ready = time.perf_counter() - start
-                t0 = time.perf_counter()
-                touch(weights)
-                touched = time.perf_counter() - t0
-                self.mappable.append(bool(weights.info.mappable))
-            del weights
-        del cache
+
+    async def __call__(self) -> Measured:
+        if not self.steady:
+            async with self._cache() as cache:
+                return await self._load(cache)
+        if self._open is None:
+            assert self.stack is not None, "run_all opens steady caches"
+            self._open = await self.stack.enter_async_context(self._cache())
+        measured = await self._load(self._open)
+        self._open.evict(MODEL_ID)
+        return measured
+
+    async def _load(self, cache: ModelCache) -> Measured:
+        start = time.perf_counter()
+        async with cache.use(MODEL_ID) as weights:
+            ready = time.perf_counter() - start
+            t0 = time.perf_counter()
+            touch(weights)
+            touched = time.perf_counter() - t0
+            self.mappable.append(bool(weights.info.mappable))
+        del weights
         return ready, touched
 
 
@@ -249,14 +275,18 @@ async def measure(method: Method) -> Measured:
 
 
 async def run_all(methods: list[Method], repeats: int) -> None:
-    for m in methods:
-        m.warmup = (await measure(m))[0]
-    for _ in range(repeats):
+    async with AsyncExitStack() as stack:  # the steady loads' caches
         for m in methods:
-            ready, after = await measure(m)
-            m.ready.append(ready)
-            if not math.isnan(after):
-                m.after.append(after)
+            if isinstance(m.run, OurLoad):
+                m.run.stack = stack
+        for m in methods:
+            m.warmup = (await measure(m))[0]
+        for _ in range(repeats):
+            for m in methods:
+                ready, after = await measure(m)
+                m.ready.append(ready)
+                if not math.isnan(after):
+                    m.after.append(after)
 
 
 def main() -> None:
@@ -280,6 +310,8 @@ def main() -> None:
         zero_copy = OurLoad(f"file://{directory}/{{model_id}}/", zero_copy=True)
         copy = OurLoad(f"file://{directory}/{{model_id}}/", zero_copy=False)
         memory = OurLoad(files.memory_root, zero_copy=True)
+        copy_steady = OurLoad(f"file://{directory}/{{model_id}}/", zero_copy=False, steady=True)
+        memory_steady = OurLoad(files.memory_root, zero_copy=True, steady=True)
         methods = [
             Method("raw_floor", "raw floor: fresh mmap + 1 readinto", lambda: raw_floor(files)),
             Method(
@@ -301,6 +333,8 @@ def main() -> None:
             Method("file_zero_copy", "ours file:// zero_copy=True", zero_copy),
             Method("file_copy", "ours file:// zero_copy=False", copy),
             Method("memory", "ours memory://", memory),
+            Method("file_copy_steady", "ours file:// zero_copy=False, steady", copy_steady),
+            Method("memory_steady", "ours memory://, steady", memory_steady),
         ]
         try:
             anyio.run(run_all, methods, repeats)
@@ -338,7 +372,7 @@ def main() -> None:
             touch_floor.median * 1e3,
         ]
     ]
-    for key in ("file_zero_copy", "file_copy", "memory"):
+    for key in ("file_zero_copy", "file_copy", "memory", "file_copy_steady", "memory_steady"):
         tt = by[key].touch_times
         touch_rows.append([f"touch after {by[key].label}", tt.best * 1e3, tt.median * 1e3])
     zc_plus = Repeated(
@@ -379,6 +413,20 @@ def main() -> None:
         ("file_zero_copy_vs_raw_floor_ratio", "file_zero_copy", "raw_floor", None),
         ("file_copy_vs_raw_floor_ratio", "file_copy", "raw_floor", None),
         ("memory_vs_raw_floor_ratio", "memory", "raw_floor", GOAL_MEMORY_VS_RAW_FLOOR),
+        (
+            "memory_steady_vs_prefaulted_ratio",
+            "memory_steady",
+            "raw_floor_prefaulted",
+            GOAL_STEADY_VS_PREFAULTED,
+        ),
+        (
+            "file_copy_steady_vs_prefaulted_ratio",
+            "file_copy_steady",
+            "raw_floor_prefaulted",
+            GOAL_STEADY_VS_PREFAULTED,
+        ),
+        ("memory_vs_prefaulted_ratio", "memory", "raw_floor_prefaulted", None),
+        ("file_copy_vs_prefaulted_ratio", "file_copy", "raw_floor_prefaulted", None),
         ("file_copy_vs_torch_load_ratio", "file_copy", "torch_load", None),
         ("memory_vs_safetensors_ratio", "memory", "safetensors", None),
     ):
@@ -403,7 +451,7 @@ def main() -> None:
         figures[f"{m.key}_gbps"] = rounded(gbps(n, m.times.best))
         figures[f"{m.key}_median_gbps"] = rounded(gbps(n, m.times.median))
     figures["touch_floor_ms"] = rounded(touch_floor.best * 1e3)
-    for key in ("file_zero_copy", "file_copy", "memory"):
+    for key in ("file_zero_copy", "file_copy", "memory", "file_copy_steady", "memory_steady"):
         figures[f"{key}_touch_after_ms"] = rounded(by[key].touch_times.best * 1e3)
     figures["file_zero_copy_ready_plus_touch_ms"] = rounded(zc_plus.best * 1e3)
     figures["payload_bytes"] = n

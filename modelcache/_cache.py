@@ -72,6 +72,7 @@ from ._loader import read_config, read_model_info
 from ._lower import LowerTiers
 from ._observe import CacheObserver, Observers
 from ._policy import CostAwarePolicy, EvictionPolicy, LRUPolicy, PolicyEntry
+from ._pool import pool_of
 from ._stats import CacheStats
 from ._store import Store
 from ._tiers import Abandoned, ByteBudget, HostEntry, TierStats, check_fits
@@ -603,6 +604,7 @@ class ModelCache:
             tiers=MappingProxyType(self._tier_stats(models)),
             disk_write_bytes=self._lower.writing,
             disk_writes_skipped=self._lower.writes_skipped,
+            pool_idle_bytes=pool.stats().idle_bytes if (pool := pool_of(self._backend)) else 0,
         )
 
     def _tier_stats(self, models: int) -> dict[str, TierStats]:
@@ -630,6 +632,8 @@ class ModelCache:
             task_group.cancel_scope.cancel()
             await task_group.__aexit__(None, None, None)
             raise
+        if (pool := pool_of(self._backend)) is not None:  # CPU buffers: what the budgets allow
+            pool.limit = self._device.budget + self._lower.host.budget
         self._state = _State.OPEN
         return self
 
@@ -654,6 +658,8 @@ class ModelCache:
             for entry in list(self._entries.values()):
                 self._drop(entry)
             self._lower.close()
+            if (pool := pool_of(self._backend)) is not None:
+                pool.close()  # idle buffers back to the system; live ones when they die
             self._failures.clear()
             self._state = _State.CLOSED
             with anyio.CancelScope(shield=True):

@@ -51,6 +51,9 @@ class CacheStats:
     #: Disk-tier writes skipped because ``disk_write_bytes`` was at its bound (the model is
     #: written the next time it is read from the store).
     disk_writes_skipped: int = 0
+    #: Bytes of dead CPU model buffers kept faulted in for the next loads (`BufferPool`): with
+    #: the buffers in use, at most the device plus host budget; not counted in any tier.
+    pool_idle_bytes: int = 0
 
     @property
     def hit_ratio(self) -> float:

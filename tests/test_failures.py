@@ -22,6 +22,7 @@ from modelcache import (
 )
 from modelcache._failures import release_frames
 from modelcache._format import ModelInfo
+from modelcache._pool import BufferPool
 
 from .conftest import GatedStore, MemoryModels, check_invariants, settle
 
@@ -34,13 +35,20 @@ def track_buffers(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[Any]]:
     tensor and the memory under it."""
     refs: list[weakref.ref[Any]] = []
     allocate = modelcache._torch.allocate_host
+    pooled = modelcache._torch.pooled_buffer
 
     def tracking(nbytes: int) -> tuple[torch.Tensor, memoryview]:
         tensor, view = allocate(nbytes)
         refs.extend([weakref.ref(tensor), weakref.ref(view.obj)])
         return tensor, view
 
+    def tracking_pooled(pool: BufferPool, info: ModelInfo) -> tuple[torch.Tensor, memoryview, int]:
+        tensor, view, faulted = pooled(pool, info)
+        refs.extend([weakref.ref(tensor), weakref.ref(view.obj)])
+        return tensor, view, faulted
+
     monkeypatch.setattr(modelcache._torch, "allocate_host", tracking)
+    monkeypatch.setattr(modelcache._torch, "pooled_buffer", tracking_pooled)
     return refs
 
 
