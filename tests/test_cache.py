@@ -226,6 +226,7 @@ async def test_new_leases_on_a_victim_wait_so_a_waiting_load_gets_its_bytes(
     cache = ModelCache(models.template, device_budget=2000, policy=LRUPolicy())
     async with cache, anyio.create_task_group() as tg:
         start("a")
+        await settle(*cache_stores(cache))  # loaded (and leased) before b: loads race otherwise
         start("b")  # a is now the least recently used: the victim for c
         await settle(*cache_stores(cache))
         start("c")
@@ -620,10 +621,19 @@ async def test_load_outlives_all_its_cancelled_callers_once_reading_weights(
     point = "read_into"
     models.add("a", 1000)
     gated.gate("a", point)
-    async with ModelCache(gated, device_budget=1500) as cache:
-        with anyio.move_on_after(0.01):
-            async with cache.use("a"):
-                pass
+    async with ModelCache(gated, device_budget=1500) as cache, anyio.create_task_group() as tg:
+        caller = anyio.CancelScope()
+
+        async def use_a() -> None:
+            with caller:
+                async with cache.use("a"):
+                    pass
+
+        tg.start_soon(use_a)
+        await settle(*cache_stores(cache))  # the load waits at the gated weight read
+        assert gated.calls[(point, "a")] == 1
+        caller.cancel()
+        await anyio.wait_all_tasks_blocked()
         assert cache.stats().loading == 1
         gated.open("a", point)
         await settle(*cache_stores(cache))  # the rest of the load runs in worker threads
