@@ -356,10 +356,18 @@ async def test_a_load_whose_callers_left_before_it_reserved_evicts_nothing(
         async with cache.use("a"):
             pass
         gated.gate("b", point)
-        with anyio.move_on_after(0.01):
-            async with cache.use("b"):
-                pass
-        assert cache.stats().loading == 1
+        async with anyio.create_task_group() as tg:
+            caller = anyio.CancelScope()
+
+            async def use_b() -> None:
+                with caller:
+                    async with cache.use("b"):
+                        pass
+
+            tg.start_soon(use_b)
+            await settle(*cache_stores(cache))  # the load waits at the gated header read
+            assert gated.calls[(point, "b")] == 1 and cache.stats().loading == 1
+            caller.cancel()
         gated.open("b", point)
         await settle(*cache_stores(cache))
         stats = cache.stats()

@@ -111,9 +111,17 @@ async def test_describe_cancelled_by_every_caller_leaves_nothing_behind(
     models.add("a", 1000)
     gated.gate("a", "read_range")
     async with ModelCache(gated, device_budget=4096) as cache:
-        for _ in range(3):
-            with anyio.move_on_after(0.01):  # the adapter's timeout
+
+        async def check(caller: anyio.CancelScope) -> None:
+            with caller:
                 await cache.describe("a")
+
+        for _ in range(3):
+            async with anyio.create_task_group() as tg:
+                caller = anyio.CancelScope()
+                tg.start_soon(check, caller)
+                await settle(cache.store)  # the check waits at the gated header read
+                caller.cancel()  # the caller gives up (the adapter's timeout)
         await settle(cache.store)
         assert describe_tasks() == []
         assert cache._checks == {} and len(cache._failures) == 0
