@@ -1,8 +1,9 @@
 """From a model id to a validated `ModelInfo`, and from a `ModelInfo` to filled bytes.
 
-Reading a model's description costs a few KiB of I/O whatever its size: the file's size, then one
-ranged read of the first 8 KiB, which holds the whole header of most models (one more read
-fetches the rest of a longer one). A sharded model costs one index read and then its shard headers,
+Reading a model's description costs a few KiB of I/O whatever its size: the file's size and
+the first 8 KiB (`Store.read_head`: one worker-thread call for a local file, none for a
+``memory://`` one, a stat and a ranged read elsewhere), which hold the whole header of most
+models (one more read fetches the rest of a longer one). A sharded model costs one index read and then its shard headers,
 read concurrently.
 
 Parsing is CPU work of about 10 us per tensor: a header longer than the first read (over ~80
@@ -97,11 +98,11 @@ async def read_model_info(store: Store, model_id: str) -> ModelInfo:
         return await _layout(model_id, url, [shard])
     single = store.join(url, SINGLE_NAME)
     try:
-        size = await store.size(single, model_id=model_id)
+        head = await store.read_head(single, _PREFIX, model_id=model_id)
     except ModelNotFoundError:
         pass
     else:
-        shard = await _read_shard(store, model_id, single, SINGLE_NAME, budget, size=size)
+        shard = await _read_shard(store, model_id, single, SINGLE_NAME, budget, head=head)
         return await _layout(model_id, url, [shard])
 
     index_url = store.join(url, INDEX_NAME)
@@ -153,11 +154,11 @@ async def _read_shard(
     name: str,
     budget: _HeaderBudget,
     *,
-    size: int | None = None,
+    head: tuple[int, bytes] | None = None,
 ) -> ShardHeader:
-    if size is None:
-        size = await store.size(url, model_id=model_id)
-    prefix = await store.read_range(url, 0, min(size, _PREFIX), model_id=model_id)
+    if head is None:
+        head = await store.read_head(url, _PREFIX, model_id=model_id)
+    size, prefix = head
     length = header_length(prefix, size, model_id=model_id, url=url)
     budget.take(length, model_id=model_id, url=url)
     end = 8 + length

@@ -856,3 +856,53 @@ async def test_a_failed_remote_read_stops_the_prefault_and_raises_typed(
     put(place.file(MODEL_ID), content[: len(content) // 2])
     with pytest.raises(StoreError):
         await TorchBackend("cpu", zero_copy=False).load(store, info)
+
+
+# -- worker-thread calls per load -----------------------------------------------------------------
+
+
+@pytest.fixture
+def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the functions run in worker threads (``anyio.to_thread.run_sync``) from now on."""
+    calls: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    return calls
+
+
+@pytest.mark.asyncio
+async def test_a_small_models_header_costs_one_worker_call_locally_and_none_in_memory(
+    place: Place, thread_calls: list[str]
+) -> None:
+    """Describing a single-file model reads its size and header in one worker-thread call from
+    file:// and without a thread from memory:// (each call is a round trip that bounded the
+    rate of filling a cache with small models)."""
+    write_model(place.directory(MODEL_ID), {"w": torch.arange(10, dtype=torch.float32)})
+    store = place.store()
+    await read_model_info(store, MODEL_ID)  # memory://: its filesystem is made (in a thread) once
+    thread_calls.clear()
+    info = await read_model_info(store, MODEL_ID)
+    assert info.nbytes == 40
+    assert len(thread_calls) == (1 if place.kind == "file" else 0), thread_calls
+
+
+@pytest.mark.asyncio
+async def test_a_small_models_weights_cost_one_worker_call_locally_and_none_in_memory(
+    place: Place, thread_calls: list[str]
+) -> None:
+    """Reading a small model's weights opens and reads its file in one worker-thread call from
+    file:// (not one to open and one to read), and copies them without a thread from
+    memory://; the bytes are the file's."""
+    tensors = {"w": torch.arange(10, dtype=torch.float32), "b": torch.ones(3, dtype=torch.int64)}
+    write_model(place.directory(MODEL_ID), tensors)
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    thread_calls.clear()
+    weights = await TorchBackend("cpu", zero_copy=False).load(store, info)
+    assert_same(weights, tensors)
+    assert len(thread_calls) == (1 if place.kind == "file" else 0), thread_calls

@@ -331,6 +331,145 @@ async def test_size_and_read_range(backend: Backend) -> None:
 
 
 @pytest.mark.asyncio
+async def test_read_head_is_the_size_and_the_first_bytes(backend: Backend) -> None:
+    """read_head returns what size and read_range(0, min(size, limit)) return, counts the bytes
+    read, and fails as they do: a missing file is ModelNotFoundError, a directory StoreError."""
+    data = _random(1000)
+    backend.write("m1/w.bin", data)
+    backend.mkdir("m1/sub")
+    store = Store(backend.location)
+    url = store.join(store.model_url("m1"), "w.bin")
+    assert await store.read_head(url, 100, model_id="m1") == (1000, data[:100])
+    assert await store.read_head(url, 5000, model_id="m1") == (1000, data)
+    assert await store.read_head(url, 0, model_id="m1") == (1000, b"")
+    assert store.bytes_read == 1100
+    with pytest.raises(ModelNotFoundError):
+        await store.read_head(store.join(store.model_url("m1"), "nope"), 8, model_id="m1")
+    with pytest.raises(StoreError) as info:
+        await store.read_head(store.join(store.model_url("m1"), "sub"), 8, model_id="m1")
+    assert not isinstance(info.value, ModelNotFoundError)
+    await store.aclose()
+
+
+@pytest.mark.asyncio
+async def test_read_head_calls_a_subclass_size_and_read_range(tmp_path: Path) -> None:
+    """A Store subclass that intercepts size or read_range (a wrapper, a gate) sees read_head
+    go through them rather than around them."""
+    (tmp_path / "m1").mkdir()
+    (tmp_path / "m1" / "w.bin").write_bytes(b"0123456789")
+    seen: list[str] = []
+
+    class Watching(Store):
+        async def size(self, url: str, *, model_id: str) -> int:
+            seen.append("size")
+            return await super().size(url, model_id=model_id)
+
+        async def read_range(self, url: str, start: int, end: int, *, model_id: str) -> bytes:
+            seen.append(f"read_range {start} {end}")
+            return await super().read_range(url, start, end, model_id=model_id)
+
+    store = Watching(f"file://{tmp_path}/{{model_id}}")
+    url = store.join(store.model_url("m1"), "w.bin")
+    assert await store.read_head(url, 4, model_id="m1") == (10, b"0123")
+    assert seen == ["size", "read_range 0 4"]
+
+
+@pytest.mark.asyncio
+async def test_memory_files_are_read_without_scanning_the_filesystem_or_a_thread(
+    memory_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A memory:// file's size and small reads come from its buffer on the event loop: fsspec's
+    MemoryFileSystem.info scans every file it holds (milliseconds per stat with 10,000 models),
+    and a worker thread is a round trip for a copy of a few KiB."""
+    data = _random(5000)
+    mem = MemoryFileSystem()
+    mem.pipe_file(f"/{memory_root}/m1/w.bin", data)
+    for i in range(50):
+        mem.pipe_file(f"/{memory_root}/other{i}/w.bin", b"x")
+    store = Store(f"memory://{memory_root}/{{model_id}}")
+    url = store.join(store.model_url("m1"), "w.bin")
+    await store.size(url, model_id="m1")  # the filesystem instance is made (in a thread) once
+
+    def no_info(*args: object, **kwargs: object) -> None:
+        raise AssertionError("MemoryFileSystem.info was called")
+
+    threads: list[object] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        threads.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "info", no_info)
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    assert await store.size(url, model_id="m1") == 5000
+    assert await store.read_range(url, 10, 300, model_id="m1") == data[10:300]
+    assert await store.read_head(url, 100, model_id="m1") == (5000, data[:100])
+    dest = bytearray(1000)
+    await store.read_into(url, 4000, memoryview(dest), model_id="m1")
+    assert dest == data[4000:]
+    with pytest.raises(StoreError, match="truncated"):
+        await store.read_into(url, 4500, memoryview(bytearray(1000)), model_id="m1")
+    assert threads == []
+
+
+@pytest.mark.asyncio
+async def test_a_large_memory_read_still_copies_in_a_thread(
+    memory_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A memory:// read over COPY_IN_THREAD bytes is copied in a worker thread: the event loop
+    is never held by a copy of megabytes."""
+    data = _random(3 << 20)
+    MemoryFileSystem().pipe_file(f"/{memory_root}/m1/w.bin", data)
+    store = Store(f"memory://{memory_root}/{{model_id}}")
+    url = store.join(store.model_url("m1"), "w.bin")
+    threads: list[object] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        threads.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    dest = bytearray(len(data))
+    await store.read_into(url, 0, memoryview(dest), model_id="m1")
+    assert dest == data
+    assert await store.read_range(url, 0, len(data), model_id="m1") == data
+    assert len(threads) >= 2
+
+
+@pytest.mark.asyncio
+async def test_a_small_local_read_opens_and_reads_in_one_worker_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local read of one chunk or less opens, checks and reads the file in a single
+    worker-thread call (it took two: one to open, one to read); a short file still fails
+    before a byte is read."""
+    data = _random(5000)
+    (tmp_path / "m1").mkdir()
+    (tmp_path / "m1" / "w.bin").write_bytes(data)
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    url = store.join(store.model_url("m1"), "w.bin")
+    threads: list[object] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        threads.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    views = [bytearray(100), bytearray(900)]
+    await store.read_scatter(url, 4000, [memoryview(v) for v in views], model_id="m1")
+    assert bytes(views[0] + views[1]) == data[4000:]
+    assert len(threads) == 1
+    dest = bytearray(1000)
+    with pytest.raises(StoreError, match="truncated") as info:
+        await store.read_into(url, 4500, memoryview(dest), model_id="m1")
+    assert "got 500" in str(info.value)
+    assert dest == bytearray(1000)
+
+
+@pytest.mark.asyncio
 async def test_read_into_in_small_chunks(backend: Backend) -> None:
     """read_into with many small chunks fills dest with exactly the file's bytes."""
     data = _random(300 * 1024 + 17)
