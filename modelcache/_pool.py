@@ -15,9 +15,12 @@ Design note (the invariants):
 * **Bounded by the budget.** ``live`` counts the bytes of mappings in use (alive), ``idle`` the
   bytes kept for reuse. When the pool grows (`take` maps or extends memory), idle buffers are
   unmapped, oldest first, until ``live + idle <= limit`` (the cache sets ``limit`` to its device
-  plus host budget, which is what its models may hold in host memory); a buffer dying only moves
-  bytes from ``live`` to ``idle``, so it never adds memory, and the bound is restored at the next
-  `take`, `stats` or `close`. A pool with ``limit == 0`` (a backend used without a cache, or
+  plus host budget, which is what its models may hold in host memory). A buffer counts there at
+  the bytes asked for, as the cache's budget counts its model, not at its mapping's whole pages:
+  a budget of exactly k models of a size that is no page multiple still keeps a dead model's
+  buffer for the next (the pages exceed the limit by under a page per buffer). A buffer dying
+  only moves bytes from ``live`` to ``idle``, so it never adds memory, and the bound is restored
+  at the next `take`, `stats` or `close`. A pool with ``limit == 0`` (a backend used without a cache, or
   after `close`) keeps nothing: memory goes back to the system when its last tensor dies.
 * **Fragmentation.** A request takes the smallest idle mapping that fits and shrinks it to the
   request (the tail's pages go back to the system: a live buffer never holds more than its model
@@ -95,20 +98,23 @@ def _round_up(n: int) -> int:
 
 
 class _Mapping:
-    """One anonymous mapping of ours: ``size`` bytes at ``address`` (both page multiples)."""
+    """One anonymous mapping of ours: ``size`` bytes at ``address`` (both page multiples), of
+    which ``nbytes`` were asked for: what it counts against the limit."""
 
-    __slots__ = ("address", "size")
+    __slots__ = ("address", "nbytes", "size")
 
     def __init__(self, address: int, size: int) -> None:
         self.address = address
         self.size = size
+        self.nbytes = size
 
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
     """A snapshot of a `BufferPool` (bytes are whole pages)."""
 
-    #: Bound of ``live_bytes + idle_bytes`` whenever the pool grows (0: keep nothing idle).
+    #: Bound of ``live_bytes + idle_bytes`` whenever the pool grows, counting each buffer at the
+    #: bytes asked for (its pages exceed that by under one); 0: keep nothing idle.
     limit: int
     #: Bytes of buffers in use: referenced by a model or by anyone else.
     live_bytes: int
@@ -140,6 +146,8 @@ class BufferPool:
         self._idle_bytes = 0
         self._live: set[int] = set()  # addresses of mappings handed out and not yet dead
         self._live_bytes = 0
+        # The bytes asked for of the live and idle mappings: what the limit bounds (see the module).
+        self._live_charge = self._idle_charge = 0
         # Mappings whose last reference died, waiting for the lock (appended by finalizers).
         self._dead: collections.deque[_Mapping] = collections.deque()
         self._reused = self._fresh = self._released = 0
@@ -213,6 +221,7 @@ class BufferPool:
             if mapping is not None:
                 self._reused += 1
             self._live_bytes += size  # counted before it exists: trimming makes room for it
+            self._live_charge += nbytes
             released = self._trim()
         self._unmap(released)
         if mapping is None:
@@ -221,10 +230,12 @@ class BufferPool:
             except BaseException:
                 with self._lock:
                     self._live_bytes -= size
+                    self._live_charge -= nbytes
                 raise
             faulted = 0
             with self._lock:
                 self._fresh += 1
+        mapping.nbytes = nbytes  # before the finalizer can see it
         with self._lock:
             self._live.add(mapping.address)
         array = (ctypes.c_ubyte * nbytes).from_address(mapping.address)
@@ -252,6 +263,7 @@ class BufferPool:
         del self._idle[i], self._idle_sizes[i]
         del self._idle_order[mapping.address]
         self._idle_bytes -= mapping.size
+        self._idle_charge -= mapping.nbytes
         old = mapping.size
         if old != size:
             # Shrinking stays in place; growing may move the pages (without copying them).
@@ -270,23 +282,26 @@ class BufferPool:
             mapping = self._dead.popleft()
             self._live.discard(mapping.address)
             self._live_bytes -= mapping.size
+            self._live_charge -= mapping.nbytes
             i = bisect.bisect_right(self._idle_sizes, mapping.size)
             self._idle_sizes.insert(i, mapping.size)
             self._idle.insert(i, mapping)
             self._idle_order[mapping.address] = mapping
             self._idle_bytes += mapping.size
+            self._idle_charge += mapping.nbytes
 
     def _trim(self) -> list[_Mapping]:
-        """Remove idle mappings, oldest first, until live + idle <= limit; the caller unmaps
-        them once the lock is released."""
+        """Remove idle mappings, oldest first, until live + idle <= limit (counted at the bytes
+        asked for); the caller unmaps them once the lock is released."""
         released: list[_Mapping] = []
-        while self._idle and self._live_bytes + self._idle_bytes > self._limit:
+        while self._idle and self._live_charge + self._idle_charge > self._limit:
             _, mapping = self._idle_order.popitem(last=False)
             i = bisect.bisect_left(self._idle_sizes, mapping.size)
             while self._idle[i] is not mapping:
                 i += 1
             del self._idle[i], self._idle_sizes[i]
             self._idle_bytes -= mapping.size
+            self._idle_charge -= mapping.nbytes
             self._released += 1
             released.append(mapping)
         return released

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import mmap
 
 import pytest
 import torch
@@ -221,3 +222,22 @@ async def test_host_tier_models_count_in_the_pool_limit(models: MemoryModels) ->
         async with cache.use("a") as weights:
             assert_exact(weights, expected(models, "a"))
         del weights
+
+
+async def test_a_budget_of_whole_models_reuses_buffers_whose_size_is_no_page_multiple(
+    models: MemoryModels,
+) -> None:
+    """A budget of exactly k models keeps an evicted model's buffer for the next load even when
+    the model's size is no page multiple (the limit counts bytes asked for, as the budget does)."""
+    size = BIG + 2
+    for i in range(4):
+        models.add(f"m{i}", size, seed=i)
+    async with ModelCache(models.template, device_budget=2 * size) as cache:
+        for i in range(8):
+            async with cache.use(f"m{i % 4}") as weights:
+                assert_exact(weights, expected(models, f"m{i % 4}"))
+            del weights
+        stats = the_pool(cache).stats()
+        assert (stats.fresh, stats.released) == (2, 0)  # every later load reused a buffer
+        assert stats.live_bytes + stats.idle_bytes <= stats.limit + 2 * mmap.PAGESIZE
+        check_invariants(cache)
