@@ -159,3 +159,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # directory named "cuda" would skip every test.
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the functions run in worker threads (``anyio.to_thread.run_sync``) from now on."""
+    calls: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    return calls

@@ -858,21 +858,7 @@ async def test_a_failed_remote_read_stops_the_prefault_and_raises_typed(
         await TorchBackend("cpu", zero_copy=False).load(store, info)
 
 
-# -- worker-thread calls per load -----------------------------------------------------------------
-
-
-@pytest.fixture
-def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the functions run in worker threads (``anyio.to_thread.run_sync``) from now on."""
-    calls: list[str] = []
-    real = anyio.to_thread.run_sync
-
-    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(getattr(func, "__name__", repr(func)))
-        return await real(func, *args, **kwargs)
-
-    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
-    return calls
+# -- worker-thread calls per load (the thread_calls fixture: conftest) -------------------------------
 
 
 @pytest.mark.asyncio

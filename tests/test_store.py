@@ -376,7 +376,7 @@ async def test_read_head_calls_a_subclass_size_and_read_range(tmp_path: Path) ->
 
 @pytest.mark.asyncio
 async def test_memory_files_are_read_without_scanning_the_filesystem_or_a_thread(
-    memory_root: str, monkeypatch: pytest.MonkeyPatch
+    memory_root: str, monkeypatch: pytest.MonkeyPatch, thread_calls: list[str]
 ) -> None:
     """A memory:// file's size and small reads come from its buffer on the event loop: fsspec's
     MemoryFileSystem.info scans every file it holds (milliseconds per stat with 10,000 models),
@@ -393,15 +393,8 @@ async def test_memory_files_are_read_without_scanning_the_filesystem_or_a_thread
     def no_info(*args: object, **kwargs: object) -> None:
         raise AssertionError("MemoryFileSystem.info was called")
 
-    threads: list[object] = []
-    real = anyio.to_thread.run_sync
-
-    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
-        threads.append(func)
-        return await real(func, *args, **kwargs)
-
     monkeypatch.setattr(MemoryFileSystem, "info", no_info)
-    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    thread_calls.clear()
     assert await store.size(url, model_id="m1") == 5000
     assert await store.read_range(url, 10, 300, model_id="m1") == data[10:300]
     assert await store.read_head(url, 100, model_id="m1") == (5000, data[:100])
@@ -410,12 +403,12 @@ async def test_memory_files_are_read_without_scanning_the_filesystem_or_a_thread
     assert dest == data[4000:]
     with pytest.raises(StoreError, match="truncated"):
         await store.read_into(url, 4500, memoryview(bytearray(1000)), model_id="m1")
-    assert threads == []
+    assert thread_calls == []
 
 
 @pytest.mark.asyncio
 async def test_a_large_memory_read_still_copies_in_a_thread(
-    memory_root: str, monkeypatch: pytest.MonkeyPatch
+    memory_root: str, thread_calls: list[str]
 ) -> None:
     """A memory:// read over COPY_IN_THREAD bytes is copied in a worker thread: the event loop
     is never held by a copy of megabytes."""
@@ -423,24 +416,16 @@ async def test_a_large_memory_read_still_copies_in_a_thread(
     MemoryFileSystem().pipe_file(f"/{memory_root}/m1/w.bin", data)
     store = Store(f"memory://{memory_root}/{{model_id}}")
     url = store.join(store.model_url("m1"), "w.bin")
-    threads: list[object] = []
-    real = anyio.to_thread.run_sync
-
-    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
-        threads.append(func)
-        return await real(func, *args, **kwargs)
-
-    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
     dest = bytearray(len(data))
     await store.read_into(url, 0, memoryview(dest), model_id="m1")
     assert dest == data
     assert await store.read_range(url, 0, len(data), model_id="m1") == data
-    assert len(threads) >= 2
+    assert len(thread_calls) >= 2
 
 
 @pytest.mark.asyncio
 async def test_a_small_local_read_opens_and_reads_in_one_worker_call(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, thread_calls: list[str]
 ) -> None:
     """A local read of one chunk or less opens, checks and reads the file in a single
     worker-thread call (it took two: one to open, one to read); a short file still fails
@@ -450,18 +435,10 @@ async def test_a_small_local_read_opens_and_reads_in_one_worker_call(
     (tmp_path / "m1" / "w.bin").write_bytes(data)
     store = Store(f"file://{tmp_path}/{{model_id}}")
     url = store.join(store.model_url("m1"), "w.bin")
-    threads: list[object] = []
-    real = anyio.to_thread.run_sync
-
-    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
-        threads.append(func)
-        return await real(func, *args, **kwargs)
-
-    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
     views = [bytearray(100), bytearray(900)]
     await store.read_scatter(url, 4000, [memoryview(v) for v in views], model_id="m1")
     assert bytes(views[0] + views[1]) == data[4000:]
-    assert len(threads) == 1
+    assert len(thread_calls) == 1
     dest = bytearray(1000)
     with pytest.raises(StoreError, match="truncated") as info:
         await store.read_into(url, 4500, memoryview(dest), model_id="m1")
