@@ -173,3 +173,15 @@ def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
     return calls
+
+
+def gpu_cupy() -> Any:
+    """The cupy module, for tests that need it on a CUDA device: skips where CuPy is not
+    installed or sees no device."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("CuPy sees no CUDA device")
+    except Exception:
+        pytest.skip("CuPy sees no CUDA device")
+    return cupy

@@ -26,7 +26,7 @@ from modelcache._staging import StagingPool
 from modelcache._store import Store
 from modelcache._torch import TorchBackend, tensor_views
 
-from .conftest import GatedStore, MemoryModels, check_invariants, model_bytes
+from .conftest import GatedStore, MemoryModels, check_invariants, gpu_cupy, model_bytes
 from .fake_cupy import FakeCupy, FakeOutOfMemoryError
 from .safetensors_files import model_file, tensor_bytes
 
@@ -441,20 +441,10 @@ def test_allocate_with_retry_frees_then_retries_once() -> None:
 # -- the CuPy backend on a GPU ----------------------------------------------------------------
 
 
-def _cupy() -> Any:
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("CuPy sees no CUDA device")
-    except Exception:
-        pytest.skip("CuPy sees no CUDA device")
-    return cupy
-
-
 @pytest.mark.cuda
 async def test_cupy_weights_are_bit_exact_and_go_through_dlpack(models: MemoryModels) -> None:
     """CupyWeights equal the file's bytes; a DLPack capsule shares the same device memory."""
-    cupy = _cupy()
+    cupy = gpu_cupy()
     tensors = _tensors()
     models.put("m/model.safetensors", model_file(tensors, misalign=True))
     backend = CupyBackend(0, staging_chunk_size=64, staging_chunks=3)
@@ -478,7 +468,7 @@ async def test_cupy_weights_are_bit_exact_and_go_through_dlpack(models: MemoryMo
 @pytest.mark.cuda
 async def test_cupy_device_memory_returns_after_eviction(models: MemoryModels) -> None:
     """Evicted models (to pinned host memory and back) leave no device bytes behind."""
-    cupy = _cupy()
+    cupy = gpu_cupy()
     pool = cupy.get_default_memory_pool()
     pool.free_all_blocks()
     start = pool.used_bytes()

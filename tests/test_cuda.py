@@ -25,7 +25,7 @@ from modelcache._loader import read_model_info
 from modelcache._store import Store
 from modelcache._torch import TorchBackend
 
-from .conftest import MemoryModels, check_invariants
+from .conftest import MemoryModels, check_invariants, gpu_cupy
 from .safetensors_files import model_file, tensor_bytes
 
 pytestmark = pytest.mark.cuda
@@ -315,23 +315,13 @@ print("ACTIVE", active.value)
 # -- CuPy ------------------------------------------------------------------------------------
 
 
-def _cupy() -> Any:
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("CuPy sees no CUDA device")
-    except Exception:
-        pytest.skip("CuPy sees no CUDA device")
-    return cupy
-
-
 async def test_cupy_is_bit_exact_and_a_dlpack_import_survives_eviction(
     models: MemoryModels,
 ) -> None:
     """CuPy arrays equal torch's bytes for the same model (bf16/f8 as raw bits); an array
     imported through DLPack keeps its memory and bytes after the model is evicted and another
     loaded; the pool's bytes return after close once the import is dropped."""
-    cupy = _cupy()
+    cupy = gpu_cupy()
     expected = _mixed(3, scale=20)
     models.put("a/model.safetensors", model_file(expected, misalign=True))
     models.put("b/model.safetensors", model_file(_mixed(4, scale=20), misalign=True))
@@ -359,7 +349,7 @@ async def test_cupy_is_bit_exact_and_a_dlpack_import_survives_eviction(
 
 async def test_cupy_and_torch_load_the_same_bytes(models: MemoryModels) -> None:
     """The same file through both backends: every tensor's bytes agree (raw bf16/f8 too)."""
-    cupy = _cupy()
+    cupy = gpu_cupy()
     tensors = _mixed(9, scale=10)
     data = model_file(tensors, misalign=True)
     models.put("m/model.safetensors", data)
