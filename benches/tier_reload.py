@@ -33,9 +33,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,29 +44,34 @@ import anyio
 import fsspec
 import numpy as np
 from _common import (
+    GIB,
+    MIB,
+    Method,
     base_parser,
     data_dir,
+    drop,
     emit_json,
     gbps,
+    host_reload,
     human_seconds,
     machine_line,
+    on_device,
     print_table,
+    ready,
     rounded,
+    run_all,
     s3_upload,
     seaweedfs,
+    size_label,
 )
 from load_throughput import N_TENSORS, dtypes
-from remote_load import GIB, MIB, MODEL_ID, Method, run_all, write_model
+from remote_load import MODEL_ID, write_model
 
 from modelcache import ModelCache
 
 GOAL_HOST_VS_STORE = 10.0
 HITS_PER_REPEAT = 1000
 DISK_WRITE_TIMEOUT = 300.0
-
-
-def size_label(total: int) -> str:
-    return f"{total // GIB}gib" if total >= GIB and total % GIB == 0 else f"{total // MIB}mib"
 
 
 @dataclass
@@ -94,23 +100,18 @@ def fresh_cache(template: str, options: dict[str, Any] | None, payload: int) -> 
     )
 
 
-async def ready(cache: ModelCache) -> float:
+def check(weights: Mapping[str, Any]) -> None:
+    if len(weights) != N_TENSORS:
+        raise RuntimeError(f"the model has {len(weights)} tensors, not {N_TENSORS}")
+
+
+async def cpu_ready(cache: ModelCache) -> float:
     """Seconds until ``async with cache.use(MODEL_ID)`` is entered."""
-    start = time.perf_counter()
-    async with cache.use(MODEL_ID) as weights:
-        seconds = time.perf_counter() - start
-        if len(weights) != N_TENSORS:
-            raise RuntimeError(f"the model has {len(weights)} tensors, not {N_TENSORS}")
-    del weights
-    return seconds
+    return await ready(cache, MODEL_ID, check)
 
 
 def tier_hits(cache: ModelCache, tier: str) -> int:
     return cache.stats().tiers[tier].hits
-
-
-def on_device(cache: ModelCache) -> bool:
-    return MODEL_ID in cache.resident("device")
 
 
 @asynccontextmanager
@@ -144,33 +145,18 @@ def read_all(directory: str) -> None:
 
 async def store_load(template: str, options: dict[str, Any] | None, payload: int) -> float:
     async with fresh_cache(template, options, payload) as cache:
-        seconds = await ready(cache)
+        seconds = await cpu_ready(cache)
         stats = cache.stats()
         if stats.loads != 1 or stats.hits != 0:
             raise RuntimeError(f"a fresh cache did not load from the store: {stats}")
     return seconds
 
 
-async def host_reload(cache: ModelCache) -> float:
-    if not on_device(cache):
-        await ready(cache)
-    if not cache.evict(MODEL_ID) or MODEL_ID not in cache.resident("host"):
-        raise RuntimeError(f"evict() did not move the model to the host tier: {cache.stats()}")
-    hits = tier_hits(cache, "host")
-    seconds = await ready(cache)
-    if tier_hits(cache, "host") != hits + 1:
-        raise RuntimeError("the reload was not served by the host tier")
-    return seconds
-
-
 async def disk_reload(cache: ModelCache, disk_dir: str, *, cold: bool) -> float:
-    if not on_device(cache):
-        await ready(cache)
-    if not cache.evict(MODEL_ID) or on_device(cache) or cache.resident("host"):
-        raise RuntimeError(f"evict() did not drop the model: {cache.stats()}")
+    await drop(cache, MODEL_ID, partial(cpu_ready, cache))
     await anyio.to_thread.run_sync(drop_page_cache if cold else read_all, disk_dir)
     hits = tier_hits(cache, "disk")
-    seconds = await ready(cache)
+    seconds = await cpu_ready(cache)
     if tier_hits(cache, "disk") != hits + 1:
         raise RuntimeError("the reload was not served by the disk tier")
     return seconds
@@ -178,8 +164,8 @@ async def disk_reload(cache: ModelCache, disk_dir: str, *, cold: bool) -> float:
 
 async def device_hit(cache: ModelCache) -> float:
     """The median seconds of HITS_PER_REPEAT hits on a resident, unleased model."""
-    if not on_device(cache):
-        await ready(cache)
+    if not on_device(cache, MODEL_ID):
+        await cpu_ready(cache)
     hits = cache.stats().hits
     samples = np.empty(HITS_PER_REPEAT, dtype=np.int64)
     for i in range(HITS_PER_REPEAT):
@@ -244,9 +230,9 @@ async def measure_size(
                 )
             )
         )
-        await ready(host_cache)
+        await cpu_ready(host_cache)
         started = time.perf_counter()
-        await ready(disk_cache)  # from the store; written to disk in the background
+        await cpu_ready(disk_cache)  # from the store; written to disk in the background
         await wait_for_disk(disk_cache)
         disk_write_s = time.perf_counter() - started
 
@@ -272,7 +258,11 @@ async def measure_size(
                 "disk tier (page cache warm)",
                 lambda: disk_reload(disk_cache, disk_dir, cold=False),
             ),
-            Method("host_reload", "host tier", lambda: host_reload(host_cache)),
+            Method(
+                "host_reload",
+                "host tier",
+                lambda: host_reload(host_cache, MODEL_ID, partial(cpu_ready, host_cache)),
+            ),
             Method(
                 "device_hit",
                 f"device hit (median of {HITS_PER_REPEAT:,})",
