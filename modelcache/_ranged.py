@@ -111,8 +111,8 @@ async def _drain(content: aiohttp.StreamReader, dests: Sequence[memoryview], ski
 
     ``readchunk`` hands over aiohttp's receive buffers one by one (``read(n)`` would join them
     into a new bytes first): each byte is copied once, straight into its place, in batches of
-    ``_COPY_BATCH`` bytes by a worker thread (see `_scatter`; 30% faster loads over loopback
-    http than copying on the loop). The thread always finishes before this returns or raises.
+    ``_COPY_BATCH`` bytes by a worker thread (see `_scatter`; faster loads over loopback http
+    than copying on the loop: benches/README.md, remote_load). The thread always finishes before this returns or raises.
     Reading stops once ``dests`` are full, whatever is left of the body.
     """
     # The views' addresses, and a hold on each (a view cannot be released while held).

@@ -160,9 +160,10 @@ def allocate_host(nbytes: int) -> tuple[torch.Tensor, memoryview]:
     """A host buffer as a uint8 tensor and a writable memoryview of the same bytes.
 
     Large buffers are private anonymous mappings (page-aligned) advised to use transparent huge
-    pages: a fresh 1 GiB buffer then takes 512 page faults instead of 262,144, which made copies
-    into it 2.5x faster here. Small ones come from the heap, so thousands of small models do not
-    each cost a mapping (the kernel allows ~65,000 per process) and a whole page.
+    pages: a fresh 1 GiB buffer then takes 512 page faults instead of 262,144, which makes copies
+    into it faster (measured: benches/README.md, load_throughput). Small ones come from the heap,
+    so thousands of small models do not each cost a mapping (the kernel allows ~65,000 per
+    process) and a whole page.
     """
     if nbytes < _SMALL:
         heap = bytearray(nbytes)
@@ -182,9 +183,10 @@ def _prefault(address: int, nbytes: int, stop: threading.Event) -> None:
     """Fault in (allocate and zero) a fresh mapping's pages, front to back, until ``stop``.
 
     Run in a thread beside the reads that fill the buffer: the kernel's page allocation and
-    zeroing (0.25-1.8 s/GiB here, more with huge-page compaction) then overlaps the transfer
-    instead of stalling each write that first touches a page. Pages the reads reach first are
-    skipped by the kernel; a failure (old kernel) just leaves the faults to the reads.
+    zeroing (a large part of a load's time, more with huge-page compaction: benches/README.md,
+    remote_load) then overlaps the transfer instead of stalling each write that first touches a
+    page. Pages the reads reach first are skipped by the kernel; a failure (old kernel) just
+    leaves the faults to the reads.
     """
     if _madvise is None:
         return
@@ -204,9 +206,9 @@ async def fill_fresh(
     by another thread.
 
     A remote read leaves the CPU waiting on the network, so the faults (and huge-page
-    compaction) overlap it: the median cold 1 GiB load over loopback http went from 1.9 s to
-    1.3 s here. Local reads are CPU-bound copies already spread over threads: there the extra
-    thread only competes with them, so they fault as they copy.
+    compaction) overlap it (measured: benches/README.md, remote_load). Local reads are CPU-bound
+    copies already spread over threads: there the extra thread only competes with them, so they
+    fault as they copy.
     """
     fresh = info.nbytes - faulted
     if fresh < _SMALL or store.local_path(info.shards[0].url) is not None:

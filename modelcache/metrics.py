@@ -22,7 +22,8 @@ Design notes:
 * Per-model series (``per_model=True``) are off by default: their number grows with every model
   id ever loaded or evicted. Histograms never carry a model label (one series per bucket).
 
-prometheus_client is imported only here (STYLE rule 2): ``import modelcache`` never imports it.
+prometheus_client is imported only here: ``import modelcache`` never imports it (an optional
+dependency, the ``metrics`` extra).
 """
 
 from __future__ import annotations
