@@ -405,7 +405,7 @@ class DiskTier:
             )
         files = plan_files(info)
         created = time.time()
-        manifest = manifest_bytes(info.model_id, files, info.nbytes, etag, created)
+        manifest = manifest_bytes(info.model_id, files, info.nbytes, etag, created, info.version)
         size = sum(f.size for f in files) + len(manifest)
         if size > self._budget or self._read_only:
             return None
@@ -417,6 +417,7 @@ class DiskTier:
             etag,
             tuple((f.name, f.size) for f in files),
             created,
+            info.version,
         )
         full = False  # met ENOSPC: evict before trying again
         while True:
@@ -473,7 +474,8 @@ class DiskTier:
                 with self._lock:
                     existing = self._records.get(model_id)
                 if existing is not None and (
-                    entry.etag is None or existing.entry.etag == entry.etag
+                    (entry.etag is None or existing.entry.etag == entry.etag)
+                    and (entry.version is None or existing.entry.version == entry.version)
                 ):
                     self._touch(existing)
                     return existing.entry
