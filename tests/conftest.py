@@ -132,7 +132,7 @@ def check_invariants(cache: ModelCache) -> None:
     assert device.reserved == sum(e.nbytes for e in entries if e.reserved) + device.freeing
     assert all(e.reserved for e in ready)
     assert c._leased == sum(e.leases for e in entries) or c._state.value != "open"
-    assert c._loading == sum(1 for e in entries if not e.ready)
+    assert c._loading == sum(1 for e in entries if not e.ready and not e.retired)
     # Waiters of a load that just failed are still counted until they wake: hence >=.
     assert c._waiters >= sum(e.waiters for e in entries)
     assert all(e.leases >= 0 and e.waiters >= 0 for e in entries)
