@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -13,9 +14,11 @@ from typing import Any
 
 import aiohttp
 import httpx
+import mc_models
 import pytest
 import torch
 from conftest import BODY_TIMEOUT, BUDGET, MAX_BODY, TINY_BYTES, Server, expected, write_model
+from safetensors.torch import save_file
 
 ROW = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]]
 
@@ -464,3 +467,48 @@ async def test_readiness_of_a_model_over_the_device_budget_says_507(server: Serv
             async with s.get(f"{server.url}{url}") as r:
                 assert (r.status, r.headers.get("modelcache-tier")) == (507, "store")
                 assert "budget" in (await r.json())["error"]
+
+
+async def test_a_model_overwritten_under_a_stream_of_requests_is_swapped_by_load(
+    server: Server, store: Path
+) -> None:
+    """While a model is replaced in the store and /load refreshes it, every answer is the old
+    model's or the new one's, from the device (never an error, a wait for a load, or anything
+    else); after /load, all are new."""
+    old = write_model(store, "swap1")
+    torch.manual_seed(1234)
+    new = mc_models.Tiny(4, 3).eval()
+    with torch.inference_mode():
+        x = torch.tensor(ROW, dtype=torch.float32)
+        want_old, want_new = old(x), new(x)
+    url = f"{server.url}/v1/models/swap1:predict"
+    answers: list[str] = []
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await post(s, url, json={"instances": ROW})
+        assert status == 200
+        assert close(body["predictions"], want_old)
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            while not stop.is_set():
+                status, body, tier = await post(s, url, json={"instances": ROW})
+                assert (status, tier) == (200, "device"), body  # never waits for the new load
+                got = body["predictions"]
+                answers.append(
+                    "old" if close(got, want_old) else "new" if close(got, want_new) else "bad"
+                )
+
+        async def publish() -> None:
+            folder = store / "swap1"
+            save_file(new.state_dict(), folder / "model.safetensors.new")
+            os.replace(folder / "model.safetensors.new", folder / "model.safetensors")
+            status, body, _ = await post(s, f"{server.url}/v2/repository/models/swap1/load")
+            assert (status, body) == (200, {"name": "swap1", "load": True})
+            stop.set()
+
+        await asyncio.gather(client(), client(), publish())
+        assert "bad" not in answers
+        for _ in range(5):
+            status, body, tier = await post(s, url, json={"instances": ROW})
+            assert (status, tier) == (200, "device")
+            assert close(body["predictions"], want_new)
