@@ -339,3 +339,29 @@ async def test_the_disk_copy_is_served_and_counted_stale_when_the_store_is_down(
             assert first_byte_sum(weights) == fingerprint(1)
         assert cache.stats().stale_serves == 1
         assert cache.tier_of("m") == "device"
+
+
+async def test_version_counters_reach_prometheus(models: MemoryModels) -> None:
+    """A refresh that finds and swaps a new version is counted in stats() and in Prometheus."""
+    from prometheus_client import CollectorRegistry
+
+    from modelcache.metrics import CacheMetrics
+
+    models.add("m", NBYTES, seed=1)
+    registry = CollectorRegistry()
+    cache = ModelCache(models.template, device_budget=10 * NBYTES, revalidate_after=None)
+    with CacheMetrics(cache, registry=registry):
+        async with cache:
+            async with cache.use("m"):
+                pass
+            models.add("m", NBYTES, seed=2)
+            assert await cache.refresh("m") is True
+            assert await cache.refresh("m") is False
+
+            def sample(name: str) -> float | None:
+                return registry.get_sample_value(f"modelcache_{name}", {"cache": "default"})
+
+            assert sample("revalidations_total") == 2
+            assert sample("version_changes_total") == 1
+            assert sample("version_swaps_total") == 1
+            assert sample("stale_serves_total") == 0
