@@ -30,7 +30,8 @@ import anyio
 import anyio.abc
 
 from ._concurrency import gather
-from ._exceptions import ModelCacheError, ModelChangedError, ModelNotFoundError, StoreError
+from ._exceptions import ModelChangedError, ModelNotFoundError, StoreError
+from ._failures import for_caller, release_frames
 from ._format import ModelInfo
 from ._loader import read_model_info, with_config
 from ._store import Store
@@ -129,7 +130,7 @@ class Revalidator:
             check = self._start(model_id)
         await check.done.wait()
         if check.error is not None:
-            raise check.error
+            raise for_caller(check.error)  # shared: each caller raises its own copy
         return check.changed
 
     def _start(self, model_id: str) -> _Check:
@@ -148,6 +149,7 @@ class Revalidator:
                 if check.changed and self._on_change is not None:
                     await self._on_change(model_id)
         except Exception as exc:
+            release_frames(exc)
             check.error = exc
             logger.warning("could not revalidate %r: %s", model_id, exc)
         finally:
@@ -183,9 +185,7 @@ class Revalidator:
             return True
         try:
             changed = await self._changed(model_id, version)
-        except (StoreError, OSError) as exc:
-            if isinstance(exc, ModelCacheError) and not isinstance(exc, StoreError):
-                raise
+        except StoreError as exc:  # after the store's own retries
             self.stale_serves += 1
             logger.warning(
                 "serving the disk copy of %r (version %s) unchecked: the store is unreachable (%s)",

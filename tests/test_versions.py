@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -244,17 +245,37 @@ async def test_old_leases_finish_on_the_old_version_whose_buffer_is_freed_after_
         check_invariants(cache)
 
 
+def store_root(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> tuple[Callable[[str, bytes], None], str, dict[str, Any] | None]:
+    """How to publish a file (relative name, bytes) in a fresh store of ``kind``, the URL a
+    cache reads it at, and its storage options."""
+    if kind == "s3":
+        weed: SeaweedFS = request.getfixturevalue("seaweedfs")
+        prefix: S3Prefix = request.getfixturevalue("s3_prefix")
+        return prefix.put, prefix.url, weed.s3_options
+    root, url = tmp_path, f"file://{tmp_path}"
+    if kind == "http":
+        server: HttpServer = request.getfixturevalue("http_server")
+        root, url = server.fresh_dir()
+    return (lambda rel, data: replace_file(root / rel, data)), url, None
+
+
+@pytest.mark.parametrize("kind", ["file", "http", "s3"])
 async def test_a_stream_of_uses_across_an_overwrite_sees_old_or_new_and_never_waits(
-    tmp_path: Path,
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Uses running while the model is overwritten get the old or the new weights, never else;
     none waits for a load (no miss after the first); after the swap all get the new."""
-    path = tmp_path / "m" / "model.safetensors"
-    replace_file(path, model_bytes(NBYTES, seed=1))
+    publish, url, options = store_root(kind, tmp_path, request)
+    publish("m/model.safetensors", model_bytes(NBYTES, seed=1))
     old, new = fingerprint(1), fingerprint(2)
     seen: list[int] = []
     async with ModelCache(
-        f"file://{tmp_path}/{{model_id}}", device_budget=10 * NBYTES, revalidate_after=0
+        f"{url}/{{model_id}}",
+        device_budget=10 * NBYTES,
+        revalidate_after=0,
+        storage_options=options,
     ) as cache:
         async with cache.use("m"):
             pass
@@ -268,7 +289,7 @@ async def test_a_stream_of_uses_across_an_overwrite_sees_old_or_new_and_never_wa
                 if answer == new:
                     return
                 if len(seen) == 20:
-                    replace_file(path, model_bytes(NBYTES, seed=2))
+                    publish("m/model.safetensors", model_bytes(NBYTES, seed=2))
                     replaced.set()
                 await anyio.lowlevel.checkpoint()  # a checkpoint: let the check and the swap run
 
