@@ -395,8 +395,9 @@ async def test_every_error_on_a_model_route_carries_the_tier_header(
             assert "schema" in (await r.json())["error"]
         async with s.post(f"{server.url}/v1/models/hdr-0:explain", json={"instances": ROW}) as r:
             assert (r.status, r.headers.get("modelcache-tier")) == (501, "store")
-        async with s.get(f"{server.url}/v2/models/hdr-0/versions/7") as r:
-            assert (r.status, r.headers.get("modelcache-tier")) == (501, "store")
+        write_model(store, "hdr-1")
+        async with s.get(f"{server.url}/v2/models/hdr-1/versions/7") as r:  # loads it: 404
+            assert (r.status, r.headers.get("modelcache-tier")) == (404, "device")
         # FastAPI's own HTTPException: a body its JSON parser refuses (a 5,000-digit number).
         body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [%s]}]}'
         headers = {"content-type": "application/json"}
@@ -512,3 +513,25 @@ async def test_a_model_overwritten_under_a_stream_of_requests_is_swapped_by_load
             status, body, tier = await post(s, url, json={"instances": ROW})
             assert (status, tier) == (200, "device")
             assert close(body["predictions"], want_new)
+
+
+async def test_v2_versioned_paths_serve_the_held_version_and_refuse_others(
+    server: Server, store: Path
+) -> None:
+    """/v2/models/{id}/versions/{v}/... serves the version the cache holds (as the plain path)
+    and answers 404 naming it for any other version (KServe answered 501)."""
+    write_model(store, "m5")
+    async with aiohttp.ClientSession() as s:
+        status, body = await get(s, f"{server.url}/v2/models/m5/versions/nope/ready")
+        assert status == 404
+        found = re.search(r"it serves version '([0-9a-f]{16})'", body["error"])
+        assert found is not None, body
+        version = found.group(1)
+        base = f"{server.url}/v2/models/m5/versions/{version}"
+        assert await get(s, f"{base}/ready") == (200, {"name": "m5", "ready": True})
+        status, body, tier = await post(s, f"{base}/infer", json=v2_body(ROW, "r1"))
+        assert (status, tier, body["model_name"]) == (200, "device", "m5")
+        assert close(body["outputs"][0]["data"], expected("m5", ROW).reshape(-1))
+        status, body, _ = await post(s, f"{server.url}/v2/models/m5/versions/x/infer", json={})
+        assert status == 404
+        assert version in body["error"]
