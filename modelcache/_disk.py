@@ -10,7 +10,8 @@ Layout of ``directory``::
     <sha256(id)>-<slug>/                one complete entry, laid out like the store:
         model.safetensors               (or the shards + model.safetensors.index.json)
         config.json                     when the model has one
-        .modelcache-entry.json          the manifest: real id, file sizes, nbytes, etag, time
+        .modelcache-entry.json          the manifest: real id, file sizes, nbytes, etag, time,
+                                        and the store's version of the files (`_versions`)
     .tmp-<pid>-<random>-<bytes>/        a write in progress (reserves <bytes> of the budget)
     .del-<pid>-<random>/                an evicted entry being deleted
 
@@ -388,7 +389,7 @@ class DiskTier:
         """Write ``info``'s files from its buffer and publish them atomically. Blocking.
 
         Returns the entry; the existing one when the model is already here with the same etag
-        (or ``etag`` is None); None, writing nothing, when the model is larger than the budget,
+        (or ``etag`` is None) and version (or ``info.version`` is None); None, writing nothing, when the model is larger than the budget,
         room cannot be made (within the budget and the filesystem's free space) because entries
         are in use, or the directory is read-only. If another process publishes the same model
         first, ours is discarded and theirs returned. On ENOSPC the least recently used entry

@@ -103,13 +103,18 @@ def _shards(value: int) -> list[dict[str, torch.Tensor]]:
     return [{f"s{i}": torch.full((256,), value + i, dtype=torch.uint8)} for i in range(2)]
 
 
+@pytest.mark.parametrize("kind", ["file", "http"])
 async def test_an_object_replaced_between_two_shards_never_makes_a_mixed_model(
-    tmp_path: Path,
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A model rewritten between two shard reads of one load is loaded as the new version whole,
-    never as old shard 1 + new shard 2."""
-    write_sharded(tmp_path / "m", _shards(10))
-    store = _ReplacingStore(f"file://{tmp_path}/{{model_id}}", tmp_path, _shards(100))
+    never as old shard 1 + new shard 2 (file://: fstat; http: If-Match answered 412)."""
+    root, url = tmp_path, f"file://{tmp_path}"
+    if kind == "http":
+        server: HttpServer = request.getfixturevalue("http_server")
+        root, url = server.fresh_dir()
+    write_sharded(root / "m", _shards(10))
+    store = _ReplacingStore(f"{url}/{{model_id}}", root, _shards(100))
     async with ModelCache(store, device_budget=1 << 20) as cache, cache.use("m") as weights:
         got = {name: int(t[0]) for name, t in weights.items()}
     assert store.replaced
