@@ -391,3 +391,29 @@ async def test_version_counters_reach_prometheus(models: MemoryModels) -> None:
             assert sample("version_changes_total") == 1
             assert sample("version_swaps_total") == 1
             assert sample("stale_serves_total") == 0
+
+
+async def test_a_new_version_evicts_other_models_never_the_leased_old_one(
+    models: MemoryModels,
+) -> None:
+    """With room for one more model only by eviction, the new version's load evicts an unleased
+    model, never the leased old version, whose lease keeps its weights."""
+    models.add("a", NBYTES, seed=1)
+    models.add("b", NBYTES, seed=3)
+    async with ModelCache(
+        models.template, device_budget=2 * NBYTES, revalidate_after=None
+    ) as cache:
+        async with cache.use("b"):
+            pass
+        async with cache.use("a") as old:
+            models.add("a", NBYTES, seed=2)
+            assert await cache.refresh("a") is True
+            assert cache.resident() == ["a"]  # b made room; the old a is still leased
+            assert first_byte_sum(old) == fingerprint(1)
+            async with cache.use("a") as new:
+                assert first_byte_sum(new) == fingerprint(2)
+            assert cache.stats().bytes_reserved == 2 * NBYTES
+            check_invariants(cache)
+        assert cache.stats().bytes_reserved == NBYTES
+        assert cache.stats().misses == 2  # a and b once each: no use waited for the new a
+        check_invariants(cache)
