@@ -17,6 +17,10 @@ Device: CPU. Timed: ``async with cache.use(id)`` from the call until the block i
   the disk tier is never mapped). The disk tier drops its file's pages from the page cache after
   writing (``POSIX_FADV_DONTNEED``), so the headline disk row does the same before every
   reload (cold: the disk's own speed); the "warm" row reads the files once, untimed, first.
+- **disk validation**: what the disk tier adds to a reload at most once per ``revalidate_after``
+  (default 60 s) per model: a check of the copy's version against the store, one HEAD (a stat
+  for memory://) for this single-file model, timed as ``await cache.refresh(id)`` of the
+  unchanged, resident model (the same check). Reported against the disk reload.
 - **store**: a fresh cache without host or disk tiers every repetition (fresh client,
   connections and buffer): a cold load over S3, or from memory://.
 
@@ -162,6 +166,19 @@ async def disk_reload(cache: ModelCache, disk_dir: str, *, cold: bool) -> float:
     return seconds
 
 
+async def disk_validation(cache: ModelCache) -> float:
+    """Seconds of one check of the model's version against the store (see the docstring)."""
+    if not on_device(cache, MODEL_ID):
+        await cpu_ready(cache)
+    before = cache.stats().revalidations
+    start = time.perf_counter()
+    changed = await cache.refresh(MODEL_ID)
+    seconds = time.perf_counter() - start
+    if changed or cache.stats().revalidations != before + 1:
+        raise RuntimeError("refresh() did not make exactly one check of an unchanged model")
+    return seconds
+
+
 async def device_hit(cache: ModelCache) -> float:
     """The median seconds of HITS_PER_REPEAT hits on a resident, unleased model."""
     if not on_device(cache, MODEL_ID):
@@ -259,6 +276,11 @@ async def measure_size(
                 lambda: disk_reload(disk_cache, disk_dir, cold=False),
             ),
             Method(
+                "disk_validation",
+                "disk validation (one HEAD)",
+                lambda: disk_validation(disk_cache),
+            ),
+            Method(
                 "host_reload",
                 "host tier",
                 lambda: host_reload(host_cache, MODEL_ID, partial(cpu_ready, host_cache)),
@@ -285,13 +307,14 @@ def report(result: SizeResult, store_key: str, figures: dict[str, Any]) -> list[
     for m in result.methods:
         t = m.times
         hit = m.key == "device_hit"
+        moves = not hit and m.key != "disk_validation"  # a check moves no weight byte
         rows.append(
             [
                 m.label,
                 human_seconds(t.best),
                 human_seconds(t.median),
-                float("nan") if hit else gbps(n, t.best),
-                float("nan") if hit else gbps(n, t.median),
+                gbps(n, t.best) if moves else float("nan"),
+                gbps(n, t.median) if moves else float("nan"),
                 store.times.best / t.best,
                 human_seconds(m.warmup),
             ]
@@ -302,7 +325,8 @@ def report(result: SizeResult, store_key: str, figures: dict[str, Any]) -> list[
             continue
         figures[f"{m.key}_ms_{label}"] = rounded(t.best * 1e3)
         figures[f"{m.key}_median_ms_{label}"] = rounded(t.median * 1e3)
-        figures[f"{m.key}_gbps_{label}"] = rounded(gbps(n, t.best))
+        if moves:
+            figures[f"{m.key}_gbps_{label}"] = rounded(gbps(n, t.best))
     print_table(
         f"Time to a ready model, {n / MIB:,.0f} MiB payload "
         f"(speedup = {store.label} best / row best)",
@@ -325,6 +349,11 @@ def report(result: SizeResult, store_key: str, figures: dict[str, Any]) -> list[
         verdict = "" if goal is None else ("meets" if value >= goal else "misses")
         goals.append([key, value, "" if goal is None else f">= {goal:.0f}x", verdict])
     figures[f"disk_write_behind_s_{label}"] = rounded(result.disk_write_s)
+    check, reload = result.by("disk_validation"), result.by("disk_reload")
+    if check is not None and reload is not None:
+        figures[f"disk_validation_vs_disk_reload_{label}"] = rounded(
+            check.times.median / reload.times.median
+        )
     return goals
 
 

@@ -37,6 +37,7 @@ The device tier (built models, leased) lives here; host memory and the disk tier
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -68,16 +69,19 @@ from ._exceptions import (
 )
 from ._failures import FailureMemory, for_caller, release_frames
 from ._format import ModelInfo
-from ._loader import read_config, read_model_info
+from ._loader import read_model_info, with_config
 from ._lower import LowerTiers
 from ._observe import CacheObserver, Observers
 from ._policy import CostAwarePolicy, EvictionPolicy, LRUPolicy, PolicyEntry
 from ._pool import pool_of
+from ._refresh import DEFAULT_REVALIDATE_AFTER, Revalidator
+from ._refresh import _clock as _revalidation_clock
 from ._stats import CacheStats
 from ._store import Store
 from ._tiers import Abandoned, ByteBudget, HostEntry, TierStats, check_fits
 from ._torch import TorchBackend
 from ._units import format_bytes, parse_bytes
+from ._versions import ModelVersion
 
 __all__ = ["ModelCache"]
 
@@ -118,6 +122,7 @@ class _Entry:
         "abandon",
         "admitted",
         "builder",
+        "check_at",
         "done",
         "draining",
         "error",
@@ -127,7 +132,9 @@ class _Entry:
         "model_id",
         "nbytes",
         "ready",
+        "replaces",
         "reserved",
+        "retired",
         "source",
         "value",
         "waiters",
@@ -154,6 +161,13 @@ class _Entry:
         self.draining: anyio.Event | None = None
         #: The load's wait for the limiter, cancelled when its last waiter leaves.
         self.abandon: anyio.CancelScope | None = None
+        # -- versions (issue 12)
+        #: When a hit starts a background check of its version (`Revalidator`).
+        self.check_at = math.inf
+        #: The entry this load of a new version takes the place of when it is ready.
+        self.replaces: _Entry | None = None
+        #: Replaced by a new version: out of the index, its bytes freed by its last lease.
+        self.retired = False
 
 
 class _Check:
@@ -195,6 +209,8 @@ class _Lease(Generic[T]):
             cache._leased += 1
             cache._hits += 1
             cache._policy.accessed(entry)
+            if entry.check_at <= _revalidation_clock():  # stale-while-revalidate
+                entry.check_at = cache._revalidator.due(entry.model_id)
         else:
             entry = await cache._acquire(self._key)
         self._entry = entry
@@ -285,6 +301,7 @@ class ModelCache:
         backend: DeviceBackend | None = None,
         host_policy: EvictionPolicy | None = None,
         load_costs: LoadCosts | None = None,
+        revalidate_after: float | None = DEFAULT_REVALIDATE_AFTER,
     ) -> None:
         if isinstance(store, Store):
             if storage_options is not None or allow_slash_in_ids:
@@ -349,6 +366,14 @@ class ModelCache:
         self._failures: FailureMemory[_FailureKey] = FailureMemory(failure_ttl, lambda: _clock())
         #: `describe`'s header reads in flight, by model id.
         self._checks: dict[str, _Check] = {}
+        # -- versions (issue 12)
+        self._revalidator = Revalidator(self._store, revalidate_after)
+        self._lower.validate_disk = self._revalidator.validate_disk
+        #: Loads of new versions in flight (out of the index until they replace the old one).
+        self._swapping: dict[_Key, _Entry] = {}
+        #: Replaced entries still leased: their bytes are freed when their last lease ends.
+        self._retired: set[_Entry] = set()
+        self._swaps = 0
         self._hits = self._misses = self._loads = self._fails = self._load_failures = 0
         self._loading = self._waiters = self._leased = 0
         self._load_seconds = 0.0
@@ -605,6 +630,10 @@ class ModelCache:
             disk_write_bytes=self._lower.writing,
             disk_writes_skipped=self._lower.writes_skipped,
             pool_idle_bytes=pool.stats().idle_bytes if (pool := pool_of(self._backend)) else 0,
+            revalidations=self._revalidator.revalidations,
+            versions_changed=self._revalidator.changes,
+            swaps=self._swaps,
+            stale_serves=self._revalidator.stale_serves,
         )
 
     def _tier_stats(self, models: int) -> dict[str, TierStats]:
@@ -624,6 +653,7 @@ class ModelCache:
         await task_group.__aenter__()
         self._task_group = task_group
         self._failures.open(task_group)
+        self._revalidator.open(task_group, self._resident_version, self._swap_versions)
         try:
             await self._lower.open(task_group, self._limiter)
         except BaseException:
@@ -657,6 +687,9 @@ class ModelCache:
         finally:
             for entry in list(self._entries.values()):
                 self._drop(entry)
+            self._revalidator.close()
+            for entry in self._retired:
+                entry.value = entry.weights = None
             self._lower.close()
             if (pool := pool_of(self._backend)) is not None:
                 pool.close()  # idle buffers back to the system; live ones when they die
@@ -700,6 +733,8 @@ class ModelCache:
                     # victims are for. Its nested lease ends no later than it would have.
                     self._take_lease(entry)
                     self._hits += 1
+                    if entry.check_at <= _revalidation_clock():
+                        entry.check_at = self._revalidator.due(entry.model_id)
                     return entry
                 await self._wait_drained(entry.draining)
                 continue  # evicted: load it again, behind the load it made room for
@@ -778,6 +813,9 @@ class ModelCache:
     def _unlease(self, entry: _Entry) -> None:
         entry.leases -= 1
         self._leased -= 1
+        if entry.retired and entry.leases == 0:
+            self._free_retired(entry)
+            return
         if entry.leases == 0 and self._device.waiting:
             self._device.pump()
 
@@ -858,17 +896,20 @@ class ModelCache:
             while (moving := self._lower.moving.get(entry.model_id)) is not None:
                 await moving.wait()  # a demotion or host load of this id: then look again
             self._check_wanted(entry)
-            claimed = self._lower.claim(entry.model_id)
+            # A new version (issue 12) is read from the store: the lower tiers hold the old one.
+            claimed = None if entry.replaces else self._lower.claim(entry.model_id)
             if claimed is not None:
                 info, source, source_tier = claimed.info, self._store, "host"
                 entry.source = source_tier
             else:
                 async with self._limited(entry, abandonable=True):
-                    info, source, on_disk = await self._lower.locate(entry.model_id)
+                    info, source, on_disk = await self._lower.locate(
+                        entry.model_id, use_disk=entry.replaces is None
+                    )
                 source_tier = "store" if on_disk is None else "disk"
             if entry.builder.needs_config and info.config is None:
                 async with self._limited(entry, abandonable=True):
-                    info = replace(info, config=await read_config(self._store, entry.model_id))
+                    info = await with_config(self._store, info)  # of the weights' version
             check_fits(self._device, info)
             entry.nbytes = info.nbytes
             entry.info = info  # for describe()
@@ -901,6 +942,17 @@ class ModelCache:
             return
         seconds = time.perf_counter() - started
         entry.value, entry.weights = value, weights
+        # -- versions (issue 12)
+        if source_tier == "store":
+            entry.check_at = self._revalidator.confirmed(entry.model_id)
+        else:
+            entry.check_at = self._revalidator.due_at(entry.model_id)
+        if entry.replaces is not None and not self._install(entry):
+            self._loading -= 1  # the key is loading afresh (from the store): this one goes
+            self._drop(entry)
+            self._device.pump()
+            entry.done.set()
+            return
         entry.ready = True
         entry.admitted = _observe.clock()
         self._loading -= 1
@@ -922,6 +974,92 @@ class ModelCache:
                 entry.nbytes / seconds / 1e9 if seconds else 0.0,
                 extra={"model_id": entry.model_id, "nbytes": entry.nbytes, "seconds": seconds},
             )
+
+    # -- versions (issue 12): a new version loaded beside the old one, swapped in when ready ----
+
+    def _resident_version(self, model_id: str) -> ModelVersion | None:
+        info = self._known_info(model_id)
+        return None if info is None else info.version
+
+    async def _swap_versions(self, model_id: str) -> None:
+        """The store holds a new version of ``model_id`` (found by a check, in the cache's task
+        group): copies in the lower tiers are dropped, and each resident entry gets a load of
+        the new version that takes its place when ready (`_install`). Uses are served by the old
+        one meanwhile; its leases end on it."""
+        await self._lower.drop_stale(model_id, None)
+        for builder in (*self._builders, WEIGHTS):
+            key = (builder, model_id)
+            old = self._entries.get(key)
+            if old is None or not old.ready or key in self._swapping:
+                continue
+            new = _Entry(key)
+            new.replaces = old
+            new.waiters = 1  # this task wants it: the load is never abandoned
+            self._swapping[key] = new
+            self._loading += 1
+            try:
+                await self._load(new)
+            finally:
+                new.waiters -= 1
+                del self._swapping[key]
+                self._left(new)
+            if new.error is not None:
+                logger.warning("new version of %r not loaded: %s", model_id, new.error)
+            elif new.weights is not None:  # the old one may have gone meanwhile: nothing left
+                await self._lower.drop_stale(model_id, new.weights.info.version)
+
+    def _install(self, new: _Entry) -> bool:
+        """A new version's load finished: it takes the index from whatever holds its key;
+        False when a load of the key is in flight (it began after the old one left)."""
+        assert new.replaces is not None
+        current = self._entries.get(new.key)
+        new.replaces = None
+        if current is not None:
+            if not current.ready:
+                return False
+            self._retire(current)
+        self._entries[new.key] = new
+        self._swaps += 1
+        logger.info("swapped in a new version of %r", new.model_id)
+        return True
+
+    def _retire(self, old: _Entry) -> None:
+        """Take ``old`` out of the index and the policy; its bytes stay reserved until its
+        last lease ends (never evicted or demoted: no tier gets the old version back)."""
+        if old.draining is not None:
+            self._device.forget(old)
+        self._policy.removed(old)
+        del self._entries[old.key]
+        self._device.resident -= old.nbytes
+        old.ready = False
+        old.retired = True
+        if old.leases:
+            self._retired.add(old)
+        else:
+            self._free_retired(old)
+
+    def _free_retired(self, old: _Entry) -> None:
+        self._retired.discard(old)
+        old.retired = False
+        old.value = old.weights = None
+        if old.reserved:
+            old.reserved = False
+            self._device.release(old.nbytes)
+
+    async def refresh(self, model_id: str) -> bool:
+        """Check ``model_id`` against the store now; if the store holds another version, load
+        it and swap it in (uses meanwhile get the old one) before returning. True if it changed.
+        A model in no tier has nothing to compare: False. Raises StoreError when the store
+        cannot be asked."""
+        self._check_open()
+        self._store.model_url(model_id)  # validates the id
+        return await self._revalidator.check(model_id)
+
+    def version_of(self, model_id: str) -> str | None:
+        """The version (a short token) of ``model_id`` that new uses get now, or None when no
+        tier holds it (or its store names no version). No I/O."""
+        version = self._resident_version(model_id)
+        return None if version is None else version.token
 
     def _remember_size(self, model_id: str, nbytes: int) -> None:
         sizes = self._sizes

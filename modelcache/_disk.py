@@ -10,7 +10,8 @@ Layout of ``directory``::
     <sha256(id)>-<slug>/                one complete entry, laid out like the store:
         model.safetensors               (or the shards + model.safetensors.index.json)
         config.json                     when the model has one
-        .modelcache-entry.json          the manifest: real id, file sizes, nbytes, etag, time
+        .modelcache-entry.json          the manifest: real id, file sizes, nbytes, etag, time,
+                                        and the store's version of the files (`_versions`)
     .tmp-<pid>-<random>-<bytes>/        a write in progress (reserves <bytes> of the budget)
     .del-<pid>-<random>/                an evicted entry being deleted
 
@@ -388,7 +389,7 @@ class DiskTier:
         """Write ``info``'s files from its buffer and publish them atomically. Blocking.
 
         Returns the entry; the existing one when the model is already here with the same etag
-        (or ``etag`` is None); None, writing nothing, when the model is larger than the budget,
+        (or ``etag`` is None) and version (or ``info.version`` is None); None, writing nothing, when the model is larger than the budget,
         room cannot be made (within the budget and the filesystem's free space) because entries
         are in use, or the directory is read-only. If another process publishes the same model
         first, ours is discarded and theirs returned. On ENOSPC the least recently used entry
@@ -405,7 +406,7 @@ class DiskTier:
             )
         files = plan_files(info)
         created = time.time()
-        manifest = manifest_bytes(info.model_id, files, info.nbytes, etag, created)
+        manifest = manifest_bytes(info.model_id, files, info.nbytes, etag, created, info.version)
         size = sum(f.size for f in files) + len(manifest)
         if size > self._budget or self._read_only:
             return None
@@ -417,6 +418,7 @@ class DiskTier:
             etag,
             tuple((f.name, f.size) for f in files),
             created,
+            info.version,
         )
         full = False  # met ENOSPC: evict before trying again
         while True:
@@ -473,7 +475,8 @@ class DiskTier:
                 with self._lock:
                     existing = self._records.get(model_id)
                 if existing is not None and (
-                    entry.etag is None or existing.entry.etag == entry.etag
+                    (entry.etag is None or existing.entry.etag == entry.etag)
+                    and (entry.version is None or existing.entry.version == entry.version)
                 ):
                     self._touch(existing)
                     return existing.entry

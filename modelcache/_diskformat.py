@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ._format import INDEX_NAME, SINGLE_NAME, ModelInfo, Segment
+from ._versions import ModelVersion
 
 __all__ = [
     "MANIFEST_NAME",
@@ -96,6 +97,8 @@ class DiskEntry:
     files: tuple[tuple[str, int], ...]
     #: When it was written (seconds since the epoch).
     created: float
+    #: The store's version of the model's files it was written from (`_versions`), when known.
+    version: ModelVersion | None = None
 
     @property
     def url(self) -> str:
@@ -274,18 +277,24 @@ def plan_files(info: ModelInfo) -> list[EntryFile]:
 
 
 def manifest_bytes(
-    model_id: str, files: Sequence[EntryFile], nbytes: int, etag: str | None, created: float
+    model_id: str,
+    files: Sequence[EntryFile],
+    nbytes: int,
+    etag: str | None,
+    created: float,
+    version: ModelVersion | None = None,
 ) -> bytes:
-    return json.dumps(
-        {
-            "format": _FORMAT,
-            "model_id": model_id,
-            "files": [[f.name, f.size] for f in files],
-            "nbytes": nbytes,
-            "etag": etag,
-            "created": created,
-        }
-    ).encode()
+    fields = {
+        "format": _FORMAT,
+        "model_id": model_id,
+        "files": [[f.name, f.size] for f in files],
+        "nbytes": nbytes,
+        "etag": etag,
+        "created": created,
+    }
+    if version is not None:  # an optional field: entries written without it still read
+        fields["version"] = version.to_json()
+    return json.dumps(fields).encode()
 
 
 def read_entry(root: str, name: str) -> tuple[DiskEntry, os.stat_result, bytes]:
@@ -352,7 +361,10 @@ def _read_entry(directory: str, dir_fd: int, name: str) -> tuple[DiskEntry, os.s
             raise InvalidEntry(f"{file_name} is {actual} bytes, the manifest says {size}")
         checked.append((file_name, size))
     size = sum(s for _, s in checked) + st.st_size
-    entry = DiskEntry(model_id, directory, size, nbytes, etag, tuple(checked), float(created))
+    version = ModelVersion.from_json(manifest.get("version"))
+    entry = DiskEntry(
+        model_id, directory, size, nbytes, etag, tuple(checked), float(created), version
+    )
     return entry, st, raw
 
 

@@ -29,9 +29,12 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._exceptions import ModelFormatError
+
+if TYPE_CHECKING:
+    from ._versions import ModelVersion
 
 __all__ = [
     "BYTES_PER_TENSOR",
@@ -153,6 +156,8 @@ class ModelInfo:
     segments: tuple[Segment, ...]
     #: The model's ``config.json`` side file, when its builder asked for it and it exists.
     config: Mapping[str, Any] | None = None
+    #: What the store said identified each file read (`_versions.ModelVersion`), when known.
+    version: ModelVersion | None = None
 
     @property
     def mappable(self) -> bool:

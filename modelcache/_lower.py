@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
 
@@ -41,9 +42,11 @@ from ._format import INDEX_NAME, ModelInfo
 from ._loader import fill_buffer, read_model_info
 from ._observe import Observers
 from ._policy import EvictionPolicy, PolicyEntry, admits
+from ._refresh import load_one_version
 from ._store import Store
 from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
 from ._units import format_bytes
+from ._versions import ModelVersion
 
 __all__ = ["LowerTiers"]
 
@@ -106,6 +109,8 @@ class LowerTiers:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._closed = True
+        #: Whether a disk copy (of a version) may be served now (`Revalidator.validate_disk`).
+        self.validate_disk: Callable[[str, ModelVersion | None], Awaitable[bool]] | None = None
 
     async def open(self, task_group: anyio.abc.TaskGroup, limiter: anyio.CapacityLimiter) -> None:
         """Start: the disk index is rebuilt, the pinned slab is made (both off the loop)."""
@@ -219,7 +224,17 @@ class LowerTiers:
                 entry, acquired = None, False
             if entry is not None and acquired:
                 try:
-                    return await read_model_info(disk.store, model_id), disk.store, entry
+                    # -- versions (issue 12): a copy the store no longer has is not served
+                    if self.validate_disk is not None and not await self.validate_disk(
+                        model_id, entry.version
+                    ):
+                        disk.release(entry)
+                        await self._drop_disk_copy(model_id, None)
+                        return await read_model_info(self._store, model_id), self._store, None
+                    info = await read_model_info(disk.store, model_id)
+                    if entry.version is not None:  # the store's version, not the copy's files
+                        info = replace(info, version=entry.version)
+                    return info, disk.store, entry
                 except Exception as exc:
                     disk.release(entry)
                     if not _unreadable(exc):
@@ -230,9 +245,13 @@ class LowerTiers:
                     raise
         return await read_model_info(self._store, model_id), self._store, None
 
-    async def _drop_disk_copy(self, model_id: str, exc: BaseException) -> None:
-        """A disk copy failed to read: remove it (if still there) so the store is read."""
-        logger.warning("disk copy of %r unreadable, dropped: %s", model_id, exc)
+    async def _drop_disk_copy(self, model_id: str, exc: BaseException | None) -> None:
+        """A disk copy failed to read (``exc``) or is stale (None): remove it (if still there)
+        so the store is read."""
+        if exc is None:
+            logger.info("disk copy of %r is not the store's version any more, dropped", model_id)
+        else:
+            logger.warning("disk copy of %r unreadable, dropped: %s", model_id, exc)
         assert self.disk is not None
         try:
             await anyio.to_thread.run_sync(self.disk.remove, model_id)
@@ -248,7 +267,9 @@ class LowerTiers:
         store read instead; the weights' info is returned with them (the store's, then).
         """
         if on_disk is None:
-            return await self._backend.load(source, info, zero_copy=True), info
+            return await load_one_version(
+                source, info, partial(self._backend.load, source, zero_copy=True)
+            )
         try:
             try:
                 return await self._backend.load(source, info, zero_copy=False), info
@@ -272,6 +293,19 @@ class LowerTiers:
                 path=fresh.url,
             )
         return fresh if fresh.config is not None else replace(fresh, config=info.config)
+
+    async def drop_stale(self, model_id: str, keep: ModelVersion | None) -> None:
+        """-- versions (issue 12): drop host and disk copies of ``model_id`` that are not of
+        version ``keep`` (all of them when it is None): the store has another one now."""
+        host = self.entries.get(model_id)
+        if host is not None and (keep is None or host.info.version != keep):
+            self._remove_host(host)
+            self._let_go(host)  # a disk write reading it keeps its block until it ends
+        disk = self.disk
+        if disk is not None and not disk.read_only and self._remote(model_id):
+            found = await anyio.to_thread.run_sync(disk.get, model_id)
+            if found is not None and (keep is None or found.version != keep):
+                await self._drop_disk_copy(model_id, None)
 
     def release_disk(self, entry: DiskEntry | None) -> None:
         if entry is not None and self.disk is not None:

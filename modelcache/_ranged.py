@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
+from ._versions import VersionMismatch
+
 if TYPE_CHECKING:
     import aiohttp
 
@@ -74,18 +76,30 @@ def is_http_class(cls: type) -> bool:
 
 
 def range_reader(
-    fs: Any, path: str, *, on_whole_body: Callable[[], None] | None = None
+    fs: Any,
+    path: str,
+    *,
+    on_whole_body: Callable[[], None] | None = None,
+    if_match: str | None = None,
 ) -> RangeReader:
     """The way to read ranges of ``path`` into buffers that copies least on this filesystem.
 
     ``on_whole_body`` is called when an http server answers a ranged GET with the whole file.
+    With ``if_match`` (an ETag), http(s) and s3 reads are of that version only: another one
+    raises `VersionMismatch` (other filesystems cannot pin a version and ignore it).
     """
     if _is_plain(fs, "fsspec.implementations.http", "HTTPFileSystem"):
-        return functools.partial(_http_read, fs, path, on_whole_body)
+        return functools.partial(_http_read, fs, path, on_whole_body, if_match)
     if _is_plain(fs, "s3fs.core", "S3FileSystem"):
         bucket, key, version = fs.split_path(path)
-        return functools.partial(_s3_read, fs, bucket, key, version)
+        return functools.partial(_s3_read, fs, bucket, key, version, if_match)
     return functools.partial(_cat_read, fs, path)
+
+
+def _check_etag(if_match: str | None, sent: object) -> None:
+    """A server that ignores If-Match still names what it sent: it must be what we asked for."""
+    if if_match is not None and isinstance(sent, str) and sent and sent != if_match:
+        raise VersionMismatch(errno.ESTALE, f"asked for ETag {if_match}, the store sent {sent}")
 
 
 def _range_header(start: int, size: int) -> str:
@@ -164,6 +178,7 @@ async def _http_read(
     fs: Any,
     url: str,
     on_whole_body: Callable[[], None] | None,
+    if_match: str | None,
     start: int,
     dests: Sequence[memoryview],
 ) -> int:
@@ -172,11 +187,16 @@ async def _http_read(
     kwargs = dict(fs.kwargs)
     headers = dict(kwargs.pop("headers", None) or {})
     headers["Range"] = _range_header(start, size)
+    if if_match is not None:
+        headers["If-Match"] = if_match
     session = await fs.set_session()
     async with session.get(fs.encode_url(url), headers=headers, **kwargs) as response:
         if response.status == 416:  # the range starts at or past the end of the file
             return 0
+        if response.status == 412:
+            raise VersionMismatch(errno.ESTALE, f"the store has another version than {if_match}")
         fs._raise_not_found_for_status(response, url)
+        _check_etag(if_match, response.headers.get("ETag"))
         skip = start  # a 200 is the whole file: the server ignored Range
         if response.status == 206:
             sent = response.headers.get("Content-Range", "")
@@ -200,15 +220,30 @@ async def _s3_read(
     bucket: str,
     key: str,
     version: str | None,
+    if_match: str | None,
     start: int,
     dests: Sequence[memoryview],
 ) -> int:
     """One ranged GetObject through s3fs's client, its body streamed into ``dests``."""
     extra = {"VersionId": version} if version else {}
-    response = await fs._call_s3(
-        "get_object", Bucket=bucket, Key=key, Range=_range_header(start, _total(dests)), **extra
-    )
+    if if_match is not None:
+        extra["IfMatch"] = if_match
+    try:
+        response = await fs._call_s3(
+            "get_object", Bucket=bucket, Key=key, Range=_range_header(start, _total(dests)), **extra
+        )
+    except Exception as exc:
+        if if_match is not None and _precondition_failed(exc):
+            raise VersionMismatch(
+                errno.ESTALE, f"the store has another version than {if_match}"
+            ) from exc
+        raise
     body = response["Body"]
+    try:
+        _check_etag(if_match, response.get("ETag"))
+    except BaseException:
+        body.close()
+        raise
     try:
         aiohttp = sys.modules.get("aiohttp")
         content = getattr(getattr(body, "raw_stream", None), "content", None)
@@ -226,6 +261,20 @@ async def _s3_read(
         return filled
     finally:
         body.close()  # after a whole body the connection is already back in the pool
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """A 412 from s3 (botocore's ClientError; s3fs may translate it to an OSError)."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            meta = response.get("ResponseMetadata") or {}
+            code = (response.get("Error") or {}).get("Code")
+            if meta.get("HTTPStatusCode") == 412 or code == "PreconditionFailed":
+                return True
+        if "PreconditionFailed" in str(e) or "Precondition Failed" in str(e):
+            return True
+    return False
 
 
 def _copy_out(dests: Sequence[memoryview], data: bytes) -> None:

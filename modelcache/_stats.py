@@ -54,6 +54,14 @@ class CacheStats:
     #: Bytes of dead CPU model buffers kept faulted in for the next loads (`BufferPool`): with
     #: the buffers in use, at most the device plus host budget; not counted in any tier.
     pool_idle_bytes: int = 0
+    #: Checks of a model's version against the store (background, ``refresh``, disk copies).
+    revalidations: int = 0
+    #: Checks that found another version in the store than the one held.
+    versions_changed: int = 0
+    #: New versions swapped in for resident models.
+    swaps: int = 0
+    #: Disk copies served unchecked because the store could not be asked (stale-if-error).
+    stale_serves: int = 0
 
     @property
     def hit_ratio(self) -> float:

@@ -366,6 +366,15 @@ class _Collector:
              lambda s: s.waiters),
             ("gauge", "leases", "Leases held (async with cache.use(...) blocks open).",
              lambda s: s.leased),
+            ("counter", "revalidations", "Checks of a model's version against the store "
+             "(background after revalidate_after, refresh(), disk copies).",
+             lambda s: s.revalidations),
+            ("counter", "version_changes", "Checks that found a new version in the store.",
+             lambda s: s.versions_changed),
+            ("counter", "version_swaps", "New versions swapped in for resident models.",
+             lambda s: s.swaps),
+            ("counter", "stale_serves", "Disk copies served unchecked because the store could "
+             "not be asked (stale-if-error).", lambda s: s.stale_serves),
         )  # fmt: skip
         for kind, name, doc, read in whole:
             cache = family(kind, name, doc, [])

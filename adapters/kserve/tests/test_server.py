@@ -5,16 +5,29 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
+import mc_models
 import pytest
 import torch
-from conftest import BODY_TIMEOUT, BUDGET, MAX_BODY, TINY_BYTES, Server, expected, fresh_id
+from conftest import (
+    BODY_TIMEOUT,
+    BUDGET,
+    MAX_BODY,
+    TINY_BYTES,
+    Server,
+    expected,
+    fresh_id,
+    write_model,
+)
+from safetensors.torch import save_file
 
 ROW = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]]
 #: The `new_model` fixture: every test serves models of its own, so any order works.
@@ -411,8 +424,9 @@ async def test_every_error_on_a_model_route_carries_the_tier_header(
             assert "schema" in (await r.json())["error"]
         async with s.post(f"{server.url}/v1/models/{hdr}:explain", json={"instances": ROW}) as r:
             assert (r.status, r.headers.get("modelcache-tier")) == (501, "store")
-        async with s.get(f"{server.url}/v2/models/{hdr}/versions/7") as r:
-            assert (r.status, r.headers.get("modelcache-tier")) == (501, "store")
+        hdr1 = new_model("hdr")
+        async with s.get(f"{server.url}/v2/models/{hdr1}/versions/7") as r:  # loads it: 404
+            assert (r.status, r.headers.get("modelcache-tier")) == (404, "device")
         # FastAPI's own HTTPException: a body its JSON parser refuses (a 5,000-digit number).
         body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [%s]}]}'
         headers = {"content-type": "application/json"}
@@ -492,3 +506,72 @@ async def test_readiness_of_a_model_over_the_device_budget_says_507(
             async with s.get(f"{server.url}{url}") as r:
                 assert (r.status, r.headers.get("modelcache-tier")) == (507, "store")
                 assert "budget" in (await r.json())["error"]
+
+
+async def test_a_model_overwritten_under_a_stream_of_requests_is_swapped_by_load(
+    server: Server, store: Path
+) -> None:
+    """While a model is replaced in the store and /load refreshes it, every answer is the old
+    model's or the new one's, from the device (never an error, a wait for a load, or anything
+    else); after /load, all are new."""
+    swap = fresh_id("swap")
+    old = write_model(store, swap)
+    torch.manual_seed(1234)
+    new = mc_models.Tiny(4, 3).eval()
+    with torch.inference_mode():
+        x = torch.tensor(ROW, dtype=torch.float32)
+        want_old, want_new = old(x), new(x)
+    url = f"{server.url}/v1/models/{swap}:predict"
+    answers: list[str] = []
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await post(s, url, json={"instances": ROW})
+        assert status == 200
+        assert close(body["predictions"], want_old)
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            while not stop.is_set():
+                status, body, tier = await post(s, url, json={"instances": ROW})
+                assert (status, tier) == (200, "device"), body  # never waits for the new load
+                got = body["predictions"]
+                answers.append(
+                    "old" if close(got, want_old) else "new" if close(got, want_new) else "bad"
+                )
+
+        async def publish() -> None:
+            folder = store / swap
+            save_file(new.state_dict(), folder / "model.safetensors.new")
+            os.replace(folder / "model.safetensors.new", folder / "model.safetensors")
+            status, body, _ = await post(s, f"{server.url}/v2/repository/models/{swap}/load")
+            assert (status, body) == (200, {"name": swap, "load": True})
+            stop.set()
+
+        await asyncio.gather(client(), client(), publish())
+        assert "bad" not in answers
+        for _ in range(5):
+            status, body, tier = await post(s, url, json={"instances": ROW})
+            assert (status, tier) == (200, "device")
+            assert close(body["predictions"], want_new)
+
+
+async def test_v2_versioned_paths_serve_the_held_version_and_refuse_others(
+    server: Server, store: Path
+) -> None:
+    """/v2/models/{id}/versions/{v}/... serves the version the cache holds (as the plain path)
+    and answers 404 naming it for any other version (KServe answered 501)."""
+    m5 = fresh_id("m")
+    write_model(store, m5)
+    async with aiohttp.ClientSession() as s:
+        status, body = await get(s, f"{server.url}/v2/models/{m5}/versions/nope/ready")
+        assert status == 404
+        found = re.search(r"it serves version '([0-9a-f]{16})'", body["error"])
+        assert found is not None, body
+        version = found.group(1)
+        base = f"{server.url}/v2/models/{m5}/versions/{version}"
+        assert await get(s, f"{base}/ready") == (200, {"name": m5, "ready": True})
+        status, body, tier = await post(s, f"{base}/infer", json=v2_body(ROW, "r1"))
+        assert (status, tier, body["model_name"]) == (200, "device", m5)
+        assert close(body["outputs"][0]["data"], expected(m5, ROW).reshape(-1))
+        status, body, _ = await post(s, f"{server.url}/v2/models/{m5}/versions/x/infer", json={})
+        assert status == 404
+        assert version in body["error"]

@@ -1,0 +1,419 @@
+"""Model versions: captured per load, one per load, revalidated in the background, swapped in
+without downtime, and checked by the disk tier (file://, memory://, the http server, SeaweedFS)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import torch
+
+from modelcache import ModelCache, ModelChangedError, Store, Weights
+from modelcache._cache import ModelCache as _ModelCache
+from modelcache._loader import read_model_info, with_config
+from modelcache._versions import reading
+
+from .conftest import MemoryModels, cache_stores, check_invariants, model_bytes, settle
+from .safetensors_files import write_sharded
+
+if TYPE_CHECKING:  # imported by pytest as a plugin: importing it here first would skip rewriting
+    from tests.servers import HttpServer, S3Prefix, SeaweedFS
+
+pytest_plugins = ("tests.servers",)
+
+NBYTES = 4096
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` over ``path`` as a model publisher should: a new file renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".new")
+    temp.write_bytes(data)
+    os.replace(temp, path)
+
+
+def first_byte_sum(weights: Any) -> int:
+    """A fingerprint of a model's weights (the sum of every byte of tensor ``w``)."""
+    return int(weights["w"].to(torch.int64).sum())
+
+
+def fingerprint(seed: int, nbytes: int = NBYTES) -> int:
+    g = torch.Generator().manual_seed(seed)
+    return int(
+        torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g).to(torch.int64).sum()
+    )
+
+
+# -- capture and one version per load --------------------------------------------------------------
+
+
+async def test_a_loaded_model_has_the_stores_version(tmp_path: Path) -> None:
+    """version_of names the loaded version; it changes when the file is replaced and refreshed."""
+    replace_file(tmp_path / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    async with ModelCache(f"file://{tmp_path}/{{model_id}}", device_budget=10 * NBYTES) as cache:
+        assert cache.version_of("m") is None
+        async with cache.use("m"):
+            pass
+        v1 = cache.version_of("m")
+        assert v1 is not None and len(v1) == 16
+        assert await cache.refresh("m") is False
+        assert cache.version_of("m") == v1
+        replace_file(tmp_path / "m" / "model.safetensors", model_bytes(NBYTES, seed=2))
+        assert await cache.refresh("m") is True
+        assert cache.version_of("m") not in (None, v1)
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(2)
+        stats = cache.stats()
+        assert (stats.versions_changed, stats.swaps, stats.misses) == (1, 1, 1)
+        check_invariants(cache)
+
+
+class _ReplacingStore(Store):
+    """Replaces every shard of model ``m`` with new contents once the first shard's data is read
+    and before the second one's is: a publisher writing while a load is in flight."""
+
+    def __init__(self, location: str, root: Path, new: list[dict[str, torch.Tensor]]) -> None:
+        super().__init__(location)
+        self.root, self.new = root, new
+        self.first_read = anyio.Event()
+        self.replaced = False
+
+    async def read_into(self, url: str, offset: int, dest: memoryview, *, model_id: str) -> None:
+        if url.endswith("00002-of-00002.safetensors") and not self.replaced:
+            await self.first_read.wait()
+            self.replaced = True
+            staging = self.root / "staging"
+            write_sharded(staging, self.new)
+            for name in sorted(os.listdir(staging)):
+                os.replace(staging / name, self.root / "m" / name)
+        await super().read_into(url, offset, dest, model_id=model_id)
+        if url.endswith("00001-of-00002.safetensors"):
+            self.first_read.set()
+
+
+def _shards(value: int) -> list[dict[str, torch.Tensor]]:
+    return [{f"s{i}": torch.full((256,), value + i, dtype=torch.uint8)} for i in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["file", "http"])
+async def test_an_object_replaced_between_two_shards_never_makes_a_mixed_model(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A model rewritten between two shard reads of one load is loaded as the new version whole,
+    never as old shard 1 + new shard 2 (file://: fstat; http: If-Match answered 412)."""
+    root, url = tmp_path, f"file://{tmp_path}"
+    if kind == "http":
+        server: HttpServer = request.getfixturevalue("http_server")
+        root, url = server.fresh_dir()
+    write_sharded(root / "m", _shards(10))
+    store = _ReplacingStore(f"{url}/{{model_id}}", root, _shards(100))
+    async with ModelCache(store, device_budget=1 << 20) as cache, cache.use("m") as weights:
+        got = {name: int(t[0]) for name, t in weights.items()}
+    assert store.replaced
+    assert got == {"s0": 100, "s1": 101}
+
+
+def _pinned_read_fails_after_replace(store: Store, url: str, rewrite: Any) -> Any:
+    async def run() -> None:
+        with reading():
+            size, _ = await store.read_head(url, 64, model_id="m")
+            rewrite()
+            with pytest.raises(ModelChangedError, match="changed in the store"):
+                await store.read_into(url, 0, memoryview(bytearray(size)), model_id="m")
+
+    return run
+
+
+async def test_a_read_of_a_replaced_local_file_is_refused_within_one_load(tmp_path: Path) -> None:
+    """A local file replaced after its header was read is not read as part of the same load."""
+    path = tmp_path / "m" / "model.safetensors"
+    replace_file(path, model_bytes(NBYTES, seed=1))
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    run = _pinned_read_fails_after_replace(
+        store, f"file://{path}", lambda: replace_file(path, model_bytes(NBYTES, seed=2))
+    )
+    await run()
+
+
+async def test_an_http_ranged_read_is_pinned_to_the_version_its_header_came_from(
+    http_server: HttpServer,
+) -> None:
+    """Over http the data reads carry If-Match: another version of the file is refused."""
+    root, url = http_server.fresh_dir()
+    path = root / "m" / "model.safetensors"
+    replace_file(path, model_bytes(NBYTES, seed=1))
+    store = Store(f"{url}/{{model_id}}")
+    try:
+        await _pinned_read_fails_after_replace(
+            store,
+            f"{url}/m/model.safetensors",
+            lambda: replace_file(path, model_bytes(NBYTES + 8, seed=2)),
+        )()
+    finally:
+        await store.aclose()
+
+
+async def test_an_s3_ranged_read_is_pinned_to_the_version_its_header_came_from(
+    seaweedfs: SeaweedFS, s3_prefix: S3Prefix
+) -> None:
+    """On S3 (SeaweedFS) the data reads carry IfMatch: another version of the object is refused."""
+    s3_prefix.put("m/model.safetensors", model_bytes(NBYTES, seed=1))
+    store = Store(f"{s3_prefix.url}/{{model_id}}", storage_options=seaweedfs.s3_options)
+    try:
+        await _pinned_read_fails_after_replace(
+            store,
+            f"{s3_prefix.url}/m/model.safetensors",
+            lambda: s3_prefix.put("m/model.safetensors", model_bytes(NBYTES, seed=2)),
+        )()
+    finally:
+        await store.aclose()
+
+
+async def test_the_config_is_read_as_part_of_the_weights_version(tmp_path: Path) -> None:
+    """A model built with its config.json names the config's version in its own."""
+    replace_file(tmp_path / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    replace_file(tmp_path / "m" / "config.json", json.dumps({"a": 1}).encode())
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    info = await with_config(store, await read_model_info(store, "m"))
+    assert info.config == {"a": 1}
+    assert info.version is not None
+    names = [url.rsplit("/", 1)[1] for url, _ in info.version.files]
+    assert names == ["config.json", "model.safetensors"]
+
+
+# -- revalidation and the swap --------------------------------------------------------------------
+
+
+async def test_a_hit_past_revalidate_after_starts_one_background_check(
+    models: MemoryModels,
+) -> None:
+    """A due hit is served at once and starts one check; hits meanwhile start no other one."""
+    models.add("m", NBYTES, seed=1)
+    async with ModelCache(models.template, device_budget=10 * NBYTES, revalidate_after=0) as cache:
+        async with cache.use("m"):
+            pass
+        c: _ModelCache = cache
+        for _ in range(3):
+            async with cache.use("m"):  # served without awaiting the check
+                assert c._revalidator.in_flight == 1
+        await settle(*cache_stores(cache))
+        assert cache.stats().revalidations == 1
+        assert cache.stats().swaps == 0
+
+
+async def test_revalidate_after_none_never_checks(models: MemoryModels) -> None:
+    """With revalidate_after=None no hit ever asks the store again."""
+    models.add("m", NBYTES, seed=1)
+    async with ModelCache(
+        models.template, device_budget=10 * NBYTES, revalidate_after=None
+    ) as cache:
+        for _ in range(3):
+            async with cache.use("m"):
+                pass
+        await settle(*cache_stores(cache))
+        assert cache.stats().revalidations == 0
+
+
+async def test_old_leases_finish_on_the_old_version_whose_buffer_is_freed_after_the_last(
+    models: MemoryModels,
+) -> None:
+    """After a swap new uses get the new version; a lease held across it keeps the old weights,
+    and the old buffer is freed (and its bytes released) when that lease ends."""
+    models.add("m", NBYTES, seed=1)
+    async with ModelCache(
+        models.template, device_budget=10 * NBYTES, revalidate_after=None
+    ) as cache:
+        c: _ModelCache = cache
+        async with cache.use("m") as old:
+            entry = next(iter(c._entries.values()))
+            assert isinstance(entry.weights, Weights)
+            old_buffer = weakref.ref(entry.weights.buffer)
+            models.add("m", NBYTES, seed=2)
+            assert await cache.refresh("m") is True
+            async with cache.use("m") as new:
+                assert first_byte_sum(new) == fingerprint(2)
+            assert first_byte_sum(old) == fingerprint(1)
+            assert cache.stats().bytes_reserved == 2 * NBYTES
+            check_invariants(cache)
+            del old, new, entry
+        gc.collect()
+        assert old_buffer() is None
+        assert cache.stats().bytes_reserved == NBYTES
+        check_invariants(cache)
+
+
+def store_root(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> tuple[Callable[[str, bytes], None], str, dict[str, Any] | None]:
+    """How to publish a file (relative name, bytes) in a fresh store of ``kind``, the URL a
+    cache reads it at, and its storage options."""
+    if kind == "s3":
+        weed: SeaweedFS = request.getfixturevalue("seaweedfs")
+        prefix: S3Prefix = request.getfixturevalue("s3_prefix")
+        return prefix.put, prefix.url, weed.s3_options
+    root, url = tmp_path, f"file://{tmp_path}"
+    if kind == "http":
+        server: HttpServer = request.getfixturevalue("http_server")
+        root, url = server.fresh_dir()
+    return (lambda rel, data: replace_file(root / rel, data)), url, None
+
+
+@pytest.mark.parametrize("kind", ["file", "http", "s3"])
+async def test_a_stream_of_uses_across_an_overwrite_sees_old_or_new_and_never_waits(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Uses running while the model is overwritten get the old or the new weights, never else;
+    none waits for a load (no miss after the first); after the swap all get the new."""
+    publish, url, options = store_root(kind, tmp_path, request)
+    publish("m/model.safetensors", model_bytes(NBYTES, seed=1))
+    old, new = fingerprint(1), fingerprint(2)
+    seen: list[int] = []
+    async with ModelCache(
+        f"{url}/{{model_id}}",
+        device_budget=10 * NBYTES,
+        revalidate_after=0,
+        storage_options=options,
+    ) as cache:
+        async with cache.use("m"):
+            pass
+        replaced = anyio.Event()
+
+        async def client() -> None:
+            while True:
+                async with cache.use("m") as weights:
+                    answer = first_byte_sum(weights)
+                seen.append(answer)
+                if answer == new:
+                    return
+                if len(seen) == 20:
+                    publish("m/model.safetensors", model_bytes(NBYTES, seed=2))
+                    replaced.set()
+                await anyio.lowlevel.checkpoint()  # a checkpoint: let the check and the swap run
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(client)
+        assert replaced.is_set()
+        assert set(seen) == {old, new}
+        assert cache.stats().misses == 1
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == new
+        assert cache.stats().swaps == 1
+        check_invariants(cache)
+
+
+# -- the disk tier ------------------------------------------------------------------------------
+
+
+async def _load_once(url: str, disk: Path, **kwargs: Any) -> tuple[int, Any]:
+    async with ModelCache(
+        f"{url}/{{model_id}}",
+        device_budget=10 * NBYTES,
+        disk_dir=disk,
+        disk_budget="1MiB",
+        **kwargs,
+    ) as cache:
+        async with cache.use("m") as weights:
+            answer = first_byte_sum(weights)
+        c: _ModelCache = cache
+        with anyio.fail_after(30):
+            # Its copy to the disk tier asks the server for an etag: no event marks its end.
+            while c._lower.disk_writes:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        return answer, cache.stats()
+
+
+async def test_a_restart_after_the_store_changed_serves_the_new_version_not_the_disk_copy(
+    http_server: HttpServer, tmp_path: Path
+) -> None:
+    """A disk copy whose version the store no longer has is not served after a restart."""
+    root, url = http_server.fresh_dir()
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    first, _ = await _load_once(url, tmp_path / "disk")
+    assert first == fingerprint(1)
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=2))
+    second, stats = await _load_once(url, tmp_path / "disk")
+    assert second == fingerprint(2)
+    assert stats.versions_changed == 1
+    third, stats = await _load_once(url, tmp_path / "disk")  # the new version reached the disk
+    assert third == fingerprint(2)
+    assert stats.tiers["disk"].hits == 1
+
+
+async def test_the_disk_copy_is_served_and_counted_stale_when_the_store_is_down(
+    http_server: HttpServer, tmp_path: Path
+) -> None:
+    """With the store unreachable, the disk copy is served (stale-if-error) and counted."""
+    root, url = http_server.fresh_dir()
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    await _load_once(url, tmp_path / "disk")
+    http_server.fail(f"{url}/m/model.safetensors", None, status=503)
+    store = Store(f"{url}/{{model_id}}", max_retries=0)
+    async with ModelCache(
+        store, device_budget=10 * NBYTES, disk_dir=tmp_path / "disk", disk_budget="1MiB"
+    ) as cache:
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(1)
+        assert cache.stats().stale_serves == 1
+        assert cache.tier_of("m") == "device"
+
+
+async def test_version_counters_reach_prometheus(models: MemoryModels) -> None:
+    """A refresh that finds and swaps a new version is counted in stats() and in Prometheus."""
+    from prometheus_client import CollectorRegistry
+
+    from modelcache.metrics import CacheMetrics
+
+    models.add("m", NBYTES, seed=1)
+    registry = CollectorRegistry()
+    cache = ModelCache(models.template, device_budget=10 * NBYTES, revalidate_after=None)
+    with CacheMetrics(cache, registry=registry):
+        async with cache:
+            async with cache.use("m"):
+                pass
+            models.add("m", NBYTES, seed=2)
+            assert await cache.refresh("m") is True
+            assert await cache.refresh("m") is False
+
+            def sample(name: str) -> float | None:
+                return registry.get_sample_value(f"modelcache_{name}", {"cache": "default"})
+
+            assert sample("revalidations_total") == 2
+            assert sample("version_changes_total") == 1
+            assert sample("version_swaps_total") == 1
+            assert sample("stale_serves_total") == 0
+
+
+async def test_a_new_version_evicts_other_models_never_the_leased_old_one(
+    models: MemoryModels,
+) -> None:
+    """With room for one more model only by eviction, the new version's load evicts an unleased
+    model, never the leased old version, whose lease keeps its weights."""
+    models.add("a", NBYTES, seed=1)
+    models.add("b", NBYTES, seed=3)
+    async with ModelCache(
+        models.template, device_budget=2 * NBYTES, revalidate_after=None
+    ) as cache:
+        async with cache.use("b"):
+            pass
+        async with cache.use("a") as old:
+            models.add("a", NBYTES, seed=2)
+            assert await cache.refresh("a") is True
+            assert cache.resident() == ["a"]  # b made room; the old a is still leased
+            assert first_byte_sum(old) == fingerprint(1)
+            async with cache.use("a") as new:
+                assert first_byte_sum(new) == fingerprint(2)
+            assert cache.stats().bytes_reserved == 2 * NBYTES
+            check_invariants(cache)
+        assert cache.stats().bytes_reserved == NBYTES
+        assert cache.stats().misses == 2  # a and b once each: no use waited for the new a
+        check_invariants(cache)
