@@ -1,0 +1,127 @@
+"""The router's pure parts: the residency payload, rendezvous order and the ranks (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+from modelcache_ray import MAX_IDS, Residency, http_status
+from modelcache_ray._ranking import rank_replicas
+from modelcache_ray._residency import (
+    STATS_VERSION,
+    decode_ids,
+    encode_ids,
+    id_hash,
+    rendezvous_order,
+)
+
+from modelcache import (
+    DeviceOutOfMemoryError,
+    InvalidModelIdError,
+    ModelCacheError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
+
+REPLICAS = ["r0", "r1", "r2", "r3"]
+
+
+def ranks(
+    model_id: str,
+    residency: dict[str, Residency],
+    *,
+    queues: dict[str, int] | None = None,
+    spread: int | None = None,
+    waited_s: float = 0.0,
+) -> list[list[str]]:
+    return rank_replicas(
+        id_hash(model_id),
+        REPLICAS,
+        key=lambda r: r,
+        residency=residency,
+        queue_len=lambda r: (queues or {}).get(r),
+        spread_queue_len=spread,
+        waited_s=waited_s,
+        patience_s=5.0,
+    )
+
+
+def on(*model_ids: str) -> frozenset[int]:
+    return frozenset(id_hash(m) for m in model_ids)
+
+
+def test_payload_round_trips_the_ids_hashes() -> None:
+    """decode_ids(encode_ids(ids)) is the set of the ids' hashes."""
+    ids = [f"tenant-{i}" for i in range(1000)]
+    assert decode_ids(encode_ids(ids)) == on(*ids)
+
+
+def test_payload_is_capped_at_max_ids() -> None:
+    """A replica holding more than MAX_IDS models reports MAX_IDS hashes: 8 bytes each."""
+    blob = encode_ids(f"m{i}" for i in range(MAX_IDS + 5000))
+    assert len(blob) == 8 * MAX_IDS
+
+
+def test_payloads_of_another_version_or_malformed_read_as_empty() -> None:
+    """A router ignores reports it cannot read rather than routing by garbage."""
+    good = {"v": STATS_VERSION, "device": encode_ids(["a"]), "lower": b"", "loading": b""}
+    assert id_hash("a") in Residency.from_stats(good).device
+    assert Residency.from_stats({**good, "v": STATS_VERSION + 1}) == Residency()
+    assert Residency.from_stats({**good, "device": b"\x00" * 7}).device == frozenset()
+    assert Residency.from_stats({"v": STATS_VERSION}) == Residency()
+    assert Residency.from_stats(None) == Residency()
+
+
+def test_rendezvous_moves_only_the_leaving_replicas_share() -> None:
+    """Removing a replica rehomes exactly the ids it was home to; every other id stays."""
+    ids = [f"m{i}" for i in range(2000)]
+    before = {m: rendezvous_order(id_hash(m), REPLICAS)[0] for m in ids}
+    after = {m: rendezvous_order(id_hash(m), REPLICAS[:-1])[0] for m in ids}
+    moved = {m for m in ids if before[m] != after[m]}
+    assert moved == {m for m in ids if before[m] == "r3"}
+    assert 300 < len(moved) < 700  # about a quarter: the homes are spread
+
+
+def test_a_cold_model_goes_only_to_its_home() -> None:
+    """With no replica holding it, a request ranks one replica: the rendezvous home."""
+    home = rendezvous_order(id_hash("m"), REPLICAS)[0]
+    assert ranks("m", {}) == [[home]]
+
+
+def test_device_holders_come_first_then_warm_then_the_next_home() -> None:
+    """Ranks: device or loading holders, then host/disk holders, then one more replica."""
+    order = rendezvous_order(id_hash("m"), REPLICAS)
+    residency = {
+        order[3]: Residency(device=on("m")),
+        order[2]: Residency(loading=on("m")),
+        order[1]: Residency(lower=on("m")),
+    }
+    assert ranks("m", residency) == [[order[2], order[3]], [order[1]], [order[0]]]
+
+
+def test_busy_holders_rank_after_the_spread_target() -> None:
+    """Holders queued at spread_queue_len or more rank behind the next home: a hot model
+    spreads to one more replica before its holders are full."""
+    order = rendezvous_order(id_hash("m"), REPLICAS)
+    residency = {order[0]: Residency(device=on("m"))}
+    assert ranks("m", residency, queues={order[0]: 3}, spread=4) == [[order[0]], [order[1]]]
+    assert ranks("m", residency, queues={order[0]: 4}, spread=4) == [[order[1]], [order[0]]]
+
+
+def test_the_rest_join_only_after_patience() -> None:
+    """A request that has waited patience_s may go to any replica (a hung home loses none)."""
+    order = rendezvous_order(id_hash("m"), REPLICAS)
+    assert ranks("m", {}, waited_s=4.9) == [[order[0]]]
+    assert ranks("m", {}, waited_s=5.0) == [[order[0]], order[1:]]
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (ModelNotFoundError("no such model", model_id="x"), 404),
+        (InvalidModelIdError("bad id"), 400),
+        (DeviceOutOfMemoryError("full"), 503),
+        (ModelLoadError("broken"), 500),
+    ],
+)
+def test_errors_answer_their_http_status(error: ModelCacheError, status: int) -> None:
+    """An id not in the store is 404 over HTTP, as the issue asks; the rest by kind."""
+    assert http_status(error) == status
