@@ -175,7 +175,13 @@ async def drive(handle: Any, stream: list[str], clients: int) -> tuple[list[int]
 
 
 def run_setup(
-    name: str, root: Path, budget: int, max_models: int, stream: list[str], clients: int
+    name: str,
+    root: Path,
+    budget: int,
+    max_models: int,
+    stream: list[str],
+    clients: int,
+    router_options: dict[str, Any],
 ) -> Result:
     options: dict[str, Any] = {
         "num_replicas": REPLICAS,
@@ -184,7 +190,7 @@ def run_setup(
     }
     store = f"file://{root}/{{model_id}}/"
     if name == "affinity":
-        options["request_router_config"] = affinity_router_config()
+        options["request_router_config"] = affinity_router_config(**router_options)
         app = serve.deployment(**options)(CachedMLP).bind(store, device_budget=budget)
     elif name == "default":
         app = serve.deployment(**options)(CachedMLP).bind(store, device_budget=budget)
@@ -206,11 +212,20 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=None)
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--spread-queue-len",
+        type=int,
+        default=None,
+        help="the affinity router's spread_queue_len (default: the router's default)",
+    )
     args: argparse.Namespace = parser.parse_args()
     quick: bool = args.quick
     count: int = args.models or (80 if quick else 300)
     requests: int = args.requests or (800 if quick else 4000)
     clients: int = args.clients
+    router_options: dict[str, Any] = {}
+    if args.spread_queue_len is not None:
+        router_options["spread_queue_len"] = args.spread_queue_len
     print(f"ray_routing{' (quick)' if quick else ''}: {machine_line()}")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with data_dir(args.data_dir, "modelcache-ray-") as directory:
@@ -238,7 +253,8 @@ def main() -> None:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": 0})
             results = {
-                name: run_setup(name, root, budget, max_models, stream, clients) for name in SETUPS
+                name: run_setup(name, root, budget, max_models, stream, clients, router_options)
+                for name in SETUPS
             }
         finally:
             serve.shutdown()  # type: ignore[no-untyped-call]
