@@ -22,6 +22,8 @@ from mc_models import Tiny
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE.parents[2] / "examples" / "ray_serve"
+PYTHONPATH = os.pathsep.join([str(HERE), str(EXAMPLE)])
 #: Bytes of one Tiny(4, 3): 12 float32 weights and 3 biases.
 TINY_BYTES = 60
 
@@ -68,8 +70,8 @@ def ray_cluster() -> Iterator[int]:
         include_dashboard=False,
         _temp_dir=temp,
         log_to_driver=False,
-        # The replicas import the tests' deployments (mc_models) by module name.
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}},
+        # The replicas import the tests' deployments (mc_models) and the example's by module name.
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
