@@ -98,6 +98,11 @@ class CachedModels:
                 self._opened.set_exception(exc)
             raise
 
+    async def ready(self) -> None:
+        """Wait until this replica's cache is open (requests wait for it themselves); raises
+        what opening it raised."""
+        await self._opened
+
     async def handle(self, model: Any, request: Any) -> Any:
         """Answer ``request`` with ``model`` (leased for the call). Override it."""
         raise NotImplementedError(f"{type(self).__qualname__} must define handle()")
@@ -123,7 +128,7 @@ class CachedModels:
                 "no model id: pass handle.options(multiplexed_model_id=...) or the "
                 "serve_multiplexed_model_id header"
             )
-        await self._opened
+        await self.ready()
         self._waiting[model_id] += 1
         waiting = True
         try:

@@ -48,10 +48,14 @@ def predict_app(
     max_ongoing_requests: int = 256,
     router: bool = True,
     spread_queue_len: int | None = None,
-    patience_s: float = 5.0,
+    patience_s: float = 60.0,
     **options: Any,
 ) -> Any:
-    """A `Predict` application over ``store`` (options: the cache's and ``delay_s``)."""
+    """A `Predict` application over ``store`` (options: the cache's and ``delay_s``).
+
+    ``patience_s`` is long: on a loaded 2-core machine a probe of a replica's queue can time out
+    and the request wait for a retry; it must not fall through to any replica (and load its
+    model there) because the machine is slow. The patience rule has its own unit test."""
     config: dict[str, Any] = {}
     if router:
         config["request_router_config"] = affinity_router_config(

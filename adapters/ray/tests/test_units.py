@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from modelcache_ray import MAX_IDS, Residency, http_status
+from modelcache_ray import MAX_IDS, CachedModels, Residency, http_status
 from modelcache_ray._ranking import rank_replicas
 from modelcache_ray._residency import (
     STATS_VERSION,
@@ -14,6 +16,7 @@ from modelcache_ray._residency import (
 )
 
 from modelcache import (
+    CacheClosedError,
     DeviceOutOfMemoryError,
     InvalidModelIdError,
     ModelCacheError,
@@ -125,3 +128,22 @@ def test_the_rest_join_only_after_patience() -> None:
 def test_errors_answer_their_http_status(error: ModelCacheError, status: int) -> None:
     """An id not in the store is 404 over HTTP, as the issue asks; the rest by kind."""
     assert http_status(error) == status
+
+
+class Weightless(CachedModels):
+    """A deployment class with no model class: its cache hands out Weights."""
+
+
+async def test_replica_cache_opens_in_its_loop_and_closes_on_shutdown(tmp_path: Path) -> None:
+    """The cache a replica owns is open once __init__ has run on the loop, and closed when the
+    awaitable Ray's shutdown gets from __del__ finishes; a later __del__ (a garbage collection)
+    returns nothing to await."""
+    replica = Weightless(f"file://{tmp_path}/{{model_id}}/", device_budget="1MiB")
+    await replica.ready()
+    await replica.cache.prefetch([])  # raises CacheClosedError unless the cache is open
+    closing = replica.__del__()
+    assert closing is not None
+    await closing
+    with pytest.raises(CacheClosedError):
+        await replica.cache.prefetch([])
+    assert replica.__del__() is None
