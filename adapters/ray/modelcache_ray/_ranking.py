@@ -12,8 +12,9 @@ probes queue lengths within a rank and takes the least queued that accepts the r
    one more copy goes, again the same replica for every router, so the copy loads once and
    replication grows one replica at a time; copies that go cold age out by each cache's own
    eviction;
-4. holders queued past ``spread_queue_len`` (when set): behind the next home, so a hot model
-   spreads before its holders are full;
+4. holders queued at ``spread_queue_len`` or deeper (when set): behind the next home, so a hot
+   model spreads before its holders are full; unless the next home is queued as deep as they
+   are (then they stay first: a copy there would relieve nobody);
 5. every other replica, only once the request has waited ``patience_s``: a home that never
    answers (hung, or dead and not yet removed) delays requests, it does not lose them.
 """
@@ -63,6 +64,12 @@ def rank_replicas(
             warm.append(r)
         else:
             others.append(r)
+    if busy and not holders and not warm and others:
+        # Spreading pays only toward a replica less queued than the busy holders; a spread
+        # target as queued as them would add a copy (and a load) and relieve nobody.
+        target = queue_len(others[0]) or 0
+        if target >= min(queue_len(r) or 0 for r in busy):
+            holders, busy = busy, []
     ranks = [holders, warm, others[:1], busy]
     if waited_s >= patience_s:
         ranks.append(others[1:])

@@ -11,12 +11,7 @@ import time
 from typing import Any
 
 from ray.serve.config import RequestRouterConfig
-from ray.serve.request_router import (
-    FIFOMixin,
-    PendingRequest,
-    RequestRouter,
-    RunningReplica,
-)
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from ._ranking import rank_replicas
 from ._residency import Residency, id_hash
@@ -24,7 +19,10 @@ from ._residency import Residency, id_hash
 __all__ = ["CacheAffinityRouter", "affinity_router_config"]
 
 
-class CacheAffinityRouter(FIFOMixin, RequestRouter):
+# Not FIFOMixin: it hands a replica chosen for one request to the oldest pending request when
+# no pending request has the same metadata, i.e. a replica picked for model x to a request for
+# model y. The base class gives each chosen replica to the request it was chosen for.
+class CacheAffinityRouter(RequestRouter):
     """Send each model id to a replica whose cache holds it; a cold id to its rendezvous home.
 
     Options (``request_router_kwargs``): ``spread_queue_len`` (a hot model's holders queued

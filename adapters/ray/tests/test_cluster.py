@@ -78,6 +78,19 @@ async def stream(handle: Any, ids: list[str], concurrency: int = 16) -> list[dic
     return await asyncio.gather(*(one(m) for m in ids))
 
 
+async def test_each_request_goes_to_the_replica_chosen_for_its_model(
+    deploy: Any, store: Path, request: Any
+) -> None:
+    """Many concurrent requests for many cold ids, every budget room for all: each id is loaded
+    exactly once cluster-wide (a replica chosen for one id is never handed to a request for
+    another, as Ray's FIFOMixin would)."""
+    handle = deploy(predict_app(store_of(store), device_budget=40 * TINY_BYTES))
+    ids = [f"m{i}" for i in range(40)] * 5
+    random.Random(3).shuffle(ids)
+    await stream(handle, ids, concurrency=100)
+    assert sum(s["loads"] for s in cluster_stats(request.node.name)) == 40
+
+
 async def test_budgets_add_up_across_replicas(deploy: Any, store: Path, request: Any) -> None:
     """30 models that fit the three budgets together but not one: after warm-up, the cluster
     hits nearly every request (each model lives on one replica, none thrashes)."""

@@ -109,6 +109,17 @@ def test_busy_holders_rank_after_the_spread_target() -> None:
     assert ranks("m", residency, queues={order[0]: 4}, spread=4) == [[order[1]], [order[0]]]
 
 
+def test_no_spreading_to_a_replica_as_busy_as_the_holders() -> None:
+    """Busy holders stay first when the next home is queued as deep: a copy there would add a
+    load and relieve nobody."""
+    order = rendezvous_order(id_hash("m"), REPLICAS)
+    residency = {order[0]: Residency(device=on("m"))}
+    queues = {order[0]: 5, order[1]: 5}
+    assert ranks("m", residency, queues=queues, spread=4) == [[order[0]], [order[1]]]
+    queues[order[1]] = 4
+    assert ranks("m", residency, queues=queues, spread=4) == [[order[1]], [order[0]]]
+
+
 def test_the_rest_join_only_after_patience() -> None:
     """A request that has waited patience_s may go to any replica (a hung home loses none)."""
     order = rendezvous_order(id_hash("m"), REPLICAS)
