@@ -23,6 +23,8 @@ from collections.abc import Awaitable
 from typing import Any, ClassVar
 
 from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from modelcache import (
     DeviceOutOfMemoryError,
@@ -64,8 +66,7 @@ class CachedModels:
             model_class = MyModule          # built as modelcache builds it; None: Weights
 
             async def handle(self, model, request):
-                ...                          # request: a starlette Request over HTTP, else
-                                             # what the handle caller passed
+                ...  # request: a starlette Request over HTTP, else what the caller passed
 
         app = Classifier.bind("s3://bucket/models/{model_id}/", device="cuda", device_budget="40GiB")
 
@@ -103,17 +104,20 @@ class CachedModels:
         what opening it raised."""
         await self._opened
 
+    def check_health(self) -> None:
+        """Ray's health check: a replica whose cache could not open, or closed before Ray shut
+        the replica down, is unhealthy (Ray replaces it) rather than failing every request."""
+        if self._owner.done() and not self._close.is_set():
+            error = self._owner.exception() if not self._owner.cancelled() else None
+            raise RuntimeError("this replica's model cache is not open") from error
+
     async def handle(self, model: Any, request: Any) -> Any:
         """Answer ``request`` with ``model`` (leased for the call). Override it."""
         raise NotImplementedError(f"{type(self).__qualname__} must define handle()")
 
     async def __call__(self, request: Any) -> Any:
-        from starlette.requests import Request
-
         if not isinstance(request, Request):
             return await self._serve(request)
-        from starlette.responses import JSONResponse
-
         try:
             return await self._serve(request)
         except ModelCacheError as exc:

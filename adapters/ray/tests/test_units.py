@@ -22,6 +22,7 @@ from modelcache import (
     ModelCacheError,
     ModelLoadError,
     ModelNotFoundError,
+    StoreError,
 )
 
 REPLICAS = ["r0", "r1", "r2", "r3"]
@@ -152,9 +153,26 @@ async def test_replica_cache_opens_in_its_loop_and_closes_on_shutdown(tmp_path: 
     replica = Weightless(f"file://{tmp_path}/{{model_id}}/", device_budget="1MiB")
     await replica.ready()
     await replica.cache.prefetch([])  # raises CacheClosedError unless the cache is open
+    replica.check_health()
     closing = replica.__del__()
     assert closing is not None
     await closing
     with pytest.raises(CacheClosedError):
         await replica.cache.prefetch([])
     assert replica.__del__() is None
+
+
+async def test_replica_whose_cache_cannot_open_is_unhealthy(tmp_path: Path) -> None:
+    """A cache that fails to open (its disk directory is a file) fails requests with the
+    cache's error and Ray's health check, so Ray replaces the replica."""
+    (tmp_path / "disk").write_text("not a directory")
+    replica = Weightless(
+        f"file://{tmp_path}/{{model_id}}/",
+        device_budget="1MiB",
+        disk_dir=tmp_path / "disk",
+        disk_budget="1MiB",
+    )
+    with pytest.raises(StoreError):
+        await replica.ready()
+    with pytest.raises(RuntimeError, match="not open"):
+        replica.check_health()
