@@ -156,15 +156,18 @@ class CachedModels:
         if not self._opened.done() or self._opened.exception() is not None:
             return {}
         cache = self.cache
+        # Snapshots taken on the loop; hashing up to MAX_IDS of them (tenths of a second) is
+        # done in a thread, so requests keep being served meanwhile.
         device = cache.resident("device")
         host = cache.resident("host")[: max(0, MAX_IDS - len(device))]
         loading = list(self._waiting)[: max(0, MAX_IDS - len(device) - len(host))]
         stats = cache.stats()
+        encoded = await asyncio.to_thread(lambda: [encode_ids(i) for i in (device, host, loading)])
         return {
             "v": STATS_VERSION,
-            "device": encode_ids(device),
-            "lower": encode_ids(host),
-            "loading": encode_ids(loading),
+            "device": encoded[0],
+            "lower": encoded[1],
+            "loading": encoded[2],
             "free": {name: t.budget - t.bytes for name, t in stats.tiers.items()},
             "load_s_per_gib": {
                 source: round(cache.load_costs.seconds(source, _GIB), 3)

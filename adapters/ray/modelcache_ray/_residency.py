@@ -11,7 +11,9 @@ The routers never see a model id in the payload; they hash the request's id the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import sys
 from array import array
 from collections.abc import Iterable, Mapping
@@ -34,19 +36,16 @@ MAX_IDS = 100_000
 STATS_VERSION = 1
 
 
+@functools.lru_cache(maxsize=2 * MAX_IDS)
 def id_hash(key: str) -> int:
-    """A 64-bit hash of ``key``, the same in every process (Python's ``hash`` is salted)."""
+    """A 64-bit hash of ``key``, the same in every process (Python's ``hash`` is salted).
+    Memoised: a replica hashes the same resident ids every period."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 def encode_ids(ids: Iterable[str], limit: int = MAX_IDS) -> bytes:
     """The first ``limit`` ids' hashes, sorted, as little-endian uint64s."""
-    hashes = array("Q")
-    for model_id in ids:
-        if len(hashes) >= limit:
-            break
-        hashes.append(id_hash(model_id))
-    out = array("Q", sorted(hashes))
+    out = array("Q", sorted(map(id_hash, itertools.islice(ids, limit))))
     if sys.byteorder != "little":
         out.byteswap()
     return out.tobytes()

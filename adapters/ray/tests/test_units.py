@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import TINY_BYTES, write_model
 from modelcache_ray import MAX_IDS, CachedModels, Residency, http_status
 from modelcache_ray._ranking import rank_replicas
 from modelcache_ray._residency import (
@@ -176,3 +177,23 @@ async def test_replica_whose_cache_cannot_open_is_unhealthy(tmp_path: Path) -> N
         await replica.ready()
     with pytest.raises(RuntimeError, match="not open"):
         replica.check_health()
+
+
+async def test_routing_stats_report_the_cache_residency(tmp_path: Path) -> None:
+    """record_routing_stats reports the ids on the device (as hashes a router decodes), the
+    free device bytes and the cache's load count."""
+    for model_id in ("a", "b"):
+        write_model(tmp_path, model_id)
+    replica = Weightless(f"file://{tmp_path}/{{model_id}}/", device_budget=10 * TINY_BYTES)
+    await replica.ready()
+    assert await replica.record_routing_stats() != {}
+    await replica.cache.prefetch(["a", "b"])
+    stats = await replica.record_routing_stats()
+    report = Residency.from_stats(stats)
+    assert report.device == on("a", "b")
+    assert report.lower == report.loading == frozenset()
+    assert stats["free"]["device"] == 8 * TINY_BYTES
+    assert stats["loads"] == 2
+    closing = replica.__del__()
+    assert closing is not None
+    await closing
