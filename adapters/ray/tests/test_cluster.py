@@ -146,7 +146,8 @@ async def test_unknown_id_is_a_typed_error_and_404(
 ) -> None:
     """An id not in the store: a handle caller gets ModelNotFoundError, an HTTP caller 404;
     a request with no id gets InvalidModelIdError / 400."""
-    handle = deploy(predict_app(store_of(store), device_budget=10 * TINY_BYTES))
+    # One replica: the errors are the replica's; routing has its own tests.
+    handle = deploy(predict_app(store_of(store), replicas=1, device_budget=10 * TINY_BYTES))
     with pytest.raises(ModelNotFoundError) as caught:
         await ask(handle, "no-such-model")
     assert "no-such-model" in str(caught.value)
@@ -168,7 +169,9 @@ async def test_unknown_id_is_a_typed_error_and_404(
 async def test_failed_load_reaches_the_caller_and_the_id_recovers(deploy: Any, store: Path) -> None:
     """A load that fails answers its typed error (not a hang); once the files are fixed the
     same id is served: the router keeps routing it (no black hole)."""
-    handle = deploy(predict_app(store_of(store), device_budget=10 * TINY_BYTES, failure_ttl=0))
+    handle = deploy(
+        predict_app(store_of(store), replicas=2, device_budget=10 * TINY_BYTES, failure_ttl=0)
+    )
     good = (store / "m4" / "model.safetensors").read_bytes()
     (store / "m4" / "model.safetensors").write_bytes(b"not safetensors")
     for _ in range(3):

@@ -33,6 +33,7 @@ async def test_example_app_serves_its_store(
     monkeypatch.syspath_prepend(str(EXAMPLE))
     monkeypatch.setenv("MODELCACHE_STORE", f"file://{tmp_path}/{{model_id}}/")
     monkeypatch.setenv("MODELCACHE_DEVICE_BUDGET", "4KiB")
+    monkeypatch.setenv("MODELCACHE_REPLICAS", "2")
     sys.modules.pop("app", None)
     app = importlib.import_module("app")
     writer = importlib.import_module("write_models")
