@@ -17,6 +17,10 @@ Device: CPU. Timed: ``async with cache.use(id)`` from the call until the block i
   the disk tier is never mapped). The disk tier drops its file's pages from the page cache after
   writing (``POSIX_FADV_DONTNEED``), so the headline disk row does the same before every
   reload (cold: the disk's own speed); the "warm" row reads the files once, untimed, first.
+  Both run twice: with the content check (the default: what the load read is hashed, XXH3-64,
+  and compared with the checksums written with the entry) and without it (sizes only), so
+  ``disk_verify_cost_pct_*`` is the check's cost on a reload (best vs best). ``xxh3_gbps`` is
+  the hash alone over the model's buffer, one core.
 - **store**: a fresh cache without host or disk tiers every repetition (fresh client,
   connections and buffer): a cold load over S3, or from memory://.
 
@@ -42,6 +46,7 @@ from typing import Any
 import anyio
 import fsspec
 import numpy as np
+import xxhash
 from _common import (
     base_parser,
     data_dir,
@@ -163,17 +168,37 @@ async def host_reload(cache: ModelCache) -> float:
     return seconds
 
 
-async def disk_reload(cache: ModelCache, disk_dir: str, *, cold: bool) -> float:
+async def disk_reload(
+    cache: ModelCache, disk_dir: str, *, cold: bool, verify: bool = True
+) -> float:
     if not on_device(cache):
         await ready(cache)
     if not cache.evict(MODEL_ID) or on_device(cache) or cache.resident("host"):
         raise RuntimeError(f"evict() did not drop the model: {cache.stats()}")
     await anyio.to_thread.run_sync(drop_page_cache if cold else read_all, disk_dir)
-    hits = tier_hits(cache, "disk")
-    seconds = await ready(cache)
-    if tier_hits(cache, "disk") != hits + 1:
+    disk = cache._lower.disk  # the check has no public switch: it is always on
+    assert disk is not None
+    hits, damaged = tier_hits(cache, "disk"), disk.stats().damaged
+    disk.verify = verify
+    try:
+        seconds = await ready(cache)
+    finally:
+        disk.verify = True
+    if tier_hits(cache, "disk") != hits + 1 or disk.stats().damaged != damaged:
         raise RuntimeError("the reload was not served by the disk tier")
     return seconds
+
+
+def xxh3_seconds(payload: int) -> float:
+    """Seconds to hash ``payload`` bytes of memory with XXH3-64 (the disk tier's check), best
+    of 5."""
+    view = memoryview(np.random.default_rng(0).bytes(payload))
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        xxhash.xxh3_64(view).intdigest()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 async def device_hit(cache: ModelCache) -> float:
@@ -268,9 +293,19 @@ async def measure_size(
                 lambda: disk_reload(disk_cache, disk_dir, cold=True),
             ),
             Method(
+                "disk_reload_unverified",
+                "disk tier (page cache dropped), no content check",
+                lambda: disk_reload(disk_cache, disk_dir, cold=True, verify=False),
+            ),
+            Method(
                 "disk_warm_reload",
                 "disk tier (page cache warm)",
                 lambda: disk_reload(disk_cache, disk_dir, cold=False),
+            ),
+            Method(
+                "disk_warm_reload_unverified",
+                "disk tier (page cache warm), no content check",
+                lambda: disk_reload(disk_cache, disk_dir, cold=False, verify=False),
             ),
             Method("host_reload", "host tier", lambda: host_reload(host_cache)),
             Method(
@@ -334,6 +369,16 @@ def report(result: SizeResult, store_key: str, figures: dict[str, Any]) -> list[
         figures[key] = rounded(value)
         verdict = "" if goal is None else ("meets" if value >= goal else "misses")
         goals.append([key, value, "" if goal is None else f">= {goal:.0f}x", verdict])
+    for checked, unchecked, key in (
+        ("disk_reload", "disk_reload_unverified", f"disk_verify_cost_pct_{label}"),
+        ("disk_warm_reload", "disk_warm_reload_unverified", f"disk_warm_verify_cost_pct_{label}"),
+    ):
+        a, b = result.by(checked), result.by(unchecked)
+        if a is not None and b is not None:
+            figures[key] = rounded((a.times.best / b.times.best - 1) * 100)
+            goals.append([key, figures[key], "", "% slower with the content check"])
+    hash_s = xxh3_seconds(n)
+    figures[f"xxh3_gbps_{label}"] = rounded(gbps(n, hash_s))
     figures[f"disk_write_behind_s_{label}"] = rounded(result.disk_write_s)
     return goals
 
