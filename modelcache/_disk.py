@@ -209,6 +209,8 @@ class DiskTier:
         self._trash_fds: dict[str, int] = {}
         self._hits = self._misses = self._writes = self._evictions = 0
         self._full = self._leftovers = self._damaged = 0
+        #: The filesystem had less free space than the last write needed (under the flock).
+        self._short = False
         # Entries are checked (lstat, O_NOFOLLOW) when found, but read later by path: the
         # store's opens must refuse links too, or one planted in between would be followed.
         self._store = Store(
@@ -773,12 +775,25 @@ class DiskTier:
         """Evict least-recently-used unpinned entries until the filesystem has ``needed`` bytes
         free (deleting each at once: only then is its space free). False if it cannot."""
         try:
-            if _free_bytes(self._root) >= needed:
-                return True
+            free = _free_bytes(self._root)
         except OSError:
             return True  # no figure: the budget alone decides, ENOSPC still handled
+        if free >= needed:
+            if self._short:
+                self._short = False
+                logger.info("disk tier %s: the filesystem has room again", self._root)
+            return True
         with self._lock:
             self._full += 1
+        if not self._short:  # once per episode: every write while it lasts would say it again
+            self._short = True
+            logger.warning(
+                "disk tier %s: the filesystem is full (%s free, %s needed): evicting entries "
+                "for room, skipping writes when none can go, until space is freed",
+                self._root,
+                format_bytes(free),
+                format_bytes(needed),
+            )
         skip: set[str] = set()
         while True:
             self._empty(trash)

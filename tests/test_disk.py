@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import fcntl
 import json
+import logging
 import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
@@ -777,6 +778,24 @@ def test_a_really_full_filesystem_evicts_to_make_room(models: Models, small_tmpf
     assert stats.entries == len([n for n in os.listdir(small_tmpfs) if not n.startswith(".")])
     assert "m0" not in tier
     assert leftovers(small_tmpfs) == []
+
+
+def test_a_full_filesystem_is_said_once_until_it_has_room_again(
+    models: Models, small_tmpfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writes that must evict for the filesystem's free space say so: one warning for the
+    episode (not one per write), then one line once the filesystem has room again."""
+    tier = opened(small_tmpfs, "1MiB")
+    with caplog.at_level(logging.INFO, logger="modelcache"):
+        for i in range(12):
+            assert tier.write(*models.add(f"m{i}", seed=i)) is not None
+        said = [r for r in caplog.records if "filesystem is full" in r.getMessage()]
+        assert tier.stats().full > 1
+        assert [r.levelno for r in said] == [logging.WARNING]
+        for i in range(12):
+            tier.remove(f"m{i}")
+        assert tier.write(*models.add("again")) is not None
+    assert sum("has room again" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_a_filesystem_out_of_inodes_evicts_to_make_room(models: Models, tmp_path: Path) -> None:
