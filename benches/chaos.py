@@ -21,8 +21,9 @@ of normal service, then quiescence (clients stopped, the server idle):
   truncated, has one byte of its weights flipped, or is removed, while the server reads them.
 - ``disk_full``: ``disk_dir`` is a small tmpfs (mounted here: needs root; the scenario is
   skipped where mounting fails) and a ballast file takes all its free space.
-- ``server_kill``: the server SIGKILLed while it writes disk entries, restarted on the same
-  ``disk_dir``; the fault lasts until it is ready again.
+- ``server_kill``: the server SIGKILLed while it writes a disk entry (as soon as a temp dir is
+  seen, within the fault's length), restarted on the same ``disk_dir``; the fault lasts until it
+  is ready again.
 - ``burst``: 10x the clients for the fault's length.
 
 Per scenario: requests, correct answers, errors by HTTP status (typed: the server's answer), wrong
@@ -511,11 +512,14 @@ async def during_fault(ctx: Context, name: str, stop: asyncio.Event) -> dict[str
         await asyncio.sleep(ctx.fault_s)
         ballast.unlink(missing_ok=True)
     elif name == "server_kill":
-        await asyncio.sleep(ctx.fault_s / 2)
-        notes["writes_in_progress"] = sum(
-            1 for p in ctx.disk_dir.iterdir() if p.name.startswith(".tmp-")
-        )
+        # Killed while it writes a disk entry where one is seen in time (a temp dir is there).
+        end = time.monotonic() + ctx.fault_s
+        writing = 0
+        while time.monotonic() < end and not writing:
+            writing = sum(1 for p in ctx.disk_dir.iterdir() if p.name.startswith(".tmp-"))
+            await asyncio.sleep(0.002)  # polling the directory for a write in progress
         ctx.server.kill()
+        notes["writes_in_progress"] = writing
         notes["restart_s"] = round(await loop.run_in_executor(None, ctx.server.start), 2)
     elif name == "burst":
         burst = [
