@@ -56,6 +56,7 @@ from chaos import MIB, Model, Probe, make_models
 from modelcache import ModelCache
 
 RSS_GOAL = 0.05
+HOST_BUDGET = 8 * MIB
 FLAT_SLACK = 2
 ZIPF_S = 1.0
 
@@ -138,7 +139,11 @@ class Soak:
     async def prefetcher(self, end: float) -> None:
         while time.monotonic() < end:
             await asyncio.sleep(self.rotate_s / 2)
-            upcoming = [self.models[int(i)].model_id for i in self.ranking()[1:3]]
+            upcoming = [  # a model over the host budget cannot be prefetched there
+                m.model_id
+                for m in (self.models[int(i)] for i in self.ranking()[1:3])
+                if m.nbytes <= HOST_BUDGET
+            ]
             try:
                 await self.cache.prefetch(upcoming, tier="host")
             except Exception as exc:
@@ -181,7 +186,7 @@ async def soak(
         storage_options=options,
         device="cpu",
         device_budget=14 * MIB,
-        host_budget=8 * MIB,
+        host_budget=HOST_BUDGET,
         disk_dir=disk_dir,
         disk_budget=24 * MIB,
     )
