@@ -956,7 +956,7 @@ def _weight_bytes(weights: Any) -> bytes:
     return bytes(w.get().tobytes()) if hasattr(w, "get") else tensor_bytes(w)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cupy"])
+@pytest.mark.parametrize("backend", ["cpu", "cupy", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("path", ["device", "host"])
 async def test_a_flipped_bit_on_disk_never_reaches_a_model(
     disk_dir: Path, monkeypatch: pytest.MonkeyPatch, backend: str, path: str
@@ -972,6 +972,8 @@ async def test_a_flipped_bit_on_disk_never_reaches_a_model(
         if backend == "cupy":
             monkeypatch.setitem(sys.modules, "cupy", FakeCupy(devices=1))
             options["backend"] = CupyBackend(0, staging_chunk_size=1000, staging_chunks=2)
+        elif backend == "cuda":  # the device buffer is not in host memory: the files are checked
+            options["device"] = "cuda"
         gated = GatedStore(memory.template)
         async with ModelCache(
             gated,
