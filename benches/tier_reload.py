@@ -17,6 +17,10 @@ Device: CPU. Timed: ``async with cache.use(id)`` from the call until the block i
   the disk tier is never mapped). The disk tier drops its file's pages from the page cache after
   writing (``POSIX_FADV_DONTNEED``), so the headline disk row does the same before every
   reload (cold: the disk's own speed); the "warm" row reads the files once, untimed, first.
+  Both run twice: with the content check (the default: what the load read is hashed, XXH3-64,
+  and compared with the checksums written with the entry) and without it (sizes only), so
+  ``disk_verify_cost_pct_*`` is the check's cost on a reload (best vs best). ``xxh3_gbps`` is
+  the hash alone over the model's buffer, one core.
 - **disk validation**: what the disk tier adds to a reload at most once per ``revalidate_after``
   (default 60 s) per model: a check of the copy's version against the store, one HEAD (a stat
   for memory://) for this single-file model, timed as ``await cache.refresh(id)`` of the
@@ -47,6 +51,7 @@ from typing import Any
 import anyio
 import fsspec
 import numpy as np
+import xxhash
 from _common import (
     GIB,
     MIB,
@@ -156,12 +161,20 @@ async def store_load(template: str, options: dict[str, Any] | None, payload: int
     return seconds
 
 
-async def disk_reload(cache: ModelCache, disk_dir: str, *, cold: bool) -> float:
+async def disk_reload(
+    cache: ModelCache, disk_dir: str, *, cold: bool, verify: bool = True
+) -> float:
     await drop(cache, MODEL_ID, partial(cpu_ready, cache))
     await anyio.to_thread.run_sync(drop_page_cache if cold else read_all, disk_dir)
-    hits = tier_hits(cache, "disk")
-    seconds = await cpu_ready(cache)
-    if tier_hits(cache, "disk") != hits + 1:
+    disk = cache._lower.disk  # the check has no public switch: it is always on
+    assert disk is not None
+    hits, damaged = tier_hits(cache, "disk"), disk.stats().damaged
+    disk.verify = verify
+    try:
+        seconds = await cpu_ready(cache)
+    finally:
+        disk.verify = True
+    if tier_hits(cache, "disk") != hits + 1 or disk.stats().damaged != damaged:
         raise RuntimeError("the reload was not served by the disk tier")
     return seconds
 
@@ -177,6 +190,18 @@ async def disk_validation(cache: ModelCache) -> float:
     if changed or cache.stats().revalidations != before + 1:
         raise RuntimeError("refresh() did not make exactly one check of an unchanged model")
     return seconds
+
+
+def xxh3_seconds(payload: int) -> float:
+    """Seconds to hash ``payload`` bytes of memory with XXH3-64 (the disk tier's check), best
+    of 5."""
+    view = memoryview(np.random.default_rng(0).bytes(payload))
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        xxhash.xxh3_64(view).intdigest()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 async def device_hit(cache: ModelCache) -> float:
@@ -271,9 +296,19 @@ async def measure_size(
                 lambda: disk_reload(disk_cache, disk_dir, cold=True),
             ),
             Method(
+                "disk_reload_unverified",
+                "disk tier (page cache dropped), no content check",
+                lambda: disk_reload(disk_cache, disk_dir, cold=True, verify=False),
+            ),
+            Method(
                 "disk_warm_reload",
                 "disk tier (page cache warm)",
                 lambda: disk_reload(disk_cache, disk_dir, cold=False),
+            ),
+            Method(
+                "disk_warm_reload_unverified",
+                "disk tier (page cache warm), no content check",
+                lambda: disk_reload(disk_cache, disk_dir, cold=False, verify=False),
             ),
             Method(
                 "disk_validation",
@@ -348,6 +383,16 @@ def report(result: SizeResult, store_key: str, figures: dict[str, Any]) -> list[
         figures[key] = rounded(value)
         verdict = "" if goal is None else ("meets" if value >= goal else "misses")
         goals.append([key, value, "" if goal is None else f">= {goal:.0f}x", verdict])
+    for checked, unchecked, key in (
+        ("disk_reload", "disk_reload_unverified", f"disk_verify_cost_pct_{label}"),
+        ("disk_warm_reload", "disk_warm_reload_unverified", f"disk_warm_verify_cost_pct_{label}"),
+    ):
+        a, b = result.by(checked), result.by(unchecked)
+        if a is not None and b is not None:
+            figures[key] = rounded((a.times.best / b.times.best - 1) * 100)
+            goals.append([key, figures[key], "", "% slower with the content check"])
+    hash_s = xxh3_seconds(n)
+    figures[f"xxh3_gbps_{label}"] = rounded(gbps(n, hash_s))
     figures[f"disk_write_behind_s_{label}"] = rounded(result.disk_write_s)
     check, reload = result.by("disk_validation"), result.by("disk_reload")
     if check is not None and reload is not None:

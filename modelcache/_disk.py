@@ -10,8 +10,9 @@ Layout of ``directory``::
     <sha256(id)>-<slug>/                one complete entry, laid out like the store:
         model.safetensors               (or the shards + model.safetensors.index.json)
         config.json                     when the model has one
-        .modelcache-entry.json          the manifest: real id, file sizes, nbytes, etag, time,
-                                        and the store's version of the files (`_versions`)
+        .modelcache-entry.json          the manifest: real id, file sizes and checksums, nbytes,
+                                        etag, time, and the store's version of the files
+                                        (`_versions`)
     .tmp-<pid>-<random>-<bytes>/        a write in progress (reserves <bytes> of the budget)
     .del-<pid>-<random>/                an evicted entry being deleted
 
@@ -38,7 +39,9 @@ Invariants:
   directory that is not a well-formed entry is ignored (logged at open); a final-named directory
   that is not a complete entry of regular files is deleted when seen.
 - **Damage is a miss.** An entry that cannot be read (a missing file, a symlink, EIO) is dropped
-  with a log line; the cache then reads the model from the store.
+  with a log line; the cache then reads the model from the store. So is one whose bytes, as a
+  load read them, do not match the checksums written with them (`verify_loaded`, counted in
+  `DiskStats.damaged`): a flipped bit on the disk never reaches a model.
 - **A full filesystem.** A write first makes room within the budget, then within the
   filesystem's real free space, evicting least-recently-used entries for both; on ENOSPC it
   evicts at least one entry more and retries once (counted in `DiskStats.full`).
@@ -57,8 +60,8 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 
 from ._diskformat import (
@@ -68,6 +71,7 @@ from ._diskformat import (
     OPEN_NEW,
     OPEN_READ,
     DiskEntry,
+    EntryDamagedError,
     EntryFile,
     InvalidEntry,
     entry_name,
@@ -83,6 +87,9 @@ from ._diskformat import (
     remove_tree,
     same_manifest,
     unlocked,
+    verify_files,
+    verify_loaded,
+    write_file,
 )
 from ._exceptions import StoreError
 from ._format import ModelInfo
@@ -132,13 +139,15 @@ class DiskStats:
     leftovers: int = 0
     #: The directory is read-only here: entries are served, nothing is written.
     read_only: bool = False
+    #: Loads that found an entry's bytes not matching its checksums (the entry is dropped).
+    damaged: int = 0
 
     def __str__(self) -> str:
         return (
             f"{format_bytes(self.bytes)}/{format_bytes(self.budget)} in {self.entries} entries; "
             f"hits={self.hits} misses={self.misses} writes={self.writes} "
             f"evictions={self.evictions} full={self.full} leftovers={self.leftovers}"
-            + (" read-only" if self.read_only else "")
+            f" damaged={self.damaged}" + (" read-only" if self.read_only else "")
         )
 
 
@@ -182,9 +191,14 @@ class DiskTier:
     few ``stat`` calls) are blocking; run them in a worker thread. Everything is thread-safe.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], budget: int | str) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], budget: int | str, *, verify: bool = True
+    ) -> None:
         self._root = os.path.abspath(os.fspath(directory))
         self._budget = parse_bytes(budget, name="disk budget")
+        #: Check what loads read against the entries' checksums (`check_loaded`). Off: sizes
+        #: only (what benches/tier_reload.py compares against).
+        self.verify = verify
         self._lock_path = os.path.join(self._root, _LOCK_NAME)
         self._lock = threading.Lock()  # guards everything below; never held during slow I/O
         self._records: dict[str, _Record] = {}
@@ -195,7 +209,9 @@ class DiskTier:
         #: Trash dirs this process is deleting -> their flock'ed descriptor ("a deleter lives").
         self._trash_fds: dict[str, int] = {}
         self._hits = self._misses = self._writes = self._evictions = 0
-        self._full = self._leftovers = 0
+        self._full = self._leftovers = self._damaged = 0
+        #: The filesystem had less free space than the last write needed (under the flock).
+        self._short = False
         # Entries are checked (lstat, O_NOFOLLOW) when found, but read later by path: the
         # store's opens must refuse links too, or one planted in between would be followed.
         self._store = Store(
@@ -248,6 +264,7 @@ class DiskTier:
                 full=self._full,
                 leftovers=self._leftovers,
                 read_only=self._read_only,
+                damaged=self._damaged,
             )
 
     # -- opening -----------------------------------------------------------------------------
@@ -381,6 +398,22 @@ class DiskTier:
                 del self._leases[entry.model_id]
         os.close(fd)
 
+    def check_loaded(self, entry: DiskEntry, info: ModelInfo, view: memoryview | None) -> None:
+        """Check the bytes a load read from ``entry`` (described as ``info``) against its
+        checksums: those in ``view`` (the buffer they were read into) or, when it is None (not in
+        host memory), the files read again. Raises `EntryDamagedError` (counted). Blocking."""
+        if not self.verify:
+            return
+        try:
+            if view is None:
+                verify_files(entry)
+            else:
+                verify_loaded(entry, info, view)
+        except EntryDamagedError:
+            with self._lock:
+                self._damaged += 1
+            raise
+
     # -- writing -----------------------------------------------------------------------------
 
     def write(
@@ -406,8 +439,17 @@ class DiskTier:
             )
         files = plan_files(info)
         created = time.time()
-        manifest = manifest_bytes(info.model_id, files, info.nbytes, etag, created, info.version)
-        size = sum(f.size for f in files) + len(manifest)
+        make_manifest = partial(
+            manifest_bytes,
+            info.model_id,
+            files,
+            info.nbytes,
+            etag,
+            created,
+            version=info.version,
+        )
+        # Checksums are fixed-width: the manifest's size is known before they are.
+        size = sum(f.size for f in files) + len(make_manifest())
         if size > self._budget or self._read_only:
             return None
         entry = DiskEntry(
@@ -437,14 +479,14 @@ class DiskTier:
             temp, temp_fd = started
             try:
                 try:
-                    st = self._write_files(temp, files, view, manifest)
+                    st, manifest, checksums = self._write_files(temp, files, view, make_manifest)
                 except OSError as exc:
                     if exc.errno not in _FULL_ERRNOS or full:
                         raise
                     self._note_full(info.model_id, exc)
                     full = True
                     continue
-                return self._publish(entry, temp, manifest, st)
+                return self._publish(replace(entry, checksums=checksums), temp, manifest, st)
             finally:
                 remove_tree(temp)  # gone already when it was published
                 os.close(temp_fd)
@@ -534,10 +576,16 @@ class DiskTier:
         return None if theirs is None else theirs.entry
 
     def _write_files(
-        self, temp: str, files: Sequence[EntryFile], view: memoryview, manifest: bytes
-    ) -> os.stat_result:
-        """Write, fsync and check every file, the manifest last; return the manifest's stat."""
+        self,
+        temp: str,
+        files: Sequence[EntryFile],
+        view: memoryview,
+        make_manifest: Callable[[Sequence[str]], bytes],
+    ) -> tuple[os.stat_result, bytes, tuple[str, ...]]:
+        """Write, fsync and check every file, hashing it as it goes, then the manifest with the
+        checksums; return the manifest's stat and bytes and the checksums."""
         directories = {temp}
+        checksums: list[str] = []
         for f in files:
             path = os.path.join(temp, f.name)
             parent = os.path.dirname(path)
@@ -546,9 +594,7 @@ class DiskTier:
                 directories.add(parent)
             fd = os.open(path, OPEN_NEW, 0o644)
             try:
-                pwrite_all(fd, memoryview(f.prefix), 0)
-                for seg in f.segments:
-                    pwrite_all(fd, view[seg.dst : seg.dst + seg.length], seg.src)
+                checksums.append(write_file(fd, f, view))
                 os.fsync(fd)
                 actual = os.fstat(fd).st_size
                 if actual != f.size:
@@ -558,6 +604,7 @@ class DiskTier:
                     os.posix_fadvise(fd, 0, 0, _FADV_DONTNEED)
             finally:
                 os.close(fd)
+        manifest = make_manifest(checksums)
         fd = os.open(os.path.join(temp, MANIFEST_NAME), OPEN_NEW, 0o644)
         try:
             pwrite_all(fd, memoryview(manifest), 0)
@@ -567,7 +614,7 @@ class DiskTier:
             os.close(fd)
         for directory in sorted(directories, key=len, reverse=True):
             fsync_dir(directory)
-        return st
+        return st, manifest, tuple(checksums)
 
     # -- removing ----------------------------------------------------------------------------
 
@@ -739,12 +786,25 @@ class DiskTier:
         """Evict least-recently-used unpinned entries until the filesystem has ``needed`` bytes
         free (deleting each at once: only then is its space free). False if it cannot."""
         try:
-            if _free_bytes(self._root) >= needed:
-                return True
+            free = _free_bytes(self._root)
         except OSError:
             return True  # no figure: the budget alone decides, ENOSPC still handled
+        if free >= needed:
+            if self._short:
+                self._short = False
+                logger.info("disk tier %s: the filesystem has room again", self._root)
+            return True
         with self._lock:
             self._full += 1
+        if not self._short:  # once per episode: every write while it lasts would say it again
+            self._short = True
+            logger.warning(
+                "disk tier %s: the filesystem is full (%s free, %s needed): evicting entries "
+                "for room, skipping writes when none can go, until space is freed",
+                self._root,
+                format_bytes(free),
+                format_bytes(needed),
+            )
         skip: set[str] = set()
         while True:
             self._empty(trash)

@@ -17,7 +17,8 @@ Invariants (checked by the cache's tests after every step):
   (a queued write would hold its buffer too), and the next load of the model from the store
   tries again. One write may always run, so any model can reach the disk.
 * A disk copy that cannot be read (removed or damaged under a load) is dropped and the model
-  read from the store: the disk tier is never the reason a load fails.
+  read from the store: the disk tier is never the reason a load fails. What a load read from a
+  disk copy is checked against the copy's checksums before it is used (`_check_disk_copy`).
 """
 
 from __future__ import annotations
@@ -270,12 +271,16 @@ class LowerTiers:
             return await load_one_version(
                 source, info, partial(self._backend.load, source, zero_copy=True)
             )
+        loaded: LoadedWeights | None = None
         try:
             try:
-                return await self._backend.load(source, info, zero_copy=False), info
+                loaded = await self._backend.load(source, info, zero_copy=False)
+                await self._check_disk_copy(on_disk, info, self._backend.host_bytes(loaded))
+                return loaded, info
             finally:
                 self.release_disk(on_disk)
         except Exception as exc:
+            loaded = None  # damaged: its memory goes before the store's copy is read
             if not _unreadable(exc):
                 raise
             await self._drop_disk_copy(info.model_id, exc)
@@ -306,6 +311,14 @@ class LowerTiers:
             found = await anyio.to_thread.run_sync(disk.get, model_id)
             if found is not None and (keep is None or found.version != keep):
                 await self._drop_disk_copy(model_id, None)
+
+    async def _check_disk_copy(
+        self, on_disk: DiskEntry, info: ModelInfo, view: memoryview | None
+    ) -> None:
+        """Check the bytes a load read from ``on_disk`` (in ``view``, or the files again when the
+        buffer is not in host memory) against its checksums: `EntryDamagedError` if they differ."""
+        assert self.disk is not None
+        await anyio.to_thread.run_sync(self.disk.check_loaded, on_disk, info, view)
 
     def release_disk(self, entry: DiskEntry | None) -> None:
         if entry is not None and self.disk is not None:
@@ -556,7 +569,7 @@ class LowerTiers:
         try:
             async with self._limiter:
                 started = time.perf_counter()
-                payload = await self._read_to_host(source, info, from_disk=on_disk is not None)
+                payload = await self._read_to_host(source, info, on_disk)
                 self.costs.observe(
                     "store" if on_disk is None else "disk",
                     info.nbytes,
@@ -570,10 +583,13 @@ class LowerTiers:
         return payload
 
     async def _read_to_host(
-        self, source: Store, info: ModelInfo, *, from_disk: bool
+        self, source: Store, info: ModelInfo, on_disk: DiskEntry | None
     ) -> LoadedWeights | HostBlock:
         if self._backend.on_host:
-            return await self._backend.load(source, info, zero_copy=not from_disk)
+            loaded = await self._backend.load(source, info, zero_copy=on_disk is None)
+            if on_disk is not None:
+                await self._check_disk_copy(on_disk, info, self._backend.host_bytes(loaded))
+            return loaded
         block = self._host_block(info.nbytes)
         if block is None:
             raise ModelLoadError(
@@ -583,6 +599,8 @@ class LowerTiers:
             )
         try:
             await fill_buffer(source, info, block.view())
+            if on_disk is not None:
+                await self._check_disk_copy(on_disk, info, block.view())
         except BaseException:
             self._free_block(block)
             raise

@@ -44,6 +44,26 @@ COPY_IN_THREAD = 1 << 20
 # Streamed responses are copied into their place by a worker thread in batches of this size.
 _COPY_BATCH = 4 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-")
+_FULL_RANGE = re.compile(r"bytes (\d+)-(\d+)/")
+
+
+class ShortBody(ConnectionError):
+    """A response ended, cleanly, before the bytes its Content-Range announced (a proxy or a
+    server that lost the rest, a Content-Length that lies): a cut transfer, retried as any
+    connection error is, never taken for the file's end."""
+
+
+def _check_complete(content_range: object, start: int, size: int, filled: int) -> int:
+    """``filled``, or ShortBody when the Content-Range promised more of the range than came."""
+    match = _FULL_RANGE.match(content_range) if isinstance(content_range, str) else None
+    if match is not None and int(match[1]) == start:
+        claimed = min(size, int(match[2]) + 1 - start)
+        if filled < claimed:
+            raise ShortBody(
+                f"the body ended after {filled} of the {claimed} bytes from {start} that its "
+                f"Content-Range ({content_range}) announced"
+            )
+    return filled
 
 
 def copy_into(dest: memoryview, data: bytes) -> None:
@@ -212,7 +232,10 @@ async def _http_read(
         elif on_whole_body is not None:
             on_whole_body()
         # Leaving the block with body unread closes the connection rather than reading on.
-        return await _drain(response.content, dests, skip)
+        filled = await _drain(response.content, dests, skip)
+        if response.status == 206:
+            return _check_complete(response.headers.get("Content-Range"), start, size, filled)
+        return filled
 
 
 async def _s3_read(
@@ -248,7 +271,8 @@ async def _s3_read(
         aiohttp = sys.modules.get("aiohttp")
         content = getattr(getattr(body, "raw_stream", None), "content", None)
         if aiohttp is not None and isinstance(content, aiohttp.StreamReader):
-            return await _drain(content, dests, 0)
+            filled = await _drain(content, dests, 0)
+            return _check_complete(response.get("ContentRange"), start, _total(dests), filled)
         filled = 0  # another HTTP backend (httpx): its readinto copies once too
         for dest in dests:
             done = 0
