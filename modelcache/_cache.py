@@ -68,11 +68,12 @@ from ._exceptions import (
 )
 from ._failures import FailureMemory, for_caller, release_frames
 from ._format import ModelInfo
-from ._loader import read_config, read_model_info
+from ._loader import read_model_info
 from ._lower import LowerTiers
 from ._observe import CacheObserver, Observers
 from ._policy import CostAwarePolicy, EvictionPolicy, LRUPolicy, PolicyEntry
 from ._pool import pool_of
+from ._sidefiles import covers, read_extras
 from ._stats import CacheStats
 from ._store import Store
 from ._tiers import Abandoned, ByteBudget, HostEntry, TierStats, check_fits
@@ -866,9 +867,13 @@ class ModelCache:
                 async with self._limited(entry, abandonable=True):
                     info, source, on_disk = await self._lower.locate(entry.model_id)
                 source_tier = "store" if on_disk is None else "disk"
-            if entry.builder.needs_config and info.config is None:
+            # Config and side files (issue 14, `_sidefiles`): from the disk entry, else the store.
+            if entry.builder.needs_config and not covers(info, entry.builder.side_files):
                 async with self._limited(entry, abandonable=True):
-                    info = replace(info, config=await read_config(self._store, entry.model_id))
+                    disk_store = None if on_disk is None else source
+                    info = await read_extras(
+                        self._store, info, entry.builder.side_files, disk=disk_store
+                    )
             check_fits(self._device, info)
             entry.nbytes = info.nbytes
             entry.info = info  # for describe()
