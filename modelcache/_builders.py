@@ -119,6 +119,10 @@ def builder_for(target: object) -> ModelBuilder:
         from_weights = getattr(target, "from_weights", None)
         if callable(from_weights):
             return ModelBuilder(from_weights, name, side_files=side_files)
+        from .transformers import is_transformers_class, transformers_builder  # no cycle at import
+
+        if is_transformers_class(target):  # a PreTrainedModel or an AutoModel* class
+            return transformers_builder(target, name)
         if issubclass(target, torch.nn.Module):
             return ModelBuilder(partial(build_module, target), name, side_files=side_files)
         raise TypeError(
