@@ -4,6 +4,9 @@ A bound builder gets ``info.config`` (the parsed ``config.json``, None when ther
 ``info.files`` (name -> bytes of the side files its class declares, ``side_files = (...)``:
 names or globs relative to the model's directory). Rules:
 
+* A single-file model (a URL ending in ``.safetensors``) has no config.json; the side files its
+  class declares are read beside the file (give each model its own directory then, as peft's
+  ``.../{model_id}/adapter_model.safetensors``).
 * Patterns are checked when the class is bound: relative, ``/``-separated, no ``..``, no URL
   syntax. Every file a pattern matches must stay inside the model's directory: a listed name
   with ``..`` or an absolute path is refused, and on a local store so is a file whose real path
@@ -187,8 +190,13 @@ async def _from_store(
     # The store's directory, not ``info.url``: info may describe the disk tier's copy.
     model_id = info.model_id
     url = store.model_url(model_id)
+    with_config = True
     if url.endswith(".safetensors"):
-        return None, {}  # a single-file template: there is no directory to hold side files
+        # A single file (``.../{model_id}/adapter_model.safetensors``): no config.json, as
+        # before; side files, when the class declares some, are read beside it.
+        if not patterns:
+            return None, {}
+        url, with_config = url.rpartition("/")[0], False
     config_url = store.join(url, CONFIG_NAME)
     names = await _names(store, info, url, patterns)
     local = store.local_path(url)
@@ -200,10 +208,12 @@ async def _from_store(
                 model_id=model_id,
                 path=store.join(url, outside),
             )
-    reads = [partial(_read_optional, store, model_id, config_url)]
-    reads += [partial(_read_optional, store, model_id, store.join(url, n)) for n in names]
+    reads = [partial(_read_optional, store, model_id, store.join(url, n)) for n in names]
+    if with_config:
+        reads.append(partial(_read_optional, store, model_id, config_url))
     found = await gather(reads)
-    raw_config, contents = found[0], found[1:]
+    contents = found[: len(names)]
+    raw_config = found[-1] if with_config else None
     files = {n: data for n, data in zip(names, contents, strict=True) if data is not None}
     total = sum(len(data) for data in files.values())
     if total > MAX_SIDE_FILES:
