@@ -45,6 +45,7 @@ test: lint
 	$(PY) -m pytest
 	$(PY) -m pytest adapters/kserve
 	$(PY) -m pytest examples/many_models/test_demo.py
+	$(PY) -m pytest examples/embeddings/test_embeddings.py
 
 bench: $(READY)
 	for b in benches/hit_latency.py benches/load_throughput.py benches/kserve_overhead.py; do $(PY) $$b || exit 1; done
