@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from modelcache import ModelCache, ModelFormatError, _sidefiles
 
+if TYPE_CHECKING:  # imported by pytest as a plugin: importing it here first would skip rewriting
+    from tests.servers import S3Prefix, SeaweedFS
+
 from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, model_bytes, settle
+
+pytest_plugins = ("tests.servers",)
 
 SIDE = {"tokenizer.json": b'{"tok": 1}', "vocab/a.txt": b"alpha", "vocab/b.txt": b"beta!"}
 
@@ -189,3 +194,19 @@ async def test_disk_entry_without_the_side_files_asked_reads_them_from_the_store
         async with c.use("a", model=S) as seen:
             assert seen.files == SIDE and seen.config == {"v": 1}
         assert c.stats().tiers["disk"].hits == 1
+
+
+async def test_side_file_globs_list_a_remote_directory(
+    seaweedfs: SeaweedFS, s3_prefix: S3Prefix
+) -> None:
+    """Over S3 a glob lists the model's prefix and matches names relative to it."""
+    s3_prefix.put("m/model.safetensors", model_bytes(100))
+    for name, data in SIDE.items():
+        s3_prefix.put(f"m/{name}", data)
+    s3_prefix.put("m2/vocab/c.txt", b"another model's")  # a sibling prefix: not listed
+    cache = ModelCache(
+        f"{s3_prefix.url}/{{model_id}}/", storage_options=seaweedfs.s3_options, device_budget=1000
+    )
+    S = bind(cache)
+    async with cache, cache.use("m", model=S) as seen:
+        assert seen.files == SIDE
