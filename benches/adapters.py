@@ -18,7 +18,7 @@ Rows:
   modelcache (no lock: the active adapter is per thread) and peft (one lock around
   ``set_adapter`` + forward). torch runs one intra-op thread per request in this row.
 
-Run: ``python benches/adapters.py [--quick] [--adapters 50] [--threads 2]``.
+Run: ``python benches/adapters.py [--quick] [--adapters 50] [--threads 2] [--torch-threads 1]``.
 """
 
 from __future__ import annotations
@@ -82,8 +82,15 @@ def main() -> None:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--adapters", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: small requests on a small machine, see the README)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
+    torch.set_num_threads(args.torch_threads)
     count: int = 10 if args.quick else args.adapters
     rounds = 20 if args.quick else 100
 
