@@ -64,6 +64,7 @@ test: lint lint-ray
 	$(PY) -m pytest
 	$(PY) -m pytest adapters/kserve
 	$(PY) -m pytest examples/many_models/test_demo.py
+	$(PY) -m pytest examples/embeddings/test_embeddings.py
 	$(RAY_PY) -m pytest adapters/ray
 
 test-ray: lint-ray

@@ -69,13 +69,14 @@ from ._exceptions import (
 )
 from ._failures import FailureMemory, for_caller, release_frames
 from ._format import ModelInfo
-from ._loader import read_model_info, with_config
+from ._loader import read_model_info
 from ._lower import LowerTiers
 from ._observe import CacheObserver, Observers
 from ._policy import CostAwarePolicy, EvictionPolicy, LRUPolicy, PolicyEntry
 from ._pool import pool_of
 from ._refresh import DEFAULT_REVALIDATE_AFTER, Revalidator
 from ._refresh import _clock as _revalidation_clock
+from ._sidefiles import covers, read_extras
 from ._stats import CacheStats
 from ._store import Store
 from ._tiers import Abandoned, ByteBudget, HostEntry, TierStats, check_fits
@@ -907,9 +908,13 @@ class ModelCache:
                         entry.model_id, use_disk=entry.replaces is None
                     )
                 source_tier = "store" if on_disk is None else "disk"
-            if entry.builder.needs_config and info.config is None:
+            # Config and side files (issue 14, `_sidefiles`): from the disk entry, else the store.
+            if entry.builder.needs_config and not covers(info, entry.builder.side_files):
                 async with self._limited(entry, abandonable=True):
-                    info = await with_config(self._store, info)  # of the weights' version
+                    disk_store = None if on_disk is None else source
+                    info = await read_extras(
+                        self._store, info, entry.builder.side_files, disk=disk_store
+                    )
             check_fits(self._device, info)
             entry.nbytes = info.nbytes
             entry.info = info  # for describe()

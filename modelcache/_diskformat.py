@@ -43,6 +43,7 @@ import xxhash
 
 from ._exceptions import StoreError
 from ._format import INDEX_NAME, SINGLE_NAME, ModelInfo, Segment
+from ._sidefiles import SIDE_MARKER, marker_bytes
 from ._versions import ModelVersion
 
 __all__ = [
@@ -306,10 +307,20 @@ def plan_files(info: ModelInfo) -> list[EntryFile]:
     if info.config is not None:
         data = json.dumps(info.config).encode()
         files.append(EntryFile(CONFIG_NAME, len(data), data))
+    files.extend(side_entry_files(info))
     names = [f.name for f in files]
     if len(set(names)) != len(names) or MANIFEST_NAME in names:
         raise ValueError(f"model {info.model_id!r}: file names collide: {names}")
     return files
+
+
+def side_entry_files(info: ModelInfo) -> list[EntryFile]:
+    """The side files read with ``info`` and the marker naming them (`_sidefiles`)."""
+    marker = marker_bytes(info)
+    if marker is None:
+        return []
+    files = [EntryFile(name, len(data), data) for name, data in info.files.items()]
+    return [*files, EntryFile(SIDE_MARKER, len(marker), marker)]
 
 
 def manifest_bytes(

@@ -44,6 +44,7 @@ from ._loader import fill_buffer, read_model_info
 from ._observe import Observers
 from ._policy import EvictionPolicy, PolicyEntry, admits
 from ._refresh import load_one_version
+from ._sidefiles import check_host_fits
 from ._store import Store
 from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
 from ._units import format_bytes
@@ -166,7 +167,8 @@ class LowerTiers:
             return
         nbytes = weights.info.nbytes
         model_id = weights.info.model_id
-        if self._host_can_take(model_id, nbytes):
+        host_nbytes = nbytes + weights.info.side_bytes  # side files count in the host budget
+        if self._host_can_take(model_id, host_nbytes):
             if self._backend.on_host:
                 device.drop_now(nbytes)
                 self._admit_host(HostEntry(weights.info, weights))
@@ -176,11 +178,11 @@ class LowerTiers:
             if block is not None:
                 assert self._task_group is not None
                 device.start_freeing(nbytes)
-                self.in_flight += nbytes
+                self.in_flight += host_nbytes
                 self.moving[model_id] = anyio.Event()
                 self._task_group.start_soon(self._copy_down, weights, block, device)
                 return
-            self.host.release(nbytes)
+            self.host.release(host_nbytes)
         device.drop_now(nbytes)
 
     async def _copy_down(
@@ -188,11 +190,12 @@ class LowerTiers:
     ) -> None:
         """Finish a device demotion: device buffer -> (pinned) host block."""
         info = weights.info
+        host_nbytes = info.nbytes + info.side_bytes
         try:
             await self._backend.demote(weights, block)
         except BaseException as exc:
             self._free_block(block)
-            self.host.release(info.nbytes)
+            self.host.release(host_nbytes)
             if not isinstance(exc, Exception):
                 raise
             logger.warning("could not move %r to host memory: %s", info.model_id, exc)
@@ -201,7 +204,7 @@ class LowerTiers:
             self.host.demotions += 1
         finally:
             del weights
-            self.in_flight -= info.nbytes
+            self.in_flight -= host_nbytes
             device.finish_freeing(info.nbytes)
             self.moving.pop(info.model_id).set()
 
@@ -297,7 +300,12 @@ class LowerTiers:
                 model_id=info.model_id,
                 path=fresh.url,
             )
-        return fresh if fresh.config is not None else replace(fresh, config=info.config)
+        if fresh.side_patterns is not None:
+            return fresh
+        # The config and side files read with ``info`` (from the disk entry) go with it.
+        return replace(
+            fresh, config=info.config, files=info.files, side_patterns=info.side_patterns
+        )
 
     async def drop_stale(self, model_id: str, keep: ModelVersion | None) -> None:
         """-- versions (issue 12): drop host and disk copies of ``model_id`` that are not of
@@ -564,8 +572,10 @@ class LowerTiers:
         """Reserve host bytes for ``info`` and read it there (the bytes go back on failure)."""
         assert self._limiter is not None
         check_fits(self.host, info)
-        await self.host.reserve(info.nbytes)
-        self.in_flight += info.nbytes
+        check_host_fits(self.host.budget, info)
+        nbytes = info.nbytes + info.side_bytes
+        await self.host.reserve(nbytes)
+        self.in_flight += nbytes
         try:
             async with self._limiter:
                 started = time.perf_counter()
@@ -576,10 +586,10 @@ class LowerTiers:
                     time.perf_counter() - started,
                 )
         except BaseException:
-            self.host.release(info.nbytes)
+            self.host.release(nbytes)
             raise
         finally:
-            self.in_flight -= info.nbytes
+            self.in_flight -= nbytes
         return payload
 
     async def _read_to_host(

@@ -34,6 +34,7 @@ from ._exceptions import ModelChangedError, ModelNotFoundError, StoreError
 from ._failures import for_caller, release_frames
 from ._format import ModelInfo
 from ._loader import read_model_info, with_config
+from ._sidefiles import read_extras
 from ._store import Store
 from ._versions import ModelVersion
 
@@ -218,7 +219,9 @@ async def load_one_version(
                 raise
         restarts += 1
         fresh = await read_model_info(store, info.model_id)
-        if info.config is not None:
+        if info.side_patterns is not None:  # config and side files, as the first try read them
+            fresh = await read_extras(store, fresh, tuple(sorted(info.side_patterns)))
+        elif info.config is not None:
             fresh = await with_config(store, fresh)
         if fresh.nbytes != info.nbytes:
             raise ModelChangedError(

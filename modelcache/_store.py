@@ -288,6 +288,15 @@ def _open_and_read(
     return size, got, before, local_tag(os.fstat(opened[0]))
 
 
+def _list_local(root: str) -> list[str]:
+    names: list[str] = []
+    for directory, _dirs, files in os.walk(root):
+        for file in files:
+            path = os.path.join(directory, file)
+            names.append(os.path.relpath(path, root).replace(os.sep, "/"))
+    return names
+
+
 def _memory_file(fs: Any, path: str) -> io.BytesIO | None:
     """The in-process file of a ``memory://`` filesystem at ``path``, or None (not one, or not
     a file there: the filesystem's own calls then answer, with its errors)."""
@@ -513,6 +522,27 @@ class Store:
             if file is not None:
                 return memory_tag(file)
             return remote_tag(await self._remote_info(url, model_id))
+
+    async def list_files(self, url: str, *, model_id: str) -> list[str]:
+        """Names of the files under the directory ``url``, relative to it, ``/``-separated (for
+        side-file globs; links to directories are not followed)."""
+        with translated("list", url, model_id):
+            path = self.local_path(url)
+            if path is not None:
+                return await anyio.to_thread.run_sync(
+                    _list_local, path, limiter=self._get_limiter()
+                )
+            fs, fspath = await self._remote(url)
+
+            async def find() -> list[str]:
+                if fs.async_impl:
+                    found: list[str] = await fs._find(fspath)
+                    return found
+                return await anyio.to_thread.run_sync(fs.find, fspath, limiter=self._get_limiter())
+
+            root = fspath.rstrip("/") + "/"
+            found = await self._retrying("list", url, model_id, find)
+            return [name[len(root) :] for name in found if name.startswith(root)]
 
     async def read_range(self, url: str, start: int, end: int, *, model_id: str) -> bytes:
         """Return bytes ``[start, end)`` of the file; fewer only if the file ends before ``end``."""
