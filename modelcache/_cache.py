@@ -76,7 +76,7 @@ from ._policy import CostAwarePolicy, EvictionPolicy, LRUPolicy, PolicyEntry
 from ._pool import pool_of
 from ._refresh import DEFAULT_REVALIDATE_AFTER, Revalidator
 from ._refresh import _clock as _revalidation_clock
-from ._sidefiles import covers, read_extras
+from ._sidefiles import covers
 from ._stats import CacheStats
 from ._store import Store
 from ._tiers import Abandoned, ByteBudget, HostEntry, TierStats, check_fits
@@ -911,10 +911,12 @@ class ModelCache:
             # Config and side files (issue 14, `_sidefiles`): from the disk entry, else the store.
             if entry.builder.needs_config and not covers(info, entry.builder.side_files):
                 async with self._limited(entry, abandonable=True):
-                    disk_store = None if on_disk is None else source
-                    info = await read_extras(
-                        self._store, info, entry.builder.side_files, disk=disk_store
+                    disk_copy, on_disk = on_disk, None  # released by read_extras if it fails
+                    info, source, on_disk = await self._lower.read_extras(
+                        info, entry.builder.side_files, source, disk_copy
                     )
+                if disk_copy is not None and on_disk is None:
+                    source_tier = "store"  # the disk copy was damaged
             check_fits(self._device, info)
             entry.nbytes = info.nbytes
             entry.info = info  # for describe()

@@ -60,7 +60,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -87,6 +87,7 @@ from ._diskformat import (
     remove_tree,
     same_manifest,
     unlocked,
+    verify_bytes,
     verify_files,
     verify_loaded,
     write_file,
@@ -409,6 +410,18 @@ class DiskTier:
                 verify_files(entry)
             else:
                 verify_loaded(entry, info, view)
+        except EntryDamagedError:
+            with self._lock:
+                self._damaged += 1
+            raise
+
+    def check_read(self, entry: DiskEntry, found: Mapping[str, bytes | None]) -> None:
+        """Check the small files a load read whole from ``entry`` (config, side files, marker;
+        None for an absent one) against its manifest; `EntryDamagedError` (counted) if they
+        differ. Checked whatever `verify` says: they are small, and parsed before any check of
+        the weights could run."""
+        try:
+            verify_bytes(entry, found)
         except EntryDamagedError:
             with self._lock:
                 self._damaged += 1

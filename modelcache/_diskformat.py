@@ -12,8 +12,9 @@ in, in file order), and checked against the bytes a load actually read (`verify_
 headers the loader parsed, the index re-made from what it parsed, the weights in the buffer they
 landed in), so what reaches a model is what was written, not merely what a later read saw. A
 mismatch is `EntryDamagedError`: the entry is dropped and the model read from the store.
-``config.json`` is checksummed on write but not on load: a load takes the config from the
-store. XXH3 runs at memory bandwidth (several GB/s a core, GIL released), far above a disk's.
+``config.json``, the side files and their marker, read back from the entry (`_sidefiles`), are
+checked as read (`verify_bytes`): a file the manifest does not list is not served. XXH3 runs
+at memory bandwidth (several GB/s a core, GIL released), far above a disk's.
 A manifest without checksums (written before they existed) is `InvalidEntry`: such an entry is
 deleted when seen and the model fetched again, once.
 
@@ -36,7 +37,7 @@ import re
 import shutil
 import stat
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import xxhash
@@ -71,6 +72,7 @@ __all__ = [
     "safe_name",
     "same_manifest",
     "unlocked",
+    "verify_bytes",
     "verify_files",
     "verify_loaded",
     "write_file",
@@ -380,8 +382,8 @@ def verify_loaded(entry: DiskEntry, info: ModelInfo, view: memoryview) -> None:
 
     ``info`` is the description parsed from the entry's files and ``view`` the buffer its
     weights were read into: each shard's bytes are re-made from the header bytes parsed and the
-    weights read, the index from the tensor table and metadata parsed. ``config.json`` is not
-    checked: loads read the config from the store.
+    weights read, the index from the tensor table and metadata parsed. ``config.json`` and the
+    side files are checked where they are read (`verify_bytes`).
     """
     expected = {name: (size, digest) for (name, size), digest in _pairs(entry)}
     try:
@@ -394,6 +396,23 @@ def verify_loaded(entry: DiskEntry, info: ModelInfo, view: memoryview) -> None:
         size, digest = expected[f.name]
         if f.size != size or _file_digest(f, view) != digest:
             raise _damaged(entry, f"{f.name} does not match its checksum")
+
+
+def verify_bytes(entry: DiskEntry, found: Mapping[str, bytes | None]) -> None:
+    """Check small files read whole from ``entry`` (config, side files, marker: name -> bytes,
+    None for a file that was absent) against its manifest: each present one must be listed with
+    its size and checksum, each listed one present. `EntryDamagedError` if not."""
+    expected = {name: (size, digest) for (name, size), digest in _pairs(entry)}
+    for name, data in found.items():
+        listed = expected.get(name)
+        if data is None and listed is None:
+            continue
+        if data is None or listed is None:
+            where = "is missing" if data is None else "is not in the manifest"
+            raise _damaged(entry, f"{name} {where}")
+        size, digest = listed
+        if len(data) != size or _digest(xxhash.xxh3_64(data)) != digest:
+            raise _damaged(entry, f"{name} does not match its checksum")
 
 
 def verify_files(entry: DiskEntry) -> None:

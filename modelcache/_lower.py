@@ -44,7 +44,7 @@ from ._loader import fill_buffer, read_model_info
 from ._observe import Observers
 from ._policy import EvictionPolicy, PolicyEntry, admits
 from ._refresh import load_one_version
-from ._sidefiles import check_host_fits
+from ._sidefiles import check_host_fits, read_extras
 from ._store import Store
 from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
 from ._units import format_bytes
@@ -248,6 +248,32 @@ class LowerTiers:
                     disk.release(entry)
                     raise
         return await read_model_info(self._store, model_id), self._store, None
+
+    async def read_extras(
+        self, info: ModelInfo, patterns: tuple[str, ...], source: Store, on_disk: DiskEntry | None
+    ) -> tuple[ModelInfo, Store, DiskEntry | None]:
+        """``info`` with its config and side files (`_sidefiles.read_extras`), and where to read
+        its weights: ``on_disk``'s copy, whose files are checked against its manifest, or, when
+        that copy is damaged, the store (the copy released and dropped, as a damaged copy of the
+        weights is). ``on_disk`` is released here on any failure; on success it is returned."""
+        if on_disk is None:
+            return await read_extras(self._store, info, patterns), source, None
+        assert self.disk is not None
+        check = partial(self.disk.check_read, on_disk)
+        try:
+            with_extras = await read_extras(self._store, info, patterns, disk=source, check=check)
+        except Exception as exc:
+            self.release_disk(on_disk)
+            if not _unreadable(exc):
+                raise
+            await self._drop_disk_copy(info.model_id, exc)
+        except BaseException:
+            self.release_disk(on_disk)
+            raise
+        else:
+            return with_extras, source, on_disk
+        fresh = await read_model_info(self._store, info.model_id)
+        return await read_extras(self._store, fresh, patterns), self._store, None
 
     async def _drop_disk_copy(self, model_id: str, exc: BaseException | None) -> None:
         """A disk copy failed to read (``exc``) or is stale (None): remove it (if still there)

@@ -31,7 +31,7 @@ import fnmatch
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from functools import partial
 from types import MappingProxyType
@@ -228,16 +228,27 @@ async def _from_store(
     return config, files
 
 
+#: Checks what `_from_disk` read (name -> bytes, None when absent) against the disk entry's
+#: manifest; raises (`EntryDamagedError`) when they differ.
+Check = Callable[[Mapping[str, bytes | None]], None]
+
+
 async def _from_disk(
-    disk: Store, info: ModelInfo, patterns: tuple[str, ...]
+    disk: Store, info: ModelInfo, patterns: tuple[str, ...], check: Check | None
 ) -> tuple[Mapping[str, Any] | None, dict[str, bytes]] | None:
     """Config and side files from a disk entry, or None when its marker does not cover
-    ``patterns`` (an entry written before side files, or for a class with fewer)."""
+    ``patterns`` (an entry written before side files, or for a class with fewer).
+
+    Everything read (the marker too) goes through ``check`` before it is parsed or returned:
+    a flipped byte or a marker naming files the entry never had is the entry's damage, not
+    the model's."""
     model_id = info.model_id
     url = disk.model_url(model_id)
     raw = await _read_optional(disk, model_id, disk.join(url, SIDE_MARKER))
     if raw is None:
         return None
+    if check is not None:
+        check({SIDE_MARKER: raw})
     try:
         marker = json.loads(raw)
         held, names = set(marker["patterns"]), list(marker["files"])
@@ -252,6 +263,8 @@ async def _from_disk(
     reads += [partial(_read_optional, disk, model_id, disk.join(url, n)) for n in wanted]
     found = await gather(reads)
     raw_config, contents = found[0], found[1:]
+    if check is not None:
+        check({CONFIG_NAME: raw_config, **dict(zip(wanted, contents, strict=True))})
     if any(data is None for data in contents):
         return None  # the manifest lists every file: an entry damaged since, read the store
     config = None if raw_config is None else _parse_config(raw_config, model_id, url)
@@ -259,11 +272,17 @@ async def _from_disk(
 
 
 async def read_extras(
-    store: Store, info: ModelInfo, patterns: tuple[str, ...], *, disk: Store | None = None
+    store: Store,
+    info: ModelInfo,
+    patterns: tuple[str, ...],
+    *,
+    disk: Store | None = None,
+    check: Check | None = None,
 ) -> ModelInfo:
     """``info`` with its config and the side files of ``patterns``: from the disk entry when
-    ``disk`` (the disk tier's store, which ``info`` was read from) holds them, else ``store``."""
-    found = await _from_disk(disk, info, patterns) if disk is not None else None
+    ``disk`` (the disk tier's store, which ``info`` was read from) holds them, checked by
+    ``check`` (`_from_disk`), else ``store``."""
+    found = await _from_disk(disk, info, patterns, check) if disk is not None else None
     version = info.version
     if found is None:
         # Part of the weights' version: a file replaced since they were read fails the load

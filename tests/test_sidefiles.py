@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from modelcache import ModelCache, ModelFormatError, _sidefiles
+from modelcache._diskformat import entry_name
 
 if TYPE_CHECKING:  # imported by pytest as a plugin: importing it here first would skip rewriting
     from tests.servers import S3Prefix, SeaweedFS
@@ -171,6 +172,33 @@ async def test_disk_entry_serves_config_and_side_files_without_the_store(
             assert seen.config == {"v": 1} and seen.files == SIDE
         assert c.stats().tiers["disk"].hits == 1
     assert not gated.calls
+
+
+@pytest.mark.parametrize(
+    "name", ["tokenizer.json", "vocab/a.txt", "config.json", _sidefiles.SIDE_MARKER]
+)
+async def test_a_damaged_side_file_in_a_disk_entry_never_reaches_the_builder(
+    models: MemoryModels, tmp_path: Path, name: str
+) -> None:
+    """Config, side files and marker read back from a disk entry are checked against its
+    manifest's checksums: a flipped byte drops the entry and the store's files are served."""
+    _add(models, "a", config={"v": 1})
+    opts: dict[str, Any] = {"device_budget": 1000, "disk_dir": tmp_path, "disk_budget": "1MiB"}
+    async with ModelCache(models.template, **opts) as c:
+        async with c.use("a", model=bind(c)):
+            pass
+        await settle(*cache_stores(c))
+    path = tmp_path / entry_name("a") / name
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 1  # same size, still JSON: only a checksum tells
+    path.write_bytes(bytes(data))
+    async with ModelCache(models.template, **opts) as c:
+        async with c.use("a", model=bind(c)) as seen:
+            assert seen.config == {"v": 1} and seen.files == SIDE
+        assert c._lower.disk is not None and c._lower.disk.stats().damaged == 1
+        await settle(*cache_stores(c))
+        check_invariants(c)
+    assert (tmp_path / entry_name("a") / name).read_bytes() != bytes(data)  # written afresh
 
 
 async def test_a_side_file_changed_in_the_store_is_a_new_version_for_the_disk_tier(
