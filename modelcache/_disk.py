@@ -127,7 +127,8 @@ class DiskStats:
     bytes: int
     budget: int
     entries: int
-    #: `DiskTier.get` calls that returned an entry / returned None.
+    #: Loads served from an entry (read and checked) / that looked here and read the store
+    #: (no entry, a stale or damaged one): `DiskTier.count`.
     hits: int
     misses: int
     #: Entries this tier wrote and published.
@@ -345,13 +346,19 @@ class DiskTier:
             if record is None and stale is not None:
                 self._forget(stale)
         if record is None:
-            with self._lock:
-                self._misses += 1
             return None
         self._touch(record)
-        with self._lock:
-            self._hits += 1
         return record.entry
+
+    def count(self, *, served: bool) -> None:
+        """Count a load that looked here: ``served`` from an entry (its bytes read and checked),
+        or not (none, stale, damaged: the store read instead). Not `get`: it is also a look
+        that serves nothing (a check for a stale copy)."""
+        with self._lock:
+            if served:
+                self._hits += 1
+            else:
+                self._misses += 1
 
     def acquire(self, entry: DiskEntry) -> bool:
         """Pin ``entry`` while it is read; False when it is gone or being evicted.

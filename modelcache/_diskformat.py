@@ -387,7 +387,9 @@ def verify_loaded(entry: DiskEntry, info: ModelInfo, view: memoryview) -> None:
     """
     expected = {name: (size, digest) for (name, size), digest in _pairs(entry)}
     try:
-        files = plan_files(replace(info, config=None))
+        # The weights' files only: config and side files are checked where they are read
+        # (`verify_bytes`), and may come from the store (an entry written for another class).
+        files = plan_files(replace(info, config=None, side_patterns=None))
     except ValueError as exc:
         raise _damaged(entry, f"its description does not lay out: {exc}") from exc
     for f in files:

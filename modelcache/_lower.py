@@ -233,6 +233,7 @@ class LowerTiers:
                         model_id, entry.version
                     ):
                         disk.release(entry)
+                        disk.count(served=False)
                         await self._drop_disk_copy(model_id, None)
                         return await read_model_info(self._store, model_id), self._store, None
                     info = await read_model_info(disk.store, model_id)
@@ -243,10 +244,13 @@ class LowerTiers:
                     disk.release(entry)
                     if not _unreadable(exc):
                         raise
+                    disk.count(served=False)
                     await self._drop_disk_copy(model_id, exc)
                 except BaseException:
                     disk.release(entry)
                     raise
+            else:
+                disk.count(served=False)
         return await read_model_info(self._store, model_id), self._store, None
 
     async def read_extras(
@@ -266,6 +270,7 @@ class LowerTiers:
             self.release_disk(on_disk)
             if not _unreadable(exc):
                 raise
+            self.disk.count(served=False)
             await self._drop_disk_copy(info.model_id, exc)
         except BaseException:
             self.release_disk(on_disk)
@@ -312,6 +317,8 @@ class LowerTiers:
             loaded = None  # damaged: its memory goes before the store's copy is read
             if not _unreadable(exc):
                 raise
+            assert self.disk is not None
+            self.disk.count(served=False)
             await self._drop_disk_copy(info.model_id, exc)
         fresh = await self._store_info(info)
         return await self._backend.load(self._store, fresh, zero_copy=True), fresh
@@ -353,6 +360,7 @@ class LowerTiers:
         buffer is not in host memory) against its checksums: `EntryDamagedError` if they differ."""
         assert self.disk is not None
         await anyio.to_thread.run_sync(self.disk.check_loaded, on_disk, info, view)
+        self.disk.count(served=True)  # the one place a disk copy is served: a hit
 
     def release_disk(self, entry: DiskEntry | None) -> None:
         if entry is not None and self.disk is not None:
@@ -572,6 +580,8 @@ class LowerTiers:
                 except Exception as exc:
                     if on_disk is None or not _unreadable(exc):
                         raise
+                    assert self.disk is not None
+                    self.disk.count(served=False)
                     await self._drop_disk_copy(model_id, exc)
                     use_disk = False
                     continue

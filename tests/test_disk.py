@@ -245,7 +245,7 @@ def test_least_recently_used_is_evicted_first(models: Models, disk_dir: Path) ->
     assert sorted(m for m in "abcde" if m in tier) == ["c", "d", "e"]
     stats = tier.stats()
     assert (stats.evictions, stats.writes, stats.entries) == (2, 5, 3)
-    assert (stats.hits, stats.misses) == (2, 1)
+    assert (stats.hits, stats.misses) == (0, 0)  # a get serves nothing: loads count (`count`)
     assert not (disk_dir / entry_name("a")).exists()
     assert leftovers(disk_dir) == []
 
@@ -382,7 +382,6 @@ def test_get_finds_entries_written_by_another_process(models: Models, disk_dir: 
     writer = opened(disk_dir, BUDGET)
     entry = writer.write(*models.add("a"))
     assert reader.get("a") == entry
-    assert reader.stats().hits == 1
 
 
 def test_truncated_file_is_dropped_on_get(models: Models, disk_dir: Path) -> None:
@@ -954,6 +953,41 @@ def test_an_entry_without_checksums_is_dropped_and_fetched_again(
 def _weight_bytes(weights: Any) -> bytes:
     w = weights["w"]
     return bytes(w.get().tobytes()) if hasattr(w, "get") else tensor_bytes(w)
+
+
+async def test_disk_hits_count_only_copies_served(disk_dir: Path) -> None:
+    """Disk hits (and promotions, the same count) are loads served from a disk copy: a copy
+    dropped as stale or as damaged is a miss, and a look for stale copies is not a hit."""
+    models = MemoryModels()
+    try:
+        await _count_disk_hits(models, disk_dir)
+    finally:
+        models.cleanup()
+
+
+async def _count_disk_hits(models: MemoryModels, disk_dir: Path) -> None:
+    for i, name in enumerate("abc"):
+        models.add(name, 1000, seed=i)
+    options: dict[str, Any] = {"device_budget": 1000, "disk_dir": disk_dir, "disk_budget": "1MiB"}
+    async with ModelCache(models.template, **options) as cache:
+        for name in "abc":  # one at a time on the device: each written to the disk tier
+            async with cache.use(name):
+                pass
+        await settle(*cache_stores(cache))
+    models.add("a", 1000, seed=7)  # the store has a new version: a's copy is stale
+    target = disk_dir / entry_name("b") / "model.safetensors"
+    _flip(target, target.stat().st_size - 1)  # b's copy is damaged
+    async with ModelCache(models.template, **options) as cache:
+        for name in "ab":
+            async with cache.use(name):
+                pass
+        disk = cache.stats().tiers["disk"]
+        assert (disk.hits, disk.promotions, disk.misses) == (0, 0, 2)
+        async with cache.use("c"):  # served from its copy
+            pass
+        await cache.refresh("c")  # looks for stale copies of c: none
+        disk = cache.stats().tiers["disk"]
+        assert (disk.hits, disk.promotions, disk.misses) == (1, 1, 2)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cupy", pytest.param("cuda", marks=pytest.mark.cuda)])

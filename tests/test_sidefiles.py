@@ -244,6 +244,8 @@ async def test_disk_entry_without_the_side_files_asked_reads_them_from_the_store
         async with c.use("a", model=S) as seen:
             assert seen.files == SIDE and seen.config == {"v": 1}
         assert c.stats().tiers["disk"].hits == 1
+        # Served, not taken for damage (the weights' check covers the weights' files only).
+        assert c._lower.disk is not None and c._lower.disk.stats().damaged == 0
 
 
 async def test_side_file_globs_list_a_remote_directory(
