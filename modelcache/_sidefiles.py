@@ -118,8 +118,32 @@ def check_host_fits(budget: int, info: ModelInfo) -> None:
         )
 
 
+async def _size_optional(store: Store, model_id: str, url: str) -> int | None:
+    """The size of a side file (checked against `MAX_SIDE_FILE`), None when there is none."""
+    try:
+        size = await store.size(url, model_id=model_id)
+    except ModelNotFoundError:
+        return None
+    _check_size(size, model_id, url)
+    return size
+
+
+async def _read_sized(store: Store, model_id: str, url: str, size: int | None) -> bytes | None:
+    if size is None:
+        return None
+    try:
+        return await store.read_range(url, 0, size, model_id=model_id)
+    except ModelNotFoundError:
+        return None
+
+
 async def _read_file(store: Store, model_id: str, url: str) -> bytes:
     size = await store.size(url, model_id=model_id)
+    _check_size(size, model_id, url)
+    return await store.read_range(url, 0, size, model_id=model_id)
+
+
+def _check_size(size: int, model_id: str, url: str) -> None:
     if size > MAX_SIDE_FILE:
         raise ModelFormatError(
             f"model {model_id!r}: {url} is {size} bytes, more than the side-file limit of "
@@ -127,7 +151,6 @@ async def _read_file(store: Store, model_id: str, url: str) -> bytes:
             model_id=model_id,
             path=url,
         )
-    return await store.read_range(url, 0, size, model_id=model_id)
 
 
 async def _read_optional(store: Store, model_id: str, url: str) -> bytes | None:
@@ -209,14 +232,11 @@ async def _from_store(
                 model_id=model_id,
                 path=store.join(url, outside),
             )
-    reads = [partial(_read_optional, store, model_id, store.join(url, n)) for n in names]
-    if with_config:
-        reads.append(partial(_read_optional, store, model_id, config_url))
-    found = await gather(reads)
-    contents = found[: len(names)]
-    raw_config = found[-1] if with_config else None
-    files = {n: data for n, data in zip(names, contents, strict=True) if data is not None}
-    total = sum(len(data) for data in files.values())
+    # Sizes first, the caps checked on them, then the reads: a glob matching gigabytes must
+    # fail before any of it is in memory, not after.
+    urls = [store.join(url, n) for n in names] + ([config_url] if with_config else [])
+    sizes = await gather([partial(_size_optional, store, model_id, u) for u in urls])
+    total = sum(size or 0 for size in sizes[: len(names)])
     if total > MAX_SIDE_FILES:
         raise ModelFormatError(
             f"model {model_id!r}: its side files total {format_bytes(total)}, more than the "
@@ -224,6 +244,15 @@ async def _from_store(
             model_id=model_id,
             path=url,
         )
+    found = await gather(
+        [
+            partial(_read_sized, store, model_id, u, size)
+            for u, size in zip(urls, sizes, strict=True)
+        ]
+    )
+    contents = found[: len(names)]
+    raw_config = found[-1] if with_config else None
+    files = {n: data for n, data in zip(names, contents, strict=True) if data is not None}
     config = None if raw_config is None else _parse_config(raw_config, model_id, config_url)
     return config, files
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from modelcache import ModelCache, ModelFormatError, _sidefiles
+from modelcache import ModelCache, ModelFormatError, Store, _sidefiles
 from modelcache._diskformat import entry_name
 
 if TYPE_CHECKING:  # imported by pytest as a plugin: importing it here first would skip rewriting
@@ -120,6 +120,33 @@ async def test_side_files_over_the_size_cap_fail_the_load(
         with pytest.raises(ModelFormatError, match="side-file limit"):
             async with cache.use("m", model=S):
                 pass
+
+
+class ReadsRecorded(Store):
+    """A Store that records the URLs it reads bytes of."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_urls: list[str] = []
+
+    async def read_range(self, url: str, start: int, end: int, *, model_id: str) -> bytes:
+        self.read_urls.append(url)
+        return await super().read_range(url, start, end, model_id=model_id)
+
+
+async def test_side_files_over_the_total_cap_fail_before_any_is_read(
+    models: MemoryModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A glob whose files together exceed MAX_SIDE_FILES fails on their sizes: none of them is
+    read into memory first (a glob matching gigabytes would be)."""
+    monkeypatch.setattr(_sidefiles, "MAX_SIDE_FILES", 8)
+    _add(models, "m")
+    store = ReadsRecorded(models.template)
+    async with ModelCache(store, device_budget=1000) as cache:
+        with pytest.raises(ModelFormatError, match="per model"):
+            async with cache.use("m", model=bind(cache)):
+                pass
+    assert not [url for url in store.read_urls if url.rpartition("/m/")[2] in SIDE]
 
 
 async def test_host_tier_counts_side_files_and_promotion_reads_none_again(
