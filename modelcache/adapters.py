@@ -23,9 +23,11 @@ How an adapter is applied, and why this way:
   measures both.
 * Math as peft's LoRA layer in eval mode: ``result + lora_B(lora_A(x)) * scaling``, ``scaling =
   lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``; per-module ``rank_pattern`` and
-  ``alpha_pattern`` honoured). Adapters with what this does not implement (DoRA, LoRA biases,
-  ``modules_to_save``, embedding or convolution LoRA, ``fan_in_fan_out``) are refused when
-  built, naming the setting: a served adapter is never silently different from peft's.
+  ``alpha_pattern`` honoured), computed in the wider of the input's and the adapter's dtypes (a
+  bfloat16 adapter over a float32 base is peft's float32 result). Adapters with what this does
+  not implement (DoRA, LoRA biases, ``modules_to_save``, embedding or convolution LoRA,
+  ``fan_in_fan_out``) are refused when built, naming the setting: a served adapter is never
+  silently different from peft's.
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ class LoraAdapters:
             if isinstance(module, torch.nn.Linear)
         }
         for name, module in self._linears.items():
-            module.register_forward_hook(partial(_apply, name))
+            module.register_forward_hook(partial(_apply, self, name))
         owner = self
 
         class Adapter(LoraAdapter):
@@ -197,15 +199,23 @@ class LoraAdapters:
         return LoraAdapter(self, info.model_id, layers, config)
 
 
-def _apply(name: str, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-    """Forward hook of every base linear layer: add the active adapter's update, if any."""
+def _apply(
+    owner: LoraAdapters, name: str, module: torch.nn.Module, args: tuple[Any, ...], output: Any
+) -> Any:
+    """Forward hook of every base linear layer: add the active adapter's update, if any.
+
+    Only ``owner``'s adapters: another `LoraAdapters` over the same base has hooks of its own,
+    and each would otherwise add the update again."""
     adapter = _active.get()
-    if adapter is None:
+    if adapter is None or adapter.adapters is not owner:
         return None
     lora = adapter.layers.get(name)
     if lora is None:
         return None
-    x = args[0]
-    # peft's LoRA layer in eval mode: result + lora_B(lora_A(dropout(x))) * scaling.
-    update = torch.nn.functional.linear(torch.nn.functional.linear(x, lora.a), lora.b)
-    return output + update * lora.scaling
+    # peft's LoRA layer in eval mode: result + lora_B(lora_A(dropout(x))) * scaling, in the
+    # wider of the input's and the adapter's dtypes (peft keeps a half-precision adapter's
+    # weights in float32 over a float32 base), the sum cast back to the base's output dtype.
+    dtype = torch.promote_types(args[0].dtype, lora.a.dtype)
+    x, a, b = args[0].to(dtype), lora.a.to(dtype), lora.b.to(dtype)
+    update = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+    return (output + update * lora.scaling).to(output.dtype)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never the network
 transformers = pytest.importorskip("transformers")
@@ -156,3 +157,36 @@ async def test_an_adapter_using_what_is_not_applied_is_refused(
         with pytest.raises(ModelBuildError, match="DoRA"):
             async with adapters.use("dora"):
                 pass
+
+
+async def test_a_bfloat16_adapter_over_a_float32_base_equals_peft(
+    adapter_store: Path, tmp_path: Path, batch: Any
+) -> None:
+    """An adapter saved in bfloat16 over a float32 base (a common pairing) gives peft's output:
+    the update is computed in the wider dtype and added in the base's, as peft does."""
+    shutil.copytree(adapter_store / IDS[1], tmp_path / "half")
+    path = tmp_path / "half" / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(str(path))
+    safetensors.torch.save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(path))
+    model = peft.PeftModel.from_pretrained(_base(), str(tmp_path / "half")).eval()
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+    cache = _cache(tmp_path)
+    adapters = LoraAdapters(cache, _base())
+    async with cache, adapters.use("half") as adapter:
+        got = adapter(**batch).last_hidden_state
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
+
+
+async def test_two_adapter_sets_over_one_base_apply_an_adapter_once(
+    adapter_store: Path, batch: Any, expected: dict[str, torch.Tensor]
+) -> None:
+    """A second LoraAdapters over the same base (a new cache for it) does not apply the first's
+    adapters a second time: each set's hooks apply only its own adapters."""
+    base = _base()
+    first, second = _cache(adapter_store), _cache(adapter_store)
+    LoraAdapters(first, base)
+    adapters = LoraAdapters(second, base)
+    async with second, adapters.use(IDS[0]) as adapter:
+        got = adapter(**batch).last_hidden_state
+    assert torch.allclose(got, expected[IDS[0]], atol=1e-6)
