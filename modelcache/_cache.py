@@ -62,6 +62,7 @@ from ._cost import LoadCosts
 from ._disk import DiskEntry, DiskTier
 from ._exceptions import (
     CacheClosedError,
+    ModelChangedError,
     ModelFormatError,
     ModelNotFoundError,
     StoreError,
@@ -912,9 +913,22 @@ class ModelCache:
             if entry.builder.needs_config and not covers(info, entry.builder.side_files):
                 async with self._limited(entry, abandonable=True):
                     disk_copy, on_disk = on_disk, None  # released by read_extras if it fails
-                    info, source, on_disk = await self._lower.read_extras(
-                        info, entry.builder.side_files, source, disk_copy
-                    )
+                    try:
+                        info, source, on_disk = await self._lower.read_extras(
+                            info, entry.builder.side_files, source, disk_copy
+                        )
+                    except ModelChangedError:
+                        if claimed is None:
+                            raise
+                        # A host copy (read without side files) of a version the store no
+                        # longer has: it goes and the store is read, not a failure every use.
+                        self._lower.discard(claimed)
+                        claimed = None
+                        fresh = await read_model_info(self._store, entry.model_id)
+                        info, source, on_disk = await self._lower.read_extras(
+                            fresh, entry.builder.side_files, self._store, None
+                        )
+                        source_tier = entry.source = "store"
                 if disk_copy is not None and on_disk is None:
                     source_tier = "store"  # the disk copy was damaged
             check_fits(self._device, info)

@@ -534,6 +534,12 @@ class LowerTiers:
         else:
             self._admit_host(entry)
 
+    def discard(self, entry: HostEntry) -> None:
+        """A claimed entry that must not be served (of a version the store no longer has):
+        its bytes go, nothing goes back to the tier."""
+        self.in_flight -= entry.nbytes
+        self._let_go(entry)
+
     async def promote(self, entry: HostEntry, info: ModelInfo) -> LoadedWeights:
         """Host -> device for a claimed entry (device bytes already reserved)."""
         weights: LoadedWeights

@@ -248,6 +248,35 @@ async def test_a_side_file_changed_in_the_store_is_a_new_version_for_the_disk_ti
         assert c.stats().versions_changed == 1
 
 
+async def test_a_host_copy_whose_side_files_changed_is_replaced_not_failed_forever(
+    models: MemoryModels, tmp_path: Path
+) -> None:
+    """A host copy read without side files (a prefetch from the disk tier) of a version whose
+    side file then changed in the store: a use reads the store afresh (never mixing), instead
+    of failing with ModelChangedError on every use while the copy stays."""
+    _add(models, "a", config={"v": 1})
+    opts: dict[str, Any] = {
+        "device_budget": 1000,
+        "host_budget": 1000,
+        "disk_dir": tmp_path,
+        "disk_budget": "1MiB",
+        "revalidate_after": None,
+    }
+    async with ModelCache(models.template, **opts) as c:
+        async with c.use("a", model=bind(c)):
+            pass
+        await settle(*cache_stores(c))
+    async with ModelCache(models.template, **opts) as c:
+        S = bind(c)
+        await c.prefetch(["a"], tier="host")  # from the disk entry: weights only
+        models.put("a/tokenizer.json", b"{}")
+        for _ in range(2):
+            async with c.use("a", model=S) as seen:
+                assert seen.files["tokenizer.json"] == b"{}"
+        await settle(*cache_stores(c))
+        check_invariants(c)
+
+
 async def test_disk_entry_without_the_side_files_asked_reads_them_from_the_store(
     models: MemoryModels, tmp_path: Path
 ) -> None:
