@@ -16,7 +16,7 @@ import anyio.lowlevel
 import pytest
 import torch
 
-from modelcache import ModelCache, ModelChangedError, Store, Weights
+from modelcache import ModelCache, ModelChangedError, ModelNotFoundError, Store, Weights
 from modelcache._cache import ModelCache as _ModelCache
 from modelcache._loader import read_model_info, with_config
 from modelcache._versions import reading
@@ -417,3 +417,20 @@ async def test_a_new_version_evicts_other_models_never_the_leased_old_one(
         assert cache.stats().bytes_reserved == NBYTES
         assert cache.stats().misses == 2  # a and b once each: no use waited for the new a
         check_invariants(cache)
+
+
+# -- attacks (issue 12 hardening) ------------------------------------------------------------------
+
+
+async def test_a_disk_copy_of_a_model_deleted_from_the_store_fails_as_not_found(
+    http_server: HttpServer, tmp_path: Path
+) -> None:
+    """A disk copy whose object was deleted from the store is dropped and the use fails with
+    ModelNotFoundError, as a miss would: the disk entry is released once, not twice."""
+    root, url = http_server.fresh_dir()
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    await _load_once(url, tmp_path / "disk")
+    os.remove(root / "m" / "model.safetensors")
+    with pytest.raises(ModelNotFoundError):
+        await _load_once(url, tmp_path / "disk")
+    assert not list((tmp_path / "disk").glob("*/.modelcache-entry.json"))
