@@ -30,7 +30,7 @@ import anyio
 import anyio.abc
 
 from ._concurrency import gather
-from ._exceptions import ModelChangedError, ModelNotFoundError, StoreError
+from ._exceptions import CacheClosedError, ModelChangedError, ModelNotFoundError, StoreError
 from ._failures import for_caller, release_frames
 from ._format import ModelInfo
 from ._loader import read_model_info, with_config
@@ -55,10 +55,13 @@ _clock = time.monotonic
 
 
 class _Check:
-    __slots__ = ("changed", "done", "error")
+    __slots__ = ("asked", "changed", "done", "error")
 
     def __init__(self) -> None:
         self.done = anyio.Event()
+        #: Set when its stat/HEADs are sent: a `refresh` from then on may predate the store's
+        #: new version the caller knows of, so it waits for it and checks again.
+        self.asked = False
         self.changed = False
         self.error: BaseException | None = None
 
@@ -123,15 +126,25 @@ class Revalidator:
         return self.next_due(_clock())
 
     async def check(self, model_id: str) -> bool:
-        """Check ``model_id`` now (joining a check in flight); True if it changed (the new version
-        is then in place, or its load failed and was logged)."""
-        check = self._checks.get(model_id)
-        if check is None:
-            check = self._start(model_id)
-        await check.done.wait()
-        if check.error is not None:
-            raise for_caller(check.error)  # shared: each caller raises its own copy
-        return check.changed
+        """Check ``model_id`` now; True if it changed (the new version is then in place, or its
+        load failed and was logged). A check in flight is joined only if it has not asked the
+        store yet: one that asked before this call may have missed a version published just
+        before it (a publisher's refresh after its upload), so it is waited for (its swap
+        ends first) and another one made."""
+        changed = False
+        while True:
+            check = self._checks.get(model_id)
+            fresh = check is None or not check.asked
+            if check is None:
+                if self._task_group is None:
+                    raise CacheClosedError(f"the cache closed while {model_id!r} was checked")
+                check = self._start(model_id)
+            await check.done.wait()
+            if fresh:
+                if check.error is not None:
+                    raise for_caller(check.error)  # shared: each caller raises its own copy
+                return changed or check.changed
+            changed = changed or (check.error is None and check.changed)
 
     def _start(self, model_id: str) -> _Check:
         assert self._task_group is not None
@@ -144,6 +157,7 @@ class Revalidator:
     async def _run(self, model_id: str, check: _Check) -> None:
         try:
             version = self._version_of(model_id)
+            check.asked = True  # from here on it may answer for a store older than a caller's
             if version is not None:
                 check.changed = await self._changed(model_id, version)
                 if check.changed and self._on_change is not None:
@@ -152,6 +166,11 @@ class Revalidator:
             release_frames(exc)
             check.error = exc
             logger.warning("could not revalidate %r: %s", model_id, exc)
+        except BaseException:  # cancelled: the cache is closing (its swap, if any, undone)
+            check.error = CacheClosedError(
+                f"the cache closed while {model_id!r} was checked", model_id=model_id
+            )
+            raise
         finally:
             self._confirmed[model_id] = _clock()
             del self._checks[model_id]

@@ -16,7 +16,14 @@ import anyio.lowlevel
 import pytest
 import torch
 
-from modelcache import ModelCache, ModelChangedError, ModelNotFoundError, Store, Weights
+from modelcache import (
+    CacheClosedError,
+    ModelCache,
+    ModelChangedError,
+    ModelNotFoundError,
+    Store,
+    Weights,
+)
 from modelcache._cache import ModelCache as _ModelCache
 from modelcache._loader import read_model_info, with_config
 from modelcache._versions import reading
@@ -434,3 +441,90 @@ async def test_a_disk_copy_of_a_model_deleted_from_the_store_fails_as_not_found(
     with pytest.raises(ModelNotFoundError):
         await _load_once(url, tmp_path / "disk")
     assert not list((tmp_path / "disk").glob("*/.modelcache-entry.json"))
+
+
+class _SlowAnswerStore(Store):
+    """file_tag reads the store's answer at once, then delivers it only when ``gate`` opens (a
+    HEAD answered before a publish, received after it)."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.gate: anyio.Event | None = None
+        self.asked = anyio.Event()
+
+    async def file_tag(self, url: str, *, model_id: str) -> str | None:
+        tag = await super().file_tag(url, model_id=model_id)
+        self.asked.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return tag
+
+
+async def test_refresh_after_a_publish_sees_it_even_while_an_older_check_is_in_flight(
+    models: MemoryModels,
+) -> None:
+    """A refresh() called after a new version was published returns True and swaps it in, even
+    when a background check that asked the store before the publish is still in flight."""
+    models.add("m", NBYTES, seed=1)
+    store = _SlowAnswerStore(models.template)
+    async with ModelCache(store, device_budget=10 * NBYTES, revalidate_after=0) as cache:
+        async with cache.use("m"):
+            pass
+        store.gate = anyio.Event()
+        async with cache.use("m"):  # due: a background check starts; its answer is delayed
+            pass
+        await store.asked.wait()
+        models.add("m", NBYTES, seed=2)  # published after the check was answered
+        changed: list[bool] = []
+
+        async def refresh() -> None:
+            changed.append(await cache.refresh("m"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refresh)
+            await anyio.wait_all_tasks_blocked()
+            store.gate.set()
+        assert changed == [True]
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(2)
+
+
+class _GatedReads(Store):
+    """read_into waits on ``gate`` once it is set (the weights of a load in flight)."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.gate: anyio.Event | None = None
+        self.reading = anyio.Event()
+
+    async def read_into(self, url: str, offset: int, dest: memoryview, *, model_id: str) -> None:
+        if self.gate is not None:
+            self.reading.set()
+            await self.gate.wait()
+        await super().read_into(url, offset, dest, model_id=model_id)
+
+
+async def test_a_refresh_whose_swap_the_closing_cache_cancels_raises_cache_closed(
+    models: MemoryModels,
+) -> None:
+    """A refresh() waiting on a swap when the cache closes raises CacheClosedError: it never
+    reports a change that was not swapped in."""
+    models.add("m", NBYTES, seed=1)
+    store = _GatedReads(models.template)
+    cache = ModelCache(store, device_budget=10 * NBYTES, revalidate_after=None)
+    outcome: list[object] = []
+
+    async def refresh() -> None:
+        try:
+            outcome.append(await cache.refresh("m"))
+        except CacheClosedError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg, cache:
+        async with cache.use("m"):
+            pass
+        models.add("m", NBYTES, seed=2)
+        store.gate = anyio.Event()
+        tg.start_soon(refresh)
+        await store.reading.wait()  # the new version's weights are being read: close now
+    assert len(outcome) == 1 and isinstance(outcome[0], CacheClosedError)
