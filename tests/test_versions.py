@@ -528,3 +528,37 @@ async def test_a_refresh_whose_swap_the_closing_cache_cancels_raises_cache_close
         tg.start_soon(refresh)
         await store.reading.wait()  # the new version's weights are being read: close now
     assert len(outcome) == 1 and isinstance(outcome[0], CacheClosedError)
+
+
+async def test_a_model_evicted_while_its_new_version_loads_is_not_served_old_after_the_swap(
+    models: MemoryModels,
+) -> None:
+    """The old version evicted during its swap's load does not go to host memory: a use
+    meanwhile loads afresh, and after refresh() returns True every use gets the new version."""
+    models.add("m", NBYTES, seed=1)
+    store = _GatedReads(models.template)
+    async with ModelCache(
+        store, device_budget=4 * NBYTES, host_budget=4 * NBYTES, revalidate_after=None
+    ) as cache:
+        async with cache.use("m"):
+            pass
+        models.add("m", NBYTES, seed=2)
+        store.gate = anyio.Event()
+        changed: list[bool] = []
+
+        async def refresh() -> None:
+            changed.append(await cache.refresh("m"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refresh)
+            await store.reading.wait()  # the new version's weights are being read
+            store.gate.set()
+            store.gate = None
+            assert cache.evict("m")
+            assert cache.tier_of("m") is None  # not handed down to host memory
+            async with cache.use("m") as weights:  # a load of its own, during the swap
+                assert first_byte_sum(weights) == fingerprint(2)
+        assert changed == [True]
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(2)
+        check_invariants(cache)
