@@ -88,6 +88,7 @@ from ._exceptions import StoreError
 from ._format import ModelInfo
 from ._store import Store
 from ._units import format_bytes, parse_bytes
+from ._versions import ModelVersion
 
 __all__ = ["DiskEntry", "DiskStats", "DiskTier", "entry_name"]
 
@@ -406,7 +407,10 @@ class DiskTier:
             )
         files = plan_files(info)
         created = time.time()
-        manifest = manifest_bytes(info.model_id, files, info.nbytes, etag, created, info.version)
+        # No version (the store names none) is written as an empty one: a manifest without the
+        # field is of an older release, whose copy the store's version must replace.
+        version = info.version if info.version is not None else ModelVersion(())
+        manifest = manifest_bytes(info.model_id, files, info.nbytes, etag, created, version)
         size = sum(f.size for f in files) + len(manifest)
         if size > self._budget or self._read_only:
             return None
@@ -418,7 +422,7 @@ class DiskTier:
             etag,
             tuple((f.name, f.size) for f in files),
             created,
-            info.version,
+            version,
         )
         full = False  # met ENOSPC: evict before trying again
         while True:

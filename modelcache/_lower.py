@@ -229,8 +229,10 @@ class LowerTiers:
                         model_id, entry.version
                     ):
                         info = await read_model_info(disk.store, model_id)
-                        if entry.version is not None:  # the store's version, not the copy's
-                            info = replace(info, version=entry.version)
+                        # The store's version, never the copy's own files' (which a check
+                        # would then stat): None when the store named none.
+                        version = entry.version
+                        info = replace(info, version=version if version and version.files else None)
                         return info, disk.store, entry
                 except Exception as exc:
                     disk.release(entry)

@@ -196,14 +196,22 @@ class Revalidator:
 
     async def validate_disk(self, model_id: str, version: ModelVersion | None) -> bool:
         """Whether the disk copy of ``model_id`` (of ``version``) may be served now."""
-        if self.after is None or version is None:
-            return True  # never revalidated; or an entry written before versions were kept
+        if self.after is None or (version is not None and not version.files):
+            return True  # never revalidated; or the store names no version of its files
         last = self._disk_confirmed.get(model_id)
         now = _clock()
         if last is not None and now - last < self.after:
             return True
+        url = self.store.model_url(model_id)
         try:
+            if version is None or not all(_within(self.store, url, u) for u, _ in version.files):
+                # Written before versions were kept (or unreadable), or of files of another
+                # store: nothing to compare. Served only when the store cannot be asked.
+                await self.store.file_tag(url, model_id=model_id)
+                return False
             changed = await self._changed(model_id, version)
+        except ModelNotFoundError:
+            return False
         except StoreError as exc:  # after the store's own retries
             self.stale_serves += 1
             logger.warning(
@@ -219,6 +227,11 @@ class Revalidator:
             return False
         self._disk_confirmed[model_id] = self._confirmed[model_id] = now
         return True
+
+
+def _within(store: Store, model_url: str, url: str) -> bool:
+    """Whether ``url`` is a file of the model at ``model_url`` (itself, or in its directory)."""
+    return url == model_url or url.startswith(store.join(model_url, ""))
 
 
 async def load_one_version(

@@ -562,3 +562,60 @@ async def test_a_model_evicted_while_its_new_version_loads_is_not_served_old_aft
         async with cache.use("m") as weights:
             assert first_byte_sum(weights) == fingerprint(2)
         check_invariants(cache)
+
+
+def _edit_manifest(disk: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    [manifest] = disk.glob("*/.modelcache-entry.json")
+    doc = json.loads(manifest.read_text())
+    edit(doc)
+    manifest.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("edit", ["written_before_versions", "unreadable", "of_another_store"])
+async def test_a_disk_copy_whose_version_cannot_be_checked_is_not_served_after_a_change(
+    edit: str, http_server: HttpServer, tmp_path: Path
+) -> None:
+    """A disk entry without a usable version (an older release's manifest, a garbled field, or
+    files of another store) is not served once the store is reachable: the store's is."""
+    root, url = http_server.fresh_dir()
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    await _load_once(url, tmp_path / "disk")
+    other, other_url = http_server.fresh_dir()
+    replace_file(other / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    other_store = Store(f"{other_url}/{{model_id}}")
+    try:
+        other_tag = await other_store.etag(f"{other_url}/m/model.safetensors", model_id="m")
+    finally:
+        await other_store.aclose()
+
+    def change(doc: dict[str, Any]) -> None:
+        if edit == "written_before_versions":
+            del doc["version"]
+        elif edit == "unreadable":
+            doc["version"] = {"not": "a version"}
+        else:  # the disk directory was filled by a cache of another store
+            doc["version"] = [[f"{other_url}/m/model.safetensors", other_tag]]
+
+    _edit_manifest(tmp_path / "disk", change)
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=2))
+    answer, _ = await _load_once(url, tmp_path / "disk")
+    assert answer == fingerprint(2)
+
+
+async def test_a_disk_copy_without_a_version_is_served_stale_when_the_store_is_down(
+    http_server: HttpServer, tmp_path: Path
+) -> None:
+    """A disk entry of an older release is still served, counted stale, when the store is down."""
+    root, url = http_server.fresh_dir()
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    await _load_once(url, tmp_path / "disk")
+    _edit_manifest(tmp_path / "disk", lambda doc: doc.pop("version"))
+    http_server.fail(f"{url}/m", None, status=503)
+    http_server.fail(f"{url}/m/model.safetensors", None, status=503)
+    store = Store(f"{url}/{{model_id}}", max_retries=0)
+    async with ModelCache(
+        store, device_budget=10 * NBYTES, disk_dir=tmp_path / "disk", disk_budget="1MiB"
+    ) as cache:
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(1)
+        assert cache.stats().stale_serves == 1
