@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
@@ -66,6 +67,21 @@ class _Check:
         self.error: BaseException | None = None
 
 
+#: Model ids whose last check time is remembered (most recent first): a cache that has served
+#: millions of ids keeps no float for each. A forgotten id is checked at its next hit.
+_MAX_REMEMBERED = 100_000
+
+
+class _Times(OrderedDict[str, float]):
+    """When each model id was last confirmed, for at most ``_MAX_REMEMBERED`` ids."""
+
+    def __setitem__(self, model_id: str, when: float) -> None:
+        super().__setitem__(model_id, when)
+        self.move_to_end(model_id)
+        if len(self) > _MAX_REMEMBERED:
+            self.popitem(last=False)
+
+
 class Revalidator:
     """The per-model check schedule, the checks in flight, and their counters."""
 
@@ -74,8 +90,8 @@ class Revalidator:
             raise ValueError(f"revalidate_after must be a number >= 0 or None, got {after}")
         self.store = store
         self.after = after
-        self._confirmed: dict[str, float] = {}
-        self._disk_confirmed: dict[str, float] = {}
+        self._confirmed = _Times()
+        self._disk_confirmed = _Times()
         self._checks: dict[str, _Check] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self._version_of: Callable[[str], ModelVersion | None] = lambda _: None

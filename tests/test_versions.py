@@ -619,3 +619,19 @@ async def test_a_disk_copy_without_a_version_is_served_stale_when_the_store_is_d
         async with cache.use("m") as weights:
             assert first_byte_sum(weights) == fingerprint(1)
         assert cache.stats().stale_serves == 1
+
+
+async def test_the_check_schedule_remembers_a_bounded_number_of_ids(
+    models: MemoryModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids that passed through the cache are not remembered forever by the revalidation
+    schedule: beyond its bound the oldest are forgotten (and checked at their next hit)."""
+    monkeypatch.setattr("modelcache._refresh._MAX_REMEMBERED", 3, raising=False)
+    for i in range(6):
+        models.add(f"m{i}", 64, seed=i)
+    async with ModelCache(models.template, device_budget=128, revalidate_after=60) as cache:
+        for i in range(6):
+            async with cache.use(f"m{i}"):
+                pass
+        c: _ModelCache = cache
+        assert list(c._revalidator._confirmed) == ["m3", "m4", "m5"]
