@@ -197,14 +197,30 @@ class Revalidator:
         self.revalidations += 1
         tags: dict[str, str | None] = {}
 
-        async def tag(url: str) -> None:
+        async def tag(url: str, into: dict[str, str | None]) -> None:
             try:
-                tags[url] = await self.store.file_tag(url, model_id=model_id)
+                into[url] = await self.store.file_tag(url, model_id=model_id)
             except ModelNotFoundError:
-                tags[url] = None
+                into[url] = None
 
-        await gather([partial(tag, url) for url, _ in version.files])
-        changed = any(tags[url] != known for url, known in version.files)
+        await gather([partial(tag, url, tags) for url, _ in version.files])
+        moved = [url for url, known in version.files if tags[url] != known]
+        if moved:
+            # Asked again: a store that names the same content differently at each ask (per
+            # replica ETags behind a balancer) would otherwise swap in a full reload at every
+            # check, forever. A real change answers the same twice; a rare one between the two
+            # asks is found at the next check.
+            again: dict[str, str | None] = {}
+            await gather([partial(tag, url, again) for url in moved])
+            unstable = [url for url in moved if again[url] != tags[url]]
+            if unstable:
+                logger.warning(
+                    "not revalidating %r: the store names %s differently at each ask",
+                    model_id,
+                    unstable[0],
+                )
+                return False
+        changed = bool(moved)
         if changed:
             self.changes += 1
             logger.info("model %r changed in the store (was version %s)", model_id, version)

@@ -635,3 +635,29 @@ async def test_the_check_schedule_remembers_a_bounded_number_of_ids(
                 pass
         c: _ModelCache = cache
         assert list(c._revalidator._confirmed) == ["m3", "m4", "m5"]
+
+
+class _FlappingStore(Store):
+    """Names the same content with a new tag at every ask (per-replica ETags)."""
+
+    asks = 0
+
+    async def file_tag(self, url: str, *, model_id: str) -> str | None:
+        self.asks += 1
+        return f'"{self.asks}"'
+
+
+async def test_a_store_whose_tags_change_at_every_ask_does_not_swap_at_every_check(
+    models: MemoryModels,
+) -> None:
+    """A store naming unchanged content with a new tag each time is not taken for a new version
+    at each check (a full reload per check): refresh() says unchanged and nothing is swapped."""
+    models.add("m", NBYTES, seed=1)
+    async with ModelCache(
+        _FlappingStore(models.template), device_budget=10 * NBYTES, revalidate_after=None
+    ) as cache:
+        async with cache.use("m"):
+            pass
+        for _ in range(3):
+            assert await cache.refresh("m") is False
+        assert (cache.stats().swaps, cache.stats().loads) == (0, 1)
