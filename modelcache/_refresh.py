@@ -147,6 +147,9 @@ class Revalidator:
         store yet: one that asked before this call may have missed a version published just
         before it (a publisher's refresh after its upload), so it is waited for (its swap
         ends first) and another one made."""
+        # A copy held by the disk tier only has no resident version to compare here: its next
+        # load checks it against the store, however recently it was checked.
+        self._disk_confirmed.pop(model_id, None)
         changed = False
         while True:
             check = self._checks.get(model_id)

@@ -661,3 +661,29 @@ async def test_a_store_whose_tags_change_at_every_ask_does_not_swap_at_every_che
         for _ in range(3):
             assert await cache.refresh("m") is False
         assert (cache.stats().swaps, cache.stats().loads) == (0, 1)
+
+
+async def test_refresh_makes_the_next_disk_load_check_the_store_again(
+    http_server: HttpServer, tmp_path: Path
+) -> None:
+    """After refresh(), a model held only by the disk tier is checked against the store at its
+    next load, even within revalidate_after of its last check: a publish then refresh() (the
+    KServe adapter's /load) never gets the old disk copy."""
+    root, url = http_server.fresh_dir()
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    await _load_once(url, tmp_path / "disk")
+    async with ModelCache(
+        f"{url}/{{model_id}}",
+        device_budget=10 * NBYTES,
+        disk_dir=tmp_path / "disk",
+        disk_budget="1MiB",
+        revalidate_after=3600,
+    ) as cache:
+        async with cache.use("m") as weights:  # from the disk copy, checked now
+            assert first_byte_sum(weights) == fingerprint(1)
+        assert cache.evict("m")
+        assert cache.tier_of("m") == "disk"
+        replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=2))
+        await cache.refresh("m")
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(2)
