@@ -60,9 +60,10 @@ class _Check:
 
     def __init__(self) -> None:
         self.done = anyio.Event()
-        #: Set when its stat/HEADs are sent: a `refresh` from then on may predate the store's
-        #: new version the caller knows of, so it waits for it and checks again.
-        self.asked = False
+        #: The Revalidator's count of checks that had asked the store when this one did (None
+        #: before): a `refresh` called before that may predate a version its caller knows of,
+        #: so it waits for this one and checks again.
+        self.asked: int | None = None
         self.changed = False
         self.error: BaseException | None = None
 
@@ -93,6 +94,7 @@ class Revalidator:
         self._confirmed = _Times()
         self._disk_confirmed = _Times()
         self._checks: dict[str, _Check] = {}
+        self._asks = 0  # checks that have asked the store (`_Check.asked`)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._version_of: Callable[[str], ModelVersion | None] = lambda _: None
         self._on_change: Callable[[str], Awaitable[None]] | None = None
@@ -143,17 +145,19 @@ class Revalidator:
 
     async def check(self, model_id: str) -> bool:
         """Check ``model_id`` now; True if it changed (the new version is then in place, or its
-        load failed and was logged). A check in flight is joined only if it has not asked the
-        store yet: one that asked before this call may have missed a version published just
-        before it (a publisher's refresh after its upload), so it is waited for (its swap
-        ends first) and another one made."""
+        load failed and was logged). A check in flight is joined only if it asks the store
+        after this call: one that asked before may have missed a version published just before
+        it (a publisher's refresh after its upload), so it is waited for (its swap ends first)
+        and another one made."""
         # A copy held by the disk tier only has no resident version to compare here: its next
         # load checks it against the store, however recently it was checked.
         self._disk_confirmed.pop(model_id, None)
-        changed = False
+        changed, since = False, self._asks
         while True:
             check = self._checks.get(model_id)
-            fresh = check is None or not check.asked
+            # One that asks (or asked) after this call: a stream of hits starting checks back
+            # to back cannot keep this waiting.
+            fresh = check is None or check.asked is None or check.asked > since
             if check is None:
                 if self._task_group is None:
                     raise CacheClosedError(f"the cache closed while {model_id!r} was checked")
@@ -176,7 +180,8 @@ class Revalidator:
     async def _run(self, model_id: str, check: _Check) -> None:
         try:
             version = self._version_of(model_id)
-            check.asked = True  # from here on it may answer for a store older than a caller's
+            self._asks += 1
+            check.asked = self._asks  # it may answer for a store older than later callers know
             if version is not None:
                 check.changed = await self._changed(model_id, version)
                 if check.changed and self._on_change is not None:
