@@ -1029,6 +1029,10 @@ class ModelCache:
             elif new.weights is not None:  # the old one may have gone meanwhile: nothing left
                 await self._lower.drop_stale(model_id, new.weights.info.version)
 
+    def _swapping_id(self, model_id: str) -> bool:
+        """Whether a new version of ``model_id`` is being loaded (for any bound class)."""
+        return any(key[1] == model_id for key in self._swapping)
+
     def _install(self, new: _Entry) -> bool:
         """A new version's load finished: it takes the index from whatever holds its key;
         False when a load of the key is in flight (it began after the old one left)."""
@@ -1163,7 +1167,9 @@ class ModelCache:
             format_bytes(nbytes),
             extra={"model_id": entry.model_id, "nbytes": nbytes},
         )
-        if weights is None:
+        if weights is None or self._swapping_id(entry.model_id):
+            # A version being replaced is not handed down: a load of its id meanwhile would
+            # find it in host memory and serve it after the swap (issue 12).
             self._device.drop_now(nbytes)
         else:
             self._lower.demote(weights, self._device)

@@ -96,6 +96,7 @@ from ._exceptions import StoreError
 from ._format import ModelInfo
 from ._store import Store
 from ._units import format_bytes, parse_bytes
+from ._versions import ModelVersion
 
 __all__ = ["DiskEntry", "DiskStats", "DiskTier", "entry_name"]
 
@@ -459,14 +460,11 @@ class DiskTier:
             )
         files = plan_files(info)
         created = time.time()
+        # No version (the store names none) is written as an empty one: a manifest without the
+        # field is of an older release, whose copy the store's version must replace.
+        version = info.version if info.version is not None else ModelVersion(())
         make_manifest = partial(
-            manifest_bytes,
-            info.model_id,
-            files,
-            info.nbytes,
-            etag,
-            created,
-            version=info.version,
+            manifest_bytes, info.model_id, files, info.nbytes, etag, created, version=version
         )
         # Checksums are fixed-width: the manifest's size is known before they are.
         size = sum(f.size for f in files) + len(make_manifest())
@@ -480,7 +478,7 @@ class DiskTier:
             etag,
             tuple((f.name, f.size) for f in files),
             created,
-            info.version,
+            version,
         )
         full = False  # met ENOSPC: evict before trying again
         while True:

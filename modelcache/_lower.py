@@ -229,17 +229,15 @@ class LowerTiers:
             if entry is not None and acquired:
                 try:
                     # -- versions (issue 12): a copy the store no longer has is not served
-                    if self.validate_disk is not None and not await self.validate_disk(
+                    if self.validate_disk is None or await self.validate_disk(
                         model_id, entry.version
                     ):
-                        disk.release(entry)
-                        disk.count(served=False)
-                        await self._drop_disk_copy(model_id, None)
-                        return await read_model_info(self._store, model_id), self._store, None
-                    info = await read_model_info(disk.store, model_id)
-                    if entry.version is not None:  # the store's version, not the copy's files
-                        info = replace(info, version=entry.version)
-                    return info, disk.store, entry
+                        info = await read_model_info(disk.store, model_id)
+                        # The store's version, never the copy's own files' (which a check
+                        # would then stat): None when the store named none.
+                        version = entry.version
+                        info = replace(info, version=version if version and version.files else None)
+                        return info, disk.store, entry
                 except Exception as exc:
                     disk.release(entry)
                     if not _unreadable(exc):
@@ -249,6 +247,10 @@ class LowerTiers:
                 except BaseException:
                     disk.release(entry)
                     raise
+                else:  # stale: released once, here, so a failed store read below cannot again
+                    disk.release(entry)
+                    disk.count(served=False)
+                    await self._drop_disk_copy(model_id, None)
             else:
                 disk.count(served=False)
         return await read_model_info(self._store, model_id), self._store, None

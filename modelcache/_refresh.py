@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
@@ -30,7 +31,7 @@ import anyio
 import anyio.abc
 
 from ._concurrency import gather
-from ._exceptions import ModelChangedError, ModelNotFoundError, StoreError
+from ._exceptions import CacheClosedError, ModelChangedError, ModelNotFoundError, StoreError
 from ._failures import for_caller, release_frames
 from ._format import ModelInfo
 from ._loader import read_model_info, with_config
@@ -56,12 +57,31 @@ _clock = time.monotonic
 
 
 class _Check:
-    __slots__ = ("changed", "done", "error")
+    __slots__ = ("asked", "changed", "done", "error")
 
     def __init__(self) -> None:
         self.done = anyio.Event()
+        #: The Revalidator's count of checks that had asked the store when this one did (None
+        #: before): a `refresh` called before that may predate a version its caller knows of,
+        #: so it waits for this one and checks again.
+        self.asked: int | None = None
         self.changed = False
         self.error: BaseException | None = None
+
+
+#: Model ids whose last check time is remembered (most recent first): a cache that has served
+#: millions of ids keeps no float for each. A forgotten id is checked at its next hit.
+_MAX_REMEMBERED = 100_000
+
+
+class _Times(OrderedDict[str, float]):
+    """When each model id was last confirmed, for at most ``_MAX_REMEMBERED`` ids."""
+
+    def __setitem__(self, model_id: str, when: float) -> None:
+        super().__setitem__(model_id, when)
+        self.move_to_end(model_id)
+        if len(self) > _MAX_REMEMBERED:
+            self.popitem(last=False)
 
 
 class Revalidator:
@@ -72,9 +92,10 @@ class Revalidator:
             raise ValueError(f"revalidate_after must be a number >= 0 or None, got {after}")
         self.store = store
         self.after = after
-        self._confirmed: dict[str, float] = {}
-        self._disk_confirmed: dict[str, float] = {}
+        self._confirmed = _Times()
+        self._disk_confirmed = _Times()
         self._checks: dict[str, _Check] = {}
+        self._asks = 0  # checks that have asked the store (`_Check.asked`)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._version_of: Callable[[str], ModelVersion | None] = lambda _: None
         self._on_change: Callable[[str], Awaitable[None]] | None = None
@@ -124,15 +145,30 @@ class Revalidator:
         return self.next_due(_clock())
 
     async def check(self, model_id: str) -> bool:
-        """Check ``model_id`` now (joining a check in flight); True if it changed (the new version
-        is then in place, or its load failed and was logged)."""
-        check = self._checks.get(model_id)
-        if check is None:
-            check = self._start(model_id)
-        await check.done.wait()
-        if check.error is not None:
-            raise for_caller(check.error)  # shared: each caller raises its own copy
-        return check.changed
+        """Check ``model_id`` now; True if it changed (the new version is then in place, or its
+        load failed and was logged). A check in flight is joined only if it asks the store
+        after this call: one that asked before may have missed a version published just before
+        it (a publisher's refresh after its upload), so it is waited for (its swap ends first)
+        and another one made."""
+        # A copy held by the disk tier only has no resident version to compare here: its next
+        # load checks it against the store, however recently it was checked.
+        self._disk_confirmed.pop(model_id, None)
+        changed, since = False, self._asks
+        while True:
+            check = self._checks.get(model_id)
+            # One that asks (or asked) after this call: a stream of hits starting checks back
+            # to back cannot keep this waiting.
+            fresh = check is None or check.asked is None or check.asked > since
+            if check is None:
+                if self._task_group is None:
+                    raise CacheClosedError(f"the cache closed while {model_id!r} was checked")
+                check = self._start(model_id)
+            await check.done.wait()
+            if fresh:
+                if check.error is not None:
+                    raise for_caller(check.error)  # shared: each caller raises its own copy
+                return changed or check.changed
+            changed = changed or (check.error is None and check.changed)
 
     def _start(self, model_id: str) -> _Check:
         assert self._task_group is not None
@@ -145,6 +181,8 @@ class Revalidator:
     async def _run(self, model_id: str, check: _Check) -> None:
         try:
             version = self._version_of(model_id)
+            self._asks += 1
+            check.asked = self._asks  # it may answer for a store older than later callers know
             if version is not None:
                 check.changed = await self._changed(model_id, version)
                 if check.changed and self._on_change is not None:
@@ -153,6 +191,11 @@ class Revalidator:
             release_frames(exc)
             check.error = exc
             logger.warning("could not revalidate %r: %s", model_id, exc)
+        except BaseException:  # cancelled: the cache is closing (its swap, if any, undone)
+            check.error = CacheClosedError(
+                f"the cache closed while {model_id!r} was checked", model_id=model_id
+            )
+            raise
         finally:
             self._confirmed[model_id] = _clock()
             del self._checks[model_id]
@@ -163,14 +206,30 @@ class Revalidator:
         self.revalidations += 1
         tags: dict[str, str | None] = {}
 
-        async def tag(url: str) -> None:
+        async def tag(url: str, into: dict[str, str | None]) -> None:
             try:
-                tags[url] = await self.store.file_tag(url, model_id=model_id)
+                into[url] = await self.store.file_tag(url, model_id=model_id)
             except ModelNotFoundError:
-                tags[url] = None
+                into[url] = None
 
-        await gather([partial(tag, url) for url, _ in version.files])
-        changed = any(tags[url] != known for url, known in version.files)
+        await gather([partial(tag, url, tags) for url, _ in version.files])
+        moved = [url for url, known in version.files if tags[url] != known]
+        if moved:
+            # Asked again: a store that names the same content differently at each ask (per
+            # replica ETags behind a balancer) would otherwise swap in a full reload at every
+            # check, forever. A real change answers the same twice; a rare one between the two
+            # asks is found at the next check.
+            again: dict[str, str | None] = {}
+            await gather([partial(tag, url, again) for url in moved])
+            unstable = [url for url in moved if again[url] != tags[url]]
+            if unstable:
+                logger.warning(
+                    "not revalidating %r: the store names %s differently at each ask",
+                    model_id,
+                    unstable[0],
+                )
+                return False
+        changed = bool(moved)
         if changed:
             self.changes += 1
             logger.info("model %r changed in the store (was version %s)", model_id, version)
@@ -178,14 +237,22 @@ class Revalidator:
 
     async def validate_disk(self, model_id: str, version: ModelVersion | None) -> bool:
         """Whether the disk copy of ``model_id`` (of ``version``) may be served now."""
-        if self.after is None or version is None:
-            return True  # never revalidated; or an entry written before versions were kept
+        if self.after is None or (version is not None and not version.files):
+            return True  # never revalidated; or the store names no version of its files
         last = self._disk_confirmed.get(model_id)
         now = _clock()
         if last is not None and now - last < self.after:
             return True
+        url = self.store.model_url(model_id)
         try:
+            if version is None or not all(_within(self.store, url, u) for u, _ in version.files):
+                # Written before versions were kept (or unreadable), or of files of another
+                # store: nothing to compare. Served only when the store cannot be asked.
+                await self.store.file_tag(url, model_id=model_id)
+                return False
             changed = await self._changed(model_id, version)
+        except ModelNotFoundError:
+            return False
         except StoreError as exc:  # after the store's own retries
             self.stale_serves += 1
             logger.warning(
@@ -201,6 +268,11 @@ class Revalidator:
             return False
         self._disk_confirmed[model_id] = self._confirmed[model_id] = now
         return True
+
+
+def _within(store: Store, model_url: str, url: str) -> bool:
+    """Whether ``url`` is a file of the model at ``model_url`` (itself, or in its directory)."""
+    return url == model_url or url.startswith(store.join(model_url, ""))
 
 
 async def load_one_version(

@@ -133,8 +133,10 @@ def check_invariants(cache: ModelCache) -> None:
     assert all(e.reserved for e in ready)
     assert c._leased == sum(e.leases for e in entries) or c._state.value != "open"
     assert c._loading == sum(1 for e in entries if not e.ready and not e.retired)
-    # Waiters of a load that just failed are still counted until they wake: hence >=.
-    assert c._waiters >= sum(e.waiters for e in entries)
+    # Waiters of a load that just failed are still counted until they wake: hence >=. A swap's
+    # load counts its own task as its one waiter (never abandoned); no caller waits on it.
+    assert all(e.waiters == 1 for e in c._swapping.values())
+    assert c._waiters >= sum(e.waiters for e in entries) - len(c._swapping)
     assert all(e.leases >= 0 and e.waiters >= 0 for e in entries)
     # Victims chosen for the line (draining) are ready entries, and known to the budget.
     device.check()

@@ -16,7 +16,14 @@ import anyio.lowlevel
 import pytest
 import torch
 
-from modelcache import ModelCache, ModelChangedError, Store, Weights
+from modelcache import (
+    CacheClosedError,
+    ModelCache,
+    ModelChangedError,
+    ModelNotFoundError,
+    Store,
+    Weights,
+)
 from modelcache._cache import ModelCache as _ModelCache
 from modelcache._loader import read_model_info, with_config
 from modelcache._versions import reading
@@ -417,3 +424,266 @@ async def test_a_new_version_evicts_other_models_never_the_leased_old_one(
         assert cache.stats().bytes_reserved == NBYTES
         assert cache.stats().misses == 2  # a and b once each: no use waited for the new a
         check_invariants(cache)
+
+
+# -- attacks (issue 12 hardening) ------------------------------------------------------------------
+
+
+async def test_a_disk_copy_of_a_model_deleted_from_the_store_fails_as_not_found(
+    http_server: HttpServer, tmp_path: Path
+) -> None:
+    """A disk copy whose object was deleted from the store is dropped and the use fails with
+    ModelNotFoundError, as a miss would: the disk entry is released once, not twice."""
+    root, url = http_server.fresh_dir()
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    await _load_once(url, tmp_path / "disk")
+    os.remove(root / "m" / "model.safetensors")
+    with pytest.raises(ModelNotFoundError):
+        await _load_once(url, tmp_path / "disk")
+    assert not list((tmp_path / "disk").glob("*/.modelcache-entry.json"))
+
+
+class _SlowAnswerStore(Store):
+    """file_tag reads the store's answer at once, then delivers it only when ``gate`` opens (a
+    HEAD answered before a publish, received after it)."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.gate: anyio.Event | None = None
+        self.asked = anyio.Event()
+
+    async def file_tag(self, url: str, *, model_id: str) -> str | None:
+        tag = await super().file_tag(url, model_id=model_id)
+        self.asked.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return tag
+
+
+async def test_refresh_after_a_publish_sees_it_even_while_an_older_check_is_in_flight(
+    models: MemoryModels,
+) -> None:
+    """A refresh() called after a new version was published returns True and swaps it in, even
+    when a background check that asked the store before the publish is still in flight."""
+    models.add("m", NBYTES, seed=1)
+    store = _SlowAnswerStore(models.template)
+    async with ModelCache(store, device_budget=10 * NBYTES, revalidate_after=0) as cache:
+        async with cache.use("m"):
+            pass
+        store.gate = anyio.Event()
+        async with cache.use("m"):  # due: a background check starts; its answer is delayed
+            pass
+        await store.asked.wait()
+        models.add("m", NBYTES, seed=2)  # published after the check was answered
+        changed: list[bool] = []
+
+        async def refresh() -> None:
+            changed.append(await cache.refresh("m"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refresh)
+            await anyio.wait_all_tasks_blocked()
+            store.gate.set()
+        assert changed == [True]
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(2)
+
+
+class _GatedReads(Store):
+    """read_into waits on ``gate`` once it is set (the weights of a load in flight)."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.gate: anyio.Event | None = None
+        self.reading = anyio.Event()
+
+    async def read_into(self, url: str, offset: int, dest: memoryview, *, model_id: str) -> None:
+        if self.gate is not None:
+            self.reading.set()
+            await self.gate.wait()
+        await super().read_into(url, offset, dest, model_id=model_id)
+
+
+async def test_a_refresh_whose_swap_the_closing_cache_cancels_raises_cache_closed(
+    models: MemoryModels,
+) -> None:
+    """A refresh() waiting on a swap when the cache closes raises CacheClosedError: it never
+    reports a change that was not swapped in."""
+    models.add("m", NBYTES, seed=1)
+    store = _GatedReads(models.template)
+    cache = ModelCache(store, device_budget=10 * NBYTES, revalidate_after=None)
+    outcome: list[object] = []
+
+    async def refresh() -> None:
+        try:
+            outcome.append(await cache.refresh("m"))
+        except CacheClosedError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg, cache:
+        async with cache.use("m"):
+            pass
+        models.add("m", NBYTES, seed=2)
+        store.gate = anyio.Event()
+        tg.start_soon(refresh)
+        await store.reading.wait()  # the new version's weights are being read: close now
+    assert len(outcome) == 1 and isinstance(outcome[0], CacheClosedError)
+
+
+async def test_a_model_evicted_while_its_new_version_loads_is_not_served_old_after_the_swap(
+    models: MemoryModels,
+) -> None:
+    """The old version evicted during its swap's load does not go to host memory: a use
+    meanwhile loads afresh, and after refresh() returns True every use gets the new version."""
+    models.add("m", NBYTES, seed=1)
+    store = _GatedReads(models.template)
+    async with ModelCache(
+        store, device_budget=4 * NBYTES, host_budget=4 * NBYTES, revalidate_after=None
+    ) as cache:
+        async with cache.use("m"):
+            pass
+        models.add("m", NBYTES, seed=2)
+        store.gate = anyio.Event()
+        changed: list[bool] = []
+
+        async def refresh() -> None:
+            changed.append(await cache.refresh("m"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refresh)
+            await store.reading.wait()  # the new version's weights are being read
+            store.gate.set()
+            store.gate = None
+            assert cache.evict("m")
+            assert cache.tier_of("m") is None  # not handed down to host memory
+            async with cache.use("m") as weights:  # a load of its own, during the swap
+                assert first_byte_sum(weights) == fingerprint(2)
+        assert changed == [True]
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(2)
+        check_invariants(cache)
+
+
+def _edit_manifest(disk: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    [manifest] = disk.glob("*/.modelcache-entry.json")
+    doc = json.loads(manifest.read_text())
+    edit(doc)
+    manifest.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("edit", ["written_before_versions", "unreadable", "of_another_store"])
+async def test_a_disk_copy_whose_version_cannot_be_checked_is_not_served_after_a_change(
+    edit: str, http_server: HttpServer, tmp_path: Path
+) -> None:
+    """A disk entry without a usable version (an older release's manifest, a garbled field, or
+    files of another store) is not served once the store is reachable: the store's is."""
+    root, url = http_server.fresh_dir()
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    await _load_once(url, tmp_path / "disk")
+    other, other_url = http_server.fresh_dir()
+    replace_file(other / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    other_store = Store(f"{other_url}/{{model_id}}")
+    try:
+        other_tag = await other_store.etag(f"{other_url}/m/model.safetensors", model_id="m")
+    finally:
+        await other_store.aclose()
+
+    def change(doc: dict[str, Any]) -> None:
+        if edit == "written_before_versions":
+            del doc["version"]
+        elif edit == "unreadable":
+            doc["version"] = {"not": "a version"}
+        else:  # the disk directory was filled by a cache of another store
+            doc["version"] = [[f"{other_url}/m/model.safetensors", other_tag]]
+
+    _edit_manifest(tmp_path / "disk", change)
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=2))
+    answer, _ = await _load_once(url, tmp_path / "disk")
+    assert answer == fingerprint(2)
+
+
+async def test_a_disk_copy_without_a_version_is_served_stale_when_the_store_is_down(
+    http_server: HttpServer, tmp_path: Path
+) -> None:
+    """A disk entry of an older release is still served, counted stale, when the store is down."""
+    root, url = http_server.fresh_dir()
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    await _load_once(url, tmp_path / "disk")
+    _edit_manifest(tmp_path / "disk", lambda doc: doc.pop("version"))
+    http_server.fail(f"{url}/m", None, status=503)
+    http_server.fail(f"{url}/m/model.safetensors", None, status=503)
+    store = Store(f"{url}/{{model_id}}", max_retries=0)
+    async with ModelCache(
+        store, device_budget=10 * NBYTES, disk_dir=tmp_path / "disk", disk_budget="1MiB"
+    ) as cache:
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(1)
+        assert cache.stats().stale_serves == 1
+
+
+async def test_the_check_schedule_remembers_a_bounded_number_of_ids(
+    models: MemoryModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids that passed through the cache are not remembered forever by the revalidation
+    schedule: beyond its bound the oldest are forgotten (and checked at their next hit)."""
+    monkeypatch.setattr("modelcache._refresh._MAX_REMEMBERED", 3, raising=False)
+    for i in range(6):
+        models.add(f"m{i}", 64, seed=i)
+    async with ModelCache(models.template, device_budget=128, revalidate_after=60) as cache:
+        for i in range(6):
+            async with cache.use(f"m{i}"):
+                pass
+        c: _ModelCache = cache
+        assert list(c._revalidator._confirmed) == ["m3", "m4", "m5"]
+
+
+class _FlappingStore(Store):
+    """Names the same content with a new tag at every ask (per-replica ETags)."""
+
+    asks = 0
+
+    async def file_tag(self, url: str, *, model_id: str) -> str | None:
+        self.asks += 1
+        return f'"{self.asks}"'
+
+
+async def test_a_store_whose_tags_change_at_every_ask_does_not_swap_at_every_check(
+    models: MemoryModels,
+) -> None:
+    """A store naming unchanged content with a new tag each time is not taken for a new version
+    at each check (a full reload per check): refresh() says unchanged and nothing is swapped."""
+    models.add("m", NBYTES, seed=1)
+    async with ModelCache(
+        _FlappingStore(models.template), device_budget=10 * NBYTES, revalidate_after=None
+    ) as cache:
+        async with cache.use("m"):
+            pass
+        for _ in range(3):
+            assert await cache.refresh("m") is False
+        assert (cache.stats().swaps, cache.stats().loads) == (0, 1)
+
+
+async def test_refresh_makes_the_next_disk_load_check_the_store_again(
+    http_server: HttpServer, tmp_path: Path
+) -> None:
+    """After refresh(), a model held only by the disk tier is checked against the store at its
+    next load, even within revalidate_after of its last check: a publish then refresh() (the
+    KServe adapter's /load) never gets the old disk copy."""
+    root, url = http_server.fresh_dir()
+    replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=1))
+    await _load_once(url, tmp_path / "disk")
+    async with ModelCache(
+        f"{url}/{{model_id}}",
+        device_budget=10 * NBYTES,
+        disk_dir=tmp_path / "disk",
+        disk_budget="1MiB",
+        revalidate_after=3600,
+    ) as cache:
+        async with cache.use("m") as weights:  # from the disk copy, checked now
+            assert first_byte_sum(weights) == fingerprint(1)
+        assert cache.evict("m")
+        assert cache.tier_of("m") == "disk"
+        replace_file(root / "m" / "model.safetensors", model_bytes(NBYTES, seed=2))
+        await cache.refresh("m")
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(2)
