@@ -192,6 +192,15 @@ def _escape(model_id: str, url: str, name: str) -> ModelFormatError:
     )
 
 
+def _beneath(target: str, roots: tuple[str, ...]) -> str | None:
+    """``target`` (absolute, normalised) relative to the first of ``roots`` it is under."""
+    for root in roots:
+        inside = os.path.relpath(target, os.path.normpath(root))
+        if inside != os.pardir and not inside.startswith(os.pardir + os.sep):
+            return inside
+    return None
+
+
 def _open_within(root: str, model_id: str, url: str, path: str) -> int:
     """Open ``path`` (a file under the model's directory ``root``, whose URL is ``url``) for
     reading, following a symlink only where its target stays beneath ``root``.
@@ -234,9 +243,14 @@ def _open_within(root: str, model_id: str, url: str, path: str) -> int:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
                 target = os.readlink(part, dir_fd=stack[-1])
                 if os.path.isabs(target):
-                    # Only as a place beneath the directory's real path, walked from its fd.
-                    inside = os.path.relpath(os.path.normpath(target), real_root)
-                    if inside == os.pardir or inside.startswith(os.pardir + os.sep):
+                    # Only as a place beneath the directory (its path as given, or its real
+                    # one; the target's real path too, for a link made through another path to
+                    # it), walked from the directory's fd: what this resolves can race, where
+                    # the walk leads cannot leave the directory.
+                    inside = _beneath(os.path.normpath(target), (root, real_root)) or _beneath(
+                        os.path.realpath(target), (real_root,)
+                    )
+                    if inside is None:
                         raise _escape(model_id, url, name) from None
                     while len(stack) > 1:
                         os.close(stack.pop())

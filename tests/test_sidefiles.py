@@ -157,9 +157,10 @@ async def test_links_inside_the_model_directory_are_read_links_out_are_refused(
     (model / "real" / "tok.json").write_bytes(b"tok")
     (model / "real" / "vocab" / "a.txt").write_bytes(b"alpha")
     (model / "tokenizer.json").symlink_to("real/../real/tok.json")
-    (model / "abs.json").symlink_to(model / "real" / "tok.json")
+    (tmp_path / "alias").symlink_to(tmp_path / "store")  # the store reached through a link
+    (model / "abs.json").symlink_to(tmp_path / "alias" / "m" / "real" / "tok.json")
     (model / "vocab").symlink_to("real/vocab")
-    cache = ModelCache(f"file://{tmp_path}/store/{{model_id}}", device_budget=1000)
+    cache = ModelCache(f"file://{tmp_path}/alias/{{model_id}}", device_budget=1000)
 
     class Linked(Seen):
         side_files = ("tokenizer.json", "abs.json", "vocab/a.txt")
