@@ -9,8 +9,10 @@ names or globs relative to the model's directory). Rules:
   ``.../{model_id}/adapter_model.safetensors``).
 * Patterns are checked when the class is bound: relative, ``/``-separated, no ``..``, no URL
   syntax. Every file a pattern matches must stay inside the model's directory: a listed name
-  with ``..`` or an absolute path is refused, and on a local store so is a file whose real path
-  (a symlink) leads outside it. Plain names that are missing are simply absent; a glob may
+  with ``..`` or an absolute path is refused, and on a local store so is a file whose path (a
+  symlink, a linked directory) leads outside it: the file is opened beneath the directory
+  (`_open_within`), so the check holds for the very file read, even one swapped for a link
+  after it was listed. Plain names that are missing are simply absent; a glob may
   match nothing.
 * A side file is at most `MAX_SIDE_FILE` bytes and a model's side files together at most
   `MAX_SIDE_FILES` bytes: more is a `ModelFormatError`, never a silent truncation.
@@ -27,9 +29,11 @@ names or globs relative to the model's directory). Rules:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
@@ -37,12 +41,10 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any
 
-import anyio.to_thread
-
 from ._concurrency import gather
 from ._exceptions import ModelFormatError, ModelNotFoundError, ModelTooLargeError
 from ._format import INDEX_NAME, SINGLE_NAME, ModelInfo
-from ._store import Store
+from ._store import Store, opening_with
 from ._units import format_bytes
 from ._versions import ModelVersion, reading
 
@@ -67,6 +69,10 @@ MAX_SIDE_FILES = 64 << 20
 #: Names a side-file pattern never matches: the weights and files read another way.
 _RESERVED = frozenset({SINGLE_NAME, INDEX_NAME, CONFIG_NAME, SIDE_MARKER})
 _GLOB = frozenset("*?[")
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# One path component at a time, never through a link (`_open_within` resolves those itself).
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC
 
 
 def _is_glob(pattern: str) -> bool:
@@ -174,16 +180,90 @@ def _parse_config(data: bytes, model_id: str, url: str) -> Mapping[str, Any]:
     return config
 
 
-def _outside(root: str, names: list[str]) -> str | None:
-    """The first of ``names`` whose real path (links resolved) is not under ``root``."""
-    real_root = os.path.realpath(root)
-    for name in names:
-        path = os.path.join(root, name)
-        if os.path.lexists(path):
-            real = os.path.realpath(path)
-            if os.path.commonpath([real_root, real]) != real_root:
-                return name
+#: Symlinks one side file's path may pass through, at most (the kernel's own limit).
+_MAX_LINKS = 40
+
+
+def _escape(model_id: str, url: str, name: str) -> ModelFormatError:
+    return ModelFormatError(
+        f"model {model_id!r}: side file {name!r} leads outside {url}",
+        model_id=model_id,
+        path=f"{url}/{name}",
+    )
+
+
+def _beneath(target: str, roots: tuple[str, ...]) -> str | None:
+    """``target`` (absolute, normalised) relative to the first of ``roots`` it is under."""
+    for root in roots:
+        inside = os.path.relpath(target, os.path.normpath(root))
+        if inside != os.pardir and not inside.startswith(os.pardir + os.sep):
+            return inside
     return None
+
+
+def _open_within(root: str, model_id: str, url: str, path: str) -> int:
+    """Open ``path`` (a file under the model's directory ``root``, whose URL is ``url``) for
+    reading, following a symlink only where its target stays beneath ``root``.
+
+    This is the containment check itself, not a check before the open: every component is
+    opened from its parent's fd with ``O_NOFOLLOW`` and a link is resolved here, its ``..``
+    against the directories walked (never above ``root``), so a file swapped for a link out of
+    the directory after the names were listed fails here (`ModelFormatError`) instead of being
+    read from wherever it points. A link inside the directory to another file in it is read."""
+    name = os.path.relpath(path, root)
+    if name == CONFIG_NAME:
+        # Read as the weights are (a link followed, as before side files): the containment
+        # rule is the side files', whose names a class or a listing chooses.
+        return os.open(path, os.O_RDONLY | _CLOEXEC)
+    pending = name.split(os.sep)
+    if not _safe_relative(name.replace(os.sep, "/")):
+        raise _escape(model_id, url, name)
+    real_root = os.path.realpath(root)
+    stack = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)]
+    links = 0
+    try:
+        while pending:
+            part = pending.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if len(stack) == 1:
+                    raise _escape(model_id, url, name)
+                os.close(stack.pop())
+                continue
+            flags = _OPEN_READ if not pending else _OPEN_DIR
+            try:
+                fd = os.open(part, flags, dir_fd=stack[-1])
+            except OSError:
+                st = os.stat(part, dir_fd=stack[-1], follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):
+                    raise
+                links += 1
+                if links > _MAX_LINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
+                target = os.readlink(part, dir_fd=stack[-1])
+                if os.path.isabs(target):
+                    # Only as a place beneath the directory (its path as given, or its real
+                    # one; the target's real path too, for a link made through another path to
+                    # it), walked from the directory's fd: what this resolves can race, where
+                    # the walk leads cannot leave the directory.
+                    inside = _beneath(os.path.normpath(target), (root, real_root)) or _beneath(
+                        os.path.realpath(target), (real_root,)
+                    )
+                    if inside is None:
+                        raise _escape(model_id, url, name) from None
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                    target = inside
+                pending[:0] = target.split(os.sep)
+                continue
+            if not pending:
+                return fd
+            stack.append(fd)
+        raise _escape(model_id, url, name)  # the path was the directory itself
+    finally:
+        for fd in stack:
+            os.close(fd)
 
 
 async def _names(store: Store, info: ModelInfo, url: str, patterns: tuple[str, ...]) -> list[str]:
@@ -224,17 +304,23 @@ async def _from_store(
     config_url = store.join(url, CONFIG_NAME)
     names = await _names(store, info, url, patterns)
     local = store.local_path(url)
-    if local is not None and names:
-        outside = await anyio.to_thread.run_sync(_outside, local, names)
-        if outside is not None:
-            raise ModelFormatError(
-                f"model {model_id!r}: side file {outside!r} leads outside {url}",
-                model_id=model_id,
-                path=store.join(url, outside),
-            )
+    # On a local store every side file is opened beneath the directory:
+    # the check holds for the file read, however it is swapped after it was listed.
+    scope = (
+        opening_with(store, partial(_open_within, local, model_id, url))
+        if local is not None
+        else contextlib.nullcontext()
+    )
+    with scope:
+        return await _read_side(store, model_id, url, names, config_url if with_config else None)
+
+
+async def _read_side(
+    store: Store, model_id: str, url: str, names: list[str], config_url: str | None
+) -> tuple[Mapping[str, Any] | None, dict[str, bytes]]:
     # Sizes first, the caps checked on them, then the reads: a glob matching gigabytes must
     # fail before any of it is in memory, not after.
-    urls = [store.join(url, n) for n in names] + ([config_url] if with_config else [])
+    urls = [store.join(url, n) for n in names] + ([config_url] if config_url is not None else [])
     sizes = await gather([partial(_size_optional, store, model_id, u) for u in urls])
     total = sum(size or 0 for size in sizes[: len(names)])
     if total > MAX_SIDE_FILES:
@@ -251,10 +337,11 @@ async def _from_store(
         ]
     )
     contents = found[: len(names)]
-    raw_config = found[-1] if with_config else None
+    raw_config = found[-1] if config_url is not None else None
     files = {n: data for n, data in zip(names, contents, strict=True) if data is not None}
-    config = None if raw_config is None else _parse_config(raw_config, model_id, config_url)
-    return config, files
+    if raw_config is None or config_url is None:
+        return None, files
+    return _parse_config(raw_config, model_id, config_url), files
 
 
 #: Checks what `_from_disk` read (name -> bytes, None when absent) against the disk entry's

@@ -51,6 +51,7 @@ Design notes:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import inspect
@@ -62,7 +63,8 @@ import re
 import stat
 import urllib.parse
 from bisect import bisect_right
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -150,6 +152,25 @@ def _id_problem(model_id: str, allow_slash: bool, max_length: int) -> str | None
 
 def _is_a_directory(path: str) -> IsADirectoryError:
     return IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+
+
+#: (store, opener): in this context, ``store`` opens local paths with ``opener`` instead of its
+#: own. A ContextVar, like the version scope, so a caller (the side files' reads, which must
+#: not follow a link out of the model's directory) keeps the Store's methods and subclasses.
+_opener_override: ContextVar[tuple[Store, Callable[[str], int]] | None] = ContextVar(
+    "modelcache_opener", default=None
+)
+
+
+@contextlib.contextmanager
+def opening_with(store: Store, opener: Callable[[str], int]) -> Iterator[None]:
+    """A scope in which ``store`` opens every local file it reads or stats with ``opener``
+    (which may refuse a path by raising a `ModelCacheError`: it reaches the caller as is)."""
+    token = _opener_override.set((store, opener))
+    try:
+        yield
+    finally:
+        _opener_override.reset(token)
 
 
 def _open_plain(path: str) -> int:
@@ -466,7 +487,7 @@ class Store:
             path = self.local_path(url)
             if path is not None:
                 st = await anyio.to_thread.run_sync(
-                    _stat_local, path, self._opener, limiter=self._get_limiter()
+                    _stat_local, path, self._local_opener(), limiter=self._get_limiter()
                 )
                 if stat.S_ISDIR(st.st_mode):
                     raise _is_a_directory(path)
@@ -514,7 +535,7 @@ class Store:
             path = self.local_path(url)
             if path is not None:
                 st = await anyio.to_thread.run_sync(
-                    _stat_local, path, self._opener, limiter=self._get_limiter()
+                    _stat_local, path, self._local_opener(), limiter=self._get_limiter()
                 )
                 return local_tag(st)
             fs, fspath = await self._remote(url)
@@ -553,7 +574,7 @@ class Store:
             path = self.local_path(url)
             if path is not None:
                 data, before, after = await anyio.to_thread.run_sync(
-                    _pread_range, path, start, end, self._opener, limiter=limiter
+                    _pread_range, path, start, end, self._local_opener(), limiter=limiter
                 )
                 see(url, before, model_id)
                 see(url, after, model_id)
@@ -607,7 +628,11 @@ class Store:
             with translated("read", url, model_id):
                 if path is not None:
                     size, data, before, after = await anyio.to_thread.run_sync(
-                        _read_head_local, path, limit, self._opener, limiter=self._get_limiter()
+                        _read_head_local,
+                        path,
+                        limit,
+                        self._local_opener(),
+                        limiter=self._get_limiter(),
                     )
                     see(url, before, model_id)
                     see(url, after, model_id)
@@ -694,6 +719,10 @@ class Store:
             raise StoreError(f"closing the store's sessions failed: {errors[0]!r}") from errors[0]
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _local_opener(self) -> Callable[[str], int]:
+        override = _opener_override.get()
+        return override[1] if override is not None and override[0] is self else self._opener
 
     def _get_limiter(self) -> anyio.CapacityLimiter:
         if self._limiter is None:
@@ -835,7 +864,13 @@ class Store:
             try:
                 if run.size <= self._chunk:  # one chunk: open and read in the same call
                     file_size, got, before, after = await anyio.to_thread.run_sync(
-                        _open_and_read, path, opened, self._opener, offset, run, limiter=limiter
+                        _open_and_read,
+                        path,
+                        opened,
+                        self._local_opener(),
+                        offset,
+                        run,
+                        limiter=limiter,
                     )
                     see(url, before, model_id)
                     if file_size < offset + run.size:  # nothing was read
@@ -843,7 +878,7 @@ class Store:
                     see(url, after, model_id)
                     return got
                 file_size = await anyio.to_thread.run_sync(
-                    _open_regular, path, opened, self._opener, limiter=limiter
+                    _open_regular, path, opened, self._local_opener(), limiter=limiter
                 )
                 see(url, local_tag(os.fstat(opened[0])), model_id)
                 if file_size < offset + run.size:  # fail before moving any byte

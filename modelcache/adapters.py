@@ -17,6 +17,13 @@ How an adapter is applied, and why this way:
   from X's tensors, which are views of the cache's buffer. So requests for different adapters run
   at the same time, in different threads or tasks, over the same base weights: no copy of the
   base, no merge into it, no lock, and the adapter is the only state a request selects.
+* An ``applied()`` block is within the adapter's lease, and its tensors are views of the cache's
+  buffer, reused once the lease ends. A task (or ``to_thread`` call) started inside the block
+  copies the context, the active adapter with it, and may run after the block: so the context
+  holds the *block* (`_Applied`), which its exit marks closed, and a hook finding a closed block
+  raises `AdapterReleasedError` rather than read tensors whose memory may be another model's
+  now (or silently run the plain base). The block cannot reset the variable in such a task:
+  a copied context is out of its reach, hence the flag.
 * The alternative, peft's multi-adapter model with ``set_adapter`` per request, changes the
   base's modules: requests must hold a lock around the whole forward (one at a time), and every
   adapter is loaded into the modules by peft, outside the cache's budget. `benches/adapters.py`
@@ -45,9 +52,10 @@ from typing import Any
 import torch
 
 from ._cache import ModelCache
+from ._exceptions import ModelCacheError
 from ._format import ModelInfo
 
-__all__ = ["ADAPTER_CONFIG", "LoraAdapter", "LoraAdapters"]
+__all__ = ["ADAPTER_CONFIG", "AdapterReleasedError", "LoraAdapter", "LoraAdapters"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 #: Settings this implementation does not apply: an adapter using one is refused.
@@ -63,7 +71,23 @@ _UNSUPPORTED = {
 }
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
-_active: ContextVar[LoraAdapter | None] = ContextVar("modelcache_lora_adapter", default=None)
+
+class AdapterReleasedError(ModelCacheError, RuntimeError):
+    """The base ran with an adapter whose ``applied()`` block had ended (a task or thread started
+    inside the block and still running after it): its tensors may no longer be its own."""
+
+
+class _Applied:
+    """One ``applied()`` block: its adapter, and whether the block is still open."""
+
+    __slots__ = ("adapter", "open")
+
+    def __init__(self, adapter: LoraAdapter) -> None:
+        self.adapter = adapter
+        self.open = True
+
+
+_active: ContextVar[_Applied | None] = ContextVar("modelcache_lora_adapter", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +119,18 @@ class LoraAdapter:
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[Any]:
-        """Within the block, the base (yielded) runs with this adapter in this thread or task."""
-        token = _active.set(self)
+        """Within the block, the base (yielded) runs with this adapter in this thread or task.
+
+        Use it inside the adapter's lease (``adapters.use(id)``). A task or thread started in
+        the block inherits the adapter for as long as the block lasts: a forward it runs after
+        the block ends raises `AdapterReleasedError` (the tensors are the cache's, freed with
+        the lease); finish such work inside the block."""
+        block = _Applied(self)
+        token = _active.set(block)
         try:
             yield self.adapters.base
         finally:
+            block.open = False
             _active.reset(token)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -206,10 +237,15 @@ def _apply(
 
     Only ``owner``'s adapters: another `LoraAdapters` over the same base has hooks of its own,
     and each would otherwise add the update again."""
-    adapter = _active.get()
-    if adapter is None or adapter.adapters is not owner:
+    block = _active.get()
+    if block is None or block.adapter.adapters is not owner:
         return None
-    lora = adapter.layers.get(name)
+    if not block.open:
+        raise AdapterReleasedError(
+            f"adapter {block.adapter.model_id!r} applied after its applied() block ended (a task "
+            "or thread started inside it outlived it); run the forward inside the block"
+        )
+    lora = block.adapter.layers.get(name)
     if lora is None:
         return None
     # peft's LoRA layer in eval mode: result + lora_B(lora_A(dropout(x))) * scaling, in the

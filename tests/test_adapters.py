@@ -22,7 +22,7 @@ import anyio.to_thread  # noqa: E402
 import torch  # noqa: E402
 
 from modelcache import ModelBuildError, ModelCache  # noqa: E402
-from modelcache.adapters import LoraAdapters  # noqa: E402
+from modelcache.adapters import AdapterReleasedError, LoraAdapters  # noqa: E402
 
 #: peft on transformers 5 calls a deprecated transformers method (peft's doing, not ours).
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -190,3 +190,38 @@ async def test_two_adapter_sets_over_one_base_apply_an_adapter_once(
     async with second, adapters.use(IDS[0]) as adapter:
         got = adapter(**batch).last_hidden_state
     assert torch.allclose(got, expected[IDS[0]], atol=1e-6)
+
+
+async def test_a_task_started_in_an_applied_block_cannot_apply_the_adapter_after_it(
+    adapter_store: Path, batch: Any, expected: dict[str, torch.Tensor]
+) -> None:
+    """A task spawned inside applied() inherits the adapter while the block lasts; a forward it
+    runs after the block (and the lease) ended raises AdapterReleasedError, never reads the
+    released adapter's tensors nor silently runs the plain base."""
+    base = _base()
+    cache = _cache(adapter_store)
+    adapters = LoraAdapters(cache, base)
+    ran_inside, released = anyio.Event(), anyio.Event()
+    outcome: dict[str, Any] = {}
+
+    async def spawned() -> None:
+        with torch.no_grad():
+            outcome["inside"] = base(**batch).last_hidden_state
+            ran_inside.set()
+            await released.wait()
+            try:
+                base(**batch)
+            except AdapterReleasedError as exc:
+                outcome["after"] = exc
+            else:
+                outcome["after"] = "ran with the adapter after its block"
+
+    async with cache, anyio.create_task_group() as tg:
+        async with adapters.use(IDS[0]) as adapter:
+            with adapter.applied():
+                tg.start_soon(spawned)
+                await ran_inside.wait()
+        released.set()
+    assert torch.allclose(outcome["inside"], expected[IDS[0]], atol=1e-6)
+    assert isinstance(outcome["after"], AdapterReleasedError), outcome["after"]
+    assert "tenant-0" in str(outcome["after"])

@@ -108,6 +108,85 @@ async def test_a_side_file_linked_outside_the_model_directory_fails_the_load(
                 pass
 
 
+class SwapsToLink(Store):
+    """A local Store whose first stat of ``name`` swaps that file for a symlink to ``target``
+    first: the moment after a check made before the reads, before the file is opened."""
+
+    def __init__(self, location: str, name: str, target: Path) -> None:
+        super().__init__(location)
+        self.name, self.target, self.swapped = name, target, False
+
+    async def size(self, url: str, *, model_id: str) -> int:
+        path = self.local_path(url)
+        if not self.swapped and path is not None and url.endswith("/" + self.name):
+            self.swapped = True
+            os.unlink(path)
+            os.symlink(self.target, path)
+        return await super().size(url, model_id=model_id)
+
+
+async def test_a_side_file_swapped_for_a_link_out_after_listing_is_never_read(
+    tmp_path: Path,
+) -> None:
+    """Containment holds for the file read: a side file replaced by a symlink out of the model's
+    directory after it was listed (and checked) fails the load; its target is never served."""
+    model = tmp_path / "store" / "m"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(model_bytes(100))
+    (model / "tokenizer.json").write_bytes(b"inside")
+    (tmp_path / "secret").write_bytes(b"private")
+    store = SwapsToLink(
+        f"file://{tmp_path}/store/{{model_id}}", "tokenizer.json", tmp_path / "secret"
+    )
+    async with ModelCache(store, device_budget=1000) as cache:
+        with pytest.raises(ModelFormatError, match=r"'tokenizer\.json' leads outside"):
+            async with cache.use("m", model=bind(cache)) as seen:
+                pytest.fail(f"loaded, serving {seen.files}")
+    assert store.swapped
+
+
+async def test_links_inside_the_model_directory_are_read_links_out_are_refused(
+    tmp_path: Path,
+) -> None:
+    """On a local store a side file may be a link (relative or absolute, or under a linked
+    directory) to a file inside the model's directory; one through a directory linked out of
+    it is refused. What is read is versioned as the file the link reaches."""
+    model = tmp_path / "store" / "m"
+    (model / "real" / "vocab").mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(model_bytes(100))
+    (model / "real" / "tok.json").write_bytes(b"tok")
+    (model / "real" / "vocab" / "a.txt").write_bytes(b"alpha")
+    (model / "tokenizer.json").symlink_to("real/../real/tok.json")
+    (tmp_path / "alias").symlink_to(tmp_path / "store")  # the store reached through a link
+    (model / "abs.json").symlink_to(tmp_path / "alias" / "m" / "real" / "tok.json")
+    (model / "vocab").symlink_to("real/vocab")
+    cache = ModelCache(f"file://{tmp_path}/alias/{{model_id}}", device_budget=1000)
+
+    class Linked(Seen):
+        side_files = ("tokenizer.json", "abs.json", "vocab/a.txt")
+
+        @classmethod
+        def from_weights(cls, weights: Any, info: Any) -> Linked:
+            seen = cls(info.config, dict(info.files), [])
+            seen.listed = [url for url, _tag in info.version.files]
+            return seen
+
+    async with cache, cache.use("m", model=bind(cache, Linked)) as seen:
+        assert seen.files == {"tokenizer.json": b"tok", "abs.json": b"tok", "vocab/a.txt": b"alpha"}
+        assert any(url.endswith("/m/tokenizer.json") for url in seen.listed)
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "a.txt").write_bytes(b"private")
+    (model / "vocab").unlink()
+    (model / "vocab").symlink_to(outside)
+    cache = ModelCache(f"file://{tmp_path}/store/{{model_id}}", device_budget=1000)
+    async with cache:
+        with pytest.raises(ModelFormatError, match=r"'vocab/a\.txt' leads outside"):
+            async with cache.use("m", model=bind(cache, Linked)):
+                pass
+
+
 async def test_side_files_over_the_size_cap_fail_the_load(
     models: MemoryModels, monkeypatch: pytest.MonkeyPatch
 ) -> None:
