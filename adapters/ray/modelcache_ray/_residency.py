@@ -3,7 +3,7 @@
 A replica's `record_routing_stats` answer travels replica -> controller -> every router, once
 per period, so it stays small whatever the cache holds: model ids go as 64-bit hashes (8 bytes
 each, however long the id), sorted and packed into one ``bytes``, at most `MAX_IDS` of them
-(device ids first: they matter most to a router). A hash collision can only make a router prefer
+(device and loading ids first: they matter most to a router; see `encode_report`). A hash collision can only make a router prefer
 a replica that lacks the model: it then loads it, as on a miss; never a wrong answer.
 
 The routers never see a model id in the payload; they hash the request's id the same way.
@@ -26,6 +26,7 @@ __all__ = [
     "Residency",
     "decode_ids",
     "encode_ids",
+    "encode_report",
     "id_hash",
     "rendezvous_order",
 ]
@@ -49,6 +50,31 @@ def encode_ids(ids: Iterable[str], limit: int = MAX_IDS) -> bytes:
     if sys.byteorder != "little":
         out.byteswap()
     return out.tobytes()
+
+
+def encode_report(
+    device: Iterable[str],
+    loading: Iterable[str],
+    lower: Iterable[str],
+    limit: int = MAX_IDS,
+) -> dict[str, bytes]:
+    """The ``device``, ``loading`` and ``lower`` payloads of a report, at most ``limit`` ids in
+    all, taken in the order a router ranks them: device and loading ids (its holders) before
+    lower-tier ones, so a replica holding many cold copies still reports the loads a router
+    should join. An id is reported once, in its best place (a model on the device may keep a
+    host or disk copy; loading ids are only those not on the device yet)."""
+    seen: set[str] = set()
+    out: dict[str, bytes] = {}
+    for name, ids in (("device", device), ("loading", loading), ("lower", lower)):
+        fresh: list[str] = []
+        for model_id in ids:
+            if len(seen) >= limit:
+                break
+            if model_id not in seen:
+                seen.add(model_id)
+                fresh.append(model_id)
+        out[name] = encode_ids(fresh, limit)
+    return out
 
 
 def decode_ids(blob: bytes) -> frozenset[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
+import fsspec
 import pytest
 from conftest import TINY_BYTES, write_model
 from modelcache_ray import MAX_IDS, CachedModels, Residency, http_status
@@ -12,6 +14,7 @@ from modelcache_ray._residency import (
     STATS_VERSION,
     decode_ids,
     encode_ids,
+    encode_report,
     id_hash,
     rendezvous_order,
 )
@@ -20,6 +23,7 @@ from modelcache import (
     CacheClosedError,
     DeviceOutOfMemoryError,
     InvalidModelIdError,
+    ModelCache,
     ModelCacheError,
     ModelLoadError,
     ModelNotFoundError,
@@ -63,6 +67,17 @@ def test_payload_is_capped_at_max_ids() -> None:
     """A replica holding more than MAX_IDS models reports MAX_IDS hashes: 8 bytes each."""
     blob = encode_ids(f"m{i}" for i in range(MAX_IDS + 5000))
     assert len(blob) == 8 * MAX_IDS
+
+
+def test_payload_cap_keeps_holders_before_lower_tier_ids() -> None:
+    """At the cap, device and loading ids are reported before host/disk ones, each id once: a
+    replica with many cold copies still tells routers which loads they may join."""
+    lower = [f"cold-{i}" for i in range(10)]
+    report = encode_report(["d", "x"], ["l", "x"], ["x", *lower], limit=5)
+    assert decode_ids(report["device"]) == on("d", "x")
+    assert decode_ids(report["loading"]) == on("l")
+    assert decode_ids(report["lower"]) == on("cold-0", "cold-1")
+    assert sum(len(blob) for blob in report.values()) == 8 * 5
 
 
 def test_payloads_of_another_version_or_malformed_read_as_empty() -> None:
@@ -135,6 +150,7 @@ def test_the_rest_join_only_after_patience() -> None:
         (ModelNotFoundError("no such model", model_id="x"), 404),
         (InvalidModelIdError("bad id"), 400),
         (DeviceOutOfMemoryError("full"), 503),
+        (CacheClosedError("the cache is closed"), 503),
         (ModelLoadError("broken"), 500),
     ],
 )
@@ -177,6 +193,50 @@ async def test_replica_whose_cache_cannot_open_is_unhealthy(tmp_path: Path) -> N
         await replica.ready()
     with pytest.raises(RuntimeError, match="not open"):
         replica.check_health()
+
+
+async def _settle(cache: ModelCache) -> None:
+    """Wait until no task can run and no worker thread (store reads, disk writes) is busy."""
+    disk = cache._lower.disk
+    stores = [cache.store] if disk is None else [cache.store, disk.store]
+    while True:
+        await anyio.wait_all_tasks_blocked()
+        limiters = [anyio.to_thread.current_default_thread_limiter()]
+        limiters += [s._limiter for s in stores if s._limiter is not None]
+        if all(limiter.borrowed_tokens == 0 for limiter in limiters):
+            return
+        await anyio.sleep(0.001)
+
+
+async def test_routing_stats_report_disk_tier_ids_as_lower(tmp_path: Path) -> None:
+    """A model only on a replica's disk tier is reported as a lower-tier holder: routers send
+    its requests there (a local copy) rather than to a replica that would download it."""
+    store = fsspec.filesystem("memory")
+    for model_id in ("a", "b"):
+        write_model(tmp_path, model_id)
+        store.put(str(tmp_path / model_id), f"/ray-disk/{model_id}", recursive=True)
+    replica = Weightless(
+        "memory:///ray-disk/{model_id}/",
+        device_budget=TINY_BYTES,
+        disk_dir=tmp_path / "disk",
+        disk_budget=10 * TINY_BYTES,
+    )
+    await replica.ready()
+    try:
+        async with replica.cache.use("a"):
+            pass
+        async with replica.cache.use("b"):  # evicts a from the device (no host tier)
+            pass
+        await _settle(replica.cache)
+        assert replica.cache.tier_of("a") == "disk"
+        report = Residency.from_stats(await replica.record_routing_stats())
+        assert report.device == on("b")
+        assert id_hash("a") in report.lower
+    finally:
+        store.rm("/ray-disk", recursive=True)
+        closing = replica.__del__()
+        assert closing is not None
+        await closing
 
 
 async def test_routing_stats_report_the_cache_residency(tmp_path: Path) -> None:
