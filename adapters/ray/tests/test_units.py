@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import tracemalloc
 from pathlib import Path
+from typing import Any, cast
 
 import anyio
 import fsspec
@@ -107,6 +108,26 @@ def test_payloads_of_another_version_or_malformed_read_as_empty() -> None:
     assert Residency.from_stats({**good, "device": b"\x00" * 7}).device == frozenset()
     assert Residency.from_stats({"v": STATS_VERSION}) == Residency()
     assert Residency.from_stats(None) == Residency()
+    assert Residency.from_stats(cast(Any, [good])) == Residency()  # a user's override's list
+
+
+def test_decoding_a_report_at_the_cap_allocates_only_its_bytes() -> None:
+    """A router decodes each replica's report every period on its event loop: at the cap that
+    is one copy of the 800 KB payload (an array searched by bisection), not 100,000 ints in a
+    set; lookups answer as a set's would."""
+    ids = [f"tenant-{i}" for i in range(MAX_IDS)]
+    stats = {"v": STATS_VERSION, "device": b"", "lower": encode_ids(ids), "loading": b""}
+    gc.collect()
+    tracemalloc.start()
+    try:
+        report = Residency.from_stats(stats)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 8 * MAX_IDS
+    assert len(report.lower) == MAX_IDS
+    assert all(id_hash(m) in report.lower for m in ids[:: MAX_IDS // 100])
+    assert id_hash("not-there") not in report.lower
 
 
 def test_rendezvous_moves_only_the_leaving_replicas_share() -> None:
