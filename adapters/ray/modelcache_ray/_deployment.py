@@ -106,7 +106,9 @@ class CachedModels:
     async def ready(self) -> None:
         """Wait until this replica's cache is open (requests wait for it themselves); raises
         what opening it raised."""
-        await self._opened
+        # Shielded: a request cancelled while it waits (its client gone) would otherwise cancel
+        # the one future every request waits on, and the owner's set_result would then fail.
+        await asyncio.shield(self._opened)
 
     def check_health(self) -> None:
         """Ray's health check: a replica whose cache could not open, or closed before Ray shut

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import tracemalloc
 from pathlib import Path
@@ -217,6 +218,31 @@ async def test_replica_cache_opens_in_its_loop_and_closes_on_shutdown(tmp_path: 
     with pytest.raises(CacheClosedError):
         await replica.cache.prefetch([])
     assert replica.__del__() is None
+
+
+async def test_a_request_cancelled_while_the_cache_opens_leaves_it_opening(
+    tmp_path: Path,
+) -> None:
+    """A request whose client leaves while the replica's cache is still opening is cancelled
+    alone: the cache opens, later requests and the routing stats find it open."""
+    replica = Weightless(
+        f"file://{tmp_path}/{{model_id}}/",
+        device_budget="1MiB",
+        disk_dir=tmp_path / "disk",  # opening scans it in a thread: the open suspends
+        disk_budget="1MiB",
+    )
+    first = asyncio.create_task(replica.ready())
+    await asyncio.sleep(0)  # the owner starts opening, then the request waits on it
+    assert not replica._opened.done()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await replica.ready()
+    replica.check_health()
+    assert await replica.record_routing_stats() != {}
+    closing = replica.__del__()
+    assert closing is not None
+    await closing
 
 
 async def test_replica_whose_cache_cannot_open_is_unhealthy(tmp_path: Path) -> None:
