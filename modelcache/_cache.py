@@ -457,9 +457,12 @@ class ModelCache:
         return True
 
     def resident(self, tier: str = "device") -> list[str]:
-        """Ids of the models resident in ``tier`` ("device" or "host"), for routers."""
+        """Ids of the models resident in ``tier`` ("device", "host" or "disk"), for routers."""
         if tier == "host":
             return list(self._lower.entries)
+        if tier == "disk":
+            # The disk tier's index (no I/O): a copy this cache may load instead of the store's.
+            return self._lower.disk.ids() if self._lower.disk is not None else []
         return [entry.model_id for entry in self._entries.values() if entry.ready]
 
     def estimate_load_seconds(

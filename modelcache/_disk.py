@@ -232,6 +232,11 @@ class DiskTier:
         with self._lock:
             return model_id in self._records
 
+    def ids(self) -> list[str]:
+        """The model ids this process's index holds (no I/O, not verified)."""
+        with self._lock:
+            return list(self._records)
+
     @property
     def directory(self) -> str:
         return self._root

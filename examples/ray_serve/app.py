@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from modelcache_ray import CachedModels, affinity_router_config
 from ray import serve
+from starlette.responses import JSONResponse
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,9 +46,20 @@ class Models(CachedModels):
 
     async def handle(self, model: Classifier, request: Any) -> Any:
         # Over HTTP, a starlette Request; through a handle, the instances themselves.
-        instances = request if isinstance(request, list) else (await request.json())["instances"]
+        try:
+            instances = (
+                request if isinstance(request, list) else (await request.json())["instances"]
+            )
+            x = torch.tensor(instances, dtype=torch.float32)
+            if x.ndim != 2 or x.shape[1] != model.lin.in_features:
+                raise ValueError(f"instances must be rows of {model.lin.in_features} numbers")
+        except (ValueError, KeyError, TypeError) as exc:
+            # The client's mistake: 400, not the 500 Ray answers for a handler's exception.
+            if isinstance(request, list):
+                raise
+            return JSONResponse({"error": f"bad request body: {exc}"}, status_code=400)
         with torch.inference_mode():
-            out: list[list[float]] = model(torch.tensor(instances, dtype=torch.float32)).tolist()
+            out: list[list[float]] = model(x).tolist()
         return {"predictions": out}
 
 

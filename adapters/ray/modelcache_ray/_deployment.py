@@ -18,6 +18,7 @@ Design notes:
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 from collections.abc import Awaitable
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from modelcache import (
+    CacheClosedError,
     DeviceOutOfMemoryError,
     InvalidModelIdError,
     ModelCache,
@@ -36,7 +38,7 @@ from modelcache import (
     ModelTooLargeError,
 )
 
-from ._residency import MAX_IDS, STATS_VERSION, encode_ids
+from ._residency import MAX_IDS, STATS_VERSION, encode_report
 
 __all__ = ["CachedModels", "http_status"]
 
@@ -50,7 +52,9 @@ def http_status(exc: ModelCacheError) -> int:
         return 404
     if isinstance(exc, InvalidModelIdError):
         return 400
-    if isinstance(exc, DeviceOutOfMemoryError):
+    if isinstance(exc, (DeviceOutOfMemoryError, CacheClosedError)):
+        # Both pass: a replica shutting down (Ray drains it, then closes its cache) answers
+        # "retry", not a server bug, to a request that reached it as its cache closed.
         return 503
     if isinstance(exc, (ModelTooLargeError, ModelFormatError)):
         return 422
@@ -102,7 +106,9 @@ class CachedModels:
     async def ready(self) -> None:
         """Wait until this replica's cache is open (requests wait for it themselves); raises
         what opening it raised."""
-        await self._opened
+        # Shielded: a request cancelled while it waits (its client gone) would otherwise cancel
+        # the one future every request waits on, and the owner's set_result would then fail.
+        await asyncio.shield(self._opened)
 
     def check_health(self) -> None:
         """Ray's health check: a replica whose cache could not open, or closed before Ray shut
@@ -151,23 +157,28 @@ class CachedModels:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """What `CacheAffinityRouter` ranks this replica by (Ray polls it): ids on the device,
-        in host memory, and loading, as hashes (at most `MAX_IDS` in all); free bytes per tier;
-        learned seconds to load 1 GiB from each source; the cache's counters."""
+        loading, and in host memory or on disk, as hashes (at most `MAX_IDS` in all, see
+        `encode_report`); free bytes per tier; learned seconds to load 1 GiB from each source;
+        the cache's counters."""
         if not self._opened.done() or self._opened.exception() is not None:
             return {}
         cache = self.cache
-        # Snapshots taken on the loop; hashing up to MAX_IDS of them (tenths of a second) is
-        # done in a thread, so requests keep being served meanwhile.
+        # Snapshots taken on the loop (cheap: each tier's index). A long lower tier is cut
+        # before the hashing, and hashing up to MAX_IDS of them (tenths of a second) is done in
+        # a thread, so requests keep being served meanwhile.
         device = cache.resident("device")
-        host = cache.resident("host")[: max(0, MAX_IDS - len(device))]
-        loading = list(self._waiting)[: max(0, MAX_IDS - len(device) - len(host))]
+        loading = list(self._waiting)
+        lower = list(
+            itertools.islice(
+                itertools.chain(cache.resident("host"), cache.resident("disk")),
+                MAX_IDS + len(device) + len(loading),
+            )
+        )
         stats = cache.stats()
-        encoded = await asyncio.to_thread(lambda: [encode_ids(i) for i in (device, host, loading)])
+        encoded = await asyncio.to_thread(encode_report, device, loading, lower)
         return {
             "v": STATS_VERSION,
-            "device": encoded[0],
-            "lower": encoded[1],
-            "loading": encoded[2],
+            **encoded,
             "free": {name: t.budget - t.bytes for name, t in stats.tiers.items()},
             "load_s_per_gib": {
                 source: round(cache.load_costs.seconds(source, _GIB), 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,6 @@ async def test_failed_load_reaches_the_caller_and_the_id_recovers(deploy: Any, s
 SERVE_ID = "serve_multiplexed_model_id"
 
 
-def residency(stats: dict[str, Any]) -> frozenset[int]:
+def residency(stats: dict[str, Any]) -> AbstractSet[int]:
     """The hashes of the ids on a replica's device."""
     return Residency.from_stats(stats).device

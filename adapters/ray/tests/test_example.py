@@ -29,7 +29,8 @@ async def test_example_app_serves_its_store(
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
-    """The example's models answer by id through a handle and over HTTP; 404 for others."""
+    """The example's models answer by id through a handle and over HTTP; 404 for others, 400
+    for a malformed body."""
     monkeypatch.syspath_prepend(str(EXAMPLE))
     monkeypatch.setenv("MODELCACHE_STORE", f"file://{tmp_path}/{{model_id}}/")
     monkeypatch.setenv("MODELCACHE_DEVICE_BUDGET", "4KiB")
@@ -52,3 +53,7 @@ async def test_example_app_serves_its_store(
         headers = {"serve_multiplexed_model_id": "model-99"}
         async with http.post(url, json={"instances": X}, headers=headers) as r:
             assert r.status == 404
+        headers = {"serve_multiplexed_model_id": "model-3"}
+        for body in (b"not json", b'{"rows": []}', b'{"instances": [[1, 2]]}'):
+            async with http.post(url, data=body, headers=headers) as r:
+                assert r.status == 400, body  # the client's mistake, not a server error

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import tracemalloc
 from pathlib import Path
+from typing import Any, cast
 
+import anyio
+import fsspec
 import pytest
 from conftest import TINY_BYTES, write_model
 from modelcache_ray import MAX_IDS, CachedModels, Residency, http_status
@@ -12,6 +18,7 @@ from modelcache_ray._residency import (
     STATS_VERSION,
     decode_ids,
     encode_ids,
+    encode_report,
     id_hash,
     rendezvous_order,
 )
@@ -20,6 +27,7 @@ from modelcache import (
     CacheClosedError,
     DeviceOutOfMemoryError,
     InvalidModelIdError,
+    ModelCache,
     ModelCacheError,
     ModelLoadError,
     ModelNotFoundError,
@@ -65,6 +73,34 @@ def test_payload_is_capped_at_max_ids() -> None:
     assert len(blob) == 8 * MAX_IDS
 
 
+def test_payload_cap_keeps_holders_before_lower_tier_ids() -> None:
+    """At the cap, device and loading ids are reported before host/disk ones, each id once: a
+    replica with many cold copies still tells routers which loads they may join."""
+    lower = [f"cold-{i}" for i in range(10)]
+    report = encode_report(["d", "x"], ["l", "x"], ["x", *lower], limit=5)
+    assert decode_ids(report["device"]) == on("d", "x")
+    assert decode_ids(report["loading"]) == on("l")
+    assert decode_ids(report["lower"]) == on("cold-0", "cold-1")
+    assert sum(len(blob) for blob in report.values()) == 8 * 5
+
+
+def test_hashing_client_ids_retains_no_bytes() -> None:
+    """Hashing long ids (a router hashes each request's id as a client sent it; a replica
+    reports ids waiting to be validated) keeps nothing: memory stays bounded in bytes."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        # Each id built, hashed and dropped: 32 MiB of ids in all, none kept by the test.
+        for i in range(2000):
+            id_hash(f"{i:06d}" + "x" * 8186)
+        encode_ids(f"{i:06d}" + "y" * 8186 for i in range(2000))
+        gc.collect()
+        retained, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert retained < 1 << 20
+
+
 def test_payloads_of_another_version_or_malformed_read_as_empty() -> None:
     """A router ignores reports it cannot read rather than routing by garbage."""
     good = {"v": STATS_VERSION, "device": encode_ids(["a"]), "lower": b"", "loading": b""}
@@ -73,6 +109,26 @@ def test_payloads_of_another_version_or_malformed_read_as_empty() -> None:
     assert Residency.from_stats({**good, "device": b"\x00" * 7}).device == frozenset()
     assert Residency.from_stats({"v": STATS_VERSION}) == Residency()
     assert Residency.from_stats(None) == Residency()
+    assert Residency.from_stats(cast(Any, [good])) == Residency()  # a user's override's list
+
+
+def test_decoding_a_report_at_the_cap_allocates_only_its_bytes() -> None:
+    """A router decodes each replica's report every period on its event loop: at the cap that
+    is one copy of the 800 KB payload (an array searched by bisection), not 100,000 ints in a
+    set; lookups answer as a set's would."""
+    ids = [f"tenant-{i}" for i in range(MAX_IDS)]
+    stats = {"v": STATS_VERSION, "device": b"", "lower": encode_ids(ids), "loading": b""}
+    gc.collect()
+    tracemalloc.start()
+    try:
+        report = Residency.from_stats(stats)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 8 * MAX_IDS
+    assert len(report.lower) == MAX_IDS
+    assert all(id_hash(m) in report.lower for m in ids[:: MAX_IDS // 100])
+    assert id_hash("not-there") not in report.lower
 
 
 def test_rendezvous_moves_only_the_leaving_replicas_share() -> None:
@@ -135,6 +191,7 @@ def test_the_rest_join_only_after_patience() -> None:
         (ModelNotFoundError("no such model", model_id="x"), 404),
         (InvalidModelIdError("bad id"), 400),
         (DeviceOutOfMemoryError("full"), 503),
+        (CacheClosedError("the cache is closed"), 503),
         (ModelLoadError("broken"), 500),
     ],
 )
@@ -163,6 +220,31 @@ async def test_replica_cache_opens_in_its_loop_and_closes_on_shutdown(tmp_path: 
     assert replica.__del__() is None
 
 
+async def test_a_request_cancelled_while_the_cache_opens_leaves_it_opening(
+    tmp_path: Path,
+) -> None:
+    """A request whose client leaves while the replica's cache is still opening is cancelled
+    alone: the cache opens, later requests and the routing stats find it open."""
+    replica = Weightless(
+        f"file://{tmp_path}/{{model_id}}/",
+        device_budget="1MiB",
+        disk_dir=tmp_path / "disk",  # opening scans it in a thread: the open suspends
+        disk_budget="1MiB",
+    )
+    first = asyncio.create_task(replica.ready())
+    await asyncio.sleep(0)  # the owner starts opening, then the request waits on it
+    assert not replica._opened.done()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await replica.ready()
+    replica.check_health()
+    assert await replica.record_routing_stats() != {}
+    closing = replica.__del__()
+    assert closing is not None
+    await closing
+
+
 async def test_replica_whose_cache_cannot_open_is_unhealthy(tmp_path: Path) -> None:
     """A cache that fails to open (its disk directory is a file) fails requests with the
     cache's error and Ray's health check, so Ray replaces the replica."""
@@ -177,6 +259,50 @@ async def test_replica_whose_cache_cannot_open_is_unhealthy(tmp_path: Path) -> N
         await replica.ready()
     with pytest.raises(RuntimeError, match="not open"):
         replica.check_health()
+
+
+async def _settle(cache: ModelCache) -> None:
+    """Wait until no task can run and no worker thread (store reads, disk writes) is busy."""
+    disk = cache._lower.disk
+    stores = [cache.store] if disk is None else [cache.store, disk.store]
+    while True:
+        await anyio.wait_all_tasks_blocked()
+        limiters = [anyio.to_thread.current_default_thread_limiter()]
+        limiters += [s._limiter for s in stores if s._limiter is not None]
+        if all(limiter.borrowed_tokens == 0 for limiter in limiters):
+            return
+        await anyio.sleep(0.001)
+
+
+async def test_routing_stats_report_disk_tier_ids_as_lower(tmp_path: Path) -> None:
+    """A model only on a replica's disk tier is reported as a lower-tier holder: routers send
+    its requests there (a local copy) rather than to a replica that would download it."""
+    store = fsspec.filesystem("memory")
+    for model_id in ("a", "b"):
+        write_model(tmp_path, model_id)
+        store.put(str(tmp_path / model_id), f"/ray-disk/{model_id}", recursive=True)
+    replica = Weightless(
+        "memory:///ray-disk/{model_id}/",
+        device_budget=TINY_BYTES,
+        disk_dir=tmp_path / "disk",
+        disk_budget=10 * TINY_BYTES,
+    )
+    await replica.ready()
+    try:
+        async with replica.cache.use("a"):
+            pass
+        async with replica.cache.use("b"):  # evicts a from the device (no host tier)
+            pass
+        await _settle(replica.cache)
+        assert replica.cache.tier_of("a") == "disk"
+        report = Residency.from_stats(await replica.record_routing_stats())
+        assert report.device == on("b")
+        assert id_hash("a") in report.lower
+    finally:
+        store.rm("/ray-disk", recursive=True)
+        closing = replica.__del__()
+        assert closing is not None
+        await closing
 
 
 async def test_routing_stats_report_the_cache_residency(tmp_path: Path) -> None:
