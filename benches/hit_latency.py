@@ -27,7 +27,7 @@ bytes that cannot yet be granted, at 10,000 and 100,000 resident models, for `LR
 own bytes, see above): every resident model holds 1 MiB and the budget is full; a load waits for
 the whole budget, so no release can grant it; ``PRESSURE_LEASES`` leases are held at any time.
 Each step leases a random model (``policy.accessed``, as a hit does) and ends the oldest lease;
-an ending lease with a waiter in line pumps the budget (`ModelCache._unlease`), and only that
+an ending lease with a waiter in line pumps the budget (`DeviceTier.release_lease`), and only that
 pump is timed. A pump asks the policy for victims, which it cannot find: the figure is the cost
 of a failed victims query, paid on the event loop by every request that ends under pressure.
 Steps stop after ``PRESSURE_MAX_PUMPS`` pumps or ``PRESSURE_SECONDS`` of timed pumps.
@@ -231,7 +231,7 @@ async def measure_entries(path: str, n: int, cfg: Config) -> tuple[float, list[S
 
 
 class Resident:
-    """A resident model as the device budget and its policy see one (what ``_Entry`` offers)."""
+    """A resident model as the device budget and its policy see one (what a ``DeviceEntry`` offers)."""
 
     __slots__ = ("key", "leases", "model_id", "nbytes")
 
@@ -250,14 +250,13 @@ async def release_under_pressure(
 ) -> Percentiles:
     """Per-pump figures of ending leases while a load waits for bytes (see the docstring)."""
     policy = make()
-    budget = ByteBudget(
+    budget: ByteBudget[Resident] = ByteBudget(
         "device", n * MiB, evictable=lambda e: e.leases == 0, evict=no_eviction, policy=policy
     )
     models = [Resident(f"m{i}") for i in range(n)]
     for model in models:
         assert budget.try_reserve(model.nbytes)  # room left: nothing is asked of the policy
-        budget.resident += model.nbytes
-        policy.admitted(model)
+        budget.admit(model)
     leased: deque[Resident] = deque()
 
     def lease(model: Resident) -> None:
@@ -280,7 +279,7 @@ async def release_under_pressure(
             lease(models[i])
             model = leased.popleft()
             model.leases -= 1
-            if model.leases == 0 and budget.waiting:  # ModelCache._unlease
+            if model.leases == 0 and budget.waiting:  # DeviceTier.release_lease
                 t0 = clock()
                 budget.pump()
                 took = clock() - t0

@@ -2,9 +2,9 @@
 
 Invariants (checked by the cache's tests after every step):
 
-* ``host.reserved`` = bytes of host entries + ``in_flight`` (claimed by a promotion, being
+* The host budget's reserved bytes = bytes of host entries + ``in_flight`` (claimed by a promotion, being
   loaded, being copied in from the device, or a block that left the tier while a disk write
-  still reads it) + ``host.freeing``; never above the host budget. So the host budget counts
+  still reads it) + bytes being freed; never above the host budget (`check`). So the host budget counts
   every byte of the host arena in use.
 * Model ids in ``moving`` have bytes on their way between tiers: a load of such an id waits for
   the move to end and then looks again, so a model is never read twice at once.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
@@ -34,13 +35,14 @@ import anyio.to_thread
 from . import _observe
 from ._arena import HostArena, HostBlock
 from ._backend import DeviceBackend, LoadedWeights
-from ._cost import LoadCosts
+from ._concurrency import Background
+from ._cost import LoadCosts, MissCosts
 from ._disk import DiskEntry, DiskTier
 from ._exceptions import CacheClosedError, ModelCacheError, ModelLoadError, as_model_error
 from ._format import INDEX_NAME, ModelInfo
 from ._loader import fill_buffer, read_model_info
 from ._observe import Observers
-from ._policy import EvictionPolicy, PolicyEntry, admits
+from ._policy import EvictionPolicy, admits
 from ._store import Store
 from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
 from ._units import format_bytes
@@ -76,6 +78,7 @@ class LowerTiers:
         disk: DiskTier | None,
         observers: Observers | None = None,
         *,
+        background: Background | None = None,
         policy: EvictionPolicy | None = None,
         costs: LoadCosts | None = None,
         write_behind: int = 1 << 30,
@@ -83,11 +86,20 @@ class LowerTiers:
         self._store = store
         self._backend = backend
         self._observers = observers if observers is not None else Observers()
-        self.host = ByteBudget(
-            "host", host_budget, evictable=host_evictable, evict=self._evict_host, policy=policy
-        )
+        #: Counts the tasks this starts (copies down, disk writes, host loads): `wait_idle`.
+        self._background = background if background is not None else Background()
         #: Bandwidth learned from loads into host memory (shared with the device tier's).
         self.costs = costs if costs is not None else LoadCosts()
+        #: What evicting a model from each tier costs (bound to the tiers' policies).
+        self.miss_costs = MissCosts(self.costs, host_budget, self.fall_source)
+        self.host: ByteBudget[HostEntry] = ByteBudget(
+            "host",
+            host_budget,
+            evictable=host_evictable,
+            evict=self._evict_host,
+            policy=policy,
+            cost=self.miss_costs.host,
+        )
         self.entries: dict[str, HostEntry] = {}
         #: Host bytes reserved for work in flight: claimed for a promotion, being loaded or
         #: copied in.
@@ -125,9 +137,13 @@ class LowerTiers:
         self._closed = True
         for entry in list(self.entries.values()):
             self._remove_host(entry)
-            self.host.reserved -= entry.nbytes
+            self.host.unreserve(entry.nbytes)
             self._free_host_payload(entry)
         self.arena = None
+
+    def check(self) -> None:
+        """The host tier's accounting invariants (the tests call it after every step)."""
+        self.host.check(self.entries.values(), in_flight=self.in_flight)
 
     def stats(self) -> dict[str, TierStats]:
         tiers = {"host": self.host.stats(len(self.entries))}
@@ -148,37 +164,34 @@ class LowerTiers:
 
     # -- the device's evictions ---------------------------------------------------------------
 
-    def demote(self, weights: LoadedWeights | None, device: ByteBudget) -> None:
+    def take_from_device(self, weights: LoadedWeights, copied: Callable[[int], None]) -> bool:
         """Take a model the device just evicted (synchronous; called while the device plans).
 
-        It moves to host memory if it fits there, else its device bytes are dropped. When the
-        backend is ``on_host`` the weights themselves move (no copy). Otherwise a (pinned) host
-        block is taken now and the backend's copy runs in the background; the device bytes stay
-        counted as ``freeing`` until it ends.
+        It moves to host memory if it fits there, else it is dropped. When the backend is
+        ``on_host`` the weights themselves move (no copy). Otherwise a (pinned) host block is
+        taken now and the backend's copy runs in the background: then True, and the device
+        bytes stay in use until ``copied(nbytes)`` is called as the copy ends. False: the
+        device bytes are free now.
         """
-        if weights is None:
-            return
         nbytes = weights.info.nbytes
         model_id = weights.info.model_id
         if self._host_can_take(model_id, nbytes):
             if self._backend.on_host:
-                device.drop_now(nbytes)
                 self._admit_host(HostEntry(weights.info, weights))
-                self.host.demotions += 1
-                return
+                self.host.demoted()
+                return False
             block = self._host_block(nbytes)
             if block is not None:
                 assert self._task_group is not None
-                device.start_freeing(nbytes)
                 self.in_flight += nbytes
                 self.moving[model_id] = anyio.Event()
-                self._task_group.start_soon(self._copy_down, weights, block, device)
-                return
+                self._background.start(self._task_group, self._copy_down, weights, block, copied)
+                return True
             self.host.release(nbytes)
-        device.drop_now(nbytes)
+        return False
 
     async def _copy_down(
-        self, weights: LoadedWeights, block: HostBlock, device: ByteBudget
+        self, weights: LoadedWeights, block: HostBlock, copied: Callable[[int], None]
     ) -> None:
         """Finish a device demotion: device buffer -> (pinned) host block."""
         info = weights.info
@@ -192,11 +205,11 @@ class LowerTiers:
             logger.warning("could not move %r to host memory: %s", info.model_id, exc)
         else:
             self._admit_host(HostEntry(info, block))
-            self.host.demotions += 1
+            self.host.demoted()
         finally:
             del weights
             self.in_flight -= info.nbytes
-            device.finish_freeing(info.nbytes)
+            copied(info.nbytes)
             self.moving.pop(info.model_id).set()
 
     # -- the disk tier --------------------------------------------------------------------------
@@ -309,7 +322,7 @@ class LowerTiers:
         if host_entry is not None:
             host_entry.users += 1
         self.disk_writes.add(model_id)
-        self._task_group.start_soon(self._write_disk, info, loaded, host_entry, charge)
+        self._background.start(self._task_group, self._write_disk, info, loaded, host_entry, charge)
 
     async def _write_disk(
         self,
@@ -364,7 +377,7 @@ class LowerTiers:
             model_id not in self.entries
             and model_id not in self.moving
             and nbytes <= host.budget
-            and (host.budget - host.reserved >= nbytes or admits(host.policy, model_id, nbytes))
+            and (host.free >= nbytes or admits(host.policy, model_id, nbytes))
             and host.try_reserve(nbytes)
         )
 
@@ -389,15 +402,13 @@ class LowerTiers:
         A new entry is a new eviction candidate, so reservations waiting in line may now fit.
         """
         self.entries[entry.model_id] = entry
-        self.host.resident += entry.nbytes
         entry.admitted = _observe.clock()
-        self.host.policy.admitted(entry)
+        self.host.admit(entry)
         self.host.pump()
 
     def _remove_host(self, entry: HostEntry) -> None:
         del self.entries[entry.model_id]
-        self.host.policy.removed(entry)
-        self.host.resident -= entry.nbytes
+        self.host.remove(entry)
 
     def _free_host_payload(self, entry: HostEntry) -> None:
         """Free a host entry's memory (nobody reads it: `users` is 0)."""
@@ -415,9 +426,8 @@ class LowerTiers:
         self._free_host_payload(entry)
         self.host.release(entry.nbytes)
 
-    def _evict_host(self, victim: PolicyEntry) -> None:
+    def _evict_host(self, entry: HostEntry) -> None:
         """Host eviction (synchronous): the weights are dropped; the store still has them."""
-        entry: HostEntry = victim  # type: ignore[assignment]
         self._remove_host(entry)
         self._free_host_payload(entry)
         self.host.drop_now(entry.nbytes)
@@ -432,7 +442,7 @@ class LowerTiers:
             self._remove_host(entry)
             self.in_flight += entry.nbytes
         elif self.host.budget:
-            self.host.misses += 1
+            self.host.missed()
         return entry
 
     def unclaim(self, entry: HostEntry) -> None:
@@ -454,8 +464,7 @@ class LowerTiers:
             weights, entry.payload = entry.payload, None
         self.in_flight -= entry.nbytes
         self._let_go(entry)  # a disk write may still read the block: then it stays counted
-        self.host.promotions += 1
-        self.host.hits += 1
+        self.host.promoted()
         return weights
 
     async def load(self, model_id: str) -> None:
@@ -471,7 +480,7 @@ class LowerTiers:
                 assert self._task_group is not None
                 load = self._loads[model_id] = _HostLoad()
                 self.moving[model_id] = anyio.Event()
-                self._task_group.start_soon(self._load, model_id, load)
+                self._background.start(self._task_group, self._load, model_id, load)
         await load.done.wait()
         if load.error is not None:
             raise load.error

@@ -271,22 +271,11 @@ class CacheMachine(RuleBasedStateMachine):
 
     def _check_fairness(self) -> None:
         c: _ModelCache = self.cache
-        device, entries = c._device, list(c._entries.values())
-        line = device._line
-        if line and line[0].wanted():
-            # The head of the line gets bytes once the leases on its victims end: unless even
-            # every ready, unwaited-for model (leased or not) cannot cover it, enough of them
-            # must have been chosen (draining) already.
-            head = line[0].nbytes
-            coming = device.budget - device.reserved + device.freeing
-            coming += getattr(device, "draining_bytes", 0)
-            if coming < head:
-                candidates = sum(
-                    e.nbytes
-                    for e in entries
-                    if e.ready and e.waiters == 0 and getattr(e, "draining", None) is None
-                )
-                assert coming + candidates < head, "no victims chosen for the waiting load"
+        entries = list(c._entries.values())
+        # The head of the line gets bytes once the leases on its victims end: unless even every
+        # ready, unwaited-for model (leased or not) cannot cover it, enough of them must have
+        # been chosen (draining) already.
+        c._device.check_fairness()
         draining = [(e, getattr(e, "draining", None)) for e in entries]
         drains: dict[tuple[object, object], int] = {
             (e, d): e.leases for e, d in draining if d is not None

@@ -124,7 +124,7 @@ async def test_describe_cancelled_by_every_caller_leaves_nothing_behind(
                 caller.cancel()  # the caller gives up (the adapter's timeout)
         await settle(cache.store)
         assert describe_tasks() == []
-        assert cache._checks == {} and len(cache._failures) == 0
+        assert cache._checks._checks == {} and len(cache._failures.memory) == 0
         gated.open("a", "read_range")
         assert (await cache.describe("a")).nbytes == 1000
         assert gated.calls[("read_range", "a")] == 4

@@ -426,7 +426,8 @@ async def test_host_admission_keeps_a_one_off_out_of_a_full_host_tier(
         host_policy=CostAwarePolicy(admission=True),
     ) as cache:
         host_policy: Any = cache._lower.host.policy
-        assert host_policy.history is cache._policy.history  # type: ignore[attr-defined]
+        device_policy: Any = cache._device.policy
+        assert host_policy.history is device_policy.history
         for _ in range(3):
             async with cache.use("r"):
                 pass

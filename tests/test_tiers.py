@@ -401,12 +401,11 @@ async def test_host_budget_counts_a_promoted_block_a_disk_write_still_reads(
         disk_dir=tmp_path,
         disk_budget="64MiB",
     ) as cache:
-        host = cache._lower.host
         await cache.prefetch(["a"], tier="host")
         async with cache.use("a"):  # promoted while the write of a still reads its block
             pass
         assert cache._lower.arena is not None
-        assert host.reserved == cache._lower.arena.used == 6 * mib
+        assert cache.stats().tiers["host"].bytes_reserved == cache._lower.arena.used == 6 * mib
         check_invariants(cache)
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: cache.prefetch(["b"], tier="host"))
@@ -415,7 +414,7 @@ async def test_host_budget_counts_a_promoted_block_a_disk_write_still_reads(
             check_invariants(cache)
             gate.set()
         assert cache.resident("host") == ["b"]
-        assert host.reserved == cache._lower.arena.used == 6 * mib
+        assert cache.stats().tiers["host"].bytes_reserved == cache._lower.arena.used == 6 * mib
         await settle(*cache_stores(cache))
         check_invariants(cache)
 
@@ -433,8 +432,7 @@ async def test_a_disk_copy_removed_under_a_load_falls_back_to_the_store(
             original = w["w"].clone()
         await _settle_writes(cache)
         assert cache.evict("a")
-        cache._lower.entries.clear()  # out of host memory too (as if evicted there)
-        cache._lower.host.resident = cache._lower.host.reserved = 0
+        cache._lower._evict_host(cache._lower.entries["a"])  # out of host memory too
         disk = cache._lower.disk
         assert disk is not None and cache.tier_of("a") == "disk"
         read_into = disk.store.read_into
@@ -449,8 +447,7 @@ async def test_a_disk_copy_removed_under_a_load_falls_back_to_the_store(
         assert gated.calls[("read_into", "a")] == 2
         assert cache.stats().load_failures == 0
         cache.evict("a")
-        cache._lower.entries.clear()
-        cache._lower.host.resident = cache._lower.host.reserved = 0
+        cache._lower._evict_host(cache._lower.entries["a"])
         await cache.prefetch(["a"], tier="host")  # the host path falls back the same way
         async with cache.use("a") as w:
             assert w["w"].equal(original)
