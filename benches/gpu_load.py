@@ -46,7 +46,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,12 +159,10 @@ async def ready(cache: ModelCache, model: Model) -> float:
     return seconds
 
 
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    # The public API offers no event for "moved to the host tier": poll, as a user would.
+async def wait_idle(cache: ModelCache, what: str) -> None:
     try:
         with anyio.fail_after(MOVE_TIMEOUT):
-            while not condition():  # noqa: ASYNC110
-                await anyio.sleep(0.005)
+            await cache.wait_idle()
     except TimeoutError:
         raise RuntimeError(f"{what} did not end within {MOVE_TIMEOUT:.0f} s") from None
 
@@ -174,7 +172,9 @@ async def host_reload(cache: ModelCache, model: Model) -> float:
         await ready(cache, model)
     if not cache.evict(MODEL_ID):
         raise RuntimeError(f"evict() refused: {cache.stats()}")
-    await wait_until(lambda: MODEL_ID in cache.resident("host"), "the copy to the host tier")
+    await wait_idle(cache, "the copy to the host tier")
+    if MODEL_ID not in cache.resident("host"):
+        raise RuntimeError("the evicted model did not reach the host tier")
     synchronize()
     hits = cache.stats().tiers["host"].hits
     seconds = await ready(cache, model)

@@ -192,10 +192,10 @@ async def device_hit(cache: ModelCache) -> float:
 
 
 async def wait_for_disk(cache: ModelCache) -> None:
-    # The public API offers no event for "written to disk": poll the stats, as a user would.
     with anyio.fail_after(DISK_WRITE_TIMEOUT):
-        while cache.stats().tiers["disk"].entries < 1:  # noqa: ASYNC110
-            await anyio.sleep(0.02)
+        await cache.wait_idle()
+    if cache.stats().tiers["disk"].entries < 1:
+        raise RuntimeError("the model was not written to the disk tier")
 
 
 # -- one model size -------------------------------------------------------------------------------

@@ -98,25 +98,42 @@ def gated(models: MemoryModels) -> GatedStore:
     return GatedStore(models.template)
 
 
-async def settle(*stores: Store) -> None:
-    """Wait until no task can run and no worker thread (reads, builders) is busy.
+class _Threads:
+    """Worker threads (``anyio.to_thread.run_sync``) running now, for `settle`."""
 
-    Pass every Store whose reads may be in flight: a cache's own, and its disk tier's.
-    """
+    busy = 0
+    idle: anyio.Event | None = None
+
+
+@pytest.fixture(autouse=True)
+def _count_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count every worker thread the code under test runs (`settle` waits for none)."""
+    real = anyio.to_thread.run_sync
+
+    async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        _Threads.busy += 1
+        try:
+            return await real(func, *args, **kwargs)
+        finally:
+            _Threads.busy -= 1
+            if not _Threads.busy and _Threads.idle is not None:
+                _Threads.idle.set()
+                _Threads.idle = None
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+
+
+async def settle() -> None:
+    """Wait until no task can run and no worker thread (reads, builders) is busy: every task is
+    parked at a gate, an event or a lease. To wait for a cache's own work to end instead (loads,
+    copies, writes), use ``cache.wait_idle()``."""
     while True:
         await anyio.wait_all_tasks_blocked()
-        limiters = [anyio.to_thread.current_default_thread_limiter()]
-        limiters += [s._limiter for s in stores if s._limiter is not None]
-        if all(limiter.borrowed_tokens == 0 for limiter in limiters):
+        if not _Threads.busy:
             return
-        await anyio.sleep(0.001)
-
-
-def cache_stores(cache: ModelCache) -> list[Store]:
-    """The Stores a cache reads through: its own and its disk tier's."""
-    c: _ModelCache = cache
-    disk = c._lower.disk
-    return [c.store] if disk is None else [c.store, disk.store]
+        if _Threads.idle is None:
+            _Threads.idle = anyio.Event()
+        await _Threads.idle.wait()
 
 
 def check_invariants(cache: ModelCache) -> None:

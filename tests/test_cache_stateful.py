@@ -39,7 +39,7 @@ from modelcache._cache import ModelCache as _ModelCache
 from modelcache._format import ModelInfo
 from modelcache._torch import TorchBackend
 
-from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, settle
+from .conftest import GatedStore, MemoryModels, check_invariants, settle
 
 SIZES = {"a": 300, "b": 500, "c": 700, "d": 200, "e": 900, "huge": 5000}
 BUDGET = 1200
@@ -184,7 +184,7 @@ class CacheMachine(RuleBasedStateMachine):
     async def _settle_or_fail(self) -> None:
         try:
             with anyio.fail_after(SETTLE_SECONDS):
-                await settle(*cache_stores(self.cache))
+                await settle()
         except TimeoutError:
             self.spinning = True
             raise AssertionError("the cache never settled: loads and evictions spin") from None
@@ -388,19 +388,19 @@ async def _traffic_then_a_cold_load(before: list[str], after: list[str], lru: bo
         async with cache, anyio.create_task_group() as tg:
             for op in before:
                 step(op)
-                await settle(*cache_stores(cache))
+                await settle()
             tg.start_soon(hold, "cold", cold_release, cold_in)
-            await settle(*cache_stores(cache))
+            await settle()
             held_then = list(held)
             for op in after:
                 step(op)
-                await settle(*cache_stores(cache))
+                await settle()
                 check_invariants(cache)
                 if all(release.is_set() for release in held_then):
                     assert cold_in.is_set(), "the cold load waited for leases newer than it"
             for release in held_then:
                 release.set()
-            await settle(*cache_stores(cache))
+            await settle()
             assert cold_in.is_set(), "the cold load waited for leases newer than it"
             check_invariants(cache)
             cold_release.set()

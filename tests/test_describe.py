@@ -120,9 +120,9 @@ async def test_describe_cancelled_by_every_caller_leaves_nothing_behind(
             async with anyio.create_task_group() as tg:
                 caller = anyio.CancelScope()
                 tg.start_soon(check, caller)
-                await settle(cache.store)  # the check waits at the gated header read
+                await settle()  # the check waits at the gated header read
                 caller.cancel()  # the caller gives up (the adapter's timeout)
-        await settle(cache.store)
+        await settle()
         assert describe_tasks() == []
         assert cache._checks._checks == {} and len(cache._failures.memory) == 0
         gated.open("a", "read_range")

@@ -24,7 +24,7 @@ from modelcache._failures import release_frames
 from modelcache._format import ModelInfo
 from modelcache._pool import BufferPool
 
-from .conftest import GatedStore, MemoryModels, check_invariants, settle
+from .conftest import GatedStore, MemoryModels, check_invariants
 
 #: Large enough for a mapped (weak-referenceable) host buffer, not a heap bytearray.
 BIG = 2 << 20
@@ -73,7 +73,7 @@ async def test_a_failed_build_leaves_no_buffer_reachable(models: MemoryModels) -
             async with cache.use("a"):
                 pass
         del first
-        await settle(cache.store)
+        await cache.wait_idle()
         gc.collect()
         assert len(refs) == 1 and refs[0]() is None
         assert cache.stats().bytes_reserved == 0
@@ -110,7 +110,7 @@ async def test_a_store_failure_mid_load_leaves_no_buffer_reachable(
             await anyio.wait_all_tasks_blocked()
             models.fs.rm(f"{models.root}/a/model.safetensors")  # gone under the load
             gated.open("a", "read_into")
-        await settle(cache.store)
+        await cache.wait_idle()
         gc.collect()
         assert refs and all(ref() is None for ref in refs)
         with pytest.raises(ModelNotFoundError):  # still remembered
@@ -205,7 +205,7 @@ async def test_cuda_failed_loads_give_their_device_memory_back(
             await anyio.wait_all_tasks_blocked()
             models.fs.rm(f"{models.root}/store/model.safetensors")
             gated.open("store", "read_into")
-        await settle(cache.store)
+        await cache.wait_idle()
         assert len(cache._failures.memory) == 2
         gc.collect()
         torch.cuda.synchronize()
