@@ -97,7 +97,7 @@ async def test_lru_evicts_unleased_only(models: MemoryModels) -> None:
     """Making room evicts the least recently used unleased model, never a leased one."""
     for name in "abc":
         models.add(name, 1000)
-    async with ModelCache(models.template, device_budget=2000) as cache:
+    async with ModelCache(models.template, device_budget=2000, policy=LRUPolicy()) as cache:
         async with cache.use("a"):
             async with cache.use("b"):
                 pass
@@ -108,11 +108,13 @@ async def test_lru_evicts_unleased_only(models: MemoryModels) -> None:
 
 
 async def test_lru_order_follows_use(models: MemoryModels) -> None:
-    """The victim is the model used longest ago, not the one loaded first."""
+    """The victim is the model used longest ago: not the one loaded first, nor the one used
+    least often (b is used more often than a, but longer ago; the default cost-aware policy
+    would keep b)."""
     for name in "abc":
         models.add(name, 1000)
-    async with ModelCache(models.template, device_budget=2000) as cache:
-        for name in "aba":
+    async with ModelCache(models.template, device_budget=2000, policy=LRUPolicy()) as cache:
+        for name in "abbba":
             async with cache.use(name):
                 pass
         async with cache.use("c"):

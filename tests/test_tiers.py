@@ -14,7 +14,7 @@ import anyio
 import pytest
 import torch
 
-from modelcache import ModelCache, ModelNotFoundError, ModelTooLargeError, StoreError
+from modelcache import LRUPolicy, ModelCache, ModelNotFoundError, ModelTooLargeError, StoreError
 from modelcache._diskformat import MANIFEST_NAME, entry_name
 
 from .conftest import GatedStore, MemoryModels, check_invariants
@@ -48,11 +48,14 @@ async def test_eviction_demotes_to_host_and_use_promotes_without_a_read(
 async def test_host_tier_evicts_least_recently_used_within_its_budget(
     models: MemoryModels,
 ) -> None:
-    """The host tier keeps at most its budget, dropping its least recently demoted model."""
+    """The host tier keeps at most its budget, dropping its least recently demoted model (with
+    `LRUPolicy`: a, used twice, would be kept by the default cost-aware policy)."""
     for name in "abcd":
         models.add(name, 1000)
-    async with ModelCache(models.template, device_budget=1000, host_budget=2500) as cache:
-        for name in "abcd":
+    async with ModelCache(
+        models.template, device_budget=1000, host_budget=2500, policy=LRUPolicy()
+    ) as cache:
+        for name in "aabcd":
             async with cache.use(name):
                 check_invariants(cache)
         assert cache.resident() == ["d"]
