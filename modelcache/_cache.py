@@ -585,12 +585,12 @@ class ModelCache:
             self._check_wanted(entry)
             claimed = self._lower.claim(entry.model_id)
             if claimed is not None:
-                info, source, source_tier = claimed.info, self._store, "host"
-                entry.source = source_tier
+                info, read_store, source = claimed.info, self._store, "host"
+                entry.source = source
             else:
                 async with self._limited(entry, abandonable=True):
-                    info, source, on_disk = await self._lower.locate(entry.model_id)
-                source_tier = "store" if on_disk is None else "disk"
+                    info, read_store, on_disk = await self._lower.locate(entry.model_id)
+                source = "store" if on_disk is None else "disk"
             if entry.builder.needs_config and info.config is None:
                 async with self._limited(entry, abandonable=True):
                     info = replace(info, config=await read_config(self._store, entry.model_id))
@@ -605,10 +605,10 @@ class ModelCache:
                 else:
                     disk_copy, on_disk = on_disk, None  # released by read_weights
                     # A disk copy that fails to read falls back to the store, not a failure.
-                    weights, info = await self._lower.read_weights(source, info, disk_copy)
+                    weights, info = await self._lower.read_weights(read_store, info, disk_copy)
                     if self._backend.on_host:
                         self._lower.write_through(info, loaded=weights)
-                self._costs.observe(source_tier, info.nbytes, time.perf_counter() - moving_since)
+                self._costs.observe(source, info.nbytes, time.perf_counter() - moving_since)
                 self._sizes.remember(entry.model_id, info.nbytes)
                 value = await entry.builder.build(weights, info)
         except BaseException as exc:
@@ -623,7 +623,7 @@ class ModelCache:
         seconds = time.perf_counter() - started
         self._device.admit(entry, value, weights, seconds)
         if self._observers:
-            self._observers.load_finished(entry.model_id, source_tier, entry.nbytes, seconds)
+            self._observers.load_finished(entry.model_id, source, entry.nbytes, seconds)
         if entry.waiters == 0:  # every caller left: it is evictable now, which may serve the line
             self._device.pump()
         if logger.isEnabledFor(logging.INFO):  # its arguments cost more than a small load's read

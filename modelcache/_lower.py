@@ -253,7 +253,7 @@ class LowerTiers:
             logger.warning("could not remove the disk copy of %r: %s", model_id, error)
 
     async def read_weights(
-        self, source: Store, info: ModelInfo, on_disk: DiskEntry | None
+        self, read_store: Store, info: ModelInfo, on_disk: DiskEntry | None
     ) -> tuple[LoadedWeights, ModelInfo]:
         """Load ``info`` onto the device from where `locate` found it, releasing ``on_disk``.
 
@@ -261,10 +261,10 @@ class LowerTiers:
         store read instead; the weights' info is returned with them (the store's, then).
         """
         if on_disk is None:
-            return await self._backend.load(source, info, zero_copy=True), info
+            return await self._backend.load(read_store, info, zero_copy=True), info
         try:
             try:
-                return await self._backend.load(source, info, zero_copy=False), info
+                return await self._backend.load(read_store, info, zero_copy=False), info
             finally:
                 self.release_disk(on_disk)
         except Exception as exc:
@@ -491,10 +491,10 @@ class LowerTiers:
             use_disk = True
             while True:
                 async with self._limiter:
-                    info, source, on_disk = await self.locate(model_id, use_disk=use_disk)
+                    info, read_store, on_disk = await self.locate(model_id, use_disk=use_disk)
                 try:
                     try:
-                        payload = await self._read_reserved(info, source, on_disk)
+                        payload = await self._read_reserved(info, read_store, on_disk)
                     finally:
                         self.release_disk(on_disk)
                 except Exception as exc:
@@ -521,7 +521,7 @@ class LowerTiers:
             load.done.set()
 
     async def _read_reserved(
-        self, info: ModelInfo, source: Store, on_disk: DiskEntry | None
+        self, info: ModelInfo, read_store: Store, on_disk: DiskEntry | None
     ) -> LoadedWeights | HostBlock:
         """Reserve host bytes for ``info`` and read it there (the bytes go back on failure)."""
         assert self._limiter is not None
@@ -531,7 +531,7 @@ class LowerTiers:
         try:
             async with self._limiter:
                 started = time.perf_counter()
-                payload = await self._read_to_host(source, info, from_disk=on_disk is not None)
+                payload = await self._read_to_host(read_store, info, from_disk=on_disk is not None)
                 self.costs.observe(
                     "store" if on_disk is None else "disk",
                     info.nbytes,
@@ -545,10 +545,10 @@ class LowerTiers:
         return payload
 
     async def _read_to_host(
-        self, source: Store, info: ModelInfo, *, from_disk: bool
+        self, read_store: Store, info: ModelInfo, *, from_disk: bool
     ) -> LoadedWeights | HostBlock:
         if self._backend.on_host:
-            return await self._backend.load(source, info, zero_copy=not from_disk)
+            return await self._backend.load(read_store, info, zero_copy=not from_disk)
         block = self._host_block(info.nbytes)
         if block is None:
             raise ModelLoadError(
@@ -557,7 +557,7 @@ class LowerTiers:
                 model_id=info.model_id,
             )
         try:
-            await fill_buffer(source, info, block.view())
+            await fill_buffer(read_store, info, block.view())
         except BaseException:
             self._free_block(block)
             raise
