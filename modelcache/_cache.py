@@ -2,7 +2,7 @@
 
 The cache is the facade, the lifecycle, and the orchestration of a load; the state lives with
 its owners: the device tier (entries, leases, the device budget, eviction) in `DeviceTier`,
-host memory and the disk tier under it in `LowerTiers`, failures in `LoadFailures`,
+host memory and the disk tier under it in `HostDiskTiers`, failures in `LoadFailures`,
 ``describe``'s header reads in `HeaderChecks`. Invariants of a load (the tests check them after
 every step; the tiers' own are in their modules):
 
@@ -53,7 +53,7 @@ from ._failures import LoadFailures, for_caller, release_frames
 from ._format import ModelInfo
 from ._lease import BoundUse, Lease, State, holds_lease
 from ._loader import read_config
-from ._lower import LowerTiers
+from ._lower import HostDiskTiers
 from ._observe import CacheObserver, Observers
 from ._policy import CostAwarePolicy, EvictionPolicy, policy_below
 from ._pool import pool_of
@@ -150,7 +150,7 @@ class ModelCache:
         self._observers = Observers()
         #: Every task the cache starts, counted for `wait_idle`.
         self._background = Background()
-        self._lower = LowerTiers(
+        self._host_disk = HostDiskTiers(
             self._store,
             self._backend,
             parse_bytes(host_budget, name="host_budget"),
@@ -162,11 +162,14 @@ class ModelCache:
             write_behind=parse_bytes(disk_write_buffer, name="disk_write_buffer"),
         )
         self._device = DeviceTier(
-            parse_bytes(device_budget, name="device_budget"), policy, self._lower, self._observers
+            parse_bytes(device_budget, name="device_budget"),
+            policy,
+            self._host_disk,
+            self._observers,
         )
         self._entries = self._device.entries  # read on the hit path; changed by the tier only
         #: Load timings per source tier, learned from this cache's own loads.
-        self._costs = self._lower.costs
+        self._costs = self._host_disk.costs
         #: Sizes of models this cache has read headers of (for `estimate_load_seconds`).
         self._sizes = SizeMemory()
         self._max_concurrent_loads = max_concurrent_loads
@@ -230,7 +233,7 @@ class ModelCache:
             builder = self._builder(model)
             calls = [partial(self._prefetch_device, (builder, i)) for i in model_ids]
         elif tier == "host":
-            if self._lower.host.budget == 0:
+            if self._host_disk.host.budget == 0:
                 raise ValueError("prefetch(tier='host') needs a host_budget")
             calls = [partial(self._prefetch_host, i) for i in model_ids]
         else:
@@ -255,7 +258,7 @@ class ModelCache:
     def resident(self, tier: str = "device") -> list[str]:
         """Ids of the models resident in ``tier`` ("device" or "host"), for routers."""
         if tier == "host":
-            return list(self._lower.entries)
+            return list(self._host_disk.entries)
         return [entry.model_id for entry in self._entries.values() if entry.ready]
 
     def estimate_load_seconds(
@@ -271,7 +274,7 @@ class ModelCache:
         if tier == "device":
             return 0.0
         if tier == "host":
-            return self._costs.seconds("host", self._lower.entries[model_id].nbytes)
+            return self._costs.seconds("host", self._host_disk.entries[model_id].nbytes)
         size = self._sizes.get(model_id, nbytes)
         if size is None:
             return None
@@ -294,9 +297,9 @@ class ModelCache:
                 return "device"
             if entry.source == "host":
                 return "host"
-        if model_id in self._lower.entries:
+        if model_id in self._host_disk.entries:
             return "host"
-        disk = self._lower.disk
+        disk = self._host_disk.disk
         if disk is not None and model_id in disk:
             return "disk"
         return None
@@ -340,7 +343,7 @@ class ModelCache:
                     return entry.weights.info
                 if entry.info is not None:
                     return entry.info
-        host = self._lower.entries.get(model_id)
+        host = self._host_disk.entries.get(model_id)
         if host is not None:
             info: ModelInfo = host.info
             return info
@@ -373,9 +376,9 @@ class ModelCache:
             waiters=device.waiters,
             leased=device.leased,
             load_seconds=device.load_seconds,
-            tiers=MappingProxyType({"device": tier, **self._lower.stats()}),
-            disk_write_bytes=self._lower.writing,
-            disk_writes_skipped=self._lower.writes_skipped,
+            tiers=MappingProxyType({"device": tier, **self._host_disk.stats()}),
+            disk_write_bytes=self._host_disk.writing,
+            disk_writes_skipped=self._host_disk.writes_skipped,
             pool_idle_bytes=pool.stats().idle_bytes if (pool := pool_of(self._backend)) else 0,
             background=self._background.running,
         )
@@ -391,7 +394,7 @@ class ModelCache:
     def _check_invariants(self) -> None:
         """Every tier's accounting agrees with its entries (the tests call it after every step)."""
         self._device.check(open=self._state is State.OPEN)
-        self._lower.check()
+        self._host_disk.check()
 
     def __repr__(self) -> str:
         return f"<ModelCache {self._state.value} {self._store!r} on {self.device}: {self.stats()}>"
@@ -408,7 +411,7 @@ class ModelCache:
         self._failures.open(task_group)
         self._checks.open(task_group)
         try:
-            await self._lower.open(task_group, self._limiter)
+            await self._host_disk.open(task_group, self._limiter)
         except BaseException:
             # No task has started: the group exits quietly and the typed error (a StoreError
             # naming the disk directory...) propagates as it was raised, not in a group.
@@ -416,7 +419,7 @@ class ModelCache:
             await task_group.__aexit__(None, None, None)
             raise
         if (pool := pool_of(self._backend)) is not None:  # CPU buffers: what the budgets allow
-            pool.limit = self._device.budget + self._lower.host.budget
+            pool.limit = self._device.budget + self._host_disk.host.budget
         self._state = State.OPEN
         return self
 
@@ -439,7 +442,7 @@ class ModelCache:
             raise
         finally:
             self._device.close()
-            self._lower.close()
+            self._host_disk.close()
             if (pool := pool_of(self._backend)) is not None:
                 pool.close()  # idle buffers back to the system; live ones when they die
             self._failures.clear()
@@ -580,16 +583,16 @@ class ModelCache:
         claimed: HostEntry | None = None
         on_disk: DiskEntry | None = None
         try:
-            while (moving := self._lower.moving.get(entry.model_id)) is not None:
+            while (moving := self._host_disk.moving.get(entry.model_id)) is not None:
                 await moving.wait()  # a demotion or host load of this id: then look again
             self._check_wanted(entry)
-            claimed = self._lower.claim(entry.model_id)
+            claimed = self._host_disk.claim(entry.model_id)
             if claimed is not None:
                 info, read_store, source = claimed.info, self._store, "host"
                 entry.source = source
             else:
                 async with self._limited(entry, abandonable=True):
-                    info, read_store, on_disk = await self._lower.locate(entry.model_id)
+                    info, read_store, on_disk = await self._host_disk.locate(entry.model_id)
                 source = "store" if on_disk is None else "disk"
             if entry.builder.needs_config and info.config is None:
                 async with self._limited(entry, abandonable=True):
@@ -600,21 +603,21 @@ class ModelCache:
             async with self._limited(entry):
                 moving_since = time.perf_counter()
                 if claimed is not None:
-                    weights = await self._lower.promote(claimed, info)
+                    weights = await self._host_disk.promote(claimed, info)
                     claimed = None
                 else:
                     disk_copy, on_disk = on_disk, None  # released by read_weights
                     # A disk copy that fails to read falls back to the store, not a failure.
-                    weights, info = await self._lower.read_weights(read_store, info, disk_copy)
+                    weights, info = await self._host_disk.read_weights(read_store, info, disk_copy)
                     if self._backend.on_host:
-                        self._lower.write_through(info, loaded=weights)
+                        self._host_disk.write_through(info, loaded=weights)
                 self._costs.observe(source, info.nbytes, time.perf_counter() - moving_since)
                 self._sizes.remember(entry.model_id, info.nbytes)
                 value = await entry.builder.build(weights, info)
         except BaseException as exc:
-            self._lower.release_disk(on_disk)
+            self._host_disk.release_disk(on_disk)
             if claimed is not None:
-                self._lower.unclaim(claimed)
+                self._host_disk.unclaim(claimed)
             self._fail(entry, exc)
             entry.done.set()
             if not isinstance(exc, Exception):
@@ -673,7 +676,7 @@ class ModelCache:
             if entry.error is not None:  # the load failed: so does this prefetch, as use() would
                 raise for_caller(entry.error)
             # Loaded (then it is ready, or was evicted to host memory) or dropped: look again.
-        await self._lower.load(model_id)
+        await self._host_disk.load(model_id)
 
     def _device_entry(self, model_id: str) -> DeviceEntry | None:
         """An entry for ``model_id`` on the device, loading or ready, for any bound class."""

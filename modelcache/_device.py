@@ -32,7 +32,7 @@ from . import _observe
 from ._backend import LoadedWeights
 from ._builders import ModelBuilder
 from ._format import ModelInfo
-from ._lower import LowerTiers
+from ._lower import HostDiskTiers
 from ._observe import Observers
 from ._policy import EvictionPolicy
 from ._tiers import ByteBudget, TierStats, check_fits
@@ -95,9 +95,9 @@ class DeviceTier:
     """The device entries, their budget, leases and counters (see the module docstring)."""
 
     def __init__(
-        self, budget: int, policy: EvictionPolicy, lower: LowerTiers, observers: Observers
+        self, budget: int, policy: EvictionPolicy, host_disk: HostDiskTiers, observers: Observers
     ) -> None:
-        self._lower = lower
+        self._host_disk = host_disk
         self._observers = observers
         self._budget: ByteBudget[DeviceEntry] = ByteBudget(
             "device",
@@ -108,7 +108,7 @@ class DeviceTier:
             drainable=self._drainable,
             drain=self._start_draining,
             undrain=self._stop_draining,
-            cost=lower.miss_costs.device,
+            cost=host_disk.miss_costs.device,
         )
         self._policy = policy  # read on the hit path
         #: Entries by key, loading or ready. Read by the cache; changed only here.
@@ -256,7 +256,7 @@ class DeviceTier:
             format_bytes(nbytes),
             extra={"model_id": entry.model_id, "nbytes": nbytes},
         )
-        if weights is not None and self._lower.take_from_device(weights, self._copied_down):
+        if weights is not None and self._host_disk.take_from_device(weights, self._copied_down):
             self._budget.start_freeing(nbytes)
         else:
             self._budget.drop_now(nbytes)

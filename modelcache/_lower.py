@@ -47,7 +47,7 @@ from ._store import Store
 from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
 from ._units import format_bytes
 
-__all__ = ["LowerTiers"]
+__all__ = ["HostDiskTiers"]
 
 logger = logging.getLogger("modelcache")
 
@@ -67,7 +67,7 @@ class _HostLoad:
         self.error: BaseException | None = None
 
 
-class LowerTiers:
+class HostDiskTiers:
     """Host memory and the disk tier under one device tier, owned by a `ModelCache`."""
 
     def __init__(

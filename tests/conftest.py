@@ -139,7 +139,7 @@ async def settle() -> None:
 def check_invariants(cache: ModelCache) -> None:
     """Every tier's byte accounting agrees with its entries, and budgets hold."""
     c: _ModelCache = cache
-    c._check_invariants()  # `DeviceTier.check`, `LowerTiers.check`: each tier's own
+    c._check_invariants()  # `DeviceTier.check`, `HostDiskTiers.check`: each tier's own
     stats = c.stats()
     assert stats.bytes_reserved <= stats.bytes_budget
     assert stats.tiers["host"].bytes_reserved <= stats.tiers["host"].budget

@@ -364,7 +364,7 @@ async def test_disk_writes_hold_at_most_the_write_buffer(
                 buffers.append(weakref.ref(w.buffer))
             await anyio.wait_all_tasks_blocked()
         gc.collect()
-        assert sorted(cache._lower.disk_writes) == ["a", "b"]
+        assert sorted(cache._host_disk.disk_writes) == ["a", "b"]
         assert sum(ref() is not None for ref in buffers) <= 1 + 2  # d on the device, a and b
         assert cache.stats().disk_write_bytes == 2000
         gate.set()
@@ -374,7 +374,7 @@ async def test_disk_writes_hold_at_most_the_write_buffer(
         async with cache.use("c"):
             pass
         await cache.wait_idle()
-        disk = cache._lower.disk
+        disk = cache._host_disk.disk
         assert disk is not None and [m for m in "abcd" if m in disk] == ["a", "b", "c"]
         assert cache.stats().disk_writes_skipped == 2
 
@@ -401,8 +401,8 @@ async def test_host_budget_counts_a_promoted_block_a_disk_write_still_reads(
         await cache.prefetch(["a"], tier="host")
         async with cache.use("a"):  # promoted while the write of a still reads its block
             pass
-        assert cache._lower.arena is not None
-        assert cache.stats().tiers["host"].bytes_reserved == cache._lower.arena.used == 6 * mib
+        assert cache._host_disk.arena is not None
+        assert cache.stats().tiers["host"].bytes_reserved == cache._host_disk.arena.used == 6 * mib
         check_invariants(cache)
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: cache.prefetch(["b"], tier="host"))
@@ -411,7 +411,7 @@ async def test_host_budget_counts_a_promoted_block_a_disk_write_still_reads(
             check_invariants(cache)
             gate.set()
         assert cache.resident("host") == ["b"]
-        assert cache.stats().tiers["host"].bytes_reserved == cache._lower.arena.used == 6 * mib
+        assert cache.stats().tiers["host"].bytes_reserved == cache._host_disk.arena.used == 6 * mib
         await cache.wait_idle()
         check_invariants(cache)
 
@@ -429,8 +429,8 @@ async def test_a_disk_copy_removed_under_a_load_falls_back_to_the_store(
             original = w["w"].clone()
         await cache.wait_idle()  # the copies to the disk tier
         assert cache.evict("a")
-        cache._lower._evict_host(cache._lower.entries["a"])  # out of host memory too
-        disk = cache._lower.disk
+        cache._host_disk._evict_host(cache._host_disk.entries["a"])  # out of host memory too
+        disk = cache._host_disk.disk
         assert disk is not None and cache.tier_of("a") == "disk"
         read_into = disk.store.read_into
 
@@ -444,7 +444,7 @@ async def test_a_disk_copy_removed_under_a_load_falls_back_to_the_store(
         assert gated.calls[("read_into", "a")] == 2
         assert cache.stats().load_failures == 0
         cache.evict("a")
-        cache._lower._evict_host(cache._lower.entries["a"])
+        cache._host_disk._evict_host(cache._host_disk.entries["a"])
         await cache.prefetch(["a"], tier="host")  # the host path falls back the same way
         async with cache.use("a") as w:
             assert w["w"].equal(original)
