@@ -91,7 +91,7 @@ class HostDiskTiers:
         #: Bandwidth learned from loads into host memory (shared with the device tier's).
         self.costs = costs if costs is not None else LoadCosts()
         #: What evicting a model from each tier costs (bound to the tiers' policies).
-        self.miss_costs = MissCosts(self.costs, host_budget, self.fall_source)
+        self.miss_costs = MissCosts(self.costs, host_budget, self.reload_source)
         self.host: ByteBudget[HostEntry] = ByteBudget(
             "host",
             host_budget,
@@ -381,7 +381,7 @@ class HostDiskTiers:
             and host.try_reserve(nbytes)
         )
 
-    def fall_source(self, model_id: str) -> str:
+    def reload_source(self, model_id: str) -> str:
         """Where ``model_id`` would be read from once out of RAM: "disk" or "store"."""
         disk = self.disk
         if disk is not None and (model_id in disk or self._remote(model_id)):
