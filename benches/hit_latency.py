@@ -27,8 +27,8 @@ bytes that cannot yet be granted, at 10,000 and 100,000 resident models, for `LR
 own bytes, see above): every resident model holds 1 MiB and the budget is full; a load waits for
 the whole budget, so no release can grant it; ``PRESSURE_LEASES`` leases are held at any time.
 Each step leases a random model (``policy.accessed``, as a hit does) and ends the oldest lease;
-an ending lease with a waiter in line pumps the budget (`DeviceTier.release_lease`), and only that
-pump is timed. A pump asks the policy for victims, which it cannot find: the figure is the cost
+an ending lease with a waiter in line pumps the budget (`ByteBudget.serve_line`, called by
+`DeviceTier.release_lease`), and only that pump is timed. A pump asks the policy for victims, which it cannot find: the figure is the cost
 of a failed victims query, paid on the event loop by every request that ends under pressure.
 Steps stop after ``PRESSURE_MAX_PUMPS`` pumps or ``PRESSURE_SECONDS`` of timed pumps.
 
@@ -281,7 +281,7 @@ async def release_under_pressure(
             model.leases -= 1
             if model.leases == 0 and budget.waiting:  # DeviceTier.release_lease
                 t0 = clock()
-                budget.pump()
+                budget.serve_line()
                 took = clock() - t0
                 samples.append(took)
                 spent += took

@@ -628,7 +628,7 @@ class ModelCache:
         if self._observers:
             self._observers.load_finished(entry.model_id, source, entry.nbytes, seconds)
         if entry.waiters == 0:  # every caller left: it is evictable now, which may serve the line
-            self._device.pump()
+            self._device.serve_line()
         if logger.isEnabledFor(logging.INFO):  # its arguments cost more than a small load's read
             logger.info(
                 "loaded %r: %s in %.3f s (%.2f GB/s)",
@@ -643,7 +643,7 @@ class ModelCache:
         """Undo everything a load did, and tell its waiters why."""
         self._device.failed(entry)
         if isinstance(exc, Abandoned):
-            self._device.pump()  # bytes it held, if any, go to the line; nothing to remember
+            self._device.serve_line()  # bytes it held, if any, go to the line; nothing to remember
             return
         if isinstance(exc, Exception) and self._state is State.OPEN:
             exc = as_model_error(exc, entry.model_id)
@@ -660,7 +660,7 @@ class ModelCache:
                 f"the cache closed while model {entry.model_id!r} was loading",
                 model_id=entry.model_id,
             )
-        self._device.pump()
+        self._device.serve_line()
 
     async def _prefetch_host(self, model_id: str) -> None:
         """Bring ``model_id``'s weights into host memory, unless the device has (or is loading)

@@ -148,7 +148,7 @@ class DeviceTier:
         entry.leases -= 1
         self.leased -= 1
         if entry.leases == 0 and self._budget.waiting:
-            self._budget.pump()
+            self._budget.serve_line()
 
     def join(self, entry: DeviceEntry) -> None:
         """A caller waits for ``entry``'s load (a miss)."""
@@ -166,7 +166,7 @@ class DeviceTier:
             entry.abandon.cancel()  # nobody wants the load: leave the limiter's queue now
         if self._budget.waiting:
             # Its place in line may be unwanted now, or the entry may be a candidate victim.
-            self._budget.pump()
+            self._budget.serve_line()
 
     async def wait_drained(self, drained: anyio.Event) -> None:
         """Wait while an entry is a victim chosen for a waiting load (counted as a waiter)."""
@@ -206,13 +206,13 @@ class DeviceTier:
 
     def failed(self, entry: DeviceEntry) -> None:
         """``entry``'s load ended without a model: it leaves, its bytes go back (the caller
-        serves the line with `pump` once it has told the waiters)."""
+        serves the line (`serve_line`) once it has told the waiters)."""
         self.loading -= 1
         self.drop(entry)
 
-    def pump(self) -> None:
+    def serve_line(self) -> None:
         """Serve the line: bytes may have come free, or a waiting load may be unwanted."""
-        self._budget.pump()
+        self._budget.serve_line()
 
     # -- eviction -------------------------------------------------------------------------------
 
@@ -240,7 +240,7 @@ class DeviceTier:
         if entry is None or not self._evictable(entry):
             return False
         self._evict(entry)
-        self._budget.pump()
+        self._budget.serve_line()
         return True
 
     def _evict(self, entry: DeviceEntry) -> None:

@@ -366,7 +366,7 @@ class HostDiskTiers:
                     self.in_flight -= host_entry.nbytes
                     self._let_go(host_entry)
                 else:
-                    self.host.pump()
+                    self.host.serve_line()
 
     # -- the host tier --------------------------------------------------------------------------
 
@@ -404,7 +404,7 @@ class HostDiskTiers:
         self.entries[entry.model_id] = entry
         entry.admitted = _observe.clock()
         self.host.admit(entry)
-        self.host.pump()
+        self.host.serve_line()
 
     def _remove_host(self, entry: HostEntry) -> None:
         del self.entries[entry.model_id]

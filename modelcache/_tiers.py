@@ -9,7 +9,7 @@ A `ByteBudget` is the one mechanism every tier uses to stay within its bytes:
   they are free now. An ``evict`` callback either frees the victim's bytes at once
   (`drop_now`) or starts copying it to a lower tier and counts them as ``freeing`` until the
   copy ends (`start_freeing` / `finish_freeing`): a victim's bytes are never granted twice.
-* Reservations that cannot be granted wait in line, first come first served; `pump` grants
+* Reservations that cannot be granted wait in line, first come first served; `serve_line` grants
   them, in order, whenever bytes are freed. A waiter that is no longer wanted is dropped from
   the line rather than left to block it.
 * Fairness (a tier given ``drainable``): when the head of the line does not fit, victims for it
@@ -285,7 +285,7 @@ class ByteBudget(Generic[E]):
         waiter = _Waiter(nbytes, wanted)
         self._line.append(waiter)
         if len(self._line) == 1 and self._choose_drains(nbytes):
-            self.pump()  # at the head: victims were chosen for it; unleased ones may do
+            self.serve_line()  # at the head: victims were chosen for it; unleased ones may do
         try:
             await waiter.event.wait()
         except BaseException:
@@ -299,7 +299,7 @@ class ByteBudget(Generic[E]):
         if not waiter.granted:
             raise Abandoned
 
-    def pump(self) -> None:
+    def serve_line(self) -> None:
         """Grant waiting reservations in order while they fit; when the head does not fit,
         choose (drain) victims for it among leased entries too."""
         while self._line:
@@ -322,7 +322,7 @@ class ByteBudget(Generic[E]):
     def _choose_drains(self, nbytes: int) -> bool:
         """Choose victims for a head of ``nbytes`` that does not fit, leased or not; True if
         any were. None if even all of them could not free enough yet (loads in flight become
-        candidates when they are ready, and pump again then). Unleased victims are not evicted
+        candidates when they are ready, and serve the line again then). Unleased victims are not evicted
         here: they keep serving the tasks that hold leases (`ModelCache` serves those) until
         `try_reserve` can grant the whole head, so no bytes are freed for a load that cannot
         start yet."""
@@ -364,15 +364,15 @@ class ByteBudget(Generic[E]):
     def release(self, nbytes: int) -> None:
         """Give back reserved bytes (a failed load, a promotion) and serve the line."""
         self._reserved -= nbytes
-        self.pump()
+        self.serve_line()
 
     def unreserve(self, nbytes: int) -> None:
-        """Give back reserved bytes without serving the line: the caller pumps when it is done
+        """Give back reserved bytes without serving the line: the caller serves it when it is done
         changing the tier (or the tier is closing)."""
         self._reserved -= nbytes
 
     def drop_now(self, nbytes: int) -> None:
-        """Inside an ``evict`` callback: the victim's bytes are free at once (no pump: the
+        """Inside an ``evict`` callback: the victim's bytes are free at once (the line is not served: the
         caller is reserving)."""
         self._reserved -= nbytes
         self._evictions += 1
