@@ -475,6 +475,7 @@ class ModelCache:
 
     async def _acquire(self, key: Key) -> DeviceEntry:
         """Lease ``key``'s entry, loading it first if needed."""
+        builder, model_id = key
         while True:
             self._check_open()
             entry = self._entries.get(key)
@@ -488,8 +489,8 @@ class ModelCache:
                 await self._device.wait_drained(entry.draining)
                 continue  # evicted: load it again, behind the load it made room for
             if entry is None:
-                self._failures.raise_recent(*key)
-                self._store.model_url(key[1])  # validates the id before anything else happens
+                self._failures.raise_recent(builder, model_id)
+                self._store.model_url(model_id)  # validates the id before anything else happens
                 entry = self._start_load(key)
             self._device.join(entry)
             waiting_since = _observe.clock()
@@ -504,7 +505,7 @@ class ModelCache:
             finally:
                 self._device.leave(entry)
                 if self._observers:
-                    self._observers.waited(key[1], _observe.clock() - waiting_since)
+                    self._observers.waited(model_id, _observe.clock() - waiting_since)
             if leased:
                 return entry
             if entry.error is not None:
@@ -517,7 +518,7 @@ class ModelCache:
         assert self._task_group is not None
         entry = self._device.add(key)
         self._background.start(
-            self._task_group, self._load, entry, name=f"modelcache load {key[1]!r}"
+            self._task_group, self._load, entry, name=f"modelcache load {entry.model_id!r}"
         )
         return entry
 
