@@ -68,8 +68,9 @@ __all__ = ["ModelCache"]
 logger = logging.getLogger("modelcache")
 logger.addHandler(logging.NullHandler())
 
-#: Clock of the failure memory (a module attribute so tests can move time).
-_clock = time.monotonic
+#: Times the stages of a load (``load_seconds``, the learned costs): high resolution. Event
+#: times (waits, ages) are the observers' `_observe.clock`; failures expire by `_failures.clock`.
+_load_timer = time.perf_counter
 
 T = TypeVar("T")
 
@@ -179,7 +180,7 @@ class ModelCache:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         #: Errors of recent failed loads and header checks, for ``failure_ttl`` seconds.
-        self._failures = LoadFailures(failure_ttl, lambda: _clock())
+        self._failures = LoadFailures(failure_ttl)
         self._checks = HeaderChecks(
             self._store, self._failures, self._background, lambda: self._state is State.OPEN
         )
@@ -580,7 +581,7 @@ class ModelCache:
         Before each stage (the limiter, the header read, the reservation, the weight read) it
         stops with `Abandoned` if nobody waits for it any more."""
         assert self._limiter is not None
-        started = time.perf_counter()
+        started = _load_timer()
         claimed: HostEntry | None = None
         on_disk: DiskEntry | None = None
         try:
@@ -602,7 +603,7 @@ class ModelCache:
             self._check_wanted(entry)  # a load nobody waits for must not evict anything
             await self._device.reserve(entry, info)
             async with self._limited(entry):
-                moving_since = time.perf_counter()
+                moving_since = _load_timer()
                 if claimed is not None:
                     weights = await self._host_disk.promote(claimed, info)
                     claimed = None
@@ -612,7 +613,7 @@ class ModelCache:
                     weights, info = await self._host_disk.read_weights(read_store, info, disk_copy)
                     if self._backend.on_host:
                         self._host_disk.write_through(info, loaded=weights)
-                self._costs.observe(source, info.nbytes, time.perf_counter() - moving_since)
+                self._costs.observe(source, info.nbytes, _load_timer() - moving_since)
                 self._sizes.remember(entry.model_id, info.nbytes)
                 value = await entry.builder.build(weights, info)
         except BaseException as exc:
@@ -624,7 +625,7 @@ class ModelCache:
             if not isinstance(exc, Exception):
                 raise
             return
-        seconds = time.perf_counter() - started
+        seconds = _load_timer() - started
         self._device.admit(entry, value, weights, seconds)
         if self._observers:
             self._observers.load_finished(entry.model_id, source, entry.nbytes, seconds)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import linecache
+import time
 import traceback
 import types
 from collections import OrderedDict
@@ -178,6 +179,10 @@ class FailureMemory(Generic[K]):
 _HEADER_ERRORS = (ModelNotFoundError, ModelFormatError, StoreError)
 
 
+#: The failure memory's clock (a module attribute so tests can move time).
+clock = time.monotonic
+
+
 class LoadFailures:
     """A cache's failures: its `FailureMemory` and the counts ``cache.stats()`` reports.
 
@@ -186,8 +191,10 @@ class LoadFailures:
     answered from the memory); ``failed_loads`` the failed loads alone.
     """
 
-    def __init__(self, ttl: float, clock: Callable[[], float]) -> None:
-        self.memory: FailureMemory[tuple[Hashable | None, str]] = FailureMemory(ttl, clock)
+    def __init__(self, ttl: float) -> None:
+        self.memory: FailureMemory[tuple[Hashable | None, str]] = FailureMemory(
+            ttl, lambda: clock()
+        )
         self.failed_calls = 0
         self.failed_loads = 0
 

@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 import torch
 
-import modelcache._cache
+import modelcache._failures
 from modelcache import (
     CacheClosedError,
     InvalidModelIdError,
@@ -548,8 +548,8 @@ async def test_failure_reaches_every_waiter_and_is_remembered(
             async with cache.use("a"):
                 pass
         assert calls == 1 and cache.stats().failures == 2
-        now = modelcache._cache._clock()
-        monkeypatch.setattr(modelcache._cache, "_clock", lambda: now + 31)
+        now = modelcache._failures.clock()
+        monkeypatch.setattr(modelcache._failures, "clock", lambda: now + 31)
         with pytest.raises(ModelBuildError):  # forgotten after failure_ttl: tried again
             async with cache.use("a"):
                 pass
