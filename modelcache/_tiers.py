@@ -23,8 +23,8 @@ A `ByteBudget` is the one mechanism every tier uses to stay within its bytes:
 * One owner: a budget's counters are private; the tier that owns it changes them through its
   verbs only (`admit`, `remove`, `release`, `drop_now`, ...), and `check` states the
   invariants above against the owner's entries.
-* The policy sees only this tier's entries: they cross its untyped contract in `_victims` and
-  `_as_policy_callable` only.
+* The policy sees only this tier's entries: they cross its untyped contract in ``_victims`` and
+  the cost given to it only.
 """
 
 from __future__ import annotations
@@ -130,6 +130,13 @@ class ByteBudget(Generic[E]):
         #: Victims chosen for the head of the line, waiting for their leases to end (in order).
         self._draining: dict[E, None] = {}
         self._draining_bytes = 0
+        #: The policy's victims query, typed for this tier's entries: the one place entries
+        #: cross the policy's untyped contract. A policy is shown only this tier's entries (E)
+        #: and returns only entries it was given. Bound once: the line is served on the event
+        #: loop whenever a lease ends under pressure.
+        self._victims = cast(
+            "Callable[[int, Callable[[E], bool]], list[E] | None]", self._policy.victims
+        )
         if cost is not None:
             bind_cost(self._policy, _as_policy_callable(cost))
 
@@ -244,12 +251,6 @@ class ByteBudget(Generic[E]):
 
     def is_draining(self, entry: E) -> bool:
         return entry in self._draining
-
-    def _victims(self, need: int, evictable: Callable[[E], bool]) -> list[E] | None:
-        """The policy's victims. The one place entries cross the policy's untyped contract: a
-        policy is shown only this tier's entries (of type E) and returns only entries it was
-        given, so the list holds E's."""
-        return cast("list[E] | None", self._policy.victims(need, _as_policy_callable(evictable)))
 
     def try_reserve(self, nbytes: int) -> bool:
         """Grant ``nbytes`` now, evicting if that frees enough; False if not, and then nothing
