@@ -63,8 +63,12 @@ class Background:
         task_group.start_soon(self._run, func, args, name=name or f"modelcache {func.__name__}")
 
     async def _run(self, func: Callable[..., Awaitable[object]], args: tuple[object, ...]) -> None:
+        # The task's arguments live in the coroutine alone: a task that drops a buffer before
+        # it frees the buffer's bytes (`del weights` in a copy down) must not find it kept here.
+        running = func(*args)
+        del args
         try:
-            await func(*args)
+            await running
         finally:
             self.running -= 1
             if not self.running and self._idle is not None:
