@@ -105,9 +105,12 @@ class _Threads:
     idle: anyio.Event | None = None
 
 
-@pytest.fixture(autouse=True)
-def _count_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Count every worker thread the code under test runs (`settle` waits for none)."""
+@pytest.fixture
+def count_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count every worker thread the code under test runs, for `settle` (a module that calls
+    it sets ``pytestmark = pytest.mark.usefixtures("count_threads")``). Not for every test: the
+    wrapper changes when worker threads hand their results back, and the buffer pool's reuse
+    tests once saw a freed buffer come back a step late under it."""
     real = anyio.to_thread.run_sync
 
     async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -125,7 +128,7 @@ def _count_threads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def settle() -> None:
     """Wait until no task can run and no worker thread (reads, builders) is busy: every task is
-    parked at a gate, an event or a lease. To wait for a cache's own work to end instead (loads,
+    parked at a gate, an event or a lease (needs the `count_threads` fixture). To wait for a cache's own work to end instead (loads,
     copies, writes), use ``cache.wait_idle()``."""
     while True:
         await anyio.wait_all_tasks_blocked()

@@ -28,6 +28,9 @@ from modelcache._format import ModelInfo
 
 from .conftest import GatedStore, MemoryModels, check_invariants, settle
 
+#: `settle` counts worker threads.
+pytestmark = pytest.mark.usefixtures("count_threads")
+
 
 async def test_use_loads_once_then_hits(models: MemoryModels) -> None:
     """The first use loads; later uses are hits on the same object."""

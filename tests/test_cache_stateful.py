@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -40,6 +41,9 @@ from modelcache._format import ModelInfo
 from modelcache._torch import TorchBackend
 
 from .conftest import GatedStore, MemoryModels, check_invariants, settle
+
+#: `settle` counts worker threads.
+pytestmark = pytest.mark.usefixtures("count_threads")
 
 SIZES = {"a": 300, "b": 500, "c": 700, "d": 200, "e": 900, "huge": 5000}
 BUDGET = 1200

@@ -13,6 +13,9 @@ from modelcache._format import ModelInfo
 
 from .conftest import GatedStore, MemoryModels, check_invariants, settle
 
+#: `settle` counts worker threads.
+pytestmark = pytest.mark.usefixtures("count_threads")
+
 
 def store_calls(gated: GatedStore, model_id: str) -> int:
     """Store operations made for ``model_id``, of every kind."""

@@ -43,6 +43,9 @@ from modelcache._torch import TorchBackend, tensor_views
 from .conftest import GatedStore, MemoryModels, settle
 from .safetensors_files import Dest, tensor_bytes, write_model, write_raw, write_sharded
 
+#: `settle` counts worker threads.
+pytestmark = pytest.mark.usefixtures("count_threads")
+
 MODEL_ID = "m-1"
 SENTINEL = 0xA5
 
