@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
 import json
 import math
 import os
@@ -19,8 +20,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,28 +30,42 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from modelcache import ModelCache
     from tests.servers import SeaweedFS
 
 #: The repository's root (for ``tests.servers``).
 REPO_ROOT = Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+MIB = 1 << 20
 
 __all__ = [
+    "GIB",
+    "MIB",
     "REPO_ROOT",
+    "KeptOpen",
+    "Measured",
+    "Method",
     "Percentiles",
     "Repeated",
     "base_parser",
     "data_dir",
+    "drop",
     "emit_json",
     "free_memory",
     "gbps",
+    "host_reload",
     "human_seconds",
     "machine_line",
+    "on_device",
     "percentiles_us",
     "print_table",
     "print_times",
+    "ready",
     "rounded",
+    "run_all",
     "s3_upload",
     "seaweedfs",
+    "size_label",
     "timed",
 ]
 
@@ -266,3 +282,145 @@ def print_times(title: str, methods: Sequence[Timed], nbytes: int) -> None:
             for m in methods
         ],
     )
+
+
+def size_label(total: int) -> str:
+    """``64mib`` or ``1gib``: a model size as the JSON keys name it."""
+    return f"{total // GIB}gib" if total >= GIB and total % GIB == 0 else f"{total // MIB}mib"
+
+
+# -- timing a model in a cache ---------------------------------------------------------------------
+
+
+def on_device(cache: ModelCache, model_id: str) -> bool:
+    return model_id in cache.resident("device")
+
+
+async def ready(
+    cache: ModelCache,
+    model_id: str,
+    check: Callable[[Mapping[str, Any]], None],
+    *,
+    synchronize: Callable[[], None] | None = None,
+) -> float:
+    """Seconds until ``async with cache.use(model_id)`` is entered (with ``synchronize``, from
+    and to an idle device); ``check`` then vets the weights, untimed."""
+    if synchronize is not None:
+        synchronize()
+    start = time.perf_counter()
+    async with cache.use(model_id) as weights:
+        if synchronize is not None:
+            synchronize()
+        seconds = time.perf_counter() - start
+        check(weights)
+    del weights
+    return seconds
+
+
+async def host_reload(
+    cache: ModelCache,
+    model_id: str,
+    ready: Callable[[], Awaitable[float]],
+    *,
+    moved: Callable[[], Awaitable[None]] | None = None,
+) -> float:
+    """Evict the model to the host tier and time ``ready()`` reloading it from there.
+
+    ``moved`` waits until the eviction's copy to the host tier has ended, where that runs in the
+    background (a GPU); without it the model must be in the host tier when `evict` returns.
+    """
+    if not on_device(cache, model_id):
+        await ready()
+    if not cache.evict(model_id):
+        raise RuntimeError(f"evict() refused: {cache.stats()}")
+    if moved is not None:
+        await moved()
+    if model_id not in cache.resident("host"):
+        raise RuntimeError(f"evict() did not move the model to the host tier: {cache.stats()}")
+    hits = cache.stats().tiers["host"].hits
+    seconds = await ready()
+    if cache.stats().tiers["host"].hits != hits + 1:
+        raise RuntimeError("the reload was not served by the host tier")
+    return seconds
+
+
+async def drop(cache: ModelCache, model_id: str, ready: Callable[[], Awaitable[float]]) -> None:
+    """Make the model resident (``ready()``), then evict it from device and host memory both (a
+    cache without a host tier): its next use reads a lower tier or the store."""
+    if not on_device(cache, model_id):
+        await ready()
+    if not cache.evict(model_id) or on_device(cache, model_id) or cache.resident("host"):
+        raise RuntimeError(f"evict() did not drop the model: {cache.stats()}")
+
+
+# -- methods, run round-robin ----------------------------------------------------------------------
+
+#: What one run of a method measured: its seconds, or its seconds and those of a step after it
+#: (touching the weights; NaN where the method has none).
+Measured = float | tuple[float, float]
+
+
+class KeptOpen:
+    """A run whose cache stays open across a bench's repetitions (the steady state of a busy
+    cache): `run_all` gives it ``stack``, where it opens the cache on its first run, and closes
+    the stack once every round has ended."""
+
+    stack: AsyncExitStack | None = None
+
+
+@dataclass
+class Method:
+    """One way of doing what a bench times: ``run()`` (sync or async) does it once."""
+
+    key: str
+    label: str
+    run: Callable[[], Measured | Awaitable[Measured]]
+    seconds: list[float] = field(default_factory=list)
+    #: The seconds of the step after, where ``run`` measures one.
+    after: list[float] = field(default_factory=list)
+    warmup: float = math.nan
+    #: Why it stopped, where `run_all` reports errors instead of raising them.
+    error: str | None = None
+
+    @property
+    def times(self) -> Repeated:
+        return Repeated(tuple(self.seconds))
+
+    @property
+    def after_times(self) -> Repeated:
+        return Repeated(tuple(self.after))
+
+
+async def run_all(methods: Sequence[Method], repeats: int, *, report_errors: bool = False) -> None:
+    """One untimed warm-up run of each method, then ``repeats`` rounds of every method in turn
+    (round-robin: drift and noise hit every method alike), collecting garbage after each run.
+
+    With ``report_errors`` a method that raises is stopped with its error in ``error`` (a peer
+    that fails is reported, not fatal); otherwise the error ends the bench.
+    """
+    async with AsyncExitStack() as stack:
+        for m in methods:
+            if isinstance(m.run, KeptOpen):
+                m.run.stack = stack
+        for round_ in range(repeats + 1):
+            for m in methods:
+                if m.error is not None:
+                    continue
+                try:
+                    measured = m.run()
+                    if inspect.isawaitable(measured):
+                        measured = await measured
+                except Exception as exc:
+                    if not report_errors:
+                        raise
+                    m.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                    continue
+                finally:
+                    free_memory()
+                seconds, after = measured if isinstance(measured, tuple) else (measured, math.nan)
+                if round_ == 0:
+                    m.warmup = seconds
+                    continue
+                m.seconds.append(seconds)
+                if not math.isnan(after):
+                    m.after.append(after)

@@ -49,27 +49,36 @@ import time
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 import torch
 from _common import (
+    GIB,
+    MIB,
+    Method,
     Repeated,
     base_parser,
     data_dir,
+    drop,
     emit_json,
     free_memory,
     gbps,
+    host_reload,
     machine_line,
     print_table,
     print_times,
+    ready,
     rounded,
+    run_all,
     s3_upload,
     seaweedfs,
+    size_label,
 )
 from load_throughput import N_TENSORS, dtypes
-from remote_load import GIB, MIB, MODEL_ID, Method, run_all, write_model
+from remote_load import MODEL_ID, write_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -95,10 +104,6 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("file_vs_safetensors_to_cuda_ratio", "file", "safetensors_to_cuda", None),
     ("s3_vs_safetensors_cuda_ratio", "s3", "safetensors_cuda", None),
 )
-
-
-def size_label(total: int) -> str:
-    return f"{total // GIB}gib" if total >= GIB and total % GIB == 0 else f"{total // MIB}mib"
 
 
 def synchronize() -> None:
@@ -143,20 +148,9 @@ def budget(payload: int) -> int:
     return payload + 64 * MIB
 
 
-def on_device(cache: ModelCache) -> bool:
-    return MODEL_ID in cache.resident("device")
-
-
-async def ready(cache: ModelCache, model: Model) -> float:
+async def gpu_ready(cache: ModelCache, model: Model) -> float:
     """Seconds until ``async with cache.use(MODEL_ID)`` is entered and the GPU is idle."""
-    synchronize()
-    start = time.perf_counter()
-    async with cache.use(MODEL_ID) as weights:
-        synchronize()
-        seconds = time.perf_counter() - start
-        check(weights, model)
-    del weights
-    return seconds
+    return await ready(cache, MODEL_ID, partial(check, model=model), synchronize=synchronize)
 
 
 async def wait_idle(cache: ModelCache, what: str) -> None:
@@ -167,30 +161,19 @@ async def wait_idle(cache: ModelCache, what: str) -> None:
         raise RuntimeError(f"{what} did not end within {MOVE_TIMEOUT:.0f} s") from None
 
 
-async def host_reload(cache: ModelCache, model: Model) -> float:
-    if not on_device(cache):
-        await ready(cache, model)
-    if not cache.evict(MODEL_ID):
-        raise RuntimeError(f"evict() refused: {cache.stats()}")
-    await wait_idle(cache, "the copy to the host tier")
-    if MODEL_ID not in cache.resident("host"):
-        raise RuntimeError("the evicted model did not reach the host tier")
-    synchronize()
-    hits = cache.stats().tiers["host"].hits
-    seconds = await ready(cache, model)
-    if cache.stats().tiers["host"].hits != hits + 1:
-        raise RuntimeError("the reload was not served by the host tier")
-    return seconds
+async def gpu_host_reload(cache: ModelCache, model: Model) -> float:
+    async def moved() -> None:
+        await wait_idle(cache, "the copy to the host tier")
+        synchronize()
+
+    return await host_reload(cache, MODEL_ID, partial(gpu_ready, cache, model), moved=moved)
 
 
 async def store_reload(cache: ModelCache, model: Model) -> float:
     """Drop the model (the cache has no host tier) and load it from the cache's store again."""
-    if not on_device(cache):
-        await ready(cache, model)
-    if not cache.evict(MODEL_ID) or on_device(cache) or cache.resident("host"):
-        raise RuntimeError(f"evict() did not drop the model: {cache.stats()}")
+    await drop(cache, MODEL_ID, partial(gpu_ready, cache, model))
     loads = cache.stats().loads
-    seconds = await ready(cache, model)
+    seconds = await gpu_ready(cache, model)
     stats = cache.stats()
     if stats.loads != loads + 1 or stats.tiers["host"].hits:
         raise RuntimeError(f"the reload did not come from the store: {stats}")
@@ -347,7 +330,7 @@ async def measure_size(
             Method(
                 "host_tier",
                 "ours: host tier (pinned) -> GPU",
-                lambda: host_reload(host_cache, model),
+                lambda: gpu_host_reload(host_cache, model),
             ),
             Method(
                 "file", "ours: file:// (page cache) -> GPU", lambda: store_reload(file_cache, model)

@@ -11,7 +11,7 @@ The tiny model has a single zero-element tensor (0 weight bytes) and the cache r
 one on the copy path, a mapping of the file plus a duplicated file descriptor on the zero-copy
 path), and Linux caps a process at ``vm.max_map_count`` (65,530 by default) mappings and
 ``RLIMIT_NOFILE`` descriptors, so 100,000 resident 4-byte models cannot be held. A model with no
-weight bytes allocates no mapping. The hit path (`_Lease.__aenter__`) does not depend on the model's
+weight bytes allocates no mapping. The hit path (`Lease.__aenter__`) does not depend on the model's
 size. ``--tensor-bytes 4`` uses a 4-byte tensor instead (keep ``--entries`` under ~60,000).
 
 Per call, ``time.perf_counter_ns`` is read just before ``async with`` and just after the block is
@@ -31,6 +31,12 @@ an ending lease with a waiter in line pumps the budget (`ByteBudget.serve_line`,
 `DeviceTier.release_lease`), and only that pump is timed. A pump asks the policy for victims, which it cannot find: the figure is the cost
 of a failed victims query, paid on the event loop by every request that ends under pressure.
 Steps stop after ``PRESSURE_MAX_PUMPS`` pumps or ``PRESSURE_SECONDS`` of timed pumps.
+
+Revalidation: the scenarios above run with ``revalidate_after=None`` (never). At the smallest
+entry count they run again with ``revalidate_after=REVALIDATE_ON_S`` (checks of every id fire
+in the background while the hits are timed: a stat per check, in a worker thread) and the
+ratio on/off of each p50 and p99 is reported: a check is never on the hit path, which only
+compares a float with the clock.
 
 Run: ``python benches/hit_latency.py [--quick] [--data-dir DIR] [--entries 10 100000]
 [--pressure-entries 10000 100000]``.
@@ -75,6 +81,8 @@ MiB = 1 << 20
 PRESSURE_LEASES = 16
 PRESSURE_MAX_PUMPS = 2000
 PRESSURE_SECONDS = 1.0
+#: ``revalidate_after`` of the revalidation-on run: short, so checks run during the timing.
+REVALIDATE_ON_S = 0.05
 PRESSURE_POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
     "lru": LRUPolicy,
     "cost": CostAwarePolicy,
@@ -181,7 +189,13 @@ def sequences(
     return [[ids[i] for i in rng.integers(0, len(ids), size=calls)] for _ in range(tasks)]
 
 
-async def measure_entries(path: str, n: int, cfg: Config) -> tuple[float, list[Scenario]]:
+#: Checks each `measure_entries` run made (the revalidation-on run must make some).
+REVALIDATIONS: list[int] = []
+
+
+async def measure_entries(
+    path: str, n: int, cfg: Config, revalidate_after: float | None = None
+) -> tuple[float, list[Scenario]]:
     url = "file://" + path
     cache = ModelCache(
         lambda model_id: url,
@@ -189,6 +203,7 @@ async def measure_entries(path: str, n: int, cfg: Config) -> tuple[float, list[S
         device_budget="2GiB",
         max_concurrent_loads=4,
         zero_copy=False,
+        revalidate_after=revalidate_after,
     )
     ids = [f"m{i}" for i in range(n)]
     rng = np.random.default_rng(12345)
@@ -225,6 +240,7 @@ async def measure_entries(path: str, n: int, cfg: Config) -> tuple[float, list[S
                         all_hits=hits,
                     )
                 )
+    REVALIDATIONS.append(cache.stats().revalidations)
     del cache
     gc.collect()
     return fill_s, scenarios
@@ -335,6 +351,7 @@ def main() -> None:
             fill_s, scenarios = anyio.run(measure_entries, path, n, cfg)
             fills.append((n, fill_s))
             results.extend(scenarios)
+        _, revalidating = anyio.run(measure_entries, path, min(cfg.entries), cfg, REVALIDATE_ON_S)
 
     print_table(
         "Filling the cache (cold loads of the tiny model, one per id)",
@@ -407,6 +424,28 @@ def main() -> None:
             ["policy", "entries", "pumps", "p50", "p99", "mean", "max"],
             pressure,
         )
+    off = {(r.tasks, r.ids): r for r in results if r.entries == min(cfg.entries)}
+    reval_rows: list[list[object]] = []
+    for r in revalidating:
+        base = off[(r.tasks, r.ids)]
+        p50 = r.figures.p50_us / base.figures.p50_us
+        p99 = r.figures.p99_us / base.figures.p99_us
+        tag = f"{r.tasks}task{'s' if r.tasks > 1 else ''}_{r.ids}id_{r.entries}entries"
+        figures[f"revalidating_hit_p50_us_{tag}"] = rounded(r.figures.p50_us)
+        figures[f"revalidating_hit_p99_us_{tag}"] = rounded(r.figures.p99_us)
+        figures[f"revalidating_hit_p50_ratio_{tag}"] = rounded(p50)
+        figures[f"revalidating_hit_p99_ratio_{tag}"] = rounded(p99)
+        reval_rows.append(
+            [label(r.tasks, r.ids), r.entries, r.figures.p50_us, r.figures.p99_us, p50, p99]
+        )
+    print_table(
+        f"Revalidation on (revalidate_after={REVALIDATE_ON_S:g} s) vs off, {min(cfg.entries)} "
+        "entries; goal: ratios within 1.10",
+        ["scenario", "entries", "p50", "p99", "p50 on/off", "p99 on/off"],
+        reval_rows,
+    )
+    figures["revalidations_during_on_run"] = REVALIDATIONS[-1]
+    print(f"checks made during the revalidation-on run: {REVALIDATIONS[-1]}")
     figures["all_hits"] = all(r.all_hits for r in results)
     figures["quick"] = quick
     print()

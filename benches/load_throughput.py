@@ -34,14 +34,12 @@ Run: ``python benches/load_throughput.py [--quick] [--data-dir DIR] [--repeats N
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import struct
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +48,9 @@ import fsspec
 import numpy as np
 import torch
 from _common import (
+    GIB,
+    KeptOpen,
+    Method,
     Repeated,
     base_parser,
     data_dir,
@@ -59,12 +60,12 @@ from _common import (
     machine_line,
     print_table,
     rounded,
+    run_all,
 )
 from safetensors.torch import load_file, save_file
 
 from modelcache import ModelCache
 
-GIB = 1 << 30
 N_TENSORS = 64
 GOAL_FILE_VS_SAFETENSORS = 1.0
 GOAL_MEMORY_VS_RAW_FLOOR = 0.8
@@ -140,7 +141,7 @@ def write_files(directory: str, total: int) -> Files:
 # -- the measurements: each returns (seconds to ready, seconds to touch after, or nan) ---------
 
 
-Measured = tuple[float, float]
+Measured = tuple[float, float]  # seconds to ready, seconds to touch after (or nan)
 
 
 def _timed_readinto(
@@ -202,7 +203,7 @@ def torch_load_baseline(files: Files) -> Measured:
 
 
 @dataclass
-class OurLoad:
+class OurLoad(KeptOpen):
     """A cold load: from a fresh `ModelCache` (fresh process memory too), or with ``steady``
     from one cache kept open across repetitions, the model evicted after each (the store is read
     again each time; the freed buffer's pages are reused: the steady state of a busy cache)."""
@@ -211,8 +212,6 @@ class OurLoad:
     zero_copy: bool
     steady: bool = False
     mappable: list[bool] = field(default_factory=list)
-    #: Where a steady load's cache stays open (set by `run_all`, which closes them in order).
-    stack: AsyncExitStack | None = None
     _open: ModelCache | None = None
 
     def _cache(self) -> ModelCache:
@@ -245,48 +244,6 @@ class OurLoad:
             self.mappable.append(bool(weights.info.mappable))
         del weights
         return ready, touched
-
-
-@dataclass
-class Method:
-    key: str
-    label: str
-    run: Callable[[], Measured] | OurLoad
-    ready: list[float] = field(default_factory=list)
-    after: list[float] = field(default_factory=list)
-    warmup: float = float("nan")
-
-    @property
-    def times(self) -> Repeated:
-        return Repeated(tuple(self.ready))
-
-    @property
-    def touch_times(self) -> Repeated:
-        return Repeated(tuple(self.after))
-
-
-async def measure(method: Method) -> Measured:
-    if isinstance(method.run, OurLoad):
-        result = await method.run()
-    else:
-        result = method.run()
-    free_memory()
-    return result
-
-
-async def run_all(methods: list[Method], repeats: int) -> None:
-    async with AsyncExitStack() as stack:  # the steady loads' caches
-        for m in methods:
-            if isinstance(m.run, OurLoad):
-                m.run.stack = stack
-        for m in methods:
-            m.warmup = (await measure(m))[0]
-        for _ in range(repeats):
-            for m in methods:
-                ready, after = await measure(m)
-                m.ready.append(ready)
-                if not math.isnan(after):
-                    m.after.append(after)
 
 
 def main() -> None:
@@ -364,7 +321,7 @@ def main() -> None:
         rows,
     )
 
-    touch_floor = by["safetensors"].touch_times
+    touch_floor = by["safetensors"].after_times
     touch_rows: list[list[object]] = [
         [
             "touch floor (tensors already in memory)",
@@ -373,12 +330,12 @@ def main() -> None:
         ]
     ]
     for key in ("file_zero_copy", "file_copy", "memory", "file_copy_steady", "memory_steady"):
-        tt = by[key].touch_times
+        tt = by[key].after_times
         touch_rows.append([f"touch after {by[key].label}", tt.best * 1e3, tt.median * 1e3])
     zc_plus = Repeated(
         tuple(
             a + b
-            for a, b in zip(by["file_zero_copy"].ready, by["file_zero_copy"].after, strict=True)
+            for a, b in zip(by["file_zero_copy"].seconds, by["file_zero_copy"].after, strict=True)
         )
     )
     touch_rows.append(
@@ -452,7 +409,7 @@ def main() -> None:
         figures[f"{m.key}_median_gbps"] = rounded(gbps(n, m.times.median))
     figures["touch_floor_ms"] = rounded(touch_floor.best * 1e3)
     for key in ("file_zero_copy", "file_copy", "memory", "file_copy_steady", "memory_steady"):
-        figures[f"{key}_touch_after_ms"] = rounded(by[key].touch_times.best * 1e3)
+        figures[f"{key}_touch_after_ms"] = rounded(by[key].after_times.best * 1e3)
     figures["file_zero_copy_ready_plus_touch_ms"] = rounded(zc_plus.best * 1e3)
     figures["payload_bytes"] = n
     figures["zero_copy_mappable"] = mappable

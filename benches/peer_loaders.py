@@ -51,13 +51,16 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 import torch
 from _common import (
-    Repeated,
+    GIB,
+    MIB,
+    Method,
     base_parser,
     data_dir,
     emit_json,
@@ -66,6 +69,7 @@ from _common import (
     machine_line,
     print_table,
     rounded,
+    run_all,
 )
 from safetensors.torch import load_file, save_file
 
@@ -73,8 +77,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: t
 from modelcache import ModelCache, Store
 from tests.servers import HttpServer, SeaweedFS, weed_binary
 
-GIB = 1 << 30
-MIB = 1 << 20
 PAGE = 4096
 N_TENSORS = 64
 MODEL_ID = "model"
@@ -273,69 +275,70 @@ async def http_cat_load(places: Places) -> AsyncIterator[Tensors]:
 # -- methods and rounds ---------------------------------------------------------------------------
 
 
-@dataclass
-class Method:
+Load = Callable[[], contextlib.AbstractAsyncContextManager[Tensors]]
+
+
+@dataclass(kw_only=True)
+class Peer(Method):
+    """One tool at one setting on one path (`peer` makes it; `run_all` runs it)."""
+
     path: str  # local_warm, local_cold, s3, http, local_cuda, s3_cuda
     tool: str  # modelcache, runai, fastsafetensors, safetensors, s3fs, fsspec_http
     setting: str  # "default" or what was tuned
-    load: Callable[[], contextlib.AbstractAsyncContextManager[Tensors]]
-    before: Callable[[], float] | None = None  # run untimed before each run: returns residency
     missing: str | None = None  # the package that is not installed
-    seconds: list[float] = field(default_factory=list)
+    #: The file's page-cache residency before each run, where a run sets it up.
     residency: list[float] = field(default_factory=list)
-    error: str | None = None
-    warmup: float = math.nan
-
-    @property
-    def key(self) -> str:
-        setting = "".join(c if c.isalnum() else "_" for c in self.setting.lower()).strip("_")
-        return f"{self.path}_{self.tool}_{setting}"
 
     @property
     def ours(self) -> bool:
         return self.tool == "modelcache"
 
     @property
-    def times(self) -> Repeated:
-        return Repeated(tuple(self.seconds))
-
-    @property
     def usable(self) -> bool:
         return self.missing is None and self.error is None and bool(self.seconds)
 
 
-async def run_once(method: Method, reference: Tensors) -> float:
-    """One timed load of ``method``, checked against the reference after the clock stops."""
-    if method.before is not None:
-        method.residency.append(method.before())
+def peer(
+    reference: Tensors,
+    path: str,
+    tool: str,
+    setting: str,
+    load: Load,
+    before: Callable[[], float] | None = None,
+    missing: str | None = None,
+) -> Peer:
+    """A `Peer` whose run loads with ``load`` after ``before`` (untimed: it sets up the page
+    cache and returns the file's residency)."""
+    slug = "".join(c if c.isalnum() else "_" for c in setting.lower()).strip("_")
+    residency: list[float] = []
+    return Peer(
+        f"{path}_{tool}_{slug}",
+        f"{path} {tool} {setting}",
+        partial(run_once, load, reference, before, residency),
+        path=path,
+        tool=tool,
+        setting=setting,
+        missing=missing,
+        residency=residency,
+    )
+
+
+async def run_once(
+    load: Load, reference: Tensors, before: Callable[[], float] | None, residency: list[float]
+) -> float:
+    """One timed load, checked against the reference after the clock stops."""
+    if before is not None:
+        residency.append(before())
     free_memory()
     start = time.perf_counter()
-    async with method.load() as tensors:
+    async with load() as tensors:
         touch(tensors)
         seconds = time.perf_counter() - start
         wrong = same(reference, tensors)
     del tensors
-    free_memory()
     if wrong is not None:
         raise RuntimeError(f"wrong result: {wrong}")
     return seconds
-
-
-async def run_all(methods: list[Method], reference: Tensors, repeats: int) -> None:
-    live = [m for m in methods if m.missing is None]
-    for round_ in range(repeats + 1):
-        for m in live:
-            if m.error is not None:
-                continue
-            try:
-                seconds = await run_once(m, reference)
-            except Exception as exc:  # a peer that fails is reported, not fatal
-                m.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
-                continue
-            if round_ == 0:
-                m.warmup = seconds
-            else:
-                m.seconds.append(seconds)
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -362,24 +365,25 @@ def write_model(directory: Path, total: int) -> Path:
 
 
 def build_methods(
-    places: Places, versions: dict[str, str | None], cuda: bool, s3: bool
-) -> list[Method]:
+    places: Places, versions: dict[str, str | None], cuda: bool, s3: bool, reference: Tensors
+) -> list[Peer]:
     local = places.local
     missing = {k: None if versions[k] else dist for k, (dist, _) in PEERS.items()}
     runai_s3_missing = missing["runai"] or missing["runai_s3"]
-    methods: list[Method] = []
+    methods: list[Peer] = []
+    method = partial(peer, reference)
 
     def local_methods(path: str, device: str, before: Callable[[], float] | None) -> None:
         methods.extend(
             [
-                Method(
+                method(
                     path,
                     "modelcache",
                     "zero_copy=True",
                     lambda: modelcache_load(places.local_template, device, zero_copy=True),
                     before,
                 ),
-                Method(
+                method(
                     path,
                     "modelcache",
                     "default (copy)",
@@ -394,7 +398,7 @@ def build_methods(
             ("CONCURRENCY=32", {"RUNAI_STREAMER_CONCURRENCY": "32"}),
         ):
             methods.append(
-                Method(
+                method(
                     path,
                     "runai",
                     setting,
@@ -408,7 +412,7 @@ def build_methods(
             ("nogds max_threads=4 bbuf=64MiB", {"max_threads": 4, "bbuf_size_kb": 64 * 1024}),
         ):
             methods.append(
-                Method(
+                method(
                     path,
                     "fastsafetensors",
                     setting,
@@ -418,7 +422,7 @@ def build_methods(
                 )
             )
         methods.append(
-            Method(
+            method(
                 path,
                 "safetensors",
                 "load_file" if device == "cpu" else f"safe_open(device={device!r})",
@@ -432,7 +436,7 @@ def build_methods(
             return Store(places.s3_template, storage_options=places.s3_options)
 
         methods.append(
-            Method(path, "modelcache", "default", lambda: modelcache_load(store(), device))
+            method(path, "modelcache", "default", lambda: modelcache_load(store(), device))
         )
         for setting, env in (
             ("default", {}),
@@ -446,7 +450,7 @@ def build_methods(
             ),
         ):
             methods.append(
-                Method(
+                method(
                     path,
                     "runai",
                     setting,
@@ -464,7 +468,7 @@ def build_methods(
         s3_methods("s3", "cpu")
         for setting, concurrency in (("cat_file + load", None), ("max_concurrency=32", 32)):
             methods.append(
-                Method(
+                method(
                     "s3",
                     "s3fs",
                     setting,
@@ -474,11 +478,11 @@ def build_methods(
                 )
             )
     methods.append(
-        Method(
+        method(
             "http", "modelcache", "default", lambda: modelcache_load(places.http_template, "cpu")
         )
     )
-    methods.append(Method("http", "fsspec_http", "cat_file + load", lambda: http_cat_load(places)))
+    methods.append(method("http", "fsspec_http", "cat_file + load", lambda: http_cat_load(places)))
     if cuda:
         local_methods("local_cuda", "cuda:0", warm)
         if s3:
@@ -550,13 +554,14 @@ def main() -> None:
                 http_url=f"{http.url}/{MODEL_ID}/model.safetensors",
                 http_template=f"{http.url}/{{model_id}}/",
             )
-            methods = build_methods(places, versions, cuda, s3=weed is not None)
+            methods = build_methods(places, versions, cuda, weed is not None, reference)
             print(
                 f"model: {N_TENSORS} float32 tensors, {payload / GIB:.3f} GiB; {repeats} timed "
                 "rounds after 1 warm-up round, every method once a round, in turn"
             )
             with environment({"RUNAI_STREAMER_LOG_LEVEL": "WARNING"}):
-                anyio.run(run_all, methods, reference, repeats)
+                live = [m for m in methods if m.missing is None]
+                anyio.run(partial(run_all, live, repeats, report_errors=True))
         finally:
             if weed is not None:
                 weed.stop(timeout=2)
@@ -566,7 +571,7 @@ def main() -> None:
 
 
 def report(
-    methods: list[Method],
+    methods: list[Peer],
     versions: Mapping[str, str | None],
     payload: int,
     repeats: int,

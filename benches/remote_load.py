@@ -39,8 +39,7 @@ import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,10 @@ import aiohttp
 import anyio
 import numpy as np
 from _common import (
-    Repeated,
+    GIB,
+    MIB,
+    KeptOpen,
+    Method,
     base_parser,
     data_dir,
     emit_json,
@@ -58,6 +60,7 @@ from _common import (
     print_table,
     print_times,
     rounded,
+    run_all,
 )
 from fsspec.implementations.http import HTTPFileSystem
 from load_throughput import N_TENSORS, dtypes, make_tensors
@@ -68,8 +71,6 @@ from modelcache import ModelCache, Store
 from modelcache._torch import allocate_host
 from tests.servers import HttpServer, SeaweedFS, weed_binary
 
-GIB = 1 << 30
-MIB = 1 << 20
 RANGE = 16 * MIB
 CONCURRENCY = (4, 8, 16)
 GOAL_VS_S3FS_CAT = 5.0
@@ -106,13 +107,12 @@ async def ours(template: str, storage_options: dict[str, Any] | None) -> float:
 
 
 @dataclass
-class Steady:
+class Steady(KeptOpen):
     """Ours in the steady state of a busy cache: one `ModelCache` kept open across repetitions
     (its connections and buffer pool warm), the model evicted after each load, so each load
     reads every byte again, into the pages the evicted model's buffer left."""
 
     template: str
-    stack: AsyncExitStack | None = None  # set by run_all, which closes it
     cache: ModelCache | None = None
 
     async def __call__(self) -> float:
@@ -245,33 +245,6 @@ async def http_raw(setup: Setup, n: int) -> float:
     if got != setup.payload:
         raise RuntimeError(f"raw http reads got {got} bytes, not {setup.payload}")
     return seconds
-
-
-@dataclass
-class Method:
-    key: str
-    label: str
-    run: Callable[[], Awaitable[float]]
-    seconds: list[float] = field(default_factory=list)
-    warmup: float = float("nan")
-
-    @property
-    def times(self) -> Repeated:
-        return Repeated(tuple(self.seconds))
-
-
-async def run_all(methods: list[Method], repeats: int) -> None:
-    async with AsyncExitStack() as stack:  # the steady caches
-        for m in methods:
-            if isinstance(m.run, Steady):
-                m.run.stack = stack
-        for m in methods:
-            m.warmup = await m.run()
-            free_memory()
-        for _ in range(repeats):
-            for m in methods:
-                m.seconds.append(await m.run())
-                free_memory()
 
 
 # -- set-up -------------------------------------------------------------------------------------

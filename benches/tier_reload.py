@@ -17,6 +17,14 @@ Device: CPU. Timed: ``async with cache.use(id)`` from the call until the block i
   the disk tier is never mapped). The disk tier drops its file's pages from the page cache after
   writing (``POSIX_FADV_DONTNEED``), so the headline disk row does the same before every
   reload (cold: the disk's own speed); the "warm" row reads the files once, untimed, first.
+  Both run twice: with the content check (the default: what the load read is hashed, XXH3-64,
+  and compared with the checksums written with the entry) and without it (sizes only), so
+  ``disk_verify_cost_pct_*`` is the check's cost on a reload (best vs best). ``xxh3_gbps`` is
+  the hash alone over the model's buffer, one core.
+- **disk validation**: what the disk tier adds to a reload at most once per ``revalidate_after``
+  (default 60 s) per model: a check of the copy's version against the store, one HEAD (a stat
+  for memory://) for this single-file model, timed as ``await cache.refresh(id)`` of the
+  unchanged, resident model (the same check). Reported against the disk reload.
 - **store**: a fresh cache without host or disk tiers every repetition (fresh client,
   connections and buffer): a cold load over S3, or from memory://.
 
@@ -33,39 +41,46 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 import fsspec
 import numpy as np
+import xxhash
 from _common import (
+    GIB,
+    MIB,
+    Method,
     base_parser,
     data_dir,
+    drop,
     emit_json,
     gbps,
+    host_reload,
     human_seconds,
     machine_line,
+    on_device,
     print_table,
+    ready,
     rounded,
+    run_all,
     s3_upload,
     seaweedfs,
+    size_label,
 )
 from load_throughput import N_TENSORS, dtypes
-from remote_load import GIB, MIB, MODEL_ID, Method, run_all, write_model
+from remote_load import MODEL_ID, write_model
 
 from modelcache import ModelCache
 
 GOAL_HOST_VS_STORE = 10.0
 HITS_PER_REPEAT = 1000
 DISK_WRITE_TIMEOUT = 300.0
-
-
-def size_label(total: int) -> str:
-    return f"{total // GIB}gib" if total >= GIB and total % GIB == 0 else f"{total // MIB}mib"
 
 
 @dataclass
@@ -94,23 +109,18 @@ def fresh_cache(template: str, options: dict[str, Any] | None, payload: int) -> 
     )
 
 
-async def ready(cache: ModelCache) -> float:
+def check(weights: Mapping[str, Any]) -> None:
+    if len(weights) != N_TENSORS:
+        raise RuntimeError(f"the model has {len(weights)} tensors, not {N_TENSORS}")
+
+
+async def cpu_ready(cache: ModelCache) -> float:
     """Seconds until ``async with cache.use(MODEL_ID)`` is entered."""
-    start = time.perf_counter()
-    async with cache.use(MODEL_ID) as weights:
-        seconds = time.perf_counter() - start
-        if len(weights) != N_TENSORS:
-            raise RuntimeError(f"the model has {len(weights)} tensors, not {N_TENSORS}")
-    del weights
-    return seconds
+    return await ready(cache, MODEL_ID, check)
 
 
 def tier_hits(cache: ModelCache, tier: str) -> int:
     return cache.stats().tiers[tier].hits
-
-
-def on_device(cache: ModelCache) -> bool:
-    return MODEL_ID in cache.resident("device")
 
 
 @asynccontextmanager
@@ -144,42 +154,60 @@ def read_all(directory: str) -> None:
 
 async def store_load(template: str, options: dict[str, Any] | None, payload: int) -> float:
     async with fresh_cache(template, options, payload) as cache:
-        seconds = await ready(cache)
+        seconds = await cpu_ready(cache)
         stats = cache.stats()
         if stats.loads != 1 or stats.hits != 0:
             raise RuntimeError(f"a fresh cache did not load from the store: {stats}")
     return seconds
 
 
-async def host_reload(cache: ModelCache) -> float:
-    if not on_device(cache):
-        await ready(cache)
-    if not cache.evict(MODEL_ID) or MODEL_ID not in cache.resident("host"):
-        raise RuntimeError(f"evict() did not move the model to the host tier: {cache.stats()}")
-    hits = tier_hits(cache, "host")
-    seconds = await ready(cache)
-    if tier_hits(cache, "host") != hits + 1:
-        raise RuntimeError("the reload was not served by the host tier")
-    return seconds
-
-
-async def disk_reload(cache: ModelCache, disk_dir: str, *, cold: bool) -> float:
-    if not on_device(cache):
-        await ready(cache)
-    if not cache.evict(MODEL_ID) or on_device(cache) or cache.resident("host"):
-        raise RuntimeError(f"evict() did not drop the model: {cache.stats()}")
+async def disk_reload(
+    cache: ModelCache, disk_dir: str, *, cold: bool, verify: bool = True
+) -> float:
+    await drop(cache, MODEL_ID, partial(cpu_ready, cache))
     await anyio.to_thread.run_sync(drop_page_cache if cold else read_all, disk_dir)
-    hits = tier_hits(cache, "disk")
-    seconds = await ready(cache)
-    if tier_hits(cache, "disk") != hits + 1:
+    disk = cache._host_disk.disk  # the check has no public switch: it is always on
+    assert disk is not None
+    hits, damaged = tier_hits(cache, "disk"), disk.stats().damaged
+    disk.verify = verify
+    try:
+        seconds = await cpu_ready(cache)
+    finally:
+        disk.verify = True
+    if tier_hits(cache, "disk") != hits + 1 or disk.stats().damaged != damaged:
         raise RuntimeError("the reload was not served by the disk tier")
     return seconds
 
 
+async def disk_validation(cache: ModelCache) -> float:
+    """Seconds of one check of the model's version against the store (see the docstring)."""
+    if not on_device(cache, MODEL_ID):
+        await cpu_ready(cache)
+    before = cache.stats().revalidations
+    start = time.perf_counter()
+    changed = await cache.refresh(MODEL_ID)
+    seconds = time.perf_counter() - start
+    if changed or cache.stats().revalidations != before + 1:
+        raise RuntimeError("refresh() did not make exactly one check of an unchanged model")
+    return seconds
+
+
+def xxh3_seconds(payload: int) -> float:
+    """Seconds to hash ``payload`` bytes of memory with XXH3-64 (the disk tier's check), best
+    of 5."""
+    view = memoryview(np.random.default_rng(0).bytes(payload))
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        xxhash.xxh3_64(view).intdigest()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 async def device_hit(cache: ModelCache) -> float:
     """The median seconds of HITS_PER_REPEAT hits on a resident, unleased model."""
-    if not on_device(cache):
-        await ready(cache)
+    if not on_device(cache, MODEL_ID):
+        await cpu_ready(cache)
     hits = cache.stats().hits
     samples = np.empty(HITS_PER_REPEAT, dtype=np.int64)
     for i in range(HITS_PER_REPEAT):
@@ -244,9 +272,9 @@ async def measure_size(
                 )
             )
         )
-        await ready(host_cache)
+        await cpu_ready(host_cache)
         started = time.perf_counter()
-        await ready(disk_cache)  # from the store; written to disk in the background
+        await cpu_ready(disk_cache)  # from the store; written to disk in the background
         await wait_for_disk(disk_cache)
         disk_write_s = time.perf_counter() - started
 
@@ -268,11 +296,30 @@ async def measure_size(
                 lambda: disk_reload(disk_cache, disk_dir, cold=True),
             ),
             Method(
+                "disk_reload_unverified",
+                "disk tier (page cache dropped), no content check",
+                lambda: disk_reload(disk_cache, disk_dir, cold=True, verify=False),
+            ),
+            Method(
                 "disk_warm_reload",
                 "disk tier (page cache warm)",
                 lambda: disk_reload(disk_cache, disk_dir, cold=False),
             ),
-            Method("host_reload", "host tier", lambda: host_reload(host_cache)),
+            Method(
+                "disk_warm_reload_unverified",
+                "disk tier (page cache warm), no content check",
+                lambda: disk_reload(disk_cache, disk_dir, cold=False, verify=False),
+            ),
+            Method(
+                "disk_validation",
+                "disk validation (one HEAD)",
+                lambda: disk_validation(disk_cache),
+            ),
+            Method(
+                "host_reload",
+                "host tier",
+                lambda: host_reload(host_cache, MODEL_ID, partial(cpu_ready, host_cache)),
+            ),
             Method(
                 "device_hit",
                 f"device hit (median of {HITS_PER_REPEAT:,})",
@@ -295,13 +342,14 @@ def report(result: SizeResult, store_key: str, figures: dict[str, Any]) -> list[
     for m in result.methods:
         t = m.times
         hit = m.key == "device_hit"
+        moves = not hit and m.key != "disk_validation"  # a check moves no weight byte
         rows.append(
             [
                 m.label,
                 human_seconds(t.best),
                 human_seconds(t.median),
-                float("nan") if hit else gbps(n, t.best),
-                float("nan") if hit else gbps(n, t.median),
+                gbps(n, t.best) if moves else float("nan"),
+                gbps(n, t.median) if moves else float("nan"),
                 store.times.best / t.best,
                 human_seconds(m.warmup),
             ]
@@ -312,7 +360,8 @@ def report(result: SizeResult, store_key: str, figures: dict[str, Any]) -> list[
             continue
         figures[f"{m.key}_ms_{label}"] = rounded(t.best * 1e3)
         figures[f"{m.key}_median_ms_{label}"] = rounded(t.median * 1e3)
-        figures[f"{m.key}_gbps_{label}"] = rounded(gbps(n, t.best))
+        if moves:
+            figures[f"{m.key}_gbps_{label}"] = rounded(gbps(n, t.best))
     print_table(
         f"Time to a ready model, {n / MIB:,.0f} MiB payload "
         f"(speedup = {store.label} best / row best)",
@@ -334,7 +383,22 @@ def report(result: SizeResult, store_key: str, figures: dict[str, Any]) -> list[
         figures[key] = rounded(value)
         verdict = "" if goal is None else ("meets" if value >= goal else "misses")
         goals.append([key, value, "" if goal is None else f">= {goal:.0f}x", verdict])
+    for checked, unchecked, key in (
+        ("disk_reload", "disk_reload_unverified", f"disk_verify_cost_pct_{label}"),
+        ("disk_warm_reload", "disk_warm_reload_unverified", f"disk_warm_verify_cost_pct_{label}"),
+    ):
+        a, b = result.by(checked), result.by(unchecked)
+        if a is not None and b is not None:
+            figures[key] = rounded((a.times.best / b.times.best - 1) * 100)
+            goals.append([key, figures[key], "", "% slower with the content check"])
+    hash_s = xxh3_seconds(n)
+    figures[f"xxh3_gbps_{label}"] = rounded(gbps(n, hash_s))
     figures[f"disk_write_behind_s_{label}"] = rounded(result.disk_write_s)
+    check, reload = result.by("disk_validation"), result.by("disk_reload")
+    if check is not None and reload is not None:
+        figures[f"disk_validation_vs_disk_reload_{label}"] = rounded(
+            check.times.median / reload.times.median
+        )
     return goals
 
 

@@ -17,6 +17,7 @@ from ._exceptions import DeviceOutOfMemoryError as DeviceOutOfMemoryError
 from ._exceptions import InvalidModelIdError as InvalidModelIdError
 from ._exceptions import ModelBuildError as ModelBuildError
 from ._exceptions import ModelCacheError as ModelCacheError
+from ._exceptions import ModelChangedError as ModelChangedError
 from ._exceptions import ModelFormatError as ModelFormatError
 from ._exceptions import ModelLoadError as ModelLoadError
 from ._exceptions import ModelNotFoundError as ModelNotFoundError
@@ -54,6 +55,7 @@ __all__ = [
     "ModelBuildError",
     "ModelCache",
     "ModelCacheError",
+    "ModelChangedError",
     "ModelFormatError",
     "ModelInfo",
     "ModelLoadError",

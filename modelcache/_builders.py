@@ -23,6 +23,7 @@ import torch
 from ._backend import LoadedWeights, device_context
 from ._exceptions import ModelBuildError, ModelCacheError
 from ._format import ModelInfo
+from ._sidefiles import side_patterns
 from ._torch import Weights
 
 __all__ = ["WEIGHTS", "ModelBuilder", "build_module", "builder_for"]
@@ -65,14 +66,24 @@ def _weights_only(weights: LoadedWeights, info: ModelInfo) -> LoadedWeights:
 class ModelBuilder:
     """A callable ``(weights, info) -> model`` and how to run it."""
 
-    __slots__ = ("func", "is_async", "name", "needs_config")
+    __slots__ = ("func", "is_async", "name", "needs_config", "side_files")
 
-    def __init__(self, func: Callable[..., Any], name: str, *, needs_config: bool = False):
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        name: str,
+        *,
+        needs_config: bool = True,
+        side_files: tuple[str, ...] = (),
+    ):
         self.func = func
         self.name = name
         self.is_async = inspect.iscoroutinefunction(func)
-        #: Whether the loader should read the model's config.json for it.
+        #: Whether the loader reads the model's config.json and side files for it (every bound
+        #: builder; not the unbound `Weights`, whose loads stay one header read).
         self.needs_config = needs_config
+        #: Side-file names or globs read with the model (`_sidefiles`), checked when bound.
+        self.side_files = side_files
 
     def __repr__(self) -> str:
         return f"<ModelBuilder {self.name}>"
@@ -97,22 +108,27 @@ class ModelBuilder:
 
 
 #: The builder used when none is bound: the model is its `Weights`.
-WEIGHTS = ModelBuilder(_weights_only, "Weights")
+WEIGHTS = ModelBuilder(_weights_only, "Weights", needs_config=False)
 
 
 def builder_for(target: object) -> ModelBuilder:
     """The builder for a decorated class or a function; TypeError for anything else."""
     name = getattr(target, "__qualname__", repr(target))
+    side_files = side_patterns(getattr(target, "side_files", None), name)
     if isinstance(target, type):
         from_weights = getattr(target, "from_weights", None)
         if callable(from_weights):
-            return ModelBuilder(from_weights, name)
+            return ModelBuilder(from_weights, name, side_files=side_files)
+        from .transformers import is_transformers_class, transformers_builder  # no cycle at import
+
+        if is_transformers_class(target):  # a PreTrainedModel or an AutoModel* class
+            return transformers_builder(target, name)
         if issubclass(target, torch.nn.Module):
-            return ModelBuilder(partial(build_module, target), name, needs_config=True)
+            return ModelBuilder(partial(build_module, target), name, side_files=side_files)
         raise TypeError(
             f"{name} cannot be built from weights: give it a from_weights(weights, info) "
             "classmethod, or make it a torch.nn.Module subclass"
         )
     if callable(target):
-        return ModelBuilder(target, name)
+        return ModelBuilder(target, name, side_files=side_files)
     raise TypeError(f"expected a model class or a function (weights, info) -> model, got {name}")

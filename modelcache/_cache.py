@@ -31,7 +31,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar
@@ -48,20 +47,24 @@ from ._cost import LoadCosts, SizeMemory
 from ._describe import HeaderChecks
 from ._device import DeviceEntry, DeviceTier, Key
 from ._disk import DiskEntry, DiskTier
-from ._exceptions import CacheClosedError, ModelNotFoundError, as_model_error
+from ._exceptions import CacheClosedError, ModelChangedError, ModelNotFoundError, as_model_error
 from ._failures import LoadFailures, for_caller, release_frames
 from ._format import ModelInfo
 from ._lease import BoundUse, Lease, State, holds_lease
-from ._loader import read_config
+from ._loader import read_model_info
 from ._lower import HostDiskTiers
 from ._observe import CacheObserver, Observers
 from ._policy import CostAwarePolicy, EvictionPolicy, policy_below
 from ._pool import pool_of
+from ._refresh import DEFAULT_REVALIDATE_AFTER, Revalidator
+from ._refresh import _clock as _revalidation_clock
+from ._sidefiles import covers
 from ._stats import CacheStats
 from ._store import Store
 from ._tiers import Abandoned, HostEntry
 from ._torch import TorchBackend
 from ._units import format_bytes, parse_bytes
+from ._versions import ModelVersion
 
 __all__ = ["ModelCache"]
 
@@ -123,6 +126,7 @@ class ModelCache:
         backend: DeviceBackend | None = None,
         host_policy: EvictionPolicy | None = None,
         load_costs: LoadCosts | None = None,
+        revalidate_after: float | None = DEFAULT_REVALIDATE_AFTER,
     ) -> None:
         if isinstance(store, Store):
             if storage_options is not None or allow_slash_in_ids:
@@ -184,6 +188,9 @@ class ModelCache:
         self._checks = HeaderChecks(
             self._store, self._failures, self._background, lambda: self._state is State.OPEN
         )
+        # -- versions (issue 12): the check schedule; the swaps' device state is `DeviceTier`'s
+        self._revalidator = Revalidator(self._store, revalidate_after, self._background)
+        self._host_disk.validate_disk = self._revalidator.validate_disk
 
     # -- binding model classes ---------------------------------------------------------------
 
@@ -382,6 +389,10 @@ class ModelCache:
             disk_writes_skipped=self._host_disk.writes_skipped,
             pool_idle_bytes=pool.stats().idle_bytes if (pool := pool_of(self._backend)) else 0,
             background=self._background.running,
+            revalidations=self._revalidator.revalidations,
+            versions_changed=self._revalidator.changes,
+            swaps=self._device.swaps,
+            stale_serves=self._revalidator.stale_serves,
         )
 
     async def wait_idle(self) -> None:
@@ -411,6 +422,7 @@ class ModelCache:
         self._task_group = task_group
         self._failures.open(task_group)
         self._checks.open(task_group)
+        self._revalidator.open(task_group, self._resident_version, self._swap_versions)
         try:
             await self._host_disk.open(task_group, self._limiter)
         except BaseException:
@@ -443,6 +455,7 @@ class ModelCache:
             raise
         finally:
             self._device.close()
+            self._revalidator.close()
             self._host_disk.close()
             if (pool := pool_of(self._backend)) is not None:
                 pool.close()  # idle buffers back to the system; live ones when they die
@@ -486,6 +499,8 @@ class ModelCache:
                     # leases the drain waits for (a nested use), or be needed by the load the
                     # victims are for. Its nested lease ends no later than it would have.
                     self._device.take_lease(entry)
+                    if entry.check_at <= _revalidation_clock():  # stale-while-revalidate
+                        entry.check_at = self._revalidator.due(model_id)
                     return entry
                 await self._device.wait_drained(entry.draining)
                 continue  # evicted: load it again, behind the load it made room for
@@ -588,17 +603,39 @@ class ModelCache:
             while (moving := self._host_disk.moving.get(entry.model_id)) is not None:
                 await moving.wait()  # a demotion or host load of this id: then look again
             self._check_wanted(entry)
-            claimed = self._host_disk.claim(entry.model_id)
+            # A new version (issue 12) is read from the store: the lower tiers hold the old one.
+            claimed = None if entry.replaces else self._host_disk.claim(entry.model_id)
             if claimed is not None:
                 info, read_store, source = claimed.info, self._store, "host"
                 entry.source = source
             else:
                 async with self._limited(entry, abandonable=True):
-                    info, read_store, on_disk = await self._host_disk.locate(entry.model_id)
+                    info, read_store, on_disk = await self._host_disk.locate(
+                        entry.model_id, use_disk=entry.replaces is None
+                    )
                 source = "store" if on_disk is None else "disk"
-            if entry.builder.needs_config and info.config is None:
+            # Config and side files (issue 14, `_sidefiles`): from the disk entry, else the store.
+            if entry.builder.needs_config and not covers(info, entry.builder.side_files):
                 async with self._limited(entry, abandonable=True):
-                    info = replace(info, config=await read_config(self._store, entry.model_id))
+                    disk_copy, on_disk = on_disk, None  # released by read_extras if it fails
+                    try:
+                        info, read_store, on_disk = await self._host_disk.read_extras(
+                            info, entry.builder.side_files, read_store, disk_copy
+                        )
+                    except ModelChangedError:
+                        if claimed is None:
+                            raise
+                        # A host copy (read without side files) of a version the store no
+                        # longer has: it goes and the store is read, not a failure every use.
+                        self._host_disk.discard(claimed)
+                        claimed = None
+                        fresh = await read_model_info(self._store, entry.model_id)
+                        info, read_store, on_disk = await self._host_disk.read_extras(
+                            fresh, entry.builder.side_files, self._store, None
+                        )
+                        source = entry.source = "store"
+                if disk_copy is not None and on_disk is None:
+                    source = "store"  # the disk copy was damaged
             self._device.check_fits(info)
             self._check_wanted(entry)  # a load nobody waits for must not evict anything
             await self._device.reserve(entry, info)
@@ -626,7 +663,13 @@ class ModelCache:
                 raise
             return
         seconds = _load_timer() - started
-        self._device.admit(entry, value, weights, seconds)
+        # -- versions (issue 12): when a hit checks it next (`Revalidator`)
+        if source == "store":
+            entry.check_at = self._revalidator.confirmed(entry.model_id)
+        else:
+            entry.check_at = self._revalidator.due_at(entry.model_id)
+        if not self._device.admit(entry, value, weights, seconds):
+            return  # a new version whose key is loading afresh (from the store): it went
         if self._observers:
             self._observers.load_finished(entry.model_id, source, entry.nbytes, seconds)
         if entry.waiters == 0:  # every caller left: it is evictable now, which may serve the line
@@ -640,6 +683,48 @@ class ModelCache:
                 entry.nbytes / seconds / 1e9 if seconds else 0.0,
                 extra={"model_id": entry.model_id, "nbytes": entry.nbytes, "seconds": seconds},
             )
+
+    # -- versions (issue 12): a new version loaded beside the old one, swapped in when ready ----
+
+    def _resident_version(self, model_id: str) -> ModelVersion | None:
+        info = self._known_info(model_id)
+        return None if info is None else info.version
+
+    async def _swap_versions(self, model_id: str) -> None:
+        """The store holds a new version of ``model_id`` (found by a check, in the cache's task
+        group): copies in the lower tiers are dropped, and each resident entry gets a load of
+        the new version that takes its place when ready (`DeviceTier.add_swap`). Uses are
+        served by the old one meanwhile; its leases end on it."""
+        await self._host_disk.drop_stale(model_id, None)
+        for builder in (*self._builders, WEIGHTS):
+            key = (builder, model_id)
+            old = self._entries.get(key)
+            if old is None or not old.ready or key in self._device.swapping:
+                continue
+            new = self._device.add_swap(key, old)
+            try:
+                await self._load(new)
+            finally:
+                self._device.end_swap(new)
+            if new.error is not None:
+                logger.warning("new version of %r not loaded: %s", model_id, new.error)
+            elif new.weights is not None:  # the old one may have gone meanwhile: nothing left
+                await self._host_disk.drop_stale(model_id, new.weights.info.version)
+
+    async def refresh(self, model_id: str) -> bool:
+        """Check ``model_id`` against the store now; if the store holds another version, load
+        it and swap it in (uses meanwhile get the old one) before returning. True if it changed.
+        A model in no tier has nothing to compare: False. Raises StoreError when the store
+        cannot be asked."""
+        self._check_open()
+        self._store.model_url(model_id)  # validates the id
+        return await self._revalidator.check(model_id)
+
+    def version_of(self, model_id: str) -> str | None:
+        """The version (a short token) of ``model_id`` that new uses get now, or None when no
+        tier holds it (or its store names no version). No I/O."""
+        version = self._resident_version(model_id)
+        return None if version is None else version.token
 
     def _fail(self, entry: DeviceEntry, exc: BaseException) -> None:
         """Undo everything a load did, and tell its waiters why."""

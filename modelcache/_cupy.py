@@ -4,7 +4,8 @@ Install with ``pip install 'modelcache[cuda]'`` (cupy-cuda12x); pass
 ``ModelCache(..., backend=CupyBackend(0))``. CuPy is imported only when a `CupyBackend` or
 `CupyCopyEngine` is made, never by ``import modelcache``.
 
-The same pipeline as torch's CUDA path (`modelcache._torch`):
+The same pipeline as torch's CUDA path (`modelcache._torch`), from the same core
+(`modelcache._cuda`):
 
 * one ``cupy.empty(nbytes, uint8)`` device allocation per model; tensors are views of it at the
   layout's offsets; the memory goes back to CuPy's pool when the last view is dropped;
@@ -33,22 +34,14 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any
 
-import anyio
-import anyio.to_thread
 import torch
 
 from ._arena import HostArena, HostBlock, cuda_available, device_guard
 from ._backend import LoadedWeights, ViewMapping, allocate_with_retry
+from ._cuda import CudaStaging, check_staging
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
-from ._staging import (
-    Completion,
-    CompletionWaiter,
-    CopyHandle,
-    StagingPool,
-    copy_and_wait,
-    stage_to_device,
-)
+from ._staging import Completion, CompletionWaiter, CopyHandle, StagingPool
 from ._store import Store
 
 __all__ = ["CupyBackend", "CupyCopyEngine", "CupyPinner", "CupyWeights", "numpy_dtype"]
@@ -227,6 +220,19 @@ class CupyCopyEngine:
         await completion.wait()
 
 
+def _device_empty(cupy: Any, device_id: int, nbytes: int, model_id: str) -> Any:
+    """A device array of ``nbytes`` (blocking: `CudaStaging` calls it in a worker thread)."""
+    with cupy.cuda.Device(device_id):
+        return allocate_with_retry(
+            partial(cupy.empty, nbytes, dtype=cupy.uint8),
+            is_oom=lambda exc: isinstance(exc, cupy.cuda.memory.OutOfMemoryError),
+            free_cached=cupy.get_default_memory_pool().free_all_blocks,
+            nbytes=nbytes,
+            device=f"CUDA device {device_id}",
+            model_id=model_id,
+        )
+
+
 class CupyWeights(ViewMapping[Any]):
     """A model's tensors by name as CuPy arrays: views into one device buffer, read-only mapping.
 
@@ -293,11 +299,7 @@ class CupyBackend:
         staging_chunk_size: int = 32 << 20,
         staging_chunks: int = 4,
     ) -> None:
-        if staging_chunk_size < 1 or staging_chunks < 1:
-            raise ValueError(
-                "staging_chunk_size and staging_chunks must be >= 1, got "
-                f"{staging_chunk_size} and {staging_chunks}"
-            )
+        check_staging(staging_chunk_size, staging_chunks)
         cupy = _import_cupy()
         _check_device(cupy, device_id)
         self._cupy = cupy
@@ -305,8 +307,14 @@ class CupyBackend:
         self.staging_chunk_size = staging_chunk_size
         self.staging_chunks = staging_chunks
         self._pinner = CupyPinner(cupy, device_id)
-        self._staging: tuple[StagingPool, CupyCopyEngine, CupyCopyEngine] | None = None
-        self._staging_lock: anyio.Lock | None = None
+        #: The staging pool and copy engines, made on the first load.
+        self._cuda = CudaStaging(
+            staging_chunk_size,
+            staging_chunks,
+            engine=partial(CupyCopyEngine, device_id, self._pinner),
+            allocate=partial(_device_empty, cupy, device_id),
+            pinner=self._pinner,
+        )
 
     def __repr__(self) -> str:
         return f"CupyBackend({self.device_id})"
@@ -323,46 +331,11 @@ class CupyBackend:
     @property
     def staging_pool(self) -> StagingPool | None:
         """The pinned staging pool (after the first load), for statistics."""
-        return None if self._staging is None else self._staging[0]
+        return self._cuda.pool
 
     def host_arena(self, capacity: int) -> HostArena:
         """Host-tier memory, pinned through CuPy."""
         return HostArena(capacity, pin=True, pinner=self._pinner)
-
-    async def _cuda_staging(self) -> tuple[StagingPool, CupyCopyEngine, CupyCopyEngine]:
-        """The staging pool and the host -> device and device -> host engines, made once."""
-        if self._staging is None:
-            if self._staging_lock is None:
-                self._staging_lock = anyio.Lock()
-            async with self._staging_lock:
-                if self._staging is None:
-                    make = partial(CupyCopyEngine, self.device_id, self._pinner)
-                    to_device = await anyio.to_thread.run_sync(make)
-                    to_host = await anyio.to_thread.run_sync(make)
-                    pool = StagingPool(
-                        self.staging_chunk_size,
-                        self.staging_chunks,
-                        pin=True,
-                        pinner=self._pinner,
-                    )
-                    self._staging = (pool, to_device, to_host)
-        return self._staging
-
-    def _device_empty(self, nbytes: int, engine: CupyCopyEngine, model_id: str) -> Any:
-        # Same thread for both: the fence orders the side stream after the stream the pool
-        # handed the memory out on (memory freed there may still be in use by queued kernels).
-        cupy = self._cupy
-        with cupy.cuda.Device(self.device_id):
-            buffer = allocate_with_retry(
-                partial(cupy.empty, nbytes, dtype=cupy.uint8),
-                is_oom=lambda exc: isinstance(exc, cupy.cuda.memory.OutOfMemoryError),
-                free_cached=cupy.get_default_memory_pool().free_all_blocks,
-                nbytes=nbytes,
-                device=f"CUDA device {self.device_id}",
-                model_id=model_id,
-            )
-        engine.fence()
-        return buffer
 
     def _weights(self, buffer: Any, info: ModelInfo) -> CupyWeights:
         with self._cupy.cuda.Device(self.device_id):
@@ -370,22 +343,13 @@ class CupyBackend:
 
     async def load(self, store: Store, info: ModelInfo, *, zero_copy: bool = True) -> CupyWeights:
         """Read the model onto the device through the staging pool (``zero_copy`` is unused)."""
-        pool, engine, _ = await self._cuda_staging()
-        buffer = await anyio.to_thread.run_sync(
-            self._device_empty, info.nbytes, engine, info.model_id
-        )
-        await stage_to_device(store, info, buffer, pool, engine)
-        return self._weights(buffer, info)
+        return self._weights(await self._cuda.load(store, info), info)
 
     async def promote(self, block: HostBlock, info: ModelInfo) -> CupyWeights:
         """The model in ``block`` copied to a new device buffer (one asynchronous copy)."""
         if block.nbytes != info.nbytes:
             raise ValueError(f"host block is {block.nbytes} bytes, the model {info.nbytes}")
-        _, engine, _ = await self._cuda_staging()
-        buffer = await anyio.to_thread.run_sync(
-            self._device_empty, info.nbytes, engine, info.model_id
-        )
-        await copy_and_wait(engine, block.tensor, buffer)
+        buffer = await self._cuda.to_device(block.tensor, info.nbytes, info.model_id)
         return self._weights(buffer, info)
 
     async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
@@ -396,9 +360,7 @@ class CupyBackend:
             raise ValueError(
                 f"device buffer is {loaded.buffer.nbytes} bytes, the block {block.nbytes}"
             )
-        _, _, engine = await self._cuda_staging()
-        engine.fence()  # after the kernels this thread queued (they may still read the weights)
-        await copy_and_wait(engine, loaded.buffer, block.tensor)
+        await self._cuda.to_host(loaded.buffer, block.tensor)
 
     def host_bytes(self, loaded: LoadedWeights) -> memoryview | None:
         """None: the weights live in device memory."""

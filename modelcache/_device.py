@@ -18,11 +18,17 @@ other module changes this state. Invariants (`check`; the tests call it after ev
   ``draining``): its users wait until it is evicted (`wait_drained`) and then load it again.
 * ``leased`` = the entries' leases; ``loading`` = entries not ready; ``waiters`` >= the
   entries' waiters (a waiter of a load that just failed counts until it wakes).
+* Version swaps (issue 12): a load of a new version (`add_swap`) is out of the index until it
+  is ready, then takes its key's place (`_install`); its own task is its one waiter (never
+  abandoned). The version it replaces is *retired*: out of the index and the policy, never
+  evicted or handed down, its bytes reserved until its last lease ends. While a new version
+  of an id loads, an eviction of that id is not handed to the tiers below.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -53,6 +59,7 @@ class DeviceEntry:
         "abandon",
         "admitted",
         "builder",
+        "check_at",
         "done",
         "draining",
         "error",
@@ -62,7 +69,9 @@ class DeviceEntry:
         "model_id",
         "nbytes",
         "ready",
+        "replaces",
         "reserved",
+        "retired",
         "source",
         "value",
         "waiters",
@@ -89,6 +98,13 @@ class DeviceEntry:
         self.draining: anyio.Event | None = None
         #: The load's wait for the limiter, cancelled when its last waiter leaves.
         self.abandon: anyio.CancelScope | None = None
+        # -- versions (issue 12)
+        #: When a hit starts a background check of its version (`Revalidator`).
+        self.check_at = math.inf
+        #: The entry this load of a new version takes the place of when it is ready.
+        self.replaces: DeviceEntry | None = None
+        #: Replaced by a new version: out of the index, its bytes freed by its last lease.
+        self.retired = False
 
 
 class DeviceTier:
@@ -113,6 +129,11 @@ class DeviceTier:
         self._policy = policy  # read on the hit path
         #: Entries by key, loading or ready. Read by the cache; changed only here.
         self.entries: dict[Key, DeviceEntry] = {}
+        #: Loads of new versions in flight (out of the index until they replace the old one).
+        self.swapping: dict[Key, DeviceEntry] = {}
+        #: Replaced entries still leased: their bytes are freed when their last lease ends.
+        self.retired: set[DeviceEntry] = set()
+        self.swaps = 0
         self.hits = self.misses = self.loads = 0
         self.loading = self.waiters = self.leased = 0
         self.load_seconds = 0.0
@@ -147,6 +168,9 @@ class DeviceTier:
     def release_lease(self, entry: DeviceEntry) -> None:
         entry.leases -= 1
         self.leased -= 1
+        if entry.retired and entry.leases == 0:
+            self._free_retired(entry)  # serves the line
+            return
         if entry.leases == 0 and self._budget.waiting:
             self._budget.serve_line()
 
@@ -160,8 +184,11 @@ class DeviceTier:
         """A caller stopped waiting for ``entry``'s load (leased it, or left)."""
         entry.waiters -= 1
         self.waiters -= 1
-        if entry.waiters:
-            return
+        if not entry.waiters:
+            self._left(entry)
+
+    def _left(self, entry: DeviceEntry) -> None:
+        """``entry``'s last waiter stopped waiting (leased it, or left)."""
         if not entry.ready and entry.abandon is not None:
             entry.abandon.cancel()  # nobody wants the load: leave the limiter's queue now
         if self._budget.waiting:
@@ -192,9 +219,15 @@ class DeviceTier:
         await self._budget.reserve(entry.nbytes, lambda: entry.waiters > 0)
         entry.reserved = True
 
-    def admit(self, entry: DeviceEntry, value: Any, weights: LoadedWeights, seconds: float) -> None:
+    def admit(self, entry: DeviceEntry, value: Any, weights: LoadedWeights, seconds: float) -> bool:
         """``entry``'s load succeeded: it is resident, and evictable once its waiters leased it
-        (when none are left, that may serve the line now)."""
+        (when none are left, that may serve the line now). False for a new version that found
+        a load of its key in flight (begun after the old one left): it goes, that one stays."""
+        if entry.replaces is not None and not self._install(entry):
+            self.failed(entry)
+            self._budget.serve_line()
+            entry.done.set()
+            return False
         entry.value, entry.weights = value, weights
         entry.ready = True
         entry.admitted = _observe.clock()
@@ -203,6 +236,7 @@ class DeviceTier:
         self.load_seconds += seconds
         self._budget.admit(entry)
         entry.done.set()
+        return True
 
     def failed(self, entry: DeviceEntry) -> None:
         """``entry``'s load ended without a model: it leaves, its bytes go back (the caller
@@ -213,6 +247,63 @@ class DeviceTier:
     def serve_line(self) -> None:
         """Serve the line: bytes may have come free, or a waiting load may be unwanted."""
         self._budget.serve_line()
+
+    # -- versions (issue 12): a new version loaded beside the old one, swapped in when ready ----
+
+    def add_swap(self, key: Key, old: DeviceEntry) -> DeviceEntry:
+        """A new entry for a load of a new version of ``old``'s model, out of the index until
+        it is ready (`_install`). Its task is its one waiter: the load is never abandoned."""
+        new = DeviceEntry(key)
+        new.replaces = old
+        new.waiters = 1
+        self.swapping[key] = new
+        self.loading += 1
+        return new
+
+    def end_swap(self, new: DeviceEntry) -> None:
+        """The swap's load ended (installed, failed, or given up): its task stops waiting."""
+        new.waiters -= 1
+        del self.swapping[new.key]
+        self._left(new)
+
+    def swapping_id(self, model_id: str) -> bool:
+        """Whether a new version of ``model_id`` is being loaded (for any bound class)."""
+        return any(key[1] == model_id for key in self.swapping)
+
+    def _install(self, new: DeviceEntry) -> bool:
+        """A new version's load finished: it takes the index from whatever holds its key;
+        False when a load of the key is in flight (it began after the old one left)."""
+        assert new.replaces is not None
+        current = self.entries.get(new.key)
+        new.replaces = None
+        if current is not None:
+            if not current.ready:
+                return False
+            self._retire(current)
+        self.entries[new.key] = new
+        self.swaps += 1
+        logger.info("swapped in a new version of %r", new.model_id)
+        return True
+
+    def _retire(self, old: DeviceEntry) -> None:
+        """Take ``old`` out of the index and the policy; its bytes stay reserved until its
+        last lease ends (never evicted or demoted: no tier gets the old version back)."""
+        self._budget.remove(old)  # also ends its drain, if it was a victim
+        del self.entries[old.key]
+        old.ready = False
+        old.retired = True
+        if old.leases:
+            self.retired.add(old)
+        else:
+            self._free_retired(old)
+
+    def _free_retired(self, old: DeviceEntry) -> None:
+        self.retired.discard(old)
+        old.retired = False
+        old.value = old.weights = None
+        if old.reserved:
+            old.reserved = False
+            self._budget.release(old.nbytes)  # serves the line
 
     # -- eviction -------------------------------------------------------------------------------
 
@@ -256,7 +347,13 @@ class DeviceTier:
             format_bytes(nbytes),
             extra={"model_id": entry.model_id, "nbytes": nbytes},
         )
-        if weights is not None and self._host_disk.take_from_device(weights, self._copied_down):
+        if (
+            weights is not None
+            # A version being replaced is not handed down: a load of its id meanwhile would
+            # find it in host memory and serve it after the swap (issue 12).
+            and not self.swapping_id(entry.model_id)
+            and self._host_disk.take_from_device(weights, self._copied_down)
+        ):
             self._budget.start_freeing(nbytes)
         else:
             self._budget.drop_now(nbytes)
@@ -284,6 +381,8 @@ class DeviceTier:
         """Drop every entry (the cache's task group has ended)."""
         for entry in list(self.entries.values()):
             self.drop(entry)
+        for entry in self.retired:  # still leased: their bytes are not used again
+            entry.value = entry.weights = None
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -299,7 +398,10 @@ class DeviceTier:
 
     def check(self, *, open: bool = True) -> None:
         """The tier's invariants (see the module docstring); the tests call it after every step."""
-        entries = list(self.entries.values())
+        # Loads of new versions and replaced versions still leased hold bytes outside the index.
+        entries = list(
+            dict.fromkeys([*self.entries.values(), *self.swapping.values(), *self.retired])
+        )
         ready = [e for e in entries if e.ready]
         in_flight = sum(e.nbytes for e in entries if e.reserved and not e.ready)
         self._budget.check(
@@ -308,6 +410,11 @@ class DeviceTier:
         assert all(e.reserved for e in ready)
         # Leases held when the cache closed outlive their entries (dropped by `close`).
         assert self.leased == sum(e.leases for e in entries) or not open
-        assert self.loading == sum(1 for e in entries if not e.ready)
-        assert self.waiters >= sum(e.waiters for e in entries)
+        assert self.loading == sum(1 for e in entries if not e.ready and not e.retired)
+        # A swap's load counts its own task as its one waiter (never abandoned); no caller
+        # waits on it, and it is not in ``waiters``.
+        assert all(e.waiters == 1 for e in self.swapping.values())
+        assert self.waiters >= sum(e.waiters for e in entries) - len(self.swapping)
+        assert all(e.retired and not e.ready and e.leases for e in self.retired)
+        assert all(e.key not in self.entries or self.entries[e.key] is not e for e in self.retired)
         assert all(e.leases >= 0 and e.waiters >= 0 for e in entries)

@@ -10,7 +10,9 @@ Layout of ``directory``::
     <sha256(id)>-<slug>/                one complete entry, laid out like the store:
         model.safetensors               (or the shards + model.safetensors.index.json)
         config.json                     when the model has one
-        .modelcache-entry.json          the manifest: real id, file sizes, nbytes, etag, time
+        .modelcache-entry.json          the manifest: real id, file sizes and checksums, nbytes,
+                                        etag, time, and the store's version of the files
+                                        (`_versions`)
     .tmp-<pid>-<random>-<bytes>/        a write in progress (reserves <bytes> of the budget)
     .del-<pid>-<random>/                an evicted entry being deleted
 
@@ -37,7 +39,9 @@ Invariants:
   directory that is not a well-formed entry is ignored (logged at open); a final-named directory
   that is not a complete entry of regular files is deleted when seen.
 - **Damage is a miss.** An entry that cannot be read (a missing file, a symlink, EIO) is dropped
-  with a log line; the cache then reads the model from the store.
+  with a log line; the cache then reads the model from the store. So is one whose bytes, as a
+  load read them, do not match the checksums written with them (`verify_loaded`, counted in
+  `DiskStats.damaged`): a flipped bit on the disk never reaches a model.
 - **A full filesystem.** A write first makes room within the budget, then within the
   filesystem's real free space, evicting least-recently-used entries for both; on ENOSPC it
   evicts at least one entry more and retries once (counted in `DiskStats.full`).
@@ -56,8 +60,8 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 
 from ._diskformat import (
@@ -67,6 +71,7 @@ from ._diskformat import (
     OPEN_NEW,
     OPEN_READ,
     DiskEntry,
+    EntryDamagedError,
     EntryFile,
     InvalidEntry,
     entry_name,
@@ -82,11 +87,16 @@ from ._diskformat import (
     remove_tree,
     same_manifest,
     unlocked,
+    verify_bytes,
+    verify_files,
+    verify_loaded,
+    write_file,
 )
 from ._exceptions import StoreError
 from ._format import ModelInfo
 from ._store import Store
 from ._units import format_bytes, parse_bytes
+from ._versions import ModelVersion
 
 __all__ = ["DiskEntry", "DiskStats", "DiskTier", "entry_name"]
 
@@ -118,7 +128,8 @@ class DiskStats:
     bytes: int
     budget: int
     entries: int
-    #: `DiskTier.get` calls that returned an entry / returned None.
+    #: Loads served from an entry (read and checked) / that looked here and read the store
+    #: (no entry, a stale or damaged one): `DiskTier.count`.
     hits: int
     misses: int
     #: Entries this tier wrote and published.
@@ -131,13 +142,15 @@ class DiskStats:
     leftovers: int = 0
     #: The directory is read-only here: entries are served, nothing is written.
     read_only: bool = False
+    #: Loads that found an entry's bytes not matching its checksums (the entry is dropped).
+    damaged: int = 0
 
     def __str__(self) -> str:
         return (
             f"{format_bytes(self.bytes)}/{format_bytes(self.budget)} in {self.entries} entries; "
             f"hits={self.hits} misses={self.misses} writes={self.writes} "
             f"evictions={self.evictions} full={self.full} leftovers={self.leftovers}"
-            + (" read-only" if self.read_only else "")
+            f" damaged={self.damaged}" + (" read-only" if self.read_only else "")
         )
 
 
@@ -181,9 +194,14 @@ class DiskTier:
     few ``stat`` calls) are blocking; run them in a worker thread. Everything is thread-safe.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], budget: int | str) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], budget: int | str, *, verify: bool = True
+    ) -> None:
         self._root = os.path.abspath(os.fspath(directory))
         self._budget = parse_bytes(budget, name="disk budget")
+        #: Check what loads read against the entries' checksums (`check_loaded`). Off: sizes
+        #: only (what benches/tier_reload.py compares against).
+        self.verify = verify
         self._lock_path = os.path.join(self._root, _LOCK_NAME)
         self._lock = threading.Lock()  # guards everything below; never held during slow I/O
         self._records: dict[str, _Record] = {}
@@ -194,7 +212,9 @@ class DiskTier:
         #: Trash dirs this process is deleting -> their flock'ed descriptor ("a deleter lives").
         self._trash_fds: dict[str, int] = {}
         self._hits = self._misses = self._writes = self._evictions = 0
-        self._full = self._leftovers = 0
+        self._full = self._leftovers = self._damaged = 0
+        #: The filesystem had less free space than the last write needed (under the flock).
+        self._short = False
         # Entries are checked (lstat, O_NOFOLLOW) when found, but read later by path: the
         # store's opens must refuse links too, or one planted in between would be followed.
         self._store = Store(
@@ -247,6 +267,7 @@ class DiskTier:
                 full=self._full,
                 leftovers=self._leftovers,
                 read_only=self._read_only,
+                damaged=self._damaged,
             )
 
     # -- opening -----------------------------------------------------------------------------
@@ -326,13 +347,19 @@ class DiskTier:
             if record is None and stale is not None:
                 self._forget(stale)
         if record is None:
-            with self._lock:
-                self._misses += 1
             return None
         self._touch(record)
-        with self._lock:
-            self._hits += 1
         return record.entry
+
+    def count(self, *, served: bool) -> None:
+        """Count a load that looked here: ``served`` from an entry (its bytes read and checked),
+        or not (none, stale, damaged: the store read instead). Not `get`: it is also a look
+        that serves nothing (a check for a stale copy)."""
+        with self._lock:
+            if served:
+                self._hits += 1
+            else:
+                self._misses += 1
 
     def acquire(self, entry: DiskEntry) -> bool:
         """Pin ``entry`` while it is read; False when it is gone or being evicted.
@@ -380,6 +407,34 @@ class DiskTier:
                 del self._leases[entry.model_id]
         os.close(fd)
 
+    def check_loaded(self, entry: DiskEntry, info: ModelInfo, view: memoryview | None) -> None:
+        """Check the bytes a load read from ``entry`` (described as ``info``) against its
+        checksums: those in ``view`` (the buffer they were read into) or, when it is None (not in
+        host memory), the files read again. Raises `EntryDamagedError` (counted). Blocking."""
+        if not self.verify:
+            return
+        try:
+            if view is None:
+                verify_files(entry)
+            else:
+                verify_loaded(entry, info, view)
+        except EntryDamagedError:
+            with self._lock:
+                self._damaged += 1
+            raise
+
+    def check_read(self, entry: DiskEntry, found: Mapping[str, bytes | None]) -> None:
+        """Check the small files a load read whole from ``entry`` (config, side files, marker;
+        None for an absent one) against its manifest; `EntryDamagedError` (counted) if they
+        differ. Checked whatever `verify` says: they are small, and parsed before any check of
+        the weights could run."""
+        try:
+            verify_bytes(entry, found)
+        except EntryDamagedError:
+            with self._lock:
+                self._damaged += 1
+            raise
+
     # -- writing -----------------------------------------------------------------------------
 
     def write(
@@ -388,7 +443,7 @@ class DiskTier:
         """Write ``info``'s files from its buffer and publish them atomically. Blocking.
 
         Returns the entry; the existing one when the model is already here with the same etag
-        (or ``etag`` is None); None, writing nothing, when the model is larger than the budget,
+        (or ``etag`` is None) and version (or ``info.version`` is None); None, writing nothing, when the model is larger than the budget,
         room cannot be made (within the budget and the filesystem's free space) because entries
         are in use, or the directory is read-only. If another process publishes the same model
         first, ours is discarded and theirs returned. On ENOSPC the least recently used entry
@@ -405,8 +460,14 @@ class DiskTier:
             )
         files = plan_files(info)
         created = time.time()
-        manifest = manifest_bytes(info.model_id, files, info.nbytes, etag, created)
-        size = sum(f.size for f in files) + len(manifest)
+        # No version (the store names none) is written as an empty one: a manifest without the
+        # field is of an older release, whose copy the store's version must replace.
+        version = info.version if info.version is not None else ModelVersion(())
+        make_manifest = partial(
+            manifest_bytes, info.model_id, files, info.nbytes, etag, created, version=version
+        )
+        # Checksums are fixed-width: the manifest's size is known before they are.
+        size = sum(f.size for f in files) + len(make_manifest())
         if size > self._budget or self._read_only:
             return None
         entry = DiskEntry(
@@ -417,6 +478,7 @@ class DiskTier:
             etag,
             tuple((f.name, f.size) for f in files),
             created,
+            version,
         )
         full = False  # met ENOSPC: evict before trying again
         while True:
@@ -435,14 +497,14 @@ class DiskTier:
             temp, temp_fd = started
             try:
                 try:
-                    st = self._write_files(temp, files, view, manifest)
+                    st, manifest, checksums = self._write_files(temp, files, view, make_manifest)
                 except OSError as exc:
                     if exc.errno not in _FULL_ERRNOS or full:
                         raise
                     self._note_full(info.model_id, exc)
                     full = True
                     continue
-                return self._publish(entry, temp, manifest, st)
+                return self._publish(replace(entry, checksums=checksums), temp, manifest, st)
             finally:
                 remove_tree(temp)  # gone already when it was published
                 os.close(temp_fd)
@@ -473,7 +535,8 @@ class DiskTier:
                 with self._lock:
                     existing = self._records.get(model_id)
                 if existing is not None and (
-                    entry.etag is None or existing.entry.etag == entry.etag
+                    (entry.etag is None or existing.entry.etag == entry.etag)
+                    and (entry.version is None or existing.entry.version == entry.version)
                 ):
                     self._touch(existing)
                     return existing.entry
@@ -531,10 +594,16 @@ class DiskTier:
         return None if theirs is None else theirs.entry
 
     def _write_files(
-        self, temp: str, files: Sequence[EntryFile], view: memoryview, manifest: bytes
-    ) -> os.stat_result:
-        """Write, fsync and check every file, the manifest last; return the manifest's stat."""
+        self,
+        temp: str,
+        files: Sequence[EntryFile],
+        view: memoryview,
+        make_manifest: Callable[[Sequence[str]], bytes],
+    ) -> tuple[os.stat_result, bytes, tuple[str, ...]]:
+        """Write, fsync and check every file, hashing it as it goes, then the manifest with the
+        checksums; return the manifest's stat and bytes and the checksums."""
         directories = {temp}
+        checksums: list[str] = []
         for f in files:
             path = os.path.join(temp, f.name)
             parent = os.path.dirname(path)
@@ -543,9 +612,7 @@ class DiskTier:
                 directories.add(parent)
             fd = os.open(path, OPEN_NEW, 0o644)
             try:
-                pwrite_all(fd, memoryview(f.prefix), 0)
-                for seg in f.segments:
-                    pwrite_all(fd, view[seg.dst : seg.dst + seg.length], seg.src)
+                checksums.append(write_file(fd, f, view))
                 os.fsync(fd)
                 actual = os.fstat(fd).st_size
                 if actual != f.size:
@@ -555,6 +622,7 @@ class DiskTier:
                     os.posix_fadvise(fd, 0, 0, _FADV_DONTNEED)
             finally:
                 os.close(fd)
+        manifest = make_manifest(checksums)
         fd = os.open(os.path.join(temp, MANIFEST_NAME), OPEN_NEW, 0o644)
         try:
             pwrite_all(fd, memoryview(manifest), 0)
@@ -564,7 +632,7 @@ class DiskTier:
             os.close(fd)
         for directory in sorted(directories, key=len, reverse=True):
             fsync_dir(directory)
-        return st
+        return st, manifest, tuple(checksums)
 
     # -- removing ----------------------------------------------------------------------------
 
@@ -736,12 +804,25 @@ class DiskTier:
         """Evict least-recently-used unpinned entries until the filesystem has ``needed`` bytes
         free (deleting each at once: only then is its space free). False if it cannot."""
         try:
-            if _free_bytes(self._root) >= needed:
-                return True
+            free = _free_bytes(self._root)
         except OSError:
             return True  # no figure: the budget alone decides, ENOSPC still handled
+        if free >= needed:
+            if self._short:
+                self._short = False
+                logger.info("disk tier %s: the filesystem has room again", self._root)
+            return True
         with self._lock:
             self._full += 1
+        if not self._short:  # once per episode: every write while it lasts would say it again
+            self._short = True
+            logger.warning(
+                "disk tier %s: the filesystem is full (%s free, %s needed): evicting entries "
+                "for room, skipping writes when none can go, until space is freed",
+                self._root,
+                format_bytes(free),
+                format_bytes(needed),
+            )
         skip: set[str] = set()
         while True:
             self._empty(trash)

@@ -2,9 +2,21 @@
 
 An entry is a directory named by `entry_name` (sha256 of the id + a readable slug) holding the
 model's files laid out like the store and, written last, a manifest (`MANIFEST_NAME`) listing
-every file with its size. `read_entry` trusts a directory only when the manifest is valid and
-every file has exactly its recorded size; anything else is `InvalidEntry`. The tier itself
-(locks, budget, eviction) is `modelcache._disk`.
+every file with its size and its XXH3-64 checksum. `read_entry` trusts a directory only when the
+manifest is valid and every file has exactly its recorded size; anything else is
+`InvalidEntry`. The tier itself (locks, budget, eviction) is `modelcache._disk`.
+
+**Content checks.** Sizes catch a truncated file, not a flipped bit. Each file's checksum is
+computed while it is written (`write_file`: the bytes are hashed in the chunks they are written
+in, in file order), and checked against the bytes a load actually read (`verify_loaded`: the
+headers the loader parsed, the index re-made from what it parsed, the weights in the buffer they
+landed in), so what reaches a model is what was written, not merely what a later read saw. A
+mismatch is `EntryDamagedError`: the entry is dropped and the model read from the store.
+``config.json``, the side files and their marker, read back from the entry (`_sidefiles`), are
+checked as read (`verify_bytes`): a file the manifest does not list is not served. XXH3 runs
+at memory bandwidth (several GB/s a core, GIL released), far above a disk's.
+A manifest without checksums (written before they existed) is `InvalidEntry`: such an entry is
+deleted when seen and the model fetched again, once.
 
 Symlinks are never followed inside an entry: the directory, every directory on a file's path
 and every file must be the real thing (``lstat``, ``O_NOFOLLOW``), so a link planted in the
@@ -25,18 +37,25 @@ import re
 import shutil
 import stat
 import struct
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
+import xxhash
+
+from ._exceptions import StoreError
 from ._format import INDEX_NAME, SINGLE_NAME, ModelInfo, Segment
+from ._sidefiles import SIDE_MARKER, marker_bytes
+from ._versions import ModelVersion
 
 __all__ = [
+    "CHECKSUM_FIELD",
     "MANIFEST_NAME",
     "OPEN_DIR",
     "OPEN_LOCK",
     "OPEN_NEW",
     "OPEN_READ",
     "DiskEntry",
+    "EntryDamagedError",
     "EntryFile",
     "InvalidEntry",
     "entry_name",
@@ -53,6 +72,10 @@ __all__ = [
     "safe_name",
     "same_manifest",
     "unlocked",
+    "verify_bytes",
+    "verify_files",
+    "verify_loaded",
+    "write_file",
 ]
 
 MANIFEST_NAME = ".modelcache-entry.json"
@@ -67,6 +90,15 @@ OPEN_READ = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 OPEN_LOCK = os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _WRITE_CHUNK = 1 << 30  # below Linux's ~2 GiB cap on one write
+#: The manifest's field of per-file checksums (a list aligned with "files"): an additive field,
+#: so the format number stays; a manifest without it is an entry from before content checks.
+CHECKSUM_FIELD = "xxh3_64"
+#: A checksum as written in the manifest: 16 lowercase hex digits (fixed width, so the
+#: manifest's size, charged to the budget before the write, does not depend on the values).
+_DIGEST = re.compile(r"[0-9a-f]{16}")
+_NO_DIGEST = "0" * 16
+#: Bytes hashed then written at a time: small enough to be in the CPU cache for the write.
+_HASH_CHUNK = 4 << 20
 
 
 def entry_name(model_id: str) -> str:
@@ -96,6 +128,10 @@ class DiskEntry:
     files: tuple[tuple[str, int], ...]
     #: When it was written (seconds since the epoch).
     created: float
+    #: The store's version of the model's files it was written from (`_versions`), when known.
+    version: ModelVersion | None = None
+    #: XXH3-64 of each file in ``files`` (16 hex digits), in the same order.
+    checksums: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -113,6 +149,11 @@ class EntryFile:
 
 class InvalidEntry(Exception):
     """A final directory that is not a complete, consistent entry."""
+
+
+class EntryDamagedError(StoreError):
+    """A disk entry's bytes do not match the checksums written with it (a flipped bit, a
+    rewritten file): the load that read them drops the entry and reads the store."""
 
 
 # -- file helpers ----------------------------------------------------------------------------
@@ -246,12 +287,11 @@ def plan_files(info: ModelInfo) -> list[EntryFile]:
                 f"model {info.model_id!r}: shard {shard.name!r} carries no header bytes "
                 f"({len(shard.header)} bytes for data at {shard.data_start})"
             )
-        segments = by_url[shard.url]
-        covered = sum(seg.length for seg in segments)
+        # In file order: written (and hashed) front to back, each segment where the last ended.
+        segments = sorted(by_url[shard.url], key=lambda seg: seg.src)
         end = shard.data_start + shard.data_size
-        if covered != shard.data_size or any(
-            not shard.data_start <= s.src <= s.src + s.length <= end for s in segments
-        ):
+        ends = [shard.data_start] + [s.src + s.length for s in segments]
+        if ends[-1] != end or any(s.src != at for s, at in zip(segments, ends, strict=False)):
             raise ValueError(
                 f"model {info.model_id!r}: the segments do not tile shard {shard.name!r}"
             )
@@ -262,30 +302,150 @@ def plan_files(info: ModelInfo) -> list[EntryFile]:
             "metadata": dict(info.metadata),
             "weight_map": {t.name: t.shard for t in info.tensors.values()},
         }
-        data = json.dumps(index, indent=2).encode()
+        # Keys sorted: a load re-makes these bytes from what it parsed (`verify_loaded`), and
+        # the order of the tensors it parsed need not be the order they were written in.
+        data = json.dumps(index, indent=2, sort_keys=True).encode()
         files.append(EntryFile(INDEX_NAME, len(data), data))
     if info.config is not None:
         data = json.dumps(info.config).encode()
         files.append(EntryFile(CONFIG_NAME, len(data), data))
+    files.extend(side_entry_files(info))
     names = [f.name for f in files]
     if len(set(names)) != len(names) or MANIFEST_NAME in names:
         raise ValueError(f"model {info.model_id!r}: file names collide: {names}")
     return files
 
 
+def side_entry_files(info: ModelInfo) -> list[EntryFile]:
+    """The side files read with ``info`` and the marker naming them (`_sidefiles`)."""
+    marker = marker_bytes(info)
+    if marker is None:
+        return []
+    files = [EntryFile(name, len(data), data) for name, data in info.files.items()]
+    return [*files, EntryFile(SIDE_MARKER, len(marker), marker)]
+
+
 def manifest_bytes(
-    model_id: str, files: Sequence[EntryFile], nbytes: int, etag: str | None, created: float
+    model_id: str,
+    files: Sequence[EntryFile],
+    nbytes: int,
+    etag: str | None,
+    created: float,
+    checksums: Sequence[str] | None = None,
+    *,
+    version: ModelVersion | None = None,
 ) -> bytes:
-    return json.dumps(
-        {
-            "format": _FORMAT,
-            "model_id": model_id,
-            "files": [[f.name, f.size] for f in files],
-            "nbytes": nbytes,
-            "etag": etag,
-            "created": created,
-        }
-    ).encode()
+    """The manifest; without ``checksums``, one of the exact size with placeholders for them."""
+    digests = list(checksums) if checksums is not None else [_NO_DIGEST] * len(files)
+    if len(digests) != len(files) or not all(_DIGEST.fullmatch(d) for d in digests):
+        raise ValueError(f"model {model_id!r}: invalid checksums {digests!r}")
+    fields = {
+        "format": _FORMAT,
+        "model_id": model_id,
+        "files": [[f.name, f.size] for f in files],
+        "nbytes": nbytes,
+        "etag": etag,
+        "created": created,
+        CHECKSUM_FIELD: digests,
+    }
+    if version is not None:  # an optional field: entries written without it still read
+        fields["version"] = version.to_json()
+    return json.dumps(fields).encode()
+
+
+def _digest(hasher: xxhash.xxh3_64) -> str:
+    return f"{hasher.intdigest():016x}"
+
+
+def write_file(fd: int, f: EntryFile, view: memoryview) -> str:
+    """Write ``f`` (its prefix, then its segments of the model's buffer ``view``) to ``fd``,
+    hashing each chunk as it is written; return the file's checksum."""
+    hasher = xxhash.xxh3_64(f.prefix)
+    pwrite_all(fd, memoryview(f.prefix), 0)
+    for seg in f.segments:  # in file order (plan_files): the hash is the file's
+        for at in range(0, seg.length, _HASH_CHUNK):
+            chunk = view[seg.dst + at : seg.dst + min(seg.length, at + _HASH_CHUNK)]
+            hasher.update(chunk)
+            pwrite_all(fd, chunk, seg.src + at)
+    return _digest(hasher)
+
+
+def _file_digest(f: EntryFile, view: memoryview) -> str:
+    hasher = xxhash.xxh3_64(f.prefix)
+    for seg in f.segments:
+        hasher.update(view[seg.dst : seg.dst + seg.length])
+    return _digest(hasher)
+
+
+def verify_loaded(entry: DiskEntry, info: ModelInfo, view: memoryview) -> None:
+    """Check what a load read from ``entry`` against its checksums; `EntryDamagedError` if not.
+
+    ``info`` is the description parsed from the entry's files and ``view`` the buffer its
+    weights were read into: each shard's bytes are re-made from the header bytes parsed and the
+    weights read, the index from the tensor table and metadata parsed. ``config.json`` and the
+    side files are checked where they are read (`verify_bytes`).
+    """
+    expected = {name: (size, digest) for (name, size), digest in _pairs(entry)}
+    try:
+        # The weights' files only: config and side files are checked where they are read
+        # (`verify_bytes`), and may come from the store (an entry written for another class).
+        files = plan_files(replace(info, config=None, side_patterns=None))
+    except ValueError as exc:
+        raise _damaged(entry, f"its description does not lay out: {exc}") from exc
+    for f in files:
+        if f.name not in expected:
+            raise _damaged(entry, f"{f.name} was read but the manifest does not list it")
+        size, digest = expected[f.name]
+        if f.size != size or _file_digest(f, view) != digest:
+            raise _damaged(entry, f"{f.name} does not match its checksum")
+
+
+def verify_bytes(entry: DiskEntry, found: Mapping[str, bytes | None]) -> None:
+    """Check small files read whole from ``entry`` (config, side files, marker: name -> bytes,
+    None for a file that was absent) against its manifest: each present one must be listed with
+    its size and checksum, each listed one present. `EntryDamagedError` if not."""
+    expected = {name: (size, digest) for (name, size), digest in _pairs(entry)}
+    for name, data in found.items():
+        listed = expected.get(name)
+        if data is None and listed is None:
+            continue
+        if data is None or listed is None:
+            where = "is missing" if data is None else "is not in the manifest"
+            raise _damaged(entry, f"{name} {where}")
+        size, digest = listed
+        if len(data) != size or _digest(xxhash.xxh3_64(data)) != digest:
+            raise _damaged(entry, f"{name} does not match its checksum")
+
+
+def verify_files(entry: DiskEntry) -> None:
+    """Read every file of ``entry`` again and check it against its checksum (for loads whose
+    buffer is not in host memory: a CUDA device). `EntryDamagedError` on a mismatch."""
+    for (name, size), digest in _pairs(entry):
+        hasher = xxhash.xxh3_64()
+        fd = open_beneath(entry.directory, os.path.join(entry.directory, name))
+        try:
+            done = 0
+            while chunk := os.pread(fd, _HASH_CHUNK, done):
+                hasher.update(chunk)
+                done += len(chunk)
+        finally:
+            os.close(fd)
+        if done != size or _digest(hasher) != digest:
+            raise _damaged(entry, f"{name} does not match its checksum")
+
+
+def _pairs(entry: DiskEntry) -> list[tuple[tuple[str, int], str]]:
+    if len(entry.checksums) != len(entry.files):
+        raise _damaged(entry, "its manifest has no checksums")
+    return list(zip(entry.files, entry.checksums, strict=True))
+
+
+def _damaged(entry: DiskEntry, why: str) -> EntryDamagedError:
+    return EntryDamagedError(
+        f"disk copy of model {entry.model_id!r} is damaged: {why}",
+        model_id=entry.model_id,
+        path=entry.directory,
+    )
 
 
 def read_entry(root: str, name: str) -> tuple[DiskEntry, os.stat_result, bytes]:
@@ -329,6 +489,16 @@ def _read_entry(directory: str, dir_fd: int, name: str) -> tuple[DiskEntry, os.s
         raise InvalidEntry("unknown manifest format")
     model_id, files = manifest.get("model_id"), manifest.get("files")
     nbytes, etag, created = manifest.get("nbytes"), manifest.get("etag"), manifest.get("created")
+    checksums = manifest.get(CHECKSUM_FIELD)
+    if checksums is None:
+        raise InvalidEntry("written before content checksums: fetched again")
+    if (
+        not isinstance(checksums, list)
+        or not isinstance(files, list)
+        or len(checksums) != len(files)
+        or not all(isinstance(d, str) and _DIGEST.fullmatch(d) for d in checksums)
+    ):
+        raise InvalidEntry("manifest checksums are invalid")
     if (
         not isinstance(model_id, str)
         or entry_name(model_id) != name
@@ -352,7 +522,18 @@ def _read_entry(directory: str, dir_fd: int, name: str) -> tuple[DiskEntry, os.s
             raise InvalidEntry(f"{file_name} is {actual} bytes, the manifest says {size}")
         checked.append((file_name, size))
     size = sum(s for _, s in checked) + st.st_size
-    entry = DiskEntry(model_id, directory, size, nbytes, etag, tuple(checked), float(created))
+    version = ModelVersion.from_json(manifest.get("version"))
+    entry = DiskEntry(
+        model_id,
+        directory,
+        size,
+        nbytes,
+        etag,
+        tuple(checked),
+        float(created),
+        version,
+        tuple(checksums),
+    )
     return entry, st, raw
 
 

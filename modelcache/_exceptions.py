@@ -7,6 +7,7 @@ naturally catch, so ``except KeyError`` still works for a missing model::
      ├── InvalidModelIdError (ValueError)      the id could escape the store root or is malformed
      ├── ModelNotFoundError (KeyError)         the store has no model under that id
      ├── StoreError (OSError)                  any other failure talking to the store
+     │    └── ModelChangedError                a file changed in the store during a load
      ├── ModelFormatError (ValueError)         the model's files are not valid safetensors
      ├── ModelTooLargeError (ValueError)       the model can never fit the tier's byte budget
      ├── ModelLoadError (RuntimeError)         loading failed for another reason (e.g. out of memory)
@@ -29,6 +30,7 @@ __all__ = [
     "InvalidModelIdError",
     "ModelBuildError",
     "ModelCacheError",
+    "ModelChangedError",
     "ModelFormatError",
     "ModelLoadError",
     "ModelNotFoundError",
@@ -75,6 +77,13 @@ class ModelNotFoundError(ModelCacheError, KeyError):
 
 class StoreError(ModelCacheError, OSError):
     """Reading from the store failed for a reason other than a missing model."""
+
+
+class ModelChangedError(StoreError):
+    """A file of the model changed in the store while one load read it: the load never mixes
+    two versions. Transient (``remember = False``): the next load reads the new version."""
+
+    remember = False
 
 
 class ModelFormatError(ModelCacheError, ValueError):

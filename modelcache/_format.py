@@ -23,15 +23,19 @@ tensors are allowed; KiBs to a few MiB for real models.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._exceptions import ModelFormatError
+
+if TYPE_CHECKING:
+    from ._versions import ModelVersion
 
 __all__ = [
     "BYTES_PER_TENSOR",
@@ -153,6 +157,23 @@ class ModelInfo:
     segments: tuple[Segment, ...]
     #: The model's ``config.json`` side file, when its builder asked for it and it exists.
     config: Mapping[str, Any] | None = None
+    #: What the store said identified each file read (`_versions.ModelVersion`), when known.
+    version: ModelVersion | None = None
+    #: The side files its builder declared (``side_files``): name -> bytes (`_sidefiles`).
+    files: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
+    #: The side-file patterns ``config`` and ``files`` were read for; None: not read.
+    side_patterns: frozenset[str] | None = None
+
+    @property
+    def side_bytes(self) -> int:
+        """Bytes of the side files: counted in the host tier's budget beside ``nbytes``."""
+        return sum(len(data) for data in self.files.values())
+
+    def files_dir(self) -> contextlib.AbstractContextManager[str]:
+        """A temporary directory holding the side files and config.json, removed on exit."""
+        from ._sidefiles import files_dir
+
+        return files_dir(self)
 
     @property
     def mappable(self) -> bool:

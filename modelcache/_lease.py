@@ -1,7 +1,8 @@
 """Leases: the handle ``cache.use(model_id)`` returns, the hit path, and the leases a task holds.
 
 The hit path (`Lease.__aenter__` finding a ready entry of an open cache) does no I/O and never
-awaits, so it is not a scheduler checkpoint: a dict lookup and `DeviceTier.take_lease`. Any
+awaits, so it is not a scheduler checkpoint: a dict lookup, `DeviceTier.take_lease`, and a
+float compare (``check_at``: a due revalidation check is started in the background). Any
 other case is the cache's slow path (``ModelCache._acquire``).
 """
 
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from ._backend import record_current_stream
 from ._builders import ModelBuilder
 from ._device import DeviceEntry, Key
+from ._refresh import _clock as _revalidation_clock
 
 if TYPE_CHECKING:
     from ._cache import ModelCache
@@ -61,6 +63,8 @@ class Lease(Generic[T]):
             and cache._state is State.OPEN
         ):
             cache._device.take_lease(entry)  # the hit path: no await, no I/O
+            if entry.check_at <= _revalidation_clock():  # stale-while-revalidate
+                entry.check_at = cache._revalidator.due(entry.model_id)
         else:
             entry = await cache._acquire(self._key)
         self._entry = entry

@@ -20,7 +20,8 @@ their own shift costs one open (or one window of requests), not one per tensor; 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -41,8 +42,16 @@ from ._format import (
     parse_index,
 )
 from ._store import Store
+from ._versions import ModelVersion, reading
 
-__all__ = ["CONFIG_NAME", "fill_buffer", "plan_runs", "read_config", "read_model_info"]
+__all__ = [
+    "CONFIG_NAME",
+    "fill_buffer",
+    "plan_runs",
+    "read_config",
+    "read_model_info",
+    "with_config",
+]
 
 CONFIG_NAME = "config.json"
 #: First read of a file: the whole header of a model with up to ~80 tensors; larger headers
@@ -87,10 +96,25 @@ class _HeaderBudget:
 
 
 async def read_model_info(store: Store, model_id: str) -> ModelInfo:
-    """Describe ``model_id``'s weights from its headers: tensor table, exact size, read plan.
+    """Describe ``model_id``'s weights from its headers: tensor table, exact size, read plan,
+    and the version (`ModelVersion`) of every file read: one version of each (`_versions`).
 
-    Raises InvalidModelIdError, ModelNotFoundError, ModelFormatError or StoreError.
+    Raises InvalidModelIdError, ModelNotFoundError, ModelFormatError, StoreError (among them
+    ModelChangedError: a file changed while it was read).
     """
+    with reading() as tags:
+        info = await _read_model_info(store, model_id)
+    return replace(info, version=ModelVersion.of(tags)) if tags else info
+
+
+async def with_config(store: Store, info: ModelInfo) -> ModelInfo:
+    """``info`` with its config.json (None when it has none), read as part of its version."""
+    with reading(info.version) as tags:
+        config = await read_config(store, info.model_id)
+    return replace(info, config=config, version=ModelVersion.of(tags) if tags else info.version)
+
+
+async def _read_model_info(store: Store, model_id: str) -> ModelInfo:
     url = store.model_url(model_id)
     budget = _HeaderBudget()
     if url.endswith(".safetensors"):
@@ -244,6 +268,13 @@ async def fill_buffer(store: Store, info: ModelInfo, dest: memoryview) -> None:
             f"buffer is {len(dest)} bytes, model {info.model_id!r} needs {info.nbytes}"
         )
     runs = iter(plan_runs(info.segments))  # shared: each run is read by the worker that takes it
+    with reading(info.version):  # each shard's data from the version its header was read at
+        await _fill(store, info, dest, runs)
+
+
+async def _fill(
+    store: Store, info: ModelInfo, dest: memoryview, runs: Iterator[list[Segment]]
+) -> None:
 
     async def worker() -> None:
         for run in runs:

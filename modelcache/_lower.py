@@ -17,14 +17,15 @@ Invariants (checked by the cache's tests after every step):
   (a queued write would hold its buffer too), and the next load of the model from the store
   tries again. One write may always run, so any model can reach the disk.
 * A disk copy that cannot be read (removed or damaged under a load) is dropped and the model
-  read from the store: the disk tier is never the reason a load fails.
+  read from the store: the disk tier is never the reason a load fails. What a load read from a
+  disk copy is checked against the copy's checksums before it is used (`_check_disk_copy`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
 
@@ -43,9 +44,12 @@ from ._format import INDEX_NAME, ModelInfo
 from ._loader import fill_buffer, read_model_info
 from ._observe import Observers
 from ._policy import EvictionPolicy, admits
+from ._refresh import load_one_version
+from ._sidefiles import check_host_fits, read_extras
 from ._store import Store
 from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
 from ._units import format_bytes
+from ._versions import ModelVersion
 
 __all__ = ["HostDiskTiers"]
 
@@ -118,6 +122,8 @@ class HostDiskTiers:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._closed = True
+        #: Whether a disk copy (of a version) may be served now (`Revalidator.validate_disk`).
+        self.validate_disk: Callable[[str, ModelVersion | None], Awaitable[bool]] | None = None
 
     async def open(self, task_group: anyio.abc.TaskGroup, limiter: anyio.CapacityLimiter) -> None:
         """Start: the disk index is rebuilt, the pinned slab is made (both off the loop)."""
@@ -175,7 +181,8 @@ class HostDiskTiers:
         """
         nbytes = weights.info.nbytes
         model_id = weights.info.model_id
-        if self._host_can_take(model_id, nbytes):
+        host_nbytes = nbytes + weights.info.side_bytes  # side files count in the host budget
+        if self._host_can_take(model_id, host_nbytes):
             if self._backend.on_host:
                 self._admit_host(HostEntry(weights.info, weights))
                 self.host.demoted()
@@ -183,11 +190,11 @@ class HostDiskTiers:
             block = self._host_block(nbytes)
             if block is not None:
                 assert self._task_group is not None
-                self.in_flight += nbytes
+                self.in_flight += host_nbytes
                 self.moving[model_id] = anyio.Event()
                 self._background.start(self._task_group, self._copy_down, weights, block, copied)
                 return True
-            self.host.release(nbytes)
+            self.host.release(host_nbytes)
         return False
 
     async def _copy_down(
@@ -195,11 +202,12 @@ class HostDiskTiers:
     ) -> None:
         """Finish a device demotion: device buffer -> (pinned) host block."""
         info = weights.info
+        host_nbytes = info.nbytes + info.side_bytes
         try:
             await self._backend.demote(weights, block)
         except BaseException as exc:
             self._free_block(block)
-            self.host.release(info.nbytes)
+            self.host.release(host_nbytes)
             if not isinstance(exc, Exception):
                 raise
             logger.warning("could not move %r to host memory: %s", info.model_id, exc)
@@ -208,7 +216,7 @@ class HostDiskTiers:
             self.host.demoted()
         finally:
             del weights
-            self.in_flight -= info.nbytes
+            self.in_flight -= host_nbytes
             copied(info.nbytes)
             self.moving.pop(info.model_id).set()
 
@@ -232,20 +240,73 @@ class HostDiskTiers:
                 entry, acquired = None, False
             if entry is not None and acquired:
                 try:
-                    return await read_model_info(disk.store, model_id), disk.store, entry
+                    # -- versions (issue 12): a copy the store no longer has is not served
+                    if self.validate_disk is None or await self.validate_disk(
+                        model_id, entry.version
+                    ):
+                        info = await read_model_info(disk.store, model_id)
+                        # The store's version, never the copy's own files' (which a check
+                        # would then stat): None when the store named none.
+                        version = entry.version
+                        info = replace(info, version=version if version and version.files else None)
+                        return info, disk.store, entry
                 except Exception as exc:
                     disk.release(entry)
                     if not _unreadable(exc):
                         raise
+                    disk.count(served=False)
                     await self._drop_disk_copy(model_id, exc)
                 except BaseException:
                     disk.release(entry)
                     raise
+                else:  # stale: released once, here, so a failed store read below cannot again
+                    disk.release(entry)
+                    disk.count(served=False)
+                    await self._drop_disk_copy(model_id, None)
+            else:
+                disk.count(served=False)
         return await read_model_info(self._store, model_id), self._store, None
 
-    async def _drop_disk_copy(self, model_id: str, exc: BaseException) -> None:
-        """A disk copy failed to read: remove it (if still there) so the store is read."""
-        logger.warning("disk copy of %r unreadable, dropped: %s", model_id, exc)
+    async def read_extras(
+        self,
+        info: ModelInfo,
+        patterns: tuple[str, ...],
+        read_store: Store,
+        on_disk: DiskEntry | None,
+    ) -> tuple[ModelInfo, Store, DiskEntry | None]:
+        """``info`` with its config and side files (`_sidefiles.read_extras`), and where to read
+        its weights: ``on_disk``'s copy, whose files are checked against its manifest, or, when
+        that copy is damaged, the store (the copy released and dropped, as a damaged copy of the
+        weights is). ``on_disk`` is released here on any failure; on success it is returned."""
+        if on_disk is None:
+            return await read_extras(self._store, info, patterns), read_store, None
+        assert self.disk is not None
+        check = partial(self.disk.check_read, on_disk)
+        try:
+            with_extras = await read_extras(
+                self._store, info, patterns, disk=read_store, check=check
+            )
+        except Exception as exc:
+            self.release_disk(on_disk)
+            if not _unreadable(exc):
+                raise
+            self.disk.count(served=False)
+            await self._drop_disk_copy(info.model_id, exc)
+        except BaseException:
+            self.release_disk(on_disk)
+            raise
+        else:
+            return with_extras, read_store, on_disk
+        fresh = await read_model_info(self._store, info.model_id)
+        return await read_extras(self._store, fresh, patterns), self._store, None
+
+    async def _drop_disk_copy(self, model_id: str, exc: BaseException | None) -> None:
+        """A disk copy failed to read (``exc``) or is stale (None): remove it (if still there)
+        so the store is read."""
+        if exc is None:
+            logger.info("disk copy of %r is not the store's version any more, dropped", model_id)
+        else:
+            logger.warning("disk copy of %r unreadable, dropped: %s", model_id, exc)
         assert self.disk is not None
         try:
             await anyio.to_thread.run_sync(self.disk.remove, model_id)
@@ -261,15 +322,23 @@ class HostDiskTiers:
         store read instead; the weights' info is returned with them (the store's, then).
         """
         if on_disk is None:
-            return await self._backend.load(read_store, info, zero_copy=True), info
+            return await load_one_version(
+                read_store, info, partial(self._backend.load, read_store, zero_copy=True)
+            )
+        loaded: LoadedWeights | None = None
         try:
             try:
-                return await self._backend.load(read_store, info, zero_copy=False), info
+                loaded = await self._backend.load(read_store, info, zero_copy=False)
+                await self._check_disk_copy(on_disk, info, self._backend.host_bytes(loaded))
+                return loaded, info
             finally:
                 self.release_disk(on_disk)
         except Exception as exc:
+            loaded = None  # damaged: its memory goes before the store's copy is read
             if not _unreadable(exc):
                 raise
+            assert self.disk is not None
+            self.disk.count(served=False)
             await self._drop_disk_copy(info.model_id, exc)
         fresh = await self._store_info(info)
         return await self._backend.load(self._store, fresh, zero_copy=True), fresh
@@ -284,7 +353,34 @@ class HostDiskTiers:
                 model_id=info.model_id,
                 path=fresh.url,
             )
-        return fresh if fresh.config is not None else replace(fresh, config=info.config)
+        if fresh.side_patterns is not None:
+            return fresh
+        # The config and side files read with ``info`` (from the disk entry) go with it.
+        return replace(
+            fresh, config=info.config, files=info.files, side_patterns=info.side_patterns
+        )
+
+    async def drop_stale(self, model_id: str, keep: ModelVersion | None) -> None:
+        """-- versions (issue 12): drop host and disk copies of ``model_id`` that are not of
+        version ``keep`` (all of them when it is None): the store has another one now."""
+        host = self.entries.get(model_id)
+        if host is not None and (keep is None or host.info.version != keep):
+            self._remove_host(host)
+            self._let_go(host)  # a disk write reading it keeps its block until it ends
+        disk = self.disk
+        if disk is not None and not disk.read_only and self._remote(model_id):
+            found = await anyio.to_thread.run_sync(disk.get, model_id)
+            if found is not None and (keep is None or found.version != keep):
+                await self._drop_disk_copy(model_id, None)
+
+    async def _check_disk_copy(
+        self, on_disk: DiskEntry, info: ModelInfo, view: memoryview | None
+    ) -> None:
+        """Check the bytes a load read from ``on_disk`` (in ``view``, or the files again when the
+        buffer is not in host memory) against its checksums: `EntryDamagedError` if they differ."""
+        assert self.disk is not None
+        await anyio.to_thread.run_sync(self.disk.check_loaded, on_disk, info, view)
+        self.disk.count(served=True)  # the one place a disk copy is served: a hit
 
     def release_disk(self, entry: DiskEntry | None) -> None:
         if entry is not None and self.disk is not None:
@@ -455,6 +551,12 @@ class HostDiskTiers:
         else:
             self._admit_host(entry)
 
+    def discard(self, entry: HostEntry) -> None:
+        """A claimed entry that must not be served (of a version the store no longer has):
+        its bytes go, nothing goes back to the tier."""
+        self.in_flight -= entry.nbytes
+        self._let_go(entry)
+
     async def promote(self, entry: HostEntry, info: ModelInfo) -> LoadedWeights:
         """Host -> device for a claimed entry (device bytes already reserved)."""
         weights: LoadedWeights
@@ -500,6 +602,8 @@ class HostDiskTiers:
                 except Exception as exc:
                     if on_disk is None or not _unreadable(exc):
                         raise
+                    assert self.disk is not None
+                    self.disk.count(served=False)
                     await self._drop_disk_copy(model_id, exc)
                     use_disk = False
                     continue
@@ -526,29 +630,34 @@ class HostDiskTiers:
         """Reserve host bytes for ``info`` and read it there (the bytes go back on failure)."""
         assert self._limiter is not None
         check_fits(self.host, info)
-        await self.host.reserve(info.nbytes)
-        self.in_flight += info.nbytes
+        check_host_fits(self.host.budget, info)
+        nbytes = info.nbytes + info.side_bytes
+        await self.host.reserve(nbytes)
+        self.in_flight += nbytes
         try:
             async with self._limiter:
                 started = time.perf_counter()
-                payload = await self._read_to_host(read_store, info, from_disk=on_disk is not None)
+                payload = await self._read_to_host(read_store, info, on_disk)
                 self.costs.observe(
                     "store" if on_disk is None else "disk",
                     info.nbytes,
                     time.perf_counter() - started,
                 )
         except BaseException:
-            self.host.release(info.nbytes)
+            self.host.release(nbytes)
             raise
         finally:
-            self.in_flight -= info.nbytes
+            self.in_flight -= nbytes
         return payload
 
     async def _read_to_host(
-        self, read_store: Store, info: ModelInfo, *, from_disk: bool
+        self, read_store: Store, info: ModelInfo, on_disk: DiskEntry | None
     ) -> LoadedWeights | HostBlock:
         if self._backend.on_host:
-            return await self._backend.load(read_store, info, zero_copy=not from_disk)
+            loaded = await self._backend.load(read_store, info, zero_copy=on_disk is None)
+            if on_disk is not None:
+                await self._check_disk_copy(on_disk, info, self._backend.host_bytes(loaded))
+            return loaded
         block = self._host_block(info.nbytes)
         if block is None:
             raise ModelLoadError(
@@ -558,6 +667,8 @@ class HostDiskTiers:
             )
         try:
             await fill_buffer(read_store, info, block.view())
+            if on_disk is not None:
+                await self._check_disk_copy(on_disk, info, block.view())
         except BaseException:
             self._free_block(block)
             raise

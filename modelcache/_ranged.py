@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
+from ._versions import VersionMismatch
+
 if TYPE_CHECKING:
     import aiohttp
 
@@ -42,6 +44,26 @@ COPY_IN_THREAD = 1 << 20
 # Streamed responses are copied into their place by a worker thread in batches of this size.
 _COPY_BATCH = 4 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-")
+_FULL_RANGE = re.compile(r"bytes (\d+)-(\d+)/")
+
+
+class ShortBody(ConnectionError):
+    """A response ended, cleanly, before the bytes its Content-Range announced (a proxy or a
+    server that lost the rest, a Content-Length that lies): a cut transfer, retried as any
+    connection error is, never taken for the file's end."""
+
+
+def _check_complete(content_range: object, start: int, size: int, filled: int) -> int:
+    """``filled``, or ShortBody when the Content-Range promised more of the range than came."""
+    match = _FULL_RANGE.match(content_range) if isinstance(content_range, str) else None
+    if match is not None and int(match[1]) == start:
+        claimed = min(size, int(match[2]) + 1 - start)
+        if filled < claimed:
+            raise ShortBody(
+                f"the body ended after {filled} of the {claimed} bytes from {start} that its "
+                f"Content-Range ({content_range}) announced"
+            )
+    return filled
 
 
 def copy_into(dest: memoryview, data: bytes) -> None:
@@ -74,18 +96,30 @@ def is_http_class(cls: type) -> bool:
 
 
 def range_reader(
-    fs: Any, path: str, *, on_whole_body: Callable[[], None] | None = None
+    fs: Any,
+    path: str,
+    *,
+    on_whole_body: Callable[[], None] | None = None,
+    if_match: str | None = None,
 ) -> RangeReader:
     """The way to read ranges of ``path`` into buffers that copies least on this filesystem.
 
     ``on_whole_body`` is called when an http server answers a ranged GET with the whole file.
+    With ``if_match`` (an ETag), http(s) and s3 reads are of that version only: another one
+    raises `VersionMismatch` (other filesystems cannot pin a version and ignore it).
     """
     if _is_plain(fs, "fsspec.implementations.http", "HTTPFileSystem"):
-        return functools.partial(_http_read, fs, path, on_whole_body)
+        return functools.partial(_http_read, fs, path, on_whole_body, if_match)
     if _is_plain(fs, "s3fs.core", "S3FileSystem"):
         bucket, key, version = fs.split_path(path)
-        return functools.partial(_s3_read, fs, bucket, key, version)
+        return functools.partial(_s3_read, fs, bucket, key, version, if_match)
     return functools.partial(_cat_read, fs, path)
+
+
+def _check_etag(if_match: str | None, sent: object) -> None:
+    """A server that ignores If-Match still names what it sent: it must be what we asked for."""
+    if if_match is not None and isinstance(sent, str) and sent and sent != if_match:
+        raise VersionMismatch(errno.ESTALE, f"asked for ETag {if_match}, the store sent {sent}")
 
 
 def _range_header(start: int, size: int) -> str:
@@ -111,8 +145,8 @@ async def _drain(content: aiohttp.StreamReader, dests: Sequence[memoryview], ski
 
     ``readchunk`` hands over aiohttp's receive buffers one by one (``read(n)`` would join them
     into a new bytes first): each byte is copied once, straight into its place, in batches of
-    ``_COPY_BATCH`` bytes by a worker thread (see `_scatter`; 30% faster loads over loopback
-    http than copying on the loop). The thread always finishes before this returns or raises.
+    ``_COPY_BATCH`` bytes by a worker thread (see `_scatter`; faster loads over loopback http
+    than copying on the loop: benches/README.md, remote_load). The thread always finishes before this returns or raises.
     Reading stops once ``dests`` are full, whatever is left of the body.
     """
     # The views' addresses, and a hold on each (a view cannot be released while held).
@@ -164,6 +198,7 @@ async def _http_read(
     fs: Any,
     url: str,
     on_whole_body: Callable[[], None] | None,
+    if_match: str | None,
     start: int,
     dests: Sequence[memoryview],
 ) -> int:
@@ -172,11 +207,16 @@ async def _http_read(
     kwargs = dict(fs.kwargs)
     headers = dict(kwargs.pop("headers", None) or {})
     headers["Range"] = _range_header(start, size)
+    if if_match is not None:
+        headers["If-Match"] = if_match
     session = await fs.set_session()
     async with session.get(fs.encode_url(url), headers=headers, **kwargs) as response:
         if response.status == 416:  # the range starts at or past the end of the file
             return 0
+        if response.status == 412:
+            raise VersionMismatch(errno.ESTALE, f"the store has another version than {if_match}")
         fs._raise_not_found_for_status(response, url)
+        _check_etag(if_match, response.headers.get("ETag"))
         skip = start  # a 200 is the whole file: the server ignored Range
         if response.status == 206:
             sent = response.headers.get("Content-Range", "")
@@ -192,7 +232,10 @@ async def _http_read(
         elif on_whole_body is not None:
             on_whole_body()
         # Leaving the block with body unread closes the connection rather than reading on.
-        return await _drain(response.content, dests, skip)
+        filled = await _drain(response.content, dests, skip)
+        if response.status == 206:
+            return _check_complete(response.headers.get("Content-Range"), start, size, filled)
+        return filled
 
 
 async def _s3_read(
@@ -200,20 +243,36 @@ async def _s3_read(
     bucket: str,
     key: str,
     version: str | None,
+    if_match: str | None,
     start: int,
     dests: Sequence[memoryview],
 ) -> int:
     """One ranged GetObject through s3fs's client, its body streamed into ``dests``."""
     extra = {"VersionId": version} if version else {}
-    response = await fs._call_s3(
-        "get_object", Bucket=bucket, Key=key, Range=_range_header(start, _total(dests)), **extra
-    )
+    if if_match is not None:
+        extra["IfMatch"] = if_match
+    try:
+        response = await fs._call_s3(
+            "get_object", Bucket=bucket, Key=key, Range=_range_header(start, _total(dests)), **extra
+        )
+    except Exception as exc:
+        if if_match is not None and _precondition_failed(exc):
+            raise VersionMismatch(
+                errno.ESTALE, f"the store has another version than {if_match}"
+            ) from exc
+        raise
     body = response["Body"]
+    try:
+        _check_etag(if_match, response.get("ETag"))
+    except BaseException:
+        body.close()
+        raise
     try:
         aiohttp = sys.modules.get("aiohttp")
         content = getattr(getattr(body, "raw_stream", None), "content", None)
         if aiohttp is not None and isinstance(content, aiohttp.StreamReader):
-            return await _drain(content, dests, 0)
+            filled = await _drain(content, dests, 0)
+            return _check_complete(response.get("ContentRange"), start, _total(dests), filled)
         filled = 0  # another HTTP backend (httpx): its readinto copies once too
         for dest in dests:
             done = 0
@@ -226,6 +285,20 @@ async def _s3_read(
         return filled
     finally:
         body.close()  # after a whole body the connection is already back in the pool
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """A 412 from s3 (botocore's ClientError; s3fs may translate it to an OSError)."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            meta = response.get("ResponseMetadata") or {}
+            code = (response.get("Error") or {}).get("Code")
+            if meta.get("HTTPStatusCode") == 412 or code == "PreconditionFailed":
+                return True
+        if "PreconditionFailed" in str(e) or "Precondition Failed" in str(e):
+            return True
+    return False
 
 
 def _copy_out(dests: Sequence[memoryview], data: bytes) -> None:

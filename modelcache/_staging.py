@@ -45,7 +45,7 @@ import anyio
 import anyio.to_thread
 import torch
 
-from ._arena import PAGE, HostPinner, allocate_slab, cuda_available, device_guard, host_view
+from ._arena import PAGE, HostPinner, allocate_slab, cuda_available, host_view
 from ._concurrency import gather
 from ._format import ModelInfo
 from ._store import Store
@@ -58,7 +58,6 @@ __all__ = [
     "StagingChunk",
     "StagingPool",
     "StagingStats",
-    "TorchCudaCopyEngine",
     "copy_and_wait",
     "plan_pieces",
     "stage_to_device",
@@ -178,11 +177,6 @@ class CompletionWaiter:
             self._pending.put(None)
 
 
-def _synchronize(device: torch.device, event: Any) -> None:
-    with device_guard(device):
-        event.synchronize()
-
-
 @dataclass(slots=True, eq=False)
 class CopyHandle:
     """One submitted copy: the buffers it must keep alive, and the engine's completion token.
@@ -192,7 +186,7 @@ class CopyHandle:
 
     src: Any
     dst: Any
-    #: Engine-specific: a `Completion` for `TorchCudaCopyEngine` and `CupyCopyEngine`.
+    #: Engine-specific: a `Completion` for the torch and CuPy CUDA engines.
     token: Any = None
 
 
@@ -230,55 +224,6 @@ async def _wait_out(engine: CopyEngine, handle: CopyHandle) -> None:
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             await engine.wait(handle)
         raise
-
-
-class TorchCudaCopyEngine:
-    """Copies on one side stream of ``device``; a `CompletionWaiter` thread waits for them.
-
-    Copies are asynchronous only from and to pinned host memory (torch copies pageable memory
-    synchronously). Call `fence` before the first copy into memory that was allocated or used on
-    another stream, from the thread whose current stream that is. Every CUDA call runs with
-    ``device`` current (`device_guard`), whichever thread makes it.
-    """
-
-    def __init__(self, device: torch.device | str) -> None:
-        if not cuda_available():
-            raise ValueError("TorchCudaCopyEngine needs a CUDA device, and torch sees none")
-        self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ValueError(f"TorchCudaCopyEngine needs a CUDA device, got {self.device}")
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        with device_guard(self.device):
-            self.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-        self.waiter = CompletionWaiter(f"modelcache copies on {self.device}")
-
-    def __repr__(self) -> str:
-        return f"TorchCudaCopyEngine({str(self.device)!r})"
-
-    def fence(self) -> None:
-        """Order later copies after the work already queued on this thread's current stream.
-
-        A buffer fresh from the caching allocator may still be in use by kernels queued on the
-        stream it was allocated on; the side stream must not write it before they finish.
-        """
-        with device_guard(self.device):
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-
-    def submit(self, src: torch.Tensor, dst: torch.Tensor) -> CopyHandle:
-        if src.numel() != dst.numel():
-            raise ValueError(f"copy of {src.numel()} bytes into {dst.numel()}")
-        # The device guard first: the stream context saves and restores the current stream of
-        # the current device, which must be ours (not device 0's, whose context it would make).
-        with device_guard(self.device), torch.cuda.stream(self.stream):
-            dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
-            event.record(self.stream)
-        return CopyHandle(src, dst, self.waiter.watch(partial(_synchronize, self.device, event)))
-
-    async def wait(self, handle: CopyHandle) -> None:
-        completion: Completion = handle.token
-        await completion.wait()
 
 
 @dataclass(frozen=True, slots=True, eq=False)

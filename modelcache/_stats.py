@@ -57,6 +57,14 @@ class CacheStats:
     #: Tasks of the cache in flight: loads, header reads (``describe``), copies down to host
     #: memory, disk-tier writes; ``await cache.wait_idle()`` returns when it is 0.
     background: int = 0
+    #: Checks of a model's version against the store (background, ``refresh``, disk copies).
+    revalidations: int = 0
+    #: Checks that found another version in the store than the one held.
+    versions_changed: int = 0
+    #: New versions swapped in for resident models.
+    swaps: int = 0
+    #: Disk copies served unchecked because the store could not be asked (stale-if-error).
+    stale_serves: int = 0
 
     @property
     def hit_ratio(self) -> float:

@@ -76,6 +76,7 @@ from ._concurrency import gather
 from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
 from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
 from ._ranged import COPY_IN_THREAD, RangeReader, is_http_class, range_reader
+from ._versions import VersionMismatch, changed, expected, local_tag, memory_tag, remote_tag, see
 
 if TYPE_CHECKING:
     pass
@@ -244,35 +245,56 @@ def _pread_bytes(fd: int, start: int, end: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _pread_range(path: str, start: int, end: int, opener: Callable[[str], int]) -> bytes:
+def _pread_range(
+    path: str, start: int, end: int, opener: Callable[[str], int]
+) -> tuple[bytes, str, str]:
+    """Bytes ``[start, end)`` and the file's version tag before and after reading them."""
     fd = opener(path)
     try:
-        return _pread_bytes(fd, start, end)
+        before = local_tag(os.fstat(fd))
+        data = _pread_bytes(fd, start, end)
+        return data, before, local_tag(os.fstat(fd))
     finally:
         os.close(fd)
 
 
-def _read_head_local(path: str, limit: int, opener: Callable[[str], int]) -> tuple[int, bytes]:
-    """The file's size and its first ``min(size, limit)`` bytes, from one open."""
+def _read_head_local(
+    path: str, limit: int, opener: Callable[[str], int]
+) -> tuple[int, bytes, str, str]:
+    """The file's size, its first ``min(size, limit)`` bytes, and its version tag before and
+    after reading them, from one open."""
     fd = opener(path)
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise _is_a_directory(path)
-        return st.st_size, _pread_bytes(fd, 0, min(st.st_size, limit))
+        data = _pread_bytes(fd, 0, min(st.st_size, limit))
+        return st.st_size, data, local_tag(st), local_tag(os.fstat(fd))
     finally:
         os.close(fd)
 
 
 def _open_and_read(
     path: str, opened: list[int], opener: Callable[[str], int], offset: int, run: _Scatter
-) -> tuple[int, int]:
+) -> tuple[int, int, str, str]:
     """Open ``path`` (the fd goes in ``opened``) and fill all of ``run`` from ``offset``, in one
-    worker-thread call: (file size, bytes read); nothing is read from a file too short."""
+    worker-thread call: (file size, bytes read, version tag at open, after the read); nothing
+    is read from a file too short."""
     size = _open_regular(path, opened, opener)
+    before = local_tag(os.fstat(opened[0]))
     if size < offset + run.size:
-        return size, 0
-    return size, _pread_full(opened[0], run.views, offset)
+        return size, 0, before, before
+    got = _pread_full(opened[0], run.views, offset)
+    return size, got, before, local_tag(os.fstat(opened[0]))
+
+
+def _list_local(root: str) -> list[str]:
+    names: list[str] = []
+    for directory, _dirs, files in os.walk(root):
+        for file in files:
+            path = os.path.join(directory, file)
+            names.append(os.path.relpath(path, root).replace(os.sep, "/"))
+    return names
 
 
 def _memory_file(fs: Any, path: str) -> io.BytesIO | None:
@@ -448,12 +470,15 @@ class Store:
                 )
                 if stat.S_ISDIR(st.st_mode):
                     raise _is_a_directory(path)
+                see(url, local_tag(st), model_id)
                 return st.st_size
             fs, fspath = await self._remote(url)
             file = _memory_file(fs, fspath)
             if file is not None:
+                see(url, memory_tag(file), model_id)
                 return _memory_size(file)
             info = await self._remote_info(url, model_id)
+            see(url, remote_tag(info), model_id)
             size = info.get("size")
             if not isinstance(size, int):
                 raise StoreError(
@@ -482,6 +507,43 @@ class Store:
                 return value
         return None
 
+    async def file_tag(self, url: str, *, model_id: str) -> str | None:
+        """What identifies the content of the file at ``url`` now (`_versions`): one stat or
+        HEAD; None where the store says nothing that does. Records nothing."""
+        with translated("stat", url, model_id):
+            path = self.local_path(url)
+            if path is not None:
+                st = await anyio.to_thread.run_sync(
+                    _stat_local, path, self._opener, limiter=self._get_limiter()
+                )
+                return local_tag(st)
+            fs, fspath = await self._remote(url)
+            file = _memory_file(fs, fspath)
+            if file is not None:
+                return memory_tag(file)
+            return remote_tag(await self._remote_info(url, model_id))
+
+    async def list_files(self, url: str, *, model_id: str) -> list[str]:
+        """Names of the files under the directory ``url``, relative to it, ``/``-separated (for
+        side-file globs; links to directories are not followed)."""
+        with translated("list", url, model_id):
+            path = self.local_path(url)
+            if path is not None:
+                return await anyio.to_thread.run_sync(
+                    _list_local, path, limiter=self._get_limiter()
+                )
+            fs, fspath = await self._remote(url)
+
+            async def find() -> list[str]:
+                if fs.async_impl:
+                    found: list[str] = await fs._find(fspath)
+                    return found
+                return await anyio.to_thread.run_sync(fs.find, fspath, limiter=self._get_limiter())
+
+            root = fspath.rstrip("/") + "/"
+            found = await self._retrying("list", url, model_id, find)
+            return [name[len(root) :] for name in found if name.startswith(root)]
+
     async def read_range(self, url: str, start: int, end: int, *, model_id: str) -> bytes:
         """Return bytes ``[start, end)`` of the file; fewer only if the file ends before ``end``."""
         if not 0 <= start <= end:
@@ -490,17 +552,20 @@ class Store:
         with translated("read", url, model_id):
             path = self.local_path(url)
             if path is not None:
-                data = await anyio.to_thread.run_sync(
+                data, before, after = await anyio.to_thread.run_sync(
                     _pread_range, path, start, end, self._opener, limiter=limiter
                 )
+                see(url, before, model_id)
+                see(url, after, model_id)
             else:
                 fs, fspath = await self._remote(url)
                 file = _memory_file(fs, fspath) if end - start <= COPY_IN_THREAD else None
                 if file is not None:
+                    see(url, memory_tag(file), model_id)
                     data = _memory_range(file, start, end)
                     self._bytes_read += len(data)
                     return data
-                reader = self._range_reader(fs, fspath, url)
+                reader = self._range_reader(fs, fspath, url, model_id)
 
                 async def cat() -> bytes:
                     try:
@@ -541,14 +606,17 @@ class Store:
             path = self.local_path(url)
             with translated("read", url, model_id):
                 if path is not None:
-                    size, data = await anyio.to_thread.run_sync(
+                    size, data, before, after = await anyio.to_thread.run_sync(
                         _read_head_local, path, limit, self._opener, limiter=self._get_limiter()
                     )
+                    see(url, before, model_id)
+                    see(url, after, model_id)
                     self._bytes_read += len(data)
                     return size, data
                 fs, fspath = await self._remote(url)
                 file = _memory_file(fs, fspath)
                 if file is not None and limit <= COPY_IN_THREAD:
+                    see(url, memory_tag(file), model_id)
                     size = _memory_size(file)
                     data = _memory_range(file, 0, min(size, limit))
                     self._bytes_read += len(data)
@@ -587,6 +655,7 @@ class Store:
                 fs, fspath = await self._remote(url)
                 file = _memory_file(fs, fspath) if run.size <= COPY_IN_THREAD else None
                 if file is not None:
+                    see(url, memory_tag(file), model_id)
                     got = _copy_from_buffer(file, offset, run.views)
                 elif fs.async_impl:
                     got = await self._read_window(fs, fspath, url, model_id, offset, run)
@@ -636,9 +705,23 @@ class Store:
             self._open_files = anyio.Semaphore(self._max_reads)
         return self._open_files
 
-    def _range_reader(self, fs: Any, path: str, url: str) -> RangeReader:
+    def _range_reader(self, fs: Any, path: str, url: str, model_id: str) -> RangeReader:
+        """Ranged reads of ``url``, pinned (If-Match) to the version this load has seen of it."""
         host = _host(url)
-        return range_reader(fs, path, on_whole_body=lambda: self._whole_body_hosts.add(host))
+        read = range_reader(
+            fs,
+            path,
+            on_whole_body=lambda: self._whole_body_hosts.add(host),
+            if_match=expected(url),
+        )
+
+        async def pinned(start: int, dests: Sequence[memoryview]) -> int:
+            try:
+                return await read(start, dests)
+            except VersionMismatch as exc:
+                raise changed(url, model_id, exc) from exc
+
+        return pinned
 
     async def _remote(self, url: str) -> tuple[Any, str]:
         """Return this Store's filesystem for ``url``'s protocol and the path within it."""
@@ -658,7 +741,7 @@ class Store:
             elif is_http_class(cls) and "get_client" not in options:
                 # aiohttp pauses a connection whenever 128 KiB wait unread (the default
                 # read_bufsize is 64 KiB): a pause and a resume per 256 KiB received. 1 MiB lets
-                # a window of 16 MiB responses stream without that (-13% load time here).
+                # a window of 16 MiB responses stream without that (benches/README.md).
                 client = {"read_bufsize": 1 << 20, **(options.get("client_kwargs") or {})}
                 options["client_kwargs"] = client
             if getattr(cls, "async_impl", False):
@@ -751,15 +834,18 @@ class Store:
         async with self._get_open_files():
             try:
                 if run.size <= self._chunk:  # one chunk: open and read in the same call
-                    file_size, got = await anyio.to_thread.run_sync(
+                    file_size, got, before, after = await anyio.to_thread.run_sync(
                         _open_and_read, path, opened, self._opener, offset, run, limiter=limiter
                     )
+                    see(url, before, model_id)
                     if file_size < offset + run.size:  # nothing was read
                         raise truncated(url, model_id, offset, run.size, max(0, file_size - offset))
+                    see(url, after, model_id)
                     return got
                 file_size = await anyio.to_thread.run_sync(
                     _open_regular, path, opened, self._opener, limiter=limiter
                 )
+                see(url, local_tag(os.fstat(opened[0])), model_id)
                 if file_size < offset + run.size:  # fail before moving any byte
                     raise truncated(url, model_id, offset, run.size, max(0, file_size - offset))
                 fd = opened[0]
@@ -769,7 +855,9 @@ class Store:
                         _pread_run, fd, run, lo, hi, offset, limiter=limiter
                     )
 
-                return await self._run_chunks(run.size, read)
+                got = await self._run_chunks(run.size, read)
+                see(url, local_tag(os.fstat(fd)), model_id)  # not written to while we read
+                return got
             finally:
                 for fd in opened:
                     os.close(fd)
@@ -783,7 +871,7 @@ class Store:
         if size == 0:
             return 0
         chunk = size if _host(url) in self._whole_body_hosts else self._chunk
-        reader = self._range_reader(fs, path, url)
+        reader = self._range_reader(fs, path, url, model_id)
         limiter = self._get_limiter()
         starts = iter(range(0, size, chunk))  # shared: each chunk is taken by one worker
         got = 0

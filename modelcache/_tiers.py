@@ -403,7 +403,8 @@ class HostEntry:
         self.info = info
         self.model_id: str = info.model_id
         self.key = self.model_id
-        self.nbytes: int = info.nbytes
+        #: Host bytes: the weights and the side files read with them (`_sidefiles`).
+        self.nbytes: int = info.nbytes + info.side_bytes
         #: on_host backends: the model's loaded weights (moved, never copied); others: a
         #: (pinned) `HostBlock`.
         self.payload = payload

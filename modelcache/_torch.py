@@ -12,9 +12,10 @@ Two ways to fill a CPU buffer, chosen per model:
   store's concurrent ranged reads.
 
 A CUDA device gets one device allocation per model, filled through the backend's staging pool
-(`modelcache._staging`): reads land in a few reusable pinned chunks and are copied on a side
-stream while the next chunks are read; no host buffer of the model's size is made. The pool and
-the copy engine are made on the first CUDA load and reused by every load after it. Other
+(the `CudaStaging` core of `modelcache._cuda`, with `TorchCudaCopyEngine`): reads land in a few
+reusable pinned chunks and are copied on a side stream while the next chunks are read; no host
+buffer of the model's size is made. The pool and the copy engines are made on the first CUDA
+load and reused by every load after it. Other
 non-CPU devices get a host buffer copied into one device allocation. Tensors are views of the
 one allocation at the layout's offsets. Mapped and device buffers are freed when the last view
 is dropped: nothing here holds a reference beyond the returned `Weights`.
@@ -47,14 +48,22 @@ import torch
 from ._arena import HostArena, HostBlock, cuda_available, device_guard, host_view
 from ._backend import LoadedWeights, ViewMapping, allocate_with_retry
 from ._concurrency import gather
+from ._cuda import CudaStaging, check_staging
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
 from ._loader import fill_buffer
 from ._pool import BufferPool
-from ._staging import StagingPool, TorchCudaCopyEngine, copy_and_wait, stage_to_device
+from ._staging import Completion, CompletionWaiter, CopyHandle, StagingPool
 from ._store import Store
 
-__all__ = ["TorchBackend", "Weights", "allocate_host", "tensor_views", "torch_dtype"]
+__all__ = [
+    "TorchBackend",
+    "TorchCudaCopyEngine",
+    "Weights",
+    "allocate_host",
+    "tensor_views",
+    "torch_dtype",
+]
 
 _DTYPE_ATTRS = {
     "BOOL": "bool",
@@ -151,9 +160,10 @@ def allocate_host(nbytes: int) -> tuple[torch.Tensor, memoryview]:
     """A host buffer as a uint8 tensor and a writable memoryview of the same bytes.
 
     Large buffers are private anonymous mappings (page-aligned) advised to use transparent huge
-    pages: a fresh 1 GiB buffer then takes 512 page faults instead of 262,144, which made copies
-    into it 2.5x faster here. Small ones come from the heap, so thousands of small models do not
-    each cost a mapping (the kernel allows ~65,000 per process) and a whole page.
+    pages: a fresh 1 GiB buffer then takes 512 page faults instead of 262,144, which makes copies
+    into it faster (measured: benches/README.md, load_throughput). Small ones come from the heap,
+    so thousands of small models do not each cost a mapping (the kernel allows ~65,000 per
+    process) and a whole page.
     """
     if nbytes < _SMALL:
         heap = bytearray(nbytes)
@@ -173,9 +183,10 @@ def _prefault(address: int, nbytes: int, stop: threading.Event) -> None:
     """Fault in (allocate and zero) a fresh mapping's pages, front to back, until ``stop``.
 
     Run in a thread beside the reads that fill the buffer: the kernel's page allocation and
-    zeroing (0.25-1.8 s/GiB here, more with huge-page compaction) then overlaps the transfer
-    instead of stalling each write that first touches a page. Pages the reads reach first are
-    skipped by the kernel; a failure (old kernel) just leaves the faults to the reads.
+    zeroing (a large part of a load's time, more with huge-page compaction: benches/README.md,
+    remote_load) then overlaps the transfer instead of stalling each write that first touches a
+    page. Pages the reads reach first are skipped by the kernel; a failure (old kernel) just
+    leaves the faults to the reads.
     """
     if _madvise is None:
         return
@@ -195,9 +206,9 @@ async def fill_fresh(
     by another thread.
 
     A remote read leaves the CPU waiting on the network, so the faults (and huge-page
-    compaction) overlap it: the median cold 1 GiB load over loopback http went from 1.9 s to
-    1.3 s here. Local reads are CPU-bound copies already spread over threads: there the extra
-    thread only competes with them, so they fault as they copy.
+    compaction) overlap it (measured: benches/README.md, remote_load). Local reads are CPU-bound
+    copies already spread over threads: there the extra thread only competes with them, so they
+    fault as they copy.
     """
     fresh = info.nbytes - faulted
     if fresh < _SMALL or store.local_path(info.shards[0].url) is not None:
@@ -328,6 +339,72 @@ def _check_buffer(tensor: torch.Tensor, what: str) -> None:
         )
 
 
+def _device_empty(device: torch.device, nbytes: int, model_id: str) -> torch.Tensor:
+    """A CUDA buffer of ``nbytes`` (blocking: `CudaStaging` calls it in a worker thread)."""
+    return allocate_with_retry(
+        partial(torch.empty, nbytes, dtype=torch.uint8, device=device),
+        is_oom=_is_cuda_oom,
+        free_cached=partial(_empty_cache, device),
+        nbytes=nbytes,
+        device=str(device),
+        model_id=model_id,
+    )
+
+
+def _synchronize(device: torch.device, event: Any) -> None:
+    with device_guard(device):
+        event.synchronize()
+
+
+class TorchCudaCopyEngine:
+    """Copies on one side stream of ``device``; a `CompletionWaiter` thread waits for them.
+
+    Copies are asynchronous only from and to pinned host memory (torch copies pageable memory
+    synchronously). Call `fence` before the first copy into memory that was allocated or used on
+    another stream, from the thread whose current stream that is. Every CUDA call runs with
+    ``device`` current (`device_guard`), whichever thread makes it.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        if not cuda_available():
+            raise ValueError("TorchCudaCopyEngine needs a CUDA device, and torch sees none")
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"TorchCudaCopyEngine needs a CUDA device, got {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        with device_guard(self.device):
+            self.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        self.waiter = CompletionWaiter(f"modelcache copies on {self.device}")
+
+    def __repr__(self) -> str:
+        return f"TorchCudaCopyEngine({str(self.device)!r})"
+
+    def fence(self) -> None:
+        """Order later copies after the work already queued on this thread's current stream.
+
+        A buffer fresh from the caching allocator may still be in use by kernels queued on the
+        stream it was allocated on; the side stream must not write it before they finish.
+        """
+        with device_guard(self.device):
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def submit(self, src: torch.Tensor, dst: torch.Tensor) -> CopyHandle:
+        if src.numel() != dst.numel():
+            raise ValueError(f"copy of {src.numel()} bytes into {dst.numel()}")
+        # The device guard first: the stream context saves and restores the current stream of
+        # the current device, which must be ours (not device 0's, whose context it would make).
+        with device_guard(self.device), torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
+            event.record(self.stream)
+        return CopyHandle(src, dst, self.waiter.watch(partial(_synchronize, self.device, event)))
+
+    async def wait(self, handle: CopyHandle) -> None:
+        completion: Completion = handle.token
+        await completion.wait()
+
+
 class TorchBackend:
     """Loads models as torch tensors on one device (``"cpu"``, ``"cuda:0"``, ...).
 
@@ -351,11 +428,7 @@ class TorchBackend:
         staging_chunk_size: int = 32 << 20,
         staging_chunks: int = 4,
     ) -> None:
-        if staging_chunk_size < 1 or staging_chunks < 1:
-            raise ValueError(
-                "staging_chunk_size and staging_chunks must be >= 1, got "
-                f"{staging_chunk_size} and {staging_chunks}"
-            )
+        check_staging(staging_chunk_size, staging_chunks)
         self.device = _resolve_device(device)
         #: Map local aligned single-file models instead of copying them (CPU devices only).
         self.zero_copy = zero_copy
@@ -366,8 +439,14 @@ class TorchBackend:
         self.pool: BufferPool | None = (
             BufferPool() if self.device.type == "cpu" and BufferPool.available() else None
         )
-        self._staging: tuple[StagingPool, TorchCudaCopyEngine, TorchCudaCopyEngine] | None = None
-        self._staging_lock: anyio.Lock | None = None
+        #: The staging pool and copy engines of a CUDA device, made on its first load.
+        self._cuda = CudaStaging(
+            staging_chunk_size,
+            staging_chunks,
+            engine=partial(TorchCudaCopyEngine, self.device),
+            allocate=partial(_device_empty, self.device),
+            device=self.device,
+        )
 
     def __repr__(self) -> str:
         return f"TorchBackend({str(self.device)!r})"
@@ -400,39 +479,7 @@ class TorchBackend:
     @property
     def staging_pool(self) -> StagingPool | None:
         """The pinned staging pool (CUDA devices, after the first load), for statistics."""
-        return None if self._staging is None else self._staging[0]
-
-    async def _cuda_staging(self) -> tuple[StagingPool, TorchCudaCopyEngine, TorchCudaCopyEngine]:
-        """The staging pool and the host -> device and device -> host copy engines, made once
-        (CUDA initialisation runs in a thread)."""
-        if self._staging is None:
-            if self._staging_lock is None:
-                self._staging_lock = anyio.Lock()
-            async with self._staging_lock:
-                if self._staging is None:
-                    to_device = await anyio.to_thread.run_sync(TorchCudaCopyEngine, self.device)
-                    to_host = await anyio.to_thread.run_sync(TorchCudaCopyEngine, self.device)
-                    pool = StagingPool(
-                        self.staging_chunk_size, self.staging_chunks, pin=True, device=self.device
-                    )
-                    self._staging = (pool, to_device, to_host)
-        return self._staging
-
-    def _device_empty(
-        self, nbytes: int, engine: TorchCudaCopyEngine, model_id: str
-    ) -> torch.Tensor:
-        # Same thread for both: the fence orders the side stream after the stream that the
-        # allocation came from (memory freed there may still be in use by queued kernels).
-        buffer = allocate_with_retry(
-            partial(torch.empty, nbytes, dtype=torch.uint8, device=self.device),
-            is_oom=_is_cuda_oom,
-            free_cached=partial(_empty_cache, self.device),
-            nbytes=nbytes,
-            device=str(self.device),
-            model_id=model_id,
-        )
-        engine.fence()
-        return buffer
+        return self._cuda.pool
 
     async def load(self, store: Store, info: ModelInfo, *, zero_copy: bool = True) -> Weights:
         """Read the model's weights onto the device; returns views into one buffer.
@@ -441,11 +488,7 @@ class TorchBackend:
         files that may be deleted while the model lives, such as the disk tier's).
         """
         if self.device.type == "cuda":
-            pool, engine, _ = await self._cuda_staging()
-            buffer = await anyio.to_thread.run_sync(
-                self._device_empty, info.nbytes, engine, info.model_id
-            )
-            await stage_to_device(store, info, buffer, pool, engine)
+            buffer = await self._cuda.load(store, info)
             return Weights(await build_views(buffer, info), info, buffer)
         base = 0
         path = None
@@ -481,12 +524,11 @@ class TorchBackend:
         _check_buffer(host, "host buffer")
         if self.device.type != "cuda":
             return await anyio.to_thread.run_sync(self._to_device, host)
-        _, engine, _ = await self._cuda_staging()
-        buffer = await anyio.to_thread.run_sync(self._device_empty, host.numel(), engine, model_id)
-        if host.is_pinned():
-            await copy_and_wait(engine, host, buffer)
-        else:  # torch copies pageable memory synchronously: keep it off the event loop
-            await anyio.to_thread.run_sync(partial(buffer.copy_, host))
+        # torch copies pageable memory synchronously: that copy runs in a worker thread.
+        sync_copy = None if host.is_pinned() else torch.Tensor.copy_
+        buffer: torch.Tensor = await self._cuda.to_device(
+            host, host.numel(), model_id, sync_copy=sync_copy
+        )
         return buffer
 
     async def to_host(self, device_buffer: torch.Tensor, block: HostBlock) -> None:
@@ -502,9 +544,5 @@ class TorchBackend:
         if self.device.type != "cuda":
             await anyio.to_thread.run_sync(partial(block.tensor.copy_, device_buffer))
             return
-        _, _, engine = await self._cuda_staging()
-        engine.fence()  # after the kernels this thread queued (they may still write the weights)
-        if block.tensor.is_pinned():
-            await copy_and_wait(engine, device_buffer, block.tensor)
-        else:
-            await anyio.to_thread.run_sync(partial(block.tensor.copy_, device_buffer))
+        sync_copy = None if block.tensor.is_pinned() else torch.Tensor.copy_
+        await self._cuda.to_host(device_buffer, block.tensor, sync_copy=sync_copy)

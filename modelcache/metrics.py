@@ -22,7 +22,8 @@ Design notes:
 * Per-model series (``per_model=True``) are off by default: their number grows with every model
   id ever loaded or evicted. Histograms never carry a model label (one series per bucket).
 
-prometheus_client is imported only here (STYLE rule 2): ``import modelcache`` never imports it.
+prometheus_client is imported only here: ``import modelcache`` never imports it (an optional
+dependency, the ``metrics`` extra).
 """
 
 from __future__ import annotations
@@ -365,6 +366,15 @@ class _Collector:
              lambda s: s.waiters),
             ("gauge", "leases", "Leases held (async with cache.use(...) blocks open).",
              lambda s: s.leased),
+            ("counter", "revalidations", "Checks of a model's version against the store "
+             "(background after revalidate_after, refresh(), disk copies).",
+             lambda s: s.revalidations),
+            ("counter", "version_changes", "Checks that found a new version in the store.",
+             lambda s: s.versions_changed),
+            ("counter", "version_swaps", "New versions swapped in for resident models.",
+             lambda s: s.swaps),
+            ("counter", "stale_serves", "Disk copies served unchecked because the store could "
+             "not be asked (stale-if-error).", lambda s: s.stale_serves),
         )  # fmt: skip
         for kind, name, doc, read in whole:
             cache = family(kind, name, doc, [])

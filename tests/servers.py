@@ -12,7 +12,8 @@ Load as a plugin from a test module: ``pytest_plugins = ("tests.servers",)``.
   directory with Range support (``FileResponse``), in its own thread and event loop, so a test's
   loop can block it deterministically. It counts requests per (method, path), GETs in flight (and
   their peak) and client connections; it injects faults (the next N requests for a path answer a
-  status, drop the connection, or cut the body short); and it can hold every GET at a gate.
+  status, drop the connection, cut the body short, or answer a complete body shorter than its
+  Content-Range says: "short"); and it can hold every GET at a gate.
   With ``ignore_ranges`` set it answers every GET with the whole file (200), as some servers
   do, counting the body bytes it manages to send in ``bytes_sent``; ``ignore_ranges_from`` does
   so only for ranges that start at or past that byte (header reads are honoured, data reads not).
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
-FaultKind = Literal["status", "drop", "truncate"]
+FaultKind = Literal["status", "drop", "truncate", "short"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -165,12 +166,18 @@ class SeaweedFS:
             Bucket=self.bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
         )
 
-    def start(self, timeout: float = 60.0) -> None:
-        """Start ``weed mini`` and wait until the bucket exists and takes writes."""
+    def start(self, timeout: float = 60.0, *, same_ports: bool = False) -> None:
+        """Start ``weed mini`` and wait until the bucket exists and takes writes.
+
+        ``same_ports``: on the ports of the previous start (a restart: the endpoint stays).
+        """
         data = self.directory / "data"
         data.mkdir(parents=True, exist_ok=True)
         names = ["master", "volume", "filer", "s3", "admin"]
-        chosen = self._ports = free_ports(2 * len(names))
+        if not (same_ports and self._ports):
+            self._ports = free_ports(2 * len(names))
+        chosen = self._ports
+        self._client = None  # a client of an earlier start may hold dead connections
         ports = dict(zip(names, chosen[: len(names)], strict=True))
         grpc = dict(zip(names, chosen[len(names) :], strict=True))
         args = [
@@ -255,6 +262,14 @@ class SeaweedFS:
         for port in self._ports:  # gRPC sockets weed makes in /tmp, named by port, and leaves
             for path in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
                 path.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no clean stop), keeping its data and ports for
+        ``start(same_ports=True)``."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
 
     def log_tail(self, lines: int = 60) -> str:
         """The last ``lines`` lines of the server's log."""
@@ -601,6 +616,20 @@ class HttpServer:
             return web.Response()  # never sent: the connection is gone
         wanted = request.http_range
         ranged = wanted.start is not None and wanted.stop is not None
+        if fault.kind == "short" and ranged:
+            # A complete response whose Content-Length (and body: the file's true bytes) is
+            # half of what its Content-Range announces: as a proxy that lost the rest sends it.
+            file = self.root / request.match_info["path"]
+            data = (await asyncio.to_thread(file.read_bytes))[wanted]
+            response = web.StreamResponse(status=206)
+            response.headers["Content-Range"] = (
+                f"bytes {wanted.start}-{wanted.start + len(data) - 1}/{file.stat().st_size}"
+            )
+            response.content_length = len(data) // 2
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            await response.write_eof()
+            return response
         response = web.StreamResponse(status=206 if ranged else 200)
         response.content_length = length = wanted.stop - wanted.start if ranged else 1 << 20
         await response.prepare(request)

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -26,12 +27,14 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from safetensors.torch import save
 
 from modelcache import (
     CacheObserver,
     LRUPolicy,
     ModelBuildError,
     ModelCache,
+    ModelChangedError,
     ModelTooLargeError,
     Store,
     Weights,
@@ -123,9 +126,13 @@ class CacheMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.models = MemoryModels()
-        for model_id, size in SIZES.items():
-            self.models.add(model_id, size)
+        for model_id in SIZES:
+            self._write(model_id, 0)
         self.failing: set[str] = set()
+        #: Versions published per model (each a tensor filled with one byte value): a lease sees
+        #: one of them, whole, never a mixture.
+        self.versions: dict[str, set[int]] = {m: {0} for m in SIZES}
+        self.refreshes: list[Future[str]] = []
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self.portal = self._portal_cm.__enter__()
         self.store = GatedStore(self.models.template)
@@ -173,9 +180,12 @@ class CacheMachine(RuleBasedStateMachine):
                     async with self.cache.use(handle.model_id) as model:
                         handle.entered = True
                         assert model["w"].numel() == SIZES[handle.model_id]
+                        values = set(model["w"].unique().tolist())
+                        assert len(values) == 1, f"a mixture of versions: {values}"
+                        assert values <= self.versions[handle.model_id], values
                         await handle.release.wait()
                         return "released"
-                except (ModelBuildError, ModelTooLargeError) as exc:
+                except (ModelBuildError, ModelTooLargeError, ModelChangedError) as exc:
                     self.caught.append(exc)
                     return type(exc).__name__
             return "cancelled"
@@ -244,6 +254,9 @@ class CacheMachine(RuleBasedStateMachine):
         except ModelBuildError as exc:  # it joined a device load of the model, which failed
             self.caught.append(exc)
             return "ModelBuildError"
+        except ModelChangedError as exc:  # published again while its host load read it
+            self.caught.append(exc)
+            return "ModelChangedError"
         return "prefetched"
 
     @rule(model_id=IDS)
@@ -254,6 +267,26 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(model_id=IDS)
     def evict(self, model_id: str) -> None:
         self.portal.call(self.cache.evict, model_id)
+
+    def _write(self, model_id: str, value: int) -> None:
+        tensor = torch.full((SIZES[model_id],), value % 256, dtype=torch.uint8)
+        self.models.put(f"{model_id}/model.safetensors", save({"w": tensor}))
+
+    @rule(model_id=IDS)
+    def publish(self, model_id: str) -> None:
+        """A new version of the model is written to the store (same size, new contents)."""
+        value = max(self.versions[model_id]) + 1
+        self.versions[model_id].add(value)
+        self._write(model_id, value)
+
+    async def _refresh(self, model_id: str) -> str:
+        return str(await self.cache.refresh(model_id))
+
+    @rule(model_id=IDS)
+    def refresh(self, model_id: str) -> None:
+        """Check the model now: a swap of a new version loads beside leases on the old one."""
+        self.refreshes.append(self.portal.start_task_soon(self._refresh, model_id))
+        self._settle()
 
     @invariant()
     def accounting_holds(self) -> None:
@@ -295,7 +328,13 @@ class CacheMachine(RuleBasedStateMachine):
             assert handle.future is not None
             if handle.future.done():
                 result = handle.future.result()
-                assert result in {"released", "cancelled", "ModelBuildError", "ModelTooLargeError"}
+                assert result in {
+                    "released",
+                    "cancelled",
+                    "ModelBuildError",
+                    "ModelChangedError",
+                    "ModelTooLargeError",
+                }
                 if result == "ModelTooLargeError":
                     assert SIZES[handle.model_id] > BUDGET
 
@@ -317,9 +356,12 @@ class CacheMachine(RuleBasedStateMachine):
                 self.portal.call(handle.release.set)
             self._settle()
             check_invariants(self.cache)
+            for refresh in self.refreshes:  # its swap, if any, ended (its load may have failed)
+                assert refresh.result(timeout=5) in {"True", "False"}
             for prefetch in self.prefetches:  # host reservations never wait on leases
                 assert prefetch.result(timeout=5) in {
                     "prefetched",
+                    "ModelChangedError",
                     "ModelTooLargeError",
                     "ModelBuildError",
                 }

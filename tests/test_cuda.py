@@ -271,7 +271,7 @@ async def test_pinned_memory_is_really_pinned_and_released() -> None:
     assert torch.equal(block.tensor.cuda(non_blocking=True).cpu(), data)
     assert block.tensor.data_ptr() % 4096 == 0
     backend = TorchBackend("cuda", staging_chunk_size=MIB, staging_chunks=2)
-    pool, _, _ = await backend._cuda_staging()
+    pool, _, _ = await backend._cuda.parts()
     await pool.allocate()
     assert pool._chunks is not None and all(c.tensor.is_pinned() for c in pool._chunks)
 

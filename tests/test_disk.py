@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import fcntl
 import json
+import logging
 import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
@@ -22,18 +23,29 @@ from typing import Any
 
 import anyio
 import pytest
+import safetensors.torch
 import torch
+import xxhash
 
-from modelcache import ModelCacheError, StoreError
+from modelcache import CupyBackend, ModelCache, ModelCacheError, StoreError
 from modelcache._disk import DiskEntry, DiskTier
-from modelcache._diskformat import MANIFEST_NAME, entry_name, pwrite_all
+from modelcache._diskformat import (
+    CHECKSUM_FIELD,
+    MANIFEST_NAME,
+    EntryDamagedError,
+    entry_name,
+    pwrite_all,
+)
 from modelcache._format import ModelInfo
 from modelcache._loader import fill_buffer, read_config, read_model_info
 from modelcache._store import Store
 from modelcache._torch import TorchBackend
 
-from .conftest import model_bytes
+from .conftest import GatedStore, MemoryModels, model_bytes, settle
+from .fake_cupy import FakeCupy
 from .safetensors_files import put, tensor_bytes, write_model, write_sharded
+
+pytestmark = pytest.mark.usefixtures("count_threads")
 
 # -- helpers --------------------------------------------------------------------------------------
 
@@ -176,6 +188,10 @@ def test_round_trip_is_byte_exact(tmp_path: Path, disk_dir: Path, layout: str) -
     assert tier.get(model_id) == entry
     assert load_tensors(tier.store, model_id) == load_tensors(store, model_id)
     assert load_tensors(tier.store, model_id, zero_copy=False) == load_tensors(store, model_id)
+    read_info, read_view = fetch(tier.store, model_id)
+    tier.check_loaded(entry, read_info, read_view)  # what was written passes its checksums
+    tier.check_loaded(entry, read_info, None)
+    assert tier.stats().damaged == 0
     again = anyio.run(read_model_info, tier.store, model_id)
     assert (again.nbytes, dict(again.metadata)) == (info.nbytes, dict(info.metadata))
     assert anyio.run(read_config, tier.store, model_id) == info.config
@@ -231,7 +247,7 @@ def test_least_recently_used_is_evicted_first(models: Models, disk_dir: Path) ->
     assert sorted(m for m in "abcde" if m in tier) == ["c", "d", "e"]
     stats = tier.stats()
     assert (stats.evictions, stats.writes, stats.entries) == (2, 5, 3)
-    assert (stats.hits, stats.misses) == (2, 1)
+    assert (stats.hits, stats.misses) == (0, 0)  # a get serves nothing: loads count (`count`)
     assert not (disk_dir / entry_name("a")).exists()
     assert leftovers(disk_dir) == []
 
@@ -368,7 +384,6 @@ def test_get_finds_entries_written_by_another_process(models: Models, disk_dir: 
     writer = opened(disk_dir, BUDGET)
     entry = writer.write(*models.add("a"))
     assert reader.get("a") == entry
-    assert reader.stats().hits == 1
 
 
 def test_truncated_file_is_dropped_on_get(models: Models, disk_dir: Path) -> None:
@@ -466,9 +481,10 @@ def test_publish_race_keeps_the_first_entry(
     theirs: list[DiskEntry | None] = []
     write_files = second._write_files
 
-    def interleaved(temp: str, *args: Any) -> None:
-        write_files(temp, *args)
+    def interleaved(temp: str, *args: Any) -> Any:
+        written = write_files(temp, *args)
         theirs.append(first.write(info, buffer, etag="first"))  # publishes while ours waits
+        return written
 
     monkeypatch.setattr(second, "_write_files", interleaved)
     ours = second.write(info, buffer, etag="second")
@@ -710,7 +726,7 @@ def test_enospc_evicts_least_recently_used_and_retries_once(
             raise failures.pop()
         real(fd, data, offset)
 
-    monkeypatch.setattr("modelcache._disk.pwrite_all", full_once)
+    monkeypatch.setattr("modelcache._diskformat.pwrite_all", full_once)
     assert tier.write(*models.add("d")) is not None
     assert sorted(m for m in "abcd" if m in tier) == ["a", "c", "d"]
     assert (tier.stats().full, tier.stats().evictions) == (1, 1)
@@ -727,7 +743,7 @@ def test_enospc_twice_raises_and_leaves_nothing(
     def always_full(fd: int, data: memoryview, offset: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("modelcache._disk.pwrite_all", always_full)
+    monkeypatch.setattr("modelcache._diskformat.pwrite_all", always_full)
     with pytest.raises(OSError, match="No space"):
         tier.write(*models.add("b"))
     assert leftovers(disk_dir) == []
@@ -763,6 +779,24 @@ def test_a_really_full_filesystem_evicts_to_make_room(models: Models, small_tmpf
     assert stats.entries == len([n for n in os.listdir(small_tmpfs) if not n.startswith(".")])
     assert "m0" not in tier
     assert leftovers(small_tmpfs) == []
+
+
+def test_a_full_filesystem_is_said_once_until_it_has_room_again(
+    models: Models, small_tmpfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writes that must evict for the filesystem's free space say so: one warning for the
+    episode (not one per write), then one line once the filesystem has room again."""
+    tier = opened(small_tmpfs, "1MiB")
+    with caplog.at_level(logging.INFO, logger="modelcache"):
+        for i in range(12):
+            assert tier.write(*models.add(f"m{i}", seed=i)) is not None
+        said = [r for r in caplog.records if "filesystem is full" in r.getMessage()]
+        assert tier.stats().full > 1
+        assert [r.levelno for r in said] == [logging.WARNING]
+        for i in range(12):
+            tier.remove(f"m{i}")
+        assert tier.write(*models.add("again")) is not None
+    assert sum("has room again" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_a_filesystem_out_of_inodes_evicts_to_make_room(models: Models, tmp_path: Path) -> None:
@@ -833,3 +867,172 @@ def test_a_directory_that_cannot_be_made_is_a_typed_error(tmp_path: Path) -> Non
         opened(path, BUDGET)
     with pytest.raises(StoreError, match="a-file"):
         opened(path / "below", BUDGET)
+
+
+# -- content checksums ----------------------------------------------------------------------------
+
+
+def _flip(path: Path, offset: int) -> None:
+    """Flip the lowest bit of one byte of ``path`` in place (its size unchanged)."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 1]))
+
+
+def test_manifest_records_each_files_checksum_as_written(tmp_path: Path, disk_dir: Path) -> None:
+    """The manifest lists the XXH3-64 of every file of the entry, as it is on disk."""
+    root = tmp_path / "store"
+    write_sharded(root / "m", [_tensors(1), {"x": torch.arange(9.0)}], metadata={"format": "pt"})
+    info, buffer = fetch(Store(f"file://{root}/{{model_id}}"), "m")
+    info = dataclasses.replace(info, config={"hidden_size": 7})
+    entry = opened(disk_dir, "1MiB").write(info, buffer)
+    assert entry is not None
+    manifest = json.loads((Path(entry.directory) / MANIFEST_NAME).read_bytes())
+    assert len(manifest[CHECKSUM_FIELD]) == len(manifest["files"]) == 4  # 2 shards, index, config
+    for (name, _), digest in zip(manifest["files"], manifest[CHECKSUM_FIELD], strict=True):
+        assert xxhash.xxh3_64((Path(entry.directory) / name).read_bytes()).hexdigest() == digest
+    assert entry.checksums == tuple(manifest[CHECKSUM_FIELD])
+
+
+@pytest.mark.parametrize("host_visible", [True, False])
+@pytest.mark.parametrize("damage", ["weights", "header", "index"])
+def test_bytes_a_load_read_are_checked_against_the_checksums(
+    tmp_path: Path, disk_dir: Path, damage: str, host_visible: bool
+) -> None:
+    """A byte changed in an entry's weights, a header (still valid) or its index (still valid):
+    what a load read no longer matches the checksums and `check_loaded` raises
+    EntryDamagedError (counted), for a buffer in host memory and for the files read again."""
+    root = tmp_path / "store"
+    if damage == "index":
+        write_sharded(root / "m", [_tensors(1), _tensors(2)], metadata={"format": "pt"})
+    else:
+        put(root / "m" / "model.safetensors", model_bytes(1000, seed=3))
+    tier = opened(disk_dir, "1MiB")
+    entry = tier.write(*fetch(Store(f"file://{root}/{{model_id}}"), "m"))
+    assert entry is not None
+    directory = Path(entry.directory)
+    if damage == "weights":
+        target = directory / "model.safetensors"
+        _flip(target, target.stat().st_size - 1)
+    else:
+        target = directory / (
+            "model.safetensors" if damage == "header" else "model.safetensors.index.json"
+        )
+        old, new = (b'"U8"', b'"I8"') if damage == "header" else (b'"pt"', b'"pu"')
+        data = target.read_bytes()
+        assert data.count(old) == 1
+        target.write_bytes(data.replace(old, new))  # same size, still a valid model
+    info, view = fetch(tier.store, "m")  # parses: only the checksums can tell
+    with pytest.raises(EntryDamagedError, match="damaged") as caught:
+        tier.check_loaded(entry, info, view if host_visible else None)
+    assert isinstance(caught.value, StoreError)
+    assert caught.value.model_id == "m"
+    assert tier.stats().damaged == 1
+
+
+def test_an_entry_without_checksums_is_dropped_and_fetched_again(
+    models: Models, disk_dir: Path
+) -> None:
+    """An entry whose manifest predates checksums is removed when the tier opens (never served
+    unchecked); the model is then written again, with checksums."""
+    info, buffer = models.add("a")
+    entry = opened(disk_dir, BUDGET).write(info, buffer)
+    assert entry is not None
+    manifest_path = Path(entry.directory) / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_bytes())
+    del manifest[CHECKSUM_FIELD]
+    manifest_path.write_bytes(json.dumps(manifest).encode())
+    tier = opened(disk_dir, BUDGET)
+    assert "a" not in tier
+    assert tier.get("a") is None
+    assert os.listdir(disk_dir) == [".lock"]
+    again = tier.write(info, buffer)
+    assert again is not None and len(again.checksums) == 1
+
+
+def _weight_bytes(weights: Any) -> bytes:
+    w = weights["w"]
+    return bytes(w.get().tobytes()) if hasattr(w, "get") else tensor_bytes(w)
+
+
+async def test_disk_hits_count_only_copies_served(disk_dir: Path) -> None:
+    """Disk hits (and promotions, the same count) are loads served from a disk copy: a copy
+    dropped as stale or as damaged is a miss, and a look for stale copies is not a hit."""
+    models = MemoryModels()
+    try:
+        await _count_disk_hits(models, disk_dir)
+    finally:
+        models.cleanup()
+
+
+async def _count_disk_hits(models: MemoryModels, disk_dir: Path) -> None:
+    for i, name in enumerate("abc"):
+        models.add(name, 1000, seed=i)
+    options: dict[str, Any] = {"device_budget": 1000, "disk_dir": disk_dir, "disk_budget": "1MiB"}
+    async with ModelCache(models.template, **options) as cache:
+        for name in "abc":  # one at a time on the device: each written to the disk tier
+            async with cache.use(name):
+                pass
+        await settle()
+    models.add("a", 1000, seed=7)  # the store has a new version: a's copy is stale
+    target = disk_dir / entry_name("b") / "model.safetensors"
+    _flip(target, target.stat().st_size - 1)  # b's copy is damaged
+    async with ModelCache(models.template, **options) as cache:
+        for name in "ab":
+            async with cache.use(name):
+                pass
+        disk = cache.stats().tiers["disk"]
+        assert (disk.hits, disk.promotions, disk.misses) == (0, 0, 2)
+        async with cache.use("c"):  # served from its copy
+            pass
+        await cache.refresh("c")  # looks for stale copies of c: none
+        disk = cache.stats().tiers["disk"]
+        assert (disk.hits, disk.promotions, disk.misses) == (1, 1, 2)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cupy", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("path", ["device", "host"])
+async def test_a_flipped_bit_on_disk_never_reaches_a_model(
+    disk_dir: Path, monkeypatch: pytest.MonkeyPatch, backend: str, path: str
+) -> None:
+    """A byte flipped in a disk copy's weights (sizes intact): the load that reads it, straight
+    to the device or into the host tier, finds the checksums wrong, drops the copy and serves
+    the store's bytes."""
+    memory = MemoryModels()
+    try:
+        for i, name in enumerate("ab"):
+            memory.add(name, 1000, seed=10 + i)
+        options: dict[str, Any] = {}
+        if backend == "cupy":
+            monkeypatch.setitem(sys.modules, "cupy", FakeCupy(devices=1))
+            options["backend"] = CupyBackend(0, staging_chunk_size=1000, staging_chunks=2)
+        elif backend == "cuda":  # the device buffer is not in host memory: the files are checked
+            options["device"] = "cuda"
+        gated = GatedStore(memory.template)
+        async with ModelCache(
+            gated,
+            device_budget=1000,
+            host_budget=1000,
+            disk_dir=disk_dir,
+            disk_budget="1MiB",
+            **options,
+        ) as cache:
+            original = tensor_bytes(safetensors.torch.load(model_bytes(1000, seed=10))["w"])
+            for name in "ab":  # copied to the disk tier from the host tier; b pushes a out
+                await cache.prefetch([name], tier="host")
+                await settle()
+            assert cache.tier_of("a") == "disk"
+            target = disk_dir / entry_name("a") / "model.safetensors"
+            _flip(target, target.stat().st_size - 1)
+            if path == "host":
+                await cache.prefetch(["a"], tier="host")
+            async with cache.use("a") as w:
+                assert _weight_bytes(w) == original
+            assert gated.calls[("read_into", "a")] == 2  # the prefetch, then for the damaged copy
+            disk = cache._host_disk.disk
+            assert disk is not None and disk.stats().damaged == 1
+            assert cache.stats().load_failures == 0
+    finally:
+        memory.cleanup()

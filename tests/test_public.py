@@ -30,6 +30,7 @@ def test_public_names() -> None:
         "ModelBuildError",
         "ModelCache",
         "ModelCacheError",
+        "ModelChangedError",
         "ModelFormatError",
         "ModelInfo",
         "ModelLoadError",
@@ -91,6 +92,7 @@ def test_every_error_is_a_modelcache_error_and_a_builtin() -> None:
         modelcache.ModelTooLargeError: ValueError,
         modelcache.ModelLoadError: RuntimeError,
         modelcache.ModelBuildError: modelcache.ModelLoadError,
+        modelcache.ModelChangedError: modelcache.StoreError,
         modelcache.CacheClosedError: RuntimeError,
         modelcache.DeviceOutOfMemoryError: MemoryError,
     }

@@ -313,7 +313,7 @@ async def test_http_load_survives_transient_failures(http_server: HttpServer, ki
     assert store.retries >= 1
 
 
-@pytest.mark.parametrize("kind", ["status", "drop", "truncate"])
+@pytest.mark.parametrize("kind", ["status", "drop", "truncate", "short"])
 async def test_http_read_into_retries_each_failed_chunk(http_server: HttpServer, kind: Any) -> None:
     """Failed ranged reads are made again, each once per failure, and every byte lands."""
     root, url = http_server.fresh_dir()

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from modelcache._arena import HostArena
+from modelcache._cuda import CudaStaging
 from modelcache._exceptions import StoreError
 from modelcache._format import ModelInfo
 from modelcache._loader import read_model_info
@@ -33,12 +34,11 @@ from modelcache._staging import (
     CompletionWaiter,
     CopyHandle,
     StagingPool,
-    TorchCudaCopyEngine,
     plan_pieces,
     stage_to_device,
 )
 from modelcache._store import Store
-from modelcache._torch import TorchBackend, tensor_views
+from modelcache._torch import TorchBackend, TorchCudaCopyEngine, tensor_views
 
 from .conftest import GatedStore, MemoryModels, settle
 from .safetensors_files import Dest, tensor_bytes, write_model, write_raw, write_sharded
@@ -683,6 +683,142 @@ def test_cuda_objects_without_cuda_are_clear_errors() -> None:
             make()
     with pytest.raises(ValueError):
         TorchBackend("cpu", staging_chunks=0)
+
+
+# -- the CUDA staging core both backends compose, with an engine that logs -----------------------
+
+
+class LoggingEngine:
+    """A fenced copy engine that copies at once; logs each fence and copy with its thread."""
+
+    def __init__(self, name: str, log: list[tuple[str, str]]) -> None:
+        self.name = name
+        self.log = log
+
+    def fence(self) -> None:
+        self.log.append((f"{self.name} fence", threading.current_thread().name))
+
+    def submit(self, src: torch.Tensor, dst: torch.Tensor) -> CopyHandle:
+        dst.copy_(src)
+        self.log.append((f"{self.name} copy", threading.current_thread().name))
+        return CopyHandle(src, dst)
+
+    async def wait(self, handle: CopyHandle) -> None:
+        pass
+
+
+class Unpinned:
+    """A `HostPinner` that pins nothing: the pool's chunks stay pageable, as on the CPU."""
+
+    def register(self, address: int, nbytes: int) -> bool:
+        return False
+
+    def unregister(self, address: int) -> None:
+        pass
+
+
+def logging_staging(log: list[tuple[str, str]]) -> CudaStaging[LoggingEngine]:
+    """A `CudaStaging` on CPU stand-ins: engines named in order of making, allocations logged."""
+    names = iter(["to_device", "to_host"])
+
+    def engine() -> LoggingEngine:
+        log.append(("engine", threading.current_thread().name))
+        return LoggingEngine(next(names), log)
+
+    def allocate(nbytes: int, model_id: str) -> torch.Tensor:
+        log.append((f"allocate {model_id}", threading.current_thread().name))
+        return torch.full((nbytes,), SENTINEL, dtype=torch.uint8)
+
+    return CudaStaging(16, 2, engine=engine, allocate=allocate, pinner=Unpinned())
+
+
+async def test_cuda_staging_makes_its_pool_and_two_engines_once_for_concurrent_first_calls() -> (
+    None
+):
+    """Concurrent first calls share one pool and two engines (host -> device, device -> host),
+    each engine made in a worker thread, never on the event loop."""
+    log: list[tuple[str, str]] = []
+    staging = logging_staging(log)
+    assert staging.pool is None
+    made: list[tuple[StagingPool, LoggingEngine, LoggingEngine]] = []
+
+    async def first_call() -> None:
+        made.append(await staging.parts())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(first_call)
+    assert len(made) == 3 and all(parts is made[0] for parts in made)
+    pool, to_device, to_host = made[0]
+    assert (to_device.name, to_host.name) == ("to_device", "to_host")
+    assert staging.pool is pool and (pool.chunk_size, pool.count, pool.pin) == (16, 2, True)
+    assert [what for what, _ in log] == ["engine", "engine"]
+    assert threading.current_thread().name not in {thread for _, thread in log}
+
+
+async def test_cuda_staging_fences_each_allocation_in_its_thread_before_any_copy(
+    models: MemoryModels,
+) -> None:
+    """Loads and promotions allocate and fence the host -> device engine in one worker thread
+    before its first copy (the allocator's stream may still use the memory); demotions fence the
+    device -> host engine on the caller's thread before copying; a sync copy bypasses the engine
+    and runs in a worker thread."""
+    models.add("a", 100, seed=4)
+    store = Store(models.template)
+    info = await read_model_info(store, "a")
+    log: list[tuple[str, str]] = []
+    staging = logging_staging(log)
+    loop = threading.current_thread().name
+
+    buffer = await staging.load(store, info)
+    fs, path = fsspec.core.url_to_fs(info.shards[0].url)
+    assert bytes(buffer.tolist()) == fs.cat_file(path, start=info.shards[0].data_start)
+    (allocated, at), (fenced, fenced_at), *copies = log[2:]
+    assert (allocated, fenced) == ("allocate a", "to_device fence") and at == fenced_at != loop
+    assert {what for what, _ in copies} == {"to_device copy"} and len(copies) == 7  # 100 / 16
+
+    log.clear()
+    host = torch.arange(50, dtype=torch.uint8)
+    on_device = await staging.to_device(host, 50, "b")
+    assert torch.equal(on_device, host)
+    (allocated, at), (fenced, fenced_at), (copied, _) = log
+    assert (allocated, fenced, copied) == ("allocate b", "to_device fence", "to_device copy")
+    assert at == fenced_at != loop
+
+    log.clear()
+    back = torch.zeros(50, dtype=torch.uint8)
+    await staging.to_host(on_device, back)
+    assert torch.equal(back, host)
+    assert log == [("to_host fence", loop), ("to_host copy", loop)]
+
+    log.clear()
+    copied_in: list[str] = []
+
+    def sync_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        copied_in.append(threading.current_thread().name)
+        dst.copy_(src)
+
+    pageable = await staging.to_device(host, 50, "c", sync_copy=sync_copy)
+    assert torch.equal(pageable, host)
+    assert [what for what, _ in log] == ["allocate c", "to_device fence"]
+    assert copied_in and copied_in[0] != loop
+    back.zero_()
+    await staging.to_host(pageable, back, sync_copy=sync_copy)
+    assert torch.equal(back, host) and log[-1] == ("to_host fence", loop)
+    assert len(copied_in) == 2 and copied_in[1] != loop
+
+
+def test_staging_arguments_are_checked_where_a_backend_is_made() -> None:
+    """A chunk size or count below 1 is a ValueError when the backend is made, not at a load."""
+    log: list[tuple[str, str]] = []
+    for size, count in ((0, 4), (32, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            TorchBackend("cpu", staging_chunk_size=size, staging_chunks=count)
+        with pytest.raises(ValueError, match="must be >= 1"):
+            CudaStaging(
+                size, count, engine=lambda: LoggingEngine("x", log), allocate=lambda n, m: None
+            )
+    assert not log  # nothing was made
 
 
 # -- CUDA -----------------------------------------------------------------------------------------

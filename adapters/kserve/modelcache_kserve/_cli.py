@@ -97,6 +97,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="60",
         type=float,
     )
+    add(
+        "--revalidate-after",
+        "seconds after which a hit on a model checks its version in the store, in the "
+        "background (0: every hit; negative: never)",
+        default="60",
+        type=float,
+    )
     add("--http-port", "HTTP port (0: any free port, printed when ready)", default="8080", type=int)
     add("--host", "address to bind", default="0.0.0.0")
     add(
@@ -157,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         disk_dir=args.disk_dir,
         disk_budget=args.disk_budget,
         max_concurrent_loads=args.max_concurrent_loads,
+        revalidate_after=None if args.revalidate_after < 0 else args.revalidate_after,
     )
     server = build_server(
         cache,

@@ -192,13 +192,29 @@ class CacheModelRepository(ModelRepository):  # type: ignore[misc]
 
     async def load(self, name: str) -> bool:
         """``POST /v2/repository/models/{name}/load``: bring the model onto the device, waiting
-        at most ``load_timeout`` (503 after it; the load goes on)."""
+        at most ``load_timeout`` (503 after it; the load goes on). A model held already is
+        checked against the store first: a new version there is loaded and swapped in (requests
+        meanwhile are served by the old one)."""
         if name in self.models:
             return True
         tier = self.cache.tier_of(name, model=self.model_class) or "store"
         with self.waiting(name, self.load_timeout, "load", tier):
+            if tier != "store":
+                await self.cache.refresh(name)
             await self.cache.prefetch([name], tier="device", model=self.model_class)
         return True
+
+    async def current_version(self, name: str) -> str | None:
+        """The version of ``name`` a request gets now: the one held, else the one a load
+        finds (the model is loaded, within ``load_timeout``, as a request would); None where
+        the store names none."""
+        version = self.cache.version_of(name)
+        if version is None:
+            tier = self.cache.tier_of(name, model=self.model_class) or "store"
+            with self.waiting(name, self.load_timeout, "load", tier):
+                await self.cache.prefetch([name], tier="device", model=self.model_class)
+            version = self.cache.version_of(name)
+        return version
 
     def unload(self, name: str) -> None:
         """KServe's sync hook: evict ``name`` from the device (never blocks); KeyError (404)

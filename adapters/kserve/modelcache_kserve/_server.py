@@ -35,6 +35,7 @@ from modelcache import ModelCache
 
 from ._errors import HANDLED, LastResort, exception_handler
 from ._repository import CacheDataPlane, CacheModelRepository, CacheRepositoryExtension
+from ._versions import VersionedPaths
 
 __all__ = ["CacheModelServer", "build_server"]
 
@@ -85,11 +86,13 @@ class _RESTServer(RESTServer):  # type: ignore[misc]
         self.config.host = server.host
         self._server = _ReadyServer(self.config, on_ready, server.repository.shut_down)
         self._handler = exception_handler(server.cache, server.repository.model_class)
+        self._repository = server.repository
         self._max_body = server.max_request_bytes
         self._body_timeout = server.body_timeout
 
     def _add_middlewares(self, app: Any) -> None:
         super()._add_middlewares(app)
+        app.add_middleware(VersionedPaths, repository=self._repository, handler=self._handler)
         # Added last, so the outermost of the app's own middlewares: right inside Starlette's
         # ServerErrorMiddleware, which it must keep every exception from.
         app.add_middleware(

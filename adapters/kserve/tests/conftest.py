@@ -19,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,9 @@ class Server:
 class StallingStore:
     """``root`` over http on 127.0.0.1, from its own thread and loop (the test's loop stays
     free): a request under an id that starts with ``stall-`` never answers until `stop`, and is
-    counted in `stalled` first, so a test can wait until the server under test is stuck."""
+    counted in `stalled` first, so a test can wait until the server under test is stuck. Each
+    test asks for ids of its own (``fresh_id("stall")``): whatever a server began for one id
+    stays in its cache."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -167,10 +170,7 @@ class StallingStore:
 
 @pytest.fixture(scope="session")
 def stalling_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StallingStore]:
-    root = tmp_path_factory.mktemp("http-store")
-    for model_id in ("h0", "h1", "stall-a", "stall-b"):
-        write_model(root, model_id)
-    store = StallingStore(root)
+    store = StallingStore(tmp_path_factory.mktemp("http-store"))
     yield store
     store.stop()
 
@@ -185,15 +185,42 @@ MAX_BODY = 1 << 20
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("store")
-    for model_id in ["m0", "m1", "m2", "m3", "m4"]:
+    """The main server's store: each test writes its own models (`new_model`)."""
+    return tmp_path_factory.mktemp("store")
+
+
+def fresh_id(prefix: str) -> str:
+    """A model id of the calling test's own. The tests share one server, whose cache keeps what
+    each test loaded (and remembers each failure): a model one test warmed must never be one
+    that another, in any order, expects cold."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def write_kind(root: Path, model_id: str, kind: str) -> None:
+    """Write a model of ``kind`` under ``model_id``: "tiny" (`write_model`), "corrupt" (no
+    safetensors header), "badconfig" (a config Tiny refuses) or "huge" (4,040 bytes > BUDGET)."""
+    if kind == "corrupt":
+        (root / model_id).mkdir()
+        (root / model_id / "model.safetensors").write_bytes(b"\xff" * 64)
+    elif kind == "huge":
+        write_model(root, model_id, width=100, classes=10)
+    else:
         write_model(root, model_id)
-    (root / "corrupt").mkdir()
-    (root / "corrupt" / "model.safetensors").write_bytes(b"\xff" * 64)
-    write_model(root, "badconfig")
-    (root / "badconfig" / "config.json").write_text(json.dumps({"bogus": 1}))
-    write_model(root, "huge", width=100, classes=10)  # 4,040 bytes > BUDGET
-    return root
+        if kind == "badconfig":
+            (root / model_id / "config.json").write_text(json.dumps({"bogus": 1}))
+
+
+@pytest.fixture
+def new_model(store: Path) -> Callable[..., str]:
+    """``new_model(prefix="m", kind="tiny")``: a model written to the main server's store under
+    a `fresh_id`; returns the id."""
+
+    def make(prefix: str = "m", kind: str = "tiny") -> str:
+        model_id = fresh_id(prefix)
+        write_kind(store, model_id, kind)
+        return model_id
+
+    return make
 
 
 @pytest.fixture(scope="session")

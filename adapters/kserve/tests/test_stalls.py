@@ -15,7 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Server, StallingStore
+from conftest import Server, StallingStore, fresh_id, write_model
 
 ROW = [[1.0, 2.0, 3.0, 4.0]]
 CHECK_TIMEOUT = 0.5
@@ -48,24 +48,26 @@ def stalled_server(
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("GET", "/v2/models/stall-a/ready"),
-        ("GET", "/v1/models/stall-a"),
-        ("GET", "/v2/models/stall-a"),
-        ("POST", "/v2/repository/models/stall-a/unload"),
+        ("GET", "/v2/models/{}/ready"),
+        ("GET", "/v1/models/{}"),
+        ("GET", "/v2/models/{}"),
+        ("POST", "/v2/repository/models/{}/unload"),
     ],
 )
 async def test_checks_on_a_stalled_store_answer_503_within_check_timeout(
-    stalled_server: Server, method: str, path: str
+    stalled_server: Server, stalling_store: StallingStore, method: str, path: str
 ) -> None:
     """Readiness, metadata, V1 status and /unload answer 503 naming the store after
     --check-timeout when the store does not answer, instead of waiting as long as it stalls."""
+    stalled, answering = fresh_id("stall"), fresh_id("h")
+    write_model(stalling_store.root, answering)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
         started = time.monotonic()
-        async with s.request(method, f"{stalled_server.url}{path}") as r:
+        async with s.request(method, f"{stalled_server.url}{path.format(stalled)}") as r:
             assert (r.status, r.headers.get("modelcache-tier")) == (503, "store")
             assert f"did not answer within {CHECK_TIMEOUT:g} s" in (await r.json())["error"]
         assert time.monotonic() - started < 10 * CHECK_TIMEOUT
-        async with s.get(f"{stalled_server.url}/v2/models/h0/ready") as r:  # others answer
+        async with s.get(f"{stalled_server.url}/v2/models/{answering}/ready") as r:  # answers
             assert r.status == 503
             assert "tier: store" in (await r.json())["error"]
 
@@ -77,7 +79,8 @@ async def test_load_on_a_stalled_store_answers_503_within_load_timeout(
     a request does."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
         started = time.monotonic()
-        async with s.post(f"{stalled_server.url}/v2/repository/models/stall-b/load") as r:
+        url = f"{stalled_server.url}/v2/repository/models/{fresh_id('stall')}/load"
+        async with s.post(url) as r:
             assert (r.status, r.headers.get("modelcache-tier")) == (503, "store")
             assert f"not ready within {LOAD_TIMEOUT:g} s" in (await r.json())["error"]
         assert time.monotonic() - started < 5 * LOAD_TIMEOUT
@@ -89,6 +92,7 @@ def test_sigterm_answers_requests_waiting_on_a_stuck_load_503_at_once(
     """On SIGTERM a request waiting for a load the store holds up answers 503 'shutting down'
     at once (not after the grace period, not 500), and the server exits cleanly."""
     env = {"MODELCACHE_LOAD_TIMEOUT": "0", "MODELCACHE_GRACE_PERIOD": "20"}
+    stalled_id = fresh_id("stall")
     srv = Server(tmp_path / "server.log", _args(stalling_store), env=env)
     try:
 
@@ -96,7 +100,7 @@ def test_sigterm_answers_requests_waiting_on_a_stuck_load_503_at_once(
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
                 stalled = stalling_store.stalled
                 request = asyncio.ensure_future(
-                    s.post(f"{srv.url}/v1/models/stall-a:predict", json={"instances": ROW})
+                    s.post(f"{srv.url}/v1/models/{stalled_id}:predict", json={"instances": ROW})
                 )
                 # The server is stuck on the store: its read has arrived and waits.
                 await asyncio.to_thread(stalling_store.wait_stalled, stalled + 1)
