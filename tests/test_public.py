@@ -59,12 +59,14 @@ def test_model_cache_methods() -> None:
         "load_costs",
         "model",
         "prefetch",
+        "refresh",
         "remove_observer",
         "resident",
         "stats",
         "store",
         "tier_of",
         "use",
+        "version_of",
         "wait_idle",
     ]
     assert "background" in {f.name for f in dataclasses.fields(modelcache.CacheStats)}
