@@ -46,7 +46,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -153,19 +153,17 @@ async def gpu_ready(cache: ModelCache, model: Model) -> float:
     return await ready(cache, MODEL_ID, partial(check, model=model), synchronize=synchronize)
 
 
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    # The public API offers no event for "moved to the host tier": poll, as a user would.
+async def wait_idle(cache: ModelCache, what: str) -> None:
     try:
         with anyio.fail_after(MOVE_TIMEOUT):
-            while not condition():  # noqa: ASYNC110
-                await anyio.sleep(0.005)
+            await cache.wait_idle()
     except TimeoutError:
         raise RuntimeError(f"{what} did not end within {MOVE_TIMEOUT:.0f} s") from None
 
 
 async def gpu_host_reload(cache: ModelCache, model: Model) -> float:
     async def moved() -> None:
-        await wait_until(lambda: MODEL_ID in cache.resident("host"), "the copy to the host tier")
+        await wait_idle(cache, "the copy to the host tier")
         synchronize()
 
     return await host_reload(cache, MODEL_ID, partial(gpu_ready, cache, model), moved=moved)

@@ -11,7 +11,7 @@ The tiny model has a single zero-element tensor (0 weight bytes) and the cache r
 one on the copy path, a mapping of the file plus a duplicated file descriptor on the zero-copy
 path), and Linux caps a process at ``vm.max_map_count`` (65,530 by default) mappings and
 ``RLIMIT_NOFILE`` descriptors, so 100,000 resident 4-byte models cannot be held. A model with no
-weight bytes allocates no mapping. The hit path (`_Lease.__aenter__`) does not depend on the model's
+weight bytes allocates no mapping. The hit path (`Lease.__aenter__`) does not depend on the model's
 size. ``--tensor-bytes 4`` uses a 4-byte tensor instead (keep ``--entries`` under ~60,000).
 
 Per call, ``time.perf_counter_ns`` is read just before ``async with`` and just after the block is
@@ -27,8 +27,8 @@ bytes that cannot yet be granted, at 10,000 and 100,000 resident models, for `LR
 own bytes, see above): every resident model holds 1 MiB and the budget is full; a load waits for
 the whole budget, so no release can grant it; ``PRESSURE_LEASES`` leases are held at any time.
 Each step leases a random model (``policy.accessed``, as a hit does) and ends the oldest lease;
-an ending lease with a waiter in line pumps the budget (`ModelCache._unlease`), and only that
-pump is timed. A pump asks the policy for victims, which it cannot find: the figure is the cost
+an ending lease with a waiter in line pumps the budget (`ByteBudget.serve_line`, called by
+`DeviceTier.release_lease`), and only that pump is timed. A pump asks the policy for victims, which it cannot find: the figure is the cost
 of a failed victims query, paid on the event loop by every request that ends under pressure.
 Steps stop after ``PRESSURE_MAX_PUMPS`` pumps or ``PRESSURE_SECONDS`` of timed pumps.
 
@@ -247,7 +247,7 @@ async def measure_entries(
 
 
 class Resident:
-    """A resident model as the device budget and its policy see one (what ``_Entry`` offers)."""
+    """A resident model as the device budget and its policy see one (what a ``DeviceEntry`` offers)."""
 
     __slots__ = ("key", "leases", "model_id", "nbytes")
 
@@ -266,14 +266,13 @@ async def release_under_pressure(
 ) -> Percentiles:
     """Per-pump figures of ending leases while a load waits for bytes (see the docstring)."""
     policy = make()
-    budget = ByteBudget(
+    budget: ByteBudget[Resident] = ByteBudget(
         "device", n * MiB, evictable=lambda e: e.leases == 0, evict=no_eviction, policy=policy
     )
     models = [Resident(f"m{i}") for i in range(n)]
     for model in models:
         assert budget.try_reserve(model.nbytes)  # room left: nothing is asked of the policy
-        budget.resident += model.nbytes
-        policy.admitted(model)
+        budget.admit(model)
     leased: deque[Resident] = deque()
 
     def lease(model: Resident) -> None:
@@ -296,9 +295,9 @@ async def release_under_pressure(
             lease(models[i])
             model = leased.popleft()
             model.leases -= 1
-            if model.leases == 0 and budget.waiting:  # ModelCache._unlease
+            if model.leases == 0 and budget.waiting:  # DeviceTier.release_lease
                 t0 = clock()
-                budget.pump()
+                budget.serve_line()
                 took = clock() - t0
                 samples.append(took)
                 spent += took

@@ -251,14 +251,14 @@ class Simulator:
         self.count_limit = count_limit
         self.device_policy, self.host_policy = device_policy, host_policy
         # count-LRU ignores bytes: its device budget is unbounded and K models is the limit.
-        self.device = ByteBudget(
+        self.device: ByteBudget[Any] = ByteBudget(
             "device",
             device_budget if count_limit is None else 1 << 62,
             evictable=self._ready,
             evict=self._demote,
             policy=device_policy,
         )
-        self.host = ByteBudget(
+        self.host: ByteBudget[Any] = ByteBudget(
             "host", host_budget, evictable=lambda e: True, evict=self._drop, policy=host_policy
         )
         self.on_device: dict[int, SimEntry] = {}
@@ -281,25 +281,22 @@ class Simulator:
     def _demote(self, victim: PolicyEntry) -> None:
         e: SimEntry = victim  # type: ignore[assignment]
         del self.on_device[e.key]
-        self.device_policy.removed(e)
-        self.device.resident -= e.nbytes
+        self.device.remove(e)
         self.device.drop_now(e.nbytes)
         host = self.host
         if (
             e.nbytes <= host.budget
-            and (host.budget - host.reserved >= e.nbytes or _admits(self.host_policy, e))
+            and (host.free >= e.nbytes or _admits(self.host_policy, e))
             and host.try_reserve(e.nbytes)
         ):
             moved = SimEntry(e.key, e.nbytes, 0.0)
             self.on_host[e.key] = moved
-            host.resident += e.nbytes
-            self.host_policy.admitted(moved)
+            host.admit(moved)
 
     def _drop(self, victim: PolicyEntry) -> None:
         e: SimEntry = victim  # type: ignore[assignment]
         del self.on_host[e.key]
-        self.host_policy.removed(e)
-        self.host.resident -= e.nbytes
+        self.host.remove(e)
         self.host.drop_now(e.nbytes)
 
     def request(self, t: float, key: int, nbytes: int, jitter: float = 1.0) -> None:
@@ -320,8 +317,7 @@ class Simulator:
             return
         held = self.on_host.pop(key, None)
         if held is not None:  # promotion: the host copy leaves the host tier
-            self.host_policy.removed(held)
-            self.host.resident -= nbytes
+            self.host.remove(held)
             self.host.release(nbytes)
         if self.count_limit is not None:
             while len(self.on_device) >= self.count_limit:
@@ -340,9 +336,8 @@ class Simulator:
         r.waits.append(ready_at - t)
         entry = SimEntry(key, nbytes, ready_at)
         self.on_device[key] = entry
-        self.device.resident += nbytes
+        self.device.admit(entry)
         r.peak_device_bytes = max(r.peak_device_bytes, self.device.resident)
-        self.device_policy.admitted(entry)
         self.device_policy.accessed(entry)
 
     def _evict_one(self) -> bool:

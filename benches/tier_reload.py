@@ -166,7 +166,7 @@ async def disk_reload(
 ) -> float:
     await drop(cache, MODEL_ID, partial(cpu_ready, cache))
     await anyio.to_thread.run_sync(drop_page_cache if cold else read_all, disk_dir)
-    disk = cache._lower.disk  # the check has no public switch: it is always on
+    disk = cache._host_disk.disk  # the check has no public switch: it is always on
     assert disk is not None
     hits, damaged = tier_hits(cache, "disk"), disk.stats().damaged
     disk.verify = verify
@@ -220,10 +220,10 @@ async def device_hit(cache: ModelCache) -> float:
 
 
 async def wait_for_disk(cache: ModelCache) -> None:
-    # The public API offers no event for "written to disk": poll the stats, as a user would.
     with anyio.fail_after(DISK_WRITE_TIMEOUT):
-        while cache.stats().tiers["disk"].entries < 1:  # noqa: ASYNC110
-            await anyio.sleep(0.02)
+        await cache.wait_idle()
+    if cache.stats().tiers["disk"].entries < 1:
+        raise RuntimeError("the model was not written to the disk tier")
 
 
 # -- one model size -------------------------------------------------------------------------------

@@ -9,17 +9,20 @@ spent beyond the latency, and the bandwidth is their ratio. Weighting by bytes m
 says more about bandwidth than a tiny one, which is mostly latency. Until a source has been
 observed, its default bandwidth holds (a prior worth one ``prior_bytes`` load).
 
-`CostAwarePolicy` turns these estimates into eviction priorities; routers read them through
-``cache.estimate_load_seconds(model_id)``.
+`CostAwarePolicy` turns these estimates into eviction priorities (`MissCosts`, the cost of
+evicting from each tier, is what a cache binds to its policies); routers read them through
+``cache.estimate_load_seconds(model_id)``, with the sizes the cache remembers (`SizeMemory`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["SOURCES", "LoadCosts", "SourceCost"]
+__all__ = ["SOURCES", "LoadCosts", "MissCosts", "SizeMemory", "SourceCost"]
 
 #: Where a load reads from, fastest first.
 SOURCES = ("host", "disk", "store")
@@ -113,3 +116,58 @@ class LoadCosts:
             name: SourceCost(est.wbytes / est.wseconds, est.latency, est.samples)
             for name, est in self._estimates.items()
         }
+
+
+class _Model(Protocol):
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class MissCosts:
+    """The seconds a miss costs after an eviction from each tier: where the model would be read
+    from next, priced by ``costs``. Bound to the tiers' policies (their ``cost``).
+
+    ``host_budget``: a device victim that fits host memory comes back from there;
+    ``read_from(model_id)``: "disk" or "store", where it comes back from once out of RAM."""
+
+    __slots__ = ("_costs", "_host_budget", "_read_from")
+
+    def __init__(self, costs: LoadCosts, host_budget: int, read_from: Callable[[str], str]) -> None:
+        self._costs = costs
+        self._host_budget = host_budget
+        self._read_from = read_from
+
+    def device(self, victim: _Model) -> float:
+        """Seconds to bring a device victim back: from host memory when it fits there."""
+        nbytes = victim.nbytes
+        if nbytes <= self._host_budget:
+            return self._costs.seconds("host", nbytes)
+        return self._costs.seconds(self._read_from(victim.model_id), nbytes)
+
+    def host(self, victim: _Model) -> float:
+        """Seconds to bring a host victim back: from the disk tier or the store."""
+        return self._costs.seconds(self._read_from(victim.model_id), victim.nbytes)
+
+
+class SizeMemory:
+    """Sizes of the last ``limit`` models read, by id, kept after they leave every tier (for
+    ``estimate_load_seconds``)."""
+
+    __slots__ = ("_limit", "_sizes")
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._limit = limit
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+
+    def remember(self, model_id: str, nbytes: int) -> None:
+        sizes = self._sizes
+        sizes[model_id] = nbytes
+        sizes.move_to_end(model_id)
+        if len(sizes) > self._limit:
+            sizes.popitem(last=False)
+
+    def get(self, model_id: str, default: int | None = None) -> int | None:
+        return self._sizes.get(model_id, default)

@@ -27,18 +27,19 @@ from __future__ import annotations
 
 import copy
 import linecache
+import time
 import traceback
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 import anyio
 import anyio.abc
 
-from ._exceptions import ModelCacheError
+from ._exceptions import ModelCacheError, ModelFormatError, ModelNotFoundError, StoreError
 
-__all__ = ["FailureMemory", "for_caller", "release_frames"]
+__all__ = ["FailureMemory", "LoadFailures", "for_caller", "release_frames"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -172,3 +173,69 @@ class FailureMemory(Generic[K]):
                 self.prune(self._clock())
         finally:
             self._sweeping = False
+
+
+#: Errors of a failed load that say nothing of the model class: `describe` raises them too.
+_HEADER_ERRORS = (ModelNotFoundError, ModelFormatError, StoreError)
+
+
+#: The failure memory's clock (a module attribute so tests can move time).
+clock = time.monotonic
+
+
+class LoadFailures:
+    """A cache's failures: its `FailureMemory` and the counts ``cache.stats()`` reports.
+
+    Keys are a load's (builder, model id), or (None, model id) for a header check of
+    ``describe``. ``failed_calls`` counts the calls that failed (each failed load, and each call
+    answered from the memory); ``failed_loads`` the failed loads alone.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.memory: FailureMemory[tuple[Hashable | None, str]] = FailureMemory(
+            ttl, lambda: clock()
+        )
+        self.failed_calls = 0
+        self.failed_loads = 0
+
+    def open(self, task_group: anyio.abc.TaskGroup) -> None:
+        self.memory.open(task_group)
+
+    def clear(self) -> None:
+        self.memory.clear()
+
+    def load_failed(self, builder: Hashable, model_id: str, error: BaseException) -> None:
+        """A load failed with ``error`` (frames released): count it and remember it."""
+        self.failed_calls += 1
+        self.failed_loads += 1
+        self.memory.remember((builder, model_id), error)
+
+    def check_failed(self, model_id: str, error: BaseException) -> None:
+        """A header check of ``model_id`` failed: remember it (a call fails with it later)."""
+        self.memory.remember((None, model_id), error)
+
+    def raise_recent(self, builder: Hashable, model_id: str) -> None:
+        """Raise (a copy of) the remembered failure of this load, if any, and count the call."""
+        error = self.memory.recent((builder, model_id))
+        if error is not None:
+            self.failed_calls += 1
+            raise for_caller(error)  # remembered: a copy, so it keeps no caller's frames
+
+    def raise_header_error(self, model_id: str, builders: Iterable[Hashable]) -> None:
+        """Raise (a copy of) `header_error`, if any, and count the call."""
+        error = self.header_error(model_id, builders)
+        if error is not None:
+            self.failed_calls += 1
+            raise for_caller(error)
+
+    def header_error(self, model_id: str, builders: Iterable[Hashable]) -> BaseException | None:
+        """A remembered error that any load of ``model_id`` would meet again: a failed header
+        check, or a failed load's missing, invalid or unreadable files (not a build error)."""
+        error = self.memory.recent((None, model_id))
+        if error is not None:
+            return error
+        for builder in builders:
+            error = self.memory.recent((builder, model_id))
+            if isinstance(error, _HEADER_ERRORS):
+                return error
+        return None

@@ -2,9 +2,9 @@
 
 Invariants (checked by the cache's tests after every step):
 
-* ``host.reserved`` = bytes of host entries + ``in_flight`` (claimed by a promotion, being
+* The host budget's reserved bytes = bytes of host entries + ``in_flight`` (claimed by a promotion, being
   loaded, being copied in from the device, or a block that left the tier while a disk write
-  still reads it) + ``host.freeing``; never above the host budget. So the host budget counts
+  still reads it) + bytes being freed; never above the host budget (`check`). So the host budget counts
   every byte of the host arena in use.
 * Model ids in ``moving`` have bytes on their way between tiers: a load of such an id waits for
   the move to end and then looks again, so a model is never read twice at once.
@@ -36,13 +36,14 @@ import anyio.to_thread
 from . import _observe
 from ._arena import HostArena, HostBlock
 from ._backend import DeviceBackend, LoadedWeights
-from ._cost import LoadCosts
+from ._concurrency import Background
+from ._cost import LoadCosts, MissCosts
 from ._disk import DiskEntry, DiskTier
 from ._exceptions import CacheClosedError, ModelCacheError, ModelLoadError, as_model_error
 from ._format import INDEX_NAME, ModelInfo
 from ._loader import fill_buffer, read_model_info
 from ._observe import Observers
-from ._policy import EvictionPolicy, PolicyEntry, admits
+from ._policy import EvictionPolicy, admits
 from ._refresh import load_one_version
 from ._sidefiles import check_host_fits, read_extras
 from ._store import Store
@@ -50,7 +51,7 @@ from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
 from ._units import format_bytes
 from ._versions import ModelVersion
 
-__all__ = ["LowerTiers"]
+__all__ = ["HostDiskTiers"]
 
 logger = logging.getLogger("modelcache")
 
@@ -70,7 +71,7 @@ class _HostLoad:
         self.error: BaseException | None = None
 
 
-class LowerTiers:
+class HostDiskTiers:
     """Host memory and the disk tier under one device tier, owned by a `ModelCache`."""
 
     def __init__(
@@ -81,6 +82,7 @@ class LowerTiers:
         disk: DiskTier | None,
         observers: Observers | None = None,
         *,
+        background: Background | None = None,
         policy: EvictionPolicy | None = None,
         costs: LoadCosts | None = None,
         write_behind: int = 1 << 30,
@@ -88,11 +90,20 @@ class LowerTiers:
         self._store = store
         self._backend = backend
         self._observers = observers if observers is not None else Observers()
-        self.host = ByteBudget(
-            "host", host_budget, evictable=host_evictable, evict=self._evict_host, policy=policy
-        )
+        #: Counts the tasks this starts (copies down, disk writes, host loads): `wait_idle`.
+        self._background = background if background is not None else Background()
         #: Bandwidth learned from loads into host memory (shared with the device tier's).
         self.costs = costs if costs is not None else LoadCosts()
+        #: What evicting a model from each tier costs (bound to the tiers' policies).
+        self.miss_costs = MissCosts(self.costs, host_budget, self.reload_source)
+        self.host: ByteBudget[HostEntry] = ByteBudget(
+            "host",
+            host_budget,
+            evictable=host_evictable,
+            evict=self._evict_host,
+            policy=policy,
+            cost=self.miss_costs.host,
+        )
         self.entries: dict[str, HostEntry] = {}
         #: Host bytes reserved for work in flight: claimed for a promotion, being loaded or
         #: copied in.
@@ -132,9 +143,13 @@ class LowerTiers:
         self._closed = True
         for entry in list(self.entries.values()):
             self._remove_host(entry)
-            self.host.reserved -= entry.nbytes
+            self.host.unreserve(entry.nbytes)
             self._free_host_payload(entry)
         self.arena = None
+
+    def check(self) -> None:
+        """The host tier's accounting invariants (the tests call it after every step)."""
+        self.host.check(self.entries.values(), in_flight=self.in_flight)
 
     def stats(self) -> dict[str, TierStats]:
         tiers = {"host": self.host.stats(len(self.entries))}
@@ -155,38 +170,35 @@ class LowerTiers:
 
     # -- the device's evictions ---------------------------------------------------------------
 
-    def demote(self, weights: LoadedWeights | None, device: ByteBudget) -> None:
+    def take_from_device(self, weights: LoadedWeights, copied: Callable[[int], None]) -> bool:
         """Take a model the device just evicted (synchronous; called while the device plans).
 
-        It moves to host memory if it fits there, else its device bytes are dropped. When the
-        backend is ``on_host`` the weights themselves move (no copy). Otherwise a (pinned) host
-        block is taken now and the backend's copy runs in the background; the device bytes stay
-        counted as ``freeing`` until it ends.
+        It moves to host memory if it fits there, else it is dropped. When the backend is
+        ``on_host`` the weights themselves move (no copy). Otherwise a (pinned) host block is
+        taken now and the backend's copy runs in the background: then True, and the device
+        bytes stay in use until ``copied(nbytes)`` is called as the copy ends. False: the
+        device bytes are free now.
         """
-        if weights is None:
-            return
         nbytes = weights.info.nbytes
         model_id = weights.info.model_id
         host_nbytes = nbytes + weights.info.side_bytes  # side files count in the host budget
         if self._host_can_take(model_id, host_nbytes):
             if self._backend.on_host:
-                device.drop_now(nbytes)
                 self._admit_host(HostEntry(weights.info, weights))
-                self.host.demotions += 1
-                return
+                self.host.demoted()
+                return False
             block = self._host_block(nbytes)
             if block is not None:
                 assert self._task_group is not None
-                device.start_freeing(nbytes)
                 self.in_flight += host_nbytes
                 self.moving[model_id] = anyio.Event()
-                self._task_group.start_soon(self._copy_down, weights, block, device)
-                return
+                self._background.start(self._task_group, self._copy_down, weights, block, copied)
+                return True
             self.host.release(host_nbytes)
-        device.drop_now(nbytes)
+        return False
 
     async def _copy_down(
-        self, weights: LoadedWeights, block: HostBlock, device: ByteBudget
+        self, weights: LoadedWeights, block: HostBlock, copied: Callable[[int], None]
     ) -> None:
         """Finish a device demotion: device buffer -> (pinned) host block."""
         info = weights.info
@@ -201,11 +213,11 @@ class LowerTiers:
             logger.warning("could not move %r to host memory: %s", info.model_id, exc)
         else:
             self._admit_host(HostEntry(info, block))
-            self.host.demotions += 1
+            self.host.demoted()
         finally:
             del weights
             self.in_flight -= host_nbytes
-            device.finish_freeing(info.nbytes)
+            copied(info.nbytes)
             self.moving.pop(info.model_id).set()
 
     # -- the disk tier --------------------------------------------------------------------------
@@ -256,18 +268,24 @@ class LowerTiers:
         return await read_model_info(self._store, model_id), self._store, None
 
     async def read_extras(
-        self, info: ModelInfo, patterns: tuple[str, ...], source: Store, on_disk: DiskEntry | None
+        self,
+        info: ModelInfo,
+        patterns: tuple[str, ...],
+        read_store: Store,
+        on_disk: DiskEntry | None,
     ) -> tuple[ModelInfo, Store, DiskEntry | None]:
         """``info`` with its config and side files (`_sidefiles.read_extras`), and where to read
         its weights: ``on_disk``'s copy, whose files are checked against its manifest, or, when
         that copy is damaged, the store (the copy released and dropped, as a damaged copy of the
         weights is). ``on_disk`` is released here on any failure; on success it is returned."""
         if on_disk is None:
-            return await read_extras(self._store, info, patterns), source, None
+            return await read_extras(self._store, info, patterns), read_store, None
         assert self.disk is not None
         check = partial(self.disk.check_read, on_disk)
         try:
-            with_extras = await read_extras(self._store, info, patterns, disk=source, check=check)
+            with_extras = await read_extras(
+                self._store, info, patterns, disk=read_store, check=check
+            )
         except Exception as exc:
             self.release_disk(on_disk)
             if not _unreadable(exc):
@@ -278,7 +296,7 @@ class LowerTiers:
             self.release_disk(on_disk)
             raise
         else:
-            return with_extras, source, on_disk
+            return with_extras, read_store, on_disk
         fresh = await read_model_info(self._store, info.model_id)
         return await read_extras(self._store, fresh, patterns), self._store, None
 
@@ -296,7 +314,7 @@ class LowerTiers:
             logger.warning("could not remove the disk copy of %r: %s", model_id, error)
 
     async def read_weights(
-        self, source: Store, info: ModelInfo, on_disk: DiskEntry | None
+        self, read_store: Store, info: ModelInfo, on_disk: DiskEntry | None
     ) -> tuple[LoadedWeights, ModelInfo]:
         """Load ``info`` onto the device from where `locate` found it, releasing ``on_disk``.
 
@@ -305,12 +323,12 @@ class LowerTiers:
         """
         if on_disk is None:
             return await load_one_version(
-                source, info, partial(self._backend.load, source, zero_copy=True)
+                read_store, info, partial(self._backend.load, read_store, zero_copy=True)
             )
         loaded: LoadedWeights | None = None
         try:
             try:
-                loaded = await self._backend.load(source, info, zero_copy=False)
+                loaded = await self._backend.load(read_store, info, zero_copy=False)
                 await self._check_disk_copy(on_disk, info, self._backend.host_bytes(loaded))
                 return loaded, info
             finally:
@@ -400,7 +418,7 @@ class LowerTiers:
         if host_entry is not None:
             host_entry.users += 1
         self.disk_writes.add(model_id)
-        self._task_group.start_soon(self._write_disk, info, loaded, host_entry, charge)
+        self._background.start(self._task_group, self._write_disk, info, loaded, host_entry, charge)
 
     async def _write_disk(
         self,
@@ -444,7 +462,7 @@ class LowerTiers:
                     self.in_flight -= host_entry.nbytes
                     self._let_go(host_entry)
                 else:
-                    self.host.pump()
+                    self.host.serve_line()
 
     # -- the host tier --------------------------------------------------------------------------
 
@@ -455,11 +473,11 @@ class LowerTiers:
             model_id not in self.entries
             and model_id not in self.moving
             and nbytes <= host.budget
-            and (host.budget - host.reserved >= nbytes or admits(host.policy, model_id, nbytes))
+            and (host.free >= nbytes or admits(host.policy, model_id, nbytes))
             and host.try_reserve(nbytes)
         )
 
-    def fall_source(self, model_id: str) -> str:
+    def reload_source(self, model_id: str) -> str:
         """Where ``model_id`` would be read from once out of RAM: "disk" or "store"."""
         disk = self.disk
         if disk is not None and (model_id in disk or self._remote(model_id)):
@@ -480,15 +498,13 @@ class LowerTiers:
         A new entry is a new eviction candidate, so reservations waiting in line may now fit.
         """
         self.entries[entry.model_id] = entry
-        self.host.resident += entry.nbytes
         entry.admitted = _observe.clock()
-        self.host.policy.admitted(entry)
-        self.host.pump()
+        self.host.admit(entry)
+        self.host.serve_line()
 
     def _remove_host(self, entry: HostEntry) -> None:
         del self.entries[entry.model_id]
-        self.host.policy.removed(entry)
-        self.host.resident -= entry.nbytes
+        self.host.remove(entry)
 
     def _free_host_payload(self, entry: HostEntry) -> None:
         """Free a host entry's memory (nobody reads it: `users` is 0)."""
@@ -506,9 +522,8 @@ class LowerTiers:
         self._free_host_payload(entry)
         self.host.release(entry.nbytes)
 
-    def _evict_host(self, victim: PolicyEntry) -> None:
+    def _evict_host(self, entry: HostEntry) -> None:
         """Host eviction (synchronous): the weights are dropped; the store still has them."""
-        entry: HostEntry = victim  # type: ignore[assignment]
         self._remove_host(entry)
         self._free_host_payload(entry)
         self.host.drop_now(entry.nbytes)
@@ -523,7 +538,7 @@ class LowerTiers:
             self._remove_host(entry)
             self.in_flight += entry.nbytes
         elif self.host.budget:
-            self.host.misses += 1
+            self.host.missed()
         return entry
 
     def unclaim(self, entry: HostEntry) -> None:
@@ -551,8 +566,7 @@ class LowerTiers:
             weights, entry.payload = entry.payload, None
         self.in_flight -= entry.nbytes
         self._let_go(entry)  # a disk write may still read the block: then it stays counted
-        self.host.promotions += 1
-        self.host.hits += 1
+        self.host.promoted()
         return weights
 
     async def load(self, model_id: str) -> None:
@@ -568,7 +582,7 @@ class LowerTiers:
                 assert self._task_group is not None
                 load = self._loads[model_id] = _HostLoad()
                 self.moving[model_id] = anyio.Event()
-                self._task_group.start_soon(self._load, model_id, load)
+                self._background.start(self._task_group, self._load, model_id, load)
         await load.done.wait()
         if load.error is not None:
             raise load.error
@@ -579,10 +593,10 @@ class LowerTiers:
             use_disk = True
             while True:
                 async with self._limiter:
-                    info, source, on_disk = await self.locate(model_id, use_disk=use_disk)
+                    info, read_store, on_disk = await self.locate(model_id, use_disk=use_disk)
                 try:
                     try:
-                        payload = await self._read_reserved(info, source, on_disk)
+                        payload = await self._read_reserved(info, read_store, on_disk)
                     finally:
                         self.release_disk(on_disk)
                 except Exception as exc:
@@ -611,7 +625,7 @@ class LowerTiers:
             load.done.set()
 
     async def _read_reserved(
-        self, info: ModelInfo, source: Store, on_disk: DiskEntry | None
+        self, info: ModelInfo, read_store: Store, on_disk: DiskEntry | None
     ) -> LoadedWeights | HostBlock:
         """Reserve host bytes for ``info`` and read it there (the bytes go back on failure)."""
         assert self._limiter is not None
@@ -623,7 +637,7 @@ class LowerTiers:
         try:
             async with self._limiter:
                 started = time.perf_counter()
-                payload = await self._read_to_host(source, info, on_disk)
+                payload = await self._read_to_host(read_store, info, on_disk)
                 self.costs.observe(
                     "store" if on_disk is None else "disk",
                     info.nbytes,
@@ -637,10 +651,10 @@ class LowerTiers:
         return payload
 
     async def _read_to_host(
-        self, source: Store, info: ModelInfo, on_disk: DiskEntry | None
+        self, read_store: Store, info: ModelInfo, on_disk: DiskEntry | None
     ) -> LoadedWeights | HostBlock:
         if self._backend.on_host:
-            loaded = await self._backend.load(source, info, zero_copy=on_disk is None)
+            loaded = await self._backend.load(read_store, info, zero_copy=on_disk is None)
             if on_disk is not None:
                 await self._check_disk_copy(on_disk, info, self._backend.host_bytes(loaded))
             return loaded
@@ -652,7 +666,7 @@ class LowerTiers:
                 model_id=info.model_id,
             )
         try:
-            await fill_buffer(source, info, block.view())
+            await fill_buffer(read_store, info, block.view())
             if on_disk is not None:
                 await self._check_disk_copy(on_disk, info, block.view())
         except BaseException:

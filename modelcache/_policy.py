@@ -59,6 +59,8 @@ __all__ = [
     "LRUPolicy",
     "PolicyEntry",
     "admits",
+    "bind_cost",
+    "policy_below",
 ]
 
 
@@ -78,6 +80,20 @@ class PolicyEntry(Protocol):
 
 
 class EvictionPolicy(Protocol):
+    """Picks a tier's victims. Beside these four methods a policy may have optional hooks,
+    which a cache uses the same way whatever the policy's class (`bind_cost`, `policy_below`,
+    `admits`); a policy without them gets the defaults:
+
+    * ``bind_cost(cost)``: ``cost(entry)`` is the seconds to bring an entry of this tier back
+      once evicted (the cache's learned load costs), offered when the tier is made.
+    * ``history``: a `FrequencyHistory` of accesses, shared with the policy of the tier below
+      (which sees no hits of its own: a hit there is a promotion, which removes the entry).
+    * ``share_history(history)``: count accesses in the tier above's ``history``.
+    * ``for_tier_below()``: a fresh policy of this kind for the tier below (sharing what it
+      should); without it, the tier below runs `LRUPolicy`.
+    * ``admits(entry)``: whether a newcomer is worth displacing the tier's next victim.
+    """
+
     def admitted(self, entry: PolicyEntry) -> None:
         """``entry`` became resident."""
 
@@ -97,6 +113,28 @@ class EvictionPolicy(Protocol):
         without the policy being told (a lease that ends), so a policy must not trust an answer
         it got in an earlier call.
         """
+
+
+def bind_cost(policy: EvictionPolicy, cost: Callable[[PolicyEntry], float]) -> None:
+    """Offer ``cost`` to ``policy`` if it takes one (its ``bind_cost`` hook)."""
+    hook: Callable[[Callable[[PolicyEntry], float]], None] | None = getattr(
+        policy, "bind_cost", None
+    )
+    if hook is not None:
+        hook(cost)
+
+
+def policy_below(upper: EvictionPolicy, given: EvictionPolicy | None) -> EvictionPolicy:
+    """The policy of the tier under one run by ``upper``: ``given`` (counting accesses in
+    ``upper``'s history when both keep one), else ``upper``'s ``for_tier_below()``, else LRU."""
+    history = getattr(upper, "history", None)
+    if given is not None:
+        share: Callable[[FrequencyHistory], None] | None = getattr(given, "share_history", None)
+        if share is not None and isinstance(history, FrequencyHistory):
+            share(history)
+        return given
+    below: Callable[[], EvictionPolicy] | None = getattr(upper, "for_tier_below", None)
+    return below() if below is not None else LRUPolicy()
 
 
 class _Unpinned:
@@ -191,6 +229,10 @@ class LRUPolicy:
         if key not in unpinned.suspects:
             resident = unpinned.suspects[key] = self._order[key]
             unpinned.bytes -= resident.nbytes
+
+    def for_tier_below(self) -> LRUPolicy:
+        """The tier below runs LRU too."""
+        return LRUPolicy()
 
     def removed(self, entry: PolicyEntry) -> None:
         left = self._order.pop(entry.key, None)
@@ -389,6 +431,11 @@ class CostAwarePolicy:
         """F * C / S of ``entry`` now: the seconds of loading it saves per byte it holds."""
         return max(self.history.get(history_key(entry)), _MIN_COUNT) * self.unit_cost(entry)
 
+    def for_tier_below(self) -> CostAwarePolicy:
+        """A policy for the tier below counting accesses in this one's history (that tier sees
+        no hits of its own: a hit there is a promotion, which removes the entry)."""
+        return CostAwarePolicy(history=self.history)
+
     def share_history(self, history: FrequencyHistory) -> None:
         """Count accesses in ``history`` (another tier's policy's) instead of this one's own."""
         if history is not self.history:
@@ -515,12 +562,16 @@ class CostAwarePolicy:
 
 
 class _Candidate(NamedTuple):
+    """A model offered to a tier that keys its entries by model id (the host tier): it reads
+    as that tier's entries do, for the policy and for the cost bound to it."""
+
     key: Hashable
     nbytes: int
+    model_id: str
 
 
-def admits(policy: EvictionPolicy, key: Hashable, nbytes: int) -> bool:
-    """Whether a tier using ``policy`` should take ``key`` when that means evicting: the
-    policy's ``admits`` if it has one (`CostAwarePolicy`), else yes."""
+def admits(policy: EvictionPolicy, model_id: str, nbytes: int) -> bool:
+    """Whether a tier using ``policy`` (entries keyed by model id) should take ``model_id``
+    when that means evicting: the policy's ``admits`` if it has one, else yes."""
     check: Callable[[PolicyEntry], bool] | None = getattr(policy, "admits", None)
-    return True if check is None else check(_Candidate(key, nbytes))
+    return True if check is None else check(_Candidate(model_id, nbytes, model_id))

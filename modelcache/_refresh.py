@@ -30,7 +30,7 @@ from typing import TypeVar
 import anyio
 import anyio.abc
 
-from ._concurrency import gather
+from ._concurrency import Background, gather
 from ._exceptions import CacheClosedError, ModelChangedError, ModelNotFoundError, StoreError
 from ._failures import for_caller, release_frames
 from ._format import ModelInfo
@@ -87,7 +87,9 @@ class _Times(OrderedDict[str, float]):
 class Revalidator:
     """The per-model check schedule, the checks in flight, and their counters."""
 
-    def __init__(self, store: Store, after: float | None) -> None:
+    def __init__(
+        self, store: Store, after: float | None, background: Background | None = None
+    ) -> None:
         if after is not None and not after >= 0:
             raise ValueError(f"revalidate_after must be a number >= 0 or None, got {after}")
         self.store = store
@@ -95,6 +97,8 @@ class Revalidator:
         self._confirmed = _Times()
         self._disk_confirmed = _Times()
         self._checks: dict[str, _Check] = {}
+        #: Counts the checks (and the swaps they start) for the cache's ``wait_idle``.
+        self._background = background if background is not None else Background()
         self._asks = 0  # checks that have asked the store (`_Check.asked`)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._version_of: Callable[[str], ModelVersion | None] = lambda _: None
@@ -173,8 +177,8 @@ class Revalidator:
     def _start(self, model_id: str) -> _Check:
         assert self._task_group is not None
         check = self._checks[model_id] = _Check()
-        self._task_group.start_soon(
-            self._run, model_id, check, name=f"modelcache check {model_id!r}"
+        self._background.start(
+            self._task_group, self._run, model_id, check, name=f"modelcache check {model_id!r}"
         )
         return check
 

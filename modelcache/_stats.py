@@ -54,6 +54,9 @@ class CacheStats:
     #: Bytes of dead CPU model buffers kept faulted in for the next loads (`BufferPool`): with
     #: the buffers in use, at most the device plus host budget; not counted in any tier.
     pool_idle_bytes: int = 0
+    #: Tasks of the cache in flight: loads, header reads (``describe``), copies down to host
+    #: memory, disk-tier writes; ``await cache.wait_idle()`` returns when it is 0.
+    background: int = 0
     #: Checks of a model's version against the store (background, ``refresh``, disk copies).
     revalidations: int = 0
     #: Checks that found another version in the store than the one held.

@@ -9,7 +9,7 @@ A `ByteBudget` is the one mechanism every tier uses to stay within its bytes:
   they are free now. An ``evict`` callback either frees the victim's bytes at once
   (`drop_now`) or starts copying it to a lower tier and counts them as ``freeing`` until the
   copy ends (`start_freeing` / `finish_freeing`): a victim's bytes are never granted twice.
-* Reservations that cannot be granted wait in line, first come first served; `pump` grants
+* Reservations that cannot be granted wait in line, first come first served; `serve_line` grants
   them, in order, whenever bytes are freed. A waiter that is no longer wanted is dropped from
   the line rather than left to block it.
 * Fairness (a tier given ``drainable``): when the head of the line does not fit, victims for it
@@ -20,20 +20,27 @@ A `ByteBudget` is the one mechanism every tier uses to stay within its bytes:
   they are given back (``undrain``) when a reservation is granted or the line empties, and
   chosen again for the next head; an entry that leaves the tier is `forget`-ed.
   ``draining_bytes`` = the bytes of the ``draining`` entries.
+* One owner: a budget's counters are private; the tier that owns it changes them through its
+  verbs only (`admit`, `remove`, `release`, `drop_now`, ...), and `check` states the
+  invariants above against the owner's entries.
+* The policy sees only this tier's entries: they cross its untyped contract in ``_victims`` and
+  the cost given to it only.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 
 from ._exceptions import ModelTooLargeError
-from ._policy import EvictionPolicy, LRUPolicy, PolicyEntry
+from ._policy import EvictionPolicy, LRUPolicy, PolicyEntry, bind_cost
 from ._units import format_bytes
+
+T = TypeVar("T")
 
 __all__ = ["Abandoned", "ByteBudget", "HostEntry", "TierStats", "check_fits", "host_evictable"]
 
@@ -77,34 +84,43 @@ class _Waiter:
         self.granted = False
 
 
-class ByteBudget:
-    """Exact bytes of one tier with first-come first-served waiting."""
+E = TypeVar("E", bound=PolicyEntry)
+
+
+class ByteBudget(Generic[E]):
+    """Exact bytes of one tier with first-come first-served waiting.
+
+    Its counters are its own: the tier that owns it changes them through its verbs (reserve,
+    `admit`, `remove`, `release`, ...), and reads them through `stats`, `free` and `check`.
+    """
 
     def __init__(
         self,
         name: str,
         budget: int,
         *,
-        evictable: Callable[[Any], bool],
-        evict: Callable[[Any], None],
+        evictable: Callable[[E], bool],
+        evict: Callable[[E], None],
         policy: EvictionPolicy | None = None,
-        drainable: Callable[[Any], bool] | None = None,
-        drain: Callable[[Any], None] | None = None,
-        undrain: Callable[[Any], None] | None = None,
+        drainable: Callable[[E], bool] | None = None,
+        drain: Callable[[E], None] | None = None,
+        undrain: Callable[[E], None] | None = None,
+        cost: Callable[[E], float] | None = None,
     ) -> None:
         """``evictable(entry)``: may be evicted now. ``drainable(entry)``: may be chosen as a
         victim for the line while leased (then ``drain(entry)``; ``undrain(entry)`` when it
         is no longer one and stays). Without ``drainable``, only evictable entries are ever
-        victims."""
+        victims. ``cost(entry)``: seconds to bring an evicted entry back, offered to the
+        policy (`bind_cost`)."""
         if drainable is not None and (drain is None or undrain is None):
             raise TypeError("drainable needs drain and undrain")
         self.name = name
-        self.budget = budget
-        self.policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
-        self.reserved = 0
-        self.resident = 0
-        self.freeing = 0
-        self.hits = self.misses = self.promotions = self.demotions = self.evictions = 0
+        self._budget = budget
+        self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
+        self._reserved = 0
+        self._resident = 0
+        self._freeing = 0
+        self._hits = self._misses = self._promotions = self._demotions = self._evictions = 0
         self._evictable = evictable
         self._evict = evict
         self._drainable = drainable
@@ -112,8 +128,35 @@ class ByteBudget:
         self._undrain = undrain
         self._line: deque[_Waiter] = deque()
         #: Victims chosen for the head of the line, waiting for their leases to end (in order).
-        self._draining: dict[Any, None] = {}
-        self.draining_bytes = 0
+        self._draining: dict[E, None] = {}
+        self._draining_bytes = 0
+        #: The policy's victims query, typed for this tier's entries: the one place entries
+        #: cross the policy's untyped contract. A policy is shown only this tier's entries (E)
+        #: and returns only entries it was given. Bound once: the line is served on the event
+        #: loop whenever a lease ends under pressure.
+        self._victims = cast(
+            "Callable[[int, Callable[[E], bool]], list[E] | None]", self._policy.victims
+        )
+        if cost is not None:
+            bind_cost(self._policy, _as_policy_callable(cost))
+
+    @property
+    def budget(self) -> int:
+        return self._budget
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        return self._policy
+
+    @property
+    def resident(self) -> int:
+        """Bytes of the resident entries."""
+        return self._resident
+
+    @property
+    def free(self) -> int:
+        """Bytes neither reserved nor being copied out: grantable without evicting."""
+        return self._budget - self._reserved
 
     @property
     def waiting(self) -> int:
@@ -121,41 +164,105 @@ class ByteBudget:
 
     def stats(self, entries: int) -> TierStats:
         return TierStats(
-            bytes=self.resident,
-            bytes_reserved=self.reserved,
-            budget=self.budget,
+            bytes=self._resident,
+            bytes_reserved=self._reserved,
+            budget=self._budget,
             entries=entries,
-            hits=self.hits,
-            misses=self.misses,
-            promotions=self.promotions,
-            demotions=self.demotions,
-            evictions=self.evictions,
+            hits=self._hits,
+            misses=self._misses,
+            promotions=self._promotions,
+            demotions=self._demotions,
+            evictions=self._evictions,
         )
+
+    def check(
+        self, resident: Iterable[E] = (), *, in_flight: int = 0, draining: Iterable[E] = ()
+    ) -> None:
+        """The accounting invariants, against the owner's view: ``resident`` (its entries),
+        ``in_flight`` (bytes it holds reserved outside them: loads granted room, copies in)
+        and ``draining`` (its entries marked as drained). The tests call it after every step.
+
+        reserved = resident + in flight + freeing <= budget; the policy holds the resident
+        entries; drains are resident, known to both sides, and only while the line has a head.
+        """
+        name = self.name
+        assert 0 <= self._reserved <= self._budget, (name, self._reserved, self._budget)
+        assert self._freeing >= 0, (name, self._freeing)
+        resident = list(resident)
+        assert self._resident == sum(e.nbytes for e in resident), (name, self._resident)
+        assert self._reserved == self._resident + in_flight + self._freeing, (
+            name,
+            self._reserved,
+            self._resident,
+            in_flight,
+            self._freeing,
+        )
+        assert set(self._draining) == set(draining), (name, "drains disagree with the owner")
+        assert self._draining_bytes == sum(e.nbytes for e in self._draining)
+        assert not self._draining or self._line, "drains outlive the line they were chosen for"
+        keys = {e.key for e in resident}
+        assert all(e.key in keys for e in self._draining), (name, "a drain is not resident")
+        policy_check = getattr(self._policy, "check", None)
+        if policy_check is not None:
+            policy_check()
+
+    def check_line(self, resident: Iterable[E]) -> None:
+        """Fairness, once the tier is quiet: a wanted head of the line that does not fit with
+        the bytes coming free has victims chosen for it (draining), unless even every drainable
+        entry of ``resident`` could not cover it."""
+        if self._drainable is None or not self._line or not self._line[0].wanted():
+            return
+        head = self._line[0].nbytes
+        coming = self._budget - self._reserved + self._freeing + self._draining_bytes
+        if coming < head:
+            drainable, draining = self._drainable, self._draining
+            candidates = sum(e.nbytes for e in resident if e not in draining and drainable(e))
+            assert coming + candidates < head, "no victims chosen for the waiting load"
+
+    # -- the entries ----------------------------------------------------------------------------
+
+    def admit(self, entry: E) -> None:
+        """``entry`` is resident now, its bytes already reserved (granted to its load, or
+        taken for a copy in)."""
+        self._resident += entry.nbytes
+        self._policy.admitted(entry)
+
+    def remove(self, entry: E) -> None:
+        """The resident ``entry`` left the tier; its bytes stay reserved until its owner frees
+        them (`release`, `unreserve`, `drop_now`, `start_freeing`)."""
+        self.forget(entry)
+        self._policy.removed(entry)
+        self._resident -= entry.nbytes
+
+    def missed(self) -> None:
+        """A lookup did not find its model here."""
+        self._misses += 1
+
+    def promoted(self) -> None:
+        """A model moved up out of this tier: a load served from here."""
+        self._promotions += 1
+        self._hits += 1
+
+    def demoted(self) -> None:
+        """A model moved into this tier from the tier above."""
+        self._demotions += 1
 
     # -- reserving ------------------------------------------------------------------------------
 
-    def is_draining(self, entry: Any) -> bool:
+    def is_draining(self, entry: E) -> bool:
         return entry in self._draining
-
-    def check(self) -> None:
-        """The invariants of the counters and the line (the tests call it after every step)."""
-        assert 0 <= self.reserved <= self.budget, (self.name, self.reserved, self.budget)
-        assert self.freeing >= 0, (self.name, self.freeing)
-        assert self.resident >= 0, (self.name, self.resident)
-        assert self.draining_bytes == sum(e.nbytes for e in self._draining)
-        assert not self._draining or self._line, "drains outlive the line they were chosen for"
 
     def try_reserve(self, nbytes: int) -> bool:
         """Grant ``nbytes`` now, evicting if that frees enough; False if not, and then nothing
         is evicted: a victim keeps serving until its bytes are actually granted. Draining
         entries whose leases have ended are evicted first, then the policy's victims."""
-        free = self.budget - self.reserved
+        free = self._budget - self._reserved
         if free < nbytes:
             ready = [v for v in self._draining if self._evictable(v)] if self._draining else []
-            need = nbytes - free - self.freeing - sum(v.nbytes for v in ready)
+            need = nbytes - free - self._freeing - sum(v.nbytes for v in ready)
             if need > 0:
                 draining, evictable = self._draining, self._evictable
-                victims = self.policy.victims(
+                victims = self._victims(
                     need, (lambda e: e not in draining and evictable(e)) if draining else evictable
                 )
                 if victims is None:
@@ -163,9 +270,9 @@ class ByteBudget:
                 ready += victims
             for victim in ready:
                 self._evict(victim)  # a draining one is `forget`-ed by its owner as it leaves
-            if self.budget - self.reserved < nbytes:
+            if self._budget - self._reserved < nbytes:
                 return False  # the rest frees up when copies out of this tier finish
-        self.reserved += nbytes
+        self._reserved += nbytes
         return True
 
     async def reserve(self, nbytes: int, wanted: Callable[[], bool] = lambda: True) -> None:
@@ -179,7 +286,7 @@ class ByteBudget:
         waiter = _Waiter(nbytes, wanted)
         self._line.append(waiter)
         if len(self._line) == 1 and self._choose_drains(nbytes):
-            self.pump()  # at the head: victims were chosen for it; unleased ones may do
+            self.serve_line()  # at the head: victims were chosen for it; unleased ones may do
         try:
             await waiter.event.wait()
         except BaseException:
@@ -193,7 +300,7 @@ class ByteBudget:
         if not waiter.granted:
             raise Abandoned
 
-    def pump(self) -> None:
+    def serve_line(self) -> None:
         """Grant waiting reservations in order while they fit; when the head does not fit,
         choose (drain) victims for it among leased entries too."""
         while self._line:
@@ -216,23 +323,23 @@ class ByteBudget:
     def _choose_drains(self, nbytes: int) -> bool:
         """Choose victims for a head of ``nbytes`` that does not fit, leased or not; True if
         any were. None if even all of them could not free enough yet (loads in flight become
-        candidates when they are ready, and pump again then). Unleased victims are not evicted
+        candidates when they are ready, and serve the line again then). Unleased victims are not evicted
         here: they keep serving the tasks that hold leases (`ModelCache` serves those) until
         `try_reserve` can grant the whole head, so no bytes are freed for a load that cannot
         start yet."""
         if self._drainable is None:
             return False
-        need = nbytes - (self.budget - self.reserved) - self.freeing - self.draining_bytes
+        need = nbytes - (self._budget - self._reserved) - self._freeing - self._draining_bytes
         if need <= 0:
             return False
         drainable, draining = self._drainable, self._draining
-        victims = self.policy.victims(need, lambda e: e not in draining and drainable(e))
+        victims = self._victims(need, lambda e: e not in draining and drainable(e))
         if victims is None:
             return False
         assert self._drain is not None
         for victim in victims:
             draining[victim] = None
-            self.draining_bytes += victim.nbytes
+            self._draining_bytes += victim.nbytes
             self._drain(victim)
         return bool(victims)
 
@@ -241,15 +348,15 @@ class ByteBudget:
             return
         assert self._undrain is not None
         ended, self._draining = list(self._draining), {}
-        self.draining_bytes = 0
+        self._draining_bytes = 0
         for victim in ended:
             self._undrain(victim)
 
-    def forget(self, entry: Any) -> None:
+    def forget(self, entry: E) -> None:
         """``entry`` left the tier (evicted, failed, closed): it drains no more."""
         if entry in self._draining:
             del self._draining[entry]
-            self.draining_bytes -= entry.nbytes
+            self._draining_bytes -= entry.nbytes
             assert self._undrain is not None
             self._undrain(entry)
 
@@ -257,24 +364,34 @@ class ByteBudget:
 
     def release(self, nbytes: int) -> None:
         """Give back reserved bytes (a failed load, a promotion) and serve the line."""
-        self.reserved -= nbytes
-        self.pump()
+        self._reserved -= nbytes
+        self.serve_line()
+
+    def unreserve(self, nbytes: int) -> None:
+        """Give back reserved bytes without serving the line: the caller serves it when it is done
+        changing the tier (or the tier is closing)."""
+        self._reserved -= nbytes
 
     def drop_now(self, nbytes: int) -> None:
-        """Inside an ``evict`` callback: the victim's bytes are free at once (no pump: the
+        """Inside an ``evict`` callback: the victim's bytes are free at once (the line is not served: the
         caller is reserving)."""
-        self.reserved -= nbytes
-        self.evictions += 1
+        self._reserved -= nbytes
+        self._evictions += 1
 
     def start_freeing(self, nbytes: int) -> None:
         """Inside an ``evict`` callback: the victim is being copied out; its bytes free later."""
-        self.freeing += nbytes
-        self.evictions += 1
+        self._freeing += nbytes
+        self._evictions += 1
 
     def finish_freeing(self, nbytes: int) -> None:
         """A copy out of this tier ended: its bytes are free."""
-        self.freeing -= nbytes
+        self._freeing -= nbytes
         self.release(nbytes)
+
+
+def _as_policy_callable(func: Callable[[E], T]) -> Callable[[PolicyEntry], T]:
+    """``func`` as the policy sees it: a policy calls it only with entries this tier gave it."""
+    return cast("Callable[[PolicyEntry], T]", func)
 
 
 class HostEntry:
@@ -299,12 +416,11 @@ class HostEntry:
         self.admitted = 0.0
 
 
-def host_evictable(entry: PolicyEntry) -> bool:
-    e: HostEntry = entry  # type: ignore[assignment]
-    return e.users == 0
+def host_evictable(entry: HostEntry) -> bool:
+    return entry.users == 0
 
 
-def check_fits(tier: ByteBudget, info: Any) -> None:
+def check_fits(tier: ByteBudget[Any], info: Any) -> None:
     """ModelTooLargeError unless the model (a ModelInfo) can ever fit ``tier``'s budget."""
     if info.nbytes > tier.budget:
         raise ModelTooLargeError(

@@ -262,7 +262,7 @@ def _resident_bytes(cache: ModelCache) -> dict[tuple[str, str], int]:
     for entry in list(cache._entries.values()):  # list(): one step, safe against the loop thread
         if entry.ready:
             resident[(entry.model_id, "device")] += entry.nbytes
-    for host in list(cache._lower.entries.values()):
+    for host in list(cache._host_disk.entries.values()):
         resident[(host.model_id, "host")] += host.nbytes
     return dict(resident)
 

@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 import torch
 
-import modelcache._cache
+import modelcache._failures
 from modelcache import (
     CacheClosedError,
     InvalidModelIdError,
@@ -26,7 +26,10 @@ from modelcache import (
 )
 from modelcache._format import ModelInfo
 
-from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, settle
+from .conftest import GatedStore, MemoryModels, check_invariants, settle
+
+#: `settle` counts worker threads.
+pytestmark = pytest.mark.usefixtures("count_threads")
 
 
 async def test_use_loads_once_then_hits(models: MemoryModels) -> None:
@@ -97,7 +100,7 @@ async def test_lru_evicts_unleased_only(models: MemoryModels) -> None:
     """Making room evicts the least recently used unleased model, never a leased one."""
     for name in "abc":
         models.add(name, 1000)
-    async with ModelCache(models.template, device_budget=2000) as cache:
+    async with ModelCache(models.template, device_budget=2000, policy=LRUPolicy()) as cache:
         async with cache.use("a"):
             async with cache.use("b"):
                 pass
@@ -108,11 +111,13 @@ async def test_lru_evicts_unleased_only(models: MemoryModels) -> None:
 
 
 async def test_lru_order_follows_use(models: MemoryModels) -> None:
-    """The victim is the model used longest ago, not the one loaded first."""
+    """The victim is the model used longest ago: not the one loaded first, nor the one used
+    least often (b is used more often than a, but longer ago; the default cost-aware policy
+    would keep b)."""
     for name in "abc":
         models.add(name, 1000)
-    async with ModelCache(models.template, device_budget=2000) as cache:
-        for name in "aba":
+    async with ModelCache(models.template, device_budget=2000, policy=LRUPolicy()) as cache:
+        for name in "abbba":
             async with cache.use(name):
                 pass
         async with cache.use("c"):
@@ -155,7 +160,7 @@ async def test_caller_bounds_the_wait_with_fail_after(models: MemoryModels) -> N
                 with anyio.fail_after(0.05):
                     async with cache.use("b"):
                         pass
-            await settle(*cache_stores(cache))  # b's header read may still be in a thread
+            await cache.wait_idle()  # b's header read may still be in a thread
             assert cache.stats().loading == 0
             assert cache.stats().bytes_reserved == 1000
             check_invariants(cache)
@@ -185,15 +190,15 @@ async def test_a_model_loaded_for_a_waiting_caller_is_leased_before_anything_evi
         tg.start_soon(user, "b")  # headers read, then waits in line for a's bytes
         await anyio.wait_all_tasks_blocked()
         gated.open("a", "read_into")
-        await settle(*cache_stores(cache))
+        await settle()
         assert entered["a"].is_set(), "a was evicted before its caller could lease it"
         stats = cache.stats()
         assert (stats.loads, stats.evictions, stats.leased, stats.loading) == (1, 0, 1, 1)
         check_invariants(cache)
         release["a"].set()  # now a may go, and b gets its bytes
-        await settle(*cache_stores(cache))
+        await settle()
         gated.open("b", "read_into")
-        await settle(*cache_stores(cache))
+        await settle()
         assert entered["b"].is_set()
         assert gated.calls[("read_into", "a")] == 1
         release["b"].set()
@@ -226,20 +231,20 @@ async def test_new_leases_on_a_victim_wait_so_a_waiting_load_gets_its_bytes(
     cache = ModelCache(models.template, device_budget=2000, policy=LRUPolicy())
     async with cache, anyio.create_task_group() as tg:
         start("a")
-        await settle(*cache_stores(cache))  # loaded (and leased) before b: loads race otherwise
+        await settle()  # loaded (and leased) before b: loads race otherwise
         start("b")  # a is now the least recently used: the victim for c
-        await settle(*cache_stores(cache))
+        await settle()
         start("c")
-        await settle(*cache_stores(cache))
+        await settle()
         assert not entered["c"][0].is_set() and cache.stats().loading == 1
         # Steady, overlapping traffic on both resident models: before, a never drained.
         start("a")
         start("b")
-        await settle(*cache_stores(cache))
+        await settle()
         assert entered["b"][1].is_set(), "b was not chosen: its uses stay hits"
         assert not entered["a"][1].is_set(), "a new lease on the victim was handed out"
         releases["a"][0].set()  # the last lease on a that was held when c queued
-        await settle(*cache_stores(cache))
+        await settle()
         assert entered["c"][0].is_set()
         assert sorted(cache.resident()) == ["b", "c"]
         assert not entered["a"][1].is_set()  # a reloads, queued behind c, as a new load
@@ -249,7 +254,7 @@ async def test_new_leases_on_a_victim_wait_so_a_waiting_load_gets_its_bytes(
         assert buffers["a"]() is None, "the evicted victim's buffer is still alive"
         check_invariants(cache)
         releases["c"][0].set()
-        await settle(*cache_stores(cache))
+        await settle()
         assert entered["a"][1].is_set()
         assert sorted(cache.resident()) == ["a", "b"]
         check_invariants(cache)
@@ -274,13 +279,13 @@ async def test_a_task_holding_a_victim_is_served_its_nested_use_of_it(
     async with cache, anyio.create_task_group() as tg:
         async with cache.use("a") as outer:
             tg.start_soon(use_c)  # c needs a's bytes: a is chosen as its victim
-            await settle(*cache_stores(cache))
+            await settle()
             assert cache.tier_of("a") is None  # draining
             with anyio.fail_after(5):  # before the fix: waited for its own lease forever
                 async with cache.use("a") as inner:
                     assert inner is outer
             assert not c_entered.is_set()
-        await settle(*cache_stores(cache))
+        await settle()
         assert c_entered.is_set()
         assert cache.stats().loads == 2
         check_invariants(cache)
@@ -306,12 +311,12 @@ async def test_a_task_holding_a_lease_is_served_a_second_resident_victim(
             pass
         async with cache.use("a"):
             tg.start_soon(use_c)  # c needs 700: a (leased) and b (not) are its victims
-            await settle(*cache_stores(cache))
+            await settle()
             assert sorted(cache.resident()) == ["a", "b"]  # b is not evicted before it helps
             with anyio.fail_after(5):  # before the fix: b was gone, its load queued behind c
                 async with cache.use("b"):
                     pass
-        await settle(*cache_stores(cache))
+        await settle()
         assert c_entered.is_set()
         assert cache.stats().loads == 3
         check_invariants(cache)
@@ -335,12 +340,12 @@ async def test_waiting_loads_get_their_bytes_first_come_first_served(
         lease = cache.use("big")
         await lease.__aenter__()
         tg.start_soon(user, "c")
-        await settle(*cache_stores(cache))
+        await settle()
         tg.start_soon(user, "small")  # fits now, but c queued first
-        await settle(*cache_stores(cache))
+        await settle()
         assert order == []
         await lease.__aexit__(None, None, None)
-        await settle(*cache_stores(cache))
+        await settle()
         assert order == ["c", "small"]
         check_invariants(cache)
 
@@ -365,11 +370,11 @@ async def test_a_load_whose_callers_left_before_it_reserved_evicts_nothing(
                         pass
 
             tg.start_soon(use_b)
-            await settle(*cache_stores(cache))  # the load waits at the gated header read
+            await settle()  # the load waits at the gated header read
             assert gated.calls[(point, "b")] == 1 and cache.stats().loading == 1
             caller.cancel()
         gated.open("b", point)
-        await settle(*cache_stores(cache))
+        await settle()
         stats = cache.stats()
         assert cache.resident() == ["a"]
         assert (stats.evictions, stats.loading, stats.loads, stats.failures) == (0, 0, 1, 0)
@@ -403,7 +408,7 @@ async def test_a_load_abandoned_while_waiting_to_read_weights_gives_its_bytes_ba
             tg.start_soon(cache.prefetch, ["z"])  # queued for a slot
             await anyio.wait_all_tasks_blocked()
             gated.open("x", "size")  # x reserves its bytes; z takes the slot, reads its header
-            await settle(*cache_stores(cache))
+            await settle()
             assert cache.stats().bytes_reserved == 700 and gated.calls[("size", "z")] == 1
             x_scope.cancel()
             await anyio.wait_all_tasks_blocked()
@@ -444,7 +449,7 @@ async def test_abandoned_loads_never_take_the_load_limiter(
         tg.start_soon(use_fresh)
         await anyio.wait_all_tasks_blocked()
         gated.open("blocker", "size")
-        await settle(*cache_stores(cache))
+        await cache.wait_idle()
         assert fresh_done.is_set()
         abandoned = {mid for (_, mid) in gated.calls} - {"blocker", "fresh"}
         assert abandoned == set(), "loads nobody waited for read the store"
@@ -546,8 +551,8 @@ async def test_failure_reaches_every_waiter_and_is_remembered(
             async with cache.use("a"):
                 pass
         assert calls == 1 and cache.stats().failures == 2
-        now = modelcache._cache._clock()
-        monkeypatch.setattr(modelcache._cache, "_clock", lambda: now + 31)
+        now = modelcache._failures.clock()
+        monkeypatch.setattr(modelcache._failures, "clock", lambda: now + 31)
         with pytest.raises(ModelBuildError):  # forgotten after failure_ttl: tried again
             async with cache.use("a"):
                 pass
@@ -638,13 +643,13 @@ async def test_load_outlives_all_its_cancelled_callers_once_reading_weights(
                     pass
 
         tg.start_soon(use_a)
-        await settle(*cache_stores(cache))  # the load waits at the gated weight read
+        await settle()  # the load waits at the gated weight read
         assert gated.calls[(point, "a")] == 1
         caller.cancel()
         await anyio.wait_all_tasks_blocked()
         assert cache.stats().loading == 1
         gated.open("a", point)
-        await settle(*cache_stores(cache))  # the rest of the load runs in worker threads
+        await settle()  # the rest of the load runs in worker threads
         assert cache.resident() == ["a"]
         check_invariants(cache)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -42,7 +43,10 @@ from modelcache._cache import ModelCache as _ModelCache
 from modelcache._format import ModelInfo
 from modelcache._torch import TorchBackend
 
-from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, settle
+from .conftest import GatedStore, MemoryModels, check_invariants, settle
+
+#: `settle` counts worker threads.
+pytestmark = pytest.mark.usefixtures("count_threads")
 
 SIZES = {"a": 300, "b": 500, "c": 700, "d": 200, "e": 900, "huge": 5000}
 BUDGET = 1200
@@ -194,7 +198,7 @@ class CacheMachine(RuleBasedStateMachine):
     async def _settle_or_fail(self) -> None:
         try:
             with anyio.fail_after(SETTLE_SECONDS):
-                await settle(*cache_stores(self.cache))
+                await settle()
         except TimeoutError:
             self.spinning = True
             raise AssertionError("the cache never settled: loads and evictions spin") from None
@@ -304,22 +308,11 @@ class CacheMachine(RuleBasedStateMachine):
 
     def _check_fairness(self) -> None:
         c: _ModelCache = self.cache
-        device, entries = c._device, list(c._entries.values())
-        line = device._line
-        if line and line[0].wanted():
-            # The head of the line gets bytes once the leases on its victims end: unless even
-            # every ready, unwaited-for model (leased or not) cannot cover it, enough of them
-            # must have been chosen (draining) already.
-            head = line[0].nbytes
-            coming = device.budget - device.reserved + device.freeing
-            coming += getattr(device, "draining_bytes", 0)
-            if coming < head:
-                candidates = sum(
-                    e.nbytes
-                    for e in entries
-                    if e.ready and e.waiters == 0 and getattr(e, "draining", None) is None
-                )
-                assert coming + candidates < head, "no victims chosen for the waiting load"
+        entries = list(c._entries.values())
+        # The head of the line gets bytes once the leases on its victims end: unless even every
+        # ready, unwaited-for model (leased or not) cannot cover it, enough of them must have
+        # been chosen (draining) already.
+        c._device.check_fairness()
         draining = [(e, getattr(e, "draining", None)) for e in entries]
         drains: dict[tuple[object, object], int] = {
             (e, d): e.leases for e, d in draining if d is not None
@@ -441,19 +434,19 @@ async def _traffic_then_a_cold_load(before: list[str], after: list[str], lru: bo
         async with cache, anyio.create_task_group() as tg:
             for op in before:
                 step(op)
-                await settle(*cache_stores(cache))
+                await settle()
             tg.start_soon(hold, "cold", cold_release, cold_in)
-            await settle(*cache_stores(cache))
+            await settle()
             held_then = list(held)
             for op in after:
                 step(op)
-                await settle(*cache_stores(cache))
+                await settle()
                 check_invariants(cache)
                 if all(release.is_set() for release in held_then):
                     assert cold_in.is_set(), "the cold load waited for leases newer than it"
             for release in held_then:
                 release.set()
-            await settle(*cache_stores(cache))
+            await settle()
             assert cold_in.is_set(), "the cold load waited for leases newer than it"
             check_invariants(cache)
             cold_release.set()

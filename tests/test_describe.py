@@ -13,6 +13,9 @@ from modelcache._format import ModelInfo
 
 from .conftest import GatedStore, MemoryModels, check_invariants, settle
 
+#: `settle` counts worker threads.
+pytestmark = pytest.mark.usefixtures("count_threads")
+
 
 def store_calls(gated: GatedStore, model_id: str) -> int:
     """Store operations made for ``model_id``, of every kind."""
@@ -120,11 +123,11 @@ async def test_describe_cancelled_by_every_caller_leaves_nothing_behind(
             async with anyio.create_task_group() as tg:
                 caller = anyio.CancelScope()
                 tg.start_soon(check, caller)
-                await settle(cache.store)  # the check waits at the gated header read
+                await settle()  # the check waits at the gated header read
                 caller.cancel()  # the caller gives up (the adapter's timeout)
-        await settle(cache.store)
+        await settle()
         assert describe_tasks() == []
-        assert cache._checks == {} and len(cache._failures) == 0
+        assert cache._checks._checks == {} and len(cache._failures.memory) == 0
         gated.open("a", "read_range")
         assert (await cache.describe("a")).nbytes == 1000
         assert gated.calls[("read_range", "a")] == 4

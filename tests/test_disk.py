@@ -41,9 +41,11 @@ from modelcache._loader import fill_buffer, read_config, read_model_info
 from modelcache._store import Store
 from modelcache._torch import TorchBackend
 
-from .conftest import GatedStore, MemoryModels, cache_stores, model_bytes, settle
+from .conftest import GatedStore, MemoryModels, model_bytes, settle
 from .fake_cupy import FakeCupy
 from .safetensors_files import put, tensor_bytes, write_model, write_sharded
+
+pytestmark = pytest.mark.usefixtures("count_threads")
 
 # -- helpers --------------------------------------------------------------------------------------
 
@@ -973,7 +975,7 @@ async def _count_disk_hits(models: MemoryModels, disk_dir: Path) -> None:
         for name in "abc":  # one at a time on the device: each written to the disk tier
             async with cache.use(name):
                 pass
-        await settle(*cache_stores(cache))
+        await settle()
     models.add("a", 1000, seed=7)  # the store has a new version: a's copy is stale
     target = disk_dir / entry_name("b") / "model.safetensors"
     _flip(target, target.stat().st_size - 1)  # b's copy is damaged
@@ -1020,7 +1022,7 @@ async def test_a_flipped_bit_on_disk_never_reaches_a_model(
             original = tensor_bytes(safetensors.torch.load(model_bytes(1000, seed=10))["w"])
             for name in "ab":  # copied to the disk tier from the host tier; b pushes a out
                 await cache.prefetch([name], tier="host")
-                await settle(*cache_stores(cache))
+                await settle()
             assert cache.tier_of("a") == "disk"
             target = disk_dir / entry_name("a") / "model.safetensors"
             _flip(target, target.stat().st_size - 1)
@@ -1029,7 +1031,7 @@ async def test_a_flipped_bit_on_disk_never_reaches_a_model(
             async with cache.use("a") as w:
                 assert _weight_bytes(w) == original
             assert gated.calls[("read_into", "a")] == 2  # the prefetch, then for the damaged copy
-            disk = cache._lower.disk
+            disk = cache._host_disk.disk
             assert disk is not None and disk.stats().damaged == 1
             assert cache.stats().load_failures == 0
     finally:

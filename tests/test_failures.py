@@ -24,7 +24,7 @@ from modelcache._failures import release_frames
 from modelcache._format import ModelInfo
 from modelcache._pool import BufferPool
 
-from .conftest import GatedStore, MemoryModels, check_invariants, settle
+from .conftest import GatedStore, MemoryModels, check_invariants
 
 #: Large enough for a mapped (weak-referenceable) host buffer, not a heap bytearray.
 BIG = 2 << 20
@@ -73,7 +73,7 @@ async def test_a_failed_build_leaves_no_buffer_reachable(models: MemoryModels) -
             async with cache.use("a"):
                 pass
         del first
-        await settle(cache.store)
+        await cache.wait_idle()
         gc.collect()
         assert len(refs) == 1 and refs[0]() is None
         assert cache.stats().bytes_reserved == 0
@@ -110,7 +110,7 @@ async def test_a_store_failure_mid_load_leaves_no_buffer_reachable(
             await anyio.wait_all_tasks_blocked()
             models.fs.rm(f"{models.root}/a/model.safetensors")  # gone under the load
             gated.open("a", "read_into")
-        await settle(cache.store)
+        await cache.wait_idle()
         gc.collect()
         assert refs and all(ref() is None for ref in refs)
         with pytest.raises(ModelNotFoundError):  # still remembered
@@ -129,11 +129,11 @@ async def test_expired_failures_are_forgotten_without_another_failure(
         with pytest.raises(ModelNotFoundError):
             async with cache.use("missing"):
                 pass
-        assert len(cache._failures) == 1
+        assert len(cache._failures.memory) == 1
         sweeper = [t for t in asyncio.all_tasks() if t.get_name() == "modelcache failure memory"]
         assert len(sweeper) == 1
         await asyncio.wait(sweeper, timeout=5)  # it ends once the memory is empty
-        assert sweeper[0].done() and len(cache._failures) == 0
+        assert sweeper[0].done() and len(cache._failures.memory) == 0
 
 
 async def test_host_prefetch_raises_the_error_of_the_device_load_it_joined(
@@ -205,8 +205,8 @@ async def test_cuda_failed_loads_give_their_device_memory_back(
             await anyio.wait_all_tasks_blocked()
             models.fs.rm(f"{models.root}/store/model.safetensors")
             gated.open("store", "read_into")
-        await settle(cache.store)
-        assert len(cache._failures) == 2
+        await cache.wait_idle()
+        assert len(cache._failures.memory) == 2
         gc.collect()
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() == start
@@ -271,7 +271,7 @@ async def test_a_remembered_error_keeps_no_frame_of_the_callers_it_was_raised_to
         refs = [await caller(use), await caller(lambda: cache.describe("missing"))]
         gc.collect()
         assert [ref() for ref in refs] == [None, None]
-        assert len(cache._failures) == 1
+        assert len(cache._failures.memory) == 1
 
 
 async def test_each_waiter_of_a_failed_load_gets_its_own_traceback(

@@ -24,7 +24,7 @@ from modelcache import (
 )
 from modelcache.metrics import LOAD_BUCKETS, CacheMetrics
 
-from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, settle
+from .conftest import GatedStore, MemoryModels, check_invariants
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,7 +212,7 @@ async def test_waits_for_a_load_are_timed_and_loads_in_flight_counted(
         assert sample(registry, "modelcache_load_wait_seconds_count") == 0
         clock.now += 2.5
         gated.open("a", "read_into")
-        await settle(gated)
+        await cache.wait_idle()
         assert sample(registry, "modelcache_loads_in_flight") == 0
         assert sample(registry, "modelcache_load_waiters") == 0
         assert sample(registry, "modelcache_leases") == 2
@@ -396,9 +396,9 @@ async def test_disk_tier_loads_and_lookups_are_reported(
     CacheMetrics(cache, registry=registry)
     async with cache:
         await use(cache, "a")
-        await settle(*cache_stores(cache))
+        await cache.wait_idle()
         await use(cache, "b")  # evicts a: no host tier, dropped from RAM
-        await settle(*cache_stores(cache))
+        await cache.wait_idle()
         await use(cache, "a")  # from the disk tier
         counts = {
             s: sample(registry, "modelcache_load_seconds_count", source=s)

@@ -396,7 +396,7 @@ async def test_cache_binds_costs_and_shares_history_with_the_host_tier(
         models.template, device_budget=2000, host_budget=1000, policy=policy
     ) as cache:
         assert policy.has_cost
-        host_policy: Any = cache._lower.host.policy
+        host_policy: Any = cache._host_disk.host.policy
         assert isinstance(host_policy, CostAwarePolicy) and host_policy.history is policy.history
         assert host_policy.has_cost
         for _ in range(3):
@@ -425,8 +425,9 @@ async def test_host_admission_keeps_a_one_off_out_of_a_full_host_tier(
         policy=CostAwarePolicy(),
         host_policy=CostAwarePolicy(admission=True),
     ) as cache:
-        host_policy: Any = cache._lower.host.policy
-        assert host_policy.history is cache._policy.history  # type: ignore[attr-defined]
+        host_policy: Any = cache._host_disk.host.policy
+        device_policy: Any = cache._device.policy
+        assert host_policy.history is device_policy.history
         for _ in range(3):
             async with cache.use("r"):
                 pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,31 @@ def test_public_names() -> None:
     ]
     for name in modelcache.__all__:
         assert getattr(modelcache, name).__module__.startswith("modelcache")
+
+
+def test_model_cache_methods() -> None:
+    """ModelCache's public methods and properties are exactly the documented ones."""
+    assert sorted(n for n in vars(modelcache.ModelCache) if not n.startswith("_")) == [
+        "add_observer",
+        "describe",
+        "device",
+        "estimate_load_seconds",
+        "evict",
+        "is_bound",
+        "load_costs",
+        "model",
+        "prefetch",
+        "refresh",
+        "remove_observer",
+        "resident",
+        "stats",
+        "store",
+        "tier_of",
+        "use",
+        "version_of",
+        "wait_idle",
+    ]
+    assert "background" in {f.name for f in dataclasses.fields(modelcache.CacheStats)}
 
 
 def test_importing_modelcache_never_imports_cupy() -> None:

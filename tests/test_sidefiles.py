@@ -15,7 +15,9 @@ from modelcache._diskformat import entry_name
 if TYPE_CHECKING:  # imported by pytest as a plugin: importing it here first would skip rewriting
     from tests.servers import S3Prefix, SeaweedFS
 
-from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, model_bytes, settle
+from .conftest import GatedStore, MemoryModels, check_invariants, model_bytes, settle
+
+pytestmark = pytest.mark.usefixtures("count_threads")
 
 pytest_plugins = ("tests.servers",)
 
@@ -243,7 +245,7 @@ async def test_host_tier_counts_side_files_and_promotion_reads_none_again(
             pass
         async with cache.use("b", model=S):  # evicts a to host memory
             pass
-        await settle(*cache_stores(cache))
+        await settle()
         assert cache.stats().tiers["host"].bytes == 1000 + side
         check_invariants(cache)
         before = sum(gated.calls.values())
@@ -264,7 +266,7 @@ async def test_disk_entry_serves_config_and_side_files_without_the_store(
         S = bind(c)
         async with c.use("a", model=S):
             pass
-        await settle(*cache_stores(c))
+        await settle()
         assert c.stats().tiers["disk"].bytes > 1000 + side
     # The store's side files change: a disk hit must not read them (one version per entry).
     models.put("a/config.json", json.dumps({"v": 2}).encode())
@@ -293,7 +295,7 @@ async def test_a_damaged_side_file_in_a_disk_entry_never_reaches_the_builder(
     async with ModelCache(models.template, **opts) as c:
         async with c.use("a", model=bind(c)):
             pass
-        await settle(*cache_stores(c))
+        await settle()
     path = tmp_path / entry_name("a") / name
     data = bytearray(path.read_bytes())
     data[-2] ^= 1  # same size, still JSON: only a checksum tells
@@ -301,8 +303,8 @@ async def test_a_damaged_side_file_in_a_disk_entry_never_reaches_the_builder(
     async with ModelCache(models.template, **opts) as c:
         async with c.use("a", model=bind(c)) as seen:
             assert seen.config == {"v": 1} and seen.files == SIDE
-        assert c._lower.disk is not None and c._lower.disk.stats().damaged == 1
-        await settle(*cache_stores(c))
+        assert c._host_disk.disk is not None and c._host_disk.disk.stats().damaged == 1
+        await settle()
         check_invariants(c)
     assert (tmp_path / entry_name("a") / name).read_bytes() != bytes(data)  # written afresh
 
@@ -317,7 +319,7 @@ async def test_a_side_file_changed_in_the_store_is_a_new_version_for_the_disk_ti
         S = bind(c)
         async with c.use("a", model=S):
             pass
-        await settle(*cache_stores(c))
+        await settle()
         assert c.stats().tiers["disk"].entries == 1
     models.put("a/tokenizer.json", b"{}")
     async with ModelCache(gated, device_budget=1000, disk_dir=tmp_path, disk_budget="1MiB") as c:
@@ -344,7 +346,7 @@ async def test_a_host_copy_whose_side_files_changed_is_replaced_not_failed_forev
     async with ModelCache(models.template, **opts) as c:
         async with c.use("a", model=bind(c)):
             pass
-        await settle(*cache_stores(c))
+        await settle()
     async with ModelCache(models.template, **opts) as c:
         S = bind(c)
         await c.prefetch(["a"], tier="host")  # from the disk entry: weights only
@@ -352,7 +354,7 @@ async def test_a_host_copy_whose_side_files_changed_is_replaced_not_failed_forev
         for _ in range(2):
             async with c.use("a", model=S) as seen:
                 assert seen.files["tokenizer.json"] == b"{}"
-        await settle(*cache_stores(c))
+        await settle()
         check_invariants(c)
 
 
@@ -371,7 +373,7 @@ async def test_disk_entry_without_the_side_files_asked_reads_them_from_the_store
         no_side = bind(c, NoSide)
         async with c.use("a", model=no_side):
             pass
-        await settle(*cache_stores(c))
+        await settle()
     async with ModelCache(
         models.template, device_budget=1000, disk_dir=tmp_path, disk_budget="1MiB"
     ) as c:
@@ -380,7 +382,7 @@ async def test_disk_entry_without_the_side_files_asked_reads_them_from_the_store
             assert seen.files == SIDE and seen.config == {"v": 1}
         assert c.stats().tiers["disk"].hits == 1
         # Served, not taken for damage (the weights' check covers the weights' files only).
-        assert c._lower.disk is not None and c._lower.disk.stats().damaged == 0
+        assert c._host_disk.disk is not None and c._host_disk.disk.stats().damaged == 0
 
 
 async def test_side_file_globs_list_a_remote_directory(

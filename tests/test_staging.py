@@ -43,6 +43,9 @@ from modelcache._torch import TorchBackend, TorchCudaCopyEngine, tensor_views
 from .conftest import GatedStore, MemoryModels, settle
 from .safetensors_files import Dest, tensor_bytes, write_model, write_raw, write_sharded
 
+#: `settle` counts worker threads.
+pytestmark = pytest.mark.usefixtures("count_threads")
+
 MODEL_ID = "m-1"
 SENTINEL = 0xA5
 
@@ -142,7 +145,7 @@ async def quiesce(store: Store) -> None:
     """
     for _ in range(30):
         await anyio.lowlevel.checkpoint()
-    await settle(store)
+    await settle()
 
 
 async def complete_copies(
@@ -352,20 +355,20 @@ async def test_chunk_with_pending_copy_is_never_refilled(root: str) -> None:
     buffer = device_buffer(info)
     async with anyio.create_task_group() as tg:
         tg.start_soon(stage_to_device, store, info, buffer, pool, engine)
-        await settle(store)
+        await settle()
         assert len(engine.pending) == 2 and pool.in_use == 2
         reads = store.reads
-        await settle(store)
+        await settle()
         assert store.reads == reads  # nothing more is read while both chunks await their copies
         first, second = engine.pending
         first_bytes = bytes(first.src.tolist())
         engine.complete(second)  # late and out of order: the second copy finishes first
-        await settle(store)
+        await settle()
         assert len(engine.pending) == 2 and engine.pending[0] is first
         assert engine.pending[1].src.data_ptr() == second.src.data_ptr()  # its chunk, reused
         assert bytes(first.src.tolist()) == first_bytes  # the pending copy's chunk untouched
         while engine.pending:
-            await settle(store)
+            await settle()
             engine.complete(engine.pending[-1])
     assert_exact(buffer, info, tensors)
     assert pool.in_use == 0
@@ -415,12 +418,12 @@ async def test_cancel_mid_stage_waits_for_copies_then_returns_every_chunk(root: 
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
-        await settle(store)
+        await settle()
         engine.complete(engine.pending[0])  # one piece done, its chunk reused
-        await settle(store)
+        await settle()
         assert len(engine.pending) == 3 and pool.in_use == 3
         scope.cancel()
-        await settle(store)
+        await settle()
         assert not finished.is_set()  # still waiting for the copies in flight
         assert pool.in_use == 3  # no chunk back while its copy may read it
         for copy in reversed(list(engine.pending)):
@@ -451,7 +454,7 @@ async def test_cancel_during_reads_returns_every_chunk(
                     await stage_to_device(gated, info, device_buffer(info), pool, engine)
 
             tg.start_soon(second_load)
-            await settle(gated)
+            await settle()
             assert pool.in_use == 2 and pool.stats().waiting == 2
             assert gated.calls[("read_into", MODEL_ID)] == 2
             scope.cancel()

@@ -15,7 +15,7 @@ import pytest
 
 from modelcache import LRUPolicy, ModelCache, ModelTooLargeError
 
-from .conftest import MemoryModels, cache_stores, check_invariants, settle
+from .conftest import MemoryModels, check_invariants
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -63,5 +63,5 @@ async def test_traffic_under_byte_pressure_always_finishes(
             async with anyio.create_task_group() as tg:
                 for w in range(12):
                     tg.start_soon(worker, w)
-        await settle(*cache_stores(cache))
+        await cache.wait_idle()
         check_invariants(cache)

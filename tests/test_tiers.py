@@ -14,10 +14,10 @@ import anyio
 import pytest
 import torch
 
-from modelcache import ModelCache, ModelNotFoundError, ModelTooLargeError, StoreError
+from modelcache import LRUPolicy, ModelCache, ModelNotFoundError, ModelTooLargeError, StoreError
 from modelcache._diskformat import MANIFEST_NAME, entry_name
 
-from .conftest import GatedStore, MemoryModels, cache_stores, check_invariants, settle
+from .conftest import GatedStore, MemoryModels, check_invariants
 
 
 async def test_eviction_demotes_to_host_and_use_promotes_without_a_read(
@@ -48,11 +48,14 @@ async def test_eviction_demotes_to_host_and_use_promotes_without_a_read(
 async def test_host_tier_evicts_least_recently_used_within_its_budget(
     models: MemoryModels,
 ) -> None:
-    """The host tier keeps at most its budget, dropping its least recently demoted model."""
+    """The host tier keeps at most its budget, dropping its least recently demoted model (with
+    `LRUPolicy`: a, used twice, would be kept by the default cost-aware policy)."""
     for name in "abcd":
         models.add(name, 1000)
-    async with ModelCache(models.template, device_budget=1000, host_budget=2500) as cache:
-        for name in "abcd":
+    async with ModelCache(
+        models.template, device_budget=1000, host_budget=2500, policy=LRUPolicy()
+    ) as cache:
+        for name in "aabcd":
             async with cache.use(name):
                 check_invariants(cache)
         assert cache.resident() == ["d"]
@@ -193,12 +196,6 @@ async def test_closing_frees_the_host_tier(models: MemoryModels) -> None:
 # -- the disk tier ----------------------------------------------------------------------------
 
 
-async def _settle_writes(cache: ModelCache) -> None:
-    """Wait until the background copies to the disk tier are done."""
-    await settle(*cache_stores(cache))
-    assert not cache._lower.disk_writes
-
-
 def _damage_disk_copies(root: Path) -> None:
     for path in root.rglob("model.safetensors"):
         data = path.read_bytes()
@@ -216,13 +213,13 @@ async def test_remote_loads_are_copied_to_disk_and_come_back_from_there(
     ) as cache:
         async with cache.use("a") as w:
             original = w["w"].clone()
-        await _settle_writes(cache)
+        await cache.wait_idle()  # the copies to the disk tier
         async with cache.use("b"):  # evicts a (no host tier: dropped from RAM)
             pass
         async with cache.use("a") as w:
             assert w["w"].equal(original)
         assert gated.calls[("read_into", "a")] == 1
-        await _settle_writes(cache)
+        await cache.wait_idle()  # the copies to the disk tier
         disk = cache.stats().tiers["disk"]
         assert (disk.entries, disk.hits) == (2, 1)
         check_invariants(cache)
@@ -236,7 +233,7 @@ async def test_disk_tier_survives_a_restart(models: MemoryModels, tmp_path: Path
     ) as cache:
         async with cache.use("a") as w:
             original = w["w"].clone()
-        await _settle_writes(cache)
+        await cache.wait_idle()  # the copies to the disk tier
     store = GatedStore(models.template)
     async with (
         ModelCache(store, device_budget=4000, disk_dir=tmp_path, disk_budget="1MiB") as cache,
@@ -256,7 +253,7 @@ async def test_a_damaged_disk_copy_falls_back_to_the_store(
     ) as cache:
         async with cache.use("a") as w:
             original = w["w"].clone()
-        await _settle_writes(cache)
+        await cache.wait_idle()  # the copies to the disk tier
         assert cache.evict("a")
         _damage_disk_copies(tmp_path)
         async with cache.use("a") as w:
@@ -278,7 +275,7 @@ async def test_local_stores_get_no_disk_copies(tmp_path: Path) -> None:
     ) as cache:
         async with cache.use("a"):
             pass
-        await _settle_writes(cache)
+        await cache.wait_idle()  # the copies to the disk tier
         assert cache.stats().tiers["disk"].entries == 0
 
 
@@ -295,14 +292,14 @@ async def test_tier_of_names_the_highest_tier_holding_a_model(
         assert cache.tier_of("a") is None
         async with cache.use("a"):
             assert cache.tier_of("a") == "device"
-        await _settle_writes(cache)
+        await cache.wait_idle()  # the copies to the disk tier
         async with cache.use("b"):  # a: device -> host
             pass
         assert cache.tier_of("a") == "host"
-        await _settle_writes(cache)
+        await cache.wait_idle()  # the copies to the disk tier
         async with cache.use("c"):  # b: device -> host, a: host -> disk
             pass
-        await settle(*cache_stores(cache))
+        await cache.wait_idle()
         assert (cache.tier_of("a"), cache.tier_of("b"), cache.tier_of("c")) == (
             "disk",
             "host",
@@ -367,17 +364,17 @@ async def test_disk_writes_hold_at_most_the_write_buffer(
                 buffers.append(weakref.ref(w.buffer))
             await anyio.wait_all_tasks_blocked()
         gc.collect()
-        assert sorted(cache._lower.disk_writes) == ["a", "b"]
+        assert sorted(cache._host_disk.disk_writes) == ["a", "b"]
         assert sum(ref() is not None for ref in buffers) <= 1 + 2  # d on the device, a and b
         assert cache.stats().disk_write_bytes == 2000
         gate.set()
-        await settle(*cache_stores(cache))
+        await cache.wait_idle()
         assert cache.stats().disk_write_bytes == 0
         assert cache.tier_of("c") is None
         async with cache.use("c"):
             pass
-        await settle(*cache_stores(cache))
-        disk = cache._lower.disk
+        await cache.wait_idle()
+        disk = cache._host_disk.disk
         assert disk is not None and [m for m in "abcd" if m in disk] == ["a", "b", "c"]
         assert cache.stats().disk_writes_skipped == 2
 
@@ -401,12 +398,11 @@ async def test_host_budget_counts_a_promoted_block_a_disk_write_still_reads(
         disk_dir=tmp_path,
         disk_budget="64MiB",
     ) as cache:
-        host = cache._lower.host
         await cache.prefetch(["a"], tier="host")
         async with cache.use("a"):  # promoted while the write of a still reads its block
             pass
-        assert cache._lower.arena is not None
-        assert host.reserved == cache._lower.arena.used == 6 * mib
+        assert cache._host_disk.arena is not None
+        assert cache.stats().tiers["host"].bytes_reserved == cache._host_disk.arena.used == 6 * mib
         check_invariants(cache)
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: cache.prefetch(["b"], tier="host"))
@@ -415,8 +411,8 @@ async def test_host_budget_counts_a_promoted_block_a_disk_write_still_reads(
             check_invariants(cache)
             gate.set()
         assert cache.resident("host") == ["b"]
-        assert host.reserved == cache._lower.arena.used == 6 * mib
-        await settle(*cache_stores(cache))
+        assert cache.stats().tiers["host"].bytes_reserved == cache._host_disk.arena.used == 6 * mib
+        await cache.wait_idle()
         check_invariants(cache)
 
 
@@ -431,11 +427,10 @@ async def test_a_disk_copy_removed_under_a_load_falls_back_to_the_store(
     ) as cache:
         async with cache.use("a") as w:
             original = w["w"].clone()
-        await _settle_writes(cache)
+        await cache.wait_idle()  # the copies to the disk tier
         assert cache.evict("a")
-        cache._lower.entries.clear()  # out of host memory too (as if evicted there)
-        cache._lower.host.resident = cache._lower.host.reserved = 0
-        disk = cache._lower.disk
+        cache._host_disk._evict_host(cache._host_disk.entries["a"])  # out of host memory too
+        disk = cache._host_disk.disk
         assert disk is not None and cache.tier_of("a") == "disk"
         read_into = disk.store.read_into
 
@@ -449,8 +444,7 @@ async def test_a_disk_copy_removed_under_a_load_falls_back_to_the_store(
         assert gated.calls[("read_into", "a")] == 2
         assert cache.stats().load_failures == 0
         cache.evict("a")
-        cache._lower.entries.clear()
-        cache._lower.host.resident = cache._lower.host.reserved = 0
+        cache._host_disk._evict_host(cache._host_disk.entries["a"])
         await cache.prefetch(["a"], tier="host")  # the host path falls back the same way
         async with cache.use("a") as w:
             assert w["w"].equal(original)
@@ -470,7 +464,7 @@ async def test_a_damaged_disk_entry_falls_back_and_does_not_stop_the_cache(
         for name in "ab":
             async with cache.use(name):
                 pass
-        await _settle_writes(cache)
+        await cache.wait_idle()  # the copies to the disk tier
         assert cache.evict("a")
         for name in "ab":
             manifest = tmp_path / entry_name(name) / MANIFEST_NAME

@@ -22,7 +22,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from modelcache import ModelBuildError, ModelCache  # noqa: E402
 
-from .conftest import cache_stores, settle  # noqa: E402
+from .conftest import settle  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("count_threads")
 
 if TYPE_CHECKING:  # imported by pytest as a plugin: importing it here first would skip rewriting
     from tests.servers import S3Prefix, SeaweedFS
@@ -126,7 +128,7 @@ async def test_auto_model_over_s3_through_host_and_disk_tiers(
         async with cache.use("a", model=None) as model:
             assert_same_embeddings(model, reference)
         assert cache.stats().tiers["host"].hits == 1
-        await settle(*cache_stores(cache))
+        await settle()
     async with make() as cache:
         async with cache.use("a", model=None) as model:
             assert_same_embeddings(model, reference)

@@ -28,8 +28,10 @@ from modelcache._cache import ModelCache as _ModelCache
 from modelcache._loader import read_model_info, with_config
 from modelcache._versions import reading
 
-from .conftest import MemoryModels, cache_stores, check_invariants, model_bytes, settle
+from .conftest import MemoryModels, check_invariants, model_bytes, settle
 from .safetensors_files import write_sharded
+
+pytestmark = pytest.mark.usefixtures("count_threads")
 
 if TYPE_CHECKING:  # imported by pytest as a plugin: importing it here first would skip rewriting
     from tests.servers import HttpServer, S3Prefix, SeaweedFS
@@ -211,9 +213,27 @@ async def test_a_hit_past_revalidate_after_starts_one_background_check(
         for _ in range(3):
             async with cache.use("m"):  # served without awaiting the check
                 assert c._revalidator.in_flight == 1
-        await settle(*cache_stores(cache))
+        await settle()
         assert cache.stats().revalidations == 1
         assert cache.stats().swaps == 0
+
+
+async def test_wait_idle_waits_for_a_background_check_and_its_swap(
+    models: MemoryModels,
+) -> None:
+    """A check a hit started, and the swap it starts, count as the cache's background work."""
+    models.add("m", NBYTES, seed=1)
+    async with ModelCache(models.template, device_budget=10 * NBYTES, revalidate_after=0) as cache:
+        async with cache.use("m"):
+            pass
+        models.add("m", NBYTES, seed=2)  # published again: the next check finds it
+        async with cache.use("m"):  # due: starts a check in the background
+            assert cache.stats().background >= 1
+        await cache.wait_idle()
+        assert (cache.stats().swaps, cache.stats().background) == (1, 0)
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(2)
+        check_invariants(cache)
 
 
 async def test_revalidate_after_none_never_checks(models: MemoryModels) -> None:
@@ -225,7 +245,7 @@ async def test_revalidate_after_none_never_checks(models: MemoryModels) -> None:
         for _ in range(3):
             async with cache.use("m"):
                 pass
-        await settle(*cache_stores(cache))
+        await settle()
         assert cache.stats().revalidations == 0
 
 
@@ -334,7 +354,7 @@ async def _load_once(url: str, disk: Path, **kwargs: Any) -> tuple[int, Any]:
         c: _ModelCache = cache
         with anyio.fail_after(30):
             # Its copy to the disk tier asks the server for an etag: no event marks its end.
-            while c._lower.disk_writes:  # noqa: ASYNC110
+            while c._host_disk.disk_writes:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         return answer, cache.stats()
 

@@ -8,7 +8,6 @@ import tracemalloc
 from pathlib import Path
 from typing import Any, cast
 
-import anyio
 import fsspec
 import pytest
 from conftest import TINY_BYTES, write_model
@@ -27,7 +26,6 @@ from modelcache import (
     CacheClosedError,
     DeviceOutOfMemoryError,
     InvalidModelIdError,
-    ModelCache,
     ModelCacheError,
     ModelLoadError,
     ModelNotFoundError,
@@ -261,19 +259,6 @@ async def test_replica_whose_cache_cannot_open_is_unhealthy(tmp_path: Path) -> N
         replica.check_health()
 
 
-async def _settle(cache: ModelCache) -> None:
-    """Wait until no task can run and no worker thread (store reads, disk writes) is busy."""
-    disk = cache._lower.disk
-    stores = [cache.store] if disk is None else [cache.store, disk.store]
-    while True:
-        await anyio.wait_all_tasks_blocked()
-        limiters = [anyio.to_thread.current_default_thread_limiter()]
-        limiters += [s._limiter for s in stores if s._limiter is not None]
-        if all(limiter.borrowed_tokens == 0 for limiter in limiters):
-            return
-        await anyio.sleep(0.001)
-
-
 async def test_routing_stats_report_disk_tier_ids_as_lower(tmp_path: Path) -> None:
     """A model only on a replica's disk tier is reported as a lower-tier holder: routers send
     its requests there (a local copy) rather than to a replica that would download it."""
@@ -293,7 +278,7 @@ async def test_routing_stats_report_disk_tier_ids_as_lower(tmp_path: Path) -> No
             pass
         async with replica.cache.use("b"):  # evicts a from the device (no host tier)
             pass
-        await _settle(replica.cache)
+        await replica.cache.wait_idle()
         assert replica.cache.tier_of("a") == "disk"
         report = Residency.from_stats(await replica.record_routing_stats())
         assert report.device == on("b")

@@ -1,0 +1,168 @@
+"""``await cache.wait_idle()`` and ``stats().background``: the cache's own work in flight."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from modelcache import ModelCache
+from modelcache._arena import HostBlock
+from modelcache._backend import LoadedWeights
+from modelcache._disk import DiskTier
+
+from .conftest import GatedStore, MemoryModels, check_invariants
+from .test_backend import RecordingBackend
+
+
+class GatedDemote(RecordingBackend):
+    """A device backend whose copies down to host memory wait until ``gate`` is set."""
+
+    __slots__ = ("gate",)
+
+    def __init__(self) -> None:
+        super().__init__(on_host=False)
+        self.gate = anyio.Event()
+
+    async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
+        await self.gate.wait()
+        await super().demote(loaded, block)
+
+
+class Waiter:
+    """``cache.wait_idle()`` run in a task: whether it has returned."""
+
+    def __init__(self, cache: ModelCache) -> None:
+        self.cache = cache
+        self.returned = False
+        self.scope = anyio.CancelScope()
+
+    async def __call__(self) -> None:
+        with self.scope:
+            await self.cache.wait_idle()
+            self.returned = True
+
+
+async def test_wait_idle_returns_at_once_when_nothing_is_in_flight(models: MemoryModels) -> None:
+    """With no load, copy or write in flight, wait_idle returns without waiting for anything."""
+    models.add("a", 1000)
+    async with ModelCache(models.template, device_budget=4000) as cache:
+        await cache.wait_idle()  # before anything ran
+        async with cache.use("a"):
+            assert cache.stats().background == 0  # the load's task has ended
+            await cache.wait_idle()  # inside a lease: nothing waits for it
+        async with anyio.create_task_group() as tg:
+            waiter = Waiter(cache)
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            assert waiter.returned
+
+
+async def test_wait_idle_does_not_return_while_a_load_is_in_flight(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """A load stalled at its weight read is background work: wait_idle returns once it ended."""
+    models.add("a", 1000)
+    gated.gate("a", "read_into")
+    async with ModelCache(gated, device_budget=4000) as cache:
+        waiter = Waiter(cache)
+
+        async def use() -> None:
+            async with cache.use("a"):
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(use)
+            await anyio.wait_all_tasks_blocked()
+            assert cache.stats().background == 1
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            assert not waiter.returned
+            gated.open("a", "read_into")
+        assert waiter.returned
+        assert cache.stats().background == 0 and cache.resident() == ["a"]
+
+
+async def test_wait_idle_does_not_return_while_a_demotion_copies(models: MemoryModels) -> None:
+    """An eviction's copy down to host memory runs in the background: wait_idle waits for it,
+    and once it returns the model is in the host tier."""
+    models.add("a", 1000)
+    backend = GatedDemote()
+    async with ModelCache(
+        models.template, backend=backend, device_budget=4000, host_budget=4000
+    ) as cache:
+        async with cache.use("a"):
+            pass
+        assert cache.evict("a")
+        assert cache.stats().background == 1
+        waiter = Waiter(cache)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            assert not waiter.returned and cache.resident("host") == []
+            backend.gate.set()
+        assert waiter.returned
+        assert cache.resident("host") == ["a"] and cache.stats().background == 0
+        check_invariants(cache)
+
+
+async def test_wait_idle_does_not_return_while_a_disk_write_runs(
+    models: MemoryModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy to the disk tier (a worker thread) is background work: wait_idle returns only
+    once it has ended, and then the disk tier holds the model."""
+    models.add("a", 1000)
+    release = threading.Event()
+    write = DiskTier.write
+
+    def held_write(self: DiskTier, *args: Any, **kwargs: Any) -> Any:
+        release.wait()
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiskTier, "write", held_write)
+    async with ModelCache(
+        models.template, device_budget=4000, disk_dir=tmp_path, disk_budget="1MiB"
+    ) as cache:
+        async with cache.use("a"):
+            pass
+        assert cache.stats().background == 1  # the write, in its thread
+        waiter = Waiter(cache)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            assert not waiter.returned and cache.stats().tiers["disk"].entries == 0
+            release.set()
+        assert waiter.returned
+        assert cache.stats().tiers["disk"].entries == 1 and cache.stats().background == 0
+
+
+async def test_a_cancelled_wait_idle_leaves_the_work_and_later_waits_alone(
+    models: MemoryModels,
+) -> None:
+    """Cancelling wait_idle cancels no background work, and a later wait_idle still waits for
+    that work and returns when it ends."""
+    models.add("a", 1000)
+    backend = GatedDemote()
+    async with ModelCache(
+        models.template, backend=backend, device_budget=4000, host_budget=4000
+    ) as cache:
+        async with cache.use("a"):
+            pass
+        assert cache.evict("a")
+        first, second = Waiter(cache), Waiter(cache)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await anyio.wait_all_tasks_blocked()
+            first.scope.cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert not first.returned and cache.stats().background == 1
+            tg.start_soon(second)
+            await anyio.wait_all_tasks_blocked()
+            assert not second.returned
+            backend.gate.set()
+        assert second.returned and not first.returned
+        assert cache.resident("host") == ["a"]
+        check_invariants(cache)
