@@ -44,7 +44,7 @@ from ._format import INDEX_NAME, ModelInfo
 from ._loader import fill_buffer, read_model_info
 from ._observe import Observers
 from ._policy import EvictionPolicy, admits
-from ._refresh import load_one_version
+from ._refresh import load_one_version, read_again
 from ._sidefiles import check_host_fits, read_extras
 from ._store import Store
 from ._tiers import ByteBudget, HostEntry, TierStats, check_fits, host_evictable
@@ -341,11 +341,15 @@ class HostDiskTiers:
             self.disk.count(served=False)
             await self._drop_disk_copy(info.model_id, exc)
         fresh = await self._store_info(info)
-        return await self._backend.load(self._store, fresh, zero_copy=True), fresh
+        return await load_one_version(
+            self._store, fresh, partial(self._backend.load, self._store, zero_copy=True)
+        )
 
     async def _store_info(self, info: ModelInfo) -> ModelInfo:
-        """The store's description of a model whose bytes are already reserved as ``info``'s."""
-        fresh = await read_model_info(self._store, info.model_id)
+        """The store's description of a model whose bytes are already reserved as ``info``'s,
+        its config and side files read from the store too (the disk copy's may be of another
+        version than the store's weights now)."""
+        fresh = await read_again(self._store, info)
         if fresh.nbytes != info.nbytes:
             raise ModelLoadError(
                 f"model {info.model_id!r} changed in the store while its disk copy was read "
@@ -353,12 +357,7 @@ class HostDiskTiers:
                 model_id=info.model_id,
                 path=fresh.url,
             )
-        if fresh.side_patterns is not None:
-            return fresh
-        # The config and side files read with ``info`` (from the disk entry) go with it.
-        return replace(
-            fresh, config=info.config, files=info.files, side_patterns=info.side_patterns
-        )
+        return fresh
 
     async def drop_stale(self, model_id: str, keep: ModelVersion | None) -> None:
         """-- versions (issue 12): drop host and disk copies of ``model_id`` that are not of

@@ -279,6 +279,17 @@ def _within(store: Store, model_url: str, url: str) -> bool:
     return url == model_url or url.startswith(store.join(model_url, ""))
 
 
+async def read_again(store: Store, info: ModelInfo) -> ModelInfo:
+    """The store's description of ``info``'s model now, its config and side files read as
+    ``info``'s were (one version: the headers' scope seeds theirs)."""
+    fresh = await read_model_info(store, info.model_id)
+    if info.side_patterns is not None:
+        return await read_extras(store, fresh, tuple(sorted(info.side_patterns)))
+    if info.config is not None:
+        return await with_config(store, fresh)
+    return fresh
+
+
 async def load_one_version(
     store: Store, info: ModelInfo, load: Callable[[ModelInfo], Awaitable[T]]
 ) -> tuple[T, ModelInfo]:
@@ -294,11 +305,7 @@ async def load_one_version(
             if restarts == _RESTARTS:
                 raise
         restarts += 1
-        fresh = await read_model_info(store, info.model_id)
-        if info.side_patterns is not None:  # config and side files, as the first try read them
-            fresh = await read_extras(store, fresh, tuple(sorted(info.side_patterns)))
-        elif info.config is not None:
-            fresh = await with_config(store, fresh)
+        fresh = await read_again(store, info)
         if fresh.nbytes != info.nbytes:
             raise ModelChangedError(
                 f"model {info.model_id!r} changed in the store while it was loaded "

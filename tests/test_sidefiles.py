@@ -399,3 +399,33 @@ async def test_side_file_globs_list_a_remote_directory(
     S = bind(cache)
     async with cache, cache.use("m", model=S) as seen:
         assert seen.files == SIDE
+
+
+async def test_a_damaged_disk_copy_falls_back_to_the_stores_config_with_its_weights(
+    models: MemoryModels, tmp_path: Path
+) -> None:
+    """When a disk copy's weights fail their checksum and the store is read instead, the config
+    and side files come from the store too: never the disk copy's beside the store's weights
+    (the store may hold another version by then; unchecked here: revalidation off)."""
+    _add(models, "a", config={"v": 1})
+    opts: dict[str, Any] = {
+        "device_budget": 1000,
+        "disk_dir": tmp_path,
+        "disk_budget": "1MiB",
+        "revalidate_after": None,
+    }
+    async with ModelCache(models.template, **opts) as c:
+        async with c.use("a", model=bind(c)):
+            pass
+        await settle()
+    _add(models, "a", config={"v": 2}, seed=1)  # a new version of the same size
+    path = tmp_path / entry_name("a") / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # in the weights: only the checksum tells
+    path.write_bytes(bytes(data))
+    async with ModelCache(models.template, **opts) as c:
+        async with c.use("a", model=bind(c)) as seen:
+            assert seen.config == {"v": 2} and seen.files == SIDE
+        assert c._host_disk.disk is not None and c._host_disk.disk.stats().damaged == 1
+        await settle()
+        check_invariants(c)
