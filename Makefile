@@ -32,8 +32,11 @@ $(READY): pyproject.toml adapters/kserve/pyproject.toml
 	touch $@
 
 # The core with its test extra and the Ray Serve adapter (ray[serve], ~500 MB with its
-# dependencies), with the same torch pin as the main virtualenv.
-$(RAY_READY): pyproject.toml adapters/ray/pyproject.toml
+# dependencies), with the same torch pin as the main virtualenv. Built after the main one (an
+# order-only prerequisite) even under `make -j`: both install this checkout in editable mode, and
+# setuptools rewrites modelcache.egg-info in the tree while it does, so two at once could read
+# each other's half-written metadata. Under -j2 the Ray virtualenv builds while the main lint runs.
+$(RAY_READY): pyproject.toml adapters/ray/pyproject.toml | $(READY)
 	test -x $(RAY_PY) || $(PYTHON) -m venv $(RAY_VENV)
 	$(RAY_PY) -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then : > $(RAY_PIN); else echo "$(TORCH_CPU)" > $(RAY_PIN); fi
