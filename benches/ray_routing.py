@@ -227,6 +227,8 @@ class Result:
     seconds: float
     #: Mean time inside the replicas' ``__call__``, over every request.
     served_ns: float
+    #: Requests each replica served, most first (how evenly the router spread the work).
+    per_replica: list[int]
 
 
 def write_store(root: Path, count: int, seed: int) -> tuple[list[str], dict[str, int]]:
@@ -324,7 +326,8 @@ def run_setup(
     loads = sum(s["loads"] for s in stats)
     hits = sum(s["hits"] for s in stats) if name != "multiplexed" else None
     served = sum(s["served_ns"] for s in stats) / max(1, sum(s["served"] for s in stats))
-    return Result(loads, hits, latencies, seconds, served)
+    per_replica = sorted((s["served"] for s in stats), reverse=True)
+    return Result(loads, hits, latencies, seconds, served, per_replica)
 
 
 def main() -> None:
@@ -424,6 +427,7 @@ def main() -> None:
         out[f"{name}_rps"] = round(rps, 1)
         out[f"{name}_mean_ms"] = round(lat.mean_us / 1e3, 2)
         out[f"{name}_in_replica_ms"] = round(r.served_ns / 1e6, 2)
+        out[f"{name}_per_replica"] = r.per_replica
     print_table(
         "Same stream, same device bytes (latency in ms, at the client)",
         ["setup", "loads", "hit ratio", "p50", "p99", "req/s", "mean", "in replica"],
