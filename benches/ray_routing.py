@@ -9,15 +9,31 @@ of mixed sizes, from several concurrent clients through one ``DeploymentHandle``
 * default: the same replicas with Ray's default router (power of two choices);
 * multiplexed: ``@serve.multiplexed(max_num_models_per_replica=K)``, K the number of models of
   mean size that fit the byte budget each modelcache replica has (the loader reads the same
-  safetensors file and builds the same module).
+  safetensors file from the same store and builds the same module).
+
+Loads cost what real ones do relative to a request. Model sizes are log-uniform in 1-32 MiB
+(float32 MLPs, mean ~10 MiB: ~3 GB for 300 models, written to the data dir), and the store is
+`paced_store`: local files read as over each replica's link to an object store, 200 MiB/s
+shared by all of that replica's reads, plus 5 ms before each call's first byte (a stat, a
+ranged read). A load then takes ~20 ms (1 MiB) to ~180 ms (32 MiB), the range of a real
+server's loads from a store, while a request's handler takes ~0.2-4 ms. Read straight from the
+page cache instead, a load costs under 2 ms for the multiplexed loader (safetensors mmaps the
+file) and 5-20 ms for modelcache (which copies the bytes): no real server loads that fast, and
+fewer loads would then buy almost nothing. The pacing is a sleep (a transfer costs its wait,
+not CPU), the same link and store for every setup: modelcache's Store reads it as a remote
+fsspec filesystem (several calls per load: stat, header, config, data ranges), the multiplexed
+loader as two whole-file reads (config and weights) and ``safetensors.torch.load`` of the bytes.
 
 Reported per setup: loads cluster-wide (every replica's loads, summed), hit ratio (requests
-served without a load), client-side p50/p99 latency and throughput. Goals (issue 15): affinity
-loads <= 0.5x default's and <= 0.7x multiplexed's; affinity p99 <= multiplexed p99; affinity
-throughput >= multiplexed's. One run: on a shared 2-core machine the figures are noisy.
+served without a load), client-side p50/p99/mean latency and throughput, and the mean time a
+request spends inside the replica's ``__call__`` (cache lookup or load, and handler): the rest
+of the client's mean is Ray's own path (handle, router, queue-length probes, RPCs). Goals
+(issue 15): affinity loads <= 0.5x default's and <= 0.7x multiplexed's; affinity p99 <=
+multiplexed p99; affinity throughput >= multiplexed's. One run: on a shared 2-core machine the
+figures are noisy.
 
-Run: ``python benches/ray_routing.py [--quick] [--data-dir DIR]`` (in the Ray virtualenv,
-``make bench-ray``).
+Run: ``python benches/ray_routing.py [--quick] [--data-dir DIR] [--store-mib-s B]
+[--store-latency-ms L]`` (in the Ray virtualenv, ``make bench-ray``).
 """
 
 from __future__ import annotations
@@ -25,26 +41,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import fsspec
 import ray
 import torch
 from _common import base_parser, data_dir, emit_json, machine_line, percentiles_us, print_table
+from fsspec.asyn import AsyncFileSystem
 from modelcache_ray import CachedModels, affinity_router_config
 from ray import serve
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 REPLICAS = 3
 MAX_ONGOING = 16
-#: Hidden widths of the models (float32, 64 inputs, 10 outputs): ~70 KiB, ~260 KiB, ~1 MiB.
-WIDTHS = (256, 1024, 4096)
+#: Model sizes, log-uniform between these (float32 MLPs, 64 -> hidden -> 10: 75 floats a unit).
+MIN_BYTES, MAX_BYTES = 1 << 20, 32 << 20
+#: The store link of each replica (see the module docstring).
+STORE_MIB_S = 200.0
+STORE_LATENCY_MS = 5.0
 SETUPS = ("affinity", "default", "multiplexed")
 GOALS = {"loads_vs_default": 0.5, "loads_vs_multiplexed": 0.7}
 
@@ -67,11 +90,93 @@ def answer(model: MLP, x: list[list[float]]) -> list[list[float]]:
     return out
 
 
+def paced_store(mib_s: float, latency_ms: float) -> type[AsyncFileSystem]:
+    """Register (in this process) and return ``paced://``: local files, read as over one link
+    to an object store.
+
+    Every call waits ``latency_ms`` for its first byte, then the bytes it returns take their
+    turn on the process's link (``mib_s``, shared by concurrent reads: a replica's loads
+    together get its bandwidth, whatever their number). A class made where it is used (each
+    replica calls this before its first read): fsspec's filesystem classes hold locks, which
+    Ray cannot ship by value with a deployment defined in this script."""
+    bytes_per_s = mib_s * 2**20
+    latency_s = latency_ms / 1e3
+
+    class PacedFileSystem(AsyncFileSystem):  # type: ignore[misc]
+        protocol = "paced"
+        root_marker = "/"
+        #: When the link is next free (the event loop's clock); one link per process.
+        link_free_at: ClassVar[float] = 0.0
+
+        @classmethod
+        async def _wait(cls, nbytes: int) -> None:
+            now = asyncio.get_running_loop().time()
+            start = max(now + latency_s, cls.link_free_at)
+            cls.link_free_at = start + nbytes / bytes_per_s
+            await asyncio.sleep(cls.link_free_at - now)
+
+        async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+            await self._wait(0)
+            st = os.stat(self._strip_protocol(path))  # local: microseconds, on the loop
+            kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+            return {"name": path, "size": st.st_size, "type": kind, "mtime": st.st_mtime}
+
+        async def _cat_file(
+            self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
+        ) -> bytes:
+            def read() -> bytes:
+                with open(self._strip_protocol(path), "rb") as f:
+                    f.seek(start or 0)
+                    return f.read() if end is None else f.read(max(0, end - (start or 0)))
+
+            data = await asyncio.to_thread(read)
+            await self._wait(len(data))
+            return data
+
+        async def _find(self, path: str, **kwargs: Any) -> list[str]:
+            await self._wait(0)
+            root = self._strip_protocol(path)
+            return sorted(
+                os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
+            )
+
+    fsspec.register_implementation("paced", PacedFileSystem, clobber=True)
+    return PacedFileSystem
+
+
+class Served:
+    """Time spent inside a replica's ``__call__``, summed (for the bench's breakdown)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ns = 0
+
+    def add(self, start_ns: int) -> None:
+        self.count += 1
+        self.ns += time.perf_counter_ns() - start_ns
+
+
 class CachedMLP(CachedModels):
     model_class = MLP
 
+    def __init__(self, store: str, store_link: tuple[float, float], **options: Any) -> None:
+        paced_store(*store_link)
+        self.served = Served()
+        super().__init__(store, **options)
+
     async def handle(self, model: MLP, request: Any) -> Any:
         return answer(model, request)
+
+    async def __call__(self, request: Any) -> Any:
+        start = time.perf_counter_ns()
+        try:
+            return await super().__call__(request)
+        finally:
+            self.served.add(start)
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        stats = await super().record_routing_stats()
+        return {**stats, "served": self.served.count, "served_ns": self.served.ns}
 
 
 def multiplexed_class(max_models: int) -> type:
@@ -79,29 +184,37 @@ def multiplexed_class(max_models: int) -> type:
     (serve.multiplexed takes its bound when it decorates, hence a class per bound)."""
 
     class MultiplexedMLP:
-        def __init__(self, root: str) -> None:
-            self.root = Path(root)
+        def __init__(self, root: str, store_link: tuple[float, float]) -> None:
+            self.fs = paced_store(*store_link)(asynchronous=True)
+            self.root = root
             self.loads = 0
+            self.served = Served()
 
         @serve.multiplexed(max_num_models_per_replica=max_models)  # type: ignore[untyped-decorator]
         async def get_model(self, model_id: str) -> MLP:
             self.loads += 1
-            return await asyncio.to_thread(self._read, model_id)
+            folder = f"{self.root}/{model_id}"
+            config = json.loads(await self.fs._cat_file(f"{folder}/config.json"))
+            weights = await self.fs._cat_file(f"{folder}/model.safetensors")
+            return await asyncio.to_thread(self._build, config, weights)
 
-        def _read(self, model_id: str) -> MLP:
-            folder = self.root / model_id
-            config = json.loads((folder / "config.json").read_text())
+        @staticmethod
+        def _build(config: dict[str, Any], weights: bytes) -> MLP:
             with torch.device("meta"):
                 model = MLP(**config)
-            model.load_state_dict(load_file(folder / "model.safetensors"), assign=True)
+            model.load_state_dict(load(weights), assign=True)
             return model.eval()
 
         async def __call__(self, request: Any) -> Any:
-            model = await self.get_model(serve.get_multiplexed_model_id())
-            return answer(model, request)
+            start = time.perf_counter_ns()
+            try:
+                model = await self.get_model(serve.get_multiplexed_model_id())
+                return answer(model, request)
+            finally:
+                self.served.add(start)
 
         async def record_routing_stats(self) -> dict[str, Any]:
-            return {"loads": self.loads}
+            return {"loads": self.loads, "served": self.served.count, "served_ns": self.served.ns}
 
     return MultiplexedMLP
 
@@ -112,15 +225,21 @@ class Result:
     hits: int | None
     latencies_ns: list[int]
     seconds: float
+    #: Mean time inside the replicas' ``__call__``, over every request.
+    served_ns: float
+    #: Requests each replica served, most first (how evenly the router spread the work).
+    per_replica: list[int]
 
 
 def write_store(root: Path, count: int, seed: int) -> tuple[list[str], dict[str, int]]:
-    """``count`` MLPs of mixed widths under ``root``; their ids and sizes in bytes."""
+    """``count`` MLPs under ``root``, sizes log-uniform in [MIN_BYTES, MAX_BYTES]; their ids and
+    sizes in bytes."""
     rng = random.Random(seed)
     sizes: dict[str, int] = {}
     ids = [f"mlp-{i:04d}" for i in range(count)]
     for i, model_id in enumerate(ids):
-        hidden = rng.choice(WIDTHS)
+        target = math.exp(rng.uniform(math.log(MIN_BYTES), math.log(MAX_BYTES)))
+        hidden = max(1, round(target / (4 * 75)))
         torch.manual_seed(i)
         model = MLP(hidden)
         folder = root / model_id
@@ -182,20 +301,22 @@ def run_setup(
     stream: list[str],
     clients: int,
     router_options: dict[str, Any],
+    store_link: tuple[float, float],
 ) -> Result:
     options: dict[str, Any] = {
         "num_replicas": REPLICAS,
         "max_ongoing_requests": MAX_ONGOING,
         "ray_actor_options": {"num_cpus": 0.1},
     }
-    store = f"file://{root}/{{model_id}}/"
+    store = f"paced://{root}/{{model_id}}/"
     if name == "affinity":
         options["request_router_config"] = affinity_router_config(**router_options)
-        app = serve.deployment(**options)(CachedMLP).bind(store, device_budget=budget)
-    elif name == "default":
-        app = serve.deployment(**options)(CachedMLP).bind(store, device_budget=budget)
+    if name in ("affinity", "default"):
+        app = serve.deployment(**options)(CachedMLP).bind(store, store_link, device_budget=budget)
     else:
-        app = serve.deployment(**options)(multiplexed_class(max_models)).bind(str(root))
+        app = serve.deployment(**options)(multiplexed_class(max_models)).bind(
+            f"paced://{root}", store_link
+        )
     handle = serve.run(app, name=name, route_prefix=f"/{name}")
     try:
         latencies, seconds = asyncio.run(drive(handle, stream, clients))
@@ -204,7 +325,9 @@ def run_setup(
         serve.delete(name)
     loads = sum(s["loads"] for s in stats)
     hits = sum(s["hits"] for s in stats) if name != "multiplexed" else None
-    return Result(loads, hits, latencies, seconds)
+    served = sum(s["served_ns"] for s in stats) / max(1, sum(s["served"] for s in stats))
+    per_replica = sorted((s["served"] for s in stats), reverse=True)
+    return Result(loads, hits, latencies, seconds, served, per_replica)
 
 
 def main() -> None:
@@ -218,6 +341,18 @@ def main() -> None:
         default=None,
         help="the affinity router's spread_queue_len (default: the router's default)",
     )
+    parser.add_argument(
+        "--store-mib-s",
+        type=float,
+        default=STORE_MIB_S,
+        help="each replica's store bandwidth, MiB/s",
+    )
+    parser.add_argument(
+        "--store-latency-ms",
+        type=float,
+        default=STORE_LATENCY_MS,
+        help="the store's time to first byte of each call, ms",
+    )
     args: argparse.Namespace = parser.parse_args()
     quick: bool = args.quick
     count: int = args.models or (80 if quick else 300)
@@ -226,6 +361,9 @@ def main() -> None:
     router_options: dict[str, Any] = {}
     if args.spread_queue_len is not None:
         router_options["spread_queue_len"] = args.spread_queue_len
+    if not (args.store_mib_s > 0 and args.store_latency_ms >= 0):
+        parser.error("--store-mib-s must be > 0 and --store-latency-ms >= 0")
+    store_link: tuple[float, float] = (args.store_mib_s, args.store_latency_ms)
     print(f"ray_routing{' (quick)' if quick else ''}: {machine_line()}")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with data_dir(args.data_dir, "modelcache-ray-") as directory:
@@ -240,7 +378,8 @@ def main() -> None:
         print(
             f"{count} models ({total / 2**20:.1f} MiB, mean {mean / 2**10:.0f} KiB), "
             f"{requests} requests Zipf 1.0 from {clients} clients; {REPLICAS} replicas, "
-            f"each {budget / 2**20:.1f} MiB of models (multiplexed: {max_models} models)"
+            f"each {budget / 2**20:.1f} MiB of models (multiplexed: {max_models} models); "
+            f"store link {store_link[0]:g} MiB/s, {store_link[1]:g} ms to first byte"
         )
         temp = tempfile.mkdtemp(prefix="mcray-", dir="/tmp")
         ray.init(
@@ -253,7 +392,9 @@ def main() -> None:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": 0})
             results = {
-                name: run_setup(name, root, budget, max_models, stream, clients, router_options)
+                name: run_setup(
+                    name, root, budget, max_models, stream, clients, router_options, store_link
+                )
                 for name in SETUPS
             }
         finally:
@@ -267,15 +408,29 @@ def main() -> None:
         lat = percentiles_us(r.latencies_ns)
         hits = r.hits if r.hits is not None else requests - r.loads
         rps = len(r.latencies_ns) / r.seconds
-        rows.append([name, r.loads, hits / requests, lat.p50_us / 1e3, lat.p99_us / 1e3, rps])
+        rows.append(
+            [
+                name,
+                r.loads,
+                hits / requests,
+                lat.p50_us / 1e3,
+                lat.p99_us / 1e3,
+                rps,
+                lat.mean_us / 1e3,
+                r.served_ns / 1e6,
+            ]
+        )
         out[f"{name}_loads"] = r.loads
         out[f"{name}_hit_ratio"] = round(hits / requests, 4)
         out[f"{name}_p50_ms"] = round(lat.p50_us / 1e3, 2)
         out[f"{name}_p99_ms"] = round(lat.p99_us / 1e3, 2)
         out[f"{name}_rps"] = round(rps, 1)
+        out[f"{name}_mean_ms"] = round(lat.mean_us / 1e3, 2)
+        out[f"{name}_in_replica_ms"] = round(r.served_ns / 1e6, 2)
+        out[f"{name}_per_replica"] = r.per_replica
     print_table(
         "Same stream, same device bytes (latency in ms, at the client)",
-        ["setup", "loads", "hit ratio", "p50", "p99", "req/s"],
+        ["setup", "loads", "hit ratio", "p50", "p99", "req/s", "mean", "in replica"],
         rows,
     )
     a, d, m = (results[n] for n in SETUPS)
@@ -306,6 +461,8 @@ def main() -> None:
             "models": count,
             "requests": requests,
             "clients": clients,
+            "store_mib_s": store_link[0],
+            "store_latency_ms": store_link[1],
             "quick": quick,
         }
     )
