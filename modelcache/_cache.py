@@ -693,15 +693,25 @@ class ModelCache:
         info = self._known_info(model_id)
         return None if info is None else info.version
 
-    async def _swap_versions(self, model_id: str) -> None:
-        """The store holds a new version of ``model_id`` (found by a check, in the cache's task
-        group): copies in the lower tiers are dropped, and each resident entry gets a load of
-        the new version that takes its place when ready (`DeviceTier.add_swap`). Uses are
-        served by the old one meanwhile; its leases end on it."""
+    async def _swap_versions(self, model_id: str, stale: ModelVersion) -> None:
+        """The store holds a new version of ``model_id`` instead of ``stale`` (found by a check,
+        in the cache's task group): copies in the lower tiers are dropped, and each resident
+        entry gets a load of the new version that takes its place when ready
+        (`DeviceTier.add_swap`). Uses are served by the old one meanwhile; its leases end on it.
+        A load in flight of ``stale`` (it read the headers, maybe all the weights, before the
+        check) is waited for and swapped too: else it would serve the old version after
+        ``refresh`` said it changed."""
         await self._host_disk.drop_stale(model_id, None)
         for builder in (*self._builders, WEIGHTS):
             key = (builder, model_id)
             old = self._entries.get(key)
+            if old is not None and not old.ready and old.info is not None:
+                if old.info.version != stale:
+                    continue  # a load that read the store after the change
+                await old.done.wait()
+                old = self._entries.get(key)
+                if old is None or old.weights is None or old.weights.info.version != stale:
+                    continue  # failed, or restarted on the new version (`load_one_version`)
             if old is None or not old.ready or key in self._device.swapping:
                 continue
             new = self._device.add_swap(key, old)

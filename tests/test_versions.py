@@ -707,3 +707,48 @@ async def test_refresh_makes_the_next_disk_load_check_the_store_again(
         await cache.refresh("m")
         async with cache.use("m") as weights:
             assert first_byte_sum(weights) == fingerprint(2)
+
+
+async def test_a_load_of_the_old_version_still_building_at_a_refresh_is_swapped_too(
+    models: MemoryModels,
+) -> None:
+    """A load that read the old version before a publish and ends during refresh() (its build
+    was slow) is swapped before refresh() returns True: the next use gets the new version."""
+    models.add("m", NBYTES, seed=1)
+    cache = ModelCache(models.template, device_budget=10 * NBYTES, revalidate_after=None)
+    building, gate = anyio.Event(), anyio.Event()
+
+    @cache.model
+    class Slow:
+        def __init__(self, weights: Weights) -> None:
+            self.weights = weights
+
+        @classmethod
+        async def from_weights(cls, weights: Weights, info: object) -> Slow:
+            building.set()
+            await gate.wait()
+            return cls(weights)
+
+    changed: list[bool] = []
+
+    async def first_use() -> None:
+        async with Slow.use("m") as model:  # type: ignore[attr-defined]
+            assert first_byte_sum(model.weights) == fingerprint(1)
+
+    async def refresh() -> None:
+        changed.append(await cache.refresh("m"))
+
+    async with cache:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first_use)
+            await building.wait()  # every weight byte of version 1 is read
+            models.add("m", NBYTES, seed=2)
+            tg.start_soon(refresh)
+            await anyio.wait_all_tasks_blocked()
+            gate.set()  # the old version's load ends while refresh() is in flight
+        assert changed == [True]
+        async with Slow.use("m") as model:  # type: ignore[attr-defined]
+            assert first_byte_sum(model.weights) == fingerprint(2)
+        assert cache.stats().swaps == 1
+        check_invariants(cache)
+
