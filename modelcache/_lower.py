@@ -112,6 +112,9 @@ class HostDiskTiers:
         self.moving: dict[str, anyio.Event] = {}
         self.disk = disk
         self.disk_writes: set[str] = set()
+        #: -- versions (issue 12): writes in flight of ids whose store version changed (a
+        #: `drop_stale` since they began), with the version a write may leave (None: none).
+        self._stale_writes: dict[str, ModelVersion | None] = {}
         #: Bound of ``writing``: bytes of buffers held by disk writes (on_host backends).
         self.write_behind = write_behind
         self.writing = 0
@@ -367,6 +370,9 @@ class HostDiskTiers:
             self._remove_host(host)
             self._let_go(host)  # a disk write reading it keeps its block until it ends
         disk = self.disk
+        if model_id in self.disk_writes:
+            # It may be writing the old version: found nothing yet, the copy would land after.
+            self._stale_writes[model_id] = keep
         if disk is not None and not disk.read_only and self._remote(model_id):
             found = await anyio.to_thread.run_sync(disk.get, model_id)
             if found is not None and (keep is None or found.version != keep):
@@ -448,12 +454,17 @@ class HostDiskTiers:
             etag = await self._store.etag(primary, model_id=info.model_id)
             write = partial(self.disk.write, info, view, etag=etag)
             await anyio.to_thread.run_sync(write)
+            if info.model_id in self._stale_writes:
+                keep = self._stale_writes.pop(info.model_id)
+                if keep is None or info.version != keep:
+                    await self._drop_disk_copy(info.model_id, None)
         except Exception as exc:  # the disk tier is an optimisation: log and go on
             logger.warning("could not copy %r to the disk tier: %s", info.model_id, exc)
         finally:
             del view, loaded
             self.writing -= charge
             self.disk_writes.discard(info.model_id)
+            self._stale_writes.pop(info.model_id, None)
             if host_entry is not None:
                 host_entry.users -= 1
                 if host_entry.detached and not host_entry.users:

@@ -752,3 +752,44 @@ async def test_a_load_of_the_old_version_still_building_at_a_refresh_is_swapped_
         assert cache.stats().swaps == 1
         check_invariants(cache)
 
+
+class _GatedEtag(Store):
+    """etag (asked by a disk-tier write before it writes) waits on ``gate`` while it is set."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.gate: anyio.Event | None = None
+
+    async def etag(self, url: str, *, model_id: str) -> str | None:
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().etag(url, model_id=model_id)
+
+
+async def test_a_disk_write_of_the_old_version_ending_after_a_swap_leaves_no_copy(
+    models: MemoryModels, tmp_path: Path
+) -> None:
+    """A write of the old version to the disk tier, in flight while refresh() swaps a new one
+    in, does not leave the old version on disk to be served after the swap."""
+    models.add("m", NBYTES, seed=1)
+    store = _GatedEtag(models.template)
+    store.gate = anyio.Event()
+    async with ModelCache(
+        store,
+        device_budget=10 * NBYTES,
+        disk_dir=tmp_path / "disk",
+        disk_budget=100 * NBYTES,
+        revalidate_after=None,
+    ) as cache:
+        async with cache.use("m"):
+            pass
+        assert cache._host_disk.disk_writes == {"m"}  # version 1's write waits for its etag
+        models.add("m", NBYTES, seed=2)
+        assert await cache.refresh("m") is True
+        store.gate.set()
+        store.gate = None
+        await cache.wait_idle()
+        assert cache.evict("m")
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(2)
+        check_invariants(cache)
