@@ -40,6 +40,7 @@ from ._concurrency import Background
 from ._cost import LoadCosts, MissCosts
 from ._disk import DiskEntry, DiskTier
 from ._exceptions import CacheClosedError, ModelCacheError, ModelLoadError, as_model_error
+from ._failures import for_caller, release_frames
 from ._format import INDEX_NAME, ModelInfo
 from ._loader import fill_buffer, read_model_info
 from ._observe import Observers
@@ -595,7 +596,7 @@ class HostDiskTiers:
                 self._background.start(self._task_group, self._load, model_id, load)
         await load.done.wait()
         if load.error is not None:
-            raise load.error
+            raise for_caller(load.error)  # shared: each caller raises its own copy
 
     async def _load(self, model_id: str, load: _HostLoad) -> None:
         assert self._limiter is not None
@@ -623,7 +624,9 @@ class HostDiskTiers:
             if on_disk is None:
                 self.write_through(info, host_entry=host_entry)
         except Exception as exc:
-            load.error = as_model_error(exc, model_id)
+            error = as_model_error(exc, model_id)
+            release_frames(error)  # its frames hold the load's buffer; its callers keep it
+            load.error = error
         except BaseException:
             load.error = CacheClosedError(
                 f"the cache closed while model {model_id!r} was loading", model_id=model_id
