@@ -793,3 +793,43 @@ async def test_a_disk_write_of_the_old_version_ending_after_a_swap_leaves_no_cop
         async with cache.use("m") as weights:
             assert first_byte_sum(weights) == fingerprint(2)
         check_invariants(cache)
+
+
+async def test_a_swap_never_replaces_a_newer_version_loaded_while_it_ran(
+    models: MemoryModels,
+) -> None:
+    """The old version evicted during a swap whose build is slow, and a newer version published
+    and loaded meanwhile: the swap's (older) version does not replace it when it ends."""
+    models.add("m", NBYTES, seed=1)
+    cache = ModelCache(models.template, device_budget=10 * NBYTES, revalidate_after=None)
+    held, building, gate = [False], anyio.Event(), anyio.Event()
+
+    @cache.model
+    class Slow:
+        def __init__(self, weights: Weights) -> None:
+            self.weights = weights
+
+        @classmethod
+        async def from_weights(cls, weights: Weights, info: object) -> Slow:
+            if held[0]:  # the swap's build only
+                held[0] = False
+                building.set()
+                await gate.wait()
+            return cls(weights)
+
+    async with cache:
+        async with Slow.use("m"):  # type: ignore[attr-defined]
+            pass
+        models.add("m", NBYTES, seed=2)
+        held[0] = True
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.refresh, "m")
+            await building.wait()  # the swap has read version 2; its build waits
+            assert cache.evict("m")
+            models.add("m", NBYTES, seed=3)
+            async with Slow.use("m") as model:  # type: ignore[attr-defined]
+                assert first_byte_sum(model.weights) == fingerprint(3)
+            gate.set()
+        async with Slow.use("m") as model:  # type: ignore[attr-defined]
+            assert first_byte_sum(model.weights) == fingerprint(3)
+        check_invariants(cache)
