@@ -728,7 +728,9 @@ class ModelCache:
         """Check ``model_id`` against the store now; if the store holds another version, load
         it and swap it in (uses meanwhile get the old one) before returning. True if it changed.
         A model in no tier has nothing to compare: False. Raises StoreError when the store
-        cannot be asked."""
+        cannot be asked. A load of the old version in flight is waited for and swapped too; the
+        new version needs its bytes beside the old one's, so a call inside a ``use()`` block
+        whose lease those bytes need waits for that block (as `wait_idle` would)."""
         self._check_open()
         self._store.model_url(model_id)  # validates the id
         return await self._revalidator.check(model_id)
