@@ -693,15 +693,25 @@ class ModelCache:
         info = self._known_info(model_id)
         return None if info is None else info.version
 
-    async def _swap_versions(self, model_id: str) -> None:
-        """The store holds a new version of ``model_id`` (found by a check, in the cache's task
-        group): copies in the lower tiers are dropped, and each resident entry gets a load of
-        the new version that takes its place when ready (`DeviceTier.add_swap`). Uses are
-        served by the old one meanwhile; its leases end on it."""
+    async def _swap_versions(self, model_id: str, stale: ModelVersion) -> None:
+        """The store holds a new version of ``model_id`` instead of ``stale`` (found by a check,
+        in the cache's task group): copies in the lower tiers are dropped, and each resident
+        entry gets a load of the new version that takes its place when ready
+        (`DeviceTier.add_swap`). Uses are served by the old one meanwhile; its leases end on it.
+        A load in flight of ``stale`` (it read the headers, maybe all the weights, before the
+        check) is waited for and swapped too: else it would serve the old version after
+        ``refresh`` said it changed."""
         await self._host_disk.drop_stale(model_id, None)
         for builder in (*self._builders, WEIGHTS):
             key = (builder, model_id)
             old = self._entries.get(key)
+            if old is not None and not old.ready and old.info is not None:
+                if old.info.version != stale:
+                    continue  # a load that read the store after the change
+                await old.done.wait()
+                old = self._entries.get(key)
+                if old is None or old.weights is None or old.weights.info.version != stale:
+                    continue  # failed, or restarted on the new version (`load_one_version`)
             if old is None or not old.ready or key in self._device.swapping:
                 continue
             new = self._device.add_swap(key, old)
@@ -718,7 +728,9 @@ class ModelCache:
         """Check ``model_id`` against the store now; if the store holds another version, load
         it and swap it in (uses meanwhile get the old one) before returning. True if it changed.
         A model in no tier has nothing to compare: False. Raises StoreError when the store
-        cannot be asked."""
+        cannot be asked. A load of the old version in flight is waited for and swapped too; the
+        new version needs its bytes beside the old one's, so a call inside a ``use()`` block
+        whose lease those bytes need waits for that block (as `wait_idle` would)."""
         self._check_open()
         self._store.model_url(model_id)  # validates the id
         return await self._revalidator.check(model_id)

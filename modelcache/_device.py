@@ -43,6 +43,7 @@ from ._observe import Observers
 from ._policy import EvictionPolicy
 from ._tiers import ByteBudget, TierStats, check_fits
 from ._units import format_bytes
+from ._versions import ModelVersion
 
 __all__ = ["DeviceEntry", "DeviceTier", "Key"]
 
@@ -73,6 +74,7 @@ class DeviceEntry:
         "reserved",
         "retired",
         "source",
+        "stale",
         "value",
         "waiters",
         "weights",
@@ -105,6 +107,8 @@ class DeviceEntry:
         self.replaces: DeviceEntry | None = None
         #: Replaced by a new version: out of the index, its bytes freed by its last lease.
         self.retired = False
+        #: The version the entry it replaces holds (a load of a new version only).
+        self.stale: ModelVersion | None = None
 
 
 class DeviceTier:
@@ -222,7 +226,8 @@ class DeviceTier:
     def admit(self, entry: DeviceEntry, value: Any, weights: LoadedWeights, seconds: float) -> bool:
         """``entry``'s load succeeded: it is resident, and evictable once its waiters leased it
         (when none are left, that may serve the line now). False for a new version that found
-        a load of its key in flight (begun after the old one left): it goes, that one stays."""
+        another entry of its key (loaded, or in flight, since the old one left): it goes, that
+        one stays."""
         if entry.replaces is not None and not self._install(entry):
             self.failed(entry)
             self._budget.serve_line()
@@ -255,6 +260,7 @@ class DeviceTier:
         it is ready (`_install`). Its task is its one waiter: the load is never abandoned."""
         new = DeviceEntry(key)
         new.replaces = old
+        new.stale = old.weights.info.version if old.weights is not None else None
         new.waiters = 1
         self.swapping[key] = new
         self.loading += 1
@@ -271,13 +277,17 @@ class DeviceTier:
         return any(key[1] == model_id for key in self.swapping)
 
     def _install(self, new: DeviceEntry) -> bool:
-        """A new version's load finished: it takes the index from whatever holds its key;
-        False when a load of the key is in flight (it began after the old one left)."""
+        """A new version's load finished: it takes the index from the entry it replaces, or
+        another one of the old version; False when a load of its key is in flight, or one done
+        holds another version (begun after the old one left, it read the store after the check
+        did: it may hold a version newer than this one, which must not replace it)."""
         assert new.replaces is not None
         current = self.entries.get(new.key)
-        new.replaces = None
+        replaces, new.replaces = new.replaces, None
         if current is not None:
-            if not current.ready:
+            if current is not replaces and (
+                current.weights is None or current.weights.info.version != new.stale
+            ):
                 return False
             self._retire(current)
         self.entries[new.key] = new

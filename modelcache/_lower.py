@@ -40,6 +40,7 @@ from ._concurrency import Background
 from ._cost import LoadCosts, MissCosts
 from ._disk import DiskEntry, DiskTier
 from ._exceptions import CacheClosedError, ModelCacheError, ModelLoadError, as_model_error
+from ._failures import for_caller, release_frames
 from ._format import INDEX_NAME, ModelInfo
 from ._loader import fill_buffer, read_model_info
 from ._observe import Observers
@@ -112,6 +113,9 @@ class HostDiskTiers:
         self.moving: dict[str, anyio.Event] = {}
         self.disk = disk
         self.disk_writes: set[str] = set()
+        #: -- versions (issue 12): writes in flight of ids whose store version changed (a
+        #: `drop_stale` since they began), with the version a write may leave (None: none).
+        self._stale_writes: dict[str, ModelVersion | None] = {}
         #: Bound of ``writing``: bytes of buffers held by disk writes (on_host backends).
         self.write_behind = write_behind
         self.writing = 0
@@ -367,6 +371,9 @@ class HostDiskTiers:
             self._remove_host(host)
             self._let_go(host)  # a disk write reading it keeps its block until it ends
         disk = self.disk
+        if model_id in self.disk_writes:
+            # It may be writing the old version: found nothing yet, the copy would land after.
+            self._stale_writes[model_id] = keep
         if disk is not None and not disk.read_only and self._remote(model_id):
             found = await anyio.to_thread.run_sync(disk.get, model_id)
             if found is not None and (keep is None or found.version != keep):
@@ -448,12 +455,17 @@ class HostDiskTiers:
             etag = await self._store.etag(primary, model_id=info.model_id)
             write = partial(self.disk.write, info, view, etag=etag)
             await anyio.to_thread.run_sync(write)
+            if info.model_id in self._stale_writes:
+                keep = self._stale_writes.pop(info.model_id)
+                if keep is None or info.version != keep:
+                    await self._drop_disk_copy(info.model_id, None)
         except Exception as exc:  # the disk tier is an optimisation: log and go on
             logger.warning("could not copy %r to the disk tier: %s", info.model_id, exc)
         finally:
             del view, loaded
             self.writing -= charge
             self.disk_writes.discard(info.model_id)
+            self._stale_writes.pop(info.model_id, None)
             if host_entry is not None:
                 host_entry.users -= 1
                 if host_entry.detached and not host_entry.users:
@@ -584,7 +596,7 @@ class HostDiskTiers:
                 self._background.start(self._task_group, self._load, model_id, load)
         await load.done.wait()
         if load.error is not None:
-            raise load.error
+            raise for_caller(load.error)  # shared: each caller raises its own copy
 
     async def _load(self, model_id: str, load: _HostLoad) -> None:
         assert self._limiter is not None
@@ -612,7 +624,9 @@ class HostDiskTiers:
             if on_disk is None:
                 self.write_through(info, host_entry=host_entry)
         except Exception as exc:
-            load.error = as_model_error(exc, model_id)
+            error = as_model_error(exc, model_id)
+            release_frames(error)  # its frames hold the load's buffer; its callers keep it
+            load.error = error
         except BaseException:
             load.error = CacheClosedError(
                 f"the cache closed while model {model_id!r} was loading", model_id=model_id

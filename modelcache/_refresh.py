@@ -102,7 +102,7 @@ class Revalidator:
         self._asks = 0  # checks that have asked the store (`_Check.asked`)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._version_of: Callable[[str], ModelVersion | None] = lambda _: None
-        self._on_change: Callable[[str], Awaitable[None]] | None = None
+        self._on_change: Callable[[str, ModelVersion], Awaitable[None]] | None = None
         #: Checks made against the store (background, `refresh`, disk validations).
         self.revalidations = 0
         #: Checks that found another version in the store than the one held.
@@ -114,7 +114,7 @@ class Revalidator:
         self,
         task_group: anyio.abc.TaskGroup,
         version_of: Callable[[str], ModelVersion | None],
-        on_change: Callable[[str], Awaitable[None]],
+        on_change: Callable[[str, ModelVersion], Awaitable[None]],
     ) -> None:
         self._task_group = task_group
         self._version_of = version_of
@@ -190,7 +190,7 @@ class Revalidator:
             if version is not None:
                 check.changed = await self._changed(model_id, version)
                 if check.changed and self._on_change is not None:
-                    await self._on_change(model_id)
+                    await self._on_change(model_id, version)
         except Exception as exc:
             release_frames(exc)
             check.error = exc

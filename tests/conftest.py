@@ -60,7 +60,8 @@ class GatedStore(Store):
     ``store.calls`` counts operations by (operation, model id).
     """
 
-    OPERATIONS = ("size", "read_range", "read_into")
+    #: ``etag`` is asked by a disk-tier write before it writes; ``file_tag`` by a revalidation.
+    OPERATIONS = ("size", "read_range", "read_into", "etag", "file_tag")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -91,6 +92,14 @@ class GatedStore(Store):
     async def read_into(self, url: str, offset: int, dest: memoryview, *, model_id: str) -> None:
         await self._pass("read_into", model_id)
         await super().read_into(url, offset, dest, model_id=model_id)
+
+    async def etag(self, url: str, *, model_id: str) -> str | None:
+        await self._pass("etag", model_id)
+        return await super().etag(url, model_id=model_id)
+
+    async def file_tag(self, url: str, *, model_id: str) -> str | None:
+        await self._pass("file_tag", model_id)
+        return await super().file_tag(url, model_id=model_id)
 
 
 @pytest.fixture

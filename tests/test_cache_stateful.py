@@ -3,6 +3,9 @@
 Weight reads may be *slow* (an example draws it): each waits until the machine finishes it,
 while header reads stay fast - the timing of remote stores, under which a freshly loaded model
 was once evicted before its caller could lease it, and two models reloaded each other forever.
+Or the wait comes *after* the read (a slow build): a load holds a version read before a publish
+while a refresh() runs, under which a refresh() once returned True and the old version was
+served after it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 import anyio
@@ -76,20 +80,34 @@ class _Handle:
 
 
 class SlowWeights(TorchBackend):
-    """Weight reads wait until `finish` (per model id) while ``slow``; headers stay fast."""
+    """Weight loads wait until `finish` (each load of a model id: the oldest or the newest)
+    while ``slow``: "before" their reads, or "after" them (the bytes read, the load not yet
+    done); headers stay fast. Two loads of one id (a swap's and a fresh one) end in either
+    order."""
 
     def __init__(self) -> None:
         super().__init__("cpu")
-        self.slow = False
-        self.pending: dict[str, anyio.Event] = {}
+        self.slow: str | None = None
+        self.pending: dict[str, list[anyio.Event]] = {}
+
+    async def _wait(self, model_id: str) -> None:
+        event = anyio.Event()
+        self.pending.setdefault(model_id, []).append(event)
+        await event.wait()
 
     async def load(self, store: Store, info: ModelInfo, *, zero_copy: bool = True) -> Weights:
-        if self.slow:
-            await self.pending.setdefault(info.model_id, anyio.Event()).wait()
-        return await super().load(store, info, zero_copy=zero_copy)
+        if self.slow == "before":
+            await self._wait(info.model_id)
+        weights = await super().load(store, info, zero_copy=zero_copy)
+        if self.slow == "after":
+            await self._wait(info.model_id)
+        return weights
 
-    def finish(self, model_id: str) -> None:
-        self.pending.pop(model_id).set()
+    def finish(self, model_id: str, *, newest: bool = False) -> None:
+        waiting = self.pending[model_id]
+        waiting.pop(-1 if newest else 0).set()
+        if not waiting:
+            del self.pending[model_id]
 
 
 class LeaseWatch(CacheObserver):
@@ -99,6 +117,7 @@ class LeaseWatch(CacheObserver):
         self.handles = handles
         self.loaded_for: dict[str, list[_Handle]] = {}
         self.violations: list[str] = []
+        self.failed_loads: dict[str, int] = {}
 
     def load_finished(self, model_id: str, source: str, nbytes: int, seconds: float) -> None:
         self.loaded_for[model_id] = [
@@ -106,7 +125,7 @@ class LeaseWatch(CacheObserver):
         ]
 
     def load_failed(self, model_id: str, error: BaseException) -> None:
-        return None
+        self.failed_loads[model_id] = self.failed_loads.get(model_id, 0) + 1
 
     def waited(self, model_id: str, seconds: float) -> None:
         return None
@@ -132,6 +151,12 @@ class CacheMachine(RuleBasedStateMachine):
         #: Versions published per model (each a tensor filled with one byte value): a lease sees
         #: one of them, whole, never a mixture.
         self.versions: dict[str, set[int]] = {m: {0} for m in SIZES}
+        #: The oldest version a use may get: the newest one published before a refresh() that
+        #: returned True and whose swap did not fail.
+        self.floor: dict[str, int] = dict.fromkeys(SIZES, 0)
+        #: The newest version a use has got: a use begun after that gets no older one (a swap
+        #: ending after a newer version was loaded once put the older one back).
+        self.newest_served: dict[str, int] = dict.fromkeys(SIZES, 0)
         self.refreshes: list[Future[str]] = []
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self.portal = self._portal_cm.__enter__()
@@ -169,11 +194,16 @@ class CacheMachine(RuleBasedStateMachine):
         self.drain_leases: dict[tuple[object, object], int] = {}
         self.spinning = False  # a step never settled: the example failed
 
-    @initialize(slow=st.booleans())
-    def weight_reads(self, slow: bool) -> None:
+    @initialize(
+        slow=st.sampled_from([None, "before", "after"]), revalidate=st.sampled_from([60.0, None])
+    )
+    def weight_reads(self, slow: str | None, revalidate: float | None) -> None:
         self.backend.slow = slow
+        # None: a disk copy is served unchecked, so only the swap keeps an old one off the disk.
+        self.cache._revalidator.after = revalidate
 
     async def _hold(self, handle: _Handle) -> str:
+        floor = max(self.floor[handle.model_id], self.newest_served[handle.model_id])
         try:
             with handle.scope:
                 try:
@@ -183,6 +213,9 @@ class CacheMachine(RuleBasedStateMachine):
                         values = set(model["w"].unique().tolist())
                         assert len(values) == 1, f"a mixture of versions: {values}"
                         assert values <= self.versions[handle.model_id], values
+                        assert min(values) >= floor, f"{values} served after {floor} was"
+                        served = self.newest_served
+                        served[handle.model_id] = max(served[handle.model_id], *values)
                         await handle.release.wait()
                         return "released"
                 except (ModelBuildError, ModelTooLargeError, ModelChangedError) as exc:
@@ -226,7 +259,8 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def finish_weights(self, data: st.DataObject) -> None:
         model_id = data.draw(st.sampled_from(sorted(self.backend.pending)))
-        self.portal.call(self.backend.finish, model_id)
+        newest = data.draw(st.booleans())
+        self.portal.call(partial(self.backend.finish, model_id, newest=newest))
         self._settle()
 
     @precondition(lambda self: not self.store.gates)
@@ -280,7 +314,13 @@ class CacheMachine(RuleBasedStateMachine):
         self._write(model_id, value)
 
     async def _refresh(self, model_id: str) -> str:
-        return str(await self.cache.refresh(model_id))
+        published = max(self.versions[model_id])
+        failed = self.watch.failed_loads.get(model_id, 0)
+        changed = await self.cache.refresh(model_id)
+        if changed and self.watch.failed_loads.get(model_id, 0) == failed:
+            # Swapped in before it returned: no use after it gets an older version.
+            self.floor[model_id] = max(self.floor[model_id], published)
+        return str(changed)
 
     @rule(model_id=IDS)
     def refresh(self, model_id: str) -> None:
@@ -348,9 +388,9 @@ class CacheMachine(RuleBasedStateMachine):
             shutil.rmtree(self.disk_dir, ignore_errors=True)
             return
         try:
-            self.backend.slow = False
-            for model_id in list(self.backend.pending):
-                self.portal.call(self.backend.finish, model_id)
+            self.backend.slow = None
+            while self.backend.pending:
+                self.portal.call(self.backend.finish, next(iter(self.backend.pending)))
             self.unblock()
             for handle in self.all_handles:
                 self.portal.call(handle.release.set)

@@ -169,6 +169,34 @@ async def test_host_prefetch_raises_the_error_of_the_device_load_it_joined(
         check_invariants(cache)
 
 
+async def test_host_prefetches_sharing_a_failed_host_load_each_raise_their_own_copy(
+    models: MemoryModels, gated: GatedStore
+) -> None:
+    """Two prefetch(tier="host") calls that share one failed host load raise two error objects
+    (one's traceback and frames never reach the other), without the load's frames."""
+    models.add("a", 1000)
+    gated.gate("a", "read_into")
+    errors: list[BaseException] = []
+
+    async def prefetch() -> None:
+        try:
+            await cache.prefetch(["a"], tier="host")
+        except ModelNotFoundError as exc:
+            errors.append(exc)
+
+    async with ModelCache(gated, device_budget=4096, host_budget=4096) as cache:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(prefetch)
+            tg.start_soon(prefetch)
+            await anyio.wait_all_tasks_blocked()
+            models.fs.rm(f"{models.root}/a/model.safetensors")
+            gated.open("a", "read_into")
+        assert len(errors) == 2
+        assert errors[0] is not errors[1]
+        assert str(errors[0]) == str(errors[1])
+        check_invariants(cache)
+
+
 @pytest.mark.cuda
 async def test_cuda_failed_loads_give_their_device_memory_back(
     models: MemoryModels, gated: GatedStore

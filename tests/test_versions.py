@@ -707,3 +707,129 @@ async def test_refresh_makes_the_next_disk_load_check_the_store_again(
         await cache.refresh("m")
         async with cache.use("m") as weights:
             assert first_byte_sum(weights) == fingerprint(2)
+
+
+async def test_a_load_of_the_old_version_still_building_at_a_refresh_is_swapped_too(
+    models: MemoryModels,
+) -> None:
+    """A load that read the old version before a publish and ends during refresh() (its build
+    was slow) is swapped before refresh() returns True: the next use gets the new version."""
+    models.add("m", NBYTES, seed=1)
+    cache = ModelCache(models.template, device_budget=10 * NBYTES, revalidate_after=None)
+    building, gate = anyio.Event(), anyio.Event()
+
+    @cache.model
+    class Slow:
+        def __init__(self, weights: Weights) -> None:
+            self.weights = weights
+
+        @classmethod
+        async def from_weights(cls, weights: Weights, info: object) -> Slow:
+            building.set()
+            await gate.wait()
+            return cls(weights)
+
+    changed: list[bool] = []
+
+    async def first_use() -> None:
+        async with Slow.use("m") as model:  # type: ignore[attr-defined]
+            assert first_byte_sum(model.weights) == fingerprint(1)
+
+    async def refresh() -> None:
+        changed.append(await cache.refresh("m"))
+
+    async with cache:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first_use)
+            await building.wait()  # every weight byte of version 1 is read
+            models.add("m", NBYTES, seed=2)
+            tg.start_soon(refresh)
+            await anyio.wait_all_tasks_blocked()
+            gate.set()  # the old version's load ends while refresh() is in flight
+        assert changed == [True]
+        async with Slow.use("m") as model:  # type: ignore[attr-defined]
+            assert first_byte_sum(model.weights) == fingerprint(2)
+        assert cache.stats().swaps == 1
+        check_invariants(cache)
+
+
+class _GatedEtag(Store):
+    """etag (asked by a disk-tier write before it writes) waits on ``gate`` while it is set."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.gate: anyio.Event | None = None
+
+    async def etag(self, url: str, *, model_id: str) -> str | None:
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().etag(url, model_id=model_id)
+
+
+async def test_a_disk_write_of_the_old_version_ending_after_a_swap_leaves_no_copy(
+    models: MemoryModels, tmp_path: Path
+) -> None:
+    """A write of the old version to the disk tier, in flight while refresh() swaps a new one
+    in, does not leave the old version on disk to be served after the swap."""
+    models.add("m", NBYTES, seed=1)
+    store = _GatedEtag(models.template)
+    store.gate = anyio.Event()
+    async with ModelCache(
+        store,
+        device_budget=10 * NBYTES,
+        disk_dir=tmp_path / "disk",
+        disk_budget=100 * NBYTES,
+        revalidate_after=None,
+    ) as cache:
+        async with cache.use("m"):
+            pass
+        assert cache._host_disk.disk_writes == {"m"}  # version 1's write waits for its etag
+        models.add("m", NBYTES, seed=2)
+        assert await cache.refresh("m") is True
+        store.gate.set()
+        store.gate = None
+        await cache.wait_idle()
+        assert cache.evict("m")
+        async with cache.use("m") as weights:
+            assert first_byte_sum(weights) == fingerprint(2)
+        check_invariants(cache)
+
+
+async def test_a_swap_never_replaces_a_newer_version_loaded_while_it_ran(
+    models: MemoryModels,
+) -> None:
+    """The old version evicted during a swap whose build is slow, and a newer version published
+    and loaded meanwhile: the swap's (older) version does not replace it when it ends."""
+    models.add("m", NBYTES, seed=1)
+    cache = ModelCache(models.template, device_budget=10 * NBYTES, revalidate_after=None)
+    held, building, gate = [False], anyio.Event(), anyio.Event()
+
+    @cache.model
+    class Slow:
+        def __init__(self, weights: Weights) -> None:
+            self.weights = weights
+
+        @classmethod
+        async def from_weights(cls, weights: Weights, info: object) -> Slow:
+            if held[0]:  # the swap's build only
+                held[0] = False
+                building.set()
+                await gate.wait()
+            return cls(weights)
+
+    async with cache:
+        async with Slow.use("m"):  # type: ignore[attr-defined]
+            pass
+        models.add("m", NBYTES, seed=2)
+        held[0] = True
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.refresh, "m")
+            await building.wait()  # the swap has read version 2; its build waits
+            assert cache.evict("m")
+            models.add("m", NBYTES, seed=3)
+            async with Slow.use("m") as model:  # type: ignore[attr-defined]
+                assert first_byte_sum(model.weights) == fingerprint(3)
+            gate.set()
+        async with Slow.use("m") as model:  # type: ignore[attr-defined]
+            assert first_byte_sum(model.weights) == fingerprint(3)
+        check_invariants(cache)
