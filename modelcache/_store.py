@@ -484,6 +484,11 @@ class Store:
             return path
         return None
 
+    def batches_headers(self, url: str) -> bool:
+        """Whether the headers of a model at ``url`` are read as small local reads batched into
+        shared worker-thread calls (`_batch`): a local file, read by this class's own methods."""
+        return not self._compose_head and self.local_path(url) is not None
+
     async def size(self, url: str, *, model_id: str) -> int:
         """Return the size in bytes of the file at ``url``."""
         with translated("stat", url, model_id):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 import pytest
 
+from modelcache import ModelCache
 from modelcache._batch import SmallReads
 from modelcache._exceptions import ModelNotFoundError
 from modelcache._store import Store
+
+from .conftest import check_invariants, model_bytes, settle
 
 
 def _files(tmp_path: Path, n: int) -> list[bytes]:
@@ -124,3 +128,46 @@ async def test_no_read_is_left_behind(tmp_path: Path, n: int) -> None:
                 tg.start_soon(run, i)
     assert sorted(out) == sorted(list(range(n)) * 2)
     assert not reads._queue and not reads._driving
+
+
+class _GatedWeights(Store):
+    """A local Store whose weight reads of one id wait for an event (headers are not gated)."""
+
+    def __init__(self, location: str, slow_id: str) -> None:
+        super().__init__(location)
+        self.slow_id = slow_id
+        self.gate = anyio.Event()
+
+    async def read_scatter(
+        self, url: str, offset: int, dests: Sequence[memoryview], *, model_id: str
+    ) -> None:
+        if model_id == self.slow_id:
+            await self.gate.wait()
+        await super().read_scatter(url, offset, dests, model_id=model_id)
+
+
+@pytest.mark.usefixtures("count_threads")
+async def test_local_header_reads_take_no_load_slot(
+    tmp_path: Path, thread_calls: list[str]
+) -> None:
+    """A load's header read of a local file takes no load slot: while the only slot reads a
+    model's weights, the loads queued behind it read their headers (together, in one or two
+    thread calls) and reserve their bytes, and each waits for the slot only to read weights."""
+    for name, nbytes in [("big", 1000)] + [(f"m{i}", 10 + i) for i in range(10)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(model_bytes(nbytes))
+    store = _GatedWeights(f"file://{tmp_path}/{{model_id}}", "big")
+    async with ModelCache(store, device_budget=10_000, max_concurrent_loads=1) as cache:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.prefetch, ["big"])
+            await settle()  # big holds the only slot, its weights read waiting
+            thread_calls.clear()
+            tg.start_soon(cache.prefetch, [f"m{i}" for i in range(10)])
+            await settle()
+            stats = cache.stats()
+            assert stats.loading == 11
+            assert stats.bytes_reserved == 1000 + sum(10 + i for i in range(10))
+            assert thread_calls.count("_run_batch") <= 2, thread_calls
+            check_invariants(cache)
+            store.gate.set()
+        assert sorted(cache.resident()) == sorted(["big"] + [f"m{i}" for i in range(10)])
