@@ -9,7 +9,8 @@ every step; the tiers' own are in their modules):
 * A load reads from the highest tier that has the model: host memory, the disk tier, the store.
 * One load per key, run in the cache's task group - never in a caller's task - so cancelling a
   caller never cancels a load others share. Loads of different keys run concurrently, bounded by
-  a capacity limiter that is held for I/O only, never while waiting for bytes.
+  a capacity limiter that is held for I/O only, never while waiting for bytes; a local file's
+  header read takes none (small reads batched into shared thread calls, `_batch`).
 * A load whose callers have all gone (a device prefetch is a caller) stops at its next stage
   boundary - the wait for the load limiter (left at once, by cancelling ``entry.abandon``), the
   header read, the reservation of bytes, the weight read - so it never takes a limiter slot,
@@ -611,6 +612,12 @@ class ModelCache:
             if claimed is not None:
                 info, read_store, source = claimed.info, self._store, "host"
                 entry.source = source
+            elif self._store.batches_headers(self._store.model_url(entry.model_id)):
+                # -- fill (issue 16): local headers are small reads batched into shared thread
+                # calls, never stalled on a remote store: no load slot, so the headers of many
+                # loads share a call (four slots made a small-model fill wait on thread hops).
+                info, read_store, on_disk = await self._host_disk.locate(entry.model_id)
+                source = "store"
             else:
                 async with self._limited(entry, abandonable=True):
                     info, read_store, on_disk = await self._host_disk.locate(

@@ -21,6 +21,8 @@ async def gather(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
     """
     if len(calls) == 1:
         return [await calls[0]()]
+    if not calls:  # a model with no weight bytes: no task group for nothing
+        return []
     results: list[T | None] = [None] * len(calls)
     errors: list[Exception] = []
 

@@ -74,6 +74,7 @@ from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from ._batch import SMALL_READ, SmallReads
 from ._concurrency import gather
 from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
 from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
@@ -432,6 +433,8 @@ class Store:
         self._filesystems: dict[str, Any] = {}
         self._limiter: anyio.CapacityLimiter | None = None  # made in the loop, on first read
         self._open_files: anyio.Semaphore | None = None  # likewise: local files open for reads
+        #: Small local reads and stats, batched into shared worker-thread calls (`_batch`).
+        self._small = SmallReads(self._get_limiter)
         #: Hosts that answered a ranged GET with the whole file (see the module notes).
         self._whole_body_hosts: set[str] = set()
         self._bytes_read = 0
@@ -481,14 +484,17 @@ class Store:
             return path
         return None
 
+    def batches_headers(self, url: str) -> bool:
+        """Whether the headers of a model at ``url`` are read as small local reads batched into
+        shared worker-thread calls (`_batch`): a local file, read by this class's own methods."""
+        return not self._compose_head and self.local_path(url) is not None
+
     async def size(self, url: str, *, model_id: str) -> int:
         """Return the size in bytes of the file at ``url``."""
         with translated("stat", url, model_id):
             path = self.local_path(url)
             if path is not None:
-                st = await anyio.to_thread.run_sync(
-                    _stat_local, path, self._local_opener(), limiter=self._get_limiter()
-                )
+                st = await self._small.run(_stat_local, path, self._local_opener())
                 if stat.S_ISDIR(st.st_mode):
                     raise _is_a_directory(path)
                 see(url, local_tag(st), model_id)
@@ -534,9 +540,7 @@ class Store:
         with translated("stat", url, model_id):
             path = self.local_path(url)
             if path is not None:
-                st = await anyio.to_thread.run_sync(
-                    _stat_local, path, self._local_opener(), limiter=self._get_limiter()
-                )
+                st = await self._small.run(_stat_local, path, self._local_opener())
                 return local_tag(st)
             fs, fspath = await self._remote(url)
             file = _memory_file(fs, fspath)
@@ -573,9 +577,13 @@ class Store:
         with translated("read", url, model_id):
             path = self.local_path(url)
             if path is not None:
-                data, before, after = await anyio.to_thread.run_sync(
-                    _pread_range, path, start, end, self._local_opener(), limiter=limiter
-                )
+                if end - start <= SMALL_READ:  # a header's rest, a side file: batched
+                    read = self._small.run(_pread_range, path, start, end, self._local_opener())
+                else:
+                    read = anyio.to_thread.run_sync(
+                        _pread_range, path, start, end, self._local_opener(), limiter=limiter
+                    )
+                data, before, after = await read
                 see(url, before, model_id)
                 see(url, after, model_id)
             else:
@@ -627,13 +635,17 @@ class Store:
             path = self.local_path(url)
             with translated("read", url, model_id):
                 if path is not None:
-                    size, data, before, after = await anyio.to_thread.run_sync(
-                        _read_head_local,
-                        path,
-                        limit,
-                        self._local_opener(),
-                        limiter=self._get_limiter(),
-                    )
+                    if limit <= SMALL_READ:  # the usual header read: batched (`_batch`)
+                        head = self._small.run(_read_head_local, path, limit, self._local_opener())
+                    else:
+                        head = anyio.to_thread.run_sync(
+                            _read_head_local,
+                            path,
+                            limit,
+                            self._local_opener(),
+                            limiter=self._get_limiter(),
+                        )
+                    size, data, before, after = await head
                     see(url, before, model_id)
                     see(url, after, model_id)
                     self._bytes_read += len(data)

@@ -1,0 +1,130 @@
+"""Fill rate: cold loads per second of many small models, and what each load costs.
+
+The set-up of `hit_latency.py`'s fill: every id resolves to one tiny safetensors file (one
+zero-element tensor, so no weight bytes), ``zero_copy=False``, ``device="cpu"``,
+``max_concurrent_loads=4``, ``FILL_TASKS`` tasks each looping ``async with cache.use(id)`` over
+its share of the ids. Reported: loads/s and µs per load (wall), CPU µs per load (every thread
+of the process), and, in a second fill of as many fresh ids, worker-thread calls
+(``anyio.to_thread.run_sync``) and asyncio tasks created per load (counting adds a little to
+each). ``--profile`` prints a cProfile of the timed fill, by own time and by cumulative time.
+
+Run: ``python benches/fill_rate.py [--quick] [--ids N] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import io
+import os
+import pstats
+import time
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import torch
+from _common import base_parser, data_dir, emit_json, machine_line, rounded
+from safetensors.torch import save_file
+
+from modelcache import ModelCache
+
+FILL_TASKS = 64
+
+
+async def fill(path: str, prefix: str, n: int, profile: cProfile.Profile | None) -> float:
+    """Load ``n`` fresh ids into a new cache; return the seconds the fill took."""
+    url = "file://" + path
+    cache = ModelCache(
+        lambda model_id: url,
+        device="cpu",
+        device_budget="2GiB",
+        max_concurrent_loads=4,
+        zero_copy=False,
+        revalidate_after=None,
+    )
+    ids = [f"{prefix}{i}" for i in range(n)]
+
+    async def worker(part: list[str]) -> None:
+        for model_id in part:
+            async with cache.use(model_id):
+                pass
+
+    async with cache:
+        start = time.perf_counter()
+        if profile is not None:
+            profile.enable()
+        async with anyio.create_task_group() as tg:
+            for k in range(FILL_TASKS):
+                tg.start_soon(worker, ids[k::FILL_TASKS])
+        if profile is not None:
+            profile.disable()
+        seconds = time.perf_counter() - start
+        assert cache.stats().models == n, cache.stats()
+    return seconds
+
+
+async def measure(path: str, n: int, profile: cProfile.Profile | None) -> dict[str, float]:
+    cpu = time.process_time()
+    seconds = await fill(path, "m", n, profile)
+    cpu = time.process_time() - cpu
+    # Counted in a second fill, so that the counting does not slow the timed one.
+    counts = {"threads": 0, "tasks": 0}
+    real = anyio.to_thread.run_sync
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        counts["threads"] += 1
+        return await real(*args, **kwargs)
+
+    def factory(
+        loop: asyncio.AbstractEventLoop,
+        coro: Generator[Any, None, Any] | Coroutine[Any, Any, Any],
+        **kwargs: Any,
+    ) -> asyncio.Task[Any]:
+        counts["tasks"] += 1
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(factory)
+    anyio.to_thread.run_sync = counting  # type: ignore[assignment]
+    try:
+        await fill(path, "c", n, None)
+    finally:
+        anyio.to_thread.run_sync = real
+        loop.set_task_factory(None)
+    return {
+        "fill_loads_per_s": n / seconds,
+        "fill_us_per_load": seconds / n * 1e6,
+        "fill_cpu_us_per_load": cpu / n * 1e6,
+        "thread_calls_per_load": counts["threads"] / n,
+        "tasks_per_load": counts["tasks"] / n,
+    }
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0] if __doc__ else "fill rate")
+    parser.add_argument("--ids", type=int, default=None, help="ids to load (default 10,000)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the fill")
+    args = parser.parse_args()
+    n = args.ids or (2000 if args.quick else 10_000)
+    print(f"fill_rate{' (quick)' if args.quick else ''}: {machine_line()}")
+    print(f"{n} ids, {FILL_TASKS} tasks, max_concurrent_loads=4, file://, zero_copy=False")
+    profile = cProfile.Profile() if args.profile else None
+    with data_dir(args.data_dir, "modelcache-fill-") as directory:
+        path = os.path.join(directory, "tiny.safetensors")
+        save_file({"w": torch.zeros(0, dtype=torch.uint8)}, path)
+        figures = anyio.run(measure, path, n, profile, backend="asyncio")
+    if profile is not None:
+        out = io.StringIO()
+        stats = pstats.Stats(profile, stream=out)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumtime").print_stats(40)
+        print(out.getvalue())
+    for key, value in figures.items():
+        print(f"{key}: {value:.2f}")
+    emit_json({key: rounded(value) for key, value in figures.items()} | {"ids": n})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Small local reads (a header, a stat, a side file) run together in shared worker-thread calls.
+
+A worker-thread call costs far more than a small read of a file in the page cache: the call is
+queued to a thread, the thread must take the GIL from the busy event loop (up to the switch
+interval, 5 ms, for every reacquire), and the result comes back through the loop's self-pipe.
+Filling a cache with many small models made that hop most of a load's cost. `SmallReads` runs
+every small read asked for while one batch is out in the next batch: one thread call for all.
+
+Invariants:
+
+* At most one batch of a `SmallReads` is in a worker thread at a time (one token of the store's
+  limiter); a batch takes every read queued when it starts, oldest first, up to `MAX_BATCH`.
+* No task of its own: a batch is driven by the task of one of its callers. The first caller
+  that finds no batch running drives; when the batch ends it wakes the batch's callers and hands
+  the next batch to the caller of the oldest read still queued (whose read goes in it).
+* Cancellation: a caller cancelled while its read is queued takes it out of the queue (and
+  passes the drive on if it had it); once its read is in a batch it leaves at once and its read
+  ends in the thread, its result dropped (each read is self-contained: it opens and closes its
+  own file). A driver waits for its batch even when cancelled (the thread call is shielded), and
+  reads its batch did not run (cancelled before the thread started) go back to the queue's front.
+* Errors are per read: each caller raises its own read's exception, in its own task.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.to_thread
+
+__all__ = ["MAX_BATCH", "SMALL_READ", "SmallReads"]
+
+T = TypeVar("T")
+
+#: Reads one batch takes at most (a batch of small reads stays well under a millisecond).
+MAX_BATCH = 64
+#: Local reads up to this many bytes go through `SmallReads`; larger ones get a call each.
+SMALL_READ = 64 << 10
+
+
+class _Read(Generic[T]):
+    """One read asked for: queued, then taken by a batch, then run (or not, if cancelled)."""
+
+    __slots__ = ("args", "call", "done", "drive", "error", "ran", "result", "taken")
+
+    def __init__(self, call: Callable[..., T], args: tuple[Any, ...]) -> None:
+        self.call = call
+        self.args = args
+        #: Set when the read has run, or when its caller is handed the drive of the next batch.
+        self.done = anyio.Event()
+        self.drive = False  # its caller drives the next batch (or is driving it)
+        self.taken = False  # out of the queue, in a batch
+        self.ran = False  # run by the thread (set there): ``result`` or ``error`` holds the answer
+        self.result: T | None = None
+        self.error: Exception | None = None
+
+
+def _run_batch(batch: list[_Read[Any]]) -> None:
+    """In a worker thread: run each read, keeping its answer or its error."""
+    for read in batch:
+        try:
+            read.result = read.call(*read.args)
+        except Exception as exc:
+            read.error = exc
+        read.ran = True
+
+
+class SmallReads:
+    """Batches of small blocking reads, one worker-thread call each (see the module docstring).
+
+    ``limiter`` gives the limiter a batch's thread call holds (the store's, made in the loop)."""
+
+    __slots__ = ("_driving", "_limiter", "_queue", "batches")
+
+    def __init__(self, limiter: Callable[[], anyio.CapacityLimiter]) -> None:
+        self._limiter = limiter
+        self._queue: deque[_Read[Any]] = deque()
+        self._driving = False  # a caller drives a batch, or has been handed the next one
+        #: Worker-thread calls made (for tests and benchmarks).
+        self.batches = 0
+
+    async def run(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` in a worker thread, in a batch with the other reads asked for now."""
+        read: _Read[T] = _Read(call, args)
+        self._queue.append(read)
+        if not self._driving:
+            self._driving = read.drive = True
+        try:
+            if not read.drive:
+                await read.done.wait()  # it ran, or its caller is handed the next batch
+            if not read.ran:
+                await self._drive()  # its read is the oldest queued: it goes in this batch
+        except BaseException:
+            self._leave(read)
+            raise
+        error = read.error
+        if error is not None:
+            try:
+                raise error
+            finally:
+                del error, read
+        return read.result  # type: ignore[return-value]
+
+    async def _drive(self) -> None:
+        queue = self._queue
+        batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
+        for read in batch:
+            read.taken = True
+        self.batches += 1
+        try:
+            await anyio.to_thread.run_sync(_run_batch, batch, limiter=self._limiter())
+        finally:
+            # Cancelled before the thread started: what did not run goes back, oldest first.
+            queue.extendleft(read for read in reversed(batch) if not read.ran)
+            for read in batch:
+                if read.ran:
+                    read.done.set()
+                else:
+                    read.taken = False
+                read.drive = False
+            self._pass_drive()
+
+    def _pass_drive(self) -> None:
+        """The drive goes to the caller of the oldest queued read, or nobody drives."""
+        if self._queue:
+            head = self._queue[0]
+            head.drive = True
+            head.done.set()
+        else:
+            self._driving = False
+
+    def _leave(self, read: _Read[Any]) -> None:
+        """``read``'s caller leaves (cancelled): its queued read goes, and the drive it had."""
+        if not read.taken:  # queued (a read put back by a call that never started is too)
+            self._queue.remove(read)
+        if read.drive:
+            read.drive = False
+            self._pass_drive()

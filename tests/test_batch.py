@@ -1,0 +1,173 @@
+"""modelcache._batch: small local reads asked for together share one worker-thread call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+
+from modelcache import ModelCache
+from modelcache._batch import SmallReads
+from modelcache._exceptions import ModelNotFoundError
+from modelcache._store import Store
+
+from .conftest import check_invariants, model_bytes, settle
+
+
+def _files(tmp_path: Path, n: int) -> list[bytes]:
+    datas = [bytes([i]) * (100 + i) for i in range(n)]
+    for i, data in enumerate(datas):
+        (tmp_path / f"m{i}").mkdir()
+        (tmp_path / f"m{i}" / "w.bin").write_bytes(data)
+    return datas
+
+
+async def test_header_reads_asked_together_share_a_worker_thread_call(
+    tmp_path: Path, thread_calls: list[str]
+) -> None:
+    """Local header reads (read_head) and stats asked for while one is in a worker thread run
+    together in the next thread call, each getting its own answer (and its own error)."""
+    datas = _files(tmp_path, 20)
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    heads: dict[int, tuple[int, bytes]] = {}
+    sizes: dict[int, int] = {}
+    missing: list[BaseException] = []
+
+    async def head(i: int) -> None:
+        url = store.join(store.model_url(f"m{i}"), "w.bin")
+        heads[i] = await store.read_head(url, 50, model_id=f"m{i}")
+        sizes[i] = await store.size(url, model_id=f"m{i}")
+
+    async def absent() -> None:
+        try:
+            await store.read_head(store.join(store.model_url("m0"), "nope"), 8, model_id="m0")
+        except ModelNotFoundError as exc:
+            missing.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(head, i)
+        tg.start_soon(absent)
+    assert heads == {i: (len(d), d[:50]) for i, d in enumerate(datas)}
+    assert sizes == {i: len(d) for i, d in enumerate(datas)}
+    assert len(missing) == 1
+    # The first read goes alone (nothing else was asked yet); the other 20 wait for it and go
+    # in one call; their stats in one more. One call per read before batching: 41.
+    assert len(thread_calls) <= 4, thread_calls
+    await store.aclose()
+
+
+async def test_a_cancelled_caller_leaves_the_queue_and_the_rest_are_read(tmp_path: Path) -> None:
+    """A caller cancelled while its read waits (even the one that would drive the next thread
+    call, or drove one that never started) leaves at once; every other caller gets its bytes."""
+    datas = _files(tmp_path, 4)
+    limiter = anyio.CapacityLimiter(1)
+    reads = SmallReads(lambda: limiter)
+    holder = object()
+    await limiter.acquire_on_behalf_of(holder)  # no thread call can start yet
+    got: dict[int, bytes] = {}
+    scopes = [anyio.CancelScope() for _ in range(4)]
+
+    async def read(i: int) -> None:
+        with scopes[i]:
+            got[i] = await reads.run((tmp_path / f"m{i}" / "w.bin").read_bytes)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(4):
+            tg.start_soon(read, i)
+        await anyio.wait_all_tasks_blocked()
+        # m0's caller drives a call of [m0] waiting for the limiter; m1..m3 are queued.
+        scopes[0].cancel()  # the driver: its call never started
+        scopes[2].cancel()  # a queued read
+        await anyio.wait_all_tasks_blocked()
+        limiter.release_on_behalf_of(holder)
+    assert got == {1: datas[1], 3: datas[3]}
+    assert reads.batches == 2  # the cancelled call, then m1 and m3 together
+    assert not reads._queue and not reads._driving
+
+
+async def test_a_read_error_reaches_its_caller_only(tmp_path: Path) -> None:
+    """An exception raised by one read of a batch is raised by that read's caller alone."""
+    limiter = anyio.CapacityLimiter(1)
+    reads = SmallReads(lambda: limiter)
+    results: dict[str, object] = {}
+
+    def fail() -> bytes:
+        raise OSError("broken")
+
+    async def run(name: str, call: object) -> None:
+        try:
+            results[name] = await reads.run(call)  # type: ignore[arg-type]
+        except OSError as exc:
+            results[name] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "first", bytes)
+        tg.start_soon(run, "bad", fail)
+        tg.start_soon(run, "good", bytes)
+    assert results["first"] == b"" and results["good"] == b""
+    assert isinstance(results["bad"], OSError) and str(results["bad"]) == "broken"
+    assert reads.batches == 2
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_no_read_is_left_behind(tmp_path: Path, n: int) -> None:
+    """However the reads arrive, every one is run and the queue ends empty, nobody driving."""
+    limiter = anyio.CapacityLimiter(1)
+    reads = SmallReads(lambda: limiter)
+    out: list[int] = []
+
+    async def run(i: int) -> None:
+        out.append(await reads.run(int, str(i)))
+
+    for _ in range(2):
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(run, i)
+    assert sorted(out) == sorted(list(range(n)) * 2)
+    assert not reads._queue and not reads._driving
+
+
+class _GatedWeights(Store):
+    """A local Store whose weight reads of one id wait for an event (headers are not gated)."""
+
+    def __init__(self, location: str, slow_id: str) -> None:
+        super().__init__(location)
+        self.slow_id = slow_id
+        self.gate = anyio.Event()
+
+    async def read_scatter(
+        self, url: str, offset: int, dests: Sequence[memoryview], *, model_id: str
+    ) -> None:
+        if model_id == self.slow_id:
+            await self.gate.wait()
+        await super().read_scatter(url, offset, dests, model_id=model_id)
+
+
+@pytest.mark.usefixtures("count_threads")
+async def test_local_header_reads_take_no_load_slot(
+    tmp_path: Path, thread_calls: list[str]
+) -> None:
+    """A load's header read of a local file takes no load slot: while the only slot reads a
+    model's weights, the loads queued behind it read their headers (together, in one or two
+    thread calls) and reserve their bytes, and each waits for the slot only to read weights."""
+    for name, nbytes in [("big", 1000)] + [(f"m{i}", 10 + i) for i in range(10)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(model_bytes(nbytes))
+    store = _GatedWeights(f"file://{tmp_path}/{{model_id}}", "big")
+    async with ModelCache(store, device_budget=10_000, max_concurrent_loads=1) as cache:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.prefetch, ["big"])
+            await settle()  # big holds the only slot, its weights read waiting
+            thread_calls.clear()
+            tg.start_soon(cache.prefetch, [f"m{i}" for i in range(10)])
+            await settle()
+            stats = cache.stats()
+            assert stats.loading == 11
+            assert stats.bytes_reserved == 1000 + sum(10 + i for i in range(10))
+            assert thread_calls.count("_run_batch") <= 2, thread_calls
+            check_invariants(cache)
+            store.gate.set()
+        assert sorted(cache.resident()) == sorted(["big"] + [f"m{i}" for i in range(10)])
