@@ -147,7 +147,7 @@ async def test_describe_uses_the_headers_of_a_load_in_flight(
                     pass
 
             tg.start_soon(user)
-            await anyio.wait_all_tasks_blocked()
+            await settle()  # the load waits at its gated weight read, its headers read
             before = store_calls(gated, "a")
             info = await cache.describe("a")
             assert (info.model_id, info.nbytes) == ("a", 1000)
