@@ -74,6 +74,7 @@ from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from . import _direct
 from ._concurrency import gather
 from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
 from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
@@ -877,17 +878,26 @@ class Store:
                         raise truncated(url, model_id, offset, run.size, max(0, file_size - offset))
                     see(url, after, model_id)
                     return got
-                file_size = await anyio.to_thread.run_sync(
-                    _open_regular, path, opened, self._local_opener(), limiter=limiter
+                # A range mostly not in the page cache is read with O_DIRECT (`_direct`).
+                file_size, direct = await anyio.to_thread.run_sync(
+                    _direct.open_run,
+                    _open_regular,
+                    path,
+                    opened,
+                    self._local_opener(),
+                    offset,
+                    run.size,
+                    limiter=limiter,
                 )
                 see(url, local_tag(os.fstat(opened[0])), model_id)
                 if file_size < offset + run.size:  # fail before moving any byte
                     raise truncated(url, model_id, offset, run.size, max(0, file_size - offset))
                 fd = opened[0]
+                pread = _direct.pread_run_direct if direct else _pread_run
 
                 async def read(lo: int, hi: int) -> int:
                     return await anyio.to_thread.run_sync(
-                        _pread_run, fd, run, lo, hi, offset, limiter=limiter
+                        pread, fd, run, lo, hi, offset, limiter=limiter
                     )
 
                 got = await self._run_chunks(run.size, read)
