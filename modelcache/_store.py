@@ -12,7 +12,9 @@ Design notes:
   once and reads chunks concurrently with ``os.preadv`` straight into the caller's buffer (the GIL
   is released while the kernel copies), so a load runs at page-cache or disk bandwidth, no copies.
   At most ``max_concurrent_reads`` files are open for reads at once in a Store, however many
-  reads are asked for: a read waits for a slot before it opens its file.
+  reads are asked for: a read waits for a slot before it opens its file. A read of more than one
+  chunk whose range is mostly not in the page cache switches its descriptor to O_DIRECT and
+  reads through bounce buffers (``_direct.py``: no page-cache pages allocated for a cold load).
 - A model's header costs one worker-thread call for a local file (``read_head``: open, fstat and
   read the first bytes together), and none for a ``memory://`` file, whose bytes are in this
   process: its size, its header and any read up to ``COPY_IN_THREAD`` bytes are copied on the
