@@ -381,6 +381,9 @@ class Store:
     ``read_window`` bounds the remote requests one ``read_into`` call keeps in flight (a sliding
     window). A remote request failing with a transient error is made again up to ``max_retries``
     times, after ``retry_base_delay * 2**n`` seconds (capped at ``retry_max_delay``, jittered).
+    ``direct_reads`` (default True) reads a local range of more than one chunk that is mostly not
+    in the page cache with O_DIRECT: no page-cache pages are allocated for it, and so none are
+    left for a later read of the same file, which reads the disk again. False: always buffered.
     """
 
     def __init__(
@@ -397,6 +400,7 @@ class Store:
         retry_base_delay: float = 0.05,
         retry_max_delay: float = 2.0,
         opener: Callable[[str], int] | None = None,
+        direct_reads: bool = True,
     ) -> None:
         if isinstance(location, str):
             if location.count("{model_id}") != 1:
@@ -432,6 +436,8 @@ class Store:
         self._retry_max_delay = retry_max_delay
         #: Opens a local path for reading (the disk tier's never follows a link in an entry).
         self._opener = opener if opener is not None else _open_plain
+        #: Read local ranges mostly not in the page cache with O_DIRECT (`_direct`).
+        self._direct_reads = direct_reads
         self._filesystems: dict[str, Any] = {}
         self._limiter: anyio.CapacityLimiter | None = None  # made in the loop, on first read
         self._open_files: anyio.Semaphore | None = None  # likewise: local files open for reads
@@ -888,7 +894,7 @@ class Store:
                     opened,
                     self._local_opener(),
                     offset,
-                    run.size,
+                    run.size if self._direct_reads else 0,  # 0: buffered
                     limiter=limiter,
                 )
                 see(url, local_tag(os.fstat(opened[0])), model_id)

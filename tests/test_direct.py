@@ -206,3 +206,18 @@ async def test_direct_reads_hold_at_most_max_concurrent_reads_descriptors(
     assert all(dest == data[3:] for dest, data in zip(dests, files, strict=True))
     assert 1 <= peak <= 2
     assert went_direct > 0
+
+
+@pytest.mark.asyncio
+async def test_direct_reads_false_reads_cold_files_through_the_page_cache(tmp_path: Path) -> None:
+    """Store(direct_reads=False) reads a cold file buffered: every byte right, and the file's
+    pages are in the page cache afterwards."""
+    data = _random(3 * 1024 * 1024 + 5, seed=30)
+    path = tmp_path / "m1" / "w.bin"
+    _write_cold(path, data)
+    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=1 << 20, direct_reads=False)
+    url = store.join(store.model_url("m1"), "w.bin")
+    buf = bytearray(len(data) - 9)
+    await store.read_into(url, 9, memoryview(buf), model_id="m1")
+    assert bytes(buf) == data[9:]
+    assert _resident(path) > direct.DIRECT_BELOW
