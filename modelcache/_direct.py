@@ -7,10 +7,12 @@ direct read lands the disk's DMA in a buffer of ours: no page-cache pages at all
 streamer reads local files this way. Measured on the 2-core VM under a load average of 10-23
 (1 GiB, cold, 8 readers of 16 MiB chunks): O_DIRECT through 4 MiB bounce buffers 1.06 s best,
 2.7 s median, against 2.6-3.0 s best and 5.4-6.6 s median buffered; in peer_loaders'
-local_cold row (load 4-10) the copy path's best was unchanged (1,513 -> 1,545 ms), the time
-there going to faulting in the fresh destination buffer and to the disk at 8 requests.
+local_cold row (load 4-10) the copy path's best was unchanged (1,513 -> 1,545 ms), and at a
+load of 3-5 (5 rounds) it was slower: 2,061 ms best against 1,154 ms buffered (medians 2,110
+and 1,234), the kernel's readahead into the page cache outrunning 8 readers of 4 MiB pieces
+and their copies. So it is opt-in: ``Store(direct_reads=True)``.
 
-How (`Store._read_local` asks, for a read of more than one chunk):
+How (`Store._read_local` asks, with ``direct_reads=True``, for a read of more than one chunk):
 
 - `open_run` opens the file as before and looks at how much of the range is resident
   (``mincore`` on a read-only mapping of it: no page is faulted in, no descriptor added). Less
@@ -33,7 +35,7 @@ How (`Store._read_local` asks, for a read of more than one chunk):
   bytes. A direct read refused by the kernel (EINVAL: an alignment this device does not take)
   turns the descriptor back to buffered and goes on from where it was.
 - The cost: a direct read leaves nothing in the page cache, so the next load of the same file
-  reads the disk again. ``Store(direct_reads=False)`` keeps every read buffered.
+  reads the disk again.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ Design notes:
   once and reads chunks concurrently with ``os.preadv`` straight into the caller's buffer (the GIL
   is released while the kernel copies), so a load runs at page-cache or disk bandwidth, no copies.
   At most ``max_concurrent_reads`` files are open for reads at once in a Store, however many
-  reads are asked for: a read waits for a slot before it opens its file. A read of more than one
-  chunk whose range is mostly not in the page cache switches its descriptor to O_DIRECT and
-  reads through bounce buffers (``_direct.py``: no page-cache pages allocated for a cold load).
+  reads are asked for: a read waits for a slot before it opens its file. With
+  ``direct_reads=True``, a read of more than one chunk whose range is mostly not in the page
+  cache switches its descriptor to O_DIRECT and reads through bounce buffers (``_direct.py``).
 - A model's header costs one worker-thread call for a local file (``read_head``: open, fstat and
   read the first bytes together), and none for a ``memory://`` file, whose bytes are in this
   process: its size, its header and any read up to ``COPY_IN_THREAD`` bytes are copied on the
@@ -381,9 +381,10 @@ class Store:
     ``read_window`` bounds the remote requests one ``read_into`` call keeps in flight (a sliding
     window). A remote request failing with a transient error is made again up to ``max_retries``
     times, after ``retry_base_delay * 2**n`` seconds (capped at ``retry_max_delay``, jittered).
-    ``direct_reads`` (default True) reads a local range of more than one chunk that is mostly not
-    in the page cache with O_DIRECT: no page-cache pages are allocated for it, and so none are
-    left for a later read of the same file, which reads the disk again. False: always buffered.
+    ``direct_reads=True`` (opt-in) reads a local range of more than one chunk that is mostly not
+    in the page cache with O_DIRECT (`_direct`): no page-cache pages are allocated for it, and so
+    none are left for a later read of the same file, which reads the disk again. It helped only
+    on a heavily loaded machine and was slower at moderate load (`_direct`): off by default.
     """
 
     def __init__(
@@ -400,7 +401,7 @@ class Store:
         retry_base_delay: float = 0.05,
         retry_max_delay: float = 2.0,
         opener: Callable[[str], int] | None = None,
-        direct_reads: bool = True,
+        direct_reads: bool = False,
     ) -> None:
         if isinstance(location, str):
             if location.count("{model_id}") != 1:

@@ -66,7 +66,9 @@ async def test_cold_local_read_is_exact_and_leaves_the_page_cache_alone(tmp_path
     data = _random(6 * 1024 * 1024 + 777)
     path = tmp_path / "m1" / "w.bin"
     _write_cold(path, data)
-    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=(1 << 20) + 3)
+    store = Store(
+        f"file://{tmp_path}/{{model_id}}/", read_chunk_size=(1 << 20) + 3, direct_reads=True
+    )
     url = store.join(store.model_url("m1"), "w.bin")
     offset = 12_345
     rng = random.Random(3)
@@ -88,7 +90,7 @@ async def test_direct_pieces_straddling_alignment_are_exact(
     data = _random(3 * 1024 * 1024 + 11, seed=8)
     path = tmp_path / "m1" / "w.bin"
     _write_cold(path, data)
-    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=200_001)
+    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=200_001, direct_reads=True)
     url = store.join(store.model_url("m1"), "w.bin")
     buf = bytearray(len(data) - 4099)
     await store.read_into(url, 4097, memoryview(buf)[: len(buf) - 2], model_id="m1")
@@ -131,7 +133,10 @@ async def test_direct_read_detects_a_file_changed_while_read(
     path = tmp_path / "m1" / "w.bin"
     _write_cold(path, data)
     store = Store(
-        f"file://{tmp_path}/{{model_id}}/", read_chunk_size=1 << 20, max_concurrent_reads=1
+        f"file://{tmp_path}/{{model_id}}/",
+        read_chunk_size=1 << 20,
+        max_concurrent_reads=1,
+        direct_reads=True,
     )
     url = store.join(store.model_url("m1"), "w.bin")
     real = direct._read_aligned
@@ -164,7 +169,10 @@ async def test_direct_reads_hold_at_most_max_concurrent_reads_descriptors(
         _write_cold(tmp_path / f"m{i}" / "w.bin", data)
         files.append(data)
     store = Store(
-        f"file://{tmp_path}/{{model_id}}/", read_chunk_size=100_000, max_concurrent_reads=2
+        f"file://{tmp_path}/{{model_id}}/",
+        read_chunk_size=100_000,
+        max_concurrent_reads=2,
+        direct_reads=True,
     )
     open_now = peak = 0
     real_open, real_close = store_module._open_regular, os.close
@@ -209,13 +217,13 @@ async def test_direct_reads_hold_at_most_max_concurrent_reads_descriptors(
 
 
 @pytest.mark.asyncio
-async def test_direct_reads_false_reads_cold_files_through_the_page_cache(tmp_path: Path) -> None:
-    """Store(direct_reads=False) reads a cold file buffered: every byte right, and the file's
+async def test_cold_reads_go_through_the_page_cache_by_default(tmp_path: Path) -> None:
+    """A Store reads a cold file buffered unless direct_reads=True: every byte right, and the file's
     pages are in the page cache afterwards."""
     data = _random(3 * 1024 * 1024 + 5, seed=30)
     path = tmp_path / "m1" / "w.bin"
     _write_cold(path, data)
-    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=1 << 20, direct_reads=False)
+    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=1 << 20)
     url = store.join(store.model_url("m1"), "w.bin")
     buf = bytearray(len(data) - 9)
     await store.read_into(url, 9, memoryview(buf), model_id="m1")
