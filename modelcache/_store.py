@@ -12,7 +12,9 @@ Design notes:
   once and reads chunks concurrently with ``os.preadv`` straight into the caller's buffer (the GIL
   is released while the kernel copies), so a load runs at page-cache or disk bandwidth, no copies.
   At most ``max_concurrent_reads`` files are open for reads at once in a Store, however many
-  reads are asked for: a read waits for a slot before it opens its file.
+  reads are asked for: a read waits for a slot before it opens its file. With
+  ``direct_reads=True``, a read of more than one chunk whose range is mostly not in the page
+  cache switches its descriptor to O_DIRECT and reads through bounce buffers (``_direct.py``).
 - A model's header costs one worker-thread call for a local file (``read_head``: open, fstat and
   read the first bytes together), and none for a ``memory://`` file, whose bytes are in this
   process: its size, its header and any read up to ``COPY_IN_THREAD`` bytes are copied on the
@@ -74,6 +76,7 @@ from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from . import _direct
 from ._batch import SMALL_READ, SmallReads
 from ._concurrency import gather
 from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
@@ -379,6 +382,10 @@ class Store:
     ``read_window`` bounds the remote requests one ``read_into`` call keeps in flight (a sliding
     window). A remote request failing with a transient error is made again up to ``max_retries``
     times, after ``retry_base_delay * 2**n`` seconds (capped at ``retry_max_delay``, jittered).
+    ``direct_reads=True`` (opt-in) reads a local range of more than one chunk that is mostly not
+    in the page cache with O_DIRECT (`_direct`): no page-cache pages are allocated for it, and so
+    none are left for a later read of the same file, which reads the disk again. It helped only
+    on a heavily loaded machine and was slower at moderate load (`_direct`): off by default.
     """
 
     def __init__(
@@ -395,6 +402,7 @@ class Store:
         retry_base_delay: float = 0.05,
         retry_max_delay: float = 2.0,
         opener: Callable[[str], int] | None = None,
+        direct_reads: bool = False,
     ) -> None:
         if isinstance(location, str):
             if location.count("{model_id}") != 1:
@@ -430,6 +438,8 @@ class Store:
         self._retry_max_delay = retry_max_delay
         #: Opens a local path for reading (the disk tier's never follows a link in an entry).
         self._opener = opener if opener is not None else _open_plain
+        #: Read local ranges mostly not in the page cache with O_DIRECT (`_direct`).
+        self._direct_reads = direct_reads
         self._filesystems: dict[str, Any] = {}
         self._limiter: anyio.CapacityLimiter | None = None  # made in the loop, on first read
         self._open_files: anyio.Semaphore | None = None  # likewise: local files open for reads
@@ -889,17 +899,26 @@ class Store:
                         raise truncated(url, model_id, offset, run.size, max(0, file_size - offset))
                     see(url, after, model_id)
                     return got
-                file_size = await anyio.to_thread.run_sync(
-                    _open_regular, path, opened, self._local_opener(), limiter=limiter
+                # A range mostly not in the page cache is read with O_DIRECT (`_direct`).
+                file_size, direct = await anyio.to_thread.run_sync(
+                    _direct.open_run,
+                    _open_regular,
+                    path,
+                    opened,
+                    self._local_opener(),
+                    offset,
+                    run.size if self._direct_reads else 0,  # 0: buffered
+                    limiter=limiter,
                 )
                 see(url, local_tag(os.fstat(opened[0])), model_id)
                 if file_size < offset + run.size:  # fail before moving any byte
                     raise truncated(url, model_id, offset, run.size, max(0, file_size - offset))
                 fd = opened[0]
+                pread = _direct.pread_run_direct if direct else _pread_run
 
                 async def read(lo: int, hi: int) -> int:
                     return await anyio.to_thread.run_sync(
-                        _pread_run, fd, run, lo, hi, offset, limiter=limiter
+                        pread, fd, run, lo, hi, offset, limiter=limiter
                     )
 
                 got = await self._run_chunks(run.size, read)

@@ -1,0 +1,231 @@
+"""Local reads of files not in the page cache: O_DIRECT through bounce buffers (`_direct`)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+import modelcache._direct as direct
+import modelcache._store as store_module
+from modelcache._exceptions import ModelChangedError
+from modelcache._store import Store
+from modelcache._versions import reading
+
+
+def _random(n: int, seed: int = 7) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _write_cold(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and evict its pages; skip where the filesystem keeps them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # clean pages: DONTNEED can drop them
+    _evict(path)
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if direct.resident_fraction(fd, 0, os.fstat(fd).st_size) > 0.1:
+            pytest.skip("this filesystem keeps the file in memory (tmpfs?): nothing is cold")
+    finally:
+        os.close(fd)
+
+
+def _resident(path: Path) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return direct.resident_fraction(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _views(buf: bytearray, sizes: list[int]) -> list[memoryview]:
+    views, at = [], 0
+    for size in sizes:
+        views.append(memoryview(buf)[at : at + size])
+        at += size
+    return views
+
+
+@pytest.mark.asyncio
+async def test_cold_local_read_is_exact_and_leaves_the_page_cache_alone(tmp_path: Path) -> None:
+    """A multi-chunk read of a file not in the page cache, from an unaligned offset to the
+    file's unaligned end, scattered into views of odd sizes, gets every byte right and is read
+    with O_DIRECT (the file's pages stay out of the page cache)."""
+    data = _random(6 * 1024 * 1024 + 777)
+    path = tmp_path / "m1" / "w.bin"
+    _write_cold(path, data)
+    store = Store(
+        f"file://{tmp_path}/{{model_id}}/", read_chunk_size=(1 << 20) + 3, direct_reads=True
+    )
+    url = store.join(store.model_url("m1"), "w.bin")
+    offset = 12_345
+    rng = random.Random(3)
+    sizes = [rng.choice((1, 5, 4096, 70_001)) for _ in range(120)]
+    sizes.append(len(data) - offset - sum(sizes))
+    buf = bytearray(len(data) - offset)
+    await store.read_scatter(url, offset, _views(buf, sizes), model_id="m1")
+    assert bytes(buf) == data[offset:]
+    assert _resident(path) < direct.DIRECT_BELOW
+
+
+@pytest.mark.asyncio
+async def test_direct_pieces_straddling_alignment_are_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct pieces smaller than a chunk, none of them aligned at either end, still fill
+    every byte of the destination once."""
+    monkeypatch.setattr(direct, "PIECE", 3 * direct.ALIGN + 5)
+    data = _random(3 * 1024 * 1024 + 11, seed=8)
+    path = tmp_path / "m1" / "w.bin"
+    _write_cold(path, data)
+    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=200_001, direct_reads=True)
+    url = store.join(store.model_url("m1"), "w.bin")
+    buf = bytearray(len(data) - 4099)
+    await store.read_into(url, 4097, memoryview(buf)[: len(buf) - 2], model_id="m1")
+    assert bytes(buf[:-2]) == data[4097:-4]
+    assert _resident(path) < direct.DIRECT_BELOW
+
+
+def test_open_run_reads_a_cached_range_through_the_page_cache(tmp_path: Path) -> None:
+    """A range that is in the page cache is read buffered (no O_DIRECT); the same range
+    evicted is read direct."""
+    data = _random(2 * 1024 * 1024, seed=9)
+    path = tmp_path / "w.bin"
+    _write_cold(path, data)
+    for cold in (True, False):
+        opened: list[int] = []
+        try:
+            size, is_direct = direct.open_run(
+                store_module._open_regular,
+                str(path),
+                opened,
+                store_module._open_plain,
+                0,
+                len(data),
+            )
+            assert (size, is_direct) == (len(data), cold)
+            assert direct._is_direct(opened[0]) is cold
+        finally:
+            for fd in opened:
+                os.close(fd)
+        path.read_bytes()  # now it is cached
+
+
+@pytest.mark.asyncio
+async def test_direct_read_detects_a_file_changed_while_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file rewritten in place during a direct read fails the load with ModelChangedError
+    (its version tag after the read differs from the one before)."""
+    data = _random(4 * 1024 * 1024, seed=10)
+    path = tmp_path / "m1" / "w.bin"
+    _write_cold(path, data)
+    store = Store(
+        f"file://{tmp_path}/{{model_id}}/",
+        read_chunk_size=1 << 20,
+        max_concurrent_reads=1,
+        direct_reads=True,
+    )
+    url = store.join(store.model_url("m1"), "w.bin")
+    real = direct._read_aligned
+    calls = 0
+
+    def rewrite_on_first_read(fd: int, buf: memoryview, start: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            with open(path, "r+b") as f:  # in place: same inode, new size and mtime
+                f.seek(0, os.SEEK_END)
+                f.write(b"more")
+        return real(fd, buf, start)
+
+    monkeypatch.setattr(direct, "_read_aligned", rewrite_on_first_read)
+    with reading(), pytest.raises(ModelChangedError, match="changed in the store"):
+        await store.read_into(url, 0, memoryview(bytearray(len(data))), model_id="m1")
+    assert calls >= 1
+
+
+@pytest.mark.asyncio
+async def test_direct_reads_hold_at_most_max_concurrent_reads_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many concurrent direct reads of cold files hold at most max_concurrent_reads
+    descriptors (the residency check and the bounce buffers add none)."""
+    files = []
+    for i in range(6):
+        data = _random(1024 * 1024 + i, seed=20 + i)
+        _write_cold(tmp_path / f"m{i}" / "w.bin", data)
+        files.append(data)
+    store = Store(
+        f"file://{tmp_path}/{{model_id}}/",
+        read_chunk_size=100_000,
+        max_concurrent_reads=2,
+        direct_reads=True,
+    )
+    open_now = peak = 0
+    real_open, real_close = store_module._open_regular, os.close
+    ours: set[int] = set()
+    went_direct = 0
+
+    def counting_open(path: str, opened: list[int], opener: Callable[[str], int]) -> int:
+        nonlocal open_now, peak
+        size = real_open(path, opened, opener)
+        ours.add(opened[-1])
+        open_now += 1
+        peak = max(peak, open_now)
+        return size
+
+    def counting_close(fd: int) -> None:
+        nonlocal open_now
+        if fd in ours:
+            ours.discard(fd)
+            open_now -= 1
+        real_close(fd)
+
+    real_direct = direct.pread_run_direct
+
+    def counting_direct(*args: object) -> int:
+        nonlocal went_direct
+        went_direct += 1
+        return real_direct(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module, "_open_regular", counting_open)
+    monkeypatch.setattr(os, "close", counting_close)
+    monkeypatch.setattr(direct, "pread_run_direct", counting_direct)
+    dests = [bytearray(len(data) - 3) for data in files]
+    async with anyio.create_task_group() as tg:
+        for i, dest in enumerate(dests):
+            url = store.join(store.model_url(f"m{i}"), "w.bin")
+            tg.start_soon(
+                functools.partial(store.read_into, url, 3, memoryview(dest), model_id=f"m{i}")
+            )
+    assert all(dest == data[3:] for dest, data in zip(dests, files, strict=True))
+    assert 1 <= peak <= 2
+    assert went_direct > 0
+
+
+@pytest.mark.asyncio
+async def test_cold_reads_go_through_the_page_cache_by_default(tmp_path: Path) -> None:
+    """A Store reads a cold file buffered unless direct_reads=True: every byte right, and the file's
+    pages are in the page cache afterwards."""
+    data = _random(3 * 1024 * 1024 + 5, seed=30)
+    path = tmp_path / "m1" / "w.bin"
+    _write_cold(path, data)
+    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=1 << 20)
+    url = store.join(store.model_url("m1"), "w.bin")
+    buf = bytearray(len(data) - 9)
+    await store.read_into(url, 9, memoryview(buf), model_id="m1")
+    assert bytes(buf) == data[9:]
+    assert _resident(path) > direct.DIRECT_BELOW
