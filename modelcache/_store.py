@@ -74,6 +74,7 @@ from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from ._aws import share_service_descriptions
 from ._concurrency import gather
 from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
 from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
@@ -780,6 +781,7 @@ class Store:
                 fs = await anyio.to_thread.run_sync(make, limiter=self._get_limiter())
             if is_s3fs:
                 fs.retries = 1  # a class attribute of s3fs, not a constructor argument
+                share_service_descriptions(fs)  # a fresh client in ms, not 100s of ms (_aws.py)
             fs = self._filesystems.setdefault(protocol, fs)
         path: str = fs._strip_protocol(url)
         return fs, path
