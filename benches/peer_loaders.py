@@ -24,9 +24,9 @@ On S3 and http, modelcache has two rows: a fresh cache every run (a new client, 
 host buffer: fresh memory, as every peer gets), and a long-lived cache, one `ModelCache` for all
 rounds with the model evicted after each run, which is how a server uses it (its client and
 connections warm; the next load writes into the pages the evicted model's buffer left, through
-its buffer pool). The streamer gets a long-lived row too on S3 (one ``SafetensorsStreamer`` kept
-open, at its best concurrency); its ``owned=True`` tensors are fresh memory every load all the
-same. The cost of fresh memory on the machine (allocate and write a buffer of the model's size
+its buffer pool). The streamer has no such row: a ``SafetensorsStreamer`` kept open beside the
+others hung the next one made (0.17.1, waiting for its first response), and its ``owned=True``
+tensors are fresh memory every load in any case. The cost of fresh memory on the machine (allocate and write a buffer of the model's size
 once, against writing it again) is measured after the rounds and printed beside the table.
 
 Timed: from making the loader to a mapping of every tensor with every page of it touched (one
@@ -227,8 +227,7 @@ class LongLived:
     when the rounds end), the model dropped after each run. For modelcache this is how a server
     uses it: one `ModelCache`, the model evicted between loads, so its client and connections
     are warm and the next load writes into pages the evicted model's buffer left (the
-    `BufferPool`). For the streamer, one `SafetensorsStreamer` kept open (its client); with
-    ``owned=True`` it still gives every load fresh memory."""
+    `BufferPool`)."""
 
     make: Callable[[], Any]
     stack: AsyncExitStack | None = None
@@ -238,10 +237,7 @@ class LongLived:
         if self.opened is None:
             assert self.stack is not None, "main opens the rounds' exit stack"
             made = self.make()
-            if isinstance(made, contextlib.AbstractAsyncContextManager):
-                self.opened = await self.stack.enter_async_context(made)
-            else:
-                self.opened = self.stack.enter_context(made)
+            self.opened = await self.stack.enter_async_context(made)
         return self.opened
 
 
@@ -253,27 +249,6 @@ async def modelcache_kept(kept: LongLived) -> AsyncIterator[Tensors]:
             yield weights
     finally:
         cache.evict(MODEL_ID)  # read again next run; the buffer's pages go back to the pool
-
-
-@contextlib.asynccontextmanager
-async def runai_kept(
-    kept: LongLived, path: str, device: str, env: Mapping[str, str]
-) -> AsyncIterator[Tensors]:
-    streamer = await kept.get()
-    with environment(env):  # only while it runs: the other rows run between this one's runs
-        streamer.stream_file(path, device=device)
-        tensors = dict(streamer.get_tensors())
-    yield tensors
-
-
-@contextlib.contextmanager
-def runai_streamer(env: Mapping[str, str]) -> Iterator[Any]:
-    """A streamer made and opened with ``env`` set, kept open until the rounds end."""
-    streamer_module = importlib.import_module("runai_model_streamer")
-    with contextlib.ExitStack() as stack:
-        with environment(env):
-            streamer = stack.enter_context(streamer_module.SafetensorsStreamer())
-        yield streamer
 
 
 @contextlib.asynccontextmanager
@@ -518,19 +493,6 @@ def build_methods(
         kept.append(ours)
         methods.append(method(path, "modelcache", FRESH, lambda: modelcache_load(store(), device)))
         methods.append(method(path, "modelcache", LONG_LIVED, lambda: modelcache_kept(ours)))
-        runai_env = {**places.s3_env, "RUNAI_STREAMER_CONCURRENCY": "32"}
-        streamer = LongLived(lambda: runai_streamer(runai_env))
-        kept.append(streamer)
-        methods.append(
-            method(
-                path,
-                "runai",
-                "CONCURRENCY=32, one streamer kept open",
-                lambda: runai_kept(streamer, places.s3_url, device, runai_env),
-                None,
-                runai_s3_missing,
-            )
-        )
         for setting, env in (
             ("default", {}),
             ("CONCURRENCY=4", {"RUNAI_STREAMER_CONCURRENCY": "4"}),
