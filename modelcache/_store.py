@@ -77,6 +77,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from . import _direct
+from ._aws import share_service_descriptions
 from ._batch import SMALL_READ, SmallReads
 from ._concurrency import gather
 from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
@@ -802,6 +803,7 @@ class Store:
                 fs = await anyio.to_thread.run_sync(make, limiter=self._get_limiter())
             if is_s3fs:
                 fs.retries = 1  # a class attribute of s3fs, not a constructor argument
+                share_service_descriptions(fs)  # a fresh client in ms, not 100s of ms (_aws.py)
             fs = self._filesystems.setdefault(protocol, fs)
         path: str = fs._strip_protocol(url)
         return fs, path

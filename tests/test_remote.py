@@ -639,6 +639,45 @@ async def test_s3_streams_ranges_and_keeps_its_client(
             await store.read_into(url, 1000, memoryview(bytearray(len(data))), model_id="m1")
 
 
+_OFFLINE_S3 = {
+    "key": "k",
+    "secret": "s",
+    "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
+}
+
+
+async def test_s3_clients_share_parsed_service_descriptions() -> None:
+    """Every Store's s3 client reads botocore's service descriptions through one loader (parsed
+    once per process, not once per fresh cache), while each Store keeps a session of its own."""
+    pytest.importorskip("s3fs")
+    stores = [Store("s3://bucket/{model_id}", storage_options=_OFFLINE_S3) for _ in range(2)]
+    sessions = []
+    try:
+        for store in stores:
+            fs, _ = await store._remote("s3://bucket/m1")
+            await fs.set_session()  # makes the client; connects to nothing
+            sessions.append(fs.session)
+        assert sessions[0] is not sessions[1]
+        loaders = [s.get_component("data_loader") for s in sessions]
+        assert loaders[0] is loaders[1]
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_s3_session_given_in_storage_options_is_kept() -> None:
+    """A session the caller passes to s3fs (``session=``) is the one its client is made from."""
+    aio_session = pytest.importorskip("aiobotocore.session")
+    session = aio_session.AioSession()
+    store = Store("s3://bucket/{model_id}", storage_options={**_OFFLINE_S3, "session": session})
+    try:
+        fs, _ = await store._remote("s3://bucket/m1")
+        await fs.set_session()
+        assert fs.session is session
+    finally:
+        await store.aclose()
+
+
 async def test_s3_etag_is_the_object_etag(seaweedfs: SeaweedFS, s3_prefix: S3Prefix) -> None:
     """etag on s3 returns the object's ETag as S3 reports it; a directory has none."""
     s3_prefix.put("m1/w.bin", b"abc")
