@@ -17,7 +17,8 @@ Invariants:
   passes the drive on if it had it); once its read is in a batch it leaves at once and its read
   ends in the thread, its result dropped (each read is self-contained: it opens and closes its
   own file). A driver waits for its batch even when cancelled (the thread call is shielded), and
-  reads its batch did not run (cancelled before the thread started) go back to the queue's front.
+  reads its batch did not run (cancelled before the thread started) go back to the queue's front,
+  but for those whose callers left (one of them could be handed the drive, with nobody to take it).
 * Errors are per read: each caller raises its own read's exception, in its own task.
 """
 
@@ -43,7 +44,7 @@ SMALL_READ = 64 << 10
 class _Read(Generic[T]):
     """One read asked for: queued, then taken by a batch, then run (or not, if cancelled)."""
 
-    __slots__ = ("args", "call", "done", "drive", "error", "ran", "result", "taken")
+    __slots__ = ("args", "call", "done", "drive", "error", "left", "ran", "result", "taken")
 
     def __init__(self, call: Callable[..., T], args: tuple[Any, ...]) -> None:
         self.call = call
@@ -52,6 +53,9 @@ class _Read(Generic[T]):
         self.done = anyio.Event()
         self.drive = False  # its caller drives the next batch (or is driving it)
         self.taken = False  # out of the queue, in a batch
+        #: Its caller left while it was in a batch: never put back in the queue, where it could
+        #: be handed the drive with nobody to take it (every later read would wait forever).
+        self.left = False
         self.ran = False  # run by the thread (set there): ``result`` or ``error`` holds the answer
         self.result: T | None = None
         self.error: Exception | None = None
@@ -65,6 +69,9 @@ def _run_batch(batch: list[_Read[Any]]) -> None:
         except Exception as exc:
             read.error = exc
         read.ran = True
+    # A read's error keeps this frame (its traceback, its frames' f_back): without its locals,
+    # an error kept by its caller does not keep every other read of the batch, results included.
+    del batch, read
 
 
 class SmallReads:
@@ -113,7 +120,7 @@ class SmallReads:
             await anyio.to_thread.run_sync(_run_batch, batch, limiter=self._limiter())
         finally:
             # Cancelled before the thread started: what did not run goes back, oldest first.
-            queue.extendleft(read for read in reversed(batch) if not read.ran)
+            queue.extendleft(read for read in reversed(batch) if not (read.ran or read.left))
             for read in batch:
                 if read.ran:
                     read.done.set()
@@ -135,6 +142,8 @@ class SmallReads:
         """``read``'s caller leaves (cancelled): its queued read goes, and the drive it had."""
         if not read.taken:  # queued (a read put back by a call that never started is too)
             self._queue.remove(read)
+        else:
+            read.left = True
         if read.drive:
             read.drive = False
             self._pass_drive()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -171,3 +173,69 @@ async def test_local_header_reads_take_no_load_slot(
             check_invariants(cache)
             store.gate.set()
         assert sorted(cache.resident()) == sorted(["big"] + [f"m{i}" for i in range(10)])
+
+
+async def test_a_read_whose_caller_left_is_never_handed_the_drive(tmp_path: Path) -> None:
+    """A read taken into a batch whose caller then leaves is not put back in the queue when the
+    batch's thread call never starts (its driver cancelled): put back, it could be handed the
+    drive with nobody to take it, and every later read would wait forever."""
+    limiter = anyio.CapacityLimiter(1)
+    reads = SmallReads(lambda: limiter)
+    holder = object()
+    await limiter.acquire_on_behalf_of(holder)  # no thread call can start yet
+    scopes = {name: anyio.CancelScope() for name in "abc"}
+
+    async def read(name: str) -> None:
+        with scopes[name]:
+            await reads.run(str, name)
+
+    async with anyio.create_task_group() as tg:
+        for name in "abc":
+            tg.start_soon(read, name)
+        await anyio.wait_all_tasks_blocked()
+        scopes["a"].cancel()  # the driver of [a]: b drives [b, c], waiting for the limiter
+        await anyio.wait_all_tasks_blocked()
+        scopes["c"].cancel()  # c, in b's batch, leaves at once
+        await anyio.wait_all_tasks_blocked()
+        scopes["b"].cancel()  # the driver: its call never started
+        await anyio.wait_all_tasks_blocked()
+    assert not reads._queue and not reads._driving  # nobody waits: nobody holds the drive
+    limiter.release_on_behalf_of(holder)
+    assert await reads.run(str, "d") == "d"
+
+
+class _Payload:
+    """A read's result that can be weakly referenced (bytes cannot)."""
+
+
+async def test_a_kept_read_error_keeps_no_other_read_of_its_batch() -> None:
+    """The exception of one read of a batch, kept by its caller, keeps no other read's result
+    alive (without a garbage collection): the batch's frame in its traceback holds no batch."""
+    limiter = anyio.CapacityLimiter(1)
+    reads = SmallReads(lambda: limiter)
+    refs: list[weakref.ref[_Payload]] = []
+    kept: list[OSError] = []
+
+    def fail() -> _Payload:
+        raise OSError("broken")
+
+    async def good() -> None:
+        refs.append(weakref.ref(await reads.run(_Payload)))
+
+    async def bad() -> None:
+        try:
+            await reads.run(fail)
+        except OSError as exc:
+            kept.append(exc)
+
+    gc.disable()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(good)  # alone in the first batch
+            tg.start_soon(good)  # these three in the next
+            tg.start_soon(bad)
+            tg.start_soon(good)
+        assert reads.batches == 2 and len(kept) == 1
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()
