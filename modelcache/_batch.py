@@ -127,6 +127,9 @@ class SmallReads:
                 else:
                     read.taken = False
                 read.drive = False
+            # The worker thread that ran it keeps its arguments until its next call: the list,
+            # emptied, keeps no read (their results are their callers' to keep or drop).
+            batch.clear()
             self._pass_drive()
 
     def _pass_drive(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -236,6 +237,77 @@ async def test_a_kept_read_error_keeps_no_other_read_of_its_batch() -> None:
             tg.start_soon(bad)
             tg.start_soon(good)
         assert reads.batches == 2 and len(kept) == 1
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()
+
+
+class _CountedOpens(Store):
+    """A local Store that records the model id of every file it opens."""
+
+    def __init__(self, location: str) -> None:
+        self.opened: list[str] = []
+        super().__init__(location, opener=self._open)
+
+    def _open(self, path: str) -> int:
+        self.opened.append(Path(path).parent.name)
+        return os.open(path, os.O_RDONLY)
+
+
+async def test_an_abandoned_load_reads_no_header(tmp_path: Path) -> None:
+    """Loads whose callers all leave while their local header reads wait in the batch queue
+    read nothing (their reads leave the queue), as loads waiting for a load slot never did: a
+    backlog of abandoned loads does not hold up the header read of a wanted one."""
+    for name in [f"m{i}" for i in range(10)] + ["wanted"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(model_bytes(10))
+    store = _CountedOpens(f"file://{tmp_path}/{{model_id}}")
+    async with ModelCache(store, device_budget=10_000) as cache:
+        limiter = store._get_limiter()
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:
+            await limiter.acquire_on_behalf_of(holder)  # no thread call can start yet
+        scopes = [anyio.CancelScope() for _ in range(10)]
+
+        async def use(i: int) -> None:
+            with scopes[i]:
+                async with cache.use(f"m{i}"):
+                    pass
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(use, i)
+            await anyio.wait_all_tasks_blocked()  # every header read waits in the batch queue
+            for scope in scopes:
+                scope.cancel()  # every caller leaves
+            await anyio.wait_all_tasks_blocked()
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        async with cache.use("wanted"):
+            pass
+        await cache.wait_idle()
+        assert set(store.opened) == {"wanted"}  # its header and its weights
+        assert cache.resident() == ["wanted"] and cache.stats().bytes_reserved == 10
+        check_invariants(cache)
+
+
+async def test_a_batch_keeps_no_result_its_caller_dropped() -> None:
+    """Once a batch has run, nothing of it keeps its reads' results (the worker thread that ran
+    it still holds its arguments a moment after handing back): a result its caller dropped is
+    freed."""
+    limiter = anyio.CapacityLimiter(1)
+    reads = SmallReads(lambda: limiter)
+    refs: list[weakref.ref[_Payload]] = []
+
+    async def good() -> None:
+        refs.append(weakref.ref(await reads.run(_Payload)))
+
+    gc.disable()
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(good)
+        assert reads.batches == 2
         assert [ref() for ref in refs] == [None, None, None]
     finally:
         gc.enable()
