@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from modelcache import ModelCache
+from modelcache import ModelCache, _batch
 from modelcache._batch import SmallReads
 from modelcache._exceptions import ModelNotFoundError
 from modelcache._store import Store
@@ -311,3 +311,38 @@ async def test_a_batch_keeps_no_result_its_caller_dropped() -> None:
         assert [ref() for ref in refs] == [None, None, None]
     finally:
         gc.enable()
+
+
+async def test_callers_leaving_do_not_scan_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that leaves while its read is queued does not search the queue for it (it is
+    skipped where it stands): thousands of callers leaving newest first (a close, a burst of
+    timeouts) would otherwise stall the event loop for a time quadratic in their number."""
+    limiter = anyio.CapacityLimiter(1)
+    reads = SmallReads(lambda: limiter)
+    holder = object()
+    await limiter.acquire_on_behalf_of(holder)  # no thread call can start yet
+    compared: list[object] = []
+
+    def eq(self: object, other: object) -> bool:
+        compared.append(other)
+        return self is other
+
+    monkeypatch.setattr(_batch._Read, "__eq__", eq)
+    scopes = [anyio.CancelScope() for _ in range(50)]
+    got: list[str] = []
+
+    async def read(i: int) -> None:
+        with scopes[i]:
+            got.append(await reads.run(str, i))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(read, i)
+        await anyio.wait_all_tasks_blocked()
+        for scope in reversed(scopes[1:49]):  # newest first; 0 drives, 49 stays
+            scope.cancel()
+            await anyio.wait_all_tasks_blocked()
+        limiter.release_on_behalf_of(holder)
+    assert compared == []
+    assert sorted(got) == ["0", "49"]
+    assert not reads._queue and not reads._driving
