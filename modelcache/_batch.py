@@ -13,11 +13,13 @@ Invariants:
 * No task of its own: a batch is driven by the task of one of its callers. The first caller
   that finds no batch running drives; when the batch ends it wakes the batch's callers and hands
   the next batch to the caller of the oldest read still queued (whose read goes in it).
-* Cancellation: a caller cancelled while its read is queued takes it out of the queue (and
-  passes the drive on if it had it); once its read is in a batch it leaves at once and its read
-  ends in the thread, its result dropped (each read is self-contained: it opens and closes its
-  own file). A driver waits for its batch even when cancelled (the thread call is shielded), and
-  reads its batch did not run (cancelled before the thread started) go back to the queue's front.
+* Cancellation: a caller cancelled while its read is queued marks it left (and passes the drive
+  on if it had it): batches skip it where it stands (taking it out would scan the queue, and
+  thousands of callers leaving newest first stalled the loop for seconds). Once its read is in
+  a batch it leaves at once and its read ends in the thread, its result dropped (each read is
+  self-contained: it opens and closes its own file). A driver waits for its batch even when cancelled (the thread call is shielded), and
+  reads its batch did not run (cancelled before the thread started) go back to the queue's front,
+  but for those whose callers left (one of them could be handed the drive, with nobody to take it).
 * Errors are per read: each caller raises its own read's exception, in its own task.
 """
 
@@ -43,7 +45,7 @@ SMALL_READ = 64 << 10
 class _Read(Generic[T]):
     """One read asked for: queued, then taken by a batch, then run (or not, if cancelled)."""
 
-    __slots__ = ("args", "call", "done", "drive", "error", "ran", "result", "taken")
+    __slots__ = ("args", "call", "done", "drive", "error", "left", "ran", "result")
 
     def __init__(self, call: Callable[..., T], args: tuple[Any, ...]) -> None:
         self.call = call
@@ -51,7 +53,9 @@ class _Read(Generic[T]):
         #: Set when the read has run, or when its caller is handed the drive of the next batch.
         self.done = anyio.Event()
         self.drive = False  # its caller drives the next batch (or is driving it)
-        self.taken = False  # out of the queue, in a batch
+        #: Its caller left: skipped where it stands in the queue, never put back in it by a batch
+        #: that did not run (it could be handed the drive with nobody to take it).
+        self.left = False
         self.ran = False  # run by the thread (set there): ``result`` or ``error`` holds the answer
         self.result: T | None = None
         self.error: Exception | None = None
@@ -65,6 +69,9 @@ def _run_batch(batch: list[_Read[Any]]) -> None:
         except Exception as exc:
             read.error = exc
         read.ran = True
+    # A read's error keeps this frame (its traceback, its frames' f_back): without its locals,
+    # an error kept by its caller does not keep every other read of the batch, results included.
+    del batch, read
 
 
 class SmallReads:
@@ -105,27 +112,33 @@ class SmallReads:
 
     async def _drive(self) -> None:
         queue = self._queue
-        batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
-        for read in batch:
-            read.taken = True
+        batch: list[_Read[Any]] = []
+        while queue and len(batch) < MAX_BATCH:
+            read = queue.popleft()
+            if not read.left:
+                batch.append(read)
         self.batches += 1
         try:
             await anyio.to_thread.run_sync(_run_batch, batch, limiter=self._limiter())
         finally:
             # Cancelled before the thread started: what did not run goes back, oldest first.
-            queue.extendleft(read for read in reversed(batch) if not read.ran)
+            queue.extendleft(read for read in reversed(batch) if not (read.ran or read.left))
             for read in batch:
                 if read.ran:
                     read.done.set()
-                else:
-                    read.taken = False
                 read.drive = False
+            # The worker thread that ran it holds its arguments a moment after handing back: the
+            # list, emptied, keeps no read (their results are their callers' to keep or drop).
+            batch.clear()
             self._pass_drive()
 
     def _pass_drive(self) -> None:
         """The drive goes to the caller of the oldest queued read, or nobody drives."""
-        if self._queue:
-            head = self._queue[0]
+        queue = self._queue
+        while queue and queue[0].left:
+            queue.popleft()
+        if queue:
+            head = queue[0]
             head.drive = True
             head.done.set()
         else:
@@ -133,8 +146,7 @@ class SmallReads:
 
     def _leave(self, read: _Read[Any]) -> None:
         """``read``'s caller leaves (cancelled): its queued read goes, and the drive it had."""
-        if not read.taken:  # queued (a read put back by a call that never started is too)
-            self._queue.remove(read)
+        read.left = True  # queued (or put back by a call that never started): skipped there
         if read.drive:
             read.drive = False
             self._pass_drive()

@@ -30,8 +30,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar
@@ -548,6 +548,22 @@ class ModelCache:
         if entry.waiters == 0:
             raise Abandoned
 
+    @contextmanager
+    def _abandonable(self, entry: DeviceEntry) -> Iterator[None]:
+        """-- fill (issue 16): a stage that takes no load slot (a batched local header read) but
+        is cancelled when the last waiter leaves, raising `Abandoned`, as `_limited`'s
+        abandonable stages are: an abandoned load's read leaves the batch queue at once, never
+        read for nobody ahead of the reads of wanted loads."""
+        self._check_wanted(entry)
+        with anyio.CancelScope() as scope:
+            entry.abandon = scope
+            try:
+                yield
+            finally:
+                entry.abandon = None
+        if scope.cancelled_caught:
+            raise Abandoned
+
     @asynccontextmanager
     async def _limited(
         self, entry: DeviceEntry, *, abandonable: bool = False
@@ -616,7 +632,8 @@ class ModelCache:
                 # -- fill (issue 16): local headers are small reads batched into shared thread
                 # calls, never stalled on a remote store: no load slot, so the headers of many
                 # loads share a call (four slots made a small-model fill wait on thread hops).
-                info, read_store, on_disk = await self._host_disk.locate(entry.model_id)
+                with self._abandonable(entry):
+                    info, read_store, on_disk = await self._host_disk.locate(entry.model_id)
                 source = "store"
             else:
                 async with self._limited(entry, abandonable=True):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 import pytest
 
-from modelcache import ModelCache
+from modelcache import ModelCache, _batch
 from modelcache._batch import SmallReads
 from modelcache._exceptions import ModelNotFoundError
 from modelcache._store import Store
@@ -171,3 +174,175 @@ async def test_local_header_reads_take_no_load_slot(
             check_invariants(cache)
             store.gate.set()
         assert sorted(cache.resident()) == sorted(["big"] + [f"m{i}" for i in range(10)])
+
+
+async def test_a_read_whose_caller_left_is_never_handed_the_drive(tmp_path: Path) -> None:
+    """A read taken into a batch whose caller then leaves is not put back in the queue when the
+    batch's thread call never starts (its driver cancelled): put back, it could be handed the
+    drive with nobody to take it, and every later read would wait forever."""
+    limiter = anyio.CapacityLimiter(1)
+    reads = SmallReads(lambda: limiter)
+    holder = object()
+    await limiter.acquire_on_behalf_of(holder)  # no thread call can start yet
+    scopes = {name: anyio.CancelScope() for name in "abc"}
+
+    async def read(name: str) -> None:
+        with scopes[name]:
+            await reads.run(str, name)
+
+    async with anyio.create_task_group() as tg:
+        for name in "abc":
+            tg.start_soon(read, name)
+        await anyio.wait_all_tasks_blocked()
+        scopes["a"].cancel()  # the driver of [a]: b drives [b, c], waiting for the limiter
+        await anyio.wait_all_tasks_blocked()
+        scopes["c"].cancel()  # c, in b's batch, leaves at once
+        await anyio.wait_all_tasks_blocked()
+        scopes["b"].cancel()  # the driver: its call never started
+        await anyio.wait_all_tasks_blocked()
+    assert not reads._queue and not reads._driving  # nobody waits: nobody holds the drive
+    limiter.release_on_behalf_of(holder)
+    assert await reads.run(str, "d") == "d"
+
+
+class _Payload:
+    """A read's result that can be weakly referenced (bytes cannot)."""
+
+
+async def test_a_kept_read_error_keeps_no_other_read_of_its_batch() -> None:
+    """The exception of one read of a batch, kept by its caller, keeps no other read's result
+    alive (without a garbage collection): the batch's frame in its traceback holds no batch."""
+    limiter = anyio.CapacityLimiter(1)
+    reads = SmallReads(lambda: limiter)
+    refs: list[weakref.ref[_Payload]] = []
+    kept: list[OSError] = []
+
+    def fail() -> _Payload:
+        raise OSError("broken")
+
+    async def good() -> None:
+        refs.append(weakref.ref(await reads.run(_Payload)))
+
+    async def bad() -> None:
+        try:
+            await reads.run(fail)
+        except OSError as exc:
+            kept.append(exc)
+
+    gc.disable()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(good)  # alone in the first batch
+            tg.start_soon(good)  # these three in the next
+            tg.start_soon(bad)
+            tg.start_soon(good)
+        assert reads.batches == 2 and len(kept) == 1
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()
+
+
+class _CountedOpens(Store):
+    """A local Store that records the model id of every file it opens."""
+
+    def __init__(self, location: str) -> None:
+        self.opened: list[str] = []
+        super().__init__(location, opener=self._open)
+
+    def _open(self, path: str) -> int:
+        self.opened.append(Path(path).parent.name)
+        return os.open(path, os.O_RDONLY)
+
+
+async def test_an_abandoned_load_reads_no_header(tmp_path: Path) -> None:
+    """Loads whose callers all leave while their local header reads wait in the batch queue
+    read nothing (their reads leave the queue), as loads waiting for a load slot never did: a
+    backlog of abandoned loads does not hold up the header read of a wanted one."""
+    for name in [f"m{i}" for i in range(10)] + ["wanted"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(model_bytes(10))
+    store = _CountedOpens(f"file://{tmp_path}/{{model_id}}")
+    async with ModelCache(store, device_budget=10_000) as cache:
+        limiter = store._get_limiter()
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:
+            await limiter.acquire_on_behalf_of(holder)  # no thread call can start yet
+        scopes = [anyio.CancelScope() for _ in range(10)]
+
+        async def use(i: int) -> None:
+            with scopes[i]:
+                async with cache.use(f"m{i}"):
+                    pass
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(use, i)
+            await anyio.wait_all_tasks_blocked()  # every header read waits in the batch queue
+            for scope in scopes:
+                scope.cancel()  # every caller leaves
+            await anyio.wait_all_tasks_blocked()
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        async with cache.use("wanted"):
+            pass
+        await cache.wait_idle()
+        assert set(store.opened) == {"wanted"}  # its header and its weights
+        assert cache.resident() == ["wanted"] and cache.stats().bytes_reserved == 10
+        check_invariants(cache)
+
+
+async def test_a_batch_keeps_no_result_its_caller_dropped() -> None:
+    """Once a batch has run, nothing of it keeps its reads' results (the worker thread that ran
+    it still holds its arguments a moment after handing back): a result its caller dropped is
+    freed."""
+    limiter = anyio.CapacityLimiter(1)
+    reads = SmallReads(lambda: limiter)
+    refs: list[weakref.ref[_Payload]] = []
+
+    async def good() -> None:
+        refs.append(weakref.ref(await reads.run(_Payload)))
+
+    gc.disable()
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(good)
+        assert reads.batches == 2
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()
+
+
+async def test_callers_leaving_do_not_scan_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that leaves while its read is queued does not search the queue for it (it is
+    skipped where it stands): thousands of callers leaving newest first (a close, a burst of
+    timeouts) would otherwise stall the event loop for a time quadratic in their number."""
+    limiter = anyio.CapacityLimiter(1)
+    reads = SmallReads(lambda: limiter)
+    holder = object()
+    await limiter.acquire_on_behalf_of(holder)  # no thread call can start yet
+    compared: list[object] = []
+
+    def eq(self: object, other: object) -> bool:
+        compared.append(other)
+        return self is other
+
+    monkeypatch.setattr(_batch._Read, "__eq__", eq)
+    scopes = [anyio.CancelScope() for _ in range(50)]
+    got: list[str] = []
+
+    async def read(i: int) -> None:
+        with scopes[i]:
+            got.append(await reads.run(str, i))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(read, i)
+        await anyio.wait_all_tasks_blocked()
+        for scope in reversed(scopes[1:49]):  # newest first; 0 drives, 49 stays
+            scope.cancel()
+            await anyio.wait_all_tasks_blocked()
+        limiter.release_on_behalf_of(holder)
+    assert compared == []
+    assert sorted(got) == ["0", "49"]
+    assert not reads._queue and not reads._driving
