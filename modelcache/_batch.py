@@ -8,18 +8,24 @@ every small read asked for while one batch is out in the next batch: one thread 
 
 Invariants:
 
-* At most one batch of a `SmallReads` is in a worker thread at a time (one token of the store's
-  limiter); a batch takes every read queued when it starts, oldest first, up to `MAX_BATCH`.
-* No task of its own: a batch is driven by the task of one of its callers. The first caller
-  that finds no batch running drives; when the batch ends it wakes the batch's callers and hands
-  the next batch to the caller of the oldest read still queued (whose read goes in it).
-* Cancellation: a caller cancelled while its read is queued marks it left (and passes the drive
-  on if it had it): batches skip it where it stands (taking it out would scan the queue, and
+* At most ``lanes`` batches of a `SmallReads` are out at a time (4 by default; each holds one
+  token of the store's limiter while in its thread): a read that blocks (a stalled mount, a FIFO
+  with no writer) holds one lane, and the reads asked for after it go in the others, as loads
+  did when each header read took one of the load slots. A batch takes every read queued when it
+  starts, oldest first, up to `MAX_BATCH`.
+* No task of its own: a batch is driven by the task of one of its callers. A caller that finds a
+  lane free drives; when its batch ends it wakes the batch's callers and hands the lane to the
+  caller of the oldest read still queued that holds none (whose read goes in its batch). Which
+  reads wait and which drive is state (`_Read.ran`, `_Read.drive`); an event only wakes a caller
+  to look at it, so no wake-up is lost.
+* Cancellation: a caller cancelled while its read is queued marks it left (and passes on the lane
+  it was handed, if any): batches skip it where it stands (taking it out would scan the queue, and
   thousands of callers leaving newest first stalled the loop for seconds). Once its read is in
   a batch it leaves at once and its read ends in the thread, its result dropped (each read is
-  self-contained: it opens and closes its own file). A driver waits for its batch even when cancelled (the thread call is shielded), and
-  reads its batch did not run (cancelled before the thread started) go back to the queue's front,
-  but for those whose callers left (one of them could be handed the drive, with nobody to take it).
+  self-contained: it opens and closes its own file). A driver waits for its batch even when
+  cancelled (the thread call is shielded): a caller whose task drives a batch holding a read that
+  blocks waits with it (see the README); reads its batch did not run (cancelled before the thread
+  started) go back to the queue's front, but for those whose callers left.
 * Errors are per read: each caller raises its own read's exception, in its own task.
 """
 
@@ -30,14 +36,17 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
-__all__ = ["MAX_BATCH", "SMALL_READ", "SmallReads"]
+__all__ = ["LANES", "MAX_BATCH", "SMALL_READ", "SmallReads"]
 
 T = TypeVar("T")
 
 #: Reads one batch takes at most (a batch of small reads stays well under a millisecond).
 MAX_BATCH = 64
+#: Batches of one `SmallReads` out at once: a read that blocks holds up one lane, not all.
+LANES = 4
 #: Local reads up to this many bytes go through `SmallReads`; larger ones get a call each.
 SMALL_READ = 64 << 10
 
@@ -50,9 +59,9 @@ class _Read(Generic[T]):
     def __init__(self, call: Callable[..., T], args: tuple[Any, ...]) -> None:
         self.call = call
         self.args = args
-        #: Set when the read has run, or when its caller is handed the drive of the next batch.
+        #: Wakes the caller to look at ``ran`` and ``drive`` again (a fresh one for each wait).
         self.done = anyio.Event()
-        self.drive = False  # its caller drives the next batch (or is driving it)
+        self.drive = False  # its caller holds a lane: it drives the next batch
         #: Its caller left: skipped where it stands in the queue, never put back in it by a batch
         #: that did not run (it could be handed the drive with nobody to take it).
         self.left = False
@@ -77,14 +86,19 @@ def _run_batch(batch: list[_Read[Any]]) -> None:
 class SmallReads:
     """Batches of small blocking reads, one worker-thread call each (see the module docstring).
 
-    ``limiter`` gives the limiter a batch's thread call holds (the store's, made in the loop)."""
+    ``limiter`` gives the limiter a batch's thread call holds (the store's, made in the loop);
+    ``lanes`` is how many batches may be out at once."""
 
-    __slots__ = ("_driving", "_limiter", "_queue", "batches")
+    __slots__ = ("_drivers", "_lanes", "_limiter", "_queue", "batches")
 
-    def __init__(self, limiter: Callable[[], anyio.CapacityLimiter]) -> None:
+    def __init__(self, limiter: Callable[[], anyio.CapacityLimiter], lanes: int = LANES) -> None:
+        if lanes < 1:
+            raise ValueError(f"lanes must be at least 1, not {lanes}")
         self._limiter = limiter
+        self._lanes = lanes
         self._queue: deque[_Read[Any]] = deque()
-        self._driving = False  # a caller drives a batch, or has been handed the next one
+        #: Lanes held: callers driving a batch, or handed a lane and about to drive.
+        self._drivers = 0
         #: Worker-thread calls made (for tests and benchmarks).
         self.batches = 0
 
@@ -92,16 +106,23 @@ class SmallReads:
         """``call(*args)`` in a worker thread, in a batch with the other reads asked for now."""
         read: _Read[T] = _Read(call, args)
         self._queue.append(read)
-        if not self._driving:
-            self._driving = read.drive = True
+        if self._drivers < self._lanes:
+            self._drivers += 1
+            read.drive = True
         try:
-            if not read.drive:
-                await read.done.wait()  # it ran, or its caller is handed the next batch
-            if not read.ran:
-                await self._drive()  # its read is the oldest queued: it goes in this batch
+            while not read.ran:
+                if read.drive:
+                    read.drive = False
+                    await self._drive()  # this lane's batch: the oldest queued reads
+                    continue  # its read went in it, or in another lane's batch, or waits
+                read.done = anyio.Event()
+                await read.done.wait()  # it ran, or its caller is handed a lane
         except BaseException:
             self._leave(read)
             raise
+        if read.drive:  # handed a lane, but another lane's batch ran its read: pass it on
+            read.drive = False
+            self._pass_drive()
         error = read.error
         if error is not None:
             try:
@@ -111,12 +132,22 @@ class SmallReads:
         return read.result  # type: ignore[return-value]
 
     async def _drive(self) -> None:
+        """Run the oldest queued reads in one thread call, then hand the lane on."""
+        try:
+            # Reads asked for in this turn of the event loop go in this batch, not one a lane.
+            await anyio.lowlevel.checkpoint()
+        except BaseException:
+            self._pass_drive()
+            raise
         queue = self._queue
         batch: list[_Read[Any]] = []
         while queue and len(batch) < MAX_BATCH:
             read = queue.popleft()
             if not read.left:
                 batch.append(read)
+        if not batch:  # the other lanes took them
+            self._pass_drive()
+            return
         self.batches += 1
         try:
             await anyio.to_thread.run_sync(_run_batch, batch, limiter=self._limiter())
@@ -126,26 +157,26 @@ class SmallReads:
             for read in batch:
                 if read.ran:
                     read.done.set()
-                read.drive = False
             # The worker thread that ran it holds its arguments a moment after handing back: the
             # list, emptied, keeps no read (their results are their callers' to keep or drop).
             batch.clear()
             self._pass_drive()
 
     def _pass_drive(self) -> None:
-        """The drive goes to the caller of the oldest queued read, or nobody drives."""
+        """A lane goes to the caller of the oldest queued read holding none, or is let go."""
         queue = self._queue
         while queue and queue[0].left:
             queue.popleft()
-        if queue:
-            head = queue[0]
-            head.drive = True
-            head.done.set()
-        else:
-            self._driving = False
+        # Reads holding a lane are at most ``lanes``, near the front: a short scan.
+        for read in queue:
+            if not (read.drive or read.left):
+                read.drive = True
+                read.done.set()
+                return
+        self._drivers -= 1
 
     def _leave(self, read: _Read[Any]) -> None:
-        """``read``'s caller leaves (cancelled): its queued read goes, and the drive it had."""
+        """``read``'s caller leaves (cancelled): its queued read goes, and the lane it held."""
         read.left = True  # queued (or put back by a call that never started): skipped there
         if read.drive:
             read.drive = False
