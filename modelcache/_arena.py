@@ -40,6 +40,8 @@ import anyio
 import anyio.to_thread
 import torch
 
+from ._hugepages import huge_pages_advised
+
 __all__ = [
     "PAGE",
     "ArenaStats",
@@ -178,7 +180,7 @@ def _mapped(
     copied page by page into every child, which can neither use nor unpin it).
     """
     mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if _MADV_HUGEPAGE is not None:
+    if _MADV_HUGEPAGE is not None and huge_pages_advised():  # not in some VMs: _hugepages.py
         with contextlib.suppress(OSError):
             mapping.madvise(_MADV_HUGEPAGE)
     if dontfork and _MADV_DONTFORK is not None:

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._hugepages import huge_pages_advised
+
 __all__ = ["BufferPool", "PoolStats", "pool_of"]
 
 _PAGE = mmap.PAGESIZE
@@ -332,8 +334,8 @@ class BufferPool:
         address = _libc.mmap(None, size, _PROT_RW, _MAP_PRIVATE_ANON, -1, 0)
         if address is None or address == _MAP_FAILED:
             raise MemoryError(f"could not map {size} bytes of host memory")
-        # Huge pages: a fresh 1 GiB buffer takes 512 faults instead of 262,144.
-        _libc.madvise(address, size, _MADV_HUGEPAGE)
+        if huge_pages_advised():  # 512 faults instead of 262,144 a GiB; not in some VMs
+            _libc.madvise(address, size, _MADV_HUGEPAGE)
         return _Mapping(address, size)
 
     @staticmethod

@@ -51,6 +51,7 @@ from ._concurrency import gather
 from ._cuda import CudaStaging, check_staging
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
+from ._hugepages import huge_pages_advised
 from ._loader import fill_buffer
 from ._pool import BufferPool
 from ._staging import Completion, CompletionWaiter, CopyHandle, StagingPool
@@ -161,7 +162,8 @@ def allocate_host(nbytes: int) -> tuple[torch.Tensor, memoryview]:
 
     Large buffers are private anonymous mappings (page-aligned) advised to use transparent huge
     pages: a fresh 1 GiB buffer then takes 512 page faults instead of 262,144, which makes copies
-    into it faster (measured: benches/README.md, load_throughput). Small ones come from the heap,
+    into it faster (measured: benches/README.md, load_throughput); except in a VM whose balloon
+    reports free pages, where fresh huge pages cost several times more (`_hugepages`). Small ones come from the heap,
     so thousands of small models do not each cost a mapping (the kernel allows ~65,000 per
     process) and a whole page.
     """
@@ -174,7 +176,7 @@ def allocate_host(nbytes: int) -> tuple[torch.Tensor, memoryview]:
         )
         return tensor, memoryview(heap)
     mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if _MADV_HUGEPAGE is not None:
+    if _MADV_HUGEPAGE is not None and huge_pages_advised():  # not in some VMs: _hugepages.py
         mapping.madvise(_MADV_HUGEPAGE)
     return torch.frombuffer(mapping, dtype=torch.uint8), memoryview(mapping)
 

@@ -1,0 +1,83 @@
+"""Host buffers ask for huge pages except in a VM whose balloon reports free pages to the host."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from modelcache._hugepages import free_page_reporting, huge_pages_advised
+from modelcache._pool import BufferPool
+from modelcache._torch import allocate_host
+
+MIB = 1 << 20
+
+linux_only = pytest.mark.skipif(
+    not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps"
+)
+
+
+def device(root: Path, name: str, device_id: str, features: str) -> None:
+    """A virtio device in a sysfs-shaped tree: its id and negotiated feature bits, bit 0 first."""
+    (root / name).mkdir(parents=True)
+    (root / name / "device").write_text(device_id + "\n")
+    (root / name / "features").write_text(features + "\n")
+
+
+def vm_flags(address: int) -> list[str]:
+    """The kernel's VmFlags of the mapping holding ``address`` (``hg``: MADV_HUGEPAGE)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_free_page_reporting_is_a_balloons_feature_bit_5(tmp_path: Path) -> None:
+    """Only a balloon (virtio id 5) with feature bit 5 (REPORTING) set counts as reporting."""
+    reporting = "0110010100000000000000000000000010"  # as a Firecracker balloon negotiates it
+    device(tmp_path / "a", "virtio0", "0x0005", reporting)
+    device(tmp_path / "a", "virtio1", "0x0001", "1" * 34)  # a network device, every bit set
+    assert free_page_reporting(str(tmp_path / "a"))
+    device(tmp_path / "b", "virtio0", "0x0005", "0110000100000000000000000000000010")
+    device(tmp_path / "b", "virtio1", "0x0002", reporting)  # a block device: bit 5 is its own
+    assert not free_page_reporting(str(tmp_path / "b"))
+
+
+def test_free_page_reporting_without_virtio_is_none(tmp_path: Path) -> None:
+    """No sysfs tree, or unreadable devices in it, report nothing (the advice stays on)."""
+    assert not free_page_reporting(str(tmp_path / "missing"))
+    (tmp_path / "c" / "virtio0").mkdir(parents=True)  # no files
+    device(tmp_path / "c", "virtio1", "balloon", "111111")  # an id that is no number
+    assert not free_page_reporting(str(tmp_path / "c"))
+
+
+@linux_only
+@pytest.mark.skipif(not BufferPool.available(), reason="needs Linux mmap/mremap")
+def test_pool_buffers_ask_for_huge_pages_only_where_advised() -> None:
+    """A fresh pooled buffer carries MADV_HUGEPAGE exactly when this machine is not reporting."""
+    pool = BufferPool(limit=8 * MIB)
+    tensor, view, faulted = pool.take(4 * MIB)
+    assert faulted == 0
+    assert ("hg" in vm_flags(tensor.data_ptr())) == huge_pages_advised()
+    del tensor, view
+    pool.close()
+
+
+@linux_only
+def test_host_buffers_ask_for_huge_pages_only_where_advised() -> None:
+    """`allocate_host`'s large buffers carry MADV_HUGEPAGE exactly when advised."""
+    tensor, view = allocate_host(4 * MIB)
+    assert ("hg" in vm_flags(tensor.data_ptr())) == huge_pages_advised()
+    del view, tensor
+
+
+def test_huge_pages_advised_follows_the_balloon() -> None:
+    """The process-wide decision is the negation of this machine's free page reporting."""
+    assert huge_pages_advised() is not free_page_reporting()
