@@ -143,6 +143,12 @@ class Segment:
     length: int
 
 
+#: The empty read-only mapping every model without metadata or side files shares: two objects
+#: fewer per resident model for the garbage collector to scan (its full passes were a fifth of
+#: a small-model fill's CPU time).
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class ModelInfo:
     """Everything known about a model before a weight byte is read."""
@@ -160,7 +166,7 @@ class ModelInfo:
     #: What the store said identified each file read (`_versions.ModelVersion`), when known.
     version: ModelVersion | None = None
     #: The side files its builder declared (``side_files``): name -> bytes (`_sidefiles`).
-    files: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
+    files: Mapping[str, bytes] = field(default_factory=lambda: _EMPTY)
     #: The side-file patterns ``config`` and ``files`` were read for; None: not read.
     side_patterns: frozenset[str] | None = None
 
@@ -236,7 +242,7 @@ def _load_json(data: bytes, what: str, model_id: str, url: str) -> dict[str, Any
 
 def _metadata(value: object, model_id: str, url: str) -> Mapping[str, str]:
     if value is None:
-        return MappingProxyType({})
+        return _EMPTY
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
@@ -423,7 +429,7 @@ def layout_model(
                 url,
             )
     if metadata is None:
-        metadata = shards[0].metadata if len(shards) == 1 else MappingProxyType({})
+        metadata = shards[0].metadata if len(shards) == 1 else _EMPTY
     return ModelInfo(
         model_id=model_id,
         url=url,

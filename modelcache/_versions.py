@@ -27,8 +27,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -122,23 +121,31 @@ class _Reads:
 
     __slots__ = ("tags",)
 
-    def __init__(self, tags: Mapping[str, str]) -> None:
-        self.tags = dict(tags)
+    def __init__(self, tags: dict[str, str]) -> None:
+        self.tags = tags
 
 
 _current: ContextVar[_Reads | None] = ContextVar("modelcache_reads", default=None)
 
 
-@contextmanager
-def reading(version: ModelVersion | None = None) -> Iterator[dict[str, str]]:
+class reading:  # lower case: used as a function, ``with reading() as tags``
     """A scope whose reads are one version of each file (seeded with ``version``'s tags);
-    yields the tags seen, by URL, for the caller to make the load's `ModelVersion` from."""
-    reads = _Reads(dict(version.files) if version is not None else {})
-    token = _current.set(reads)
-    try:
-        yield reads.tags
-    finally:
-        _current.reset(token)
+    yields the tags seen, by URL, for the caller to make the load's `ModelVersion` from.
+
+    A class rather than a generator context manager: a load enters one or two, and a small
+    model's fill is mostly such per-load costs (a generator, its frame and a wrapper each)."""
+
+    __slots__ = ("_reads", "_token")
+
+    def __init__(self, version: ModelVersion | None = None) -> None:
+        self._reads = _Reads(dict(version.files) if version is not None else {})
+
+    def __enter__(self) -> dict[str, str]:
+        self._token = _current.set(self._reads)
+        return self._reads.tags
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._token)
 
 
 def see(url: str, tag: str | None, model_id: str) -> None:

@@ -833,3 +833,22 @@ async def test_a_swap_never_replaces_a_newer_version_loaded_while_it_ran(
         async with Slow.use("m") as model:  # type: ignore[attr-defined]
             assert first_byte_sum(model.weights) == fingerprint(3)
         check_invariants(cache)
+
+
+def test_a_reading_scope_ends_with_its_block_even_on_an_error() -> None:
+    """A `reading` scope records tags only inside its block, nested scopes pin separately, and
+    an exception leaves no scope behind."""
+    from modelcache._versions import expected, see
+
+    see("u", "t0", "m")  # outside any scope: nothing is recorded
+    assert expected("u") is None
+    with reading() as outer:
+        see("u", "t1", "m")
+        with pytest.raises(KeyError), reading() as inner:
+            see("u", "t2", "m")  # its own scope: no conflict with the outer one's tag
+            assert expected("u") == "t2"
+            raise KeyError("boom")
+        assert inner == {"u": "t2"}
+        assert expected("u") == "t1"
+    assert outer == {"u": "t1"}
+    assert expected("u") is None
