@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -65,10 +66,31 @@ async def fill(path: str, prefix: str, n: int, profile: cProfile.Profile | None)
     return seconds
 
 
+class _GcTimer:
+    """Time spent in the garbage collector's passes, and its full (generation 2) passes."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+            self.full += info["generation"] == 2
+
+
 async def measure(path: str, n: int, profile: cProfile.Profile | None) -> dict[str, float]:
+    collector = _GcTimer()
+    gc.callbacks.append(collector)
     cpu = time.process_time()
-    seconds = await fill(path, "m", n, profile)
-    cpu = time.process_time() - cpu
+    try:
+        seconds = await fill(path, "m", n, profile)
+    finally:
+        cpu = time.process_time() - cpu
+        gc.callbacks.remove(collector)
     # Counted in a second fill, so that the counting does not slow the timed one.
     counts = {"threads": 0, "tasks": 0}
     real = anyio.to_thread.run_sync
@@ -97,6 +119,8 @@ async def measure(path: str, n: int, profile: cProfile.Profile | None) -> dict[s
         "fill_loads_per_s": n / seconds,
         "fill_us_per_load": seconds / n * 1e6,
         "fill_cpu_us_per_load": cpu / n * 1e6,
+        "gc_us_per_load": collector.seconds / n * 1e6,
+        "gc_full_passes": collector.full,
         "thread_calls_per_load": counts["threads"] / n,
         "tasks_per_load": counts["tasks"] / n,
     }
