@@ -550,10 +550,11 @@ class ModelCache:
 
     @contextmanager
     def _abandonable(self, entry: DeviceEntry) -> Iterator[None]:
-        """-- fill (issue 16): a stage that takes no load slot (a batched local header read) but
-        is cancelled when the last waiter leaves, raising `Abandoned`, as `_limited`'s
-        abandonable stages are: an abandoned load's read leaves the batch queue at once, never
-        read for nobody ahead of the reads of wanted loads."""
+        """Run a stage of ``entry``'s load if anyone still wants it, cancelled when the last
+        waiter leaves, raising `Abandoned`. Stages that take no load slot (a batched local
+        header read) use it alone, `_limited`'s abandonable stages inside the slot: an abandoned
+        load's read leaves the batch queue at once, never read for nobody ahead of the reads of
+        wanted loads."""
         self._check_wanted(entry)
         with anyio.CancelScope() as scope:
             entry.abandon = scope
@@ -595,18 +596,12 @@ class ModelCache:
                     break
                 # Its waiters left; a new caller may have joined since: look again.
         try:
-            self._check_wanted(entry)
             if not abandonable:
+                self._check_wanted(entry)
                 yield
                 return
-            with anyio.CancelScope() as scope:
-                entry.abandon = scope
-                try:
-                    yield
-                finally:
-                    entry.abandon = None
-            if scope.cancelled_caught:
-                raise Abandoned
+            with self._abandonable(entry):
+                yield
         finally:
             limiter.release()
 
