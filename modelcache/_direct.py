@@ -49,6 +49,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ._libc import MAP_FAILED
+from ._libc import libc as _libc
+
 if TYPE_CHECKING:
     from ._store import _Scatter
 
@@ -66,38 +69,6 @@ KEEP_SCRATCH = 8
 #: Pages one mincore call looks at (its result vector is one byte a page).
 _MINCORE_PAGES = 1 << 18
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-class _Libc:
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.mmap = libc.mmap
-        self.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        self.mmap.restype = ctypes.c_void_p
-        self.munmap = libc.munmap
-        self.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        self.munmap.restype = ctypes.c_int
-        self.mincore = libc.mincore
-        self.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        self.mincore.restype = ctypes.c_int
-
-
-def _load_libc() -> _Libc | None:
-    try:
-        return _Libc()
-    except (OSError, AttributeError):
-        return None
-
-
-_libc = _load_libc()
 
 
 def resident_fraction(fd: int, offset: int, length: int) -> float:
@@ -109,7 +80,7 @@ def resident_fraction(fd: int, offset: int, length: int) -> float:
     size = offset + length - start
     # A shared read-only mapping: mapping faults nothing in, and holds no descriptor.
     address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-    if address is None or address == _MAP_FAILED:
+    if address is None or address == MAP_FAILED:
         return 1.0
     try:
         pages = -(-size // mmap.PAGESIZE)

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import torch
 
 from ._hugepages import huge_pages_advised
+from ._libc import MAP_FAILED
+from ._libc import libc as _libc
 
 __all__ = ["BufferPool", "PoolStats", "pool_of"]
 
@@ -56,43 +58,6 @@ _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_PRIVATE_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _MREMAP_MAYMOVE = 1
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-class _Libc:
-    """The memory calls the pool makes, from the C library (Linux)."""
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.mmap = libc.mmap
-        self.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        self.mmap.restype = ctypes.c_void_p
-        self.munmap = libc.munmap
-        self.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        self.munmap.restype = ctypes.c_int
-        self.mremap = libc.mremap
-        self.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
-        self.mremap.restype = ctypes.c_void_p
-        self.madvise = libc.madvise
-        self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self.madvise.restype = ctypes.c_int
-
-
-def _load_libc() -> _Libc | None:
-    try:
-        return _Libc()
-    except (OSError, AttributeError):
-        return None
-
-
-_libc = _load_libc()
 
 
 def _round_up(n: int) -> int:
@@ -270,7 +235,7 @@ class BufferPool:
         if old != size:
             # Shrinking stays in place; growing may move the pages (without copying them).
             address = _libc.mremap(mapping.address, old, size, _MREMAP_MAYMOVE)
-            if address is None or address == _MAP_FAILED:
+            if address is None or address == MAP_FAILED:
                 # Could not grow (address space): give it back and map fresh memory instead.
                 self._released += 1
                 _libc.munmap(mapping.address, old)
@@ -332,7 +297,7 @@ class BufferPool:
     def _map(size: int) -> _Mapping:
         assert _libc is not None
         address = _libc.mmap(None, size, _PROT_RW, _MAP_PRIVATE_ANON, -1, 0)
-        if address is None or address == _MAP_FAILED:
+        if address is None or address == MAP_FAILED:
             raise MemoryError(f"could not map {size} bytes of host memory")
         if huge_pages_advised():  # 512 faults instead of 262,144 a GiB; not in some VMs
             _libc.madvise(address, size, _MADV_HUGEPAGE)
