@@ -107,6 +107,43 @@ def gated(models: MemoryModels) -> GatedStore:
     return GatedStore(models.template)
 
 
+class LocalDescriptors:
+    """Descriptors a Store's local reads hold open: ``now`` and the ``peak`` seen."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+        self.ours: set[int] = set()
+
+
+@pytest.fixture
+def local_descriptors(monkeypatch: pytest.MonkeyPatch) -> LocalDescriptors:
+    """Count the files a Store's local reads open (``_open_regular``) until each is closed."""
+    import os
+
+    import modelcache._store as store_module
+
+    counts = LocalDescriptors()
+    real_open, real_close = store_module._open_regular, os.close
+
+    def counting_open(path: str, opened: list[int], opener: Any) -> int:
+        size: int = real_open(path, opened, opener)
+        counts.ours.add(opened[-1])
+        counts.now += 1
+        counts.peak = max(counts.peak, counts.now)
+        return size
+
+    def counting_close(fd: int) -> None:
+        if fd in counts.ours:
+            counts.ours.discard(fd)
+            counts.now -= 1
+        real_close(fd)
+
+    monkeypatch.setattr(store_module, "_open_regular", counting_open)
+    monkeypatch.setattr(os, "close", counting_close)
+    return counts
+
+
 class _Threads:
     """Worker threads (``anyio.to_thread.run_sync``) running now, for `settle`."""
 

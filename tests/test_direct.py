@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -16,6 +15,8 @@ import modelcache._store as store_module
 from modelcache._exceptions import ModelChangedError
 from modelcache._store import Store
 from modelcache._versions import reading
+
+from .conftest import LocalDescriptors
 
 
 def _random(n: int, seed: int = 7) -> bytes:
@@ -159,7 +160,7 @@ async def test_direct_read_detects_a_file_changed_while_read(
 
 @pytest.mark.asyncio
 async def test_direct_reads_hold_at_most_max_concurrent_reads_descriptors(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_descriptors: LocalDescriptors
 ) -> None:
     """Many concurrent direct reads of cold files hold at most max_concurrent_reads
     descriptors (the residency check and the bounce buffers add none)."""
@@ -174,25 +175,7 @@ async def test_direct_reads_hold_at_most_max_concurrent_reads_descriptors(
         max_concurrent_reads=2,
         direct_reads=True,
     )
-    open_now = peak = 0
-    real_open, real_close = store_module._open_regular, os.close
-    ours: set[int] = set()
     went_direct = 0
-
-    def counting_open(path: str, opened: list[int], opener: Callable[[str], int]) -> int:
-        nonlocal open_now, peak
-        size = real_open(path, opened, opener)
-        ours.add(opened[-1])
-        open_now += 1
-        peak = max(peak, open_now)
-        return size
-
-    def counting_close(fd: int) -> None:
-        nonlocal open_now
-        if fd in ours:
-            ours.discard(fd)
-            open_now -= 1
-        real_close(fd)
 
     real_direct = direct.pread_run_direct
 
@@ -201,8 +184,6 @@ async def test_direct_reads_hold_at_most_max_concurrent_reads_descriptors(
         went_direct += 1
         return real_direct(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store_module, "_open_regular", counting_open)
-    monkeypatch.setattr(os, "close", counting_close)
     monkeypatch.setattr(direct, "pread_run_direct", counting_direct)
     dests = [bytearray(len(data) - 3) for data in files]
     async with anyio.create_task_group() as tg:
@@ -212,7 +193,7 @@ async def test_direct_reads_hold_at_most_max_concurrent_reads_descriptors(
                 functools.partial(store.read_into, url, 3, memoryview(dest), model_id=f"m{i}")
             )
     assert all(dest == data[3:] for dest, data in zip(dests, files, strict=True))
-    assert 1 <= peak <= 2
+    assert 1 <= local_descriptors.peak <= 2
     assert went_direct > 0
 
 

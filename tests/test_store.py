@@ -29,6 +29,8 @@ from modelcache._exceptions import (
 )
 from modelcache._store import Store, validate_model_id
 
+from .conftest import LocalDescriptors
+
 # -- test filesystems -----------------------------------------------------------------------------
 
 
@@ -562,7 +564,7 @@ async def test_local_scatter_read_resumes_inside_a_view(
 
 @pytest.mark.asyncio
 async def test_local_reads_hold_at_most_max_concurrent_reads_descriptors(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, local_descriptors: LocalDescriptors
 ) -> None:
     """However many local reads are asked for at once, a Store holds at most
     max_concurrent_reads files open for them."""
@@ -571,29 +573,6 @@ async def test_local_reads_hold_at_most_max_concurrent_reads_descriptors(
     (tmp_path / "m1" / "w.bin").write_bytes(data)
     store = Store(f"file://{tmp_path}/{{model_id}}/", max_concurrent_reads=3)
     url = store.join(store.model_url("m1"), "w.bin")
-    import modelcache._store as store_module
-
-    open_now = peak = 0
-    real_open, real_close = store_module._open_regular, os.close
-    ours: set[int] = set()
-
-    def counting_open(path: str, opened: list[int], opener: Callable[[str], int]) -> int:
-        nonlocal open_now, peak
-        size = real_open(path, opened, opener)
-        ours.add(opened[-1])
-        open_now += 1
-        peak = max(peak, open_now)
-        return size
-
-    def counting_close(fd: int) -> None:
-        nonlocal open_now
-        if fd in ours:
-            ours.discard(fd)
-            open_now -= 1
-        real_close(fd)
-
-    monkeypatch.setattr(store_module, "_open_regular", counting_open)
-    monkeypatch.setattr(os, "close", counting_close)
     dests = [bytearray(16) for _ in range(200)]
     async with anyio.create_task_group() as tg:
         for i, dest in enumerate(dests):
@@ -601,7 +580,7 @@ async def test_local_reads_hold_at_most_max_concurrent_reads_descriptors(
                 functools.partial(store.read_into, url, i, memoryview(dest), model_id="m1")
             )
     assert all(dest == data[i : i + 16] for i, dest in enumerate(dests))
-    assert 1 <= peak <= 3
+    assert 1 <= local_descriptors.peak <= 3
 
 
 @pytest.mark.asyncio
