@@ -566,6 +566,19 @@ class ModelCache:
             raise Abandoned
 
     @asynccontextmanager
+    async def _header_stage(self, entry: DeviceEntry) -> AsyncIterator[None]:
+        """The stage that reads ``entry``'s headers: abandonable, and in a load slot unless the
+        store batches them. A local file's headers are small reads batched into shared thread
+        calls (`_batch`), never stalled on a remote store: without a slot the headers of many
+        loads share a call (four slots made a small-model fill wait on thread hops)."""
+        if self._store.batches_headers(self._store.model_url(entry.model_id)):
+            with self._abandonable(entry):
+                yield
+        else:
+            async with self._limited(entry, abandonable=True):
+                yield
+
+    @asynccontextmanager
     async def _limited(
         self, entry: DeviceEntry, *, abandonable: bool = False
     ) -> AsyncIterator[None]:
@@ -623,15 +636,8 @@ class ModelCache:
             if claimed is not None:
                 info, read_store, source = claimed.info, self._store, "host"
                 entry.source = source
-            elif self._store.batches_headers(self._store.model_url(entry.model_id)):
-                # -- fill (issue 16): local headers are small reads batched into shared thread
-                # calls, never stalled on a remote store: no load slot, so the headers of many
-                # loads share a call (four slots made a small-model fill wait on thread hops).
-                with self._abandonable(entry):
-                    info, read_store, on_disk = await self._host_disk.locate(entry.model_id)
-                source = "store"
             else:
-                async with self._limited(entry, abandonable=True):
+                async with self._header_stage(entry):
                     info, read_store, on_disk = await self._host_disk.locate(
                         entry.model_id, use_disk=entry.replaces is None
                     )
