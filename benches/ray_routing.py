@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
 import random
 import shutil
 import stat
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import fsspec
+import psutil  # type: ignore[import-untyped]  # no stubs in the Ray virtualenv
 import ray
 import torch
 from _common import base_parser, data_dir, emit_json, machine_line, percentiles_us, print_table
@@ -156,13 +159,34 @@ class Served:
         self.ns += time.perf_counter_ns() - start_ns
 
 
+class BytesLoaded:
+    """A cache observer summing the bytes its loads made resident (``bytes_loaded``)."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+
+    def load_finished(self, model_id: str, source: str, nbytes: int, seconds: float) -> None:
+        self.nbytes += nbytes
+
+    def load_failed(self, model_id: str, error: BaseException) -> None:
+        return None
+
+    def waited(self, model_id: str, seconds: float) -> None:
+        return None
+
+    def evicted(self, model_id: str, tier: str, nbytes: int, age_seconds: float) -> None:
+        return None
+
+
 class CachedMLP(CachedModels):
     model_class = MLP
 
     def __init__(self, store: str, store_link: tuple[float, float], **options: Any) -> None:
         paced_store(*store_link)
         self.served = Served()
+        self.loaded = BytesLoaded()
         super().__init__(store, **options)
+        self.cache.add_observer(self.loaded)
 
     async def handle(self, model: MLP, request: Any) -> Any:
         return answer(model, request)
@@ -175,8 +199,15 @@ class CachedMLP(CachedModels):
             self.served.add(start)
 
     async def record_routing_stats(self) -> dict[str, Any]:
+        # The bench reads its figures here too: Ray's replica actor answers no other method
+        # of ours on one given replica.
         stats = await super().record_routing_stats()
-        return {**stats, "served": self.served.count, "served_ns": self.served.ns}
+        return {
+            **stats,
+            "bytes_loaded": self.loaded.nbytes,
+            "served": self.served.count,
+            "served_ns": self.served.ns,
+        }
 
 
 def multiplexed_class(max_models: int) -> type:
@@ -188,6 +219,7 @@ def multiplexed_class(max_models: int) -> type:
             self.fs = paced_store(*store_link)(asynchronous=True)
             self.root = root
             self.loads = 0
+            self.bytes_loaded = 0
             self.served = Served()
 
         @serve.multiplexed(max_num_models_per_replica=max_models)  # type: ignore[untyped-decorator]
@@ -196,7 +228,9 @@ def multiplexed_class(max_models: int) -> type:
             folder = f"{self.root}/{model_id}"
             config = json.loads(await self.fs._cat_file(f"{folder}/config.json"))
             weights = await self.fs._cat_file(f"{folder}/model.safetensors")
-            return await asyncio.to_thread(self._build, config, weights)
+            model = await asyncio.to_thread(self._build, config, weights)
+            self.bytes_loaded += sum(p.numel() * p.element_size() for p in model.parameters())
+            return model
 
         @staticmethod
         def _build(config: dict[str, Any], weights: bytes) -> MLP:
@@ -214,21 +248,130 @@ def multiplexed_class(max_models: int) -> type:
                 self.served.add(start)
 
         async def record_routing_stats(self) -> dict[str, Any]:
-            return {"loads": self.loads, "served": self.served.count, "served_ns": self.served.ns}
+            return {
+                "loads": self.loads,
+                "hits": None,
+                "bytes_loaded": self.bytes_loaded,
+                "served": self.served.count,
+                "served_ns": self.served.ns,
+            }
 
     return MultiplexedMLP
 
 
+#: Where a process's CPU time is counted, by what its title says (Ray names its workers'
+#: processes ``ray::ServeReplica:APP:...``, ``ray::ServeController``, ``ray::ProxyActor``).
+ROLES = ("driver", "replicas", "idle_replicas", "controller", "proxy", "ray_system")
+
+
+class CpuMeter:
+    """CPU seconds (user + system, every thread) of this driver and every process Ray started
+    under it (raylet, GCS, controller, proxy, replicas), by role: the machine is CPU-bound
+    during the bench, so a setup's throughput follows the CPU its requests cost."""
+
+    def __init__(self) -> None:
+        self.root = psutil.Process()
+
+    def sample(self) -> dict[int, tuple[str, float]]:
+        out: dict[int, tuple[str, float]] = {}
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                title = " ".join(proc.cmdline())
+            except psutil.Error:  # gone since the listing
+                continue
+            out[proc.pid] = (title, times.user + times.system)
+        return out
+
+    def delta(
+        self, before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], app: str
+    ) -> dict[str, float]:
+        """CPU seconds each role spent between two samples while ``app`` was driven."""
+        out = dict.fromkeys(ROLES, 0.0)
+        for pid, (title, cpu) in after.items():
+            spent = cpu - before.get(pid, (title, 0.0))[1]
+            if pid == self.root.pid:
+                role = "driver"
+            elif f"ServeReplica:{app}:" in title:
+                role = "replicas"
+            elif "ServeReplica:" in title:
+                role = "idle_replicas"
+            elif "ServeController" in title:
+                role = "controller"
+            elif "ProxyActor" in title:
+                role = "proxy"
+            else:
+                role = "ray_system"
+            out[role] += spent
+        return out
+
+
 @dataclass
-class Result:
+class Chunk:
+    """One setup's share of one round: a contiguous slice of the stream."""
+
     loads: int
     hits: int | None
+    bytes_loaded: int
     latencies_ns: list[int]
     seconds: float
-    #: Mean time inside the replicas' ``__call__``, over every request.
-    served_ns: float
-    #: Requests each replica served, most first (how evenly the router spread the work).
+    served: int
+    served_ns: int
+    #: Requests each replica served in this chunk, by replica (a stable order per setup).
     per_replica: list[int]
+    cpu_s: dict[str, float]
+
+
+@dataclass
+class Result:
+    """A setup's chunks, pooled."""
+
+    chunks: list[Chunk]
+
+    @property
+    def requests(self) -> int:
+        return sum(len(c.latencies_ns) for c in self.chunks)
+
+    @property
+    def loads(self) -> int:
+        return sum(c.loads for c in self.chunks)
+
+    @property
+    def hits(self) -> int:
+        if any(c.hits is None for c in self.chunks):
+            return self.requests - self.loads  # multiplexed: a request without a load
+        return sum(c.hits or 0 for c in self.chunks)
+
+    @property
+    def bytes_loaded(self) -> int:
+        return sum(c.bytes_loaded for c in self.chunks)
+
+    @property
+    def latencies_ns(self) -> list[int]:
+        return [t for c in self.chunks for t in c.latencies_ns]
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.seconds for c in self.chunks)
+
+    @property
+    def served_ns(self) -> float:
+        """Mean time inside the replicas' ``__call__``."""
+        return sum(c.served_ns for c in self.chunks) / max(1, sum(c.served for c in self.chunks))
+
+    @property
+    def per_replica(self) -> list[int]:
+        """Requests each replica served, most first (how evenly the router spread them)."""
+        totals = [sum(col) for col in zip(*(c.per_replica for c in self.chunks), strict=True)]
+        return sorted(totals, reverse=True)
+
+    def cpu_ms_per_request(self) -> dict[str, float]:
+        out = {
+            role: 1e3 * sum(c.cpu_s[role] for c in self.chunks) / max(1, self.requests)
+            for role in ROLES
+        }
+        out["total"] = sum(out.values())
+        return out
 
 
 def write_store(root: Path, count: int, seed: int) -> tuple[list[str], dict[str, int]]:
@@ -261,11 +404,12 @@ def zipf_stream(ids: list[str], count: int, seed: int) -> list[str]:
 
 
 def replica_stats(app: str) -> list[dict[str, Any]]:
-    names = [
+    """Each replica's routing stats (with the bench's figures), in the order of their names."""
+    names = sorted(
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
         if a["name"].startswith(f"SERVE_REPLICA::{app}#")
-    ]
+    )
     stats: list[dict[str, Any]] = ray.get(
         [ray.get_actor(n, namespace="serve").record_routing_stats.remote() for n in names]
     )
@@ -293,16 +437,14 @@ async def drive(handle: Any, stream: list[str], clients: int) -> tuple[list[int]
     return latencies, time.perf_counter() - start
 
 
-def run_setup(
+def deploy(
     name: str,
     root: Path,
     budget: int,
     max_models: int,
-    stream: list[str],
-    clients: int,
     router_options: dict[str, Any],
     store_link: tuple[float, float],
-) -> Result:
+) -> Any:
     options: dict[str, Any] = {
         "num_replicas": REPLICAS,
         "max_ongoing_requests": MAX_ONGOING,
@@ -317,17 +459,68 @@ def run_setup(
         app = serve.deployment(**options)(multiplexed_class(max_models)).bind(
             f"paced://{root}", store_link
         )
-    handle = serve.run(app, name=name, route_prefix=f"/{name}")
-    try:
-        latencies, seconds = asyncio.run(drive(handle, stream, clients))
-        stats = replica_stats(name)
-    finally:
-        serve.delete(name)
-    loads = sum(s["loads"] for s in stats)
-    hits = sum(s["hits"] for s in stats) if name != "multiplexed" else None
-    served = sum(s["served_ns"] for s in stats) / max(1, sum(s["served"] for s in stats))
-    per_replica = sorted((s["served"] for s in stats), reverse=True)
-    return Result(loads, hits, latencies, seconds, served, per_replica)
+    return serve.run(app, name=name, route_prefix=f"/{name}")
+
+
+def round_orders(rounds: int) -> list[tuple[str, ...]]:
+    """The order the setups are driven in, per round: every permutation in turn, so each
+    setup goes first, second and last equally often over 6 rounds (a slow drift of the
+    machine's load, or a setup's leftover background work, weighs on none in particular)."""
+    perms = list(itertools.permutations(SETUPS))
+    return [perms[i % len(perms)] for i in range(rounds)]
+
+
+async def run_rounds(
+    handles: dict[str, Any], stream: list[str], clients: int, rounds: int
+) -> dict[str, Result]:
+    """Drive the stream in ``rounds`` contiguous chunks; each chunk goes to every setup in
+    turn (the round's order), so each setup sees the whole stream, in order, its caches
+    carrying over from chunk to chunk, and the setups share the machine's moments alike."""
+    meter = CpuMeter()
+    results = {name: Result([]) for name in SETUPS}
+    bounds = [len(stream) * i // rounds for i in range(rounds + 1)]
+    last = {name: await asyncio.to_thread(replica_stats, name) for name in SETUPS}
+    for index, order in enumerate(round_orders(rounds)):
+        chunk = stream[bounds[index] : bounds[index + 1]]
+        for name in order:
+            before = meter.sample()
+            latencies, seconds = await drive(handles[name], chunk, clients)
+            after = meter.sample()
+            stats = await asyncio.to_thread(replica_stats, name)
+            prev = last[name]
+            last[name] = stats
+
+            def diff(key: str, now: list[dict[str, Any]], old: list[dict[str, Any]]) -> int:
+                # .get: a replica whose cache was not open yet reported no cache figures.
+                return int(sum(s.get(key, 0) for s in now) - sum(s.get(key, 0) for s in old))
+
+            results[name].chunks.append(
+                Chunk(
+                    loads=diff("loads", stats, prev),
+                    hits=None if name == "multiplexed" else diff("hits", stats, prev),
+                    bytes_loaded=diff("bytes_loaded", stats, prev),
+                    latencies_ns=latencies,
+                    seconds=seconds,
+                    served=diff("served", stats, prev),
+                    served_ns=diff("served_ns", stats, prev),
+                    per_replica=[
+                        s["served"] - p["served"] for s, p in zip(stats, prev, strict=True)
+                    ],
+                    cpu_s=meter.delta(before, after, name),
+                )
+            )
+    return results
+
+
+def ratios_of(a: Result, d: Result, m: Result) -> dict[str, float]:
+    """The goals' ratios (affinity over the others) of pooled results or of one round's."""
+    lat = {n: percentiles_us(r.latencies_ns) for n, r in (("a", a), ("m", m))}
+    return {
+        "loads_vs_default": a.loads / max(1, d.loads),
+        "loads_vs_multiplexed": a.loads / max(1, m.loads),
+        "p99_vs_multiplexed": lat["a"].p99_us / lat["m"].p99_us,
+        "rps_vs_multiplexed": (a.requests / a.seconds) / (m.requests / m.seconds),
+    }
 
 
 def main() -> None:
@@ -335,6 +528,12 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=None)
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="chunks of the stream, each driven to every setup in turn (default 6; quick 3)",
+    )
     parser.add_argument(
         "--spread-queue-len",
         type=int,
@@ -358,6 +557,9 @@ def main() -> None:
     count: int = args.models or (80 if quick else 300)
     requests: int = args.requests or (800 if quick else 4000)
     clients: int = args.clients
+    rounds: int = args.rounds or (3 if quick else 6)
+    if not 1 <= rounds <= requests:
+        parser.error("--rounds must be between 1 and the number of requests")
     router_options: dict[str, Any] = {}
     if args.spread_queue_len is not None:
         router_options["spread_queue_len"] = args.spread_queue_len
@@ -366,6 +568,7 @@ def main() -> None:
     store_link: tuple[float, float] = (args.store_mib_s, args.store_latency_ms)
     print(f"ray_routing{' (quick)' if quick else ''}: {machine_line()}")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = time.perf_counter()
     with data_dir(args.data_dir, "modelcache-ray-") as directory:
         root = Path(directory) / "store"
         ids, sizes = write_store(root, count, seed=0)
@@ -377,9 +580,10 @@ def main() -> None:
         stream = zipf_stream(ids, requests, seed=1)
         print(
             f"{count} models ({total / 2**20:.1f} MiB, mean {mean / 2**10:.0f} KiB), "
-            f"{requests} requests Zipf 1.0 from {clients} clients; {REPLICAS} replicas, "
-            f"each {budget / 2**20:.1f} MiB of models (multiplexed: {max_models} models); "
-            f"store link {store_link[0]:g} MiB/s, {store_link[1]:g} ms to first byte"
+            f"{requests} requests Zipf 1.0 from {clients} clients in {rounds} rounds; "
+            f"{REPLICAS} replicas, each {budget / 2**20:.1f} MiB of models (multiplexed: "
+            f"{max_models} models); store link {store_link[0]:g} MiB/s, {store_link[1]:g} ms "
+            "to first byte"
         )
         temp = tempfile.mkdtemp(prefix="mcray-", dir="/tmp")
         ray.init(
@@ -391,78 +595,104 @@ def main() -> None:
         )
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": 0})
-            results = {
-                name: run_setup(
-                    name, root, budget, max_models, stream, clients, router_options, store_link
-                )
+            handles = {
+                name: deploy(name, root, budget, max_models, router_options, store_link)
                 for name in SETUPS
             }
+            results = asyncio.run(run_rounds(handles, stream, clients, rounds))
         finally:
             serve.shutdown()  # type: ignore[no-untyped-call]
             ray.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
+    run_s = time.perf_counter() - started
 
     rows = []
     out: dict[str, Any] = {}
     for name, r in results.items():
         lat = percentiles_us(r.latencies_ns)
-        hits = r.hits if r.hits is not None else requests - r.loads
-        rps = len(r.latencies_ns) / r.seconds
+        rps = r.requests / r.seconds
+        cpu = r.cpu_ms_per_request()
         rows.append(
             [
                 name,
                 r.loads,
-                hits / requests,
+                r.bytes_loaded / 2**30,
+                r.hits / r.requests,
                 lat.p50_us / 1e3,
                 lat.p99_us / 1e3,
                 rps,
                 lat.mean_us / 1e3,
                 r.served_ns / 1e6,
+                cpu["total"],
+                cpu["replicas"],
             ]
         )
         out[f"{name}_loads"] = r.loads
-        out[f"{name}_hit_ratio"] = round(hits / requests, 4)
+        out[f"{name}_bytes_loaded_mib"] = round(r.bytes_loaded / 2**20, 1)
+        out[f"{name}_hit_ratio"] = round(r.hits / r.requests, 4)
         out[f"{name}_p50_ms"] = round(lat.p50_us / 1e3, 2)
         out[f"{name}_p99_ms"] = round(lat.p99_us / 1e3, 2)
         out[f"{name}_rps"] = round(rps, 1)
         out[f"{name}_mean_ms"] = round(lat.mean_us / 1e3, 2)
         out[f"{name}_in_replica_ms"] = round(r.served_ns / 1e6, 2)
         out[f"{name}_per_replica"] = r.per_replica
+        out[f"{name}_cpu_ms_per_req"] = {k: round(v, 2) for k, v in cpu.items()}
     print_table(
-        "Same stream, same device bytes (latency in ms, at the client)",
-        ["setup", "loads", "hit ratio", "p50", "p99", "req/s", "mean", "in replica"],
+        "Same stream, same device bytes (latency in ms, at the client; CPU ms per request)",
+        [
+            "setup",
+            "loads",
+            "GiB loaded",
+            "hit ratio",
+            "p50",
+            "p99",
+            "req/s",
+            "mean",
+            "in replica",
+            "CPU",
+            "CPU replicas",
+        ],
         rows,
     )
     a, d, m = (results[n] for n in SETUPS)
-    ratios = {
-        "loads_vs_default": a.loads / max(1, d.loads),
-        "loads_vs_multiplexed": a.loads / max(1, m.loads),
-        "p99_vs_multiplexed": out["affinity_p99_ms"] / out["multiplexed_p99_ms"],
-        "rps_vs_multiplexed": out["affinity_rps"] / out["multiplexed_rps"],
-    }
+    pooled = ratios_of(a, d, m)
+    per_round = [
+        ratios_of(*(Result([results[n].chunks[i]]) for n in SETUPS)) for i in range(rounds)
+    ]
+    median = {k: statistics.median(r[k] for r in per_round) for k in pooled}
+    spread = {k: (min(r[k] for r in per_round), max(r[k] for r in per_round)) for k in pooled}
+    # Loads are judged on the whole stream (a round's loads depend on what the round before
+    # left resident); latency and throughput on the median round, robust to a noisy one.
+    judged = {**median, "loads_vs_default": pooled["loads_vs_default"]}
+    judged["loads_vs_multiplexed"] = pooled["loads_vs_multiplexed"]
     meets = {
-        "loads_vs_default": ratios["loads_vs_default"] <= GOALS["loads_vs_default"],
-        "loads_vs_multiplexed": ratios["loads_vs_multiplexed"] <= GOALS["loads_vs_multiplexed"],
-        "p99_vs_multiplexed": ratios["p99_vs_multiplexed"] <= 1.0,
-        "rps_vs_multiplexed": ratios["rps_vs_multiplexed"] >= 1.0,
+        "loads_vs_default": judged["loads_vs_default"] <= GOALS["loads_vs_default"],
+        "loads_vs_multiplexed": judged["loads_vs_multiplexed"] <= GOALS["loads_vs_multiplexed"],
+        "p99_vs_multiplexed": judged["p99_vs_multiplexed"] <= 1.0,
+        "rps_vs_multiplexed": judged["rps_vs_multiplexed"] >= 1.0,
     }
     print_table(
-        "Affinity / others (goals: loads <= 0.5x default, <= 0.7x multiplexed; p99 <= and "
-        "throughput >= multiplexed)",
-        ["figure", "ratio", "goal met"],
-        [[k, v, "yes" if meets[k] else "NO"] for k, v in ratios.items()],
+        f"Affinity / others over {rounds} interleaved rounds (goals: loads <= 0.5x default, "
+        "<= 0.7x multiplexed, whole stream; p99 <= and throughput >= multiplexed, median round)",
+        ["figure", "whole stream", "median round", "min round", "max round", "goal met"],
+        [[k, pooled[k], median[k], *spread[k], "yes" if meets[k] else "NO"] for k in pooled],
     )
     print()
     emit_json(
         {
-            **{k: round(v, 3) for k, v in ratios.items()},
+            **{k: round(v, 3) for k, v in judged.items()},
             "meets_goals": all(meets.values()),
+            "whole_stream": {k: round(v, 3) for k, v in pooled.items()},
+            "median_round": {k: round(v, 3) for k, v in median.items()},
+            "spread": {k: [round(lo, 3), round(hi, 3)] for k, (lo, hi) in spread.items()},
             **out,
             "models": count,
             "requests": requests,
             "clients": clients,
+            "rounds": rounds,
             "store_mib_s": store_link[0],
             "store_latency_ms": store_link[1],
+            "run_s": round(run_s, 1),
             "quick": quick,
         }
     )
