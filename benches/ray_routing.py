@@ -64,6 +64,8 @@ from modelcache_ray import CachedModels, affinity_router_config
 from ray import serve
 from safetensors.torch import load, save_file
 
+from modelcache import CostAwarePolicy, EvictionPolicy, LRUPolicy
+
 REPLICAS = 3
 MAX_ONGOING = 16
 #: Model sizes, log-uniform between these (float32 MLPs, 64 -> hidden -> 10: 75 floats a unit).
@@ -73,6 +75,9 @@ STORE_MIB_S = 200.0
 STORE_LATENCY_MS = 5.0
 SETUPS = ("affinity", "default", "multiplexed")
 GOALS = {"loads_vs_default": 0.5, "loads_vs_multiplexed": 0.7}
+#: The modelcache replicas' eviction policy (``--policy``): the cache's default prices a
+#: victim by its learned load time; LRU by bytes and recency alone.
+POLICIES: dict[str, type[EvictionPolicy]] = {"cost": CostAwarePolicy, "lru": LRUPolicy}
 
 
 class MLP(torch.nn.Module):
@@ -181,11 +186,14 @@ class BytesLoaded:
 class CachedMLP(CachedModels):
     model_class = MLP
 
-    def __init__(self, store: str, store_link: tuple[float, float], **options: Any) -> None:
+    def __init__(
+        self, store: str, store_link: tuple[float, float], policy: str, **options: Any
+    ) -> None:
         paced_store(*store_link)
         self.served = Served()
         self.loaded = BytesLoaded()
-        super().__init__(store, **options)
+        # By name: a policy object would be shipped to every replica, its history shared.
+        super().__init__(store, policy=POLICIES[policy](), **options)
         self.cache.add_observer(self.loaded)
 
     async def handle(self, model: MLP, request: Any) -> Any:
@@ -444,6 +452,7 @@ def deploy(
     max_models: int,
     router_options: dict[str, Any],
     store_link: tuple[float, float],
+    policy: str,
 ) -> Any:
     options: dict[str, Any] = {
         "num_replicas": REPLICAS,
@@ -454,7 +463,9 @@ def deploy(
     if name == "affinity":
         options["request_router_config"] = affinity_router_config(**router_options)
     if name in ("affinity", "default"):
-        app = serve.deployment(**options)(CachedMLP).bind(store, store_link, device_budget=budget)
+        app = serve.deployment(**options)(CachedMLP).bind(
+            store, store_link, policy, device_budget=budget
+        )
     else:
         app = serve.deployment(**options)(multiplexed_class(max_models)).bind(
             f"paced://{root}", store_link
@@ -541,6 +552,12 @@ def main() -> None:
         help="the affinity router's spread_queue_len (default: the router's default)",
     )
     parser.add_argument(
+        "--policy",
+        choices=sorted(POLICIES),
+        default="cost",
+        help="the modelcache replicas' eviction policy (default: the cache's, cost)",
+    )
+    parser.add_argument(
         "--store-mib-s",
         type=float,
         default=STORE_MIB_S,
@@ -596,7 +613,9 @@ def main() -> None:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": 0})
             handles = {
-                name: deploy(name, root, budget, max_models, router_options, store_link)
+                name: deploy(
+                    name, root, budget, max_models, router_options, store_link, args.policy
+                )
                 for name in SETUPS
             }
             results = asyncio.run(run_rounds(handles, stream, clients, rounds))
@@ -692,6 +711,7 @@ def main() -> None:
             "rounds": rounds,
             "store_mib_s": store_link[0],
             "store_latency_ms": store_link[1],
+            "policy": args.policy,
             "run_s": round(run_s, 1),
             "quick": quick,
         }
