@@ -1,8 +1,8 @@
 """Routing on Ray Serve: modelcache with the cache-affinity router, against modelcache with Ray's
 default router and against Ray's own ``@serve.multiplexed``; same stream, same device bytes.
 
-One local Ray cluster; each setup is deployed in turn as 3 replicas with the same
-``max_ongoing_requests``, then sent the same request stream (Zipf 1.0 over a few hundred models
+One local Ray cluster; each setup is deployed as 3 replicas with the same
+``max_ongoing_requests`` and sent the same request stream (Zipf 1.0 over a few hundred models
 of mixed sizes, from several concurrent clients through one ``DeploymentHandle``):
 
 * affinity: `modelcache_ray.CachedModels` + `CacheAffinityRouter`;
@@ -24,16 +24,24 @@ not CPU), the same link and store for every setup: modelcache's Store reads it a
 fsspec filesystem (several calls per load: stat, header, config, data ranges), the multiplexed
 loader as two whole-file reads (config and weights) and ``safetensors.torch.load`` of the bytes.
 
-Reported per setup: loads cluster-wide (every replica's loads, summed), hit ratio (requests
-served without a load), client-side p50/p99/mean latency and throughput, and the mean time a
-request spends inside the replica's ``__call__`` (cache lookup or load, and handler): the rest
-of the client's mean is Ray's own path (handle, router, queue-length probes, RPCs). Goals
-(issue 15): affinity loads <= 0.5x default's and <= 0.7x multiplexed's; affinity p99 <=
-multiplexed p99; affinity throughput >= multiplexed's. One run: on a shared 2-core machine the
-figures are noisy.
+The three setups are deployed at once and the stream is cut into rounds (``--rounds``, 6):
+each round's chunk goes to every setup in turn, in a different order each round (every
+permutation once over 6), so the setups share the shared machine's moments alike and each
+still serves the whole stream in order, its caches carrying over.
 
-Run: ``python benches/ray_routing.py [--quick] [--data-dir DIR] [--store-mib-s B]
-[--store-latency-ms L]`` (in the Ray virtualenv, ``make bench-ray``).
+Reported per setup: loads cluster-wide (every replica's loads, summed), the bytes they made
+resident, hit ratio (requests served without a load), client-side p50/p99/mean latency and
+throughput, the mean time a request spends inside the replica's ``__call__`` (cache lookup or
+load, and handler: the rest of the client's mean is Ray's own path), the requests each replica
+served, and CPU ms per request by process role (driver, the setup's replicas, the other setups'
+replicas, controller, proxy, the rest of Ray), from psutil: the machine is CPU-bound, so
+throughput follows CPU per request. Goals (issue 15): affinity loads <= 0.5x default's and <=
+0.7x multiplexed's (whole stream); affinity p99 <= multiplexed p99 and affinity throughput >=
+multiplexed's (the median round; the rounds' spread beside it). ``--policy lru`` gives the
+modelcache replicas byte-LRU eviction instead of the cache's cost-aware default.
+
+Run: ``python benches/ray_routing.py [--quick] [--data-dir DIR] [--rounds N] [--policy cost|lru]
+[--store-mib-s B] [--store-latency-ms L]`` (in the Ray virtualenv, ``make bench-ray``).
 """
 
 from __future__ import annotations
