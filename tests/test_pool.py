@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gc
 import mmap
+import threading
 
 import pytest
 import torch
 from safetensors.torch import load
 
-from modelcache import LRUPolicy, ModelCache, Weights
+from modelcache import LRUPolicy, ModelCache, Weights, _pool
 from modelcache._cache import ModelCache as _ModelCache
 from modelcache._pool import BufferPool, PoolStats, pool_of
 
@@ -241,3 +242,62 @@ async def test_a_budget_of_whole_models_reuses_buffers_whose_size_is_no_page_mul
         assert (stats.fresh, stats.released) == (2, 0)  # every later load reused a buffer
         assert stats.live_bytes + stats.idle_bytes <= stats.limit + 2 * mmap.PAGESIZE
         check_invariants(cache)
+
+
+class _RecordingLibc:
+    """The C library as `_pool` calls it, recording the address and thread of every munmap."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.munmap_threads: list[int] = []
+        self.unmapped: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    def munmap(self, address: int, size: int) -> int:
+        self.munmap_threads.append(threading.get_ident())
+        self.unmapped.append(address)
+        return self.real.munmap(address, size)  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.fixture
+def recording_libc(monkeypatch: pytest.MonkeyPatch) -> _RecordingLibc:
+    libc = _RecordingLibc(_pool._libc)  # type: ignore[attr-defined]
+    monkeypatch.setattr(_pool, "_libc", libc)
+    return libc
+
+
+async def test_a_large_buffer_dying_on_the_event_loop_is_unmapped_off_it(
+    recording_libc: _RecordingLibc,
+) -> None:
+    """A large buffer whose last tensor dies on the event loop's thread is unmapped by another
+    thread (munmap takes ~0.1 ms a MiB: over 100 ms for 1 GiB held the loop)."""
+    pool = BufferPool()
+    tensor, view, _ = pool.take(4 * BIG)
+    address = tensor.data_ptr()
+    del tensor, view  # the finalizer runs here, on this (the loop's) thread
+    _pool._UNMAPPER.wait()
+    assert recording_libc.unmapped == [address]
+    assert threading.get_ident() not in recording_libc.munmap_threads
+    assert pool.stats().released == 1
+
+
+async def test_closing_a_cache_unmaps_its_large_idle_buffers_off_the_event_loop(
+    models: MemoryModels, recording_libc: _RecordingLibc
+) -> None:
+    """Closing a cache gives its idle buffers back from another thread than the loop's, and
+    they are unmapped once the unmapper has run."""
+    models.add("a", 4 * BIG, seed=1)
+    async with ModelCache(models.template, device_budget=4 * BIG) as cache:
+        async with cache.use("a") as weights:
+            address = weights.buffer.data_ptr()
+        del weights
+        cache.evict("a")
+        assert mapped(address)
+        pool = the_pool(cache)
+    _pool._UNMAPPER.wait()
+    # Unmapped (the address itself may be mapped again since, by anything else).
+    assert recording_libc.unmapped == [address]
+    assert pool.stats().idle_bytes == 0
+    assert threading.get_ident() not in recording_libc.munmap_threads
