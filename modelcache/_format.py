@@ -232,9 +232,14 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+#: One decoder for every header (``json.loads`` with a hook makes one per call); its scanner
+#: keeps no state between calls, so threads parsing headers at once may share it.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs)
+
+
 def _load_json(data: bytes, what: str, model_id: str, url: str) -> dict[str, Any]:
     try:
-        value = json.loads(data.decode("utf-8"), object_pairs_hook=_pairs)
+        value = _DECODER.decode(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting or numbers
         raise _error(f"{what} is not valid JSON ({exc})", model_id, url) from exc
     if not isinstance(value, dict):

@@ -111,9 +111,7 @@ async def test_a_fill_leaves_no_reference_cycle(tiny: str, gc_off: None) -> None
     assert garbage == [], garbage[:5]
 
 
-async def test_a_load_validates_its_id_once(
-    tiny: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_load_validates_its_id_once(tiny: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cold load validates its model id once, where ``use()`` begins: the load is given the
     id's URL and neither validates nor resolves it again."""
     import modelcache._store as store_module
