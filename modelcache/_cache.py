@@ -7,10 +7,12 @@ host memory and the disk tier under it in `HostDiskTiers`, failures in `LoadFail
 every step; the tiers' own are in their modules):
 
 * A load reads from the highest tier that has the model: host memory, the disk tier, the store.
-* One load per key, run in the cache's task group - never in a caller's task - so cancelling a
-  caller never cancels a load others share. Loads of different keys run concurrently, bounded by
-  a capacity limiter that is held for I/O only, never while waiting for bytes; a local file's
-  header read takes none (small reads batched into shared thread calls, `_batch`).
+* One load per key, run in a task of the cache's (`Background.start_load`: on asyncio a task of
+  its own, cancelled and waited for when the cache closes; else one of its task group) - never
+  in a caller's task - so cancelling a caller never cancels a load others share. Loads of
+  different keys run concurrently, bounded by a capacity limiter that is held for I/O only,
+  never while waiting for bytes (`_stages`); a local file's header read takes none (small reads
+  batched into shared thread calls, `_batch`).
 * A load whose callers have all gone (a device prefetch is a caller) stops at its next stage
   boundary - the wait for the load limiter (left at once, by cancelling ``entry.abandon``), the
   header read, the reservation of bytes, the weight read - so it never takes a limiter slot,

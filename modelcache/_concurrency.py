@@ -50,7 +50,7 @@ class Background:
 
     A cache's loads (`start_load`) are, on asyncio, tasks of their own rather than tasks of
     the cache's task group: anyio's task of a group costs a wrapper coroutine, a cancel scope,
-    an event, a task state and a done callback, which made up a sixth of a small model's load.
+    an event, a task state and a done callback: a measurable part of a small model's load.
     Each runs in a cancel scope of its own, which `cancel_loads` cancels (anyio's shields inside
     a load hold, as in a group's task); the cache waits for them with `wait_idle` when it
     closes, as a group's exit would. A load never raises (its errors go to its waiters); an
