@@ -59,8 +59,9 @@ class _Read(Generic[T]):
     def __init__(self, call: Callable[..., T], args: tuple[Any, ...]) -> None:
         self.call = call
         self.args = args
-        #: Wakes the caller to look at ``ran`` and ``drive`` again (a fresh one for each wait).
-        self.done = anyio.Event()
+        #: Wakes the caller to look at ``ran`` and ``drive`` again (a fresh one for each wait;
+        #: None before the first: a change made then is seen before its caller waits).
+        self.done: anyio.Event | None = None
         self.drive = False  # its caller holds a lane: it drives the next batch
         #: Its caller left: skipped where it stands in the queue, never put back in it by a batch
         #: that did not run (it could be handed the drive with nobody to take it).
@@ -155,7 +156,7 @@ class SmallReads:
             # Cancelled before the thread started: what did not run goes back, oldest first.
             queue.extendleft(read for read in reversed(batch) if not (read.ran or read.left))
             for read in batch:
-                if read.ran:
+                if read.ran and read.done is not None:
                     read.done.set()
             # The worker thread that ran it holds its arguments a moment after handing back: the
             # list, emptied, keeps no read (their results are their callers' to keep or drop).
@@ -171,7 +172,8 @@ class SmallReads:
         for read in queue:
             if not (read.drive or read.left):
                 read.drive = True
-                read.done.set()
+                if read.done is not None:
+                    read.done.set()
                 return
         self._drivers -= 1
 

@@ -7,10 +7,12 @@ host memory and the disk tier under it in `HostDiskTiers`, failures in `LoadFail
 every step; the tiers' own are in their modules):
 
 * A load reads from the highest tier that has the model: host memory, the disk tier, the store.
-* One load per key, run in the cache's task group - never in a caller's task - so cancelling a
-  caller never cancels a load others share. Loads of different keys run concurrently, bounded by
-  a capacity limiter that is held for I/O only, never while waiting for bytes; a local file's
-  header read takes none (small reads batched into shared thread calls, `_batch`).
+* One load per key, run in a task of the cache's (`Background.start_load`: on asyncio a task of
+  its own, cancelled and waited for when the cache closes; else one of its task group) - never
+  in a caller's task - so cancelling a caller never cancels a load others share. Loads of
+  different keys run concurrently, bounded by a capacity limiter that is held for I/O only,
+  never while waiting for bytes (`_stages`); a local file's header read takes none (small reads
+  batched into shared thread calls, `_batch`).
 * A load whose callers have all gone (a device prefetch is a caller) stops at its next stage
   boundary - the wait for the load limiter (left at once, by cancelling ``entry.abandon``), the
   header read, the reservation of bytes, the weight read - so it never takes a limiter slot,
@@ -30,8 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar
@@ -60,6 +61,7 @@ from ._pool import pool_of
 from ._refresh import DEFAULT_REVALIDATE_AFTER, Revalidator
 from ._refresh import _clock as _revalidation_clock
 from ._sidefiles import covers
+from ._stages import Abandonable, Limited, check_wanted
 from ._stats import CacheStats
 from ._store import Store
 from ._tiers import Abandoned, HostEntry
@@ -449,6 +451,7 @@ class ModelCache:
         assert self._task_group is not None
         self._state = State.CLOSING
         self._task_group.cancel_scope.cancel()
+        self._background.cancel_loads()  # the loads outside the group (`Background.start_load`)
         try:
             return await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
@@ -458,6 +461,8 @@ class ModelCache:
                 return None
             raise
         finally:
+            with anyio.CancelScope(shield=True):  # as the group's exit waits for its tasks
+                await self._background.wait_idle()
             self._device.close()
             self._revalidator.close()
             self._host_disk.close()
@@ -510,8 +515,8 @@ class ModelCache:
                 continue  # evicted: load it again, behind the load it made room for
             if entry is None:
                 self._failures.raise_recent(builder, model_id)
-                self._store.model_url(model_id)  # validates the id before anything else happens
-                entry = self._start_load(key)
+                # Validates the id before anything else happens, once: the load has the URL.
+                entry = self._start_load(key, self._store.model_url(model_id))
             self._device.join(entry)
             waiting_since = _observe.clock()
             leased = False
@@ -534,89 +539,13 @@ class ModelCache:
     async def _prefetch_device(self, key: Key) -> None:
         self._device.release_lease(await self._acquire(key))
 
-    def _start_load(self, key: Key) -> DeviceEntry:
+    def _start_load(self, key: Key, url: str) -> DeviceEntry:
         assert self._task_group is not None
-        entry = self._device.add(key)
-        self._background.start(
+        entry = self._device.add(key, url)
+        self._background.start_load(
             self._task_group, self._load, entry, name=f"modelcache load {entry.model_id!r}"
         )
         return entry
-
-    @staticmethod
-    def _check_wanted(entry: DeviceEntry) -> None:
-        """At a stage boundary of a load: stop if nobody waits for it any more."""
-        if entry.waiters == 0:
-            raise Abandoned
-
-    @contextmanager
-    def _abandonable(self, entry: DeviceEntry) -> Iterator[None]:
-        """Run a stage of ``entry``'s load if anyone still wants it, cancelled when the last
-        waiter leaves, raising `Abandoned`. Stages that take no load slot (a batched local
-        header read) use it alone, `_limited`'s abandonable stages inside the slot: an abandoned
-        load's read leaves the batch queue at once, never read for nobody ahead of the reads of
-        wanted loads."""
-        self._check_wanted(entry)
-        with anyio.CancelScope() as scope:
-            entry.abandon = scope
-            try:
-                yield
-            finally:
-                entry.abandon = None
-        if scope.cancelled_caught:
-            raise Abandoned
-
-    @asynccontextmanager
-    async def _header_stage(self, entry: DeviceEntry) -> AsyncIterator[None]:
-        """The stage that reads ``entry``'s headers: abandonable, and in a load slot unless the
-        store batches them. A local file's headers are small reads batched into shared thread
-        calls (`_batch`), never stalled on a remote store: without a slot the headers of many
-        loads share a call (four slots made a small-model fill wait on thread hops)."""
-        if self._store.batches_headers(self._store.model_url(entry.model_id)):
-            with self._abandonable(entry):
-                yield
-        else:
-            async with self._limited(entry, abandonable=True):
-                yield
-
-    @asynccontextmanager
-    async def _limited(
-        self, entry: DeviceEntry, *, abandonable: bool = False
-    ) -> AsyncIterator[None]:
-        """Hold the load limiter for one stage of ``entry``'s load, if anyone still wants it:
-        a load whose waiters all leave while it waits for the limiter leaves its queue at once
-        (`DeviceTier.leave` cancels ``entry.abandon``), so abandoned loads never hold up wanted ones.
-
-        An ``abandonable`` stage (the header and config reads: they move no weight byte) is
-        cancelled too when the last waiter leaves, raising `Abandoned`: a read stalled on the
-        store does not keep a load slot for a load nobody waits for."""
-        limiter = self._limiter
-        assert limiter is not None
-        self._check_wanted(entry)
-        try:
-            # A free token and nobody queued: taken without a scope or a trip through the
-            # scheduler (two per stage otherwise, a third of a small model's load).
-            limiter.acquire_nowait()
-        except anyio.WouldBlock:
-            while True:
-                self._check_wanted(entry)
-                with anyio.CancelScope() as scope:
-                    entry.abandon = scope
-                    try:
-                        await limiter.acquire()
-                    finally:
-                        entry.abandon = None
-                if not scope.cancelled_caught:
-                    break
-                # Its waiters left; a new caller may have joined since: look again.
-        try:
-            if not abandonable:
-                self._check_wanted(entry)
-                yield
-                return
-            with self._abandonable(entry):
-                yield
-        finally:
-            limiter.release()
 
     async def _load(self, entry: DeviceEntry) -> None:
         """Bring ``entry``'s model onto the device from the highest tier that has it.
@@ -630,21 +559,33 @@ class ModelCache:
         try:
             while (moving := self._host_disk.moving.get(entry.model_id)) is not None:
                 await moving.wait()  # a demotion or host load of this id: then look again
-            self._check_wanted(entry)
+            check_wanted(entry)
             # A new version (issue 12) is read from the store: the lower tiers hold the old one.
             claimed = None if entry.replaces else self._host_disk.claim(entry.model_id)
             if claimed is not None:
                 info, read_store, source = claimed.info, self._store, "host"
                 entry.source = source
             else:
-                async with self._header_stage(entry):
+                url = entry.url
+                if url is None:  # a new version's load: the id was validated by its first load
+                    url = entry.url = self._store.model_url(entry.model_id)
+                # In a load slot unless the store batches the headers: a local file's are small
+                # reads batched into shared thread calls (`_batch`), never stalled on a remote
+                # store; without a slot the headers of many loads share a call (four slots made
+                # a small-model fill wait on thread hops).
+                header_stage = (
+                    Abandonable(entry)
+                    if self._store.batches_headers(url)
+                    else Limited(self._limiter, entry, abandonable=True)
+                )
+                async with header_stage:
                     info, read_store, on_disk = await self._host_disk.locate(
-                        entry.model_id, use_disk=entry.replaces is None
+                        entry.model_id, url, use_disk=entry.replaces is None
                     )
                 source = "store" if on_disk is None else "disk"
             # Config and side files (issue 14, `_sidefiles`): from the disk entry, else the store.
             if entry.builder.needs_config and not covers(info, entry.builder.side_files):
-                async with self._limited(entry, abandonable=True):
+                async with Limited(self._limiter, entry, abandonable=True):
                     disk_copy, on_disk = on_disk, None  # released by read_extras if it fails
                     try:
                         info, read_store, on_disk = await self._host_disk.read_extras(
@@ -665,9 +606,9 @@ class ModelCache:
                 if disk_copy is not None and on_disk is None:
                     source = "store"  # the disk copy was damaged
             self._device.check_fits(info)
-            self._check_wanted(entry)  # a load nobody waits for must not evict anything
+            check_wanted(entry)  # a load nobody waits for must not evict anything
             await self._device.reserve(entry, info)
-            async with self._limited(entry):
+            async with Limited(self._limiter, entry):
                 moving_since = _load_timer()
                 if claimed is not None:
                     weights = await self._host_disk.promote(claimed, info)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -45,14 +46,25 @@ class Background:
     """Counts the tasks started through it while they run, so that `wait_idle` can wait for
     none (a cache's loads, header checks, copies down, disk writes: each runs its worker
     threads to their end before its task ends). Long-lived tasks (the failure memory's
-    sweeper) are started without it."""
+    sweeper) are started without it.
 
-    __slots__ = ("_idle", "running")
+    A cache's loads (`start_load`) are, on asyncio, tasks of their own rather than tasks of
+    the cache's task group: anyio's task of a group costs a wrapper coroutine, a cancel scope,
+    an event, a task state and a done callback: a measurable part of a small model's load.
+    Each runs in a cancel scope of its own, which `cancel_loads` cancels (anyio's shields inside
+    a load hold, as in a group's task); the cache waits for them with `wait_idle` when it
+    closes, as a group's exit would. A load never raises (its errors go to its waiters); an
+    exception that escaped one anyway is raised in the task group, as a group's task's is."""
+
+    __slots__ = ("_cancelled", "_idle", "_loads", "running")
 
     def __init__(self) -> None:
         #: Tasks started and not yet ended (a task counts from `start`, before it first runs).
         self.running = 0
         self._idle: anyio.Event | None = None
+        #: The load tasks running outside a task group, by the cancel scope each runs in.
+        self._loads: dict[anyio.CancelScope, asyncio.Task[None]] = {}
+        self._cancelled = False  # `cancel_loads` was called: loads started now start cancelled
 
     def start(
         self,
@@ -64,6 +76,51 @@ class Background:
         self.running += 1
         task_group.start_soon(self._run, func, args, name=name or f"modelcache {func.__name__}")
 
+    def start_load(
+        self,
+        task_group: anyio.abc.TaskGroup,
+        func: Callable[..., Coroutine[Any, Any, object]],
+        *args: object,
+        name: str,
+    ) -> None:
+        """`start` ``func(*args)``, a load: on asyncio, as a task of its own (see the class
+        docstring); on another backend, in ``task_group``."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): a task of the group
+            self.start(task_group, func, *args, name=name)
+            return
+        scope = anyio.CancelScope()
+        if self._cancelled:
+            scope.cancel()
+        task = loop.create_task(self._run_load(scope, task_group, func, args), name=name)
+        self.running += 1
+        self._loads[scope] = task  # asyncio keeps only a weak reference to a task
+
+    def cancel_loads(self) -> None:
+        """Cancel the loads running outside a task group, and any started from now on."""
+        self._cancelled = True
+        for scope in self._loads:
+            scope.cancel()
+
+    async def _run_load(
+        self,
+        scope: anyio.CancelScope,
+        task_group: anyio.abc.TaskGroup,
+        func: Callable[..., Coroutine[Any, Any, object]],
+        args: tuple[object, ...],
+    ) -> None:
+        running = func(*args)  # as in `_run`: the arguments live in the coroutine alone
+        del args
+        try:
+            with scope:
+                await running
+        except Exception as exc:
+            task_group.start_soon(_raise, exc)
+        finally:
+            del self._loads[scope]
+            self._ended()
+
     async def _run(self, func: Callable[..., Awaitable[object]], args: tuple[object, ...]) -> None:
         # The task's arguments live in the coroutine alone: a task that drops a buffer before
         # it frees the buffer's bytes (`del weights` in a copy down) must not find it kept here.
@@ -72,10 +129,13 @@ class Background:
         try:
             await running
         finally:
-            self.running -= 1
-            if not self.running and self._idle is not None:
-                self._idle.set()
-                self._idle = None
+            self._ended()
+
+    def _ended(self) -> None:
+        self.running -= 1
+        if not self.running and self._idle is not None:
+            self._idle.set()
+            self._idle = None
 
     async def wait_idle(self) -> None:
         """Return once no task started here runs (at once if none does)."""
@@ -83,3 +143,7 @@ class Background:
             if self._idle is None:
                 self._idle = anyio.Event()
             await self._idle.wait()
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc

@@ -75,14 +75,18 @@ class DeviceEntry:
         "retired",
         "source",
         "stale",
+        "url",
         "value",
         "waiters",
         "weights",
     )
 
-    def __init__(self, key: Key) -> None:
+    def __init__(self, key: Key, url: str | None = None) -> None:
         self.key = key
         self.builder, self.model_id = key
+        #: The store URL of its model, from the id validated where the load began (None: not
+        #: resolved yet, for a new version's load): the load neither validates nor resolves again.
+        self.url = url
         self.ready = False
         self.value: Any = None
         self.weights: LoadedWeights | None = None
@@ -92,6 +96,8 @@ class DeviceEntry:
         self.source: str | None = None  # the tier a load in flight reads from, once known
         self.leases = 0
         self.waiters = 0
+        #: Set when the load ends; a loaded entry's is then its tier's one set event
+        #: (`DeviceTier.admit`), not an event (and its waiters' deque) kept per resident model.
         self.done = anyio.Event()
         self.error: BaseException | None = None
         self.admitted = 0.0  # when it became ready (`_observe.clock`), for the age at eviction
@@ -137,6 +143,8 @@ class DeviceTier:
         self.swapping: dict[Key, DeviceEntry] = {}
         #: Replaced entries still leased: their bytes are freed when their last lease ends.
         self.retired: set[DeviceEntry] = set()
+        #: The set ``done`` event every loaded entry shares (the first one loaded's own).
+        self._loaded: anyio.Event | None = None
         self.swaps = 0
         self.hits = self.misses = self.loads = 0
         self.loading = self.waiters = self.leased = 0
@@ -209,9 +217,9 @@ class DeviceTier:
 
     # -- loads ----------------------------------------------------------------------------------
 
-    def add(self, key: Key) -> DeviceEntry:
-        """A new entry for a load about to start."""
-        entry = self.entries[key] = DeviceEntry(key)
+    def add(self, key: Key, url: str) -> DeviceEntry:
+        """A new entry for a load about to start of the model at ``url`` (its validated id's)."""
+        entry = self.entries[key] = DeviceEntry(key, url)
         self.loading += 1
         return entry
 
@@ -241,6 +249,13 @@ class DeviceTier:
         self.load_seconds += seconds
         self._budget.admit(entry)
         entry.done.set()
+        # Its waiters are woken: later ones find the entry ready, or wait on a set event. Every
+        # resident model keeping its own made three objects more per model for the garbage
+        # collector, whose full passes scan every object the process keeps.
+        if self._loaded is None:
+            self._loaded = entry.done
+        else:
+            entry.done = self._loaded
         return True
 
     def failed(self, entry: DeviceEntry) -> None:

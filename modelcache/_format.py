@@ -111,6 +111,8 @@ class TensorInfo:
     start: int
     end: int
     #: Byte offset in the model's contiguous buffer (a multiple of the item size unless empty).
+    #: A shard's header says ``start``, its place in a buffer of that shard alone: the tensors of
+    #: a model's first shard usually keep it, and are then the model's own (`_placed`).
     offset: int = -1
 
     @property
@@ -230,9 +232,14 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+#: One decoder for every header (``json.loads`` with a hook makes one per call); its scanner
+#: keeps no state between calls, so threads parsing headers at once may share it.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs)
+
+
 def _load_json(data: bytes, what: str, model_id: str, url: str) -> dict[str, Any]:
     try:
-        value = json.loads(data.decode("utf-8"), object_pairs_hook=_pairs)
+        value = _DECODER.decode(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting or numbers
         raise _error(f"{what} is not valid JSON ({exc})", model_id, url) from exc
     if not isinstance(value, dict):
@@ -278,7 +285,7 @@ def _tensor(name: str, entry: object, shard: str, model_id: str, url: str) -> Te
             model_id,
             url,
         )
-    return TensorInfo(name, dtype, tuple(shape), shard, start, end)
+    return TensorInfo(name, dtype, tuple(shape), shard, start, end, start)
 
 
 def parse_header(
@@ -375,8 +382,9 @@ def layout_model(
     *,
     weight_map: Mapping[str, str] | None = None,
     metadata: Mapping[str, str] | None = None,
+    version: ModelVersion | None = None,
 ) -> ModelInfo:
-    """Place the shards in one buffer and plan the reads that fill it.
+    """Place the shards in one buffer and plan the reads that fill it (of ``version``).
 
     With a ``weight_map`` (sharded models), every tensor must be in the shard the index names,
     and every tensor the index names must exist.
@@ -438,6 +446,7 @@ def layout_model(
         metadata=metadata,
         nbytes=cursor,
         segments=tuple(segments),
+        version=version,
     )
 
 
@@ -446,6 +455,11 @@ def _segment(shard: ShardHeader, start: int, end: int, dst: int) -> Segment:
 
 
 def _placed(tensor: TensorInfo, offset: int) -> TensorInfo:
+    """``tensor`` at ``offset`` in the model's buffer: the shard's own when it is already there
+    (a resident model keeps both its shards' and its own tables: one object per tensor fewer
+    for the garbage collector to scan in each of its passes)."""
+    if tensor.offset == offset:
+        return tensor
     return TensorInfo(
         tensor.name, tensor.dtype, tensor.shape, tensor.shard, tensor.start, tensor.end, offset
     )

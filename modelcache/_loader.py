@@ -95,16 +95,18 @@ class _HeaderBudget:
         self.left -= length
 
 
-async def read_model_info(store: Store, model_id: str) -> ModelInfo:
+async def read_model_info(store: Store, model_id: str, url: str | None = None) -> ModelInfo:
     """Describe ``model_id``'s weights from its headers: tensor table, exact size, read plan,
     and the version (`ModelVersion`) of every file read: one version of each (`_versions`).
+    ``url``: its ``store.model_url(model_id)`` when the caller has it (the id validated once).
 
     Raises InvalidModelIdError, ModelNotFoundError, ModelFormatError, StoreError (among them
     ModelChangedError: a file changed while it was read).
     """
+    if url is None:
+        url = store.model_url(model_id)
     with reading() as tags:
-        info = await _read_model_info(store, model_id)
-    return replace(info, version=ModelVersion.of(tags)) if tags else info
+        return await _read_model_info(store, model_id, url, tags)
 
 
 async def with_config(store: Store, info: ModelInfo) -> ModelInfo:
@@ -114,12 +116,13 @@ async def with_config(store: Store, info: ModelInfo) -> ModelInfo:
     return replace(info, config=config, version=ModelVersion.of(tags) if tags else info.version)
 
 
-async def _read_model_info(store: Store, model_id: str) -> ModelInfo:
-    url = store.model_url(model_id)
+async def _read_model_info(
+    store: Store, model_id: str, url: str, tags: Mapping[str, str]
+) -> ModelInfo:
     budget = _HeaderBudget()
     if url.endswith(".safetensors"):
         shard = await _read_shard(store, model_id, url, url, budget)
-        return await _layout(model_id, url, [shard])
+        return await _layout(model_id, url, [shard], tags)
     single = store.join(url, SINGLE_NAME)
     try:
         head = await store.read_head(single, _PREFIX, model_id=model_id)
@@ -127,7 +130,7 @@ async def _read_model_info(store: Store, model_id: str) -> ModelInfo:
         pass
     else:
         shard = await _read_shard(store, model_id, single, SINGLE_NAME, budget, head=head)
-        return await _layout(model_id, url, [shard])
+        return await _layout(model_id, url, [shard], tags)
 
     index_url = store.join(url, INDEX_NAME)
     try:
@@ -156,18 +159,29 @@ async def _read_model_info(store: Store, model_id: str) -> ModelInfo:
 
     names = sorted(set(weight_map.values()))
     headers = await gather([partial(read, name) for name in names])
-    return await _layout(model_id, url, headers, weight_map=weight_map, metadata=metadata)
+    return await _layout(model_id, url, headers, tags, weight_map=weight_map, metadata=metadata)
 
 
 async def _layout(
     model_id: str,
     url: str,
     shards: list[ShardHeader],
+    tags: Mapping[str, str],
     *,
     weight_map: Mapping[str, str] | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> ModelInfo:
-    layout = partial(layout_model, model_id, url, shards, weight_map=weight_map, metadata=metadata)
+    # Every file is read: its version is known, and made part of the info as it is built.
+    version = ModelVersion.of(tags) if tags else None
+    layout = partial(
+        layout_model,
+        model_id,
+        url,
+        shards,
+        weight_map=weight_map,
+        metadata=metadata,
+        version=version,
+    )
     return await _off_loop_if(sum(len(s.tensors) for s in shards) > _LAYOUT_ON_LOOP, layout)
 
 

@@ -230,12 +230,15 @@ class HostDiskTiers:
         return self._store.local_path(self._store.model_url(model_id)) is None
 
     async def locate(
-        self, model_id: str, *, use_disk: bool = True
+        self, model_id: str, url: str | None = None, *, use_disk: bool = True
     ) -> tuple[ModelInfo, Store, DiskEntry | None]:
         """Describe ``model_id`` from the disk tier if it holds it (acquired: release it after
-        reading), else from the store. A disk tier that cannot be read is a miss."""
+        reading), else from the store. A disk tier that cannot be read is a miss. ``url``: the
+        model's store URL when the caller has it (its id validated): not validated again."""
         disk = self.disk
-        if use_disk and disk is not None and self._remote(model_id):
+        if url is None:
+            url = self._store.model_url(model_id)
+        if use_disk and disk is not None and self._store.local_path(url) is None:
             try:
                 entry = await anyio.to_thread.run_sync(disk.get, model_id)
                 acquired = entry is not None and await anyio.to_thread.run_sync(disk.acquire, entry)
@@ -269,7 +272,7 @@ class HostDiskTiers:
                     await self._drop_disk_copy(model_id, None)
             else:
                 disk.count(served=False)
-        return await read_model_info(self._store, model_id), self._store, None
+        return await read_model_info(self._store, model_id, url), self._store, None
 
     async def read_extras(
         self,

@@ -391,7 +391,7 @@ class CostAwarePolicy:
     tier of models that come back. The cache asks only when the tier has no free room.
     """
 
-    __slots__ = ("_cost", "_heap", "_live", "_seq", "_unpinned", "admission", "history")
+    __slots__ = ("_cost", "_heap", "_keys", "_live", "_seq", "_unpinned", "admission", "history")
 
     def __init__(
         self,
@@ -405,7 +405,11 @@ class CostAwarePolicy:
         self.history.attach(self)
         self.admission = admission
         self._live: dict[Hashable, _Slot] = {}
-        self._heap: list[tuple[float, int, Hashable]] = []
+        #: (priority, seq) items; the key of each is ``_keys[seq]``. A heap item of atomic values
+        #: is no object for the garbage collector to scan (a key is a tuple holding the model
+        #: class's builder: an item holding it was one more such object per resident entry).
+        self._heap: list[tuple[float, int]] = []
+        self._keys: dict[int, Hashable] = {}
         self._seq = 0
         self._unpinned = _Unpinned()
 
@@ -452,12 +456,15 @@ class CostAwarePolicy:
         seq = self._seq = self._seq + 1
         slot.seq, slot.priority = seq, priority
         heap = self._heap
-        heapq.heappush(heap, (priority, seq, key))
+        heapq.heappush(heap, (priority, seq))
+        self._keys[seq] = key
         if len(heap) > 2 * len(self._live) + 64:
             self._compact()
 
     def _compact(self) -> None:
-        self._heap = [(s.priority, s.seq, k) for k, s in self._live.items()]
+        live = self._live
+        self._heap = [(s.priority, s.seq) for s in live.values()]
+        self._keys = {s.seq: k for k, s in live.items()}
         heapq.heapify(self._heap)
 
     def admitted(self, entry: PolicyEntry) -> None:
@@ -495,18 +502,20 @@ class CostAwarePolicy:
             del self._live[entry.key]
             self._unpinned.removed(entry)
 
-    def _pop_live(self) -> tuple[tuple[float, int, Hashable], _Slot] | None:
-        """Pop the live entry of lowest priority now (returned, already popped): items of
-        removed entries are dropped, and items whose entry was hit since are pushed again
-        with the entry's current priority."""
-        heap, live = self._heap, self._live
+    def _pop_live(self) -> tuple[tuple[float, int], _Slot] | None:
+        """Pop the live entry of lowest priority now (returned, already popped; its key stays
+        in ``_keys`` for the item to be pushed back): items of removed entries are dropped, and
+        items whose entry was hit since are pushed again with the entry's current priority."""
+        heap, live, keys = self._heap, self._live, self._keys
         while heap:
             item = heapq.heappop(heap)
-            slot = live.get(item[2])
-            if slot is None or slot.seq != item[1]:
+            seq = item[1]
+            slot = live.get(keys[seq])
+            if slot is None or slot.seq != seq:
+                del keys[seq]  # each seq is in the heap at most once: this was its item
                 continue
             if slot.priority > item[0]:
-                heapq.heappush(heap, (slot.priority, item[1], item[2]))
+                heapq.heappush(heap, (slot.priority, seq))
                 continue
             return item, slot
         return None
@@ -519,7 +528,7 @@ class CostAwarePolicy:
         if unpinned.cannot_free(need, evictable):
             return None  # no heap work: the heap stays as it was
         chosen: list[PolicyEntry] = []
-        popped: list[tuple[float, int, Hashable]] = []
+        popped: list[tuple[float, int]] = []
         freed = 0
         while freed < need:
             found = self._pop_live()
@@ -545,6 +554,10 @@ class CostAwarePolicy:
         """Raise AssertionError unless the policy's own counts are consistent (tests)."""
         self._unpinned.check(slot.entry for slot in self._live.values())
         assert all(s.entry.key == k for k, s in self._live.items()), "a slot under another key"
+        seqs = [seq for _, seq in self._heap]
+        assert len(seqs) == len(self._keys), "a heap item for two keys, or a key for none"
+        assert set(seqs) == set(self._keys), "a heap item's key"
+        assert all(self._keys.get(s.seq) == k for k, s in self._live.items()), "an entry unfiled"
 
     def admits(self, entry: PolicyEntry) -> bool:
         """Whether ``entry`` is worth displacing this tier's next victim (always, without

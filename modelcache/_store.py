@@ -97,6 +97,9 @@ T = TypeVar("T")
 _ID = re.compile(r"[A-Za-z0-9._\-+=@]+")
 _ID_WITH_SLASH = re.compile(r"[A-Za-z0-9._\-+=@/]+")
 _LOCAL_PROTOCOLS = frozenset(("file", "local"))  # LocalFileSystem.protocol
+#: Local URLs of absolute POSIX paths, whose path `Store.local_path` cuts out directly.
+_ABSOLUTE_LOCAL = ("file:///", "local:///")
+_POSIX = os.sep == "/"
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 # Keys of fsspec `info` dicts that carry a version tag or checksum (s3fs/http, gcsfs, ...).
 _ETAG_KEYS = ("ETag", "etag", "md5Hash", "Content-MD5", "crc32c", "checksum")
@@ -489,6 +492,10 @@ class Store:
 
     def local_path(self, url: str) -> str | None:
         """Return the OS path of ``url`` when it is on the local filesystem, else None."""
+        if _POSIX and url.startswith(_ABSOLUTE_LOCAL) and "://" not in url[8:]:
+            # A load asks this of its URLs several times: the result fsspec gives (a POSIX
+            # path absolute already is left as it is), without its general parsing.
+            return url[url.index("//") + 2 :].rstrip("/") or "/"
         protocol, _ = split_protocol(url)
         if protocol is None or protocol in _LOCAL_PROTOCOLS:
             path: str = LocalFileSystem._strip_protocol(url)

@@ -1,0 +1,162 @@
+"""A cold fill of many small models: what it leaves for the garbage collector, and what each
+load does once (issue 16 item 2). The rates are measured in benches/fill_rate.py; these tests
+check the behaviour that makes them."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelcache import CacheClosedError, ModelCache
+
+from .conftest import GatedStore, MemoryModels
+
+#: GC-tracked objects a resident one-tensor model keeps (was 21): its entry and its key, its
+#: policy slot, its headers (the info, its tensor table and mapping, the shard header and its
+#: tuples, one TensorInfo), its version, its weights (the mapping, its dict, buffer and view).
+TRACKED_PER_MODEL = 16
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> str:
+    """A one-tensor (empty) safetensors file: every id of the fill resolves to it."""
+    path = tmp_path / "tiny.safetensors"
+    save_file({"w": torch.zeros(0, dtype=torch.uint8)}, str(path))
+    return f"file://{path}"
+
+
+def _cache(url: str) -> ModelCache:
+    return ModelCache(
+        lambda model_id: url,
+        device="cpu",
+        device_budget="1GiB",
+        zero_copy=False,
+        revalidate_after=None,
+    )
+
+
+async def _fill(cache: ModelCache, ids: list[str], tasks: int = 8) -> None:
+    async def worker(part: list[str]) -> None:
+        for model_id in part:
+            async with cache.use(model_id):
+                pass
+
+    async with anyio.create_task_group() as tg:
+        for k in range(tasks):
+            tg.start_soon(worker, ids[k::tasks])
+
+
+@pytest.fixture
+def gc_off() -> Iterator[None]:
+    """The collector off for the test (and on again after it)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _tracked() -> int:
+    gc.collect()
+    return len(gc.get_objects())
+
+
+async def test_a_resident_model_keeps_few_gc_tracked_objects(tiny: str, gc_off: None) -> None:
+    """A resident small model keeps at most TRACKED_PER_MODEL GC-tracked objects: every full
+    collection scans all of them, so a fill's collector time grows with this count."""
+    async with _cache(tiny) as cache:
+        await _fill(cache, [f"warm{i}" for i in range(20)])  # worker threads, first-use state
+        before = _tracked()
+        n = 300
+        await _fill(cache, [f"m{i}" for i in range(n)])
+        per_model = (_tracked() - before) / n
+        assert cache.stats().models == n + 20
+    assert per_model <= TRACKED_PER_MODEL + 0.2, per_model
+
+
+def _ours(obj: object) -> bool:
+    """An object of this library: an instance of its classes, or one of its coroutines,
+    generators or functions."""
+    code = getattr(obj, "cr_code", None) or getattr(obj, "gi_code", None)
+    if code is None:
+        code = getattr(obj, "__code__", None)
+    if code is not None:
+        return "/modelcache/" in code.co_filename
+    return type(obj).__module__.startswith("modelcache")
+
+
+async def test_a_fill_leaves_no_reference_cycle(tiny: str, gc_off: None) -> None:
+    """A fill makes no reference cycle of the library's objects: with the collector off, a
+    collection afterwards finds none (each would be garbage only a collection frees)."""
+    async with _cache(tiny) as cache:
+        await _fill(cache, [f"warm{i}" for i in range(20)])
+        gc.collect()  # what came before the fill (a cache holds cycles of its own parts)
+        await _fill(cache, [f"m{i}" for i in range(200)])
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            garbage = [obj for obj in gc.garbage if _ours(obj)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert garbage == [], garbage[:5]
+
+
+async def test_a_load_validates_its_id_once(tiny: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cold load validates its model id once, where ``use()`` begins: the load is given the
+    id's URL and neither validates nor resolves it again."""
+    import modelcache._store as store_module
+
+    calls: list[object] = []
+    real = store_module.validate_model_id
+
+    def counting(model_id: object, **kwargs: Any) -> str:
+        calls.append(model_id)
+        return real(model_id, **kwargs)
+
+    monkeypatch.setattr(store_module, "validate_model_id", counting)
+    async with _cache(tiny) as cache:
+        ids = [f"m{i}" for i in range(10)]
+        await _fill(cache, ids, tasks=3)
+    assert sorted(calls) == sorted(ids)  # type: ignore[type-var]
+
+
+async def test_a_load_runs_in_a_task_of_its_own_that_close_cancels_and_waits_for(
+    models: MemoryModels,
+) -> None:
+    """On asyncio a load is a task of its own (no task-group wrapper around it), counted by
+    ``wait_idle`` while it runs; closing the cache cancels it (its waiter gets
+    CacheClosedError) and waits for it to end."""
+    models.add("a", 100)
+    store = GatedStore(models.template)
+    store.gate("a", "read_into")
+    errors: list[BaseException] = []
+    cache = ModelCache(store, device_budget=1000, revalidate_after=None)
+
+    async def use() -> None:
+        try:
+            async with cache.use("a"):
+                pass
+        except CacheClosedError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        async with cache:
+            tg.start_soon(use)
+            await anyio.wait_all_tasks_blocked()
+            (load,) = [t for t in asyncio.all_tasks() if t.get_name() == "modelcache load 'a'"]
+            coro = load.get_coro()
+            assert getattr(coro, "__qualname__", "") == "Background._run_load"
+            assert cache.stats().background == 1
+        assert load.done() and not load.cancelled()  # ended, its cancellation caught
+        assert cache.stats().background == 0
+    assert len(errors) == 1
