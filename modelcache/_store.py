@@ -500,6 +500,25 @@ class Store:
         shared worker-thread calls (`_batch`): a local file, read by this class's own methods."""
         return not self._compose_head and self.local_path(url) is not None
 
+    async def is_cold(self, url: str, offset: int, length: int, *, model_id: str) -> bool:
+        """Whether bytes ``[offset, offset + length)`` of the local file at ``url`` are mostly
+        not in the page cache (``mincore``; nothing is read): a read of them will wait on the
+        disk. False for other files, and where it cannot be told. It holds a descriptor slot
+        (``max_concurrent_reads``) while its file is open."""
+        path = self.local_path(url)
+        if path is None or length <= 0:
+            return False
+        with translated("stat", url, model_id):
+            async with self._get_open_files():
+                return await anyio.to_thread.run_sync(
+                    _direct.is_cold,
+                    self._local_opener(),
+                    path,
+                    offset,
+                    length,
+                    limiter=self._get_limiter(),
+                )
+
     async def size(self, url: str, *, model_id: str) -> int:
         """Return the size in bytes of the file at ``url``."""
         with translated("stat", url, model_id):
