@@ -15,6 +15,8 @@ Design notes:
   reads are asked for: a read waits for a slot before it opens its file. With
   ``direct_reads=True``, a read of more than one chunk whose range is mostly not in the page
   cache switches its descriptor to O_DIRECT and reads through bounce buffers (``_direct.py``).
+  ``is_cold`` answers the same question (mincore, one descriptor slot, no byte read) for a
+  caller that overlaps other work with a read that will wait on the disk (``_torch.py``).
 - A model's header costs one worker-thread call for a local file (``read_head``: open, fstat and
   read the first bytes together), and none for a ``memory://`` file, whose bytes are in this
   process: its size, its header and any read up to ``COPY_IN_THREAD`` bytes are copied on the
