@@ -18,7 +18,8 @@ Every tool runs at its defaults and at its documented tuning knobs: the streamer
 its docs/src/env-vars.md, read when a streamer is made), fastsafetensors' ``max_threads`` and
 ``bbuf_size_kb`` (its loader's documented arguments), s3fs's ``max_concurrency``. A tool's best
 figure is the best of its settings. modelcache runs at its defaults, and on local files also
-with ``zero_copy=True`` (the file mapped).
+with ``zero_copy=True`` (the file mapped) and with ``Store(direct_reads=True)`` (its documented
+O_DIRECT reads of files mostly not in the page cache).
 
 On S3 and http, modelcache has two rows: a fresh cache every run (a new client, connections and
 host buffer: fresh memory, as every peer gets), and a long-lived cache, one `ModelCache` for all
@@ -442,6 +443,15 @@ def build_methods(
                     "modelcache",
                     "default (copy)",
                     lambda: modelcache_load(places.local_template, device),
+                    before,
+                ),
+                method(
+                    path,
+                    "modelcache",
+                    "direct_reads=True (copy)",
+                    lambda: modelcache_load(
+                        Store(places.local_template, direct_reads=True), device
+                    ),
                     before,
                 ),
             ]

@@ -55,7 +55,16 @@ from ._libc import libc as _libc
 if TYPE_CHECKING:
     from ._store import _Scatter
 
-__all__ = ["ALIGN", "DIRECT_BELOW", "PIECE", "open_run", "pread_run_direct", "resident_fraction"]
+__all__ = [
+    "ALIGN",
+    "DIRECT_BELOW",
+    "PIECE",
+    "is_cold",
+    "is_cold_fd",
+    "open_run",
+    "pread_run_direct",
+    "resident_fraction",
+]
 
 #: Alignment of direct reads: offset, length and memory (a page covers every logical block
 #: size up to 4 KiB).
@@ -97,6 +106,28 @@ def resident_fraction(fd: int, offset: int, length: int) -> float:
         return resident / pages
     finally:
         _libc.munmap(address, size)
+
+
+def is_cold(opener: Callable[[str], int], path: str, offset: int, length: int) -> bool:
+    """Whether bytes ``[offset, offset + length)`` of ``path`` are mostly (`DIRECT_BELOW`) not
+    in the page cache; False where this cannot be told, or the file cannot be opened (the read
+    that follows reports that). One open, no byte read."""
+    try:
+        fd = opener(path)
+    except OSError:
+        return False
+    try:
+        return is_cold_fd(fd, offset, length)
+    finally:
+        os.close(fd)
+
+
+def is_cold_fd(fd: int, offset: int, length: int) -> bool:
+    """`is_cold` of an open file."""
+    try:
+        return resident_fraction(fd, offset, length) < DIRECT_BELOW
+    except OSError:
+        return False
 
 
 def _set_direct(fd: int, on: bool) -> bool:

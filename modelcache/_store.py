@@ -15,6 +15,8 @@ Design notes:
   reads are asked for: a read waits for a slot before it opens its file. With
   ``direct_reads=True``, a read of more than one chunk whose range is mostly not in the page
   cache switches its descriptor to O_DIRECT and reads through bounce buffers (``_direct.py``).
+  ``is_cold`` answers the same question (mincore, one descriptor slot, no byte read) for a
+  caller that overlaps other work with a read that will wait on the disk (``_torch.py``).
 - A model's header costs one worker-thread call for a local file (``read_head``: open, fstat and
   read the first bytes together), and none for a ``memory://`` file, whose bytes are in this
   process: its size, its header and any read up to ``COPY_IN_THREAD`` bytes are copied on the
@@ -506,6 +508,25 @@ class Store:
         """Whether the headers of a model at ``url`` are read as small local reads batched into
         shared worker-thread calls (`_batch`): a local file, read by this class's own methods."""
         return not self._compose_head and self.local_path(url) is not None
+
+    async def is_cold(self, url: str, offset: int, length: int, *, model_id: str) -> bool:
+        """Whether bytes ``[offset, offset + length)`` of the local file at ``url`` are mostly
+        not in the page cache (``mincore``; nothing is read): a read of them will wait on the
+        disk. False for other files, and where it cannot be told. It holds a descriptor slot
+        (``max_concurrent_reads``) while its file is open."""
+        path = self.local_path(url)
+        if path is None or length <= 0:
+            return False
+        with translated("stat", url, model_id):
+            async with self._get_open_files():
+                return await anyio.to_thread.run_sync(
+                    _direct.is_cold,
+                    self._local_opener(),
+                    path,
+                    offset,
+                    length,
+                    limiter=self._get_limiter(),
+                )
 
     async def size(self, url: str, *, model_id: str) -> int:
         """Return the size in bytes of the file at ``url``."""

@@ -4,7 +4,7 @@ Two ways to fill a CPU buffer, chosen per model:
 
 * **zero-copy** (opt-in, see `TorchBackend`) - a local single-file model whose tensors are
   aligned in the file is mapped (copy-on-write, so writes never reach the file) and its pages
-  are faulted in eagerly with ``MADV_POPULATE_READ``, which is what
+  are faulted in eagerly, from a few threads (`_populate`), which is what
   ``safetensors.torch.load_file`` does lazily. The model is ready when the call returns: no
   first-inference page faults.
 * **copy** - everything else: a page-aligned private mapping on huge pages from the backend's
@@ -49,6 +49,7 @@ from ._arena import HostArena, HostBlock, cuda_available, device_guard, host_vie
 from ._backend import LoadedWeights, ViewMapping, allocate_with_retry
 from ._concurrency import gather
 from ._cuda import CudaStaging, check_staging
+from ._direct import is_cold_fd
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
 from ._hugepages import huge_pages_advised
@@ -87,7 +88,6 @@ _DTYPE_ATTRS = {
     "F64": "float64",
     "C64": "complex64",
 }
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _PAGE = mmap.PAGESIZE
@@ -97,6 +97,10 @@ _SMALL = 1 << 20
 _VIEWS_ON_LOOP = 256
 #: A fresh buffer is faulted in ahead of the reads in steps of this many bytes.
 _PREFAULT_STEP = 64 << 20
+#: Threads that fault in a mapped file's pages together (`_populate`), on ranges that are
+#: multiples of `_POPULATE_ALIGN` (a huge page: a large folio is never split between two).
+_POPULATE_PARTS = max(1, min(4, os.cpu_count() or 1))
+_POPULATE_ALIGN = 2 << 20
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
@@ -204,16 +208,23 @@ async def fill_fresh(
     store: Store, info: ModelInfo, buffer: torch.Tensor, view: memoryview, faulted: int = 0
 ) -> None:
     """`fill_buffer` into a host buffer whose first ``faulted`` bytes are in memory already
-    (reused) and the rest fresh; from a remote store, the fresh pages are faulted in alongside
-    by another thread.
+    (reused) and the rest fresh; from a remote store, or a local file mostly not in the page
+    cache, the fresh pages are faulted in alongside by another thread.
 
-    A remote read leaves the CPU waiting on the network, so the faults (and huge-page
-    compaction) overlap it (measured: benches/README.md, remote_load). Local reads are CPU-bound
-    copies already spread over threads: there the extra thread only competes with them, so they
-    fault as they copy.
+    A remote read leaves the CPU waiting on the network, and a cold local one on the disk, so
+    the faults (and huge-page compaction) overlap it (measured: benches/README.md, remote_load
+    and peer_loaders' local_cold). Reads of cached local files are CPU-bound copies already
+    spread over threads: there the extra thread only competes with them, so they fault as they
+    copy. (Only the first shard is looked at: one mincore call, no byte read.)
     """
     fresh = info.nbytes - faulted
-    if fresh < _SMALL or store.local_path(info.shards[0].url) is not None:
+    if fresh < _SMALL:
+        await fill_buffer(store, info, view)
+        return
+    first = info.shards[0]
+    if store.local_path(first.url) is not None and not await store.is_cold(
+        first.url, first.data_start, first.data_size, model_id=info.model_id
+    ):
         await fill_buffer(store, info, view)
         return
     stop = threading.Event()
@@ -278,13 +289,22 @@ async def build_views(
 
 
 def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
-    """Map the model's file copy-on-write and fault every page in; the mapping is the buffer.
+    """Map the model's file copy-on-write, its pages not yet faulted in (`_populate` does it);
+    the mapping is the buffer. A file mostly not in the page cache is asked to be read ahead
+    whole first (``POSIX_FADV_WILLNEED``): the disk then reads it in large requests while the
+    populating threads fault pages in, instead of one fault's readahead at a time.
 
     torch's file mapping closes its descriptor once mapped (Python's mmap keeps a duplicate
     open, which capped resident models at the open-file limit).
     """
     shard = info.shards[0]
-    size = os.stat(path).st_size
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
+        if size == shard.data_start + shard.data_size and is_cold_fd(fd, 0, size):
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
     if size != shard.data_start + shard.data_size:
         raise ModelFormatError(
             f"model {info.model_id!r}: {shard.url} changed size while loading "
@@ -293,10 +313,33 @@ def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
             path=shard.url,
         )
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
-    buffer = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
-    if _madvise is None or _madvise(buffer.data_ptr(), size, _MADV_POPULATE_READ) != 0:
-        buffer[::_PAGE].max()  # kernels before 5.14: touch one byte per page instead
-    return buffer
+    return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+
+
+def _populate_range(buffer: torch.Tensor, start: int, stop: int) -> None:
+    """Fault in the pages of ``buffer[start:stop]``: one byte read per page.
+
+    Not ``MADV_POPULATE_READ``: it walks every page again after faulting it in, where a read
+    fault maps a whole block of the page cache (fault-around, 64 KiB; a large folio whole) and
+    the next reads in it find it mapped. Measured on the 2-core VM (1 GiB, page cache in 4 KiB
+    folios, load and every page touched, 7 rounds): 119-139 ms best against 134-145 ms.
+    """
+    buffer[start:stop:_PAGE].max()
+
+
+async def _populate(buffer: torch.Tensor) -> None:
+    """Fault in every page of a mapped file, from `_POPULATE_PARTS` threads over disjoint
+    ranges: the page-table work of one range does not wait for another's (the kernel locks
+    page tables per table, not per process), and a cold file's faults wait on the disk
+    together."""
+    size = buffer.numel()
+    step = max(_POPULATE_ALIGN, -(-size // _POPULATE_PARTS // _POPULATE_ALIGN) * _POPULATE_ALIGN)
+    await gather(
+        [
+            partial(anyio.to_thread.run_sync, _populate_range, buffer, lo, min(lo + step, size))
+            for lo in range(0, size, step)
+        ]
+    )
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
@@ -498,6 +541,7 @@ class TorchBackend:
             path = store.local_path(info.shards[0].url)
         if path is not None:
             buffer = await anyio.to_thread.run_sync(_map_file, path, info)
+            await _populate(buffer)
             base = info.shards[0].data_start
         else:
             faulted = 0

@@ -23,6 +23,7 @@ import torch
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from safetensors.torch import load_file, save_file
 
+import modelcache._direct as direct
 import modelcache._loader as loader
 import modelcache._torch as backend
 from modelcache._exceptions import (
@@ -856,6 +857,127 @@ async def test_a_failed_remote_read_stops_the_prefault_and_raises_typed(
     put(place.file(MODEL_ID), content[: len(content) // 2])
     with pytest.raises(StoreError):
         await TorchBackend("cpu", zero_copy=False).load(store, info)
+
+
+# -- local files not in the page cache; mapped files faulted in from several threads --------------
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _evict(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache; skip where the filesystem keeps them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages: DONTNEED can drop them
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if direct.resident_fraction(fd, 0, os.fstat(fd).st_size) > 0.1:
+            pytest.skip("this filesystem keeps the file in memory (tmpfs?): nothing is cold")
+    finally:
+        os.close(fd)
+
+
+def _present_pages(address: int, nbytes: int) -> int:
+    """How many pages of ``[address, address + nbytes)`` this process has mapped now (bit 63
+    of each page's /proc/self/pagemap entry)."""
+    first, count = address // PAGE, -(-(address % PAGE + nbytes) // PAGE)
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first * 8)
+            entries = f.read(count * 8)
+    except OSError:
+        pytest.skip("no /proc/self/pagemap here")
+    words = memoryview(entries).cast("Q")
+    return sum(1 for word in words if word >> 63)
+
+
+@pytest.mark.asyncio
+async def test_a_cold_local_load_prefaults_beside_the_reads_and_a_cached_one_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy of a local file mostly not in the page cache faults the fresh buffer in from
+    another thread while the reads wait on the disk; a cached file's copy does not (there the
+    thread would compete with the copies); both bit-exact."""
+    seen: list[int] = []
+    real = backend._prefault
+
+    def prefault(address: int, nbytes: int, stop: threading.Event) -> None:
+        seen.append(nbytes)
+        real(address, nbytes, stop)
+
+    monkeypatch.setattr(backend, "_prefault", prefault)
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (1 << 20,)), "b": random_tensor(torch.int8, (7,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    _evict(tmp_path / MODEL_ID / "model.safetensors")
+    cold = await load(place.store(), zero_copy=False)
+    assert seen == [cold.info.nbytes]
+    assert_same(cold, tensors)
+    warm = await load(place.store(), zero_copy=False)  # the cold read left the file cached
+    assert seen == [cold.info.nbytes]
+    assert_same(warm, tensors)
+
+
+@pytest.mark.asyncio
+async def test_store_is_cold_says_whether_a_local_range_waits_on_the_disk(
+    tmp_path: Path, memory_root: str
+) -> None:
+    """Store.is_cold: True for a local range evicted from the page cache, False once read,
+    False for an empty range and for files that are not local."""
+    data = random_tensor(torch.uint8, (1 << 20,)).numpy().tobytes()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    _evict(path)
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    url = f"file://{path}"
+    assert await store.is_cold(url, 4096, len(data) - 4096, model_id="m")
+    assert not await store.is_cold(url, 0, 0, model_id="m")
+    assert path.read_bytes() == data
+    assert not await store.is_cold(url, 4096, len(data) - 4096, model_id="m")
+    put(f"memory://{memory_root}/f.bin", data)
+    assert not await store.is_cold(f"memory://{memory_root}/f.bin", 0, len(data), model_id="m")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("cold", [False, True], ids=["cached", "cold"])
+async def test_a_mapped_model_has_every_page_mapped_when_its_load_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cold: bool
+) -> None:
+    """zero_copy: every page of the mapping is in the process's page tables when the load
+    returns (no first-inference faults), faulted in by several threads over disjoint ranges
+    that cover it; a cold file is asked to be read ahead whole (WILLNEED) first; bit-exact."""
+    ranges: list[tuple[int, int]] = []
+    real_range = backend._populate_range
+
+    def populate_range(buffer: torch.Tensor, start: int, stop: int) -> None:
+        ranges.append((start, stop))
+        real_range(buffer, start, stop)
+
+    advice: list[int] = []
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, what: int) -> None:
+        advice.append(what)
+        real_fadvise(fd, offset, length, what)
+
+    monkeypatch.setattr(backend, "_populate_range", populate_range)
+    monkeypatch.setattr(backend, "_POPULATE_PARTS", 3)
+    monkeypatch.setattr(backend, "_POPULATE_ALIGN", 64 << 10)
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    if cold:
+        _evict(tmp_path / MODEL_ID / "model.safetensors")
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    weights = await load(place.store(), zero_copy=True)
+    buffer = weights.buffer
+    size = buffer.numel()
+    assert _present_pages(buffer.data_ptr(), size) == -(-size // PAGE)
+    assert sorted(ranges) == sorted(set(ranges)) and len(ranges) == 3
+    assert sorted(ranges)[0][0] == 0 and sorted(ranges)[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(sorted(ranges), sorted(ranges)[1:], strict=False))
+    assert (os.POSIX_FADV_WILLNEED in advice) == cold
+    assert_same(weights, tensors)
 
 
 # -- worker-thread calls per load (the thread_calls fixture: conftest) -------------------------------
