@@ -142,6 +142,8 @@ async def _http_first(
                     f"bytes of {sent.get('Content-Range')!r}",
                 )
             size = int(match[3])
+            if sent.get("Content-MD5") and not sent.get("ETag"):
+                return None  # the part's MD5, not the file's that a HEAD names it by
         elif response.status == 200 and response.content_length is not None:
             size = response.content_length  # the whole file: the server ignored Range
             if on_whole_body is not None:
