@@ -18,7 +18,7 @@ import torch
 
 from modelcache import ModelCache, ModelChangedError, ModelFormatError, Store, _loader
 from modelcache._versions import reading
-from tests.safetensors_files import write_model
+from tests.safetensors_files import shard_name, write_model, write_sharded
 
 if TYPE_CHECKING:  # imported by pytest as a plugin: importing it here first would skip rewriting
     from tests.servers import HttpServer, S3Prefix, SeaweedFS
@@ -95,6 +95,24 @@ async def test_an_http_load_without_config_makes_three_requests(http_server: Htt
     assert config is None
     seen = http_requests(http_server, f"{url}/m/model.safetensors", f"{url}/m/config.json")
     assert seen == Counter({"GET": 3, "HEAD": 0})
+
+
+async def test_an_http_sharded_load_makes_one_request_per_file_read(
+    http_server: HttpServer,
+) -> None:
+    """A sharded model: the single file's 404, the index, each shard's header, the config and
+    each shard's data: one GET each, no HEAD (it was 12 requests for 2 shards, now 7)."""
+    root, url = http_server.fresh_dir()
+    shards = [{"a": torch.randn(32, 32)}, {"b": torch.randn(16)}]
+    write_sharded(root / "m", shards)
+    (root / "m" / "config.json").write_text(json.dumps(CONFIG))
+    config, got = await load_with_config(Store(f"{url}/{{model_id}}/"), "m")
+    assert config == CONFIG
+    assert torch.equal(got["a"], shards[0]["a"]) and torch.equal(got["b"], shards[1]["b"])
+    names = ["model.safetensors", "model.safetensors.index.json", "config.json"]
+    names += [shard_name(i, 2) for i in range(2)]
+    seen = http_requests(http_server, *(f"{url}/m/{n}" for n in names))
+    assert seen == Counter({"GET": 7, "HEAD": 0})
 
 
 async def test_the_loaders_side_file_read_is_one_request(http_server: HttpServer) -> None:
