@@ -2,7 +2,8 @@
 
 Reading a model's description costs a few KiB of I/O whatever its size: the file's size and
 the first 8 KiB (`Store.read_head`: one worker-thread call for a local file, none for a
-``memory://`` one, a stat and a ranged read elsewhere), which hold the whole header of most
+``memory://`` one, one ranged GET over http(s) and s3 (`_firstget`: its headers give the size
+and the version), a stat and a ranged read elsewhere), which hold the whole header of most
 models (one more read fetches the rest of a longer one). A sharded model costs one index read and then its shard headers,
 read concurrently.
 
@@ -29,6 +30,7 @@ import anyio.to_thread
 
 from ._concurrency import gather
 from ._exceptions import ModelFormatError, ModelNotFoundError
+from ._firstget import read_small_file
 from ._format import (
     INDEX_NAME,
     MAX_HEADER_SIZE,
@@ -218,14 +220,15 @@ async def _read_shard(
 
 
 async def _read_side_file(store: Store, model_id: str, url: str) -> bytes:
-    size = await store.size(url, model_id=model_id)
-    if size > _MAX_SIDE_FILE:
+    # One GET on http(s) and s3 (size, tag and bytes), a size then a read elsewhere.
+    size, data = await read_small_file(store, url, _MAX_SIDE_FILE, model_id=model_id)
+    if data is None:
         raise ModelFormatError(
             f"model {model_id!r}: {url} is {size} bytes, too large for a side file",
             model_id=model_id,
             path=url,
         )
-    return await store.read_range(url, 0, size, model_id=model_id)
+    return data
 
 
 async def read_config(store: Store, model_id: str) -> Mapping[str, Any] | None:

@@ -204,6 +204,8 @@ async def _http_read(
 ) -> int:
     """One ranged GET on fsspec's HTTPFileSystem session, as its ``_cat_file`` makes it."""
     size = _total(dests)
+    if not size:  # no Range header asks for nothing (``bytes=0--1`` is a 500 or a 400)
+        return 0
     kwargs = dict(fs.kwargs)
     headers = dict(kwargs.pop("headers", None) or {})
     headers["Range"] = _range_header(start, size)
@@ -248,6 +250,8 @@ async def _s3_read(
     dests: Sequence[memoryview],
 ) -> int:
     """One ranged GetObject through s3fs's client, its body streamed into ``dests``."""
+    if not _total(dests):  # as `_http_read`: no request for nothing
+        return 0
     extra = {"VersionId": version} if version else {}
     if if_match is not None:
         extra["IfMatch"] = if_match

@@ -35,7 +35,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from functools import partial
 from types import MappingProxyType
@@ -43,6 +43,7 @@ from typing import Any
 
 from ._concurrency import gather
 from ._exceptions import ModelFormatError, ModelNotFoundError, ModelTooLargeError
+from ._firstget import read_small_file
 from ._format import INDEX_NAME, SINGLE_NAME, ModelInfo
 from ._store import Store, opening_with
 from ._units import format_bytes
@@ -318,11 +319,41 @@ async def _from_store(
 async def _read_side(
     store: Store, model_id: str, url: str, names: list[str], config_url: str | None
 ) -> tuple[Mapping[str, Any] | None, dict[str, bytes]]:
-    # Sizes first, the caps checked on them, then the reads: a glob matching gigabytes must
-    # fail before any of it is in memory, not after.
-    urls = [store.join(url, n) for n in names] + ([config_url] if config_url is not None else [])
+    # The config beside the side files: one GET on http(s) and s3 (`read_small_file`: its size
+    # checked from the response's headers before its body is read).
+    calls: list[Callable[[], Awaitable[list[bytes | None]]]] = [
+        partial(_read_named, store, model_id, url, names)
+    ]
+    if config_url is not None:
+        calls.append(partial(_read_config, store, model_id, config_url))
+    found = await gather(calls)
+    files = {n: data for n, data in zip(names, found[0], strict=True) if data is not None}
+    raw_config = found[1][0] if config_url is not None else None
+    if raw_config is None or config_url is None:
+        return None, files
+    return _parse_config(raw_config, model_id, config_url), files
+
+
+async def _read_config(store: Store, model_id: str, url: str) -> list[bytes | None]:
+    """``[the config's bytes]``, ``[None]`` when there is none."""
+    try:
+        size, data = await read_small_file(store, url, MAX_SIDE_FILE, model_id=model_id)
+    except ModelNotFoundError:
+        return [None]
+    if data is None:
+        _check_size(size, model_id, url)  # raises: it is over the limit
+    return [data]
+
+
+async def _read_named(
+    store: Store, model_id: str, url: str, names: list[str]
+) -> list[bytes | None]:
+    """The side files ``names`` (None for one that is missing). Sizes first, the caps checked
+    on them, then the reads: a glob matching gigabytes must fail before any of it is in memory,
+    not after."""
+    urls = [store.join(url, n) for n in names]
     sizes = await gather([partial(_size_optional, store, model_id, u) for u in urls])
-    total = sum(size or 0 for size in sizes[: len(names)])
+    total = sum(size or 0 for size in sizes)
     if total > MAX_SIDE_FILES:
         raise ModelFormatError(
             f"model {model_id!r}: its side files total {format_bytes(total)}, more than the "
@@ -330,18 +361,12 @@ async def _read_side(
             model_id=model_id,
             path=url,
         )
-    found = await gather(
+    return await gather(
         [
             partial(_read_sized, store, model_id, u, size)
             for u, size in zip(urls, sizes, strict=True)
         ]
     )
-    contents = found[: len(names)]
-    raw_config = found[-1] if config_url is not None else None
-    files = {n: data for n, data in zip(names, contents, strict=True) if data is not None}
-    if raw_config is None or config_url is None:
-        return None, files
-    return _parse_config(raw_config, model_id, config_url), files
 
 
 #: Checks what `_from_disk` read (name -> bytes, None when absent) against the disk entry's

@@ -84,6 +84,7 @@ from ._batch import SMALL_READ, SmallReads
 from ._concurrency import gather
 from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
 from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
+from ._firstget import read_first
 from ._ranged import COPY_IN_THREAD, RangeReader, is_http_class, range_reader
 from ._versions import VersionMismatch, changed, expected, local_tag, memory_tag, remote_tag, see
 
@@ -665,9 +666,9 @@ class Store:
 
     async def read_head(self, url: str, limit: int, *, model_id: str) -> tuple[int, bytes]:
         """The size of the file at ``url`` and its first ``min(size, limit)`` bytes: what `size`
-        and then `read_range` from 0 return, in one worker-thread call for a local file and none
-        for a ``memory://`` one. A subclass that overrides `size` or `read_range` gets them
-        called, as before this method existed."""
+        and then `read_range` from 0 return, in one worker-thread call for a local file, none
+        for a ``memory://`` one and one ranged GET over http(s) and s3 (`_firstget`). A subclass
+        that overrides `size` or `read_range` gets them called, as before this method existed."""
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         if not self._compose_head:
@@ -697,6 +698,10 @@ class Store:
                     data = _memory_range(file, 0, min(size, limit))
                     self._bytes_read += len(data)
                     return size, data
+                # http(s), s3: size, tag and bytes from one ranged GET, not a HEAD and a GET.
+                first = await read_first(self, fs, fspath, url, limit, model_id=model_id)
+                if first is not None and first.data is not None:
+                    return first.size, first.data
         size = await self.size(url, model_id=model_id)
         return size, await self.read_range(url, 0, min(size, limit), model_id=model_id)
 
