@@ -33,6 +33,7 @@ import anyio
 import anyio.to_thread
 
 from ._versions import VersionMismatch
+from ._versions import if_match as strong_etag
 
 if TYPE_CHECKING:
     import aiohttp
@@ -105,8 +106,11 @@ def range_reader(
     """The way to read ranges of ``path`` into buffers that copies least on this filesystem.
 
     ``on_whole_body`` is called when an http server answers a ranged GET with the whole file.
-    With ``if_match`` (an ETag), http(s) and s3 reads are of that version only: another one
-    raises `VersionMismatch` (other filesystems cannot pin a version and ignore it).
+    With ``if_match`` (the version tag a load recorded), http(s) and s3 reads are of that
+    version only: another one raises `VersionMismatch` (other filesystems cannot pin a version
+    and ignore it). A strong ETag is sent as If-Match; a weak one (``W/"..."``) is not, since a
+    server compares If-Match strongly and would refuse every read (412): the response's ETag is
+    checked against it instead.
     """
     if _is_plain(fs, "fsspec.implementations.http", "HTTPFileSystem"):
         return functools.partial(_http_read, fs, path, on_whole_body, if_match)
@@ -117,8 +121,15 @@ def range_reader(
 
 
 def _check_etag(if_match: str | None, sent: object) -> None:
-    """A server that ignores If-Match still names what it sent: it must be what we asked for."""
-    if if_match is not None and isinstance(sent, str) and sent and sent != if_match:
+    """A server that ignores If-Match (or was not sent a weak one) still names what it sent: it
+    must be what we asked for. Tags that are no ETag (``lm:``: a Last-Modified) are not compared."""
+    if (
+        if_match is not None
+        and if_match.startswith(('"', 'W/"'))
+        and isinstance(sent, str)
+        and sent
+        and sent != if_match
+    ):
         raise VersionMismatch(errno.ESTALE, f"asked for ETag {if_match}, the store sent {sent}")
 
 
@@ -209,8 +220,8 @@ async def _http_read(
     kwargs = dict(fs.kwargs)
     headers = dict(kwargs.pop("headers", None) or {})
     headers["Range"] = _range_header(start, size)
-    if if_match is not None:
-        headers["If-Match"] = if_match
+    if (strong := strong_etag(if_match)) is not None:
+        headers["If-Match"] = strong
     session = await fs.set_session()
     async with session.get(fs.encode_url(url), headers=headers, **kwargs) as response:
         if response.status == 416:  # the range starts at or past the end of the file
@@ -253,8 +264,8 @@ async def _s3_read(
     if not _total(dests):  # as `_http_read`: no request for nothing
         return 0
     extra = {"VersionId": version} if version else {}
-    if if_match is not None:
-        extra["IfMatch"] = if_match
+    if (strong := strong_etag(if_match)) is not None:
+        extra["IfMatch"] = strong
     try:
         response = await fs._call_s3(
             "get_object", Bucket=bucket, Key=key, Range=_range_header(start, _total(dests)), **extra

@@ -86,7 +86,15 @@ from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
 from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
 from ._firstget import read_first
 from ._ranged import COPY_IN_THREAD, RangeReader, is_http_class, range_reader
-from ._versions import VersionMismatch, changed, expected, local_tag, memory_tag, remote_tag, see
+from ._versions import (
+    VersionMismatch,
+    changed,
+    expected,
+    local_tag,
+    memory_tag,
+    remote_tag,
+    see,
+)
 
 if TYPE_CHECKING:
     pass
@@ -791,7 +799,8 @@ class Store:
         return self._open_files
 
     def _range_reader(self, fs: Any, path: str, url: str, model_id: str) -> RangeReader:
-        """Ranged reads of ``url``, pinned (If-Match) to the version this load has seen of it."""
+        """Ranged reads of ``url``, pinned to the version this load has seen of it (If-Match for
+        a strong ETag; the response's ETag checked for a weak one: see `range_reader`)."""
         host = _host(url)
         read = range_reader(
             fs,

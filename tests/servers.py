@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
-from aiohttp import web
+from aiohttp import ETag, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
@@ -389,6 +389,21 @@ class _HeldFile(web.FileResponse):
             self._server._exit()
 
 
+class _WeakTagFile(_HeldFile):
+    """A `_HeldFile` whose ETag is weak (``W/"..."``, as servers that may re-encode a body send);
+    aiohttp compares If-Match strongly (RFC 9110), so a weak tag sent back never matches: 412."""
+
+    @property
+    def etag(self) -> ETag | None:
+        return super().etag
+
+    @etag.setter
+    def etag(self, value: ETag | str | None) -> None:
+        if isinstance(value, str):
+            value = ETag(value=value, is_weak=True)
+        web.StreamResponse.etag.fset(self, value)  # type: ignore[attr-defined]
+
+
 class HttpServer:
     """Serves ``root`` over http on 127.0.0.1 from its own thread; see the module notes."""
 
@@ -409,6 +424,8 @@ class HttpServer:
         self.ignore_ranges = False
         #: Answer GETs whose range starts at or past this byte with the whole file.
         self.ignore_ranges_from: int | None = None
+        #: Send weak ETags (``W/"..."``); If-Match is still compared strongly.
+        self.weak_etags = False
         self._bytes_sent = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -456,6 +473,7 @@ class HttpServer:
             self._peak = self._in_flight
             self.ignore_ranges = False
             self.ignore_ranges_from = None
+            self.weak_etags = False
             self._bytes_sent = 0
 
     # -- what tests use ---------------------------------------------------------------------------
@@ -588,7 +606,7 @@ class HttpServer:
         late = self.ignore_ranges_from is not None and start >= self.ignore_ranges_from
         if (self.ignore_ranges or late) and request.method == "GET":
             return await self._whole(request, file)
-        return _HeldFile(file, self)
+        return _WeakTagFile(file, self) if self.weak_etags else _HeldFile(file, self)
 
     async def _whole(self, request: web.Request, file: Path) -> web.StreamResponse:
         """The whole file with a 200, whatever Range asked for, until the client hangs up."""

@@ -351,3 +351,39 @@ async def test_empty_and_missing_s3_objects(seaweedfs: SeaweedFS, s3_prefix: S3P
             await _loader.read_config(store, "m")
     finally:
         await store.aclose()
+
+
+async def test_an_http_server_with_weak_etags_serves_loads(http_server: HttpServer) -> None:
+    """A weak ETag is never sent back as If-Match (a server compares If-Match strongly: a weak
+    tag never matches, 412): a model from a server that sends weak ETags loads, bit-exact."""
+    root, url = http_server.fresh_dir()
+    http_server.weak_etags = True
+    want = tensors(7)
+    write_model(root / "m", want)
+    (root / "m" / "config.json").write_text(json.dumps(CONFIG))
+    config, got = await load_with_config(Store(f"{url}/{{model_id}}/"), "m")
+    assert config == CONFIG
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+async def test_an_http_file_with_a_weak_etag_changed_after_its_header_fails_the_weights_read(
+    http_server: HttpServer,
+) -> None:
+    """A weak ETag is not sent as If-Match, but the weights' responses must still carry it: a
+    file replaced after its header read raises ModelChangedError."""
+    root, url = http_server.fresh_dir()
+    http_server.weak_etags = True
+    path = root / "m" / "model.safetensors"
+    write_model(root / "m", tensors(5))
+    file_url = f"{url}/m/model.safetensors"
+    store = Store(f"{url}/{{model_id}}/")
+    try:
+        with reading() as tags:
+            size, _ = await store.read_head(file_url, 64, model_id="m")
+            assert tags[file_url].startswith('W/"')
+            write_model(root / "m", tensors(6))  # same size, new bytes and mtime: a new ETag
+            assert path.stat().st_size == size
+            with pytest.raises(ModelChangedError, match="changed in the store"):
+                await store.read_into(file_url, 0, memoryview(bytearray(size)), model_id="m")
+    finally:
+        await store.aclose()
