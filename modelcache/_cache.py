@@ -462,7 +462,7 @@ class ModelCache:
             raise
         finally:
             with anyio.CancelScope(shield=True):  # as the group's exit waits for its tasks
-                await self._background.wait_idle()
+                await self._background.wait_loads()
             self._device.close()
             self._revalidator.close()
             self._host_disk.close()

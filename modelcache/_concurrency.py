@@ -52,7 +52,7 @@ class Background:
     the cache's task group: anyio's task of a group costs a wrapper coroutine, a cancel scope,
     an event, a task state and a done callback: a measurable part of a small model's load.
     Each runs in a cancel scope of its own, which `cancel_loads` cancels (anyio's shields inside
-    a load hold, as in a group's task); the cache waits for them with `wait_idle` when it
+    a load hold, as in a group's task); the cache waits for them with `wait_loads` when it
     closes, as a group's exit would. A load never raises (its errors go to its waiters); an
     exception that escaped one anyway is raised in the task group, as a group's task's is."""
 
@@ -62,8 +62,11 @@ class Background:
         #: Tasks started and not yet ended (a task counts from `start`, before it first runs).
         self.running = 0
         self._idle: anyio.Event | None = None
-        #: The load tasks running outside a task group, by the cancel scope each runs in.
-        self._loads: dict[anyio.CancelScope, asyncio.Task[None]] = {}
+        #: The load tasks running outside a task group, and their loads' coroutines, by the
+        #: cancel scope each runs in.
+        self._loads: dict[
+            anyio.CancelScope, tuple[asyncio.Task[None], Coroutine[Any, Any, object]]
+        ] = {}
         self._cancelled = False  # `cancel_loads` was called: loads started now start cancelled
 
     def start(
@@ -93,9 +96,12 @@ class Background:
         scope = anyio.CancelScope()
         if self._cancelled:
             scope.cancel()
-        task = loop.create_task(self._run_load(scope, task_group, func, args), name=name)
+        running = func(*args)  # the arguments live in this coroutine alone, as in `_run`
+        task = loop.create_task(self._run_load(scope, task_group, running), name=name)
         self.running += 1
-        self._loads[scope] = task  # asyncio keeps only a weak reference to a task
+        # asyncio keeps only a weak reference to a task; the load's coroutine is kept for
+        # `wait_loads` to run if the task ends before running it.
+        self._loads[scope] = (task, running)
 
     def cancel_loads(self) -> None:
         """Cancel the loads running outside a task group, and any started from now on."""
@@ -107,16 +113,22 @@ class Background:
         self,
         scope: anyio.CancelScope,
         task_group: anyio.abc.TaskGroup,
-        func: Callable[..., Coroutine[Any, Any, object]],
-        args: tuple[object, ...],
+        running: Coroutine[Any, Any, object],
     ) -> None:
-        running = func(*args)  # as in `_run`: the arguments live in the coroutine alone
-        del args
         try:
             with scope:
                 await running
         except Exception as exc:
             task_group.start_soon(_raise, exc)
+        except BaseException:
+            # KeyboardInterrupt or SystemExit (from a builder): asyncio stops the loop with it,
+            # as with a group's task, and the task ends holding it. Nothing awaits a load's
+            # task: it is taken when the task ends (as anyio's group takes its tasks'), else
+            # the collector would log it as "never retrieved" on top of the interrupt.
+            task = asyncio.current_task()
+            if task is not None:
+                task.add_done_callback(_retrieve)
+            raise
         finally:
             del self._loads[scope]
             self._ended()
@@ -137,6 +149,25 @@ class Background:
             self._idle.set()
             self._idle = None
 
+    async def wait_loads(self) -> None:
+        """Return once every load task (`start_load`) has ended, as a task group's exit waits
+        for its tasks: on the tasks themselves, not the count. A task cancelled by other code
+        before it first ran (a server's shutdown cancelling every task, in the step after a
+        use() started a load) never ran its load, which would neither fail its entry nor count
+        itself out (a cache's close waited for it forever): its load is run here, cancelled."""
+        while self._loads:
+            loads = list(self._loads.items())
+            await asyncio.wait([task for _, (task, _) in loads])
+            for scope, (_, running) in loads:
+                if scope in self._loads:  # its task ended before it ran: run it here, cancelled
+                    try:
+                        scope.cancel()
+                        with scope:  # the load fails its entry, as a load cancelled by a close
+                            await running
+                    finally:
+                        del self._loads[scope]
+                        self._ended()
+
     async def wait_idle(self) -> None:
         """Return once no task started here runs (at once if none does)."""
         while self.running:
@@ -147,3 +178,8 @@ class Background:
 
 async def _raise(exc: BaseException) -> None:
     raise exc
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()

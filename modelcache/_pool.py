@@ -44,6 +44,7 @@ import bisect
 import collections
 import ctypes
 import mmap
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -330,6 +331,14 @@ class _Unmapper:
         self._queue: list[_Mapping] = []
         self._running = False
 
+    def _after_fork(self) -> None:
+        """In a child made by ``fork()``: the parent's thread is not there, and its lock may
+        have been held when the parent forked. A running flag copied from the parent would
+        queue every mapping the child gives back for no thread, and `wait` would never return;
+        what is queued is unmapped by the child's first thread."""
+        self._lock = threading.Condition()
+        self._running = False
+
     def wait(self) -> None:
         """Return once every mapping handed over so far is unmapped."""
         with self._lock:
@@ -358,6 +367,8 @@ class _Unmapper:
 
 
 _UNMAPPER = _Unmapper()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_UNMAPPER._after_fork)
 
 
 def _give_back(mappings: list[_Mapping]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 import traceback
@@ -22,6 +23,7 @@ from modelcache import (
     ModelCache,
     ModelNotFoundError,
     ModelTooLargeError,
+    Store,
     Weights,
 )
 from modelcache._format import ModelInfo
@@ -685,6 +687,71 @@ async def test_closing_mid_load_fails_waiters_and_frees_everything(
     with pytest.raises(CacheClosedError):
         async with cache.use("a"):
             pass
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_in_a_builder_stops_the_loop_and_is_not_logged_as_never_retrieved(
+    models: MemoryModels, caplog: pytest.LogCaptureFixture, interrupt: type[BaseException]
+) -> None:
+    """A builder's KeyboardInterrupt/SystemExit ends asyncio.run with it, and its load's task
+    leaves no "exception was never retrieved" behind."""
+    models.add("a", 1000)
+
+    async def main() -> None:
+        cache = ModelCache(models.template, device_budget=4096)
+
+        @cache.model
+        class Interrupted:
+            @staticmethod
+            def from_weights(weights: Weights, info: ModelInfo) -> None:
+                raise interrupt("in a builder")
+
+        async with cache, cache.use("a", model=Interrupted):
+            pass
+
+    with pytest.raises(interrupt, match="in a builder"):
+        asyncio.run(main())
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_close_ends_when_a_load_task_is_cancelled_before_it_first_ran(
+    models: MemoryModels,
+) -> None:
+    """Code that cancels every task (a server's shutdown) in the loop step after a use()
+    started a load, before the load's task first ran, does not leave the cache's close waiting
+    for that load forever."""
+    models.add("a", 1000)
+    shutdown = asyncio.Event()
+
+    class Signalling(Store):
+        def model_url(self, model_id: str) -> str:
+            # use() asks this just before it starts the load's task: the shutdown's wake-up is
+            # queued ahead of that task's first step.
+            shutdown.set()
+            return super().model_url(model_id)
+
+    cache = ModelCache(Signalling(models.template), device_budget=4096)
+
+    async def serve() -> None:
+        async with cache, cache.use("a"):
+            pass
+
+    async def main() -> None:
+        server = asyncio.get_running_loop().create_task(serve())
+        await shutdown.wait()
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.cancel()
+        # A bound for the failure only: the close ends within a few steps of the loop.
+        done, _ = await asyncio.wait([server], timeout=60)
+        assert done == {server}, "the cache's close waits for a load that never ran"
+        assert server.cancelled()
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("modelcache")]
+
+    asyncio.run(main())
+    stats = cache.stats()
+    assert (stats.background, stats.bytes_reserved, stats.loading) == (0, 0, 0)
 
 
 async def test_closing_frees_every_buffer(models: MemoryModels) -> None:

@@ -10,6 +10,8 @@ served after it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import tempfile
 from concurrent.futures import Future
@@ -34,6 +36,7 @@ from hypothesis.stateful import (
 from safetensors.torch import save
 
 from modelcache import (
+    CacheClosedError,
     CacheObserver,
     LRUPolicy,
     ModelBuildError,
@@ -195,10 +198,17 @@ class CacheMachine(RuleBasedStateMachine):
         self.spinning = False  # a step never settled: the example failed
 
     @initialize(
-        slow=st.sampled_from([None, "before", "after"]), revalidate=st.sampled_from([60.0, None])
+        slow=st.sampled_from([None, "before", "after"]),
+        revalidate=st.sampled_from([60.0, None]),
+        close_mid_stage=st.booleans(),
     )
-    def weight_reads(self, slow: str | None, revalidate: float | None) -> None:
+    def weight_reads(
+        self, slow: str | None, revalidate: float | None, close_mid_stage: bool
+    ) -> None:
         self.backend.slow = slow
+        #: Teardown closes the cache with its gates and weight reads still blocked: every load
+        #: in flight is at some stage (header, slot, read, disk write, swap) when it closes.
+        self.close_mid_stage = close_mid_stage
         # None: a disk copy is served unchecked, so only the swap keeps an old one off the disk.
         self.cache._revalidator.after = revalidate
 
@@ -261,6 +271,27 @@ class CacheMachine(RuleBasedStateMachine):
         model_id = data.draw(st.sampled_from(sorted(self.backend.pending)))
         newest = data.draw(st.booleans())
         self.portal.call(partial(self.backend.finish, model_id, newest=newest))
+        self._settle()
+
+    @precondition(lambda self: bool(self.backend.pending))
+    @rule(data=st.data())
+    def finish_as_its_waiters_leave(self, data: st.DataObject) -> None:
+        """A weight read ends in the same step of the loop as every caller waiting for its
+        model is cancelled (in either order): the load ends as its last waiter leaves."""
+        model_id = data.draw(st.sampled_from(sorted(self.backend.pending)))
+        finish_first = data.draw(st.booleans())
+        leaving = [h for h in self.all_handles if h.model_id == model_id and h.waiting]
+
+        def finish_and_leave() -> None:
+            if finish_first:
+                self.backend.finish(model_id)
+            for handle in leaving:
+                handle.cancel_requested = True
+                handle.scope.cancel()
+            if not finish_first:
+                self.backend.finish(model_id)
+
+        self.portal.call(finish_and_leave)
         self._settle()
 
     @precondition(lambda self: not self.store.gates)
@@ -387,6 +418,9 @@ class CacheMachine(RuleBasedStateMachine):
             self.models.cleanup()
             shutil.rmtree(self.disk_dir, ignore_errors=True)
             return
+        if self.close_mid_stage:
+            self._close_mid_stage()
+            return
         try:
             self.backend.slow = None
             while self.backend.pending:
@@ -421,6 +455,39 @@ class CacheMachine(RuleBasedStateMachine):
         finally:
             self.models.cleanup()
             shutil.rmtree(self.disk_dir, ignore_errors=True)
+
+    def _close_mid_stage(self) -> None:
+        """Close with loads blocked at their stages: it ends every load and task of the cache,
+        accounts every byte back, and each caller ends (with CacheClosedError if still waiting)."""
+        try:
+            for handle in self.all_handles:
+                self.portal.call(handle.release.set)
+            self._cache_cm.__exit__(None, None, None)
+            stats = self.cache.stats()
+            assert (stats.bytes_reserved, stats.bytes_resident, stats.loading) == (0, 0, 0)
+            self.unblock()  # the callers' own tasks (prefetches, refreshes) may wait on gates
+            self.backend.slow = None
+            while self.backend.pending:
+                self.portal.call(self.backend.finish, next(iter(self.backend.pending)))
+            for future in [h.future for h in self.all_handles] + self.prefetches + self.refreshes:
+                assert future is not None
+                with contextlib.suppress(CacheClosedError):
+                    future.result(timeout=5)
+            left = self.portal.call(_tasks)
+            assert not {t for t in left if t.startswith("modelcache")}, left
+        except BaseException as exc:
+            self._portal_cm.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        else:
+            self._portal_cm.__exit__(None, None, None)
+        finally:
+            self.models.cleanup()
+            shutil.rmtree(self.disk_dir, ignore_errors=True)
+
+
+async def _tasks() -> set[str]:
+    """The names of the tasks alive on the portal's loop."""
+    return {t.get_name() for t in asyncio.all_tasks()}
 
 
 CacheMachine.TestCase.settings = settings(

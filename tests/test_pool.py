@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import mmap
+import subprocess
+import sys
 import threading
 
 import anyio
@@ -288,6 +290,56 @@ async def test_a_large_buffer_dying_on_the_event_loop_is_unmapped_off_it(
     assert recording_libc.unmapped == [address]
     assert threading.get_ident() not in recording_libc.munmap_threads
     assert pool.stats().released == 1
+
+
+_FORK_WHILE_UNMAPPING = """
+import os, signal, threading
+from modelcache import _pool
+from modelcache._pool import BufferPool
+
+parent, busy, release = os.getpid(), threading.Event(), threading.Event()
+real = _pool._libc
+
+
+class Held:  # the parent's unmapper thread waits inside munmap until told
+    def __getattr__(self, name):
+        return getattr(real, name)
+
+    def munmap(self, address, size):
+        if os.getpid() == parent and threading.current_thread().name == "modelcache-unmap":
+            busy.set()
+            release.wait()
+        return real.munmap(address, size)
+
+
+_pool._libc = Held()
+pool = BufferPool()
+tensor, view, _ = pool.take(4 << 20)
+del tensor, view  # given back on this thread: unmapped in the unmapper's
+busy.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(60)  # a child whose unmapper never runs would wait forever
+    tensor, view, _ = pool.take(4 << 20)
+    address = tensor.data_ptr()
+    del tensor, view
+    _pool._UNMAPPER.wait()
+    with open("/proc/self/maps") as maps:
+        spans = [[int(x, 16) for x in line.split(None, 1)[0].split("-")] for line in maps]
+    os._exit(int(any(lo <= address < hi for lo, hi in spans)))
+release.set()
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_forked_while_the_unmapper_runs_unmaps_what_it_gives_back() -> None:
+    """A process forked while the parent's unmapper thread is busy gets an unmapper of its own:
+    what it gives back is unmapped and `wait` returns (the parent's thread is not in the child)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_WHILE_UNMAPPING], capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.strip() == "child 0", done.stdout + done.stderr
 
 
 async def test_closing_a_cache_unmaps_its_large_idle_buffers_off_the_event_loop(
