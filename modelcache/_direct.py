@@ -12,6 +12,15 @@ load of 3-5 (5 rounds) it was slower: 2,061 ms best against 1,154 ms buffered (m
 and 1,234), the kernel's readahead into the page cache outrunning 8 readers of 4 MiB pieces
 and their copies. So it is opt-in: ``Store(direct_reads=True)``.
 
+Depth does not change that here. A sweep of the disk's ceiling (1 GiB, evicted before every
+run, reads into reused buffers so only the disk is timed, 3-5 rounds interleaved, load 7-16):
+O_DIRECT from 4-64 threads at 1, 4 and 16 MiB a request, 642-1,518 ms best and 1,201-1,544 ms
+median, no depth or size consistently ahead; buffered, 4-8 readers each walking its own stripe
+of the file with ``POSIX_FADV_SEQUENTIAL``, 599-830 ms best and 651-1,218 median; 8 readers
+taking 16 MiB chunks in order (the old pattern) 860-1,063 best. The buffered readers now walk
+stripes (`Store._run_stripes`) and stay the default; Run:ai's io_uring reads at CONCURRENCY=32
+took 780-2,677 ms in the same sweep.
+
 How (`Store._read_local` asks, with ``direct_reads=True``, for a read of more than one chunk):
 
 - `open_run` opens the file as before and looks at how much of the range is resident

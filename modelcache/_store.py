@@ -11,6 +11,8 @@ Design notes:
 - Local files (``file://``, ``local://``, plain paths) bypass fsspec: ``read_into`` opens the file
   once and reads chunks concurrently with ``os.preadv`` straight into the caller's buffer (the GIL
   is released while the kernel copies), so a load runs at page-cache or disk bandwidth, no copies.
+  Each worker reads its own contiguous stripe of the range in order (`Store._run_stripes`), so the
+  kernel's readahead follows it.
   At most ``max_concurrent_reads`` files are open for reads at once in a Store, however many
   reads are asked for: a read waits for a slot before it opens its file. With
   ``direct_reads=True``, a read of more than one chunk whose range is mostly not in the page
