@@ -3,7 +3,15 @@
 One safetensors file (64 float32 tensors, seeded random values; 1 GiB, ``--quick`` 256 MiB) is
 loaded by every tool in one run, from the same places:
 
-- local file -> CPU, page cache warm (the file's pages checked resident with mincore first),
+- local file -> CPU, page cache warm: before every run the file is evicted
+  (``posix_fadvise(DONTNEED)``) and read once sequentially, as a download or ``cat`` leaves it,
+  unless all its pages are resident and were left so by this same row's previous run (in the
+  round-robin another row always ran in between, so in practice every warm run starts from that
+  state). Why: the page cache's state is part of the figure. After one sequential read the cache
+  holds the file in large folios, and mapping or copying 1 GiB of it takes 5-8 ms; after the cold
+  rows' reads (or another tool's faults) it holds 4 KiB pages, and the same work costs ~100 ms.
+  Inheriting whatever the previous row left made the warm rows compare page-cache states, not
+  tools. Residency is checked with mincore after the set-up (100 % is what "warm" means),
 - local file -> CPU, page cache cold (``posix_fadvise(DONTNEED)`` on the file before every run,
   its residency checked with mincore: 0 % is what "cold" means here),
 - S3 (SeaweedFS ``weed mini`` on 127.0.0.1, the suite's server; its own files stay in the page
@@ -174,9 +182,19 @@ def drop_cache(path: str) -> float:
     return resident_fraction(path)
 
 
-def warm_cache(path: str) -> float:
-    """Read the file unless all of it is resident; returns the fraction resident after."""
-    if resident_fraction(path) < 1.0:
+@dataclass
+class LastReader:
+    """The row whose run last read the local file (its page-cache state is that run's)."""
+
+    key: str | None = None
+
+
+def warm_cache(path: str, key: str, last: LastReader) -> float:
+    """Give row ``key``'s warm run a defined page cache: unless all the file is resident and was
+    left so by this row's own previous run, evict it and read it once sequentially (the state a
+    download or ``cat`` leaves: large folios). Returns the fraction resident after."""
+    if resident_fraction(path) < 1.0 or last.key != key:
+        drop_cache(path)
         with open(path, "rb", buffering=0) as f:
             while f.read(64 * MIB):
                 pass
@@ -351,17 +369,20 @@ def peer(
     tool: str,
     setting: str,
     load: Load,
-    before: Callable[[], float] | None = None,
+    before: Callable[[str], float] | None = None,
     missing: str | None = None,
+    last: LastReader | None = None,
 ) -> Peer:
-    """A `Peer` whose run loads with ``load`` after ``before`` (untimed: it sets up the page
-    cache and returns the file's residency)."""
+    """A `Peer` whose run loads with ``load`` after ``before(key)`` (untimed: it sets up the
+    page cache and returns the file's residency); a run of a local row records itself in
+    ``last``."""
     slug = "".join(c if c.isalnum() else "_" for c in setting.lower()).strip("_")
     residency: list[float] = []
+    key = f"{path}_{tool}_{slug}"
     return Peer(
-        f"{path}_{tool}_{slug}",
+        key,
         f"{path} {tool} {setting}",
-        partial(run_once, load, reference, before, residency),
+        partial(run_once, load, reference, before, residency, key, last),
         path=path,
         tool=tool,
         setting=setting,
@@ -371,11 +392,18 @@ def peer(
 
 
 async def run_once(
-    load: Load, reference: Tensors, before: Callable[[], float] | None, residency: list[float]
+    load: Load,
+    reference: Tensors,
+    before: Callable[[str], float] | None,
+    residency: list[float],
+    key: str,
+    last: LastReader | None,
 ) -> float:
     """One timed load, checked against the reference after the clock stops."""
     if before is not None:
-        residency.append(before())
+        residency.append(before(key))
+    if last is not None:
+        last.key = key
     free_memory()
     start = time.perf_counter()
     async with load() as tensors:
@@ -428,7 +456,11 @@ def build_methods(
     methods: list[Peer] = []
     method = partial(peer, reference)
 
-    def local_methods(path: str, device: str, before: Callable[[], float] | None) -> None:
+    reader = LastReader()
+
+    def local_methods(path: str, device: str, before: Callable[[str], float]) -> None:
+        method = partial(peer, reference, last=reader)
+
         methods.extend(
             [
                 method(
@@ -525,8 +557,8 @@ def build_methods(
                 )
             )
 
-    warm = lambda: warm_cache(local)  # noqa: E731
-    cold = lambda: drop_cache(local)  # noqa: E731
+    warm = partial(warm_cache, local, last=reader)
+    cold = lambda _key: drop_cache(local)  # noqa: E731
     if "local_warm" in paths:
         local_methods("local_warm", "cpu", warm)
     if "local_cold" in paths:

@@ -11,6 +11,8 @@ Design notes:
 - Local files (``file://``, ``local://``, plain paths) bypass fsspec: ``read_into`` opens the file
   once and reads chunks concurrently with ``os.preadv`` straight into the caller's buffer (the GIL
   is released while the kernel copies), so a load runs at page-cache or disk bandwidth, no copies.
+  Each worker reads its own contiguous stripe of the range in order (`Store._run_stripes`), so the
+  kernel's readahead follows it.
   At most ``max_concurrent_reads`` files are open for reads at once in a Store, however many
   reads are asked for: a read waits for a slot before it opens its file. With
   ``direct_reads=True``, a read of more than one chunk whose range is mostly not in the page
@@ -919,6 +921,37 @@ class Store:
         bounds = [(lo, min(lo + self._chunk, size)) for lo in range(0, size, self._chunk)]
         return sum(await gather([functools.partial(read, lo, hi) for lo, hi in bounds]))
 
+    async def _run_stripes(self, size: int, read: Callable[[int, int], Awaitable[int]]) -> int:
+        """Run ``read(lo, hi)`` over ``[0, size)`` in chunks, by at most ``max_concurrent_reads``
+        workers that each read one contiguous stripe of chunks in file order; return the bytes
+        read.
+
+        Why stripes, not chunks handed out in order (`_run_chunks`): a cold local file is read
+        through the kernel's readahead, which grows its window only along a sequential stream.
+        Eight readers each taking the next 16 MiB chunk start a fresh stream at every chunk;
+        eight readers each walking their own eighth of the file are eight streams it follows.
+        Measured (1 GiB, cold, load 7-16, benches/README.md): 16 MiB x 8 in order 860-1,063 ms
+        best, in stripes 750-830 ms. A chunk is still one worker-thread call, so a cancelled
+        load stops within a chunk per worker.
+        """
+        if size <= self._chunk:
+            return await read(0, size)
+        chunks = -(-size // self._chunk)
+        workers = min(self._max_reads, chunks)
+
+        async def stripe(first: int, last: int) -> int:
+            got = 0
+            for index in range(first, last):
+                lo, hi = index * self._chunk, min((index + 1) * self._chunk, size)
+                n = await read(lo, hi)
+                got += n
+                if n < hi - lo:  # end of file: the caller reports the short read
+                    break
+            return got
+
+        bounds = [(w * chunks // workers, (w + 1) * chunks // workers) for w in range(workers)]
+        return sum(await gather([functools.partial(stripe, a, b) for a, b in bounds]))
+
     async def _read_local(
         self, path: str, url: str, model_id: str, offset: int, run: _Scatter
     ) -> int:
@@ -951,7 +984,8 @@ class Store:
                     opened,
                     self._local_opener(),
                     offset,
-                    run.size if self._direct_reads else 0,  # 0: buffered
+                    run.size,
+                    self._direct_reads,
                     limiter=limiter,
                 )
                 see(url, local_tag(os.fstat(opened[0])), model_id)
@@ -965,7 +999,7 @@ class Store:
                         pread, fd, run, lo, hi, offset, limiter=limiter
                     )
 
-                got = await self._run_chunks(run.size, read)
+                got = await self._run_stripes(run.size, read)
                 see(url, local_tag(os.fstat(fd)), model_id)  # not written to while we read
                 return got
             finally:

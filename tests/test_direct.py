@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import threading
 from pathlib import Path
 
 import anyio
@@ -210,3 +211,150 @@ async def test_cold_reads_go_through_the_page_cache_by_default(tmp_path: Path) -
     await store.read_into(url, 9, memoryview(buf), model_id="m1")
     assert bytes(buf) == data[9:]
     assert _resident(path) > direct.DIRECT_BELOW
+
+
+def _recording_pread(
+    monkeypatch: pytest.MonkeyPatch, first_wave: int
+) -> tuple[list[tuple[int, int]], threading.Event, threading.Event]:
+    """Wrap the buffered chunk read: record each call's ``(lo, hi)``; the first ``first_wave``
+    calls meet at a barrier (so all of them were issued before any returns), then the rest wait
+    for ``release``. Returns the calls, ``started`` (set once the first wave is in) and
+    ``release``."""
+    calls: list[tuple[int, int]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(first_wave, timeout=30)
+    started, release = threading.Event(), threading.Event()
+    real = store_module._pread_run
+
+    def recording(fd: int, run: store_module._Scatter, lo: int, hi: int, offset: int) -> int:
+        with lock:
+            calls.append((lo, hi))
+            index = len(calls)
+        if index <= first_wave:
+            if barrier.wait() == 0:
+                started.set()
+        else:
+            assert release.wait(timeout=30), "the test never released the read"
+        return real(fd, run, lo, hi, offset)
+
+    monkeypatch.setattr(store_module, "_pread_run", recording)
+    return calls, started, release
+
+
+@pytest.mark.asyncio
+async def test_cold_buffered_read_walks_one_stripe_per_worker_in_file_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local read of many chunks is split into max_concurrent_reads contiguous stripes, each
+    read chunk after chunk in file order (readahead follows each stripe); every byte right."""
+    chunk = 64 * 1024
+    data = _random(11 * chunk + 5, seed=40)
+    _write_cold(tmp_path / "m1" / "w.bin", data)
+    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=chunk, max_concurrent_reads=3)
+    url = store.join(store.model_url("m1"), "w.bin")
+    calls, _started, release = _recording_pread(monkeypatch, first_wave=3)
+    release.set()
+    buf = bytearray(len(data) - 7)  # 11 chunks from offset 7: the last one short
+    await store.read_into(url, 7, memoryview(buf), model_id="m1")
+    assert bytes(buf) == data[7:]
+    # 11 chunks over 3 workers: chunks [0, 3), [3, 7), [7, 11), each worker's first in the
+    # first wave.
+    stripes = [range(0, 3), range(3, 7), range(7, 11)]
+    assert sorted(lo // chunk for lo, _ in calls[:3]) == [0, 3, 7]
+    for stripe in stripes:
+        mine = [lo // chunk for lo, _ in calls if lo // chunk in stripe]
+        assert mine == list(stripe)
+    assert sorted(calls) == [(i * chunk, min((i + 1) * chunk, len(buf))) for i in range(11)]
+
+
+@pytest.mark.asyncio
+async def test_cancelled_striped_read_starts_no_further_chunk_and_closes_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_descriptors: LocalDescriptors
+) -> None:
+    """A striped local read cancelled while its first chunks are in flight starts no other
+    chunk and closes its descriptor."""
+    chunk = 64 * 1024
+    data = _random(8 * chunk, seed=41)
+    _write_cold(tmp_path / "m1" / "w.bin", data)
+    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=chunk, max_concurrent_reads=2)
+    url = store.join(store.model_url("m1"), "w.bin")
+    calls, started, release = _recording_pread(monkeypatch, first_wave=2)
+    release_next = threading.Event()
+    real = store_module._pread_run
+
+    def held(fd: int, run: store_module._Scatter, lo: int, hi: int, offset: int) -> int:
+        n = real(fd, run, lo, hi, offset)
+        if (lo, hi) in calls[:2]:
+            assert release_next.wait(timeout=30)  # the first wave returns after the cancel
+        return n
+
+    monkeypatch.setattr(store_module, "_pread_run", held)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            functools.partial(
+                store.read_into, url, 0, memoryview(bytearray(len(data))), model_id="m1"
+            )
+        )
+        await anyio.to_thread.run_sync(started.wait)
+        tg.cancel_scope.cancel()
+        release_next.set()
+    assert sorted(lo // chunk for lo, _ in calls) == [0, 4]  # each stripe's first chunk only
+    assert local_descriptors.now == 0
+    release.set()
+
+
+@pytest.mark.asyncio
+async def test_cold_buffered_read_detects_a_file_changed_while_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file rewritten in place during a striped buffered read fails the load with
+    ModelChangedError (its version tag after the read differs from the one before)."""
+    chunk = 64 * 1024
+    data = _random(6 * chunk, seed=42)
+    path = tmp_path / "m1" / "w.bin"
+    _write_cold(path, data)
+    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=chunk, max_concurrent_reads=2)
+    url = store.join(store.model_url("m1"), "w.bin")
+    real = store_module._pread_run
+    rewritten = threading.Event()
+
+    def rewrite_on_first_read(
+        fd: int, run: store_module._Scatter, lo: int, hi: int, offset: int
+    ) -> int:
+        if not rewritten.is_set():
+            rewritten.set()
+            with open(path, "r+b") as f:  # in place: same inode, new size and mtime
+                f.seek(0, os.SEEK_END)
+                f.write(b"more")
+        return real(fd, run, lo, hi, offset)
+
+    monkeypatch.setattr(store_module, "_pread_run", rewrite_on_first_read)
+    with reading(), pytest.raises(ModelChangedError, match="changed in the store"):
+        await store.read_into(url, 0, memoryview(bytearray(len(data))), model_id="m1")
+    assert rewritten.is_set()
+
+
+@pytest.mark.asyncio
+async def test_concurrent_striped_reads_hold_at_most_max_concurrent_reads_descriptors(
+    tmp_path: Path, local_descriptors: LocalDescriptors
+) -> None:
+    """Many concurrent buffered reads of cold multi-chunk files hold at most
+    max_concurrent_reads descriptors (a read's stripes share its one descriptor); every byte
+    right."""
+    files = []
+    for i in range(5):
+        data = _random(700_000 + i, seed=50 + i)
+        _write_cold(tmp_path / f"m{i}" / "w.bin", data)
+        files.append(data)
+    store = Store(
+        f"file://{tmp_path}/{{model_id}}/", read_chunk_size=100_000, max_concurrent_reads=2
+    )
+    dests = [bytearray(len(data) - 3) for data in files]
+    async with anyio.create_task_group() as tg:
+        for i, dest in enumerate(dests):
+            url = store.join(store.model_url(f"m{i}"), "w.bin")
+            tg.start_soon(
+                functools.partial(store.read_into, url, 3, memoryview(dest), model_id=f"m{i}")
+            )
+    assert all(dest == data[3:] for dest, data in zip(dests, files, strict=True))
+    assert 1 <= local_descriptors.peak <= 2
