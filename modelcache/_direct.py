@@ -85,14 +85,19 @@ PIECE = 4 << 20
 DIRECT_BELOW = 0.5
 #: Bounce buffers kept for reuse.
 KEEP_SCRATCH = 8
-#: Pages one mincore call looks at (its result vector is one byte a page).
-_MINCORE_PAGES = 1 << 18
+#: Pages `resident_fraction` looks at: about this many, evenly spread (all, for fewer pages
+#: than twice this).
+_SAMPLES = 256
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def resident_fraction(fd: int, offset: int, length: int) -> float:
     """The fraction of the pages of bytes ``[offset, offset + length)`` of ``fd`` that are in
-    the page cache; 1.0 where this cannot be told (then nothing changes: buffered reads)."""
+    the page cache; 1.0 where this cannot be told (then nothing changes: buffered reads).
+
+    Estimated from about `_SAMPLES` pages spread evenly over the range (exact below that):
+    mincore costs ~80 ns a page, 20 ms for 1 GiB asked whole, which a warm zero-copy load of
+    that size (~10 ms in all) paid on every load."""
     if _libc is None or length <= 0:
         return 1.0
     start = offset // mmap.PAGESIZE * mmap.PAGESIZE
@@ -103,17 +108,15 @@ def resident_fraction(fd: int, offset: int, length: int) -> float:
         return 1.0
     try:
         pages = -(-size // mmap.PAGESIZE)
-        vector = (ctypes.c_ubyte * min(pages, _MINCORE_PAGES))()
-        resident = 0
-        for first in range(0, pages, _MINCORE_PAGES):
-            count = min(_MINCORE_PAGES, pages - first)
-            at = address + first * mmap.PAGESIZE
-            span = min(count * mmap.PAGESIZE, size - first * mmap.PAGESIZE)
-            if _libc.mincore(at, span, vector) != 0:
+        stride = max(1, pages // _SAMPLES)
+        vector = (ctypes.c_ubyte * 1)()
+        resident = sampled = 0
+        for page in range(0, pages, stride):
+            if _libc.mincore(address + page * mmap.PAGESIZE, mmap.PAGESIZE, vector) != 0:
                 return 1.0
-            # Bit 0 says resident; the other bits are reserved (zero).
-            resident += count - bytes(vector)[:count].count(0)
-        return resident / pages
+            resident += vector[0] & 1  # bit 0 says resident; the others are reserved
+            sampled += 1
+        return resident / sampled
     finally:
         _libc.munmap(address, size)
 
