@@ -88,15 +88,7 @@ from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
 from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
 from ._firstget import read_first
 from ._ranged import COPY_IN_THREAD, RangeReader, is_http_class, range_reader
-from ._versions import (
-    VersionMismatch,
-    changed,
-    expected,
-    local_tag,
-    memory_tag,
-    remote_tag,
-    see,
-)
+from ._versions import VersionMismatch, changed, expected, local_tag, memory_tag, remote_tag, see
 
 if TYPE_CHECKING:
     pass
@@ -914,19 +906,12 @@ class Store:
         ceiling = min(self._retry_max_delay, self._retry_base_delay * 2.0 ** (attempt - 1))
         return ceiling / 2 + _jitter.uniform(0, ceiling / 2)
 
-    async def _run_chunks(self, size: int, read: Callable[[int, int], Awaitable[int]]) -> int:
-        """Run ``read(lo, hi)`` over ``[0, size)`` in concurrent chunks; return the bytes read."""
-        if size <= self._chunk:
-            return await read(0, size)
-        bounds = [(lo, min(lo + self._chunk, size)) for lo in range(0, size, self._chunk)]
-        return sum(await gather([functools.partial(read, lo, hi) for lo, hi in bounds]))
-
     async def _run_stripes(self, size: int, read: Callable[[int, int], Awaitable[int]]) -> int:
         """Run ``read(lo, hi)`` over ``[0, size)`` in chunks, by at most ``max_concurrent_reads``
         workers that each read one contiguous stripe of chunks in file order; return the bytes
         read.
 
-        Why stripes, not chunks handed out in order (`_run_chunks`): a cold local file is read
+        Why stripes, not chunks handed out in order (as reads were before): a cold local file is read
         through the kernel's readahead, which grows its window only along a sequential stream.
         Eight readers each taking the next 16 MiB chunk start a fresh stream at every chunk;
         eight readers each walking their own eighth of the file are eight streams it follows.
