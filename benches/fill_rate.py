@@ -27,24 +27,15 @@ import anyio
 import anyio.to_thread
 import torch
 from _common import base_parser, data_dir, emit_json, machine_line, rounded
+from hit_latency import fill_cache
 from safetensors.torch import save_file
-
-from modelcache import ModelCache
 
 FILL_TASKS = 64
 
 
 async def fill(path: str, prefix: str, n: int, profile: cProfile.Profile | None) -> float:
     """Load ``n`` fresh ids into a new cache; return the seconds the fill took."""
-    url = "file://" + path
-    cache = ModelCache(
-        lambda model_id: url,
-        device="cpu",
-        device_budget="2GiB",
-        max_concurrent_loads=4,
-        zero_copy=False,
-        revalidate_after=None,
-    )
+    cache = fill_cache(path)
     ids = [f"{prefix}{i}" for i in range(n)]
 
     async def worker(part: list[str]) -> None:

@@ -193,11 +193,11 @@ def sequences(
 REVALIDATIONS: list[int] = []
 
 
-async def measure_entries(
-    path: str, n: int, cfg: Config, revalidate_after: float | None = None
-) -> tuple[float, list[Scenario]]:
+def fill_cache(path: str, revalidate_after: float | None = None) -> ModelCache:
+    """A cache in which every id is the tiny model at ``path``: the fill's set-up (here and in
+    `fill_rate.py`)."""
     url = "file://" + path
-    cache = ModelCache(
+    return ModelCache(
         lambda model_id: url,
         device="cpu",
         device_budget="2GiB",
@@ -205,6 +205,12 @@ async def measure_entries(
         zero_copy=False,
         revalidate_after=revalidate_after,
     )
+
+
+async def measure_entries(
+    path: str, n: int, cfg: Config, revalidate_after: float | None = None
+) -> tuple[float, list[Scenario]]:
+    cache = fill_cache(path, revalidate_after)
     ids = [f"m{i}" for i in range(n)]
     rng = np.random.default_rng(12345)
     scenarios: list[Scenario] = []
