@@ -41,7 +41,8 @@ multiplexed's (the median round; the rounds' spread beside it). ``--policy lru``
 modelcache replicas byte-LRU eviction instead of the cache's cost-aware default.
 
 Run: ``python benches/ray_routing.py [--quick] [--data-dir DIR] [--rounds N] [--policy cost|lru]
-[--store-mib-s B] [--store-latency-ms L]`` (in the Ray virtualenv, ``make bench-ray``).
+[--store-mib-s B] [--store-latency-ms L] [--hot-share F]`` (in the Ray virtualenv, ``make
+bench-ray``; ``--hot-share 0``: the router without copies for hot models).
 """
 
 from __future__ import annotations
@@ -560,6 +561,13 @@ def main() -> None:
         help="the affinity router's spread_queue_len (default: the router's default)",
     )
     parser.add_argument(
+        "--hot-share",
+        type=float,
+        default=None,
+        help="the affinity router's hot_share (0: no copies for hotness; default: the "
+        "router's, 0.25)",
+    )
+    parser.add_argument(
         "--policy",
         choices=sorted(POLICIES),
         default="cost",
@@ -588,6 +596,10 @@ def main() -> None:
     router_options: dict[str, Any] = {}
     if args.spread_queue_len is not None:
         router_options["spread_queue_len"] = args.spread_queue_len
+    if args.hot_share is not None:
+        if args.hot_share < 0:
+            parser.error("--hot-share must be >= 0")
+        router_options["hot_share"] = args.hot_share or None
     if not (args.store_mib_s > 0 and args.store_latency_ms >= 0):
         parser.error("--store-mib-s must be > 0 and --store-latency-ms >= 0")
     store_link: tuple[float, float] = (args.store_mib_s, args.store_latency_ms)
@@ -720,6 +732,7 @@ def main() -> None:
             "store_mib_s": store_link[0],
             "store_latency_ms": store_link[1],
             "policy": args.policy,
+            "hot_share": router_options.get("hot_share", "default"),
             "run_s": round(run_s, 1),
             "quick": quick,
         }

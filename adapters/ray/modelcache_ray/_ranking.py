@@ -4,31 +4,116 @@ The ranks, each tried only when every replica of the ranks before it is full (Ra
 probes queue lengths within a rank and takes the least queued that accepts the request):
 
 1. *holders*: the model is on the device there, or being loaded there (joining a load in
-   flight costs less than starting another);
+   flight costs less than starting another). A *hot* model (see below) whose holders all have
+   it on the device gets one more holder here, balanced with them by queue length: the first
+   replica that keeps it in host memory or on disk, else its next home;
 2. *warm*: the model is in host memory or on disk there (a copy, not a download);
-3. the *next home*: the first replica, in the model's rendezvous order, that is neither. For a
-   cold model that is its home: every router picks the same one, before any stats arrive, so
-   concurrent first requests load it once. For a hot model whose holders are full, it is where
-   one more copy goes, again the same replica for every router, so the copy loads once and
-   replication grows one replica at a time; copies that go cold age out by each cache's own
-   eviction;
+3. the *next home*: the first replica, in the model's rendezvous order, that is none of the
+   above. For a cold model that is its home: every router picks the same one, before any
+   stats arrive, so concurrent first requests load it once. For a model whose holders are
+   full, it is where one more copy goes, again the same replica for every router, so the copy
+   loads once and replication grows one replica at a time; copies that go cold age out by
+   each cache's own eviction;
 4. holders queued at ``spread_queue_len`` or deeper (when set): behind the next home, so a hot
    model spreads before its holders are full; unless the next home is queued as deep as they
    are (then they stay first: a copy there would relieve nobody);
 5. every other replica, only once the request has waited ``patience_s``: a home that never
    answers (hung, or dead and not yet removed) delays requests, it does not lose them.
+
+*Hot*: the model's share of the router's recent requests (`TrafficShares`) is more than
+``hot_share`` of one replica's fair share (1 / replicas) per holder it has. Rendezvous homes
+give each replica the models that hash to it, hot ones included, so the replica that is home
+to the hottest models serves far more than its share of requests, whatever its queue (a few
+clients never fill it), and its one process bounds the throughput; a hot model's copies split
+its requests instead. Only hot models get copies (one per ``hot_share`` of a fair share: 1 in
+4 replicas' worth of traffic gets 2 holders at 0.25, not 1 per lukewarm model of a busy
+replica): copies cost loads and the bytes of colder models. One copy at a time, and only from
+a model already on a device: a cold model's first requests still load it once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from ._residency import Residency, rendezvous_order
 
-__all__ = ["rank_replicas"]
+__all__ = ["TrafficShares", "rank_replicas"]
 
 R = TypeVar("R")
+
+#: Above this weight a request's increment is rescaled (every count divided by it): floats keep
+#: their precision, and the rescale runs once per ~64 half-lives.
+_RESCALE_AT = 2.0**64
+
+
+class TrafficShares:
+    """Each model's share of the recent requests, by model hash: counts that halve every
+    ``half_life`` requests, at most ``max_models`` of them.
+
+    Decay by request count, not by time: the same requests give the same shares, whatever the
+    clock. Rather than multiplying every count on each request, each request adds a weight
+    that grows by 2 ** (1 / half_life) (the same ratios, O(1) a request). When more than
+    ``max_models`` models are counted the lower half is dropped (their share reads 0): a model
+    with more than 2 / ``max_models`` of the traffic is never among them (the counts sum to the
+    total, so fewer than ``max_models`` / 2 can each exceed that), and hot models are far above
+    it. Memory stays bounded whatever the ids clients send.
+
+    A share is judged only once ``half_life`` requests have been seen: a burst on a fresh
+    router (a cold model's 200 first requests) is not yet the recent traffic.
+    """
+
+    __slots__ = ("_counts", "_growth", "_total", "_weight", "half_life", "max_models", "seen")
+
+    def __init__(self, half_life: int = 1000, max_models: int = 1024) -> None:
+        if half_life < 1 or max_models < 2:
+            raise ValueError(
+                f"half_life must be >= 1 and max_models >= 2, got {half_life}, {max_models}"
+            )
+        self.half_life = half_life
+        self.max_models = max_models
+        #: Requests observed.
+        self.seen = 0
+        self._growth = 2.0 ** (1.0 / half_life)
+        self._weight = 1.0
+        self._total = 0.0
+        self._counts: dict[int, float] = {}
+
+    def observe(self, model_hash: int) -> None:
+        """Count one request for the model."""
+        self.seen += 1
+        self._counts[model_hash] = self._counts.get(model_hash, 0.0) + self._weight
+        self._total += self._weight
+        self._weight *= self._growth
+        if self._weight > _RESCALE_AT:
+            scale = self._weight
+            self._weight = 1.0
+            self._total /= scale
+            for h in self._counts:
+                self._counts[h] /= scale
+        if len(self._counts) > self.max_models:
+            kept = sorted(self._counts.items(), key=lambda kv: kv[1], reverse=True)
+            self._counts = dict(kept[: self.max_models // 2])
+
+    def share(self, model_hash: int) -> float:
+        """The model's share of the recent requests, 0 to 1 (0 before ``half_life`` requests
+        have been seen, or for a model not counted)."""
+        if self.seen < self.half_life or not self._total:
+            return 0.0
+        return self._counts.get(model_hash, 0.0) / self._total
+
+    def __len__(self) -> int:
+        """Models counted."""
+        return len(self._counts)
+
+
+def holders_wanted(share: float, replicas: int, hot_share: float | None) -> int:
+    """How many replicas should hold a model with this share of the recent requests: one per
+    ``hot_share`` of a replica's fair share (1 / ``replicas``), at least 1, at most all."""
+    if hot_share is None or replicas < 2:
+        return 1
+    return max(1, min(replicas, math.ceil(share * replicas / hot_share)))
 
 
 def rank_replicas(
@@ -41,10 +126,14 @@ def rank_replicas(
     spread_queue_len: int | None = None,
     waited_s: float = 0.0,
     patience_s: float = 5.0,
+    share: float = 0.0,
+    hot_share: float | None = None,
 ) -> list[list[R]]:
     """The ranks for a request for the model whose `id_hash` is ``model_hash`` (see the module
     docstring). ``key`` names a replica (its rendezvous key and its ``residency`` key);
-    ``queue_len`` is its last known queue length (None: unknown, taken as not busy)."""
+    ``queue_len`` is its last known queue length (None: unknown, taken as not busy);
+    ``share`` is the model's share of the recent requests (`TrafficShares.share`), judged
+    against ``hot_share`` (None: no replica is added for hotness)."""
     by_key = {key(r): r for r in replicas}
     order = [by_key[k] for k in rendezvous_order(model_hash, by_key)]
     empty = Residency()
@@ -52,9 +141,14 @@ def rank_replicas(
     busy: list[R] = []
     warm: list[R] = []
     others: list[R] = []
+    copies = 0
+    all_loaded = True
     for r in order:
         res = residency.get(key(r), empty)
-        if model_hash in res.device or model_hash in res.loading:
+        on_device = model_hash in res.device
+        if on_device or model_hash in res.loading:
+            copies += 1
+            all_loaded = all_loaded and on_device
             q = queue_len(r)
             if spread_queue_len is not None and q is not None and q >= spread_queue_len:
                 busy.append(r)
@@ -70,6 +164,14 @@ def rank_replicas(
         target = queue_len(others[0]) or 0
         if target >= min(queue_len(r) or 0 for r in busy):
             holders, busy = busy, []
+    if copies and all_loaded and copies < holders_wanted(share, len(order), hot_share):
+        # A hot model: one more holder, the same replica for every router (a warm copy, else
+        # the next home); its load is then "loading" in its report, and no further copy is
+        # added until that one is on the device.
+        extra = (warm or others)[:1]
+        holders += extra
+        warm = [r for r in warm if r not in extra]
+        others = [r for r in others if r not in extra]
     ranks = [holders, warm, others[:1], busy]
     if waited_s >= patience_s:
         ranks.append(others[1:])

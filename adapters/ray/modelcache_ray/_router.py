@@ -13,7 +13,7 @@ from typing import Any
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from ._ranking import rank_replicas
+from ._ranking import TrafficShares, rank_replicas
 from ._residency import Residency, id_hash
 
 __all__ = ["CacheAffinityRouter", "affinity_router_config"]
@@ -25,19 +25,34 @@ __all__ = ["CacheAffinityRouter", "affinity_router_config"]
 class CacheAffinityRouter(RequestRouter):
     """Send each model id to a replica whose cache holds it; a cold id to its rendezvous home.
 
-    Options (``request_router_kwargs``): ``spread_queue_len`` (a hot model's holders queued
-    this deep spread it to one more replica before they are full; default: only when full, at
-    ``max_ongoing_requests``) and ``patience_s`` (a request waiting this long for its model's
-    replicas may go to any replica; default 5).
+    Options (``request_router_kwargs``): ``hot_share`` (a model gets one more holder, its
+    requests balanced across them by queue length, per ``hot_share`` of one replica's fair
+    share of the recent requests it takes; default 0.25; None: never for hotness alone),
+    ``share_half_life`` (requests over which a model's share halves; default 1,000),
+    ``spread_queue_len`` (a model's holders queued this deep spread it to one more replica
+    before they are full; default: only when full, at ``max_ongoing_requests``) and
+    ``patience_s`` (a request waiting this long for its model's replicas may go to any
+    replica; default 5).
     """
 
     def initialize_state(
-        self, spread_queue_len: int | None = None, patience_s: float = 5.0, **_: Any
+        self,
+        spread_queue_len: int | None = None,
+        patience_s: float = 5.0,
+        hot_share: float | None = 0.25,
+        share_half_life: int = 1000,
+        **_: Any,
     ) -> None:
         if spread_queue_len is not None and spread_queue_len < 1:
             raise ValueError(f"spread_queue_len must be at least 1, got {spread_queue_len}")
+        if hot_share is not None and not hot_share > 0:
+            raise ValueError(f"hot_share must be > 0 or None, got {hot_share}")
         self._spread_queue_len = spread_queue_len
         self._patience_s = patience_s
+        self._hot_share = hot_share
+        #: This router's requests by model (each request counted once, on its first ranking):
+        #: every router sees its own sample of the traffic, enough to tell which models are hot.
+        self._shares = TrafficShares(half_life=share_half_life)
         #: Decoded reports by replica key, each kept with the stats dict it came from: a
         #: replica's report is decoded once per update, not once per request.
         self._reports: dict[str, tuple[object, Residency]] = {}
@@ -61,15 +76,21 @@ class CacheAffinityRouter(RequestRouter):
             # No model id: the replica answers the typed error; any will do.
             return [candidate_replicas]
         model_id: str = pending_request.metadata.multiplexed_model_id
+        model_hash = id_hash(model_id)
+        context = pending_request.routing_context
+        if not context.should_backoff:
+            # The request's first ranking (this router sets the flag below, and a request Ray
+            # retries after a rejection keeps its context): counted once, however often ranked.
+            self._shares.observe(model_hash)
         # Ranks are retried with Ray's backoff, never in a tight loop.
-        pending_request.routing_context.should_backoff = True
+        context.should_backoff = True
         live = {r.replica_id.unique_id for r in candidate_replicas}
         for gone in self._reports.keys() - live:
             del self._reports[gone]
         residency = {r.replica_id.unique_id: self._residency(r) for r in candidate_replicas}
         cache = self._replica_queue_len_cache
         return rank_replicas(
-            id_hash(model_id),
+            model_hash,
             candidate_replicas,
             key=lambda r: r.replica_id.unique_id,
             residency=residency,
@@ -77,6 +98,8 @@ class CacheAffinityRouter(RequestRouter):
             spread_queue_len=self._spread_queue_len,
             waited_s=time.time() - pending_request.created_at,
             patience_s=self._patience_s,
+            share=self._shares.share(model_hash),
+            hot_share=self._hot_share,
         )
 
 
@@ -86,10 +109,17 @@ def affinity_router_config(
     stats_timeout_s: float = 1.0,
     spread_queue_len: int | None = None,
     patience_s: float = 5.0,
+    hot_share: float | None = 0.25,
+    share_half_life: int = 1000,
 ) -> RequestRouterConfig:
     """The ``request_router_config`` of a deployment routed by `CacheAffinityRouter`, its
-    replicas reporting their caches every ``stats_period_s``."""
-    kwargs: dict[str, Any] = {"patience_s": patience_s}
+    replicas reporting their caches every ``stats_period_s`` (the other options: the
+    router's)."""
+    kwargs: dict[str, Any] = {
+        "patience_s": patience_s,
+        "hot_share": hot_share,
+        "share_half_life": share_half_life,
+    }
     if spread_queue_len is not None:
         kwargs["spread_queue_len"] = spread_queue_len
     # Keyword arguments through a dict: ray's pydantic model confuses mypy's plugin-less view.

@@ -49,6 +49,8 @@ def predict_app(
     router: bool = True,
     spread_queue_len: int | None = None,
     patience_s: float = 60.0,
+    hot_share: float | None = 0.25,
+    share_half_life: int = 1000,
     **options: Any,
 ) -> Any:
     """A `Predict` application over ``store`` (options: the cache's and ``delay_s``).
@@ -59,7 +61,11 @@ def predict_app(
     config: dict[str, Any] = {}
     if router:
         config["request_router_config"] = affinity_router_config(
-            stats_period_s=0.2, spread_queue_len=spread_queue_len, patience_s=patience_s
+            stats_period_s=0.2,
+            spread_queue_len=spread_queue_len,
+            patience_s=patience_s,
+            hot_share=hot_share,
+            share_half_life=share_half_life,
         )
     deployment = serve.deployment(
         num_replicas=replicas,

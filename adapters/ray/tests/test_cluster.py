@@ -142,6 +142,25 @@ async def test_hot_model_with_slow_handler_spreads(deploy: Any, store: Path, req
     assert sum(s["loads"] for s in stats) == len({a["replica"] for a in answers})
 
 
+async def test_hot_model_gets_copies_before_its_holder_queues(
+    deploy: Any, store: Path, request: Any
+) -> None:
+    """A model with two thirds of the requests, from 4 clients (its holder never near full),
+    is served by more than one replica, each copy loaded once; lukewarm models (~3% each) stay
+    on one replica each."""
+    handle = deploy(predict_app(store_of(store), device_budget=40 * TINY_BYTES, share_half_life=50))
+    lukewarm = [f"m{i}" for i in range(2, 14)]
+    ids = [m for i in range(80) for m in ("m1", "m1", lukewarm[i % len(lukewarm)])]
+    answers = await stream(handle, ids, concurrency=4)
+    served_by: dict[str, set[str]] = {}
+    for model_id, answer in zip(ids, answers, strict=True):
+        served_by.setdefault(model_id, set()).add(answer["replica"])
+    assert len(served_by["m1"]) > 1
+    assert all(len(served_by[m]) == 1 for m in lukewarm)
+    loads = sum(s["loads"] for s in cluster_stats(request.node.name))
+    assert loads == len(lukewarm) + len(served_by["m1"])
+
+
 async def test_unknown_id_is_a_typed_error_and_404(
     deploy: Any, store: Path, ray_cluster: int, request: Any
 ) -> None:

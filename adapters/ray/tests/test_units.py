@@ -12,7 +12,7 @@ import fsspec
 import pytest
 from conftest import TINY_BYTES, write_model
 from modelcache_ray import MAX_IDS, CachedModels, Residency, http_status
-from modelcache_ray._ranking import rank_replicas
+from modelcache_ray._ranking import TrafficShares, holders_wanted, rank_replicas
 from modelcache_ray._residency import (
     STATS_VERSION,
     decode_ids,
@@ -33,6 +33,10 @@ from modelcache import (
 )
 
 REPLICAS = ["r0", "r1", "r2", "r3"]
+HOT_SHARE = 0.25
+#: Shares of the recent requests, with 4 replicas and HOT_SHARE: a hot model wants 2 holders
+#: (0.1 * 4 / 0.25 = 1.6), a lukewarm one 1 (0.06 * 4 / 0.25 = 0.96).
+HOT, LUKEWARM = 0.1, 0.06
 
 
 def ranks(
@@ -42,16 +46,20 @@ def ranks(
     queues: dict[str, int] | None = None,
     spread: int | None = None,
     waited_s: float = 0.0,
+    share: float = 0.0,
+    replicas: list[str] = REPLICAS,
 ) -> list[list[str]]:
     return rank_replicas(
         id_hash(model_id),
-        REPLICAS,
+        replicas,
         key=lambda r: r,
         residency=residency,
         queue_len=lambda r: (queues or {}).get(r),
         spread_queue_len=spread,
         waited_s=waited_s,
         patience_s=5.0,
+        share=share,
+        hot_share=HOT_SHARE,
     )
 
 
@@ -181,6 +189,98 @@ def test_the_rest_join_only_after_patience() -> None:
     order = rendezvous_order(id_hash("m"), REPLICAS)
     assert ranks("m", {}, waited_s=4.9) == [[order[0]]]
     assert ranks("m", {}, waited_s=5.0) == [[order[0]], order[1:]]
+
+
+def test_a_hot_model_gets_a_second_holder_without_queueing() -> None:
+    """A model with more than hot_share of a replica's fair share of the requests, on the
+    device of one idle holder, ranks one more replica beside it (Ray balances the two by queue
+    length): its next home, or the replica keeping a lower-tier copy."""
+    order = rendezvous_order(id_hash("m"), REPLICAS)
+    assert holders_wanted(HOT, len(REPLICAS), HOT_SHARE) == 2
+    on_home = {order[0]: Residency(device=on("m"))}
+    assert ranks("m", on_home, share=HOT) == [[order[0], order[1]], [order[2]]]
+    warm = {**on_home, order[3]: Residency(lower=on("m"))}
+    assert ranks("m", warm, share=HOT) == [[order[0], order[3]], [order[1]]]
+    # Two copies on the device: that is all it wants, nothing more is added.
+    both = {**on_home, order[1]: Residency(device=on("m"))}
+    assert ranks("m", both, share=HOT) == [[order[0], order[1]], [order[2]]]
+    # Hotter still: a third holder, once the second is on a device.
+    assert ranks("m", both, share=0.3) == [[order[0], order[1], order[2]], [order[3]]]
+
+
+def test_a_lukewarm_model_never_gets_a_second_holder() -> None:
+    """Below the hot share a model stays on its one holder however queued it is (short of
+    spread_queue_len or full): spreading lukewarm models is what multiplies loads."""
+    order = rendezvous_order(id_hash("m"), REPLICAS)
+    assert holders_wanted(LUKEWARM, len(REPLICAS), HOT_SHARE) == 1
+    on_home = {order[0]: Residency(device=on("m"))}
+    for queued in (0, 5, 15):
+        queues = {order[0]: queued, order[1]: 0}
+        assert ranks("m", on_home, queues=queues, share=LUKEWARM) == [[order[0]], [order[1]]]
+
+
+def test_a_hot_model_gets_no_copy_while_its_load_is_in_flight() -> None:
+    """A hot model that is only loading (or not held at all) ranks no extra holder: the
+    requests join the one load, and a cold model's concurrent first requests load it once."""
+    order = rendezvous_order(id_hash("m"), REPLICAS)
+    assert ranks("m", {}, share=1.0) == [[order[0]]]
+    loading = {order[0]: Residency(loading=on("m"))}
+    assert ranks("m", loading, share=1.0) == [[order[0]], [order[1]]]
+    second = {order[0]: Residency(device=on("m")), order[1]: Residency(loading=on("m"))}
+    assert ranks("m", second, share=1.0) == [[order[0], order[1]], [order[2]]]
+
+
+def test_hot_copies_move_only_the_leaving_replicas_share() -> None:
+    """With every hot model on its home's device, removing a replica changes the first rank
+    (holder and extra copy) of exactly the models whose first rank held that replica."""
+    ids = [f"m{i}" for i in range(500)]
+    homes = {m: rendezvous_order(id_hash(m), REPLICAS)[0] for m in ids}
+    residency = {r: Residency(device=on(*(m for m in ids if homes[m] == r))) for r in REPLICAS}
+    before = {m: set(ranks(m, residency, share=HOT)[0]) for m in ids}
+    after = {m: set(ranks(m, residency, share=HOT, replicas=REPLICAS[:-1])[0]) for m in ids}
+    assert all(len(first) == 2 for first in before.values())
+    moved = {m for m in ids if before[m] != after[m]}
+    assert moved == {m for m in ids if "r3" in before[m]}
+    assert 150 < len(moved) < 350  # about half: home or next home, 2 in 4
+
+
+def test_traffic_shares_halve_every_half_life() -> None:
+    """Counts halve every half_life requests: x's 2,000 requests, then m's 10, then y's 10
+    (half_life 10) weigh 1 : 1 : 2 (all of x's, decayed, weigh as much as the half-life after
+    them), however often the weights were rescaled on the way (~30 times)."""
+    shares = TrafficShares(half_life=10)
+    for _ in range(2000):
+        shares.observe(id_hash("x"))
+    for _ in range(10):
+        shares.observe(id_hash("m"))
+    for _ in range(10):
+        shares.observe(id_hash("y"))
+    assert shares.share(id_hash("x")) == pytest.approx(1 / 4, rel=1e-6)
+    assert shares.share(id_hash("m")) == pytest.approx(1 / 4, rel=1e-6)
+    assert shares.share(id_hash("y")) == pytest.approx(1 / 2, rel=1e-6)
+    assert shares.share(id_hash("unseen")) == 0.0
+
+
+def test_traffic_shares_are_zero_until_half_life_requests_are_seen() -> None:
+    """A fresh router judges no share: a burst of one cold model's first requests is not yet
+    the recent traffic (it must load once, not spread)."""
+    shares = TrafficShares(half_life=100)
+    for _ in range(99):
+        shares.observe(id_hash("m"))
+    assert shares.share(id_hash("m")) == 0.0
+    shares.observe(id_hash("m"))
+    assert shares.share(id_hash("m")) == pytest.approx(1.0)
+
+
+def test_traffic_shares_stay_bounded_and_keep_hot_models() -> None:
+    """However many distinct ids arrive, at most max_models are counted, and a model with a
+    large share is never dropped."""
+    shares = TrafficShares(half_life=100, max_models=64)
+    hot = id_hash("hot")
+    for i in range(20_000):
+        shares.observe(id_hash(f"cold-{i}") if i % 4 else hot)
+        assert len(shares) <= 64
+    assert shares.share(hot) == pytest.approx(0.25, rel=0.02)
 
 
 @pytest.mark.parametrize(
