@@ -33,7 +33,8 @@ Reported per setup: loads cluster-wide (every replica's loads, summed), the byte
 resident, hit ratio (requests served without a load), client-side p50/p99/mean latency and
 throughput, the mean time a request spends inside the replica's ``__call__`` (cache lookup or
 load, and handler: the rest of the client's mean is Ray's own path), the requests each replica
-served, and CPU ms per request by process role (driver, the setup's replicas, the other setups'
+served, the models on more than one replica's device at the end (``*_copies``, modelcache
+setups), and CPU ms per request by process role (driver, the setup's replicas, the other setups'
 replicas, controller, proxy, the rest of Ray), from psutil: the machine is CPU-bound, so
 throughput follows CPU per request. Goals (issue 15): affinity loads <= 0.5x default's and <=
 0.7x multiplexed's (whole stream); affinity p99 <= multiplexed p99 and affinity throughput >=
@@ -59,6 +60,7 @@ import stat
 import statistics
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -69,7 +71,7 @@ import ray
 import torch
 from _common import base_parser, data_dir, emit_json, machine_line, percentiles_us, print_table
 from fsspec.asyn import AsyncFileSystem
-from modelcache_ray import CachedModels, affinity_router_config
+from modelcache_ray import CachedModels, Residency, affinity_router_config
 from ray import serve
 from safetensors.torch import load, save_file
 
@@ -344,6 +346,8 @@ class Result:
     """A setup's chunks, pooled."""
 
     chunks: list[Chunk]
+    #: Models on the device of more than one replica at the end (None: not a modelcache setup).
+    copies: int | None = None
 
     @property
     def requests(self) -> int:
@@ -529,6 +533,10 @@ async def run_rounds(
                     cpu_s=meter.delta(before, after, name),
                 )
             )
+    for name in SETUPS:
+        if name != "multiplexed":
+            held = Counter(h for s in last[name] for h in Residency.from_stats(s).device)
+            results[name].copies = sum(1 for n in held.values() if n > 1)
     return results
 
 
@@ -675,6 +683,8 @@ def main() -> None:
         out[f"{name}_mean_ms"] = round(lat.mean_us / 1e3, 2)
         out[f"{name}_in_replica_ms"] = round(r.served_ns / 1e6, 2)
         out[f"{name}_per_replica"] = r.per_replica
+        if r.copies is not None:
+            out[f"{name}_copies"] = r.copies
         out[f"{name}_cpu_ms_per_req"] = {k: round(v, 2) for k, v in cpu.items()}
     print_table(
         "Same stream, same device bytes (latency in ms, at the client; CPU ms per request)",
