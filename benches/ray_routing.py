@@ -34,7 +34,8 @@ resident, hit ratio (requests served without a load), client-side p50/p99/mean l
 throughput, the mean time a request spends inside the replica's ``__call__`` (cache lookup or
 load, and handler: the rest of the client's mean is Ray's own path), the requests each replica
 served, the models on more than one replica's device at the end (``*_copies``, modelcache
-setups), and CPU ms per request by process role (driver, the setup's replicas, the other setups'
+setups), the models' first requests (a load in every setup: their mean latency and their part of
+the slowest 1%, ``*_first_requests``), and CPU ms per request by process role (driver, the setup's replicas, the other setups'
 replicas, controller, proxy, the rest of Ray), from psutil: the machine is CPU-bound, so
 throughput follows CPU per request. Goals (issue 15): affinity loads <= 0.5x default's and <=
 0.7x multiplexed's (whole stream); affinity p99 <= multiplexed p99 and affinity throughput >=
@@ -333,6 +334,9 @@ class Chunk:
     hits: int | None
     bytes_loaded: int
     latencies_ns: list[int]
+    #: Whether each request (in the order of ``latencies_ns``) was its model's first in the
+    #: stream: a load in every setup (compulsory), whatever its router.
+    first: list[bool]
     seconds: float
     served: int
     served_ns: int
@@ -370,6 +374,17 @@ class Result:
     @property
     def latencies_ns(self) -> list[int]:
         return [t for c in self.chunks for t in c.latencies_ns]
+
+    def first_requests(self) -> dict[str, float]:
+        """The models' first requests (compulsory loads, the same in every setup): their mean
+        latency and their part of the slowest 1% of requests (the p99's tail)."""
+        timed = [(t, f) for c in self.chunks for t, f in zip(c.latencies_ns, c.first, strict=True)]
+        firsts = [t for t, f in timed if f]
+        tail = sorted(timed, reverse=True)[: max(1, len(timed) // 100)]
+        return {
+            "mean_ms": statistics.fmean(firsts) / 1e6 if firsts else 0.0,
+            "share_of_slowest_1pct": sum(f for _, f in tail) / len(tail),
+        }
 
     @property
     def seconds(self) -> float:
@@ -437,21 +452,24 @@ def replica_stats(app: str) -> list[dict[str, Any]]:
     return stats
 
 
-async def drive(handle: Any, stream: list[str], clients: int) -> tuple[list[int], float]:
+async def drive(
+    handle: Any, stream: list[str], clients: int
+) -> tuple[list[tuple[int, int]], float]:
     """Send ``stream`` from ``clients`` concurrent clients (each takes the next request when
-    its last one is answered); per-request latencies and the wall time."""
+    its last one is answered); per-request (position in ``stream``, latency) and the wall
+    time."""
     x = [[0.5] * 64]
-    latencies: list[int] = []
+    latencies: list[tuple[int, int]] = []
     position = 0
 
     async def client() -> None:
         nonlocal position
         while position < len(stream):
-            model_id = stream[position]
+            mine = position
             position += 1
             start = time.perf_counter_ns()
-            await handle.options(multiplexed_model_id=model_id).remote(x)
-            latencies.append(time.perf_counter_ns() - start)
+            await handle.options(multiplexed_model_id=stream[mine]).remote(x)
+            latencies.append((mine, time.perf_counter_ns() - start))
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
@@ -503,12 +521,17 @@ async def run_rounds(
     meter = CpuMeter()
     results = {name: Result([]) for name in SETUPS}
     bounds = [len(stream) * i // rounds for i in range(rounds + 1)]
+    seen: set[str] = set()
+    first: list[bool] = []  # by position: the stream's first request for its model
+    for model_id in stream:
+        first.append(model_id not in seen)
+        seen.add(model_id)
     last = {name: await asyncio.to_thread(replica_stats, name) for name in SETUPS}
     for index, order in enumerate(round_orders(rounds)):
         chunk = stream[bounds[index] : bounds[index + 1]]
         for name in order:
             before = meter.sample()
-            latencies, seconds = await drive(handles[name], chunk, clients)
+            timed, seconds = await drive(handles[name], chunk, clients)
             after = meter.sample()
             stats = await asyncio.to_thread(replica_stats, name)
             prev = last[name]
@@ -523,7 +546,8 @@ async def run_rounds(
                     loads=diff("loads", stats, prev),
                     hits=None if name == "multiplexed" else diff("hits", stats, prev),
                     bytes_loaded=diff("bytes_loaded", stats, prev),
-                    latencies_ns=latencies,
+                    latencies_ns=[t for _, t in timed],
+                    first=[first[bounds[index] + i] for i, _ in timed],
                     seconds=seconds,
                     served=diff("served", stats, prev),
                     served_ns=diff("served_ns", stats, prev),
@@ -683,6 +707,7 @@ def main() -> None:
         out[f"{name}_mean_ms"] = round(lat.mean_us / 1e3, 2)
         out[f"{name}_in_replica_ms"] = round(r.served_ns / 1e6, 2)
         out[f"{name}_per_replica"] = r.per_replica
+        out[f"{name}_first_requests"] = {k: round(v, 3) for k, v in r.first_requests().items()}
         if r.copies is not None:
             out[f"{name}_copies"] = r.copies
         out[f"{name}_cpu_ms_per_req"] = {k: round(v, 2) for k, v in cpu.items()}
