@@ -23,7 +23,10 @@ from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parents[2] / "examples" / "ray_serve"
-PYTHONPATH = os.pathsep.join([str(HERE), str(EXAMPLE)])
+#: The replicas and the HTTP proxy import the tests' deployments (mc_models), the example's, and
+#: this checkout's modelcache and modelcache_ray: an editable install elsewhere (the main
+#: checkout's, run from a worktree) would give them other code than the test's own router.
+PYTHONPATH = os.pathsep.join([str(HERE), str(EXAMPLE), str(HERE.parent), str(HERE.parents[2])])
 #: Bytes of one Tiny(4, 3): 12 float32 weights and 3 biases.
 TINY_BYTES = 60
 
@@ -70,7 +73,6 @@ def ray_cluster() -> Iterator[int]:
         include_dashboard=False,
         _temp_dir=temp,
         log_to_driver=False,
-        # The replicas import the tests' deployments (mc_models) and the example's by module name.
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
