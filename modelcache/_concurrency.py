@@ -4,14 +4,55 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
 
-__all__ = ["Background", "gather"]
+__all__ = ["Background", "Event", "gather", "new_event", "new_scope"]
 
 T = TypeVar("T")
+
+
+class Event(Protocol):
+    """What the cache's code asks of an event: `anyio.Event`'s verbs, which `asyncio.Event`
+    has too."""
+
+    def set(self) -> object: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> object: ...
+
+
+def new_event() -> Event:
+    """An event for the running loop: on asyncio an `asyncio.Event` itself, else an
+    `anyio.Event`.
+
+    anyio's event on asyncio wraps an asyncio one (made twice: its constructor runs twice) and
+    its ``wait`` is one coroutine more per waiter; a small model's load waited on two. Waiting
+    on an asyncio event is cancelled by anyio's cancel scopes as any await in the task is (a
+    scope cancels the task's awaited future). One difference: anyio's ``wait`` on an event
+    already set is a checkpoint, asyncio's returns at once: no caller here relies on it."""
+    if asyncio._get_running_loop() is not None:
+        return asyncio.Event()
+    return anyio.Event()
+
+
+#: The concrete cancel scope class of anyio's asyncio backend, once one was made.
+_asyncio_scope: type[anyio.CancelScope] | None = None
+
+
+def new_scope() -> anyio.CancelScope:
+    """``anyio.CancelScope()``, made directly from the backend's class on asyncio: the public
+    constructor looks the backend up and then runs the scope's ``__init__`` twice (its
+    ``__new__`` returns an instance of a subclass, which Python initialises again)."""
+    global _asyncio_scope
+    if asyncio._get_running_loop() is None:
+        return anyio.CancelScope()
+    if _asyncio_scope is None:
+        _asyncio_scope = type(anyio.CancelScope())
+    return _asyncio_scope()
 
 
 async def gather(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
@@ -93,7 +134,7 @@ class Background:
         except RuntimeError:  # not asyncio (trio): a task of the group
             self.start(task_group, func, *args, name=name)
             return
-        scope = anyio.CancelScope()
+        scope = new_scope()
         if self._cancelled:
             scope.cancel()
         running = func(*args)  # the arguments live in this coroutine alone, as in `_run`

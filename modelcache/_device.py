@@ -37,6 +37,7 @@ import anyio
 from . import _observe
 from ._backend import LoadedWeights
 from ._builders import ModelBuilder
+from ._concurrency import Event, new_event
 from ._format import ModelInfo
 from ._lower import HostDiskTiers
 from ._observe import Observers
@@ -98,7 +99,7 @@ class DeviceEntry:
         self.waiters = 0
         #: Set when the load ends; a loaded entry's is then its tier's one set event
         #: (`DeviceTier.admit`), not an event (and its waiters' deque) kept per resident model.
-        self.done = anyio.Event()
+        self.done: Event = new_event()
         self.error: BaseException | None = None
         self.admitted = 0.0  # when it became ready (`_observe.clock`), for the age at eviction
         #: Set while it is a victim chosen for a waiting load: new leases wait on it (it is set,
@@ -144,7 +145,7 @@ class DeviceTier:
         #: Replaced entries still leased: their bytes are freed when their last lease ends.
         self.retired: set[DeviceEntry] = set()
         #: The set ``done`` event every loaded entry shares (the first one loaded's own).
-        self._loaded: anyio.Event | None = None
+        self._loaded: Event | None = None
         self.swaps = 0
         self.hits = self.misses = self.loads = 0
         self.loading = self.waiters = self.leased = 0

@@ -20,6 +20,7 @@ from types import TracebackType
 
 import anyio
 
+from ._concurrency import new_scope
 from ._device import DeviceEntry
 from ._tiers import Abandoned
 
@@ -45,7 +46,7 @@ class Abandonable:
     def __enter__(self) -> None:
         entry = self._entry
         check_wanted(entry)
-        scope = self._scope = anyio.CancelScope()
+        scope = self._scope = new_scope()
         scope.__enter__()
         entry.abandon = scope
 
@@ -101,7 +102,7 @@ class Limited:
         except anyio.WouldBlock:
             while True:
                 check_wanted(entry)
-                with anyio.CancelScope() as scope:
+                with new_scope() as scope:
                     entry.abandon = scope
                     try:
                         await limiter.acquire()
