@@ -617,7 +617,7 @@ class ModelCache:
     def _start_load(self, key: Key, url: str) -> DeviceEntry:
         assert self._task_group is not None
         entry = self._device.add(key, url)
-        self._background.start_load(
+        entry.scope = self._background.start_load(
             self._task_group, self._load, entry, name=f"modelcache load {entry.model_id!r}"
         )
         return entry

@@ -126,14 +126,15 @@ class Background:
         func: Callable[..., Coroutine[Any, Any, object]],
         *args: object,
         name: str,
-    ) -> None:
+    ) -> anyio.CancelScope | None:
         """`start` ``func(*args)``, a load: on asyncio, as a task of its own (see the class
-        docstring); on another backend, in ``task_group``."""
+        docstring), and return the cancel scope it runs in; on another backend, in
+        ``task_group`` (None)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not asyncio (trio): a task of the group
             self.start(task_group, func, *args, name=name)
-            return
+            return None
         scope = new_scope()
         if self._cancelled:
             scope.cancel()
@@ -143,6 +144,7 @@ class Background:
         # asyncio keeps only a weak reference to a task; the load's coroutine is kept for
         # `wait_loads` to run if the task ends before running it.
         self._loads[scope] = (task, running)
+        return scope
 
     def cancel_loads(self) -> None:
         """Cancel the loads running outside a task group, and any started from now on."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -272,3 +273,28 @@ async def test_a_device_prefetch_shares_loads_in_flight_and_raises_the_first_fai
         assert store.calls[("size", "a")] == 1
         assert cache.stats().leased == 0
         check_invariants(cache)
+
+
+async def test_a_load_enters_one_cancel_scope(tiny: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On asyncio a small model's load enters one cancel scope of its own, its task's: the
+    abandonable header stage cancels that one when the last caller leaves rather than enter
+    one more (a scope and its two sets per stage were a part of each load's cost and garbage)."""
+    scope_class = type(anyio.CancelScope())
+    real_enter = scope_class.__enter__
+    entered: list[str] = []
+
+    def counting_enter(self: Any) -> Any:
+        task = asyncio.current_task()
+        # Scopes the library enters itself (a thread call's own, anyio's, are not counted).
+        if "/modelcache/" in sys._getframe(1).f_code.co_filename and task is not None:
+            entered.append(task.get_name())
+        return real_enter(self)
+
+    async with _cache(tiny) as cache:
+        monkeypatch.setattr(scope_class, "__enter__", counting_enter)
+        ids = [f"m{i}" for i in range(10)]
+        await _fill(cache, ids, tasks=3)
+        monkeypatch.undo()
+    assert sorted(name for name in entered if name.startswith("modelcache load")) == sorted(
+        f"modelcache load {i!r}" for i in ids
+    )
