@@ -39,7 +39,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._concurrency import Event, new_event
+from ._concurrency import Event, new_signal
 
 __all__ = ["LANES", "MAX_BATCH", "SMALL_READ", "SmallReads"]
 
@@ -118,7 +118,7 @@ class SmallReads:
                     read.drive = False
                     await self._drive()  # this lane's batch: the oldest queued reads
                     continue  # its read went in it, or in another lane's batch, or waits
-                read.done = new_event()
+                read.done = new_signal()
                 await read.done.wait()  # it ran, or its caller is handed a lane
         except BaseException:
             self._leave(read)

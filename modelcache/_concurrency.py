@@ -9,7 +9,7 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import anyio.abc
 
-__all__ = ["Background", "Event", "gather", "new_event", "new_scope"]
+__all__ = ["Background", "Event", "gather", "new_event", "new_scope", "new_signal"]
 
 T = TypeVar("T")
 
@@ -22,7 +22,31 @@ class Event(Protocol):
 
     def is_set(self) -> bool: ...
 
-    async def wait(self) -> object: ...
+    def wait(self) -> Awaitable[object]: ...
+
+
+class _Signal(asyncio.Future[None]):
+    """An event with one waiter, on asyncio: the future it awaits (`new_signal`)."""
+
+    def set(self) -> None:
+        if not self.done():  # its waiter may have been cancelled (the future with it)
+            self.set_result(None)
+
+    def is_set(self) -> bool:
+        return self.done()
+
+    def wait(self) -> Awaitable[None]:
+        return self
+
+
+def new_signal() -> Event:
+    """An event that one task waits for, once: on asyncio the future it awaits (no event, no
+    deque of waiters, no ``wait`` coroutine), else an `anyio.Event`. Cancelling its waiter
+    cancels the future: `set` then does nothing."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        return _Signal(loop=loop)
+    return anyio.Event()
 
 
 def new_event() -> Event:
