@@ -14,6 +14,12 @@ __all__ = ["Background", "Event", "gather", "new_event", "new_scope", "new_signa
 T = TypeVar("T")
 
 
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None on another backend (trio): the fast paths here are
+    asyncio's own; elsewhere anyio's primitives are used (a test forces those on asyncio)."""
+    return asyncio._get_running_loop()
+
+
 class Event(Protocol):
     """What the cache's code asks of an event: `anyio.Event`'s verbs, which `asyncio.Event`
     has too."""
@@ -43,7 +49,7 @@ def new_signal() -> Event:
     """An event that one task waits for, once: on asyncio the future it awaits (no event, no
     deque of waiters, no ``wait`` coroutine), else an `anyio.Event`. Cancelling its waiter
     cancels the future: `set` then does nothing."""
-    loop = asyncio._get_running_loop()
+    loop = _asyncio_loop()
     if loop is not None:
         return _Signal(loop=loop)
     return anyio.Event()
@@ -58,7 +64,7 @@ def new_event() -> Event:
     on an asyncio event is cancelled by anyio's cancel scopes as any await in the task is (a
     scope cancels the task's awaited future). One difference: anyio's ``wait`` on an event
     already set is a checkpoint, asyncio's returns at once: no caller here relies on it."""
-    if asyncio._get_running_loop() is not None:
+    if _asyncio_loop() is not None:
         return asyncio.Event()
     return anyio.Event()
 
@@ -72,7 +78,7 @@ def new_scope() -> anyio.CancelScope:
     constructor looks the backend up and then runs the scope's ``__init__`` twice (its
     ``__new__`` returns an instance of a subclass, which Python initialises again)."""
     global _asyncio_scope
-    if asyncio._get_running_loop() is None:
+    if _asyncio_loop() is None:
         return anyio.CancelScope()
     if _asyncio_scope is None:
         _asyncio_scope = type(anyio.CancelScope())
@@ -154,9 +160,8 @@ class Background:
         """`start` ``func(*args)``, a load: on asyncio, as a task of its own (see the class
         docstring), and return the cancel scope it runs in; on another backend, in
         ``task_group`` (None)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio): a task of the group
+        loop = _asyncio_loop()
+        if loop is None:  # not asyncio (trio): a task of the group
             self.start(task_group, func, *args, name=name)
             return None
         scope = new_scope()

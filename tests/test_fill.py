@@ -55,6 +55,17 @@ async def _fill(cache: ModelCache, ids: list[str], tasks: int = 8) -> None:
             tg.start_soon(worker, ids[k::tasks])
 
 
+@pytest.fixture(params=["asyncio", "anyio"])
+def load_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a load runs: asyncio's fast path (a task of its own, asyncio events and
+    futures, one cancel scope), and anyio's primitives alone, as on trio (forced here)."""
+    import modelcache._concurrency as concurrency
+
+    if request.param == "anyio":
+        monkeypatch.setattr(concurrency, "_asyncio_loop", lambda: None)
+    return str(request.param)
+
+
 @pytest.fixture
 def gc_off() -> Iterator[None]:
     """The collector off for the test (and on again after it)."""
@@ -190,7 +201,7 @@ async def test_a_device_prefetch_starts_no_task_per_id_besides_its_loads(tiny: s
 
 
 async def test_a_device_prefetch_keeps_a_window_of_loads_in_flight(
-    models: MemoryModels, monkeypatch: pytest.MonkeyPatch
+    models: MemoryModels, load_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A prefetch of many ids keeps at most ``PREFETCH_WINDOW`` of the loads it starts in flight
     (each in flight holds its task and state; 100,000 at once would hold them all), and loads
@@ -218,6 +229,7 @@ async def test_a_device_prefetch_keeps_a_window_of_loads_in_flight(
 
 async def test_a_cancelled_device_prefetch_abandons_the_loads_it_started(
     models: MemoryModels,
+    load_path: str,
 ) -> None:
     """A prefetch cancelled while its loads read headers leaves them all: nobody else waits for
     them, so they stop (no bytes reserved, nothing resident), as use()'s callers' loads do."""
@@ -245,6 +257,7 @@ async def test_a_cancelled_device_prefetch_abandons_the_loads_it_started(
 
 async def test_a_device_prefetch_shares_loads_in_flight_and_raises_the_first_failure(
     models: MemoryModels,
+    load_path: str,
 ) -> None:
     """A prefetch joins a load a use() started (one read), loads every id it can, and then
     raises a failure (a missing id) as its own copy."""
@@ -298,3 +311,59 @@ async def test_a_load_enters_one_cancel_scope(tiny: str, monkeypatch: pytest.Mon
     assert sorted(name for name in entered if name.startswith("modelcache load")) == sorted(
         f"modelcache load {i!r}" for i in ids
     )
+
+
+async def test_loads_fill_abandon_and_close_on_either_path(
+    tmp_path: Path, models: MemoryModels, load_path: str
+) -> None:
+    """On either path: a fill loads every id; a load whose callers all left during its batched
+    header read stops (nothing reserved or resident); closing the cache with a load in flight
+    fails its waiter with CacheClosedError and waits for it."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        save_file(
+            {"w": torch.zeros(4, dtype=torch.uint8)}, str(tmp_path / name / "model.safetensors")
+        )
+    async with _cache(f"file://{tmp_path}/a/model.safetensors") as cache:
+        await _fill(cache, [f"m{i}" for i in range(30)], tasks=4)
+        assert cache.stats().models == 30
+        check_invariants(cache)
+    store_url = f"file://{tmp_path}/{{model_id}}"
+    async with ModelCache(store_url, device_budget=1000, revalidate_after=None) as cache:
+        limiter = cache.store._get_limiter()
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:
+            await limiter.acquire_on_behalf_of(holder)  # the header batch cannot start
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cache.prefetch, ["a"])
+                await anyio.wait_all_tasks_blocked()
+                assert cache.stats().loading == 1
+                scope.cancel()
+        await anyio.wait_all_tasks_blocked()
+        stats = cache.stats()
+        assert (stats.loading, stats.bytes_reserved, stats.models) == (0, 0, 0)
+        for holder in holders:
+            limiter.release_on_behalf_of(holder)
+        await cache.wait_idle()
+        check_invariants(cache)
+    models.add("c", 100)
+    store = GatedStore(models.template)
+    store.gate("c", "read_into")
+    errors: list[BaseException] = []
+    cache = ModelCache(store, device_budget=1000, revalidate_after=None)
+
+    async def use() -> None:
+        try:
+            async with cache.use("c"):
+                pass
+        except CacheClosedError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        async with cache:
+            tg.start_soon(use)
+            await anyio.wait_all_tasks_blocked()
+            assert cache.stats().loading == 1
+        assert cache.stats().background == 0
+    assert len(errors) == 1
