@@ -14,10 +14,10 @@ __all__ = ["Background", "Event", "gather", "new_event", "new_scope", "new_signa
 T = TypeVar("T")
 
 
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    """The running asyncio loop, or None on another backend (trio): the fast paths here are
-    asyncio's own; elsewhere anyio's primitives are used (a test forces those on asyncio)."""
-    return asyncio._get_running_loop()
+#: The running asyncio loop, or None on another backend (trio): the fast paths here are
+#: asyncio's own; elsewhere anyio's primitives are used (a test forces those on asyncio). The
+#: function itself, not a wrapper: it is asked several times per load.
+_asyncio_loop: Callable[[], asyncio.AbstractEventLoop | None] = asyncio._get_running_loop
 
 
 class Event(Protocol):
