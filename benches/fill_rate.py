@@ -6,7 +6,9 @@ zero-element tensor, so no weight bytes), ``zero_copy=False``, ``device="cpu"``,
 its share of the ids. Reported: loads/s and µs per load (wall), CPU µs per load (every thread
 of the process), and, in a second fill of as many fresh ids, worker-thread calls
 (``anyio.to_thread.run_sync``) and asyncio tasks created per load (counting adds a little to
-each). ``--profile`` prints a cProfile of the timed fill, by own time and by cumulative time.
+each). Then the same fill through one ``cache.prefetch(ids)`` call (``prefetch_*``: its loads
+start from the caller's task, ``PREFETCH_WINDOW`` at a time). ``--profile`` prints a cProfile
+of the timed use() fill, by own time and by cumulative time.
 
 Run: ``python benches/fill_rate.py [--quick] [--ids N] [--profile]``.
 """
@@ -33,8 +35,11 @@ from safetensors.torch import save_file
 FILL_TASKS = 64
 
 
-async def fill(path: str, prefix: str, n: int, profile: cProfile.Profile | None) -> float:
-    """Load ``n`` fresh ids into a new cache; return the seconds the fill took."""
+async def fill(
+    path: str, prefix: str, n: int, profile: cProfile.Profile | None, *, prefetch: bool = False
+) -> float:
+    """Load ``n`` fresh ids into a new cache; return the seconds the fill took. ``prefetch``:
+    one ``cache.prefetch(ids)`` call instead of the tasks looping over ``use()``."""
     cache = fill_cache(path)
     ids = [f"{prefix}{i}" for i in range(n)]
 
@@ -47,9 +52,12 @@ async def fill(path: str, prefix: str, n: int, profile: cProfile.Profile | None)
         start = time.perf_counter()
         if profile is not None:
             profile.enable()
-        async with anyio.create_task_group() as tg:
-            for k in range(FILL_TASKS):
-                tg.start_soon(worker, ids[k::FILL_TASKS])
+        if prefetch:
+            await cache.prefetch(ids)
+        else:
+            async with anyio.create_task_group() as tg:
+                for k in range(FILL_TASKS):
+                    tg.start_soon(worker, ids[k::FILL_TASKS])
         if profile is not None:
             profile.disable()
         seconds = time.perf_counter() - start
@@ -73,15 +81,32 @@ class _GcTimer:
             self.full += info["generation"] == 2
 
 
-async def measure(path: str, n: int, profile: cProfile.Profile | None) -> dict[str, float]:
+async def timed_fill(
+    path: str, prefix: str, n: int, profile: cProfile.Profile | None, *, prefetch: bool = False
+) -> dict[str, float]:
+    """One fill's loads/s, wall and CPU µs per load, and its garbage collector's share."""
     collector = _GcTimer()
     gc.callbacks.append(collector)
     cpu = time.process_time()
     try:
-        seconds = await fill(path, "m", n, profile)
+        seconds = await fill(path, prefix, n, profile, prefetch=prefetch)
     finally:
         cpu = time.process_time() - cpu
         gc.callbacks.remove(collector)
+    return {
+        "loads_per_s": n / seconds,
+        "us_per_load": seconds / n * 1e6,
+        "cpu_us_per_load": cpu / n * 1e6,
+        "gc_us_per_load": collector.seconds / n * 1e6,
+        "gc_full_passes": collector.full,
+    }
+
+
+async def measure(path: str, n: int, profile: cProfile.Profile | None) -> dict[str, float]:
+    timed = await timed_fill(path, "m", n, profile)
+    # The same fill through one ``cache.prefetch(ids)`` call (its loads start from the caller's
+    # task, a window at a time), in a new cache, after the use() fill as the profile's.
+    batched = await timed_fill(path, "p", n, None, prefetch=True)
     # Counted in a second fill, so that the counting does not slow the timed one.
     counts = {"threads": 0, "tasks": 0}
     real = anyio.to_thread.run_sync
@@ -107,13 +132,14 @@ async def measure(path: str, n: int, profile: cProfile.Profile | None) -> dict[s
         anyio.to_thread.run_sync = real
         loop.set_task_factory(None)
     return {
-        "fill_loads_per_s": n / seconds,
-        "fill_us_per_load": seconds / n * 1e6,
-        "fill_cpu_us_per_load": cpu / n * 1e6,
-        "gc_us_per_load": collector.seconds / n * 1e6,
-        "gc_full_passes": collector.full,
+        "fill_loads_per_s": timed["loads_per_s"],
+        "fill_us_per_load": timed["us_per_load"],
+        "fill_cpu_us_per_load": timed["cpu_us_per_load"],
+        "gc_us_per_load": timed["gc_us_per_load"],
+        "gc_full_passes": timed["gc_full_passes"],
         "thread_calls_per_load": counts["threads"] / n,
         "tasks_per_load": counts["tasks"] / n,
+        **{f"prefetch_{key}": value for key, value in batched.items()},
     }
 
 

@@ -39,6 +39,8 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from ._concurrency import Event, new_signal
+
 __all__ = ["LANES", "MAX_BATCH", "SMALL_READ", "SmallReads"]
 
 T = TypeVar("T")
@@ -61,7 +63,7 @@ class _Read(Generic[T]):
         self.args = args
         #: Wakes the caller to look at ``ran`` and ``drive`` again (a fresh one for each wait;
         #: None before the first: a change made then is seen before its caller waits).
-        self.done: anyio.Event | None = None
+        self.done: Event | None = None
         self.drive = False  # its caller holds a lane: it drives the next batch
         #: Its caller left: skipped where it stands in the queue, never put back in it by a batch
         #: that did not run (it could be handed the drive with nobody to take it).
@@ -116,7 +118,7 @@ class SmallReads:
                     read.drive = False
                     await self._drive()  # this lane's batch: the oldest queued reads
                     continue  # its read went in it, or in another lane's batch, or waits
-                read.done = anyio.Event()
+                read.done = new_signal()
                 await read.done.wait()  # it ran, or its caller is handed a lane
         except BaseException:
             self._leave(read)

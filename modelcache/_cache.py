@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from types import MappingProxyType, TracebackType
@@ -79,6 +80,9 @@ logger.addHandler(logging.NullHandler())
 _load_timer = time.perf_counter
 
 T = TypeVar("T")
+
+#: Loads one ``prefetch`` call keeps in flight when it starts them itself (`_prefetch_loads`).
+PREFETCH_WINDOW = 64
 
 
 class ModelCache:
@@ -237,19 +241,25 @@ class ModelCache:
         ``tier="device"`` loads and builds each model as ``use()`` would (sharing its load with
         concurrent uses) and leaves it unleased; ``tier="host"`` reads the weights into host
         memory only (a model already on the device is left there). The loads run in the cache's
-        task group; all are awaited, then the first failure, if any, is raised.
+        tasks (on the device, those of ids not loading yet start from the caller's task,
+        ``PREFETCH_WINDOW`` at a time: a fill of many small models); all are awaited, then the
+        first failure, if any, is raised. Cancelled, it leaves the loads it waits for (each
+        stops if nobody else waits for it), as use()'s callers do.
         """
         self._check_open()
         if tier == "device":
             builder = self._builder(model)
-            calls = [partial(self._prefetch_device, (builder, i)) for i in model_ids]
+            # Ids no load has started for start theirs from this task (`_prefetch_loads`);
+            # the others (resident, loading, draining, failed a moment ago) take use()'s path.
+            errors, others = await self._prefetch_loads(builder, model_ids)
+            calls = [partial(self._prefetch_device, key) for key in others]
         elif tier == "host":
+            errors = []
             if self._host_disk.host.budget == 0:
                 raise ValueError("prefetch(tier='host') needs a host_budget")
             calls = [partial(self._prefetch_host, i) for i in model_ids]
         else:
             raise ValueError(f"tier must be 'device' or 'host', not {tier!r}")
-        errors: list[Exception] = []
 
         async def run(call: Callable[[], Awaitable[None]]) -> None:
             try:
@@ -539,10 +549,75 @@ class ModelCache:
     async def _prefetch_device(self, key: Key) -> None:
         self._device.release_lease(await self._acquire(key))
 
+    async def _prefetch_loads(
+        self, builder: ModelBuilder, model_ids: Iterable[str]
+    ) -> tuple[list[Exception], list[Key]]:
+        """Start the load of every id in ``model_ids`` that has no entry, at most
+        `PREFETCH_WINDOW` at a time, and wait for each as a caller of ``use()`` would (joined,
+        then leased and let go); return the errors and the keys left to `_acquire`.
+
+        One task waits for all of them, in the order they started: a task (and a lease, and
+        `_acquire`'s frames) per id was most of a small model's prefetch besides its load. The
+        loads run in their own tasks, as use()'s do; a caller cancelled leaves every load it
+        joined (abandoned if nobody else waits), as use()'s callers do."""
+        errors: list[Exception] = []
+        others: list[Key] = []
+        joined: deque[DeviceEntry] = deque()
+        try:
+            for model_id in model_ids:
+                key = (builder, model_id)
+                if key in self._entries:
+                    others.append(key)
+                    continue
+                try:
+                    self._check_open()  # closed meanwhile: no load starts, the rest is waited for
+                    self._failures.raise_recent(builder, model_id)
+                    url = self._store.model_url(model_id)
+                except Exception as exc:
+                    errors.append(exc)
+                    continue
+                entry = self._start_load(key, url)
+                self._device.join(entry)
+                joined.append(entry)
+                if len(joined) >= PREFETCH_WINDOW:
+                    await self._prefetch_wait(joined.popleft(), errors, others)
+            while joined:
+                await self._prefetch_wait(joined.popleft(), errors, others)
+        finally:
+            for entry in joined:  # cancelled (or the cache closed): these are not waited for
+                self._device.leave(entry)
+        return errors, others
+
+    async def _prefetch_wait(
+        self, entry: DeviceEntry, errors: list[Exception], others: list[Key]
+    ) -> None:
+        """Wait for a load `_prefetch_loads` joined, then lease it and let it go (`_acquire`'s
+        waiter); its error goes to ``errors``, a model gone before its lease to ``others``."""
+        waiting_since = _observe.clock()
+        leased = False
+        try:
+            await entry.done.wait()
+            if entry.ready and self._entries.get(entry.key) is entry:
+                self._device.lease_loaded(entry)
+                leased = True
+        finally:
+            self._device.leave(entry)
+            if self._observers:
+                self._observers.waited(entry.model_id, _observe.clock() - waiting_since)
+        if leased:
+            self._device.release_lease(entry)
+        elif entry.error is not None:
+            error = for_caller(entry.error)
+            if not isinstance(error, Exception):
+                raise error
+            errors.append(error)
+        else:
+            others.append(entry.key)  # evicted, or dropped, before its lease: as use() would
+
     def _start_load(self, key: Key, url: str) -> DeviceEntry:
         assert self._task_group is not None
         entry = self._device.add(key, url)
-        self._background.start_load(
+        entry.scope = self._background.start_load(
             self._task_group, self._load, entry, name=f"modelcache load {entry.model_id!r}"
         )
         return entry

@@ -4,14 +4,85 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
 
-__all__ = ["Background", "gather"]
+__all__ = ["Background", "Event", "gather", "new_event", "new_scope", "new_signal"]
 
 T = TypeVar("T")
+
+
+#: The running asyncio loop, or None on another backend (trio): the fast paths here are
+#: asyncio's own; elsewhere anyio's primitives are used (a test forces those on asyncio). The
+#: function itself, not a wrapper: it is asked several times per load.
+_asyncio_loop: Callable[[], asyncio.AbstractEventLoop | None] = asyncio._get_running_loop
+
+
+class Event(Protocol):
+    """What the cache's code asks of an event: `anyio.Event`'s verbs, which `asyncio.Event`
+    has too."""
+
+    def set(self) -> object: ...
+
+    def is_set(self) -> bool: ...
+
+    def wait(self) -> Awaitable[object]: ...
+
+
+class _Signal(asyncio.Future[None]):
+    """An event with one waiter, on asyncio: the future it awaits (`new_signal`)."""
+
+    def set(self) -> None:
+        if not self.done():  # its waiter may have been cancelled (the future with it)
+            self.set_result(None)
+
+    def is_set(self) -> bool:
+        return self.done()
+
+    def wait(self) -> Awaitable[None]:
+        return self
+
+
+def new_signal() -> Event:
+    """An event that one task waits for, once: on asyncio the future it awaits (no event, no
+    deque of waiters, no ``wait`` coroutine), else an `anyio.Event`. Cancelling its waiter
+    cancels the future: `set` then does nothing."""
+    loop = _asyncio_loop()
+    if loop is not None:
+        return _Signal(loop=loop)
+    return anyio.Event()
+
+
+def new_event() -> Event:
+    """An event for the running loop: on asyncio an `asyncio.Event` itself, else an
+    `anyio.Event`.
+
+    anyio's event on asyncio wraps an asyncio one (made twice: its constructor runs twice) and
+    its ``wait`` is one coroutine more per waiter; a small model's load waited on two. Waiting
+    on an asyncio event is cancelled by anyio's cancel scopes as any await in the task is (a
+    scope cancels the task's awaited future). One difference: anyio's ``wait`` on an event
+    already set is a checkpoint, asyncio's returns at once: no caller here relies on it."""
+    if _asyncio_loop() is not None:
+        return asyncio.Event()
+    return anyio.Event()
+
+
+#: The concrete cancel scope class of anyio's asyncio backend, once one was made.
+_asyncio_scope: type[anyio.CancelScope] | None = None
+
+
+def new_scope() -> anyio.CancelScope:
+    """``anyio.CancelScope()``, made directly from the backend's class on asyncio: the public
+    constructor looks the backend up and then runs the scope's ``__init__`` twice (its
+    ``__new__`` returns an instance of a subclass, which Python initialises again)."""
+    global _asyncio_scope
+    if _asyncio_loop() is None:
+        return anyio.CancelScope()
+    if _asyncio_scope is None:
+        _asyncio_scope = type(anyio.CancelScope())
+    return _asyncio_scope()
 
 
 async def gather(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
@@ -85,15 +156,15 @@ class Background:
         func: Callable[..., Coroutine[Any, Any, object]],
         *args: object,
         name: str,
-    ) -> None:
+    ) -> anyio.CancelScope | None:
         """`start` ``func(*args)``, a load: on asyncio, as a task of its own (see the class
-        docstring); on another backend, in ``task_group``."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio): a task of the group
+        docstring), and return the cancel scope it runs in; on another backend, in
+        ``task_group`` (None)."""
+        loop = _asyncio_loop()
+        if loop is None:  # not asyncio (trio): a task of the group
             self.start(task_group, func, *args, name=name)
-            return
-        scope = anyio.CancelScope()
+            return None
+        scope = new_scope()
         if self._cancelled:
             scope.cancel()
         running = func(*args)  # the arguments live in this coroutine alone, as in `_run`
@@ -102,6 +173,7 @@ class Background:
         # asyncio keeps only a weak reference to a task; the load's coroutine is kept for
         # `wait_loads` to run if the task ends before running it.
         self._loads[scope] = (task, running)
+        return scope
 
     def cancel_loads(self) -> None:
         """Cancel the loads running outside a task group, and any started from now on."""

@@ -37,6 +37,7 @@ import anyio
 from . import _observe
 from ._backend import LoadedWeights
 from ._builders import ModelBuilder
+from ._concurrency import Event, new_event
 from ._format import ModelInfo
 from ._lower import HostDiskTiers
 from ._observe import Observers
@@ -58,6 +59,7 @@ class DeviceEntry:
 
     __slots__ = (
         "abandon",
+        "abandoned",
         "admitted",
         "builder",
         "check_at",
@@ -73,6 +75,7 @@ class DeviceEntry:
         "replaces",
         "reserved",
         "retired",
+        "scope",
         "source",
         "stale",
         "url",
@@ -98,14 +101,20 @@ class DeviceEntry:
         self.waiters = 0
         #: Set when the load ends; a loaded entry's is then its tier's one set event
         #: (`DeviceTier.admit`), not an event (and its waiters' deque) kept per resident model.
-        self.done = anyio.Event()
+        self.done: Event = new_event()
         self.error: BaseException | None = None
         self.admitted = 0.0  # when it became ready (`_observe.clock`), for the age at eviction
         #: Set while it is a victim chosen for a waiting load: new leases wait on it (it is set,
         #: and cleared, when the entry is evicted or no longer needed as a victim).
         self.draining: anyio.Event | None = None
-        #: The load's wait for the limiter, cancelled when its last waiter leaves.
+        #: The scope of the load's stage in progress that its last waiter leaving cancels
+        #: (`_stages`): the wait for the limiter, or an abandonable stage.
         self.abandon: anyio.CancelScope | None = None
+        #: Its last waiter left during that stage (the stage's `Abandoned`).
+        self.abandoned = False
+        #: The cancel scope the load's task runs in (`Background.start_load`; None in a task
+        #: group's task): an abandonable stage cancels it rather than enter a scope of its own.
+        self.scope: anyio.CancelScope | None = None
         # -- versions (issue 12)
         #: When a hit starts a background check of its version (`Revalidator`).
         self.check_at = math.inf
@@ -144,7 +153,7 @@ class DeviceTier:
         #: Replaced entries still leased: their bytes are freed when their last lease ends.
         self.retired: set[DeviceEntry] = set()
         #: The set ``done`` event every loaded entry shares (the first one loaded's own).
-        self._loaded: anyio.Event | None = None
+        self._loaded: Event | None = None
         self.swaps = 0
         self.hits = self.misses = self.loads = 0
         self.loading = self.waiters = self.leased = 0
@@ -202,6 +211,7 @@ class DeviceTier:
     def _left(self, entry: DeviceEntry) -> None:
         """``entry``'s last waiter stopped waiting (leased it, or left)."""
         if not entry.ready and entry.abandon is not None:
+            entry.abandoned = True
             entry.abandon.cancel()  # nobody wants the load: leave the limiter's queue now
         if self._budget.waiting:
             # Its place in line may be unwanted now, or the entry may be a candidate victim.
@@ -236,6 +246,7 @@ class DeviceTier:
         (when none are left, that may serve the line now). False for a new version that found
         another entry of its key (loaded, or in flight, since the old one left): it goes, that
         one stays."""
+        entry.scope = None  # a resident model keeps no scope (nor its sets) for the collector
         if entry.replaces is not None and not self._install(entry):
             self.failed(entry)
             self._budget.serve_line()
@@ -261,6 +272,7 @@ class DeviceTier:
     def failed(self, entry: DeviceEntry) -> None:
         """``entry``'s load ended without a model: it leaves, its bytes go back (the caller
         serves the line (`serve_line`) once it has told the waiters)."""
+        entry.scope = None
         self.loading -= 1
         self.drop(entry)
 

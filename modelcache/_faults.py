@@ -9,9 +9,9 @@ boundary; `is_transient` decides the Store's retries.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Iterator, Mapping
+from types import TracebackType
 
 from ._exceptions import ModelCacheError, ModelNotFoundError, StoreError
 
@@ -137,20 +137,37 @@ def describe(exc: BaseException) -> str:
     return text if cause is None else f"{text} (from {type(cause).__name__}: {cause})"
 
 
-@contextlib.contextmanager
-def translated(op: str, url: str, model_id: str) -> Iterator[None]:
-    """Turn filesystem errors into the library's typed errors; let ours and BaseException pass."""
-    try:
-        yield
-    except ModelCacheError:
-        raise
-    except Exception as exc:
+class translated:  # lower case: used as a function, ``with translated(op, url, model_id):``
+    """Turn filesystem errors into the library's typed errors; let ours and BaseException pass.
+
+    A class rather than a generator context manager: every read enters one (a small model's
+    load two), and a generator, its frame and contextlib's wrapper were three objects each."""
+
+    __slots__ = ("_model_id", "_op", "_url")
+
+    def __init__(self, op: str, url: str, model_id: str) -> None:
+        self._op = op
+        self._url = url
+        self._model_id = model_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, ModelCacheError):
+            return
+        url, model_id = self._url, self._model_id
         if is_missing(exc):
             raise ModelNotFoundError(
                 f"model {model_id!r} not found: no file at {url}", model_id=model_id, path=url
             ) from exc
         raise StoreError(
-            f"cannot {op} {url} for model {model_id!r}: {describe(exc)}",
+            f"cannot {self._op} {url} for model {model_id!r}: {describe(exc)}",
             model_id=model_id,
             path=url,
         ) from exc

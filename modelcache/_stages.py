@@ -5,7 +5,9 @@
 * `Abandonable`: a stage cancelled when the last waiter leaves (`DeviceTier.leave` cancels
   ``entry.abandon``), raising `Abandoned`: a stage that takes no load slot (a batched local
   header read) uses it alone, `Limited`'s abandonable stages inside the slot, so an abandoned
-  load's read leaves the batch queue or the limiter's line at once.
+  load's read leaves the batch queue or the limiter's line at once. A load in a task of its
+  own (`Background.start_load`) has its task's scope cancelled (one scope per load rather than
+  one more per stage): the stage then ends the load with `Abandoned`.
 * `Limited`: a stage that holds a token of the load limiter. A load whose waiters all leave
   while it waits for the token leaves the line at once; a free token with nobody queued is
   taken without a cancel scope or a trip through the scheduler.
@@ -16,10 +18,12 @@ a generator, its frame and contextlib's wrapper each were a measurable part of i
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
 
 import anyio
 
+from ._concurrency import new_scope
 from ._device import DeviceEntry
 from ._tiers import Abandoned
 
@@ -45,7 +49,11 @@ class Abandonable:
     def __enter__(self) -> None:
         entry = self._entry
         check_wanted(entry)
-        scope = self._scope = anyio.CancelScope()
+        entry.abandoned = False
+        if entry.scope is not None:  # the load's task's own scope: no scope more per load
+            entry.abandon = entry.scope
+            return
+        scope = self._scope = new_scope()
         scope.__enter__()
         entry.abandon = scope
 
@@ -55,9 +63,17 @@ class Abandonable:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        self._entry.abandon = None
+        entry = self._entry
+        entry.abandon = None
         scope = self._scope
-        assert scope is not None
+        if scope is None:
+            # The load's scope was cancelled for its waiters' leaving: the load ends here,
+            # whether its read was cancelled or had just ended (a new caller, if one joined
+            # since, starts another load). Another error of the stage propagates.
+            if entry.abandoned and (exc is None or isinstance(exc, asyncio.CancelledError)):
+                del exc, tb
+                raise Abandoned
+            return False
         self._scope = None
         swallowed = bool(scope.__exit__(exc_type, exc, tb))
         del exc, tb  # an `Abandoned` raised here keeps this frame: not the cancellation
@@ -101,7 +117,7 @@ class Limited:
         except anyio.WouldBlock:
             while True:
                 check_wanted(entry)
-                with anyio.CancelScope() as scope:
+                with new_scope() as scope:
                     entry.abandon = scope
                     try:
                         await limiter.acquire()

@@ -24,7 +24,7 @@ from modelcache._failures import release_frames
 from modelcache._format import ModelInfo
 from modelcache._pool import BufferPool
 
-from .conftest import GatedStore, MemoryModels, check_invariants
+from .conftest import GatedStore, MemoryModels, check_invariants, settle
 
 #: Large enough for a mapped (weak-referenceable) host buffer, not a heap bytearray.
 BIG = 2 << 20
@@ -90,6 +90,7 @@ async def test_a_failed_build_leaves_no_buffer_reachable(models: MemoryModels) -
         check_invariants(cache)
 
 
+@pytest.mark.usefixtures("count_threads")
 async def test_a_store_failure_mid_load_leaves_no_buffer_reachable(
     models: MemoryModels, gated: GatedStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -107,7 +108,9 @@ async def test_a_store_failure_mid_load_leaves_no_buffer_reachable(
                         pass
 
             tg.start_soon(user)
-            await anyio.wait_all_tasks_blocked()
+            # At the gate: not while a worker thread makes the store's filesystem (its first
+            # use), before the header read, which would then find no file and allocate nothing.
+            await settle()
             models.fs.rm(f"{models.root}/a/model.safetensors")  # gone under the load
             gated.open("a", "read_into")
         await cache.wait_idle()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelcache import CacheClosedError, ModelCache
+from modelcache import CacheClosedError, ModelCache, ModelNotFoundError
 
-from .conftest import GatedStore, MemoryModels
+from .conftest import GatedStore, MemoryModels, check_invariants
 
 #: GC-tracked objects a resident one-tensor model keeps (was 21): its entry and its key, its
 #: policy slot, its headers (the info, its tensor table and mapping, the shard header and its
@@ -52,6 +53,17 @@ async def _fill(cache: ModelCache, ids: list[str], tasks: int = 8) -> None:
     async with anyio.create_task_group() as tg:
         for k in range(tasks):
             tg.start_soon(worker, ids[k::tasks])
+
+
+@pytest.fixture(params=["asyncio", "anyio"])
+def load_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a load runs: asyncio's fast path (a task of its own, asyncio events and
+    futures, one cancel scope), and anyio's primitives alone, as on trio (forced here)."""
+    import modelcache._concurrency as concurrency
+
+    if request.param == "anyio":
+        monkeypatch.setattr(concurrency, "_asyncio_loop", lambda: None)
+    return str(request.param)
 
 
 @pytest.fixture
@@ -158,5 +170,200 @@ async def test_a_load_runs_in_a_task_of_its_own_that_close_cancels_and_waits_for
             assert getattr(coro, "__qualname__", "") == "Background._run_load"
             assert cache.stats().background == 1
         assert load.done() and not load.cancelled()  # ended, its cancellation caught
+        assert cache.stats().background == 0
+    assert len(errors) == 1
+
+
+# -- a fill through prefetch(ids): its loads start from the caller's task --------------------
+
+
+async def test_a_device_prefetch_starts_no_task_per_id_besides_its_loads(tiny: str) -> None:
+    """``prefetch(ids)`` starts each fresh id's load from the caller's task and waits for them
+    there: the only tasks it creates are the loads' own (a task per id around each was as
+    costly as a small model's load)."""
+    created: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        created.append(getattr(coro, "__qualname__", ""))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with _cache(tiny) as cache:
+        ids = [f"m{i}" for i in range(20)]
+        loop.set_task_factory(factory)
+        try:
+            await cache.prefetch(ids)
+        finally:
+            loop.set_task_factory(None)
+        assert sorted(cache.resident()) == sorted(ids)
+        assert cache.stats().leased == 0  # resident and unleased
+    assert created == ["Background._run_load"] * len(ids)
+
+
+async def test_a_device_prefetch_keeps_a_window_of_loads_in_flight(
+    models: MemoryModels, load_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefetch of many ids keeps at most ``PREFETCH_WINDOW`` of the loads it starts in flight
+    (each in flight holds its task and state; 100,000 at once would hold them all), and loads
+    every id."""
+    import modelcache._cache as cache_module
+
+    monkeypatch.setattr(cache_module, "PREFETCH_WINDOW", 3)
+    ids = [f"m{i}" for i in range(7)]
+    for model_id in ids:
+        models.add(model_id, 10)
+    store = GatedStore(models.template)
+    for model_id in ids:
+        store.gate(model_id, "size")
+    async with ModelCache(store, device_budget=1000, revalidate_after=None) as cache:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.prefetch, ids)
+            await anyio.wait_all_tasks_blocked()
+            assert cache.stats().loading == 3
+            for model_id in ids:
+                store.open(model_id, "size")
+        assert sorted(cache.resident()) == sorted(ids)
+        assert cache.stats().loading == cache.stats().waiters == 0
+        check_invariants(cache)
+
+
+async def test_a_cancelled_device_prefetch_abandons_the_loads_it_started(
+    models: MemoryModels,
+    load_path: str,
+) -> None:
+    """A prefetch cancelled while its loads read headers leaves them all: nobody else waits for
+    them, so they stop (no bytes reserved, nothing resident), as use()'s callers' loads do."""
+    ids = [f"m{i}" for i in range(6)]
+    for model_id in ids:
+        models.add(model_id, 10)
+    store = GatedStore(models.template)
+    for model_id in ids:
+        store.gate(model_id, "size")
+    async with ModelCache(store, device_budget=1000, revalidate_after=None) as cache:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cache.prefetch, ids)
+                await anyio.wait_all_tasks_blocked()
+                assert cache.stats().loading == len(ids)
+                scope.cancel()
+        await cache.wait_idle()
+        stats = cache.stats()
+        assert (stats.loading, stats.waiters, stats.bytes_reserved, stats.models) == (0, 0, 0, 0)
+        check_invariants(cache)
+        for model_id in ids:
+            store.open(model_id, "size")
+        assert store.calls[("read_into", "m0")] == 0
+
+
+async def test_a_device_prefetch_shares_loads_in_flight_and_raises_the_first_failure(
+    models: MemoryModels,
+    load_path: str,
+) -> None:
+    """A prefetch joins a load a use() started (one read), loads every id it can, and then
+    raises a failure (a missing id) as its own copy."""
+    models.add("a", 10)
+    models.add("b", 10)
+    store = GatedStore(models.template)
+    store.gate("a", "size")
+    async with ModelCache(store, device_budget=1000, revalidate_after=None) as cache:
+        async with anyio.create_task_group() as tg:
+
+            async def use_a() -> None:
+                async with cache.use("a"):
+                    pass
+
+            tg.start_soon(use_a)
+            await anyio.wait_all_tasks_blocked()
+
+            async def prefetch() -> None:
+                with pytest.raises(ModelNotFoundError):
+                    await cache.prefetch(["a", "missing", "b"])
+
+            tg.start_soon(prefetch)
+            await anyio.wait_all_tasks_blocked()
+            store.open("a", "size")
+        assert sorted(cache.resident()) == ["a", "b"]
+        assert store.calls[("size", "a")] == 1
+        assert cache.stats().leased == 0
+        check_invariants(cache)
+
+
+async def test_a_load_enters_one_cancel_scope(tiny: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On asyncio a small model's load enters one cancel scope of its own, its task's: the
+    abandonable header stage cancels that one when the last caller leaves rather than enter
+    one more (a scope and its two sets per stage were a part of each load's cost and garbage)."""
+    scope_class = type(anyio.CancelScope())
+    real_enter = scope_class.__enter__
+    entered: list[str] = []
+
+    def counting_enter(self: Any) -> Any:
+        task = asyncio.current_task()
+        # Scopes the library enters itself (a thread call's own, anyio's, are not counted).
+        if "/modelcache/" in sys._getframe(1).f_code.co_filename and task is not None:
+            entered.append(task.get_name())
+        return real_enter(self)
+
+    async with _cache(tiny) as cache:
+        monkeypatch.setattr(scope_class, "__enter__", counting_enter)
+        ids = [f"m{i}" for i in range(10)]
+        await _fill(cache, ids, tasks=3)
+        monkeypatch.undo()
+    assert sorted(name for name in entered if name.startswith("modelcache load")) == sorted(
+        f"modelcache load {i!r}" for i in ids
+    )
+
+
+async def test_loads_fill_abandon_and_close_on_either_path(
+    tmp_path: Path, models: MemoryModels, load_path: str
+) -> None:
+    """On either path: a fill loads every id; a load whose callers all left during its batched
+    header read stops (nothing reserved or resident); closing the cache with a load in flight
+    fails its waiter with CacheClosedError and waits for it."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        save_file(
+            {"w": torch.zeros(4, dtype=torch.uint8)}, str(tmp_path / name / "model.safetensors")
+        )
+    async with _cache(f"file://{tmp_path}/a/model.safetensors") as cache:
+        await _fill(cache, [f"m{i}" for i in range(30)], tasks=4)
+        assert cache.stats().models == 30
+        check_invariants(cache)
+    store_url = f"file://{tmp_path}/{{model_id}}"
+    async with ModelCache(store_url, device_budget=1000, revalidate_after=None) as cache:
+        limiter = cache.store._get_limiter()
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:
+            await limiter.acquire_on_behalf_of(holder)  # the header batch cannot start
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cache.prefetch, ["a"])
+                await anyio.wait_all_tasks_blocked()
+                assert cache.stats().loading == 1
+                scope.cancel()
+        await anyio.wait_all_tasks_blocked()
+        stats = cache.stats()
+        assert (stats.loading, stats.bytes_reserved, stats.models) == (0, 0, 0)
+        for holder in holders:
+            limiter.release_on_behalf_of(holder)
+        await cache.wait_idle()
+        check_invariants(cache)
+    models.add("c", 100)
+    store = GatedStore(models.template)
+    store.gate("c", "read_into")
+    errors: list[BaseException] = []
+    cache = ModelCache(store, device_budget=1000, revalidate_after=None)
+
+    async def use() -> None:
+        try:
+            async with cache.use("c"):
+                pass
+        except CacheClosedError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        async with cache:
+            tg.start_soon(use)
+            await anyio.wait_all_tasks_blocked()
+            assert cache.stats().loading == 1
         assert cache.stats().background == 0
     assert len(errors) == 1
