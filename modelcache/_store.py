@@ -88,6 +88,7 @@ from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
 from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
 from ._firstget import read_first
 from ._ranged import COPY_IN_THREAD, RangeReader, is_http_class, range_reader
+from ._sockets import SocketPool, socket_range_reader
 from ._versions import VersionMismatch, changed, expected, local_tag, memory_tag, remote_tag, see
 
 if TYPE_CHECKING:
@@ -456,6 +457,8 @@ class Store:
         self._small = SmallReads(self._get_limiter)
         #: Hosts that answered a ranged GET with the whole file (see the module notes).
         self._whole_body_hosts: set[str] = set()
+        #: Keep-alive connections of the http(s) and s3 weight reads (`_sockets`).
+        self._sockets = SocketPool()
         self._bytes_read = 0
         self._retries = 0
         #: A subclass that intercepts size or read_range (a wrapper, a test's gate) sees them
@@ -759,6 +762,7 @@ class Store:
 
     async def aclose(self) -> None:
         """Close the sessions of async filesystems (they are made again if the Store is reused)."""
+        self._sockets.close()
         closing = [fs for fs in self._filesystems.values() if fs.async_impl]
         self._filesystems = {p: fs for p, fs in self._filesystems.items() if not fs.async_impl}
         errors: list[Exception] = []
@@ -796,12 +800,12 @@ class Store:
         """Ranged reads of ``url``, pinned to the version this load has seen of it (If-Match for
         a strong ETag; the response's ETag checked for a weak one: see `range_reader`)."""
         host = _host(url)
+        pin = expected(url)
         read = range_reader(
-            fs,
-            path,
-            on_whole_body=lambda: self._whole_body_hosts.add(host),
-            if_match=expected(url),
+            fs, path, on_whole_body=lambda: self._whole_body_hosts.add(host), if_match=pin
         )
+        if host not in self._whole_body_hosts:  # such a host's every answer is a fallback
+            read = socket_range_reader(self._sockets, fs, path, if_match=pin, fallback=read) or read
 
         async def pinned(start: int, dests: Sequence[memoryview]) -> int:
             try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
-from modelcache import ModelCache, ModelChangedError, ModelFormatError, Store, _loader
+from modelcache import ModelCache, ModelChangedError, ModelFormatError, Store, _loader, _sockets
 from modelcache._versions import reading
 from tests.safetensors_files import shard_name, write_model, write_sharded
 
@@ -56,8 +56,16 @@ def http_requests(server: HttpServer, *urls: str) -> Counter[str]:
     return Counter({m: sum(server.count(m, u) for u in urls) for m in ("GET", "HEAD")})
 
 
-def count_s3_calls(store: Store, calls: Counter[str]) -> Any:
-    """Count every S3 operation ``store``'s client makes (botocore's before-call event)."""
+def count_s3_calls(store: Store, calls: Counter[str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Count every S3 operation ``store``'s client makes (botocore's before-call event) and
+    the presigned GETs of weights that socket threads make (`_sockets`)."""
+    fetch = _sockets._fetch
+
+    def counted(*args: Any) -> int:
+        calls["presigned GET"] += 1
+        return fetch(*args)
+
+    monkeypatch.setattr(_sockets, "_fetch", counted)
 
     async def install(url: str) -> None:
         fs, _ = await store._remote(url)
@@ -260,32 +268,34 @@ async def test_a_store_subclass_overriding_size_still_gets_it_called(
 
 
 async def test_an_s3_load_with_config_makes_three_requests(
-    seaweedfs: SeaweedFS, s3_prefix: S3Prefix, tmp_path: Path
+    seaweedfs: SeaweedFS, s3_prefix: S3Prefix, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On S3: header, config and weights are one GetObject each, no HeadObject."""
+    """On S3: header, config and weights are one request each, no HeadObject: GetObject for
+    the header and the config, a presigned GET for the weights."""
     want = tensors(10)
     s3_prefix.put("m/model.safetensors", write_model(tmp_path, want))
     s3_prefix.put("m/config.json", json.dumps(CONFIG).encode())
     store = Store(f"{s3_prefix.url}/{{model_id}}/", storage_options=seaweedfs.s3_options)
     calls: Counter[str] = Counter()
-    await count_s3_calls(store, calls)(f"{s3_prefix.url}/m/model.safetensors")
+    await count_s3_calls(store, calls, monkeypatch)(f"{s3_prefix.url}/m/model.safetensors")
     config, got = await load_with_config(store, "m")
     assert config == CONFIG
     assert all(torch.equal(got[k], want[k]) for k in want)
-    assert calls == Counter({"GetObject": 3})
+    assert calls == Counter({"GetObject": 2, "presigned GET": 1})
 
 
 async def test_an_s3_load_without_config_makes_three_requests(
-    seaweedfs: SeaweedFS, s3_prefix: S3Prefix, tmp_path: Path
+    seaweedfs: SeaweedFS, s3_prefix: S3Prefix, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A missing config.json on S3 is one GetObject answered NoSuchKey: config None."""
+    """A missing config.json on S3 is one GetObject answered NoSuchKey: config None; the weights
+    one presigned GET."""
     s3_prefix.put("m/model.safetensors", write_model(tmp_path, tensors(11)))
     store = Store(f"{s3_prefix.url}/{{model_id}}/", storage_options=seaweedfs.s3_options)
     calls: Counter[str] = Counter()
-    await count_s3_calls(store, calls)(f"{s3_prefix.url}/m/model.safetensors")
+    await count_s3_calls(store, calls, monkeypatch)(f"{s3_prefix.url}/m/model.safetensors")
     config, _ = await load_with_config(store, "m")
     assert config is None
-    assert calls == Counter({"GetObject": 3})
+    assert calls == Counter({"GetObject": 2, "presigned GET": 1})
 
 
 async def test_an_s3_header_read_records_the_tag_a_stat_gives(
