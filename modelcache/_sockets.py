@@ -156,12 +156,18 @@ class SocketPool:
 class _Read:
     """One request's thread work, and what a cancellation needs to stop it."""
 
-    __slots__ = ("cancelled", "conn", "finished", "lock", "reused", "started")
+    __slots__ = ("cancelled", "conn", "dests", "finished", "lock", "reused", "started")
 
-    def __init__(self, conn: http.client.HTTPConnection, reused: bool) -> None:
+    def __init__(
+        self, conn: http.client.HTTPConnection, reused: bool, dests: Sequence[memoryview]
+    ) -> None:
         self.lock = threading.Lock()
         self.started = self.cancelled = False
         self.conn, self.reused = conn, reused
+        #: The views, here rather than among the thread's arguments: anyio's worker drops its
+        #: call's arguments only after handing back the result, and a caller may resize the
+        #: buffer behind the views as soon as it has it (`Store.read_range`). Emptied when done.
+        self.dests = dests
         self.finished = threading.Event()
 
     def begin(self) -> bool:
@@ -268,13 +274,12 @@ def _fetch(
     statuses: bool,
     if_match: str | None,
     start: int,
-    dests: Sequence[memoryview],
 ) -> int:
     """The thread's part: send the request, check the response, read its body into ``dests``.
     The connection goes back to the pool only after a whole body was read. With ``statuses``
     an error status raises `status_error`; without it (s3, whose errors botocore reads from
     the body) it is a `Fallback`."""
-    conn = read.conn
+    conn, dests = read.conn, read.dests
     try:
         if not read.begin():
             conn.close()
@@ -345,6 +350,7 @@ def _fetch(
             else:
                 conn.close()
     finally:
+        read.dests = dests = ()
         read.finished.set()
 
 
@@ -433,7 +439,7 @@ def _reader(
                 conn = await _connect(*key, connect_timeout, read_timeout)
             try:
                 return await _in_thread(
-                    conn, reused, pool, key, path, sent, statuses, if_match, start, dests
+                    conn, reused, dests, pool, key, path, sent, statuses, if_match, start
                 )
             except Fallback:
                 return await fallback(start, dests)
@@ -446,11 +452,14 @@ def _reader(
     return read
 
 
-async def _in_thread(conn: http.client.HTTPConnection, reused: bool, *args: Any) -> int:
+async def _in_thread(
+    conn: http.client.HTTPConnection, reused: bool, dests: Sequence[memoryview], *args: Any
+) -> int:
     """`_fetch` in a worker thread. On cancellation (or any interrupt) while it runs, its socket
     is shut down and the thread waited for, shielded, before the cancellation goes on: nothing
     is written into the views after this returns."""
-    read = _Read(conn, reused)
+    read = _Read(conn, reused, dests)
+    del dests  # the thread's, through `read`
     try:
         return await anyio.to_thread.run_sync(_fetch, read, *args, abandon_on_cancel=True)
     except BaseException:

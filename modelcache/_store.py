@@ -999,14 +999,22 @@ class Store:
         self, fs: Any, path: str, url: str, model_id: str, offset: int, run: _Scatter
     ) -> int:
         """Ranged reads of ``read_chunk_size`` into ``run``, ``read_window`` at a time at most;
-        one read of it all from a host known to ignore ranges."""
+        one read of it all from a host known to ignore ranges.
+
+        The ranges are cut at multiples of ``read_chunk_size`` in the file, not in the run (a
+        model's data starts after its header): an object store keeps a large object in parts
+        of a few MiB, and a range across two parts costs the server both. Measured on the local
+        SeaweedFS (16 MiB parts, 1 GiB): 1.4-1.6 s of server CPU aligned, 1.6-2.0 s shifted by
+        8 KiB; one more request (the run's first, up to the first multiple) per file."""
         size = run.size
         if size == 0:
             return 0
         chunk = size if _host(url) in self._whole_body_hosts else self._chunk
         reader = self._range_reader(fs, path, url, model_id)
         limiter = self._get_limiter()
-        starts = iter(range(0, size, chunk))  # shared: each chunk is taken by one worker
+        head = -offset % chunk or chunk  # the run's first range ends at a multiple in the file
+        bounds = [0, *range(head, size, chunk)] if chunk < size else [0]
+        starts = iter(bounds)  # shared: each range is taken by one worker
         got = 0
 
         async def fetch(lo: int, hi: int) -> int:
@@ -1021,7 +1029,7 @@ class Store:
         async def worker() -> None:
             nonlocal got
             for lo in starts:
-                hi = min(lo + chunk, size)
+                hi = min(lo + chunk - (offset + lo) % chunk, size) if chunk < size else size
                 if chunk < size and _host(url) in self._whole_body_hosts:
                     # The host was found ignoring Range during this read: every further chunk
                     # would stream the file from its start again (O(size^2 / chunk) bytes). The
@@ -1033,7 +1041,7 @@ class Store:
                 n = await self._retrying("read", url, model_id, read)
                 got += n  # not `got += await ...`: that reads `got` before the await
 
-        workers = min(self._window, -(-size // chunk))
+        workers = min(self._window, len(bounds))
         await gather([worker] * workers)
         return got
 
