@@ -86,7 +86,7 @@ from ._batch import SMALL_READ, SmallReads
 from ._concurrency import gather
 from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
 from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
-from ._firstget import read_first
+from ._firstget import read_first, size_and_head
 from ._ranged import COPY_IN_THREAD, RangeReader, is_http_class, range_reader
 from ._sockets import SocketPool, socket_range_reader
 from ._versions import VersionMismatch, changed, expected, local_tag, memory_tag, remote_tag, see
@@ -707,6 +707,8 @@ class Store:
                 first = await read_first(self, fs, fspath, url, limit, model_id=model_id)
                 if first is not None and first.data is not None:
                     return first.size, first.data
+                if first is None and fs.async_impl:  # gcsfs, adlfs, ...: both at once
+                    return await size_and_head(self, url, limit, model_id=model_id)
         size = await self.size(url, model_id=model_id)
         return size, await self.read_range(url, 0, min(size, limit), model_id=model_id)
 
