@@ -183,13 +183,13 @@ class _Read:
             self.cancelled = True
             if not self.started:
                 return False
-            conn = self.conn
-        sock = getattr(conn, "sock", None)
+            # Under the lock: `_ready` swaps a `_TlsPending` for its TLS socket under it too.
+            sock = getattr(self.conn, "sock", None)
         if isinstance(sock, _TlsPending):
             sock = sock.sock
         if isinstance(sock, socket.socket):
             # The socket's own shutdown, not SSLSocket's (which drops its TLS state first); an
-            # error means closed, or detached mid-handshake: the read timeout ends that thread.
+            # error means closed already.
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the blocked recv returns
         return True
@@ -254,13 +254,24 @@ class _TlsPending:
 _TLS = ssl.create_default_context()
 
 
-def _ready(conn: http.client.HTTPConnection) -> None:
+def _ready(read: _Read) -> None:
+    """Make the TLS handshake of a new https connection. The TLS socket is put in place before
+    its handshake, under the read's lock: wrapping detaches the TCP socket, and a cancellation
+    must find the socket the handshake blocks on to shut it down (else it waits for the read
+    timeout: 60 s)."""
+    conn = read.conn
     pending = conn.sock
     if isinstance(pending, _TlsPending):
         try:
-            conn.sock = _TLS.wrap_socket(pending.sock, server_hostname=pending.host)
+            with read.lock:
+                conn.sock = _TLS.wrap_socket(
+                    pending.sock, server_hostname=pending.host, do_handshake_on_connect=False
+                )
+            conn.sock.do_handshake()
         except BaseException:
             pending.close()
+            if conn.sock is not pending:
+                conn.sock.close()
             conn.sock = None
             raise
 
@@ -286,7 +297,7 @@ def _fetch(
             raise OSError(errno.ECANCELED, "cancelled before it started")
         keep = False
         try:
-            _ready(conn)
+            _ready(read)
             try:
                 conn.request("GET", target, headers=headers)
                 response = conn.getresponse()
