@@ -156,13 +156,13 @@ class SocketPool:
 class _Read:
     """One request's thread work, and what a cancellation needs to stop it."""
 
-    __slots__ = ("cancelled", "conn", "dests", "finished", "lock", "reused", "started")
+    __slots__ = ("cancelled", "conn", "dests", "finished", "kept", "lock", "reused", "started")
 
     def __init__(
         self, conn: http.client.HTTPConnection, reused: bool, dests: Sequence[memoryview]
     ) -> None:
         self.lock = threading.Lock()
-        self.started = self.cancelled = False
+        self.started = self.cancelled = self.kept = False
         self.conn, self.reused = conn, reused
         #: The views, here rather than among the thread's arguments: anyio's worker drops its
         #: call's arguments only after handing back the result, and a caller may resize the
@@ -177,12 +177,21 @@ class _Read:
             self.started = True
             return True
 
+    def keep(self) -> bool:
+        """Whether the connection (its response read whole) may go back to the pool: not once
+        cancelled (its socket may be shut down), and a cancellation after this leaves it be."""
+        with self.lock:
+            self.kept = not self.cancelled
+            return self.kept
+
     def cancel(self) -> bool:
         """Stop the thread's read; True when the thread runs (or ran) and must be waited for."""
         with self.lock:
             self.cancelled = True
             if not self.started:
                 return False
+            if self.kept:  # in the pool, or about to be: another read's now
+                return True
             # Under the lock: `_ready` swaps a `_TlsPending` for its TLS socket under it too.
             sock = getattr(self.conn, "sock", None)
         if isinstance(sock, _TlsPending):
@@ -356,7 +365,7 @@ def _fetch(
             # A cut body, a garbled status line: transient, as aiohttp's payload errors are.
             raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
         finally:
-            if keep:
+            if keep and read.keep():
                 pool.give(key, conn)
             else:
                 conn.close()

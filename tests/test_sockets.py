@@ -473,3 +473,44 @@ async def test_a_read_cancelled_during_its_tls_handshake_ends_at_once(
         let_go.set()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_read_cancelled_as_its_connection_goes_back_leaves_that_connection_alive(
+    http_server: HttpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation that comes after the body was read whole, as the thread gives its
+    connection back, does not shut down that connection: the pool holds no dead socket."""
+    import select
+    import threading
+
+    root, url = http_server.fresh_dir()
+    data = random_bytes(16 * KIB, seed=6)
+    (root / "w.bin").write_bytes(data)
+    store = Store(f"{url}/{{model_id}}", read_chunk_size=16 * KIB, read_window=1)
+    cancelled = threading.Event()
+    cancel = _sockets._Read.cancel
+
+    def cancelling(read: Any) -> bool:
+        try:
+            return cancel(read)
+        finally:
+            cancelled.set()
+
+    monkeypatch.setattr(_sockets._Read, "cancel", cancelling)
+    give = store._sockets.give
+
+    def give_when_cancelled(key: Any, conn: Any) -> None:
+        anyio.from_thread.run_sync(scope.cancel)
+        assert cancelled.wait(30)
+        give(key, conn)
+
+    monkeypatch.setattr(store._sockets, "give", give_when_cancelled)
+    try:
+        with anyio.CancelScope() as scope:
+            await read_all(store, f"{url}/w.bin", len(data))
+        idle = [conn for conns in store._sockets._idle.values() for conn, _ in conns]
+        assert len(idle) == 1
+        for conn in idle:  # alive: nothing to read (an EOF would be readable at once)
+            assert not select.select([conn.sock], [], [], 0)[0]
+    finally:
+        await store.aclose()
