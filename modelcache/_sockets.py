@@ -156,13 +156,13 @@ class SocketPool:
 class _Read:
     """One request's thread work, and what a cancellation needs to stop it."""
 
-    __slots__ = ("cancelled", "conn", "dests", "finished", "lock", "reused", "started")
+    __slots__ = ("cancelled", "conn", "dests", "finished", "kept", "lock", "reused", "started")
 
     def __init__(
         self, conn: http.client.HTTPConnection, reused: bool, dests: Sequence[memoryview]
     ) -> None:
         self.lock = threading.Lock()
-        self.started = self.cancelled = False
+        self.started = self.cancelled = self.kept = False
         self.conn, self.reused = conn, reused
         #: The views, here rather than among the thread's arguments: anyio's worker drops its
         #: call's arguments only after handing back the result, and a caller may resize the
@@ -177,19 +177,28 @@ class _Read:
             self.started = True
             return True
 
+    def keep(self) -> bool:
+        """Whether the connection (its response read whole) may go back to the pool: not once
+        cancelled (its socket may be shut down), and a cancellation after this leaves it be."""
+        with self.lock:
+            self.kept = not self.cancelled
+            return self.kept
+
     def cancel(self) -> bool:
         """Stop the thread's read; True when the thread runs (or ran) and must be waited for."""
         with self.lock:
             self.cancelled = True
             if not self.started:
                 return False
-            conn = self.conn
-        sock = getattr(conn, "sock", None)
+            if self.kept:  # in the pool, or about to be: another read's now
+                return True
+            # Under the lock: `_ready` swaps a `_TlsPending` for its TLS socket under it too.
+            sock = getattr(self.conn, "sock", None)
         if isinstance(sock, _TlsPending):
             sock = sock.sock
         if isinstance(sock, socket.socket):
             # The socket's own shutdown, not SSLSocket's (which drops its TLS state first); an
-            # error means closed, or detached mid-handshake: the read timeout ends that thread.
+            # error means closed already.
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the blocked recv returns
         return True
@@ -254,13 +263,24 @@ class _TlsPending:
 _TLS = ssl.create_default_context()
 
 
-def _ready(conn: http.client.HTTPConnection) -> None:
+def _ready(read: _Read) -> None:
+    """Make the TLS handshake of a new https connection. The TLS socket is put in place before
+    its handshake, under the read's lock: wrapping detaches the TCP socket, and a cancellation
+    must find the socket the handshake blocks on to shut it down (else it waits for the read
+    timeout: 60 s)."""
+    conn = read.conn
     pending = conn.sock
     if isinstance(pending, _TlsPending):
         try:
-            conn.sock = _TLS.wrap_socket(pending.sock, server_hostname=pending.host)
+            with read.lock:
+                conn.sock = _TLS.wrap_socket(
+                    pending.sock, server_hostname=pending.host, do_handshake_on_connect=False
+                )
+            conn.sock.do_handshake()
         except BaseException:
             pending.close()
+            if conn.sock is not pending:
+                conn.sock.close()
             conn.sock = None
             raise
 
@@ -286,7 +306,7 @@ def _fetch(
             raise OSError(errno.ECANCELED, "cancelled before it started")
         keep = False
         try:
-            _ready(conn)
+            _ready(read)
             try:
                 conn.request("GET", target, headers=headers)
                 response = conn.getresponse()
@@ -345,7 +365,7 @@ def _fetch(
             # A cut body, a garbled status line: transient, as aiohttp's payload errors are.
             raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
         finally:
-            if keep:
+            if keep and read.keep():
                 pool.give(key, conn)
             else:
                 conn.close()

@@ -327,3 +327,190 @@ async def test_remote_ranges_are_cut_at_multiples_of_the_chunk_size_in_the_file(
         f"bytes={128 * k}-{192 * k - 1}",
         f"bytes={192 * k}-{208 * k - 1}",
     ]
+
+
+def _self_signed(directory: Any) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files in ``directory``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = str(directory / "cert.pem"), str(directory / "key.pem")
+    with open(cert_file, "wb") as out:
+        out.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_file, "wb") as out:
+        out.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return cert_file, key_file
+
+
+async def test_https_reads_make_their_tls_handshake_in_the_thread_and_keep_the_connection(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over https the thread makes the handshake of a new connection, verifying the server's
+    certificate, and the TLS connection is kept alive for the next read."""
+    import asyncio
+    import ssl
+
+    from fsspec.implementations.http import HTTPFileSystem
+
+    cert_file, key_file = _self_signed(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert_file, key_file)
+    monkeypatch.setattr(_sockets, "_TLS", ssl.create_default_context(cafile=cert_file))
+    data = random_bytes(64 * KIB, seed=5)
+    connections = [0]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        with pytest.raises(asyncio.IncompleteReadError):  # until the client closes
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lo, hi = (int(x) for x in head.split(b"bytes=")[1].split(b"\r\n")[0].split(b"-"))
+                writer.write(
+                    f"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {lo}-{hi}/{len(data)}"
+                    f"\r\nContent-Length: {hi + 1 - lo}\r\n\r\n".encode()
+                    + data[lo : hi + 1]
+                )
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    pool = _sockets.SocketPool()
+    url = f"https://127.0.0.1:{port}/w.bin"
+    read = _sockets.socket_range_reader(
+        pool, HTTPFileSystem(asynchronous=True), url, if_match=None, fallback=_no_fallback
+    )
+    assert read is not None
+    dest = bytearray(len(data))
+    half = len(data) // 2
+    assert await read(0, [memoryview(dest)[:half]]) == half
+    assert await read(half, [memoryview(dest)[half:]]) == len(data) - half
+    assert dest == data
+    assert connections[0] == 1
+    pool.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def _no_fallback(start: int, dests: Sequence[memoryview]) -> int:
+    raise AssertionError("no read here goes through aiohttp")
+
+
+async def test_a_read_cancelled_during_its_tls_handshake_ends_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read cancelled while its thread waits for the server's side of the TLS handshake
+    shuts that socket down and ends at once, not after the read timeout."""
+    import asyncio
+
+    from fsspec.implementations.http import HTTPFileSystem
+
+    monkeypatch.setattr(_sockets, "_READ_TIMEOUT", 3600.0)
+    hello = asyncio.Event()
+    let_go = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the client hello: the thread now waits for the server's
+        hello.set()
+        await let_go.wait()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = _sockets.SocketPool()
+    url = f"https://127.0.0.1:{port}/w.bin"
+    read = _sockets.socket_range_reader(
+        pool, HTTPFileSystem(asynchronous=True), url, if_match=None, fallback=_no_fallback
+    )
+    assert read is not None
+    ended = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def reading() -> None:
+                try:
+                    await read(0, [memoryview(bytearray(KIB))])
+                finally:
+                    ended.set()
+
+            tg.start_soon(reading)
+            await hello.wait()
+            tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(20):  # a failure's bound
+                await ended.wait()
+            by_cancel = ended.is_set()  # not by the server letting go of the handshake
+            let_go.set()
+            assert by_cancel, "the cancelled read waited for its handshake to time out"
+    finally:
+        let_go.set()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_read_cancelled_as_its_connection_goes_back_leaves_that_connection_alive(
+    http_server: HttpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation that comes after the body was read whole, as the thread gives its
+    connection back, does not shut down that connection: the pool holds no dead socket."""
+    import select
+    import threading
+
+    root, url = http_server.fresh_dir()
+    data = random_bytes(16 * KIB, seed=6)
+    (root / "w.bin").write_bytes(data)
+    store = Store(f"{url}/{{model_id}}", read_chunk_size=16 * KIB, read_window=1)
+    cancelled = threading.Event()
+    cancel = _sockets._Read.cancel
+
+    def cancelling(read: Any) -> bool:
+        try:
+            return cancel(read)
+        finally:
+            cancelled.set()
+
+    monkeypatch.setattr(_sockets._Read, "cancel", cancelling)
+    give = store._sockets.give
+
+    def give_when_cancelled(key: Any, conn: Any) -> None:
+        anyio.from_thread.run_sync(scope.cancel)
+        assert cancelled.wait(30)
+        give(key, conn)
+
+    monkeypatch.setattr(store._sockets, "give", give_when_cancelled)
+    try:
+        with anyio.CancelScope() as scope:
+            await read_all(store, f"{url}/w.bin", len(data))
+        idle = [conn for conns in store._sockets._idle.values() for conn, _ in conns]
+        assert len(idle) == 1
+        for conn in idle:  # alive: nothing to read (an EOF would be readable at once)
+            assert not select.select([conn.sock], [], [], 0)[0]
+    finally:
+        await store.aclose()
