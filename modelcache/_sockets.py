@@ -62,6 +62,8 @@ PRESIGN_SECONDS = 3600
 #: close idle keep-alive connections after 5-60 s; reusing one the server closed costs a retry).
 _IDLE_PER_HOST = 16
 _IDLE_SECONDS = 15.0
+#: Threads reading at once per Store, at most (its ``max_concurrent_reads`` is the usual bound).
+_THREADS = 64
 #: Socket timeouts when the filesystem names none: connecting, and between two received bytes.
 _CONNECT_TIMEOUT = 30.0
 _READ_TIMEOUT = 60.0
@@ -107,6 +109,14 @@ class SocketPool:
         self._idle: dict[tuple[str, str, int], list[tuple[http.client.HTTPConnection, float]]] = {}
         self._pid = os.getpid()
         self._closed = False
+        #: Tokens for the threads reading (the Store's limiter bounds them too): a stalled
+        #: server holds these, never anyio's default ones the application's threads use.
+        self._threads: anyio.CapacityLimiter | None = None
+
+    def threads(self) -> anyio.CapacityLimiter:
+        if self._threads is None:  # made in the event loop, on the first read
+            self._threads = anyio.CapacityLimiter(_THREADS)
+        return self._threads
 
     def take(self, key: tuple[str, str, int]) -> http.client.HTTPConnection | None:
         """An idle connection to ``key`` that has not idled too long, or None."""
@@ -473,7 +483,11 @@ def _reader(
 
 
 async def _in_thread(
-    conn: http.client.HTTPConnection, reused: bool, dests: Sequence[memoryview], *args: Any
+    conn: http.client.HTTPConnection,
+    reused: bool,
+    dests: Sequence[memoryview],
+    pool: SocketPool,
+    *args: Any,
 ) -> int:
     """`_fetch` in a worker thread. On cancellation (or any interrupt) while it runs, its socket
     is shut down and the thread waited for, shielded, before the cancellation goes on: nothing
@@ -481,7 +495,9 @@ async def _in_thread(
     read = _Read(conn, reused, dests)
     del dests  # the thread's, through `read`
     try:
-        return await anyio.to_thread.run_sync(_fetch, read, *args, abandon_on_cancel=True)
+        return await anyio.to_thread.run_sync(
+            _fetch, read, pool, *args, abandon_on_cancel=True, limiter=pool.threads()
+        )
     except BaseException:
         if not read.finished.is_set():
             if read.cancel():
