@@ -9,13 +9,43 @@ boundary; `is_transient` decides the Store's retries.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 
 from ._exceptions import ModelCacheError, ModelNotFoundError, StoreError
 
-__all__ = ["describe", "http_status", "is_missing", "is_transient", "translated", "truncated"]
+__all__ = [
+    "HttpStatusError",
+    "describe",
+    "http_status",
+    "is_missing",
+    "is_transient",
+    "status_error",
+    "translated",
+    "truncated",
+]
+
+
+class HttpStatusError(OSError):
+    """An error status answered to a request made without aiohttp (`_sockets`), told apart
+    (transient or not, missing or not) by its status as aiohttp's ClientResponseError is."""
+
+    def __init__(self, status: int, reason: str, url: str) -> None:
+        super().__init__(errno.EIO, f"{status}, message={reason!r}, url={url!r}")
+        self.status = status
+
+
+class _HttpMissing(HttpStatusError, FileNotFoundError):
+    """404 and 410: a FileNotFoundError, as fsspec's http raises for them."""
+
+
+def status_error(status: int, reason: str, url: str) -> HttpStatusError:
+    """The error for an http error ``status``."""
+    cls = _HttpMissing if status in (404, 410) else HttpStatusError
+    return cls(status, reason, url)
+
 
 # S3 error codes that mean "try again later" whatever the HTTP status says.
 _TRANSIENT_CODES = frozenset(
@@ -47,6 +77,8 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 def _own_status(exc: BaseException) -> int | None:
     """The HTTP status ``exc`` itself carries: aiohttp's, botocore's ClientError's, requests'."""
+    if isinstance(exc, HttpStatusError):
+        return exc.status
     aiohttp = sys.modules.get("aiohttp")
     if aiohttp is not None and isinstance(exc, aiohttp.ClientResponseError):
         status: int = exc.status

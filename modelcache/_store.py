@@ -86,8 +86,9 @@ from ._batch import SMALL_READ, SmallReads
 from ._concurrency import gather
 from ._exceptions import InvalidModelIdError, ModelCacheError, StoreError
 from ._faults import describe, http_status, is_missing, is_transient, translated, truncated
-from ._firstget import read_first
+from ._firstget import read_first, size_and_head
 from ._ranged import COPY_IN_THREAD, RangeReader, is_http_class, range_reader
+from ._sockets import SocketPool, socket_range_reader
 from ._versions import VersionMismatch, changed, expected, local_tag, memory_tag, remote_tag, see
 
 if TYPE_CHECKING:
@@ -456,6 +457,8 @@ class Store:
         self._small = SmallReads(self._get_limiter)
         #: Hosts that answered a ranged GET with the whole file (see the module notes).
         self._whole_body_hosts: set[str] = set()
+        #: Keep-alive connections of the http(s) and s3 weight reads (`_sockets`).
+        self._sockets = SocketPool()
         self._bytes_read = 0
         self._retries = 0
         #: A subclass that intercepts size or read_range (a wrapper, a test's gate) sees them
@@ -704,6 +707,8 @@ class Store:
                 first = await read_first(self, fs, fspath, url, limit, model_id=model_id)
                 if first is not None and first.data is not None:
                     return first.size, first.data
+                if first is None and fs.async_impl:  # gcsfs, adlfs, ...: both at once
+                    return await size_and_head(self, url, limit, model_id=model_id)
         size = await self.size(url, model_id=model_id)
         return size, await self.read_range(url, 0, min(size, limit), model_id=model_id)
 
@@ -759,6 +764,7 @@ class Store:
 
     async def aclose(self) -> None:
         """Close the sessions of async filesystems (they are made again if the Store is reused)."""
+        self._sockets.close()
         closing = [fs for fs in self._filesystems.values() if fs.async_impl]
         self._filesystems = {p: fs for p, fs in self._filesystems.items() if not fs.async_impl}
         errors: list[Exception] = []
@@ -796,12 +802,12 @@ class Store:
         """Ranged reads of ``url``, pinned to the version this load has seen of it (If-Match for
         a strong ETag; the response's ETag checked for a weak one: see `range_reader`)."""
         host = _host(url)
+        pin = expected(url)
         read = range_reader(
-            fs,
-            path,
-            on_whole_body=lambda: self._whole_body_hosts.add(host),
-            if_match=expected(url),
+            fs, path, on_whole_body=lambda: self._whole_body_hosts.add(host), if_match=pin
         )
+        if host not in self._whole_body_hosts:  # such a host's every answer is a fallback
+            read = socket_range_reader(self._sockets, fs, path, if_match=pin, fallback=read) or read
 
         async def pinned(start: int, dests: Sequence[memoryview]) -> int:
             try:
@@ -995,14 +1001,22 @@ class Store:
         self, fs: Any, path: str, url: str, model_id: str, offset: int, run: _Scatter
     ) -> int:
         """Ranged reads of ``read_chunk_size`` into ``run``, ``read_window`` at a time at most;
-        one read of it all from a host known to ignore ranges."""
+        one read of it all from a host known to ignore ranges.
+
+        The ranges are cut at multiples of ``read_chunk_size`` in the file, not in the run (a
+        model's data starts after its header): an object store keeps a large object in parts
+        of a few MiB, and a range across two parts costs the server both. Measured on the local
+        SeaweedFS (16 MiB parts, 1 GiB): 1.4-1.6 s of server CPU aligned, 1.6-2.0 s shifted by
+        8 KiB; one more request (the run's first, up to the first multiple) per file."""
         size = run.size
         if size == 0:
             return 0
         chunk = size if _host(url) in self._whole_body_hosts else self._chunk
         reader = self._range_reader(fs, path, url, model_id)
         limiter = self._get_limiter()
-        starts = iter(range(0, size, chunk))  # shared: each chunk is taken by one worker
+        head = -offset % chunk or chunk  # the run's first range ends at a multiple in the file
+        bounds = [0, *range(head, size, chunk)] if chunk < size else [0]
+        starts = iter(bounds)  # shared: each range is taken by one worker
         got = 0
 
         async def fetch(lo: int, hi: int) -> int:
@@ -1017,7 +1031,7 @@ class Store:
         async def worker() -> None:
             nonlocal got
             for lo in starts:
-                hi = min(lo + chunk, size)
+                hi = min(lo + chunk - (offset + lo) % chunk, size) if chunk < size else size
                 if chunk < size and _host(url) in self._whole_body_hosts:
                     # The host was found ignoring Range during this read: every further chunk
                     # would stream the file from its start again (O(size^2 / chunk) bytes). The
@@ -1029,7 +1043,7 @@ class Store:
                 n = await self._retrying("read", url, model_id, read)
                 got += n  # not `got += await ...`: that reads `got` before the await
 
-        workers = min(self._window, -(-size // chunk))
+        workers = min(self._window, len(bounds))
         await gather([worker] * workers)
         return got
 

@@ -364,7 +364,7 @@ async def test_http_persistent_chunk_failure_names_attempts(http_server: HttpSer
         **FAST_RETRIES,
     )
     async with open_store(store):
-        with pytest.raises(StoreError, match=r"after 4 attempts.*ServerDisconnectedError") as info:
+        with pytest.raises(StoreError, match=r"after 4 attempts.*RemoteDisconnected") as info:
             await read_into_call(store, f"{url}/w.bin", bytearray(256 * KIB))()
     assert (info.value.model_id, info.value.path) == ("m1", f"{url}/w.bin")
 

@@ -8,15 +8,19 @@ empty files. The servers are in ``tests/servers.py``.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import fsspec
 import pytest
 import torch
+from fsspec.asyn import AsyncFileSystem
 
-from modelcache import ModelCache, ModelChangedError, ModelFormatError, Store, _loader
+from modelcache import ModelCache, ModelChangedError, ModelFormatError, Store, _loader, _sockets
 from modelcache._versions import reading
 from tests.safetensors_files import shard_name, write_model, write_sharded
 
@@ -56,8 +60,16 @@ def http_requests(server: HttpServer, *urls: str) -> Counter[str]:
     return Counter({m: sum(server.count(m, u) for u in urls) for m in ("GET", "HEAD")})
 
 
-def count_s3_calls(store: Store, calls: Counter[str]) -> Any:
-    """Count every S3 operation ``store``'s client makes (botocore's before-call event)."""
+def count_s3_calls(store: Store, calls: Counter[str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Count every S3 operation ``store``'s client makes (botocore's before-call event) and
+    the presigned GETs of weights that socket threads make (`_sockets`)."""
+    fetch = _sockets._fetch
+
+    def counted(*args: Any) -> int:
+        calls["presigned GET"] += 1
+        return fetch(*args)
+
+    monkeypatch.setattr(_sockets, "_fetch", counted)
 
     async def install(url: str) -> None:
         fs, _ = await store._remote(url)
@@ -260,32 +272,34 @@ async def test_a_store_subclass_overriding_size_still_gets_it_called(
 
 
 async def test_an_s3_load_with_config_makes_three_requests(
-    seaweedfs: SeaweedFS, s3_prefix: S3Prefix, tmp_path: Path
+    seaweedfs: SeaweedFS, s3_prefix: S3Prefix, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On S3: header, config and weights are one GetObject each, no HeadObject."""
+    """On S3: header, config and weights are one request each, no HeadObject: GetObject for
+    the header and the config, a presigned GET for the weights."""
     want = tensors(10)
     s3_prefix.put("m/model.safetensors", write_model(tmp_path, want))
     s3_prefix.put("m/config.json", json.dumps(CONFIG).encode())
     store = Store(f"{s3_prefix.url}/{{model_id}}/", storage_options=seaweedfs.s3_options)
     calls: Counter[str] = Counter()
-    await count_s3_calls(store, calls)(f"{s3_prefix.url}/m/model.safetensors")
+    await count_s3_calls(store, calls, monkeypatch)(f"{s3_prefix.url}/m/model.safetensors")
     config, got = await load_with_config(store, "m")
     assert config == CONFIG
     assert all(torch.equal(got[k], want[k]) for k in want)
-    assert calls == Counter({"GetObject": 3})
+    assert calls == Counter({"GetObject": 2, "presigned GET": 1})
 
 
 async def test_an_s3_load_without_config_makes_three_requests(
-    seaweedfs: SeaweedFS, s3_prefix: S3Prefix, tmp_path: Path
+    seaweedfs: SeaweedFS, s3_prefix: S3Prefix, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A missing config.json on S3 is one GetObject answered NoSuchKey: config None."""
+    """A missing config.json on S3 is one GetObject answered NoSuchKey: config None; the weights
+    one presigned GET."""
     s3_prefix.put("m/model.safetensors", write_model(tmp_path, tensors(11)))
     store = Store(f"{s3_prefix.url}/{{model_id}}/", storage_options=seaweedfs.s3_options)
     calls: Counter[str] = Counter()
-    await count_s3_calls(store, calls)(f"{s3_prefix.url}/m/model.safetensors")
+    await count_s3_calls(store, calls, monkeypatch)(f"{s3_prefix.url}/m/model.safetensors")
     config, _ = await load_with_config(store, "m")
     assert config is None
-    assert calls == Counter({"GetObject": 3})
+    assert calls == Counter({"GetObject": 2, "presigned GET": 1})
 
 
 async def test_an_s3_header_read_records_the_tag_a_stat_gives(
@@ -387,3 +401,77 @@ async def test_an_http_file_with_a_weak_etag_changed_after_its_header_fails_the_
                 await store.read_into(file_url, 0, memoryview(bytearray(size)), model_id="m")
     finally:
         await store.aclose()
+
+
+# -- other async filesystems ----------------------------------------------------------------------
+
+
+class _Overlap:
+    """Per file: whether a size call and a read from byte 0 were in flight together."""
+
+    def __init__(self) -> None:
+        self.started: dict[tuple[str, str], asyncio.Event] = {}
+        self.overlapped: dict[str, bool] = {}
+
+    def event(self, kind: str, path: str) -> asyncio.Event:
+        return self.started.setdefault((kind, path), asyncio.Event())
+
+    async def meet(self, kind: str, other: str, path: str) -> None:
+        self.event(kind, path).set()
+        try:
+            await asyncio.wait_for(self.event(other, path).wait(), 1.0)
+            self.overlapped.setdefault(path, True)
+        except TimeoutError:
+            self.overlapped[path] = False
+
+
+OVERLAP = _Overlap()
+
+
+class _OverlapFileSystem(AsyncFileSystem):  # type: ignore[misc]
+    """Local files as an async filesystem (as gcsfs or adlfs are: no `first_get`) that records
+    whether each file's size and first bytes were asked for at once."""
+
+    protocol = "overlapfs"
+    root_marker = "/"
+
+    async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        path = self._strip_protocol(path)
+        st = os.stat(path)
+        await OVERLAP.meet("size", "head", path)
+        return {"name": path, "size": st.st_size, "type": "file", "mtime": st.st_mtime}
+
+    async def _cat_file(
+        self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
+    ) -> bytes:
+        path = self._strip_protocol(path)
+        if not start:
+            await OVERLAP.meet("head", "size", path)
+
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                f.seek(start or 0)
+                return f.read() if end is None else f.read(max(0, end - (start or 0)))
+
+        return await asyncio.to_thread(read)
+
+
+fsspec.register_implementation("overlapfs", _OverlapFileSystem, clobber=True)
+
+
+async def test_another_async_filesystem_gets_size_and_first_bytes_asked_at_once(
+    tmp_path: Path,
+) -> None:
+    """On an async filesystem without the one-GET path, a header's and a config's size and
+    first bytes are asked for together: one round trip each, not two in turn."""
+    want = tensors(13)
+    write_model(tmp_path / "m", want)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(CONFIG))
+    OVERLAP.overlapped.clear()
+    config, got = await load_with_config(Store(f"overlapfs://{tmp_path}/{{model_id}}/"), "m")
+    assert config == CONFIG
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert OVERLAP.overlapped == {
+        str(tmp_path / "m" / "model.safetensors"): True,
+        str(tmp_path / "m" / "config.json"): True,
+    }
