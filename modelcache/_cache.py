@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar
@@ -83,6 +83,13 @@ T = TypeVar("T")
 
 #: Loads one ``prefetch`` call keeps in flight when it starts them itself (`_prefetch_loads`).
 PREFETCH_WINDOW = 64
+
+
+def _keep_first(errors: list[Exception], error: Exception) -> None:
+    """A prefetch raises its first failure: the others are not kept (a prefetch of 100,000
+    invalid ids, or one the cache's close stops, kept 100,000 errors and their tracebacks)."""
+    if not errors:
+        errors.append(error)
 
 
 class ModelCache:
@@ -261,13 +268,18 @@ class ModelCache:
         else:
             raise ValueError(f"tier must be 'device' or 'host', not {tier!r}")
 
-        async def run(call: Callable[[], Awaitable[None]]) -> None:
-            try:
-                await call()
-            except Exception as exc:
-                errors.append(exc)
+        pending = iter(calls)
 
-        await gather([partial(run, call) for call in calls])
+        async def run() -> None:
+            # `PREFETCH_WINDOW` of these take the calls in turn, not a task per call: a warm
+            # prefetch (ids resident, loading, or repeated in the list) made a task for each.
+            for call in pending:
+                try:
+                    await call()
+                except Exception as exc:
+                    _keep_first(errors, exc)
+
+        await gather([run] * min(PREFETCH_WINDOW, len(calls)))
         if errors:
             raise errors[0]
 
@@ -574,7 +586,7 @@ class ModelCache:
                     self._failures.raise_recent(builder, model_id)
                     url = self._store.model_url(model_id)
                 except Exception as exc:
-                    errors.append(exc)
+                    _keep_first(errors, exc)
                     continue
                 entry = self._start_load(key, url)
                 self._device.join(entry)
@@ -610,7 +622,7 @@ class ModelCache:
             error = for_caller(entry.error)
             if not isinstance(error, Exception):
                 raise error
-            errors.append(error)
+            _keep_first(errors, error)
         else:
             others.append(entry.key)  # evicted, or dropped, before its lease: as use() would
 
