@@ -249,8 +249,9 @@ class ModelCache:
         concurrent uses) and leaves it unleased; ``tier="host"`` reads the weights into host
         memory only (a model already on the device is left there). The loads run in the cache's
         tasks (on the device, those of ids not loading yet start from the caller's task,
-        ``PREFETCH_WINDOW`` at a time: a fill of many small models); all are awaited, then the
-        first failure, if any, is raised. Cancelled, it leaves the loads it waits for (each
+        ``PREFETCH_WINDOW`` at a time: a fill of many small models; the other ids, and a host
+        prefetch's, are waited for by ``PREFETCH_WINDOW`` tasks in turn); all are awaited, then
+        the first failure, if any, is raised (the others are not kept). Cancelled, it leaves the loads it waits for (each
         stops if nobody else waits for it), as use()'s callers do.
         """
         self._check_open()
