@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar
@@ -83,6 +83,13 @@ T = TypeVar("T")
 
 #: Loads one ``prefetch`` call keeps in flight when it starts them itself (`_prefetch_loads`).
 PREFETCH_WINDOW = 64
+
+
+def _keep_first(errors: list[Exception], error: Exception) -> None:
+    """A prefetch raises its first failure: the others are not kept (a prefetch of 100,000
+    invalid ids, or one the cache's close stops, kept 100,000 errors and their tracebacks)."""
+    if not errors:
+        errors.append(error)
 
 
 class ModelCache:
@@ -242,8 +249,9 @@ class ModelCache:
         concurrent uses) and leaves it unleased; ``tier="host"`` reads the weights into host
         memory only (a model already on the device is left there). The loads run in the cache's
         tasks (on the device, those of ids not loading yet start from the caller's task,
-        ``PREFETCH_WINDOW`` at a time: a fill of many small models); all are awaited, then the
-        first failure, if any, is raised. Cancelled, it leaves the loads it waits for (each
+        ``PREFETCH_WINDOW`` at a time: a fill of many small models; the other ids, and a host
+        prefetch's, are waited for by ``PREFETCH_WINDOW`` tasks in turn); all are awaited, then
+        the first failure, if any, is raised (the others are not kept). Cancelled, it leaves the loads it waits for (each
         stops if nobody else waits for it), as use()'s callers do.
         """
         self._check_open()
@@ -261,13 +269,18 @@ class ModelCache:
         else:
             raise ValueError(f"tier must be 'device' or 'host', not {tier!r}")
 
-        async def run(call: Callable[[], Awaitable[None]]) -> None:
-            try:
-                await call()
-            except Exception as exc:
-                errors.append(exc)
+        pending = iter(calls)
 
-        await gather([partial(run, call) for call in calls])
+        async def run() -> None:
+            # `PREFETCH_WINDOW` of these take the calls in turn, not a task per call: a warm
+            # prefetch (ids resident, loading, or repeated in the list) made a task for each.
+            for call in pending:
+                try:
+                    await call()
+                except Exception as exc:
+                    _keep_first(errors, exc)
+
+        await gather([run] * min(PREFETCH_WINDOW, len(calls)))
         if errors:
             raise errors[0]
 
@@ -574,7 +587,7 @@ class ModelCache:
                     self._failures.raise_recent(builder, model_id)
                     url = self._store.model_url(model_id)
                 except Exception as exc:
-                    errors.append(exc)
+                    _keep_first(errors, exc)
                     continue
                 entry = self._start_load(key, url)
                 self._device.join(entry)
@@ -610,7 +623,7 @@ class ModelCache:
             error = for_caller(entry.error)
             if not isinstance(error, Exception):
                 raise error
-            errors.append(error)
+            _keep_first(errors, error)
         else:
             others.append(entry.key)  # evicted, or dropped, before its lease: as use() would
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelcache import CacheClosedError, ModelCache, ModelNotFoundError
+from modelcache import CacheClosedError, InvalidModelIdError, ModelCache, ModelNotFoundError
 
 from .conftest import GatedStore, MemoryModels, check_invariants
 
@@ -367,3 +367,43 @@ async def test_loads_fill_abandon_and_close_on_either_path(
             assert cache.stats().loading == 1
         assert cache.stats().background == 0
     assert len(errors) == 1
+
+
+async def test_a_warm_device_prefetch_keeps_a_window_of_tasks(
+    tiny: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefetch of ids already resident (or repeated in its list) takes them in turn in
+    ``PREFETCH_WINDOW`` tasks, not a task per id (10,000 warm ids made 10,000 tasks)."""
+    import modelcache._cache as cache_module
+
+    monkeypatch.setattr(cache_module, "PREFETCH_WINDOW", 3)
+    created: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        created.append(getattr(coro, "__qualname__", ""))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with _cache(tiny) as cache:
+        ids = [f"m{i}" for i in range(20)]
+        await cache.prefetch(ids)
+        loop.set_task_factory(factory)
+        try:
+            await cache.prefetch([*ids, *ids])
+        finally:
+            loop.set_task_factory(None)
+        assert sorted(cache.resident()) == sorted(ids)
+        assert cache.stats().leased == 0
+        check_invariants(cache)
+    assert len(created) <= 3, created
+
+
+async def test_a_prefetch_keeps_its_first_failure_alone(tiny: str) -> None:
+    """A prefetch raises its first failure and keeps no other: a prefetch of many ids that fail
+    (invalid, or after a close) held every error and its traceback until it returned."""
+    async with _cache(tiny) as cache:
+        with pytest.raises(InvalidModelIdError) as raised:
+            await cache.prefetch([f"../bad{i}" for i in range(50)])
+        gc.collect()
+        alive = [obj for obj in gc.get_objects() if type(obj) is InvalidModelIdError]
+        assert alive == [raised.value]
