@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import threading
@@ -49,7 +50,7 @@ from ._arena import HostArena, HostBlock, cuda_available, device_guard, host_vie
 from ._backend import LoadedWeights, ViewMapping, allocate_with_retry
 from ._concurrency import gather
 from ._cuda import CudaStaging, check_staging
-from ._direct import is_cold_fd
+from ._direct import DIRECT_BELOW, resident_fraction
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
 from ._hugepages import huge_pages_advised
@@ -88,6 +89,7 @@ _DTYPE_ATTRS = {
     "F64": "float64",
     "C64": "complex64",
 }
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _PAGE = mmap.PAGESIZE
@@ -288,11 +290,14 @@ async def build_views(
     return tensor_views(buffer, info, base)
 
 
-def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
-    """Map the model's file copy-on-write, its pages not yet faulted in (`_populate` does it);
-    the mapping is the buffer. A file mostly not in the page cache is asked to be read ahead
-    whole first (``POSIX_FADV_WILLNEED``): the disk then reads it in large requests while the
-    populating threads fault pages in, instead of one fault's readahead at a time.
+def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
+    """Map the model's file copy-on-write; the mapping is the buffer. Returns it and whether
+    its pages are all mapped already.
+
+    A file whose sampled pages are all in the page cache has them mapped here, in this same
+    worker call (`_populate_resident`): no thread hop, no thread beside it. Any other file is
+    returned unmapped, for `_populate`'s threads, which wait on the disk together; one mostly
+    not in the page cache is first asked to be read ahead (``POSIX_FADV_WILLNEED``).
 
     torch's file mapping closes its descriptor once mapped (Python's mmap keeps a duplicate
     open, which capped resident models at the open-file limit).
@@ -301,27 +306,63 @@ def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         size = os.fstat(fd).st_size
-        if size == shard.data_start + shard.data_size and is_cold_fd(fd, 0, size):
-            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        resident = 0.0
+        if size == shard.data_start + shard.data_size:
+            resident = resident_fraction(fd, 0, size)
+            if resident < DIRECT_BELOW:
+                os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
     if size != shard.data_start + shard.data_size:
-        raise ModelFormatError(
-            f"model {info.model_id!r}: {shard.url} changed size while loading "
-            f"({shard.data_start + shard.data_size} -> {size} bytes)",
-            model_id=info.model_id,
-            path=shard.url,
-        )
+        raise _changed_size(info, shard.data_start + shard.data_size, size)
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
-    return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+    buffer = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+    return buffer, resident == 1.0 and _populate_resident(buffer, info)
+
+
+def _changed_size(info: ModelInfo, expected: int, size: int) -> ModelFormatError:
+    """``size`` -1: shorter than ``expected``, by how much not known."""
+    now = "fewer" if size < 0 else str(size)
+    return ModelFormatError(
+        f"model {info.model_id!r}: {info.shards[0].url} changed size while loading "
+        f"({expected} -> {now} bytes)",
+        model_id=info.model_id,
+        path=info.shards[0].url,
+    )
+
+
+def _populate_resident(buffer: torch.Tensor, info: ModelInfo) -> bool:
+    """Map every page of a mapped file that is in the page cache, without reading them
+    (``MADV_POPULATE_READ``: read-only entries, so copy-on-write stays); False where the
+    kernel lacks it (before 5.14), and `_populate` then does it.
+
+    Why not `_populate_range`'s read of a byte per page: after a sequential read (a download,
+    ``cat``) the page cache holds large folios, and a fault maps a whole 2 MiB one with one
+    page-table entry, so the faults are cheap and the reads were most of the cost, a cache
+    miss for every 4 KiB page (~8 ms a GiB), paid again by the model's first pass. Measured on
+    the 2-core VM, 1 GiB file, Linux 6.18 (benches/README.md, peer_loaders): mapping it 3.8
+    ms (best of 7) against 8.0 ms for the reads, from one thread; two threads did not help (one
+    page-middle-directory table, whose lock every 2 MiB entry takes, maps 1 GiB).
+    """
+    size = buffer.numel()
+    if _madvise is None or size == 0:
+        return size == 0
+    if _madvise(buffer.data_ptr(), size, _MADV_POPULATE_READ) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EFAULT:  # pages past the file's end: a read of them would be SIGBUS
+        raise _changed_size(info, size, -1)
+    return False  # EINVAL before 5.14, EINTR, ENOMEM: the threads' reads, as before
 
 
 def _populate_range(buffer: torch.Tensor, start: int, stop: int) -> None:
     """Fault in the pages of ``buffer[start:stop]``: one byte read per page.
 
-    Not ``MADV_POPULATE_READ``: it walks every page again after faulting it in, where a read
-    fault maps a whole block of the page cache (fault-around, 64 KiB; a large folio whole) and
-    the next reads in it find it mapped. Measured on the 2-core VM (1 GiB, page cache in 4 KiB
+    For a file not all in the page cache: the faults wait on the disk and the reads cost
+    little beside them. Not ``MADV_POPULATE_READ`` here: with the page cache in 4 KiB folios
+    (a fault's readahead can leave those) it walks every page again after faulting it in,
+    where a read fault maps a whole block of the page cache (fault-around, 64 KiB) and the
+    next reads in it find it mapped. Measured on the 2-core VM (1 GiB, page cache in 4 KiB
     folios, load and every page touched, 7 rounds): 119-139 ms best against 134-145 ms.
     """
     buffer[start:stop:_PAGE].max()
@@ -540,8 +581,9 @@ class TorchBackend:
         if self.device.type == "cpu" and self.zero_copy and zero_copy and info.mappable:
             path = store.local_path(info.shards[0].url)
         if path is not None:
-            buffer = await anyio.to_thread.run_sync(_map_file, path, info)
-            await _populate(buffer)
+            buffer, populated = await anyio.to_thread.run_sync(_map_file, path, info)
+            if not populated:
+                await _populate(buffer)
             base = info.shards[0].data_start
         else:
             faulted = 0

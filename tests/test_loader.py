@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import gc
+import itertools
 import json
 import math
 import os
@@ -950,14 +953,8 @@ async def test_store_is_cold_says_whether_a_local_range_waits_on_the_disk(
     assert not await store.is_cold(f"memory://{memory_root}/f.bin", 0, len(data), model_id="m")
 
 
-@pytest.mark.asyncio
-@pytest.mark.parametrize("cold", [False, True], ids=["cached", "cold"])
-async def test_a_mapped_model_has_every_page_mapped_when_its_load_returns(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cold: bool
-) -> None:
-    """zero_copy: every page of the mapping is in the process's page tables when the load
-    returns (no first-inference faults), faulted in by several threads over disjoint ranges
-    that cover it; a cold file is asked to be read ahead whole (WILLNEED) first; bit-exact."""
+def _record_populate(monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[int, int]], list[int]]:
+    """The ranges `_populate_range` is called on, and the fadvise advice given, from now on."""
     ranges: list[tuple[int, int]] = []
     real_range = backend._populate_range
 
@@ -975,21 +972,120 @@ async def test_a_mapped_model_has_every_page_mapped_when_its_load_returns(
     monkeypatch.setattr(backend, "_populate_range", populate_range)
     monkeypatch.setattr(backend, "_POPULATE_PARTS", 3)
     monkeypatch.setattr(backend, "_POPULATE_ALIGN", 64 << 10)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    return ranges, advice
+
+
+def _assert_covers(ranges: list[tuple[int, int]], size: int) -> None:
+    """Three disjoint ranges, end to end over ``[0, size)``."""
+    ordered = sorted(ranges)
+    assert ordered == sorted(set(ranges)) and len(ranges) == 3
+    assert ordered[0][0] == 0 and ordered[-1][1] == size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ordered))
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_calls: list[str]
+) -> None:
+    """zero_copy, file all in the page cache: every page of the mapping is in the process's
+    page tables when the load returns, mapped by MADV_POPULATE_READ in the worker call that
+    maps the file (no read of each page, no more threads); writes still never reach the file
+    (copy-on-write); bit-exact."""
+    ranges, advice = _record_populate(monkeypatch)
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
     write_model(place.directory(MODEL_ID), tensors)
-    if cold:
-        _evict(tmp_path / MODEL_ID / "model.safetensors")
-    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    content = path.read_bytes()  # all of it in the page cache
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    thread_calls.clear()
+    weights = await TorchBackend("cpu", zero_copy=True).load(store, info)
+    buffer = weights.buffer
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    assert thread_calls == ["_map_file"] and ranges == [] and advice == []
+    assert_same(weights, tensors)
+    weights["w"].fill_(1.5)
+    assert bool((weights["w"] == 1.5).all())
+    assert path.read_bytes() == content
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_model_not_in_the_page_cache_is_read_ahead_and_faulted_in_by_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zero_copy, file evicted: it is asked to be read ahead whole (WILLNEED), several threads
+    fault its pages in over disjoint ranges that cover it (their faults wait on the disk
+    together), and every page is mapped when the load returns; bit-exact."""
+    ranges, advice = _record_populate(monkeypatch)
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    _evict(tmp_path / MODEL_ID / "model.safetensors")
     weights = await load(place.store(), zero_copy=True)
     buffer = weights.buffer
-    size = buffer.numel()
-    assert _present_pages(buffer.data_ptr(), size) == -(-size // PAGE)
-    assert sorted(ranges) == sorted(set(ranges)) and len(ranges) == 3
-    assert sorted(ranges)[0][0] == 0 and sorted(ranges)[-1][1] == size
-    assert all(a[1] == b[0] for a, b in zip(sorted(ranges), sorted(ranges)[1:], strict=False))
-    assert (os.POSIX_FADV_WILLNEED in advice) == cold
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    _assert_covers(ranges, buffer.numel())
+    assert os.POSIX_FADV_WILLNEED in advice
     assert_same(weights, tensors)
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_model_is_faulted_in_by_threads_where_the_kernel_lacks_populate_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel that refuses MADV_POPULATE_READ (EINVAL, before Linux 5.14): a cached file's
+    pages are faulted in by the threads' reads instead, every page mapped; bit-exact."""
+    ranges, _ = _record_populate(monkeypatch)
+    refused: list[int] = []
+    real_madvise = backend._madvise
+    assert real_madvise is not None
+
+    def madvise(address: int, length: int, advice: int) -> int:
+        if advice == backend._MADV_POPULATE_READ:
+            refused.append(length)
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        return real_madvise(address, length, advice)
+
+    monkeypatch.setattr(backend, "_madvise", madvise)
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    (tmp_path / MODEL_ID / "model.safetensors").read_bytes()  # all of it in the page cache
+    weights = await load(place.store(), zero_copy=True)
+    buffer = weights.buffer
+    assert refused == [buffer.numel()]
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    _assert_covers(ranges, buffer.numel())
+    assert_same(weights, tensors)
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_file_that_shrinks_under_its_mapping_fails_the_load_not_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file cut short between its size check and the faults: the load raises
+    ModelFormatError (a read of a page past the file's end would kill the process with
+    SIGBUS)."""
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    path.read_bytes()  # all of it in the page cache
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    real_from_file = torch.UntypedStorage.from_file
+
+    def from_file_then_cut(filename: str, shared: bool, nbytes: int) -> object:
+        storage = real_from_file(filename, shared, nbytes)
+        os.truncate(filename, nbytes // 2)
+        return storage
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", from_file_then_cut)
+    with pytest.raises(ModelFormatError, match="changed size while loading"):
+        await TorchBackend("cpu", zero_copy=True).load(store, info)
 
 
 # -- worker-thread calls per load (the thread_calls fixture: conftest) -------------------------------
