@@ -103,6 +103,9 @@ _PREFAULT_STEP = 64 << 20
 #: multiples of `_POPULATE_ALIGN` (a huge page: a large folio is never split between two).
 _POPULATE_PARTS = max(1, min(4, os.cpu_count() or 1))
 _POPULATE_ALIGN = 2 << 20
+#: A PMD-mapped huge page, and how many places of a file `_faults_map_huge` tries.
+_HUGE = 2 << 20
+_PROBES = 8
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
@@ -117,6 +120,50 @@ def _libc_madvise() -> Callable[[int, int, int], int] | None:
 
 
 _madvise = _libc_madvise()
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
+    ]
+
+
+#: cachestat(2)'s number (Linux 6.5): the same on every architecture (numbers from 424 on are).
+_SYS_CACHESTAT = 451
+
+
+def _libc_syscall() -> Callable[..., int] | None:
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    return syscall
+
+
+_syscall = _libc_syscall()
+
+
+def _cached_fraction(fd: int, size: int) -> float:
+    """The fraction of the file's pages in the page cache: counted by cachestat (Linux 6.5) in
+    one call (~0.15 ms for 1 GiB in 2 MiB folios), else sampled with mincore by
+    `resident_fraction` (~0.75 ms: a mapping and 256 calls)."""
+    if _syscall is not None and size > 0:
+        span, stat = _CachestatRange(0, size), _Cachestat()
+        flags = ctypes.c_uint(0)
+        if (
+            _syscall(
+                ctypes.c_long(_SYS_CACHESTAT), fd, ctypes.byref(span), ctypes.byref(stat), flags
+            )
+            == 0
+        ):
+            return min(1.0, int(stat.cache) / -(-size // _PAGE))
+    return resident_fraction(fd, 0, size)
 
 
 def torch_dtype(name: str, *, model_id: str = "?", url: str = "?") -> torch.dtype:
@@ -308,7 +355,7 @@ def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
         size = os.fstat(fd).st_size
         resident = 0.0
         if size == shard.data_start + shard.data_size:
-            resident = resident_fraction(fd, 0, size)
+            resident = _cached_fraction(fd, size)
             if resident < DIRECT_BELOW:
                 os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
     finally:
@@ -317,7 +364,46 @@ def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
         raise _changed_size(info, shard.data_start + shard.data_size, size)
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     buffer = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
-    return buffer, resident == 1.0 and _populate_resident(buffer, info)
+    whole = resident == 1.0 and _faults_map_huge(buffer)
+    return buffer, whole and _populate_resident(buffer, info)
+
+
+def _faults_map_huge(buffer: torch.Tensor) -> bool:
+    """Whether one read fault maps a whole 2 MiB of this file mapping at all but one of
+    `_PROBES` places spread over it: true where the page cache holds the file in 2 MiB folios
+    (a sequential read with a readahead window of 2 MiB or more leaves them, but the first
+    tens of MiB, read while the window grew, and whatever memory was too fragmented for them,
+    in smaller ones), false where it holds small ones (a 128 KiB window, random reads) or the
+    mapping is not 2 MiB-aligned. Told from /proc/self/pagemap's present bits after one byte
+    read per place (~10 us each).
+
+    Why ask: ``MADV_POPULATE_READ`` walks every 4 KiB entry it maps (~170 ns each), against
+    ~30 ns for a byte read, so it wins only where 2 MiB entries spare the walk: above ~85 %
+    of the file.
+    """
+    size, address = buffer.numel(), buffer.data_ptr()
+    regions = size // _HUGE
+    if regions == 0 or address % _HUGE:
+        return False
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    places = sorted({(2 * i + 1) * regions // (2 * _PROBES) for i in range(_PROBES)})
+    misses = 0
+    try:
+        for n in places:
+            start = n * _HUGE
+            int(buffer[start])  # a read fault
+            entries = os.pread(fd, _HUGE // _PAGE * 8, (address + start) // _PAGE * 8)
+            # Bit 63 of each little-endian 8-byte entry (the top bit of its last byte): present.
+            if len(entries) != _HUGE // _PAGE * 8 or min(entries[7::8]) < 0x80:
+                misses += 1
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return misses * _PROBES <= len(places)  # 1 miss in 8; none in fewer
 
 
 def _changed_size(info: ModelInfo, expected: int, size: int) -> ModelFormatError:

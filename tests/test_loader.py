@@ -988,11 +988,12 @@ def _assert_covers(ranges: list[tuple[int, int]], size: int) -> None:
 async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_calls: list[str]
 ) -> None:
-    """zero_copy, file all in the page cache: every page of the mapping is in the process's
-    page tables when the load returns, mapped by MADV_POPULATE_READ in the worker call that
-    maps the file (no read of each page, no more threads); writes still never reach the file
-    (copy-on-write); bit-exact."""
+    """zero_copy, file all in the page cache in 2 MiB folios (as `_faults_map_huge` finds):
+    every page of the mapping is in the process's page tables when the load returns, mapped by
+    MADV_POPULATE_READ in the worker call that maps the file (no read of each page, no more
+    threads); writes still never reach the file (copy-on-write); bit-exact."""
     ranges, advice = _record_populate(monkeypatch)
+    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: True)
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
     write_model(place.directory(MODEL_ID), tensors)
@@ -1050,6 +1051,7 @@ async def test_a_mapped_model_is_faulted_in_by_threads_where_the_kernel_lacks_po
         return real_madvise(address, length, advice)
 
     monkeypatch.setattr(backend, "_madvise", madvise)
+    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: True)
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
     write_model(place.directory(MODEL_ID), tensors)
@@ -1074,6 +1076,7 @@ async def test_a_mapped_file_that_shrinks_under_its_mapping_fails_the_load_not_t
     write_model(place.directory(MODEL_ID), tensors)
     path = tmp_path / MODEL_ID / "model.safetensors"
     path.read_bytes()  # all of it in the page cache
+    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: True)
     store = place.store()
     info = await read_model_info(store, MODEL_ID)
     real_from_file = torch.UntypedStorage.from_file
@@ -1086,6 +1089,96 @@ async def test_a_mapped_file_that_shrinks_under_its_mapping_fails_the_load_not_t
     monkeypatch.setattr(torch.UntypedStorage, "from_file", from_file_then_cut)
     with pytest.raises(ModelFormatError, match="changed size while loading"):
         await TorchBackend("cpu", zero_copy=True).load(store, info)
+
+
+@pytest.mark.parametrize("cachestat", [True, False], ids=["cachestat", "mincore"])
+def test_the_cached_fraction_of_a_file_is_none_once_evicted_and_all_once_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cachestat: bool
+) -> None:
+    """`_cached_fraction` (cachestat, or sampled mincore where the kernel lacks it): 0.0 for
+    a file evicted from the page cache, 1.0 once it is read whole."""
+    if not cachestat:
+        monkeypatch.setattr(backend, "_syscall", None)
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom((8 << 20) + 123))
+    _evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        assert backend._cached_fraction(fd, size) == 0.0
+        path.read_bytes()
+        assert backend._cached_fraction(fd, size) == 1.0
+    finally:
+        os.close(fd)
+
+
+def _pmd_mapped_kib(address: int) -> int:
+    """FilePmdMapped of this process's mapping at ``address`` (/proc/self/smaps), in KiB."""
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        pytest.skip("no /proc/self/smaps here")
+    inside = False
+    for line in text.splitlines():
+        first = line.split(" ", 1)[0]
+        if "-" in first and ":" not in first:
+            lo, hi = (int(x, 16) for x in first.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("FilePmdMapped:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _map_whole(path: Path) -> torch.Tensor:
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_a_cached_file_in_small_folios_is_faulted_in_by_the_threads_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file all in the page cache but in 4 KiB folios (read with POSIX_FADV_RANDOM: no
+    readahead): `_faults_map_huge` says no, so its pages are faulted in by the threads' reads
+    (MADV_POPULATE_READ would walk each 4 KiB entry), every page mapped; bit-exact."""
+    ranges, _ = _record_populate(monkeypatch)
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (4 << 20,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    _evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        while os.read(fd, PAGE):
+            pass
+    finally:
+        os.close(fd)
+    assert not backend._faults_map_huge(_map_whole(path))
+    weights = await load(place.store(), zero_copy=True)
+    buffer = weights.buffer
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    _assert_covers(ranges, buffer.numel())
+    assert_same(weights, tensors)
+
+
+def test_the_huge_fault_probe_says_yes_only_where_the_kernel_maps_2_mib_entries(
+    tmp_path: Path,
+) -> None:
+    """`_faults_map_huge` says yes for a file read sequentially (whose page cache may hold
+    2 MiB folios, after the tens of MiB read while the readahead window grew) only where the
+    kernel then maps most of it with 2 MiB entries (smaps' FilePmdMapped)."""
+    size = 128 << 20
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(size))
+    _evict(path)
+    path.read_bytes()
+    buffer = _map_whole(path)
+    says = backend._faults_map_huge(buffer)
+    assert backend._madvise is not None
+    assert backend._madvise(buffer.data_ptr(), size, backend._MADV_POPULATE_READ) == 0
+    huge = _pmd_mapped_kib(buffer.data_ptr()) << 10
+    assert not says or huge >= size // 2, (says, huge)
 
 
 # -- worker-thread calls per load (the thread_calls fixture: conftest) -------------------------------
