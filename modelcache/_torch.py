@@ -364,46 +364,74 @@ def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
         raise _changed_size(info, shard.data_start + shard.data_size, size)
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     buffer = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
-    whole = resident == 1.0 and _faults_map_huge(buffer)
-    return buffer, whole and _populate_resident(buffer, info)
+    try:
+        huge_from = _faults_map_huge(buffer) if resident == 1.0 else None
+        return buffer, huge_from is not None and _populate_resident(buffer, huge_from)
+    except OSError as exc:  # EFAULT: the file shrank after its size was checked
+        raise _changed_size(info, size, -1) from exc
 
 
-def _faults_map_huge(buffer: torch.Tensor) -> bool:
-    """Whether one read fault maps a whole 2 MiB of this file mapping at all but one of
-    `_PROBES` places spread over it: true where the page cache holds the file in 2 MiB folios
-    (a sequential read with a readahead window of 2 MiB or more leaves them, but the first
-    tens of MiB, read while the window grew, and whatever memory was too fragmented for them,
-    in smaller ones), false where it holds small ones (a 128 KiB window, random reads) or the
-    mapping is not 2 MiB-aligned. Told from /proc/self/pagemap's present bits after one byte
-    read per place (~10 us each).
+def _faults_map_huge(buffer: torch.Tensor) -> int | None:
+    """Where, in this file mapping, one read fault maps a whole 2 MiB: None unless it does at
+    all but one of `_PROBES` places spread over it; else the offset from which it does (the
+    first such place at 0, 2, 4, 8, ... MiB, before the first of those places).
+
+    It does where the page cache holds the file in 2 MiB folios: a sequential read with a
+    readahead window of 2 MiB or more leaves them, but its first tens of MiB, read while the
+    window grew, and whatever memory was too fragmented for them, in smaller ones. It does not
+    where the page cache holds small ones (a 128 KiB window, random reads) or the mapping is
+    not 2 MiB-aligned. Told from /proc/self/pagemap's present bits after one byte read per
+    place (~10 us each).
 
     Why ask: ``MADV_POPULATE_READ`` walks every 4 KiB entry it maps (~170 ns each), against
     ~30 ns for a byte read, so it wins only where 2 MiB entries spare the walk: above ~85 %
-    of the file.
+    of the file, and not in the small folios before the offset returned.
     """
     size, address = buffer.numel(), buffer.data_ptr()
     regions = size // _HUGE
     if regions == 0 or address % _HUGE:
-        return False
+        return None
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        return False
+        return None
+
+    def whole(region: int) -> bool:
+        start = region * _HUGE
+        _populate_read(address + start, _PAGE)  # one read fault
+        entries = os.pread(fd, _HUGE // _PAGE * 8, (address + start) // _PAGE * 8)
+        # Bit 63 of each little-endian 8-byte entry (the top bit of its last byte): present.
+        return len(entries) == _HUGE // _PAGE * 8 and min(entries[7::8]) >= 0x80
+
     places = sorted({(2 * i + 1) * regions // (2 * _PROBES) for i in range(_PROBES)})
-    misses = 0
     try:
-        for n in places:
-            start = n * _HUGE
-            int(buffer[start])  # a read fault
-            entries = os.pread(fd, _HUGE // _PAGE * 8, (address + start) // _PAGE * 8)
-            # Bit 63 of each little-endian 8-byte entry (the top bit of its last byte): present.
-            if len(entries) != _HUGE // _PAGE * 8 or min(entries[7::8]) < 0x80:
-                misses += 1
-    except OSError:
-        return False
+        misses = sum(not whole(n) for n in places)
+        if misses * _PROBES > len(places):  # 1 miss in 8; none in fewer
+            return None
+        region = 0
+        while region < places[0] and not whole(region):
+            region = max(1, 2 * region)
+        return min(region, places[0]) * _HUGE
+    except OSError as exc:
+        if exc.errno == errno.EFAULT:
+            raise
+        return None
     finally:
         os.close(fd)
-    return misses * _PROBES <= len(places)  # 1 miss in 8; none in fewer
+
+
+def _populate_read(address: int, nbytes: int) -> bool:
+    """``MADV_POPULATE_READ`` of a range: True once mapped; False where the kernel refuses
+    it (EINVAL before 5.14; EINTR, ENOMEM); raises OSError(EFAULT) for pages past the file's
+    end (a read of them would be SIGBUS)."""
+    if _madvise is None:
+        return False
+    if _madvise(address, nbytes, _MADV_POPULATE_READ) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EFAULT:
+        raise OSError(err, os.strerror(err))
+    return False
 
 
 def _changed_size(info: ModelInfo, expected: int, size: int) -> ModelFormatError:
@@ -417,28 +445,25 @@ def _changed_size(info: ModelInfo, expected: int, size: int) -> ModelFormatError
     )
 
 
-def _populate_resident(buffer: torch.Tensor, info: ModelInfo) -> bool:
-    """Map every page of a mapped file that is in the page cache, without reading them
-    (``MADV_POPULATE_READ``: read-only entries, so copy-on-write stays); False where the
-    kernel lacks it (before 5.14), and `_populate` then does it.
+def _populate_resident(buffer: torch.Tensor, huge_from: int) -> bool:
+    """Map every page of a mapped file that is in the page cache: those before ``huge_from``
+    (in small folios) by `_populate_range`'s reads, the rest without reading them
+    (``MADV_POPULATE_READ``: read-only entries, so copy-on-write stays). False where the
+    kernel lacks it (before 5.14): `_populate` then does it all.
 
-    Why not `_populate_range`'s read of a byte per page: after a sequential read (a download,
-    ``cat``) the page cache holds large folios, and a fault maps a whole 2 MiB one with one
-    page-table entry, so the faults are cheap and the reads were most of the cost, a cache
-    miss for every 4 KiB page (~8 ms a GiB), paid again by the model's first pass. Measured on
-    the 2-core VM, 1 GiB file, Linux 6.18 (benches/README.md, peer_loaders): mapping it 3.8
-    ms (best of 7) against 8.0 ms for the reads, from one thread; two threads did not help (one
+    Why not the reads everywhere: after a sequential read (a download, ``cat``) the page
+    cache holds the file mostly in 2 MiB folios, each mapped by one fault with one page-table
+    entry, so the faults are cheap and the reads were most of the cost, a cache miss for every
+    4 KiB page (~8 ms a GiB), paid again by the model's first pass. Measured on the 2-core VM,
+    1 GiB file, Linux 6.18 (benches/README.md, peer_loaders; best of 7): the whole mapping 3.8
+    ms against 8.0 ms for the reads, from one thread; 3.25 ms of the 3.8 in its first 40 MiB
+    of small folios, which the reads map in 2.1 ms; two threads did not help (one
     page-middle-directory table, whose lock every 2 MiB entry takes, maps 1 GiB).
     """
     size = buffer.numel()
-    if _madvise is None or size == 0:
-        return size == 0
-    if _madvise(buffer.data_ptr(), size, _MADV_POPULATE_READ) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err == errno.EFAULT:  # pages past the file's end: a read of them would be SIGBUS
-        raise _changed_size(info, size, -1)
-    return False  # EINVAL before 5.14, EINTR, ENOMEM: the threads' reads, as before
+    if huge_from:
+        _populate_range(buffer, 0, huge_from)
+    return huge_from >= size or _populate_read(buffer.data_ptr() + huge_from, size - huge_from)
 
 
 def _populate_range(buffer: torch.Tensor, start: int, stop: int) -> None:

@@ -988,12 +988,24 @@ def _assert_covers(ranges: list[tuple[int, int]], size: int) -> None:
 async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_calls: list[str]
 ) -> None:
-    """zero_copy, file all in the page cache in 2 MiB folios (as `_faults_map_huge` finds):
-    every page of the mapping is in the process's page tables when the load returns, mapped by
-    MADV_POPULATE_READ in the worker call that maps the file (no read of each page, no more
-    threads); writes still never reach the file (copy-on-write); bit-exact."""
+    """zero_copy, file all in the page cache in 2 MiB folios from some offset on (as
+    `_faults_map_huge` finds): every page of the mapping is in the process's page tables when
+    the load returns, in the worker call that maps the file (no more threads): those before the
+    offset by a read of each, the rest by MADV_POPULATE_READ (no read); writes still never
+    reach the file (copy-on-write); bit-exact."""
     ranges, advice = _record_populate(monkeypatch)
-    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: True)
+    head = 1 << 20
+    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: head)
+    populated: list[tuple[int, int]] = []
+    real_madvise = backend._madvise
+    assert real_madvise is not None
+
+    def madvise(address: int, length: int, advice: int) -> int:
+        if advice == backend._MADV_POPULATE_READ:
+            populated.append((address, length))
+        return real_madvise(address, length, advice)
+
+    monkeypatch.setattr(backend, "_madvise", madvise)
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
     write_model(place.directory(MODEL_ID), tensors)
@@ -1005,7 +1017,8 @@ async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_c
     weights = await TorchBackend("cpu", zero_copy=True).load(store, info)
     buffer = weights.buffer
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
-    assert thread_calls == ["_map_file"] and ranges == [] and advice == []
+    assert thread_calls == ["_map_file"] and ranges == [(0, head)] and advice == []
+    assert populated == [(buffer.data_ptr() + head, buffer.numel() - head)]
     assert_same(weights, tensors)
     weights["w"].fill_(1.5)
     assert bool((weights["w"] == 1.5).all())
@@ -1051,7 +1064,7 @@ async def test_a_mapped_model_is_faulted_in_by_threads_where_the_kernel_lacks_po
         return real_madvise(address, length, advice)
 
     monkeypatch.setattr(backend, "_madvise", madvise)
-    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: True)
+    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: 0)
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
     write_model(place.directory(MODEL_ID), tensors)
@@ -1068,15 +1081,15 @@ async def test_a_mapped_model_is_faulted_in_by_threads_where_the_kernel_lacks_po
 async def test_a_mapped_file_that_shrinks_under_its_mapping_fails_the_load_not_the_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A file cut short between its size check and the faults: the load raises
-    ModelFormatError (a read of a page past the file's end would kill the process with
-    SIGBUS)."""
+    """A file in the page cache cut short between its size check and MADV_POPULATE_READ: the
+    load raises ModelFormatError (EFAULT), where a read of a page past the file's end would
+    kill the process with SIGBUS."""
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
     write_model(place.directory(MODEL_ID), tensors)
     path = tmp_path / MODEL_ID / "model.safetensors"
     path.read_bytes()  # all of it in the page cache
-    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: True)
+    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: 0)
     store = place.store()
     info = await read_model_info(store, MODEL_ID)
     real_from_file = torch.UntypedStorage.from_file
@@ -1154,7 +1167,7 @@ async def test_a_cached_file_in_small_folios_is_faulted_in_by_the_threads_reads(
             pass
     finally:
         os.close(fd)
-    assert not backend._faults_map_huge(_map_whole(path))
+    assert backend._faults_map_huge(_map_whole(path)) is None
     weights = await load(place.store(), zero_copy=True)
     buffer = weights.buffer
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
@@ -1174,7 +1187,7 @@ def test_the_huge_fault_probe_says_yes_only_where_the_kernel_maps_2_mib_entries(
     _evict(path)
     path.read_bytes()
     buffer = _map_whole(path)
-    says = backend._faults_map_huge(buffer)
+    says = backend._faults_map_huge(buffer) is not None
     assert backend._madvise is not None
     assert backend._madvise(buffer.data_ptr(), size, backend._MADV_POPULATE_READ) == 0
     huge = _pmd_mapped_kib(buffer.data_ptr()) << 10
