@@ -4,9 +4,10 @@ Two ways to fill a CPU buffer, chosen per model:
 
 * **zero-copy** (opt-in, see `TorchBackend`) - a local single-file model whose tensors are
   aligned in the file is mapped (copy-on-write, so writes never reach the file) and its pages
-  are faulted in eagerly, from a few threads (`_populate`), which is what
-  ``safetensors.torch.load_file`` does lazily. The model is ready when the call returns: no
-  first-inference page faults.
+  are mapped eagerly, which ``safetensors.torch.load_file`` leaves to the first reads: a file
+  in the page cache in 2 MiB folios with ``MADV_POPULATE_READ`` in the mapping's own worker
+  call (`_populate_resident`), any other from a few threads reading a byte a page
+  (`_populate`). The model is ready when the call returns: no first-inference page faults.
 * **copy** - everything else: a page-aligned private mapping on huge pages from the backend's
   `BufferPool`, whose pages a dead model may have left (small models: the heap), filled by the
   store's concurrent ranged reads.
@@ -341,10 +342,12 @@ def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
     """Map the model's file copy-on-write; the mapping is the buffer. Returns it and whether
     its pages are all mapped already.
 
-    A file whose sampled pages are all in the page cache has them mapped here, in this same
-    worker call (`_populate_resident`): no thread hop, no thread beside it. Any other file is
-    returned unmapped, for `_populate`'s threads, which wait on the disk together; one mostly
-    not in the page cache is first asked to be read ahead (``POSIX_FADV_WILLNEED``).
+    A file all in the page cache (`_cached_fraction`) whose faults map 2 MiB at a time
+    (`_faults_map_huge`) has its pages mapped here, in this same worker call
+    (`_populate_resident`): no thread hop, no thread beside it. Any other file is returned
+    unmapped, for `_populate`'s threads, which wait on the disk together; one mostly not in
+    the page cache is first asked to be read ahead (``POSIX_FADV_WILLNEED``: Linux reads at
+    most one readahead window of it, 8 MiB here, so the faults' own readahead does the rest).
 
     torch's file mapping closes its descriptor once mapped (Python's mmap keeps a duplicate
     open, which capped resident models at the open-file limit).
