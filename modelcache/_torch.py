@@ -4,9 +4,10 @@ Two ways to fill a CPU buffer, chosen per model:
 
 * **zero-copy** (opt-in, see `TorchBackend`) - a local single-file model whose tensors are
   aligned in the file is mapped (copy-on-write, so writes never reach the file) and its pages
-  are faulted in eagerly, from a few threads (`_populate`), which is what
-  ``safetensors.torch.load_file`` does lazily. The model is ready when the call returns: no
-  first-inference page faults.
+  are mapped eagerly, which ``safetensors.torch.load_file`` leaves to the first reads: a file
+  in the page cache in 2 MiB folios with ``MADV_POPULATE_READ`` in the mapping's own worker
+  call (`_populate_resident`), any other from a few threads reading a byte a page
+  (`_populate`). The model is ready when the call returns: no first-inference page faults.
 * **copy** - everything else: a page-aligned private mapping on huge pages from the backend's
   `BufferPool`, whose pages a dead model may have left (small models: the heap), filled by the
   store's concurrent ranged reads.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import threading
@@ -49,7 +51,7 @@ from ._arena import HostArena, HostBlock, cuda_available, device_guard, host_vie
 from ._backend import LoadedWeights, ViewMapping, allocate_with_retry
 from ._concurrency import gather
 from ._cuda import CudaStaging, check_staging
-from ._direct import is_cold_fd
+from ._direct import DIRECT_BELOW, resident_fraction
 from ._exceptions import ModelFormatError
 from ._format import ModelInfo
 from ._hugepages import huge_pages_advised
@@ -88,6 +90,7 @@ _DTYPE_ATTRS = {
     "F64": "float64",
     "C64": "complex64",
 }
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _PAGE = mmap.PAGESIZE
@@ -101,6 +104,9 @@ _PREFAULT_STEP = 64 << 20
 #: multiples of `_POPULATE_ALIGN` (a huge page: a large folio is never split between two).
 _POPULATE_PARTS = max(1, min(4, os.cpu_count() or 1))
 _POPULATE_ALIGN = 2 << 20
+#: A PMD-mapped huge page, and how many places of a file `_faults_map_huge` tries.
+_HUGE = 2 << 20
+_PROBES = 8
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
@@ -115,6 +121,50 @@ def _libc_madvise() -> Callable[[int, int, int], int] | None:
 
 
 _madvise = _libc_madvise()
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
+    ]
+
+
+#: cachestat(2)'s number (Linux 6.5): the same on every architecture (numbers from 424 on are).
+_SYS_CACHESTAT = 451
+
+
+def _libc_syscall() -> Callable[..., int] | None:
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    return syscall
+
+
+_syscall = _libc_syscall()
+
+
+def _cached_fraction(fd: int, size: int) -> float:
+    """The fraction of the file's pages in the page cache: counted by cachestat (Linux 6.5) in
+    one call (~0.15 ms for 1 GiB in 2 MiB folios), else sampled with mincore by
+    `resident_fraction` (~0.75 ms: a mapping and 256 calls)."""
+    if _syscall is not None and size > 0:
+        span, stat = _CachestatRange(0, size), _Cachestat()
+        flags = ctypes.c_uint(0)
+        if (
+            _syscall(
+                ctypes.c_long(_SYS_CACHESTAT), fd, ctypes.byref(span), ctypes.byref(stat), flags
+            )
+            == 0
+        ):
+            return min(1.0, int(stat.cache) / -(-size // _PAGE))
+    return resident_fraction(fd, 0, size)
 
 
 def torch_dtype(name: str, *, model_id: str = "?", url: str = "?") -> torch.dtype:
@@ -288,11 +338,16 @@ async def build_views(
     return tensor_views(buffer, info, base)
 
 
-def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
-    """Map the model's file copy-on-write, its pages not yet faulted in (`_populate` does it);
-    the mapping is the buffer. A file mostly not in the page cache is asked to be read ahead
-    whole first (``POSIX_FADV_WILLNEED``): the disk then reads it in large requests while the
-    populating threads fault pages in, instead of one fault's readahead at a time.
+def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
+    """Map the model's file copy-on-write; the mapping is the buffer. Returns it and whether
+    its pages are all mapped already.
+
+    A file all in the page cache (`_cached_fraction`) whose faults map 2 MiB at a time
+    (`_faults_map_huge`) has its pages mapped here, in this same worker call
+    (`_populate_resident`): no thread hop, no thread beside it. Any other file is returned
+    unmapped, for `_populate`'s threads, which wait on the disk together; one mostly not in
+    the page cache is first asked to be read ahead (``POSIX_FADV_WILLNEED``: Linux reads at
+    most one readahead window of it, 8 MiB here, so the faults' own readahead does the rest).
 
     torch's file mapping closes its descriptor once mapped (Python's mmap keeps a duplicate
     open, which capped resident models at the open-file limit).
@@ -301,27 +356,127 @@ def _map_file(path: str, info: ModelInfo) -> torch.Tensor:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         size = os.fstat(fd).st_size
-        if size == shard.data_start + shard.data_size and is_cold_fd(fd, 0, size):
-            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        resident = 0.0
+        if size == shard.data_start + shard.data_size:
+            resident = _cached_fraction(fd, size)
+            if resident < DIRECT_BELOW:
+                os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
     if size != shard.data_start + shard.data_size:
-        raise ModelFormatError(
-            f"model {info.model_id!r}: {shard.url} changed size while loading "
-            f"({shard.data_start + shard.data_size} -> {size} bytes)",
-            model_id=info.model_id,
-            path=shard.url,
-        )
+        raise _changed_size(info, shard.data_start + shard.data_size, size)
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
-    return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+    buffer = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+    try:
+        huge_from = _faults_map_huge(buffer) if resident == 1.0 else None
+        return buffer, huge_from is not None and _populate_resident(buffer, huge_from)
+    except OSError as exc:  # EFAULT: the file shrank after its size was checked
+        raise _changed_size(info, size, -1) from exc
+
+
+def _faults_map_huge(buffer: torch.Tensor) -> int | None:
+    """Where, in this file mapping, one read fault maps a whole 2 MiB: None unless it does at
+    all but one of `_PROBES` places spread over it; else the offset from which it does (the
+    first such place at 0, 2, 4, 8, ... MiB, before the first of those places).
+
+    It does where the page cache holds the file in 2 MiB folios: a sequential read with a
+    readahead window of 2 MiB or more leaves them, but its first tens of MiB, read while the
+    window grew, and whatever memory was too fragmented for them, in smaller ones. It does not
+    where the page cache holds small ones (a 128 KiB window, random reads) or the mapping is
+    not 2 MiB-aligned. Told from /proc/self/pagemap's present bits after one byte read per
+    place (~10 us each).
+
+    Why ask: ``MADV_POPULATE_READ`` walks every 4 KiB entry it maps (~170 ns each), against
+    ~30 ns for a byte read, so it wins only where 2 MiB entries spare the walk: above ~85 %
+    of the file, and not in the small folios before the offset returned.
+    """
+    size, address = buffer.numel(), buffer.data_ptr()
+    regions = size // _HUGE
+    if regions == 0 or address % _HUGE:
+        return None
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+
+    def whole(region: int) -> bool:
+        start = region * _HUGE
+        _populate_read(address + start, _PAGE)  # one read fault
+        entries = os.pread(fd, _HUGE // _PAGE * 8, (address + start) // _PAGE * 8)
+        # Bit 63 of each little-endian 8-byte entry (the top bit of its last byte): present.
+        return len(entries) == _HUGE // _PAGE * 8 and min(entries[7::8]) >= 0x80
+
+    places = sorted({(2 * i + 1) * regions // (2 * _PROBES) for i in range(_PROBES)})
+    try:
+        misses = sum(not whole(n) for n in places)
+        if misses * _PROBES > len(places):  # 1 miss in 8; none in fewer
+            return None
+        region = 0
+        while region < places[0] and not whole(region):
+            region = max(1, 2 * region)
+        return min(region, places[0]) * _HUGE
+    except OSError as exc:
+        if exc.errno == errno.EFAULT:
+            raise
+        return None
+    finally:
+        os.close(fd)
+
+
+def _populate_read(address: int, nbytes: int) -> bool:
+    """``MADV_POPULATE_READ`` of a range: True once mapped; False where the kernel refuses
+    it (EINVAL before 5.14; EINTR, ENOMEM); raises OSError(EFAULT) for pages past the file's
+    end (a read of them would be SIGBUS)."""
+    if _madvise is None:
+        return False
+    if _madvise(address, nbytes, _MADV_POPULATE_READ) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EFAULT:
+        raise OSError(err, os.strerror(err))
+    return False
+
+
+def _changed_size(info: ModelInfo, expected: int, size: int) -> ModelFormatError:
+    """``size`` -1: shorter than ``expected``, by how much not known."""
+    now = "fewer" if size < 0 else str(size)
+    return ModelFormatError(
+        f"model {info.model_id!r}: {info.shards[0].url} changed size while loading "
+        f"({expected} -> {now} bytes)",
+        model_id=info.model_id,
+        path=info.shards[0].url,
+    )
+
+
+def _populate_resident(buffer: torch.Tensor, huge_from: int) -> bool:
+    """Map every page of a mapped file that is in the page cache: those before ``huge_from``
+    (in small folios) by `_populate_range`'s reads, the rest without reading them
+    (``MADV_POPULATE_READ``: read-only entries, so copy-on-write stays). False where the
+    kernel lacks it (before 5.14): `_populate` then does it all.
+
+    Why not the reads everywhere: after a sequential read (a download, ``cat``) the page
+    cache holds the file mostly in 2 MiB folios, each mapped by one fault with one page-table
+    entry, so the faults are cheap and the reads were most of the cost, a cache miss for every
+    4 KiB page (~8 ms a GiB), paid again by the model's first pass. Measured on the 2-core VM,
+    1 GiB file, Linux 6.18 (benches/README.md, peer_loaders; best of 7): the whole mapping 3.8
+    ms against 8.0 ms for the reads, from one thread; 3.25 ms of the 3.8 in its first 40 MiB
+    of small folios, which the reads map in 2.1 ms; two threads did not help (one
+    page-middle-directory table, whose lock every 2 MiB entry takes, maps 1 GiB).
+    """
+    size = buffer.numel()
+    if huge_from:
+        _populate_range(buffer, 0, huge_from)
+    return huge_from >= size or _populate_read(buffer.data_ptr() + huge_from, size - huge_from)
 
 
 def _populate_range(buffer: torch.Tensor, start: int, stop: int) -> None:
     """Fault in the pages of ``buffer[start:stop]``: one byte read per page.
 
-    Not ``MADV_POPULATE_READ``: it walks every page again after faulting it in, where a read
-    fault maps a whole block of the page cache (fault-around, 64 KiB; a large folio whole) and
-    the next reads in it find it mapped. Measured on the 2-core VM (1 GiB, page cache in 4 KiB
+    For a file not all in the page cache: the faults wait on the disk and the reads cost
+    little beside them. Not ``MADV_POPULATE_READ`` here: with the page cache in 4 KiB folios
+    (a fault's readahead can leave those) it walks every page again after faulting it in,
+    where a read fault maps a whole block of the page cache (fault-around, 64 KiB) and the
+    next reads in it find it mapped. Measured on the 2-core VM (1 GiB, page cache in 4 KiB
     folios, load and every page touched, 7 rounds): 119-139 ms best against 134-145 ms.
     """
     buffer[start:stop:_PAGE].max()
@@ -540,8 +695,9 @@ class TorchBackend:
         if self.device.type == "cpu" and self.zero_copy and zero_copy and info.mappable:
             path = store.local_path(info.shards[0].url)
         if path is not None:
-            buffer = await anyio.to_thread.run_sync(_map_file, path, info)
-            await _populate(buffer)
+            buffer, populated = await anyio.to_thread.run_sync(_map_file, path, info)
+            if not populated:
+                await _populate(buffer)
             base = info.shards[0].data_start
         else:
             faulted = 0

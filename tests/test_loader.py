@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import gc
+import itertools
 import json
 import math
 import os
@@ -950,14 +953,8 @@ async def test_store_is_cold_says_whether_a_local_range_waits_on_the_disk(
     assert not await store.is_cold(f"memory://{memory_root}/f.bin", 0, len(data), model_id="m")
 
 
-@pytest.mark.asyncio
-@pytest.mark.parametrize("cold", [False, True], ids=["cached", "cold"])
-async def test_a_mapped_model_has_every_page_mapped_when_its_load_returns(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cold: bool
-) -> None:
-    """zero_copy: every page of the mapping is in the process's page tables when the load
-    returns (no first-inference faults), faulted in by several threads over disjoint ranges
-    that cover it; a cold file is asked to be read ahead whole (WILLNEED) first; bit-exact."""
+def _record_populate(monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[int, int]], list[int]]:
+    """The ranges `_populate_range` is called on, and the fadvise advice given, from now on."""
     ranges: list[tuple[int, int]] = []
     real_range = backend._populate_range
 
@@ -975,21 +972,226 @@ async def test_a_mapped_model_has_every_page_mapped_when_its_load_returns(
     monkeypatch.setattr(backend, "_populate_range", populate_range)
     monkeypatch.setattr(backend, "_POPULATE_PARTS", 3)
     monkeypatch.setattr(backend, "_POPULATE_ALIGN", 64 << 10)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    return ranges, advice
+
+
+def _assert_covers(ranges: list[tuple[int, int]], size: int) -> None:
+    """Three disjoint ranges, end to end over ``[0, size)``."""
+    ordered = sorted(ranges)
+    assert ordered == sorted(set(ranges)) and len(ranges) == 3
+    assert ordered[0][0] == 0 and ordered[-1][1] == size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ordered))
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_calls: list[str]
+) -> None:
+    """zero_copy, file all in the page cache in 2 MiB folios from some offset on (as
+    `_faults_map_huge` finds): every page of the mapping is in the process's page tables when
+    the load returns, in the worker call that maps the file (no more threads): those before the
+    offset by a read of each, the rest by MADV_POPULATE_READ (no read); writes still never
+    reach the file (copy-on-write); bit-exact."""
+    ranges, advice = _record_populate(monkeypatch)
+    head = 1 << 20
+    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: head)
+    populated: list[tuple[int, int]] = []
+    real_madvise = backend._madvise
+    assert real_madvise is not None
+
+    def madvise(address: int, length: int, advice: int) -> int:
+        if advice == backend._MADV_POPULATE_READ:
+            populated.append((address, length))
+        return real_madvise(address, length, advice)
+
+    monkeypatch.setattr(backend, "_madvise", madvise)
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
     write_model(place.directory(MODEL_ID), tensors)
-    if cold:
-        _evict(tmp_path / MODEL_ID / "model.safetensors")
-    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    content = path.read_bytes()  # all of it in the page cache
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    thread_calls.clear()
+    weights = await TorchBackend("cpu", zero_copy=True).load(store, info)
+    buffer = weights.buffer
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    assert thread_calls == ["_map_file"] and ranges == [(0, head)] and advice == []
+    assert populated == [(buffer.data_ptr() + head, buffer.numel() - head)]
+    assert_same(weights, tensors)
+    weights["w"].fill_(1.5)
+    assert bool((weights["w"] == 1.5).all())
+    assert path.read_bytes() == content
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_model_not_in_the_page_cache_is_read_ahead_and_faulted_in_by_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zero_copy, file evicted: it is asked to be read ahead whole (WILLNEED), several threads
+    fault its pages in over disjoint ranges that cover it (their faults wait on the disk
+    together), and every page is mapped when the load returns; bit-exact."""
+    ranges, advice = _record_populate(monkeypatch)
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    _evict(tmp_path / MODEL_ID / "model.safetensors")
     weights = await load(place.store(), zero_copy=True)
     buffer = weights.buffer
-    size = buffer.numel()
-    assert _present_pages(buffer.data_ptr(), size) == -(-size // PAGE)
-    assert sorted(ranges) == sorted(set(ranges)) and len(ranges) == 3
-    assert sorted(ranges)[0][0] == 0 and sorted(ranges)[-1][1] == size
-    assert all(a[1] == b[0] for a, b in zip(sorted(ranges), sorted(ranges)[1:], strict=False))
-    assert (os.POSIX_FADV_WILLNEED in advice) == cold
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    _assert_covers(ranges, buffer.numel())
+    assert os.POSIX_FADV_WILLNEED in advice
     assert_same(weights, tensors)
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_model_is_faulted_in_by_threads_where_the_kernel_lacks_populate_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel that refuses MADV_POPULATE_READ (EINVAL, before Linux 5.14): a cached file's
+    pages are faulted in by the threads' reads instead, every page mapped; bit-exact."""
+    ranges, _ = _record_populate(monkeypatch)
+    refused: list[int] = []
+    real_madvise = backend._madvise
+    assert real_madvise is not None
+
+    def madvise(address: int, length: int, advice: int) -> int:
+        if advice == backend._MADV_POPULATE_READ:
+            refused.append(length)
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        return real_madvise(address, length, advice)
+
+    monkeypatch.setattr(backend, "_madvise", madvise)
+    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: 0)
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    (tmp_path / MODEL_ID / "model.safetensors").read_bytes()  # all of it in the page cache
+    weights = await load(place.store(), zero_copy=True)
+    buffer = weights.buffer
+    assert refused == [buffer.numel()]
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    _assert_covers(ranges, buffer.numel())
+    assert_same(weights, tensors)
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_file_that_shrinks_under_its_mapping_fails_the_load_not_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file in the page cache cut short between its size check and MADV_POPULATE_READ: the
+    load raises ModelFormatError (EFAULT), where a read of a page past the file's end would
+    kill the process with SIGBUS."""
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    path.read_bytes()  # all of it in the page cache
+    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: 0)
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    real_from_file = torch.UntypedStorage.from_file
+
+    def from_file_then_cut(filename: str, shared: bool, nbytes: int) -> object:
+        storage = real_from_file(filename, shared, nbytes)
+        os.truncate(filename, nbytes // 2)
+        return storage
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", from_file_then_cut)
+    with pytest.raises(ModelFormatError, match="changed size while loading"):
+        await TorchBackend("cpu", zero_copy=True).load(store, info)
+
+
+@pytest.mark.parametrize("cachestat", [True, False], ids=["cachestat", "mincore"])
+def test_the_cached_fraction_of_a_file_is_none_once_evicted_and_all_once_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cachestat: bool
+) -> None:
+    """`_cached_fraction` (cachestat, or sampled mincore where the kernel lacks it): 0.0 for
+    a file evicted from the page cache, 1.0 once it is read whole."""
+    if not cachestat:
+        monkeypatch.setattr(backend, "_syscall", None)
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom((8 << 20) + 123))
+    _evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        assert backend._cached_fraction(fd, size) == 0.0
+        path.read_bytes()
+        assert backend._cached_fraction(fd, size) == 1.0
+    finally:
+        os.close(fd)
+
+
+def _pmd_mapped_kib(address: int) -> int:
+    """FilePmdMapped of this process's mapping at ``address`` (/proc/self/smaps), in KiB."""
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        pytest.skip("no /proc/self/smaps here")
+    inside = False
+    for line in text.splitlines():
+        first = line.split(" ", 1)[0]
+        if "-" in first and ":" not in first:
+            lo, hi = (int(x, 16) for x in first.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("FilePmdMapped:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _map_whole(path: Path) -> torch.Tensor:
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_a_cached_file_in_small_folios_is_faulted_in_by_the_threads_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file all in the page cache but in 4 KiB folios (read with POSIX_FADV_RANDOM: no
+    readahead): `_faults_map_huge` says no, so its pages are faulted in by the threads' reads
+    (MADV_POPULATE_READ would walk each 4 KiB entry), every page mapped; bit-exact."""
+    ranges, _ = _record_populate(monkeypatch)
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (4 << 20,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    _evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        while os.read(fd, PAGE):
+            pass
+    finally:
+        os.close(fd)
+    assert backend._faults_map_huge(_map_whole(path)) is None
+    weights = await load(place.store(), zero_copy=True)
+    buffer = weights.buffer
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    _assert_covers(ranges, buffer.numel())
+    assert_same(weights, tensors)
+
+
+def test_the_huge_fault_probe_says_yes_only_where_the_kernel_maps_2_mib_entries(
+    tmp_path: Path,
+) -> None:
+    """`_faults_map_huge` says yes for a file read sequentially (whose page cache may hold
+    2 MiB folios, after the tens of MiB read while the readahead window grew) only where the
+    kernel then maps most of it with 2 MiB entries (smaps' FilePmdMapped)."""
+    size = 128 << 20
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(size))
+    _evict(path)
+    path.read_bytes()
+    buffer = _map_whole(path)
+    says = backend._faults_map_huge(buffer) is not None
+    assert backend._madvise is not None
+    assert backend._madvise(buffer.data_ptr(), size, backend._MADV_POPULATE_READ) == 0
+    huge = _pmd_mapped_kib(buffer.data_ptr()) << 10
+    assert not says or huge >= size // 2, (says, huge)
 
 
 # -- worker-thread calls per load (the thread_calls fixture: conftest) -------------------------------
