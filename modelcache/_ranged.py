@@ -120,6 +120,17 @@ def range_reader(
     return functools.partial(_cat_read, fs, path)
 
 
+def _check_partial(sent: str, length: int | None, start: int, size: int) -> None:
+    """A 206 must answer the range asked for: its Content-Range (when it has one) starting at
+    ``start``, its Content-Length no more than ``size``; else EIO (not retried)."""
+    match = _CONTENT_RANGE.match(sent)
+    if (match is not None and int(match[1]) != start) or (length or 0) > size:
+        raise OSError(
+            errno.EIO,
+            f"asked for {size} bytes from {start}, the server sent {length} bytes of {sent!r}",
+        )
+
+
 def _check_etag(if_match: str | None, sent: object) -> None:
     """A server that ignores If-Match (or was not sent a weak one) still names what it sent: it
     must be what we asked for. Tags that are no ETag (``lm:``: a Last-Modified) are not compared."""
@@ -232,15 +243,9 @@ async def _http_read(
         _check_etag(if_match, response.headers.get("ETag"))
         skip = start  # a 200 is the whole file: the server ignored Range
         if response.status == 206:
-            sent = response.headers.get("Content-Range", "")
-            match = _CONTENT_RANGE.match(sent)
-            length = response.content_length
-            if (match is not None and int(match[1]) != start) or (length or 0) > size:
-                raise OSError(
-                    errno.EIO,
-                    f"asked for {size} bytes from {start}, the server sent {length} bytes "
-                    f"of {sent!r}",
-                )
+            _check_partial(
+                response.headers.get("Content-Range", ""), response.content_length, start, size
+            )
             skip = 0
         elif on_whole_body is not None:
             on_whole_body()

@@ -42,11 +42,11 @@ import anyio.to_thread
 
 from ._faults import status_error
 from ._ranged import (
-    _CONTENT_RANGE,
     RangeReader,
     ShortBody,
     _check_complete,
     _check_etag,
+    _check_partial,
     _is_plain,
     _range_header,
     _total,
@@ -339,14 +339,7 @@ def _fetch(
                     )
                 raise Fallback(status)
             sent = response.getheader("Content-Range", "")
-            match = _CONTENT_RANGE.match(sent)
-            length = response.length
-            if (match is not None and int(match[1]) != start) or (length or 0) > size:
-                raise OSError(
-                    errno.EIO,
-                    f"asked for {size} bytes from {start}, the server sent {length} bytes "
-                    f"of {sent!r}",
-                )
+            _check_partial(sent, response.length, start, size)
             _check_etag(if_match, response.getheader("ETag"))
             filled = 0
             for dest in dests:
@@ -433,7 +426,9 @@ def _reader(
     if_match: str | None,
     fallback: RangeReader,
 ) -> RangeReader:
-    made: list[tuple[tuple[str, str, int], str, float, float]] = []
+    #: Made on the first read, once: the connection key, the request target and the timeouts;
+    #: None when this file's reads all go to ``fallback`` (not http(s), or an env proxy).
+    made: list[tuple[tuple[str, str, int], str, float, float] | None] = []
     strong = strong_etag(if_match)
 
     async def read(start: int, dests: Sequence[memoryview]) -> int:
@@ -444,21 +439,17 @@ def _reader(
             url, connect_timeout, read_timeout = await target()
             parts = urllib.parse.urlsplit(url)
             scheme = parts.scheme.lower()
-            if scheme not in ("http", "https") or not parts.hostname:
-                return await fallback(start, dests)
-            port = parts.port or (443 if scheme == "https" else 80)
-            query = f"?{parts.query}" if parts.query else ""
-            made.append(
-                (
-                    (scheme, parts.hostname, port),
-                    (parts.path or "/") + query,
-                    connect_timeout,
-                    read_timeout,
-                )
-            )
-        key, path, connect_timeout, read_timeout = made[0]
-        if _proxied(key[0], key[1]):
+            host = parts.hostname
+            if scheme not in ("http", "https") or not host or _proxied(scheme, host):
+                made.append(None)
+            else:
+                port = parts.port or (443 if scheme == "https" else 80)
+                query = f"?{parts.query}" if parts.query else ""
+                target_path = (parts.path or "/") + query
+                made.append(((scheme, host, port), target_path, connect_timeout, read_timeout))
+        if made[0] is None:
             return await fallback(start, dests)
+        key, path, connect_timeout, read_timeout = made[0]
         sent = {**headers, "Range": _range_header(start, size)}
         if strong is not None:
             sent["If-Match"] = strong
