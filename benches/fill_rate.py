@@ -173,7 +173,10 @@ def main() -> None:
         print(out.getvalue())
     for key, value in figures.items():
         print(f"{key}: {value:.2f}")
-    emit_json({key: rounded(value) for key, value in figures.items()} | {"ids": n})
+    # The machine's load (1-minute average) as the run ended: a shared machine's other work
+    # inflates CPU µs per load too (caches, hyper-threads), so runs are compared at like loads.
+    load1 = round(os.getloadavg()[0], 2)
+    emit_json({key: rounded(value) for key, value in figures.items()} | {"ids": n, "load1": load1})
 
 
 if __name__ == "__main__":
