@@ -8,9 +8,10 @@ of the process), and, in a second fill of as many fresh ids, worker-thread calls
 (``anyio.to_thread.run_sync``) and asyncio tasks created per load (counting adds a little to
 each). Then the same fill through one ``cache.prefetch(ids)`` call (``prefetch_*``: its loads
 start from the caller's task, ``PREFETCH_WINDOW`` at a time). ``--profile`` prints a cProfile
-of the timed use() fill, by own time and by cumulative time.
+of the timed use() fill, by own time and by cumulative time; ``--profile-prefetch`` the same of
+the prefetch fill.
 
-Run: ``python benches/fill_rate.py [--quick] [--ids N] [--profile]``.
+Run: ``python benches/fill_rate.py [--quick] [--ids N] [--profile | --profile-prefetch]``.
 """
 
 from __future__ import annotations
@@ -102,11 +103,15 @@ async def timed_fill(
     }
 
 
-async def measure(path: str, n: int, profile: cProfile.Profile | None) -> dict[str, float]:
-    timed = await timed_fill(path, "m", n, profile)
+async def measure(
+    path: str, n: int, profile: cProfile.Profile | None, profiled: str = "use"
+) -> dict[str, float]:
+    timed = await timed_fill(path, "m", n, profile if profiled == "use" else None)
     # The same fill through one ``cache.prefetch(ids)`` call (its loads start from the caller's
-    # task, a window at a time), in a new cache, after the use() fill as the profile's.
-    batched = await timed_fill(path, "p", n, None, prefetch=True)
+    # task, a window at a time), in a new cache, after the use() fill.
+    batched = await timed_fill(
+        path, "p", n, profile if profiled == "prefetch" else None, prefetch=True
+    )
     # Counted in a second fill, so that the counting does not slow the timed one.
     counts = {"threads": 0, "tasks": 0}
     real = anyio.to_thread.run_sync
@@ -147,15 +152,19 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "fill rate")
     parser.add_argument("--ids", type=int, default=None, help="ids to load (default 10,000)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the fill")
+    parser.add_argument(
+        "--profile-prefetch", action="store_true", help="print a cProfile of the prefetch fill"
+    )
     args = parser.parse_args()
     n = args.ids or (2000 if args.quick else 10_000)
     print(f"fill_rate{' (quick)' if args.quick else ''}: {machine_line()}")
     print(f"{n} ids, {FILL_TASKS} tasks, max_concurrent_loads=4, file://, zero_copy=False")
-    profile = cProfile.Profile() if args.profile else None
+    profile = cProfile.Profile() if args.profile or args.profile_prefetch else None
+    profiled = "prefetch" if args.profile_prefetch else "use"
     with data_dir(args.data_dir, "modelcache-fill-") as directory:
         path = os.path.join(directory, "tiny.safetensors")
         save_file({"w": torch.zeros(0, dtype=torch.uint8)}, path)
-        figures = anyio.run(measure, path, n, profile, backend="asyncio")
+        figures = anyio.run(measure, path, n, profile, profiled, backend="asyncio")
     if profile is not None:
         out = io.StringIO()
         stats = pstats.Stats(profile, stream=out)
@@ -164,7 +173,10 @@ def main() -> None:
         print(out.getvalue())
     for key, value in figures.items():
         print(f"{key}: {value:.2f}")
-    emit_json({key: rounded(value) for key, value in figures.items()} | {"ids": n})
+    # The machine's load (1-minute average) as the run ended: a shared machine's other work
+    # inflates CPU µs per load too (caches, hyper-threads), so runs are compared at like loads.
+    load1 = round(os.getloadavg()[0], 2)
+    emit_json({key: rounded(value) for key, value in figures.items()} | {"ids": n, "load1": load1})
 
 
 if __name__ == "__main__":

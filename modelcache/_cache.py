@@ -695,7 +695,8 @@ class ModelCache:
                     source = "store"  # the disk copy was damaged
             self._device.check_fits(info)
             check_wanted(entry)  # a load nobody waits for must not evict anything
-            await self._device.reserve(entry, info)
+            if not self._device.reserve_now(entry, info):
+                await self._device.reserve(entry, info)
             async with Limited(self._limiter, entry):
                 moving_since = _load_timer()
                 if claimed is not None:

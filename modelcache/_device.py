@@ -233,6 +233,19 @@ class DeviceTier:
         self.loading += 1
         return entry
 
+    def reserve_now(self, entry: DeviceEntry, info: ModelInfo) -> bool:
+        """Reserve ``info``'s bytes for ``entry``'s load if that needs no wait (nobody in line,
+        the bytes free or freed by evictions now); False: the load awaits `reserve`. A small
+        model's load made a coroutine and a closure (two objects for the collector while it ran)
+        for a reservation that never waited."""
+        entry.nbytes = info.nbytes
+        entry.info = info  # for describe()
+        budget = self._budget
+        if budget.waiting or not budget.try_reserve(info.nbytes):
+            return False
+        entry.reserved = True
+        return True
+
     async def reserve(self, entry: DeviceEntry, info: ModelInfo) -> None:
         """Reserve ``info``'s bytes for ``entry``'s load, waiting in line while they are in use
         (`Abandoned` when nobody waits for the load any more)."""

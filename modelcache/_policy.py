@@ -345,22 +345,6 @@ class FrequencyHistory:
         self._rate = 1.0 / max(self._min_half_life, self._factor * resident)
 
 
-class _Slot:
-    """A resident entry's place in a `CostAwarePolicy` (updated in place on a hit)."""
-
-    __slots__ = ("entry", "priority", "seq", "unit")
-
-    def __init__(self, entry: PolicyEntry, unit: float) -> None:
-        self.entry = entry
-        #: C / S, computed when the entry was admitted (the hit path never calls ``cost``).
-        self.unit = unit
-        #: The heap item's sequence number that is current (older items for the key are stale).
-        self.seq = 0
-        #: log2(F * C / S) + the history's clock at the entry's last access. A hit raises it in
-        #: place; the heap item keeps the value it was pushed with until `victims` re-files it.
-        self.priority = 0.0
-
-
 #: The count given to an entry the history does not know (admitted, never used).
 _MIN_COUNT = 1e-6
 
@@ -391,7 +375,19 @@ class CostAwarePolicy:
     tier of models that come back. The cache asks only when the tier has no free room.
     """
 
-    __slots__ = ("_cost", "_heap", "_keys", "_live", "_seq", "_unpinned", "admission", "history")
+    __slots__ = (
+        "_cost",
+        "_heap",
+        "_keys",
+        "_live",
+        "_priorities",
+        "_seq",
+        "_seqs",
+        "_units",
+        "_unpinned",
+        "admission",
+        "history",
+    )
 
     def __init__(
         self,
@@ -404,7 +400,18 @@ class CostAwarePolicy:
         self.history = history if history is not None else FrequencyHistory()
         self.history.attach(self)
         self.admission = admission
-        self._live: dict[Hashable, _Slot] = {}
+        #: A resident entry's place, by its key: the entry, and three numbers in dicts of their
+        #: own rather than an object per entry (a slot object was one more object per resident
+        #: model for each full pass of the garbage collector to scan; floats and ints in a dict
+        #: are none). ``_units``: C / S, computed when the entry was admitted (the hit path never
+        #: calls ``cost``); ``_seqs``: the sequence number of its heap item that is current (older
+        #: items for the key are stale); ``_priorities``: log2(F * C / S) + the history's clock at
+        #: its last access: a hit raises it in place, the heap item keeps the value it was pushed
+        #: with until `victims` re-files it.
+        self._live: dict[Hashable, PolicyEntry] = {}
+        self._units: dict[Hashable, float] = {}
+        self._seqs: dict[Hashable, int] = {}
+        self._priorities: dict[Hashable, float] = {}
         #: (priority, seq) items; the key of each is ``_keys[seq]``. A heap item of atomic values
         #: is no object for the garbage collector to scan (a key is a tuple holding the model
         #: class's builder: an item holding it was one more such object per resident entry).
@@ -449,12 +456,11 @@ class CostAwarePolicy:
     def priority(self, key: Hashable) -> float | None:
         """log2 of the resident ``key``'s value when last pushed, plus the clock then (None if
         it is not resident): it orders entries as their values now do."""
-        slot = self._live.get(key)
-        return None if slot is None else slot.priority
+        return self._priorities.get(key)
 
-    def _push(self, slot: _Slot, key: Hashable, priority: float) -> None:
+    def _push(self, key: Hashable, priority: float) -> None:
         seq = self._seq = self._seq + 1
-        slot.seq, slot.priority = seq, priority
+        self._seqs[key], self._priorities[key] = seq, priority
         heap = self._heap
         heapq.heappush(heap, (priority, seq))
         self._keys[seq] = key
@@ -462,9 +468,9 @@ class CostAwarePolicy:
             self._compact()
 
     def _compact(self) -> None:
-        live = self._live
-        self._heap = [(s.priority, s.seq) for s in live.values()]
-        self._keys = {s.seq: k for k, s in live.items()}
+        priorities = self._priorities
+        self._heap = [(priorities[k], seq) for k, seq in self._seqs.items()]
+        self._keys = {seq: k for k, seq in self._seqs.items()}
         heapq.heapify(self._heap)
 
     def admitted(self, entry: PolicyEntry) -> None:
@@ -473,51 +479,55 @@ class CostAwarePolicy:
         history.maintain()
         old = self._live.get(key)
         if old is not None:  # admitted again without leaving: count it once
-            self._unpinned.removed(old.entry)
-        slot = self._live[key] = _Slot(entry, self.unit_cost(entry))
+            self._unpinned.removed(old)
+        self._live[key] = entry
+        unit = self._units[key] = self.unit_cost(entry)
         self._unpinned.admitted(entry)
         count = max(history.get(history_key(entry)), _MIN_COUNT)
-        self._push(slot, key, _log2(count * slot.unit) + history.clock)
+        self._push(key, _log2(count * unit) + history.clock)
 
     def accessed(self, entry: PolicyEntry) -> None:
         # The hit path, O(1): a count update and a log. Priorities only rise on a hit (decay is
         # in the clock term, the same for every entry), so the heap item is left as it is and
         # `victims` re-files it when it surfaces with a stale, lower value.
-        slot = self._live.get(entry.key)
-        if slot is None:  # not admitted (a policy shared oddly): treat as admitted now
+        key = entry.key
+        unit = self._units.get(key)
+        if unit is None:  # not admitted (a policy shared oddly): treat as admitted now
             self.admitted(entry)
-            slot = self._live[entry.key]
+            unit = self._units[key]
         history = self.history
         clock = history.clock
-        value = history.touch(getattr(entry, "model_id", entry.key)) * slot.unit  # history_key
-        slot.priority = (math.log2(value) if value > 0 else -math.inf) + clock  # _log2
+        value = history.touch(getattr(entry, "model_id", key)) * unit  # history_key
+        self._priorities[key] = (math.log2(value) if value > 0 else -math.inf) + clock  # _log2
         unpinned = self._unpinned  # `_Unpinned.suspect` inlined (a use is a lease taken)
-        if entry.key not in unpinned.suspects:
-            unpinned.suspects[entry.key] = slot.entry
-            unpinned.bytes -= slot.entry.nbytes
+        if key not in unpinned.suspects:
+            resident = self._live[key]
+            unpinned.suspects[key] = resident
+            unpinned.bytes -= resident.nbytes
 
     def removed(self, entry: PolicyEntry) -> None:
-        slot = self._live.get(entry.key)
-        if slot is not None and slot.entry is entry:
-            del self._live[entry.key]
+        key = entry.key
+        if self._live.get(key) is entry:
+            del self._live[key], self._units[key], self._seqs[key], self._priorities[key]
             self._unpinned.removed(entry)
 
-    def _pop_live(self) -> tuple[tuple[float, int], _Slot] | None:
+    def _pop_live(self) -> tuple[tuple[float, int], PolicyEntry] | None:
         """Pop the live entry of lowest priority now (returned, already popped; its key stays
         in ``_keys`` for the item to be pushed back): items of removed entries are dropped, and
         items whose entry was hit since are pushed again with the entry's current priority."""
-        heap, live, keys = self._heap, self._live, self._keys
+        heap, seqs, keys = self._heap, self._seqs, self._keys
         while heap:
             item = heapq.heappop(heap)
             seq = item[1]
-            slot = live.get(keys[seq])
-            if slot is None or slot.seq != seq:
+            key = keys[seq]
+            if seqs.get(key) != seq:
                 del keys[seq]  # each seq is in the heap at most once: this was its item
                 continue
-            if slot.priority > item[0]:
-                heapq.heappush(heap, (slot.priority, seq))
+            priority = self._priorities[key]
+            if priority > item[0]:
+                heapq.heappush(heap, (priority, seq))
                 continue
-            return item, slot
+            return item, self._live[key]
         return None
 
     def victims(
@@ -534,9 +544,8 @@ class CostAwarePolicy:
             found = self._pop_live()
             if found is None:
                 break
-            item, slot = found
+            item, entry = found
             popped.append(item)
-            entry = slot.entry
             if evictable(entry):
                 unpinned.cleared(entry)
                 chosen.append(entry)
@@ -552,12 +561,14 @@ class CostAwarePolicy:
 
     def check(self) -> None:
         """Raise AssertionError unless the policy's own counts are consistent (tests)."""
-        self._unpinned.check(slot.entry for slot in self._live.values())
-        assert all(s.entry.key == k for k, s in self._live.items()), "a slot under another key"
+        self._unpinned.check(self._live.values())
+        assert all(e.key == k for k, e in self._live.items()), "an entry under another key"
+        assert self._live.keys() == self._units.keys() == self._seqs.keys(), "a key half filed"
+        assert self._live.keys() == self._priorities.keys(), "a key half filed"
         seqs = [seq for _, seq in self._heap]
         assert len(seqs) == len(self._keys), "a heap item for two keys, or a key for none"
         assert set(seqs) == set(self._keys), "a heap item's key"
-        assert all(self._keys.get(s.seq) == k for k, s in self._live.items()), "an entry unfiled"
+        assert all(self._keys.get(s) == k for k, s in self._seqs.items()), "an entry unfiled"
 
     def admits(self, entry: PolicyEntry) -> bool:
         """Whether ``entry`` is worth displacing this tier's next victim (always, without
@@ -567,11 +578,11 @@ class CostAwarePolicy:
         found = self._pop_live()
         if found is None:
             return True
-        item, slot = found
+        item, victim = found
         heapq.heappush(self._heap, item)
         # Both valued now (same frequencies, same bandwidth estimates); a tie goes to the
         # newcomer, the more recently used of the two.
-        return self.value(entry) >= self.value(slot.entry)
+        return self.value(entry) >= self.value(victim)
 
 
 class _Candidate(NamedTuple):

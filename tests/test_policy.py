@@ -612,8 +612,9 @@ class PolicyOracleMachine(RuleBasedStateMachine):
     def _victim_order(self) -> list[_OracleItem]:
         if isinstance(self.policy, LRUPolicy):
             return list(self.lru_order.values())
-        slots = self.policy._live.values()
-        return [s.entry for s in sorted(slots, key=lambda s: (s.priority, s.seq))]
+        policy = self.policy
+        keys = sorted(policy._live, key=lambda k: (policy._priorities[k], policy._seqs[k]))
+        return [policy._live[k] for k in keys]
 
     @precondition(_started)
     @rule(
