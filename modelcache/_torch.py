@@ -59,6 +59,7 @@ from ._loader import fill_buffer
 from ._pool import BufferPool
 from ._staging import Completion, CompletionWaiter, CopyHandle, StagingPool
 from ._store import Store
+from ._versions import local_tag, reading, see
 
 __all__ = [
     "TorchBackend",
@@ -107,6 +108,8 @@ _POPULATE_ALIGN = 2 << 20
 #: A PMD-mapped huge page, and how many places of a file `_faults_map_huge` tries.
 _HUGE = 2 << 20
 _PROBES = 8
+#: Whether ``/proc/self/fd`` names open descriptors (Linux with /proc mounted).
+_PROC_FDS = os.path.isdir("/proc/self/fd")
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
@@ -355,23 +358,39 @@ def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
     shard = info.shards[0]
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        size = os.fstat(fd).st_size
-        resident = 0.0
-        if size == shard.data_start + shard.data_size:
-            resident = _cached_fraction(fd, size)
-            if resident < DIRECT_BELOW:
-                os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        st = os.fstat(fd)
+        size = st.st_size
+        # The file the header was read from (`_versions`): one renamed over it since (another
+        # inode) or written since is a ModelChangedError, so the load begins again from the new
+        # headers (`load_one_version`); its size alone let another layout of the same size be
+        # mapped under the old header.
+        with reading(info.version):
+            see(shard.url, local_tag(st), info.model_id)
+        if size != shard.data_start + shard.data_size:
+            raise _changed_size(info, shard.data_start + shard.data_size, size)
+        resident = _cached_fraction(fd, size)
+        if resident < DIRECT_BELOW:
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        try:  # this descriptor's file, not whatever the path names by now
+            storage = torch.UntypedStorage.from_file(_fd_path(fd, path), shared=False, nbytes=size)
+        except RuntimeError as exc:  # torch's own size check: cut short since the fstat
+            now = os.fstat(fd).st_size
+            if now == size:
+                raise
+            raise _changed_size(info, size, now) from exc
     finally:
         os.close(fd)
-    if size != shard.data_start + shard.data_size:
-        raise _changed_size(info, shard.data_start + shard.data_size, size)
-    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     buffer = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
     try:
         huge_from = _faults_map_huge(buffer) if resident == 1.0 else None
         return buffer, huge_from is not None and _populate_resident(buffer, huge_from)
     except OSError as exc:  # EFAULT: the file shrank after its size was checked
         raise _changed_size(info, size, -1) from exc
+
+
+def _fd_path(fd: int, path: str) -> str:
+    """A path that opens the file ``fd`` has open (``/proc/self/fd``), else ``path``."""
+    return f"/proc/self/fd/{fd}" if _PROC_FDS else path
 
 
 def _faults_map_huge(buffer: torch.Tensor) -> int | None:

@@ -32,6 +32,7 @@ import modelcache._loader as loader
 import modelcache._torch as backend
 from modelcache._exceptions import (
     InvalidModelIdError,
+    ModelChangedError,
     ModelFormatError,
     ModelNotFoundError,
     StoreError,
@@ -1102,6 +1103,64 @@ async def test_a_mapped_file_that_shrinks_under_its_mapping_fails_the_load_not_t
     monkeypatch.setattr(torch.UntypedStorage, "from_file", from_file_then_cut)
     with pytest.raises(ModelFormatError, match="changed size while loading"):
         await TorchBackend("cpu", zero_copy=True).load(store, info)
+
+
+def _replace_with_same_size(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Rename a file with the same layout and other bytes over ``path``."""
+    write_model(path.parent, {name: t + 1 for name, t in tensors.items()}, name="new.safetensors")
+    new = path.with_name("new.safetensors")
+    assert new.stat().st_size == path.stat().st_size
+    os.replace(new, path)
+
+
+@pytest.mark.asyncio
+async def test_a_file_replaced_after_its_header_was_read_is_never_mapped_under_that_header(
+    tmp_path: Path,
+) -> None:
+    """zero_copy: a file renamed over the model's after its header was read (same size, other
+    bytes) is ModelChangedError (the cache's load begins again from the new headers), not the
+    new bytes served as the version the header was read at."""
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    write_model(place.directory(MODEL_ID), tensors)
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    _replace_with_same_size(tmp_path / MODEL_ID / "model.safetensors", tensors)
+    with pytest.raises(ModelChangedError, match="changed in the store"):
+        await TorchBackend("cpu", zero_copy=True).load(store, info)
+
+
+@pytest.mark.parametrize("change", ["cut", "removed"])
+@pytest.mark.asyncio
+async def test_a_mapped_file_is_the_one_whose_size_was_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """zero_copy maps the file its descriptor checked: cut short between that check and the
+    mapping, the load raises ModelFormatError (not torch's RuntimeError); removed meanwhile,
+    the checked file is mapped all the same, bit-exact (not a RuntimeError for a missing
+    path)."""
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    write_model(place.directory(MODEL_ID), tensors)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    real_from_file = torch.UntypedStorage.from_file
+
+    def change_then_map(filename: str, shared: bool, nbytes: int) -> object:
+        if change == "cut":
+            os.truncate(path, nbytes // 2)
+        else:
+            path.unlink()
+        return real_from_file(filename, shared, nbytes)
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", change_then_map)
+    backend_ = TorchBackend("cpu", zero_copy=True)
+    if change == "cut":
+        with pytest.raises(ModelFormatError, match="changed size while loading"):
+            await backend_.load(store, info)
+    else:
+        assert_same(await backend_.load(store, info), tensors)
 
 
 @pytest.mark.parametrize("cachestat", [True, False], ids=["cachestat", "mincore"])
