@@ -165,8 +165,12 @@ def _cached_fraction(fd: int, size: int) -> float:
                 ctypes.c_long(_SYS_CACHESTAT), fd, ctypes.byref(span), ctypes.byref(stat), flags
             )
             == 0
+            and stat.cache
         ):
             return min(1.0, int(stat.cache) / -(-size // _PAGE))
+    # No page counted is asked again of a mapping (mincore): cachestat counts the pages of the
+    # descriptor's own inode, which overlayfs (a container's image layers) never fills (the
+    # pages are the lower file's): a warm file there read 0.0 and was read ahead as cold.
     return resident_fraction(fd, 0, size)
 
 

@@ -1184,6 +1184,45 @@ def test_the_cached_fraction_of_a_file_is_none_once_evicted_and_all_once_read(
         os.close(fd)
 
 
+def test_a_file_whose_own_inode_cachestat_finds_empty_is_asked_of_its_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cachestat counting no page of a file (overlayfs: its pages are the lower file's) is
+    asked again of a mapping (mincore): a file read whole reads 1.0, not cold."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom((8 << 20) + 123))
+    path.read_bytes()
+    monkeypatch.setattr(backend, "_syscall", lambda *args: 0)  # answers, counting nothing
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert backend._cached_fraction(fd, os.fstat(fd).st_size) == 1.0
+    finally:
+        os.close(fd)
+
+
+def test_a_file_read_whole_through_overlayfs_reads_as_cached(tmp_path: Path) -> None:
+    """A file read whole through an overlayfs mount (a container's image layers) reads 1.0
+    (`_cached_fraction`), as the same file read directly does."""
+    dirs = {name: tmp_path / name for name in ("lower", "upper", "work", "merged")}
+    for directory in dirs.values():
+        directory.mkdir()
+    (dirs["lower"] / "f.bin").write_bytes(os.urandom(8 << 20))
+    options = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+    mount = ["mount", "-t", "overlay", "overlay", "-o", options, str(dirs["merged"])]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True, check=False).returncode:
+        pytest.skip("cannot mount overlayfs here")
+    try:
+        path = dirs["merged"] / "f.bin"
+        path.read_bytes()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert backend._cached_fraction(fd, os.fstat(fd).st_size) == 1.0
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", str(dirs["merged"])], check=True)
+
+
 def _pmd_mapped_kib(address: int) -> int:
     """FilePmdMapped of this process's mapping at ``address`` (/proc/self/smaps), in KiB."""
     try:
