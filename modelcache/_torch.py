@@ -6,8 +6,10 @@ Two ways to fill a CPU buffer, chosen per model:
   aligned in the file is mapped (copy-on-write, so writes never reach the file) and its pages
   are mapped eagerly, which ``safetensors.torch.load_file`` leaves to the first reads: a file
   in the page cache in 2 MiB folios with ``MADV_POPULATE_READ`` in the mapping's own worker
-  call (`_populate_resident`), any other from a few threads reading a byte a page
-  (`_populate`). The model is ready when the call returns: no first-inference page faults.
+  call (`_populate_resident`), any other from a few threads (`_populate`), by the same
+  madvise (a byte read a page where the kernel lacks it: a read past the end of a file cut
+  short meanwhile is SIGBUS, the madvise an error). The model is ready when the call returns:
+  no first-inference page faults.
 * **copy** - everything else: a page-aligned private mapping on huge pages from the backend's
   `BufferPool`, whose pages a dead model may have left (small models: the heap), filled by the
   store's concurrent ranged reads.
@@ -473,7 +475,7 @@ def _changed_size(info: ModelInfo, expected: int, size: int) -> ModelFormatError
 
 def _populate_resident(buffer: torch.Tensor, huge_from: int) -> bool:
     """Map every page of a mapped file that is in the page cache: those before ``huge_from``
-    (in small folios) by `_populate_range`'s reads, the rest without reading them
+    (in small folios) by `_populate_range`, the rest without reading them
     (``MADV_POPULATE_READ``: read-only entries, so copy-on-write stays). False where the
     kernel lacks it (before 5.14): `_populate` then does it all.
 
@@ -483,7 +485,9 @@ def _populate_resident(buffer: torch.Tensor, huge_from: int) -> bool:
     4 KiB page (~8 ms a GiB), paid again by the model's first pass. Measured on the 2-core VM,
     1 GiB file, Linux 6.18 (benches/README.md, peer_loaders; best of 7): the whole mapping 3.8
     ms against 8.0 ms for the reads, from one thread; 3.25 ms of the 3.8 in its first 40 MiB
-    of small folios, which the reads map in 2.1 ms; two threads did not help (one
+    of small folios, which the reads map in 2.1 ms, but a read of a page past the end of a
+    file cut short meanwhile is SIGBUS (`_populate_range`: the whole call 3.91 ms against
+    3.63 ms best of 15, alternated, load 11); two threads did not help (one
     page-middle-directory table, whose lock every 2 MiB entry takes, maps 1 GiB).
     """
     size = buffer.numel()
@@ -493,16 +497,18 @@ def _populate_resident(buffer: torch.Tensor, huge_from: int) -> bool:
 
 
 def _populate_range(buffer: torch.Tensor, start: int, stop: int) -> None:
-    """Fault in the pages of ``buffer[start:stop]``: one byte read per page.
+    """Fault in the pages of ``buffer[start:stop]``: ``MADV_POPULATE_READ``, else (a kernel
+    before 5.14) one byte read per page; OSError(EFAULT) for pages past the file's end.
 
-    For a file not all in the page cache: the faults wait on the disk and the reads cost
-    little beside them. Not ``MADV_POPULATE_READ`` here: with the page cache in 4 KiB folios
-    (a fault's readahead can leave those) it walks every page again after faulting it in,
-    where a read fault maps a whole block of the page cache (fault-around, 64 KiB) and the
-    next reads in it find it mapped. Measured on the 2-core VM (1 GiB, page cache in 4 KiB
-    folios, load and every page touched, 7 rounds): 119-139 ms best against 134-145 ms.
+    Not the reads where the kernel has it: a read of a page the file no longer reaches (cut
+    short since its size was checked) kills the process with SIGBUS, where the madvise fails
+    with EFAULT and the load with it. Their cost is about the same (Linux 6.18, 2-core VM
+    shared with other jobs, best of 5-9: 512 MiB in 4 KiB folios 319 ms against 332 ms for the
+    reads, a cold 1 GiB from 2 threads 688 ms against 768 ms, the 64 MiB small-folio head of a
+    cached 1 GiB 5.74 ms against 5.46 ms).
     """
-    buffer[start:stop:_PAGE].max()
+    if not _populate_read(buffer.data_ptr() + start, stop - start):
+        buffer[start:stop:_PAGE].max()
 
 
 async def _populate(buffer: torch.Tensor) -> None:
@@ -720,7 +726,10 @@ class TorchBackend:
         if path is not None:
             buffer, populated = await anyio.to_thread.run_sync(_map_file, path, info)
             if not populated:
-                await _populate(buffer)
+                try:
+                    await _populate(buffer)
+                except OSError as exc:  # EFAULT: the file shrank after its size was checked
+                    raise _changed_size(info, buffer.numel(), -1) from exc
             base = info.shards[0].data_start
         else:
             faulted = 0

@@ -992,8 +992,8 @@ async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_c
     """zero_copy, file all in the page cache in 2 MiB folios from some offset on (as
     `_faults_map_huge` finds): every page of the mapping is in the process's page tables when
     the load returns, in the worker call that maps the file (no more threads): those before the
-    offset by a read of each, the rest by MADV_POPULATE_READ (no read); writes still never
-    reach the file (copy-on-write); bit-exact."""
+    offset (`_populate_range`), then the rest, by MADV_POPULATE_READ (no read); writes still
+    never reach the file (copy-on-write); bit-exact."""
     ranges, advice = _record_populate(monkeypatch)
     head = 1 << 20
     monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: head)
@@ -1019,7 +1019,8 @@ async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_c
     buffer = weights.buffer
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
     assert thread_calls == ["_map_file"] and ranges == [(0, head)] and advice == []
-    assert populated == [(buffer.data_ptr() + head, buffer.numel() - head)]
+    address = buffer.data_ptr()
+    assert populated == [(address, head), (address + head, buffer.numel() - head)]
     assert_same(weights, tensors)
     weights["w"].fill_(1.5)
     assert bool((weights["w"] == 1.5).all())
@@ -1051,7 +1052,8 @@ async def test_a_mapped_model_is_faulted_in_by_threads_where_the_kernel_lacks_po
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A kernel that refuses MADV_POPULATE_READ (EINVAL, before Linux 5.14): a cached file's
-    pages are faulted in by the threads' reads instead, every page mapped; bit-exact."""
+    pages are faulted in by the threads' reads instead (each thread asked it first), every
+    page mapped; bit-exact."""
     ranges, _ = _record_populate(monkeypatch)
     refused: list[int] = []
     real_madvise = backend._madvise
@@ -1072,7 +1074,8 @@ async def test_a_mapped_model_is_faulted_in_by_threads_where_the_kernel_lacks_po
     (tmp_path / MODEL_ID / "model.safetensors").read_bytes()  # all of it in the page cache
     weights = await load(place.store(), zero_copy=True)
     buffer = weights.buffer
-    assert refused == [buffer.numel()]
+    assert refused[0] == buffer.numel()
+    assert sorted(refused[1:]) == sorted(stop - start for start, stop in ranges)
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
     _assert_covers(ranges, buffer.numel())
     assert_same(weights, tensors)
@@ -1103,6 +1106,52 @@ async def test_a_mapped_file_that_shrinks_under_its_mapping_fails_the_load_not_t
     monkeypatch.setattr(torch.UntypedStorage, "from_file", from_file_then_cut)
     with pytest.raises(ModelFormatError, match="changed size while loading"):
         await TorchBackend("cpu", zero_copy=True).load(store, info)
+
+
+@pytest.mark.parametrize("where", ["threads", "head"])
+def test_a_mapped_file_cut_short_while_its_pages_are_mapped_fails_the_load_not_the_process(
+    tmp_path: Path, where: str
+) -> None:
+    """A file cut short while its pages are faulted in, by the threads (a file not all in the
+    page cache) or in the small-folio head of a cached one: the load raises ModelFormatError
+    (EFAULT) and the process lives, where a byte read of a page past the file's end killed it
+    with SIGBUS."""
+    result = run_python(
+        f"""
+        import asyncio, os
+        import torch
+        import modelcache._torch as backend
+        from modelcache._loader import read_model_info
+        from modelcache._store import Store
+        from safetensors.torch import save_file
+
+        root = {str(tmp_path)!r}
+        os.makedirs(root + "/m")
+        path = root + "/m/model.safetensors"
+        save_file({{"w": torch.ones(4 << 20)}}, path)  # 16 MiB, all in the page cache
+        probe = None if {where!r} == "threads" else 8 << 20
+        backend._faults_map_huge = lambda buffer: probe
+        real = backend._populate_range
+
+        def cut_then_populate(buffer, start, stop):
+            os.truncate(path, 4096)
+            real(buffer, start, stop)
+
+        backend._populate_range = cut_then_populate
+
+        async def main():
+            store = Store(f"file://{{root}}/{{{{model_id}}}}")
+            info = await read_model_info(store, "m")
+            try:
+                await backend.TorchBackend("cpu", zero_copy=True).load(store, info)
+            except Exception as exc:
+                print(type(exc).__name__, exc)
+
+        asyncio.run(main())
+        """
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "ModelFormatError" in result.stdout and "changed size while loading" in result.stdout
 
 
 def _replace_with_same_size(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -1250,8 +1299,8 @@ async def test_a_cached_file_in_small_folios_is_faulted_in_by_the_threads_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file all in the page cache but in 4 KiB folios (read with POSIX_FADV_RANDOM: no
-    readahead): `_faults_map_huge` says no, so its pages are faulted in by the threads' reads
-    (MADV_POPULATE_READ would walk each 4 KiB entry), every page mapped; bit-exact."""
+    readahead): `_faults_map_huge` says no, so its pages are faulted in by the threads over
+    disjoint ranges that cover it, every page mapped; bit-exact."""
     ranges, _ = _record_populate(monkeypatch)
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (4 << 20,)), "b": random_tensor(torch.int8, (9,))}
