@@ -641,8 +641,8 @@ class TorchBackend:
     bytes (one allocation, made on the first load). A CUDA device that torch cannot use is a
     ValueError here, not a torch error later.
 
-    ``zero_copy=True`` (CPU devices) serves a local, aligned single-file model from a mapping of
-    the store's file instead of a copy: opt in only where files are never changed in place. A
+    ``zero_copy=True`` (CPU devices) serves a local, aligned single-file model of 1 MiB or more
+    from a mapping of the store's file instead of a copy: opt in only where files are never changed in place. A
     mapping shares the file's pages until they are written, so a file truncated under it makes
     the next access to the weights kill the process (SIGBUS), and a file rewritten in place
     changes the weights being served. Replacing a file by rename is safe. Copying (the default)
@@ -721,7 +721,16 @@ class TorchBackend:
             return Weights(await build_views(buffer, info), info, buffer)
         base = 0
         path = None
-        if self.device.type == "cpu" and self.zero_copy and zero_copy and info.mappable:
+        # Not below _SMALL: each mapping counts against the kernel's limit per process (~65,000,
+        # vm.max_map_count), past which every mmap of the process fails; small models are
+        # copied to the heap, as without zero-copy.
+        if (
+            self.device.type == "cpu"
+            and self.zero_copy
+            and zero_copy
+            and info.mappable
+            and info.nbytes >= _SMALL
+        ):
             path = store.local_path(info.shards[0].url)
         if path is not None:
             buffer, populated = await anyio.to_thread.run_sync(_map_file, path, info)

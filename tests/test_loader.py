@@ -219,6 +219,7 @@ async def test_every_dtype_loads_bit_exact(
         "scalar": random_tensor(dtype, (), 3),
         "empty": random_tensor(dtype, (0, 4), 4),
         "odd": random_tensor(torch.uint8, (3,), 5),
+        "pad": random_tensor(torch.uint8, (1 << 20,), 6),  # zero-copy maps no smaller model
     }
     reference = tmp_path / "reference.safetensors"
     save_file(tensors, str(reference))
@@ -516,7 +517,10 @@ async def test_zero_copy_with_unpadded_header(tmp_path: Path, zero_copy: bool) -
 @pytest.mark.asyncio
 async def test_zero_copy_maps_the_file_copy_on_write(tmp_path: Path) -> None:
     """Zero-copy maps the whole file; writing a loaded tensor never reaches the file."""
-    tensors = {"w": random_tensor(torch.float32, (64, 64), 1), "b": random_tensor(torch.int8, (9,))}
+    tensors = {
+        "w": random_tensor(torch.float32, (512, 512), 1),
+        "b": random_tensor(torch.int8, (9,)),
+    }
     path = tmp_path / MODEL_ID / "model.safetensors"
     path.parent.mkdir()
     save_file(tensors, str(path))
@@ -533,6 +537,32 @@ async def test_zero_copy_maps_the_file_copy_on_write(tmp_path: Path) -> None:
     assert path.read_bytes() == content
     again = await load(store, zero_copy=True)
     assert_same(again, tensors)
+
+
+def _mappings() -> str:
+    """This process's mappings (/proc/self/maps)."""
+    return Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.asyncio
+async def test_zero_copy_maps_no_model_under_a_mebibyte(tmp_path: Path) -> None:
+    """zero_copy: a model under 1 MiB is copied into the heap, its file not mapped (each
+    mapping counts against the kernel's limit per process, ~65,000, past which every mmap of
+    the process fails); one of 1 MiB is mapped."""
+    small = {"w": random_tensor(torch.float32, ((1 << 18) - 1,))}
+    large = {"w": random_tensor(torch.float32, (1 << 18,))}
+    write_model(tmp_path / "small", small)
+    write_model(tmp_path / "large", large)
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    backend_ = TorchBackend("cpu", zero_copy=True)
+    loaded = {}
+    for model_id in ("small", "large"):
+        loaded[model_id] = await backend_.load(store, await read_model_info(store, model_id))
+    maps = _mappings()
+    assert str(tmp_path / "small") not in maps and str(tmp_path / "large") in maps
+    assert loaded["small"].buffer.numel() == loaded["small"].info.nbytes
+    assert_same(loaded["small"], small)
+    assert_same(loaded["large"], large)
 
 
 @pytest.mark.asyncio
