@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import torch
 
 from . import _observe
@@ -711,6 +712,9 @@ class ModelCache:
                 self._costs.observe(source, info.nbytes, _load_timer() - moving_since)
                 self._sizes.remember(entry.model_id, info.nbytes)
                 value = await entry.builder.build(weights, info)
+                # A close that cancelled the load during a worker-thread call (anyio waits for
+                # the thread) is delivered here, not by admitting the model to a closed cache.
+                await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException as exc:
             self._host_disk.release_disk(on_disk)
             if claimed is not None:

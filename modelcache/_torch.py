@@ -6,8 +6,10 @@ Two ways to fill a CPU buffer, chosen per model:
   aligned in the file is mapped (copy-on-write, so writes never reach the file) and its pages
   are mapped eagerly, which ``safetensors.torch.load_file`` leaves to the first reads: a file
   in the page cache in 2 MiB folios with ``MADV_POPULATE_READ`` in the mapping's own worker
-  call (`_populate_resident`), any other from a few threads reading a byte a page
-  (`_populate`). The model is ready when the call returns: no first-inference page faults.
+  call (`_populate_resident`), any other from a few threads (`_populate`), by the same
+  madvise (a byte read a page where the kernel lacks it: a read past the end of a file cut
+  short meanwhile is SIGBUS, the madvise an error). The model is ready when the call returns:
+  no first-inference page faults.
 * **copy** - everything else: a page-aligned private mapping on huge pages from the backend's
   `BufferPool`, whose pages a dead model may have left (small models: the heap), filled by the
   store's concurrent ranged reads.
@@ -59,6 +61,7 @@ from ._loader import fill_buffer
 from ._pool import BufferPool
 from ._staging import Completion, CompletionWaiter, CopyHandle, StagingPool
 from ._store import Store
+from ._versions import local_tag, reading, see
 
 __all__ = [
     "TorchBackend",
@@ -107,6 +110,8 @@ _POPULATE_ALIGN = 2 << 20
 #: A PMD-mapped huge page, and how many places of a file `_faults_map_huge` tries.
 _HUGE = 2 << 20
 _PROBES = 8
+#: Whether ``/proc/self/fd`` names open descriptors (Linux with /proc mounted).
+_PROC_FDS = os.path.isdir("/proc/self/fd")
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
@@ -162,8 +167,12 @@ def _cached_fraction(fd: int, size: int) -> float:
                 ctypes.c_long(_SYS_CACHESTAT), fd, ctypes.byref(span), ctypes.byref(stat), flags
             )
             == 0
+            and stat.cache
         ):
             return min(1.0, int(stat.cache) / -(-size // _PAGE))
+    # No page counted is asked again of a mapping (mincore): cachestat counts the pages of the
+    # descriptor's own inode, which overlayfs (a container's image layers) never fills (the
+    # pages are the lower file's): a warm file there read 0.0 and was read ahead as cold.
     return resident_fraction(fd, 0, size)
 
 
@@ -355,23 +364,39 @@ def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
     shard = info.shards[0]
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        size = os.fstat(fd).st_size
-        resident = 0.0
-        if size == shard.data_start + shard.data_size:
-            resident = _cached_fraction(fd, size)
-            if resident < DIRECT_BELOW:
-                os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        st = os.fstat(fd)
+        size = st.st_size
+        # The file the header was read from (`_versions`): one renamed over it since (another
+        # inode) or written since is a ModelChangedError, so the load begins again from the new
+        # headers (`load_one_version`); its size alone let another layout of the same size be
+        # mapped under the old header.
+        with reading(info.version):
+            see(shard.url, local_tag(st), info.model_id)
+        if size != shard.data_start + shard.data_size:
+            raise _changed_size(info, shard.data_start + shard.data_size, size)
+        resident = _cached_fraction(fd, size)
+        if resident < DIRECT_BELOW:
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        try:  # this descriptor's file, not whatever the path names by now
+            storage = torch.UntypedStorage.from_file(_fd_path(fd, path), shared=False, nbytes=size)
+        except RuntimeError as exc:  # torch's own size check: cut short since the fstat
+            now = os.fstat(fd).st_size
+            if now == size:
+                raise
+            raise _changed_size(info, size, now) from exc
     finally:
         os.close(fd)
-    if size != shard.data_start + shard.data_size:
-        raise _changed_size(info, shard.data_start + shard.data_size, size)
-    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     buffer = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
     try:
         huge_from = _faults_map_huge(buffer) if resident == 1.0 else None
         return buffer, huge_from is not None and _populate_resident(buffer, huge_from)
     except OSError as exc:  # EFAULT: the file shrank after its size was checked
         raise _changed_size(info, size, -1) from exc
+
+
+def _fd_path(fd: int, path: str) -> str:
+    """A path that opens the file ``fd`` has open (``/proc/self/fd``), else ``path``."""
+    return f"/proc/self/fd/{fd}" if _PROC_FDS else path
 
 
 def _faults_map_huge(buffer: torch.Tensor) -> int | None:
@@ -450,7 +475,7 @@ def _changed_size(info: ModelInfo, expected: int, size: int) -> ModelFormatError
 
 def _populate_resident(buffer: torch.Tensor, huge_from: int) -> bool:
     """Map every page of a mapped file that is in the page cache: those before ``huge_from``
-    (in small folios) by `_populate_range`'s reads, the rest without reading them
+    (in small folios) by `_populate_range`, the rest without reading them
     (``MADV_POPULATE_READ``: read-only entries, so copy-on-write stays). False where the
     kernel lacks it (before 5.14): `_populate` then does it all.
 
@@ -460,7 +485,9 @@ def _populate_resident(buffer: torch.Tensor, huge_from: int) -> bool:
     4 KiB page (~8 ms a GiB), paid again by the model's first pass. Measured on the 2-core VM,
     1 GiB file, Linux 6.18 (benches/README.md, peer_loaders; best of 7): the whole mapping 3.8
     ms against 8.0 ms for the reads, from one thread; 3.25 ms of the 3.8 in its first 40 MiB
-    of small folios, which the reads map in 2.1 ms; two threads did not help (one
+    of small folios, which the reads map in 2.1 ms, but a read of a page past the end of a
+    file cut short meanwhile is SIGBUS (`_populate_range`: the whole call 3.91 ms against
+    3.63 ms best of 15, alternated, load 11); two threads did not help (one
     page-middle-directory table, whose lock every 2 MiB entry takes, maps 1 GiB).
     """
     size = buffer.numel()
@@ -470,16 +497,18 @@ def _populate_resident(buffer: torch.Tensor, huge_from: int) -> bool:
 
 
 def _populate_range(buffer: torch.Tensor, start: int, stop: int) -> None:
-    """Fault in the pages of ``buffer[start:stop]``: one byte read per page.
+    """Fault in the pages of ``buffer[start:stop]``: ``MADV_POPULATE_READ``, else (a kernel
+    before 5.14) one byte read per page; OSError(EFAULT) for pages past the file's end.
 
-    For a file not all in the page cache: the faults wait on the disk and the reads cost
-    little beside them. Not ``MADV_POPULATE_READ`` here: with the page cache in 4 KiB folios
-    (a fault's readahead can leave those) it walks every page again after faulting it in,
-    where a read fault maps a whole block of the page cache (fault-around, 64 KiB) and the
-    next reads in it find it mapped. Measured on the 2-core VM (1 GiB, page cache in 4 KiB
-    folios, load and every page touched, 7 rounds): 119-139 ms best against 134-145 ms.
+    Not the reads where the kernel has it: a read of a page the file no longer reaches (cut
+    short since its size was checked) kills the process with SIGBUS, where the madvise fails
+    with EFAULT and the load with it. Their cost is about the same (Linux 6.18, 2-core VM
+    shared with other jobs, best of 5-9: 512 MiB in 4 KiB folios 319 ms against 332 ms for the
+    reads, a cold 1 GiB from 2 threads 688 ms against 768 ms, the 64 MiB small-folio head of a
+    cached 1 GiB 5.74 ms against 5.46 ms).
     """
-    buffer[start:stop:_PAGE].max()
+    if not _populate_read(buffer.data_ptr() + start, stop - start):
+        buffer[start:stop:_PAGE].max()
 
 
 async def _populate(buffer: torch.Tensor) -> None:
@@ -612,8 +641,8 @@ class TorchBackend:
     bytes (one allocation, made on the first load). A CUDA device that torch cannot use is a
     ValueError here, not a torch error later.
 
-    ``zero_copy=True`` (CPU devices) serves a local, aligned single-file model from a mapping of
-    the store's file instead of a copy: opt in only where files are never changed in place. A
+    ``zero_copy=True`` (CPU devices) serves a local, aligned single-file model of 1 MiB or more
+    from a mapping of the store's file instead of a copy: opt in only where files are never changed in place. A
     mapping shares the file's pages until they are written, so a file truncated under it makes
     the next access to the weights kill the process (SIGBUS), and a file rewritten in place
     changes the weights being served. Replacing a file by rename is safe. Copying (the default)
@@ -692,12 +721,24 @@ class TorchBackend:
             return Weights(await build_views(buffer, info), info, buffer)
         base = 0
         path = None
-        if self.device.type == "cpu" and self.zero_copy and zero_copy and info.mappable:
+        # Not below _SMALL: each mapping counts against the kernel's limit per process (~65,000,
+        # vm.max_map_count), past which every mmap of the process fails; small models are
+        # copied to the heap, as without zero-copy.
+        if (
+            self.device.type == "cpu"
+            and self.zero_copy
+            and zero_copy
+            and info.mappable
+            and info.nbytes >= _SMALL
+        ):
             path = store.local_path(info.shards[0].url)
         if path is not None:
             buffer, populated = await anyio.to_thread.run_sync(_map_file, path, info)
             if not populated:
-                await _populate(buffer)
+                try:
+                    await _populate(buffer)
+                except OSError as exc:  # EFAULT: the file shrank after its size was checked
+                    raise _changed_size(info, buffer.numel(), -1) from exc
             base = info.shards[0].data_start
         else:
             faulted = 0

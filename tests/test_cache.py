@@ -27,6 +27,7 @@ from modelcache import (
     Weights,
 )
 from modelcache._format import ModelInfo
+from modelcache._torch import TorchBackend
 
 from .conftest import GatedStore, MemoryModels, check_invariants, settle
 
@@ -687,6 +688,54 @@ async def test_closing_mid_load_fails_waiters_and_frees_everything(
     with pytest.raises(CacheClosedError):
         async with cache.use("a"):
             pass
+
+
+class _EndsInAWorkerCall(TorchBackend):
+    """Loads whose last await outlives a cancellation, as a worker-thread call does (anyio
+    waits for the thread: a zero-copy load's one mapping call, a small file's one read)."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.entered = anyio.Event()
+        self.release = anyio.Event()
+
+    async def load(self, store: Store, info: ModelInfo, *, zero_copy: bool = True) -> Weights:
+        weights = await super().load(store, info, zero_copy=zero_copy)
+        with anyio.CancelScope(shield=True):
+            self.entered.set()
+            await self.release.wait()
+        return weights
+
+
+async def test_closing_while_a_load_ends_in_a_worker_call_fails_its_waiters(
+    models: MemoryModels,
+) -> None:
+    """Closing the cache while a load's last call runs in a worker thread (which a cancellation
+    waits for) gives its waiters CacheClosedError, not a model of a closed cache, and frees all
+    bytes."""
+    models.add("a", 1000)
+    backend = _EndsInAWorkerCall()
+    cache = ModelCache(models.template, backend=backend, device_budget=4096)
+    outcome: list[str] = []
+
+    async def user() -> None:
+        try:
+            async with cache.use("a"):
+                outcome.append("served")
+        except CacheClosedError:
+            outcome.append("closed")
+
+    async def release_once_closing() -> None:
+        await anyio.wait_all_tasks_blocked()  # close has cancelled the load and waits for it
+        backend.release.set()
+
+    async with anyio.create_task_group() as tg, cache:
+        tg.start_soon(user)
+        await backend.entered.wait()
+        tg.start_soon(release_once_closing)
+    assert outcome == ["closed"]
+    stats = cache.stats()
+    assert (stats.bytes_reserved, stats.bytes_resident, stats.loading, stats.models) == (0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])

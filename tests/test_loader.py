@@ -32,6 +32,7 @@ import modelcache._loader as loader
 import modelcache._torch as backend
 from modelcache._exceptions import (
     InvalidModelIdError,
+    ModelChangedError,
     ModelFormatError,
     ModelNotFoundError,
     StoreError,
@@ -218,6 +219,7 @@ async def test_every_dtype_loads_bit_exact(
         "scalar": random_tensor(dtype, (), 3),
         "empty": random_tensor(dtype, (0, 4), 4),
         "odd": random_tensor(torch.uint8, (3,), 5),
+        "pad": random_tensor(torch.uint8, (1 << 20,), 6),  # zero-copy maps no smaller model
     }
     reference = tmp_path / "reference.safetensors"
     save_file(tensors, str(reference))
@@ -515,7 +517,10 @@ async def test_zero_copy_with_unpadded_header(tmp_path: Path, zero_copy: bool) -
 @pytest.mark.asyncio
 async def test_zero_copy_maps_the_file_copy_on_write(tmp_path: Path) -> None:
     """Zero-copy maps the whole file; writing a loaded tensor never reaches the file."""
-    tensors = {"w": random_tensor(torch.float32, (64, 64), 1), "b": random_tensor(torch.int8, (9,))}
+    tensors = {
+        "w": random_tensor(torch.float32, (512, 512), 1),
+        "b": random_tensor(torch.int8, (9,)),
+    }
     path = tmp_path / MODEL_ID / "model.safetensors"
     path.parent.mkdir()
     save_file(tensors, str(path))
@@ -532,6 +537,32 @@ async def test_zero_copy_maps_the_file_copy_on_write(tmp_path: Path) -> None:
     assert path.read_bytes() == content
     again = await load(store, zero_copy=True)
     assert_same(again, tensors)
+
+
+def _mappings() -> str:
+    """This process's mappings (/proc/self/maps)."""
+    return Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.asyncio
+async def test_zero_copy_maps_no_model_under_a_mebibyte(tmp_path: Path) -> None:
+    """zero_copy: a model under 1 MiB is copied into the heap, its file not mapped (each
+    mapping counts against the kernel's limit per process, ~65,000, past which every mmap of
+    the process fails); one of 1 MiB is mapped."""
+    small = {"w": random_tensor(torch.float32, ((1 << 18) - 1,))}
+    large = {"w": random_tensor(torch.float32, (1 << 18,))}
+    write_model(tmp_path / "small", small)
+    write_model(tmp_path / "large", large)
+    store = Store(f"file://{tmp_path}/{{model_id}}")
+    backend_ = TorchBackend("cpu", zero_copy=True)
+    loaded = {}
+    for model_id in ("small", "large"):
+        loaded[model_id] = await backend_.load(store, await read_model_info(store, model_id))
+    maps = _mappings()
+    assert str(tmp_path / "small") not in maps and str(tmp_path / "large") in maps
+    assert loaded["small"].buffer.numel() == loaded["small"].info.nbytes
+    assert_same(loaded["small"], small)
+    assert_same(loaded["large"], large)
 
 
 @pytest.mark.asyncio
@@ -991,8 +1022,8 @@ async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_c
     """zero_copy, file all in the page cache in 2 MiB folios from some offset on (as
     `_faults_map_huge` finds): every page of the mapping is in the process's page tables when
     the load returns, in the worker call that maps the file (no more threads): those before the
-    offset by a read of each, the rest by MADV_POPULATE_READ (no read); writes still never
-    reach the file (copy-on-write); bit-exact."""
+    offset (`_populate_range`), then the rest, by MADV_POPULATE_READ (no read); writes still
+    never reach the file (copy-on-write); bit-exact."""
     ranges, advice = _record_populate(monkeypatch)
     head = 1 << 20
     monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: head)
@@ -1018,7 +1049,8 @@ async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_c
     buffer = weights.buffer
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
     assert thread_calls == ["_map_file"] and ranges == [(0, head)] and advice == []
-    assert populated == [(buffer.data_ptr() + head, buffer.numel() - head)]
+    address = buffer.data_ptr()
+    assert populated == [(address, head), (address + head, buffer.numel() - head)]
     assert_same(weights, tensors)
     weights["w"].fill_(1.5)
     assert bool((weights["w"] == 1.5).all())
@@ -1050,7 +1082,8 @@ async def test_a_mapped_model_is_faulted_in_by_threads_where_the_kernel_lacks_po
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A kernel that refuses MADV_POPULATE_READ (EINVAL, before Linux 5.14): a cached file's
-    pages are faulted in by the threads' reads instead, every page mapped; bit-exact."""
+    pages are faulted in by the threads' reads instead (each thread asked it first), every
+    page mapped; bit-exact."""
     ranges, _ = _record_populate(monkeypatch)
     refused: list[int] = []
     real_madvise = backend._madvise
@@ -1071,7 +1104,8 @@ async def test_a_mapped_model_is_faulted_in_by_threads_where_the_kernel_lacks_po
     (tmp_path / MODEL_ID / "model.safetensors").read_bytes()  # all of it in the page cache
     weights = await load(place.store(), zero_copy=True)
     buffer = weights.buffer
-    assert refused == [buffer.numel()]
+    assert refused[0] == buffer.numel()
+    assert sorted(refused[1:]) == sorted(stop - start for start, stop in ranges)
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
     _assert_covers(ranges, buffer.numel())
     assert_same(weights, tensors)
@@ -1104,6 +1138,110 @@ async def test_a_mapped_file_that_shrinks_under_its_mapping_fails_the_load_not_t
         await TorchBackend("cpu", zero_copy=True).load(store, info)
 
 
+@pytest.mark.parametrize("where", ["threads", "head"])
+def test_a_mapped_file_cut_short_while_its_pages_are_mapped_fails_the_load_not_the_process(
+    tmp_path: Path, where: str
+) -> None:
+    """A file cut short while its pages are faulted in, by the threads (a file not all in the
+    page cache) or in the small-folio head of a cached one: the load raises ModelFormatError
+    (EFAULT) and the process lives, where a byte read of a page past the file's end killed it
+    with SIGBUS."""
+    result = run_python(
+        f"""
+        import asyncio, os
+        import torch
+        import modelcache._torch as backend
+        from modelcache._loader import read_model_info
+        from modelcache._store import Store
+        from safetensors.torch import save_file
+
+        root = {str(tmp_path)!r}
+        os.makedirs(root + "/m")
+        path = root + "/m/model.safetensors"
+        save_file({{"w": torch.ones(4 << 20)}}, path)  # 16 MiB, all in the page cache
+        probe = None if {where!r} == "threads" else 8 << 20
+        backend._faults_map_huge = lambda buffer: probe
+        real = backend._populate_range
+
+        def cut_then_populate(buffer, start, stop):
+            os.truncate(path, 4096)
+            real(buffer, start, stop)
+
+        backend._populate_range = cut_then_populate
+
+        async def main():
+            store = Store(f"file://{{root}}/{{{{model_id}}}}")
+            info = await read_model_info(store, "m")
+            try:
+                await backend.TorchBackend("cpu", zero_copy=True).load(store, info)
+            except Exception as exc:
+                print(type(exc).__name__, exc)
+
+        asyncio.run(main())
+        """
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "ModelFormatError" in result.stdout and "changed size while loading" in result.stdout
+
+
+def _replace_with_same_size(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Rename a file with the same layout and other bytes over ``path``."""
+    write_model(path.parent, {name: t + 1 for name, t in tensors.items()}, name="new.safetensors")
+    new = path.with_name("new.safetensors")
+    assert new.stat().st_size == path.stat().st_size
+    os.replace(new, path)
+
+
+@pytest.mark.asyncio
+async def test_a_file_replaced_after_its_header_was_read_is_never_mapped_under_that_header(
+    tmp_path: Path,
+) -> None:
+    """zero_copy: a file renamed over the model's after its header was read (same size, other
+    bytes) is ModelChangedError (the cache's load begins again from the new headers), not the
+    new bytes served as the version the header was read at."""
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    write_model(place.directory(MODEL_ID), tensors)
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    _replace_with_same_size(tmp_path / MODEL_ID / "model.safetensors", tensors)
+    with pytest.raises(ModelChangedError, match="changed in the store"):
+        await TorchBackend("cpu", zero_copy=True).load(store, info)
+
+
+@pytest.mark.parametrize("change", ["cut", "removed"])
+@pytest.mark.asyncio
+async def test_a_mapped_file_is_the_one_whose_size_was_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """zero_copy maps the file its descriptor checked: cut short between that check and the
+    mapping, the load raises ModelFormatError (not torch's RuntimeError); removed meanwhile,
+    the checked file is mapped all the same, bit-exact (not a RuntimeError for a missing
+    path)."""
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    write_model(place.directory(MODEL_ID), tensors)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    store = place.store()
+    info = await read_model_info(store, MODEL_ID)
+    real_from_file = torch.UntypedStorage.from_file
+
+    def change_then_map(filename: str, shared: bool, nbytes: int) -> object:
+        if change == "cut":
+            os.truncate(path, nbytes // 2)
+        else:
+            path.unlink()
+        return real_from_file(filename, shared, nbytes)
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", change_then_map)
+    backend_ = TorchBackend("cpu", zero_copy=True)
+    if change == "cut":
+        with pytest.raises(ModelFormatError, match="changed size while loading"):
+            await backend_.load(store, info)
+    else:
+        assert_same(await backend_.load(store, info), tensors)
+
+
 @pytest.mark.parametrize("cachestat", [True, False], ids=["cachestat", "mincore"])
 def test_the_cached_fraction_of_a_file_is_none_once_evicted_and_all_once_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cachestat: bool
@@ -1123,6 +1261,45 @@ def test_the_cached_fraction_of_a_file_is_none_once_evicted_and_all_once_read(
         assert backend._cached_fraction(fd, size) == 1.0
     finally:
         os.close(fd)
+
+
+def test_a_file_whose_own_inode_cachestat_finds_empty_is_asked_of_its_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cachestat counting no page of a file (overlayfs: its pages are the lower file's) is
+    asked again of a mapping (mincore): a file read whole reads 1.0, not cold."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom((8 << 20) + 123))
+    path.read_bytes()
+    monkeypatch.setattr(backend, "_syscall", lambda *args: 0)  # answers, counting nothing
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert backend._cached_fraction(fd, os.fstat(fd).st_size) == 1.0
+    finally:
+        os.close(fd)
+
+
+def test_a_file_read_whole_through_overlayfs_reads_as_cached(tmp_path: Path) -> None:
+    """A file read whole through an overlayfs mount (a container's image layers) reads 1.0
+    (`_cached_fraction`), as the same file read directly does."""
+    dirs = {name: tmp_path / name for name in ("lower", "upper", "work", "merged")}
+    for directory in dirs.values():
+        directory.mkdir()
+    (dirs["lower"] / "f.bin").write_bytes(os.urandom(8 << 20))
+    options = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+    mount = ["mount", "-t", "overlay", "overlay", "-o", options, str(dirs["merged"])]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True, check=False).returncode:
+        pytest.skip("cannot mount overlayfs here")
+    try:
+        path = dirs["merged"] / "f.bin"
+        path.read_bytes()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert backend._cached_fraction(fd, os.fstat(fd).st_size) == 1.0
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", str(dirs["merged"])], check=True)
 
 
 def _pmd_mapped_kib(address: int) -> int:
@@ -1152,8 +1329,8 @@ async def test_a_cached_file_in_small_folios_is_faulted_in_by_the_threads_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file all in the page cache but in 4 KiB folios (read with POSIX_FADV_RANDOM: no
-    readahead): `_faults_map_huge` says no, so its pages are faulted in by the threads' reads
-    (MADV_POPULATE_READ would walk each 4 KiB entry), every page mapped; bit-exact."""
+    readahead): `_faults_map_huge` says no, so its pages are faulted in by the threads over
+    disjoint ranges that cover it, every page mapped; bit-exact."""
     ranges, _ = _record_populate(monkeypatch)
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (4 << 20,)), "b": random_tensor(torch.int8, (9,))}
