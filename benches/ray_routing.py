@@ -42,9 +42,16 @@ throughput follows CPU per request. Goals (issue 15): affinity loads <= 0.5x def
 multiplexed's (the median round; the rounds' spread beside it). ``--policy lru`` gives the
 modelcache replicas byte-LRU eviction instead of the cache's cost-aware default.
 
+``--trace DIR`` writes a line per request (the driver's: model, send time, latency; the
+replica's: entry and exit times, whether the model was resident at entry) and per load and
+eviction, to tell what the slowest requests are (hit or miss, model size, replica); off by
+default, when nothing is logged.
+
 Run: ``python benches/ray_routing.py [--quick] [--data-dir DIR] [--rounds N] [--policy cost|lru]
-[--store-mib-s B] [--store-latency-ms L] [--hot-share F]`` (in the Ray virtualenv, ``make
-bench-ray``; ``--hot-share 0``: the router without copies for hot models).
+[--store-mib-s B] [--store-latency-ms L] [--hot-share F] [--balance-margin F]
+[--max-concurrent-loads N] [--trace DIR]`` (in the Ray virtualenv, ``make bench-ray``;
+``--hot-share 0``: the router without copies for hot models; ``--balance-margin -1``: cold
+models always on their first home).
 """
 
 from __future__ import annotations
