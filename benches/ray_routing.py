@@ -42,9 +42,16 @@ throughput follows CPU per request. Goals (issue 15): affinity loads <= 0.5x def
 multiplexed's (the median round; the rounds' spread beside it). ``--policy lru`` gives the
 modelcache replicas byte-LRU eviction instead of the cache's cost-aware default.
 
+``--trace DIR`` writes a line per request (the driver's: model, send time, latency; the
+replica's: entry and exit times, whether the model was resident at entry) and per load and
+eviction, to tell what the slowest requests are (hit or miss, model size, replica); off by
+default, when nothing is logged.
+
 Run: ``python benches/ray_routing.py [--quick] [--data-dir DIR] [--rounds N] [--policy cost|lru]
-[--store-mib-s B] [--store-latency-ms L] [--hot-share F]`` (in the Ray virtualenv, ``make
-bench-ray``; ``--hot-share 0``: the router without copies for hot models).
+[--store-mib-s B] [--store-latency-ms L] [--hot-share F] [--balance-margin F]
+[--max-concurrent-loads N] [--trace DIR]`` (in the Ray virtualenv, ``make bench-ray``;
+``--hot-share 0``: the router without copies for hot models; ``--balance-margin -1``: cold
+models always on their first home).
 """
 
 from __future__ import annotations
@@ -195,33 +202,84 @@ class BytesLoaded:
         return None
 
 
+class Trace:
+    """``--trace``: one JSON line per request a replica serves (model, entry and exit times on
+    the wall clock, whether the model was resident at entry), per load and per eviction, in a
+    file per replica process; the driver writes its own per request. Off (no file, nothing
+    logged) unless ``--trace`` names a folder. Lines are flushed when the bench reads the
+    replica's stats (after every chunk), the only method of ours Ray's replica answers."""
+
+    def __init__(self, folder: str | None, app: str) -> None:
+        self.file = None
+        if folder is not None:
+            self.file = open(  # noqa: SIM115  # open for the replica's life
+                os.path.join(folder, f"{app}-{os.getpid()}.jsonl"), "a", encoding="utf-8"
+            )
+
+    def log(self, **fields: Any) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(fields) + "\n")
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    # The cache observer's methods (modelcache setups).
+    def load_finished(self, model_id: str, source: str, nbytes: int, seconds: float) -> None:
+        self.log(e="load", m=model_id, t1=time.time_ns(), s=seconds, src=source)
+
+    def load_failed(self, model_id: str, error: BaseException) -> None:
+        self.log(e="fail", m=model_id, t1=time.time_ns())
+
+    def waited(self, model_id: str, seconds: float) -> None:
+        return None
+
+    def evicted(self, model_id: str, tier: str, nbytes: int, age_seconds: float) -> None:
+        self.log(e="evict", m=model_id, t1=time.time_ns(), tier=tier, age=age_seconds)
+
+
 class CachedMLP(CachedModels):
     model_class = MLP
 
     def __init__(
-        self, store: str, store_link: tuple[float, float], policy: str, **options: Any
+        self,
+        store: str,
+        store_link: tuple[float, float],
+        policy: str,
+        trace: tuple[str | None, str] = (None, ""),
+        **options: Any,
     ) -> None:
         paced_store(*store_link)
         self.served = Served()
         self.loaded = BytesLoaded()
+        self.trace = Trace(*trace)
         # By name: a policy object would be shipped to every replica, its history shared.
         super().__init__(store, policy=POLICIES[policy](), **options)
         self.cache.add_observer(self.loaded)
+        if self.trace.file is not None:
+            self.cache.add_observer(self.trace)
 
     async def handle(self, model: MLP, request: Any) -> Any:
         return answer(model, request)
 
     async def __call__(self, request: Any) -> Any:
         start = time.perf_counter_ns()
+        if self.trace.file is not None:
+            model_id = serve.get_multiplexed_model_id()
+            resident = model_id in self.cache.resident("device")
+            t0 = time.time_ns()
         try:
             return await super().__call__(request)
         finally:
             self.served.add(start)
+            if self.trace.file is not None:
+                self.trace.log(e="req", m=model_id, t0=t0, t1=time.time_ns(), res=resident)
 
     async def record_routing_stats(self) -> dict[str, Any]:
         # The bench reads its figures here too: Ray's replica actor answers no other method
         # of ours on one given replica.
         stats = await super().record_routing_stats()
+        self.trace.flush()
         return {
             **stats,
             "bytes_loaded": self.loaded.nbytes,
@@ -235,8 +293,14 @@ def multiplexed_class(max_models: int) -> type:
     (serve.multiplexed takes its bound when it decorates, hence a class per bound)."""
 
     class MultiplexedMLP:
-        def __init__(self, root: str, store_link: tuple[float, float]) -> None:
+        def __init__(
+            self,
+            root: str,
+            store_link: tuple[float, float],
+            trace: tuple[str | None, str] = (None, ""),
+        ) -> None:
             self.fs = paced_store(*store_link)(asynchronous=True)
+            self.trace = Trace(*trace)
             self.root = root
             self.loads = 0
             self.bytes_loaded = 0
@@ -245,11 +309,13 @@ def multiplexed_class(max_models: int) -> type:
         @serve.multiplexed(max_num_models_per_replica=max_models)  # type: ignore[untyped-decorator]
         async def get_model(self, model_id: str) -> MLP:
             self.loads += 1
+            t0 = time.time_ns()
             folder = f"{self.root}/{model_id}"
             config = json.loads(await self.fs._cat_file(f"{folder}/config.json"))
             weights = await self.fs._cat_file(f"{folder}/model.safetensors")
             model = await asyncio.to_thread(self._build, config, weights)
             self.bytes_loaded += sum(p.numel() * p.element_size() for p in model.parameters())
+            self.trace.log(e="load", m=model_id, t1=time.time_ns(), s=(time.time_ns() - t0) / 1e9)
             return model
 
         @staticmethod
@@ -261,13 +327,22 @@ def multiplexed_class(max_models: int) -> type:
 
         async def __call__(self, request: Any) -> Any:
             start = time.perf_counter_ns()
+            model_id = serve.get_multiplexed_model_id()
+            if self.trace.file is not None:
+                # Ray's LRU of this replica's models (made on the first get_model).
+                lru = getattr(self, "__serve_multiplex_wrapper", None)
+                resident = lru is not None and model_id in lru.models
+                t0 = time.time_ns()
             try:
-                model = await self.get_model(serve.get_multiplexed_model_id())
+                model = await self.get_model(model_id)
                 return answer(model, request)
             finally:
                 self.served.add(start)
+                if self.trace.file is not None:
+                    self.trace.log(e="req", m=model_id, t0=t0, t1=time.time_ns(), res=resident)
 
         async def record_routing_stats(self) -> dict[str, Any]:
+            self.trace.flush()
             return {
                 "loads": self.loads,
                 "hits": None,
@@ -454,12 +529,12 @@ def replica_stats(app: str) -> list[dict[str, Any]]:
 
 async def drive(
     handle: Any, stream: list[str], clients: int
-) -> tuple[list[tuple[int, int]], float]:
+) -> tuple[list[tuple[int, int, int]], float]:
     """Send ``stream`` from ``clients`` concurrent clients (each takes the next request when
-    its last one is answered); per-request (position in ``stream``, latency) and the wall
-    time."""
+    its last one is answered); per-request (position in ``stream``, latency, wall-clock send
+    time in ns) and the wall time."""
     x = [[0.5] * 64]
-    latencies: list[tuple[int, int]] = []
+    latencies: list[tuple[int, int, int]] = []
     position = 0
 
     async def client() -> None:
@@ -467,9 +542,10 @@ async def drive(
         while position < len(stream):
             mine = position
             position += 1
+            sent = time.time_ns()
             start = time.perf_counter_ns()
             await handle.options(multiplexed_model_id=stream[mine]).remote(x)
-            latencies.append((mine, time.perf_counter_ns() - start))
+            latencies.append((mine, time.perf_counter_ns() - start, sent))
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
@@ -484,6 +560,8 @@ def deploy(
     router_options: dict[str, Any],
     store_link: tuple[float, float],
     policy: str,
+    trace: str | None = None,
+    cache_options: dict[str, Any] | None = None,
 ) -> Any:
     options: dict[str, Any] = {
         "num_replicas": REPLICAS,
@@ -491,15 +569,16 @@ def deploy(
         "ray_actor_options": {"num_cpus": 0.1},
     }
     store = f"paced://{root}/{{model_id}}/"
+    cache_options = cache_options or {}
     if name == "affinity":
         options["request_router_config"] = affinity_router_config(**router_options)
     if name in ("affinity", "default"):
         app = serve.deployment(**options)(CachedMLP).bind(
-            store, store_link, policy, device_budget=budget
+            store, store_link, policy, (trace, name), device_budget=budget, **cache_options
         )
     else:
         app = serve.deployment(**options)(multiplexed_class(max_models)).bind(
-            f"paced://{root}", store_link
+            f"paced://{root}", store_link, (trace, name)
         )
     return serve.run(app, name=name, route_prefix=f"/{name}")
 
@@ -512,8 +591,23 @@ def round_orders(rounds: int) -> list[tuple[str, ...]]:
     return [perms[i % len(perms)] for i in range(rounds)]
 
 
+def trace_driver(
+    folder: str, app: str, round_: int, offset: int, chunk: list[str], timed: list[Any]
+) -> None:
+    """``--trace``: the driver's line per request of one chunk (position in the stream, model,
+    send time, latency)."""
+    with open(os.path.join(folder, "driver.jsonl"), "a", encoding="utf-8") as f:
+        for i, latency, sent in timed:
+            line = {"app": app, "round": round_, "pos": offset + i, "m": chunk[i]}
+            f.write(json.dumps({**line, "t0": sent, "lat": latency}) + "\n")
+
+
 async def run_rounds(
-    handles: dict[str, Any], stream: list[str], clients: int, rounds: int
+    handles: dict[str, Any],
+    stream: list[str],
+    clients: int,
+    rounds: int,
+    trace: str | None = None,
 ) -> dict[str, Result]:
     """Drive the stream in ``rounds`` contiguous chunks; each chunk goes to every setup in
     turn (the round's order), so each setup sees the whole stream, in order, its caches
@@ -533,6 +627,8 @@ async def run_rounds(
             before = meter.sample()
             timed, seconds = await drive(handles[name], chunk, clients)
             after = meter.sample()
+            if trace is not None:
+                trace_driver(trace, name, index, bounds[index], chunk, timed)
             stats = await asyncio.to_thread(replica_stats, name)
             prev = last[name]
             last[name] = stats
@@ -546,8 +642,8 @@ async def run_rounds(
                     loads=diff("loads", stats, prev),
                     hits=None if name == "multiplexed" else diff("hits", stats, prev),
                     bytes_loaded=diff("bytes_loaded", stats, prev),
-                    latencies_ns=[t for _, t in timed],
-                    first=[first[bounds[index] + i] for i, _ in timed],
+                    latencies_ns=[t for _, t, _ in timed],
+                    first=[first[bounds[index] + i] for i, _, _ in timed],
                     seconds=seconds,
                     served=diff("served", stats, prev),
                     served_ns=diff("served_ns", stats, prev),
@@ -600,6 +696,13 @@ def main() -> None:
         "router's, 0.25)",
     )
     parser.add_argument(
+        "--balance-margin",
+        type=float,
+        default=None,
+        help="the affinity router's balance_margin (< 0: cold models always load on their "
+        "first home; default: the router's, 0.1)",
+    )
+    parser.add_argument(
         "--policy",
         choices=sorted(POLICIES),
         default="cost",
@@ -617,6 +720,18 @@ def main() -> None:
         default=STORE_LATENCY_MS,
         help="the store's time to first byte of each call, ms",
     )
+    parser.add_argument(
+        "--max-concurrent-loads",
+        type=int,
+        default=None,
+        help="the modelcache replicas' max_concurrent_loads (default: the cache's)",
+    )
+    parser.add_argument(
+        "--trace",
+        default=None,
+        help="write per-request lines (driver and replicas: model, times, resident or not; "
+        "the replicas' loads and evictions) to this folder, for a look at the tail",
+    )
     args: argparse.Namespace = parser.parse_args()
     quick: bool = args.quick
     count: int = args.models or (80 if quick else 300)
@@ -632,9 +747,20 @@ def main() -> None:
         if args.hot_share < 0:
             parser.error("--hot-share must be >= 0")
         router_options["hot_share"] = args.hot_share or None
+    if args.balance_margin is not None:
+        router_options["balance_margin"] = None if args.balance_margin < 0 else args.balance_margin
     if not (args.store_mib_s > 0 and args.store_latency_ms >= 0):
         parser.error("--store-mib-s must be > 0 and --store-latency-ms >= 0")
     store_link: tuple[float, float] = (args.store_mib_s, args.store_latency_ms)
+    cache_options: dict[str, Any] = {}
+    if args.max_concurrent_loads is not None:
+        if args.max_concurrent_loads < 1:
+            parser.error("--max-concurrent-loads must be >= 1")
+        cache_options["max_concurrent_loads"] = args.max_concurrent_loads
+    trace: str | None = None
+    if args.trace is not None:
+        trace = os.path.abspath(args.trace)
+        os.makedirs(trace, exist_ok=True)
     print(f"ray_routing{' (quick)' if quick else ''}: {machine_line()}")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = time.perf_counter()
@@ -647,6 +773,9 @@ def main() -> None:
         budget = total // 6
         max_models = max(1, int(budget // mean))
         stream = zipf_stream(ids, requests, seed=1)
+        if trace is not None:
+            with open(os.path.join(trace, "sizes.json"), "w", encoding="utf-8") as f:
+                json.dump(sizes, f)
         print(
             f"{count} models ({total / 2**20:.1f} MiB, mean {mean / 2**10:.0f} KiB), "
             f"{requests} requests Zipf 1.0 from {clients} clients in {rounds} rounds; "
@@ -666,11 +795,19 @@ def main() -> None:
             serve.start(http_options={"host": "127.0.0.1", "port": 0})
             handles = {
                 name: deploy(
-                    name, root, budget, max_models, router_options, store_link, args.policy
+                    name,
+                    root,
+                    budget,
+                    max_models,
+                    router_options,
+                    store_link,
+                    args.policy,
+                    trace,
+                    cache_options,
                 )
                 for name in SETUPS
             }
-            results = asyncio.run(run_rounds(handles, stream, clients, rounds))
+            results = asyncio.run(run_rounds(handles, stream, clients, rounds, trace))
         finally:
             serve.shutdown()  # type: ignore[no-untyped-call]
             ray.shutdown()
@@ -768,6 +905,8 @@ def main() -> None:
             "store_latency_ms": store_link[1],
             "policy": args.policy,
             "hot_share": router_options.get("hot_share", "default"),
+            "balance_margin": router_options.get("balance_margin", "default"),
+            "max_concurrent_loads": cache_options.get("max_concurrent_loads", "default"),
             "run_s": round(run_s, 1),
             "quick": quick,
         }

@@ -13,7 +13,12 @@ probes queue lengths within a rank and takes the least queued that accepts the r
    stats arrive, so concurrent first requests load it once. For a model whose holders are
    full, it is where one more copy goes, again the same replica for every router, so the copy
    loads once and replication grows one replica at a time; copies that go cold age out by
-   each cache's own eviction;
+   each cache's own eviction. A model no replica holds goes to its second home instead when
+   its first took more than ``balance_margin`` more of this router's recent cold loads
+   (`Placements`): the homes' model sets differ in what they cost (popularity, sizes), and
+   the replica home to the most-missed models queued its loads on its one store link (in
+   ``benches/ray_routing.py``, 38-40% of the loads each on two replicas, 22% on the third, and
+   the slowest 1% of requests their loads there);
 4. holders queued at ``spread_queue_len`` or deeper (when set): behind the next home, so a hot
    model spreads before its holders are full; unless the next home is queued as deep as they
    are (then they stay first: a copy there would relieve nobody);
@@ -37,9 +42,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from ._residency import Residency, rendezvous_order
+from ._residency import Residency, id_hash, rendezvous_order
 
-__all__ = ["TrafficShares", "rank_replicas"]
+__all__ = ["Placements", "TrafficShares", "rank_replicas"]
 
 R = TypeVar("R")
 
@@ -108,6 +113,58 @@ class TrafficShares:
         return len(self._counts)
 
 
+class Placements:
+    """Where this router sent the loads of models no replica held (cold placements): each
+    replica's share of the recent ones (`TrafficShares` by placement, ``half_life``), and each
+    model's last placement for ``ttl_s``.
+
+    The memo keeps a cold model's requests on one replica until its report shows the load
+    (the stats arrive once a period): without it, the placement itself shifts the shares and
+    the model's next request could pick its other home, a second load. Routers each count
+    their own placements: two routers may place one cold model apart within a period (a copy,
+    loaded twice, never a wrong answer); a fresh router places every model on its home.
+    """
+
+    __slots__ = ("_last", "_prune_at", "_shares", "margin", "ttl_s")
+
+    def __init__(self, margin: float, half_life: int = 100, ttl_s: float = 5.0) -> None:
+        if not margin >= 0 or not ttl_s >= 0:
+            raise ValueError(f"margin and ttl_s must be >= 0, got {margin}, {ttl_s}")
+        self.margin = margin
+        self.ttl_s = ttl_s
+        self._shares = TrafficShares(half_life=half_life)
+        #: Model hash -> (replica key, when): the fresh ones and at most as many stale ones
+        #: (pruned when it reaches ``_prune_at``, twice what the last pruning kept).
+        self._last: dict[int, tuple[str, float]] = {}
+        self._prune_at = 128
+
+    def __len__(self) -> int:
+        """Models whose last placement is remembered."""
+        return len(self._last)
+
+    def share(self, replica_key: str) -> float:
+        """The replica's share of this router's recent cold placements (0 until
+        ``half_life`` of them)."""
+        return self._shares.share(id_hash(replica_key))
+
+    def choose(self, model_hash: int, homes: Sequence[str], now: float) -> str:
+        """The replica (of ``homes``, the model's first free homes in rendezvous order) that
+        loads the cold model: its last placement if still fresh and free, else the first home
+        unless it took more than ``margin`` more of the recent placements than the second."""
+        last = self._last.get(model_hash)
+        if last is not None and now - last[1] < self.ttl_s and last[0] in homes:
+            return last[0]
+        pick = homes[0]
+        if len(homes) > 1 and self.share(homes[0]) - self.share(homes[1]) > self.margin:
+            pick = homes[1]
+        self._shares.observe(id_hash(pick))
+        if len(self._last) >= self._prune_at:
+            self._last = {h: v for h, v in self._last.items() if now - v[1] < self.ttl_s}
+            self._prune_at = max(128, 2 * len(self._last))
+        self._last[model_hash] = (pick, now)
+        return pick
+
+
 def holders_wanted(share: float, replicas: int, hot_share: float | None) -> int:
     """How many replicas should hold a model with this share of the recent requests: one per
     ``hot_share`` of a replica's fair share (1 / ``replicas``), at least 1, at most all."""
@@ -128,12 +185,15 @@ def rank_replicas(
     patience_s: float = 5.0,
     share: float = 0.0,
     hot_share: float | None = None,
+    placements: Placements | None = None,
+    now: float = 0.0,
 ) -> list[list[R]]:
     """The ranks for a request for the model whose `id_hash` is ``model_hash`` (see the module
     docstring). ``key`` names a replica (its rendezvous key and its ``residency`` key);
     ``queue_len`` is its last known queue length (None: unknown, taken as not busy);
     ``share`` is the model's share of the recent requests (`TrafficShares.share`), judged
-    against ``hot_share`` (None: no replica is added for hotness)."""
+    against ``hot_share`` (None: no replica is added for hotness); ``placements`` chooses
+    between a cold model's first two homes at time ``now`` (None: always the first)."""
     by_key = {key(r): r for r in replicas}
     order = [by_key[k] for k in rendezvous_order(model_hash, by_key)]
     empty = Residency()
@@ -158,6 +218,11 @@ def rank_replicas(
             warm.append(r)
         else:
             others.append(r)
+    if placements is not None and not copies and not warm and len(others) > 1:
+        # Held nowhere: a load wherever it goes; the less loaded of its first two homes.
+        pick = placements.choose(model_hash, [key(r) for r in others[:2]], now)
+        if pick != key(others[0]):
+            others[0], others[1] = others[1], others[0]
     if busy and not holders and not warm and others:
         # Spreading pays only toward a replica less queued than the busy holders; a spread
         # target as queued as them would add a copy (and a load) and relieve nobody.

@@ -13,7 +13,7 @@ from typing import Any
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from ._ranking import TrafficShares, rank_replicas
+from ._ranking import Placements, TrafficShares, rank_replicas
 from ._residency import Residency, id_hash
 
 __all__ = ["CacheAffinityRouter", "affinity_router_config"]
@@ -29,6 +29,9 @@ class CacheAffinityRouter(RequestRouter):
     requests balanced across them by queue length, per ``hot_share`` of one replica's fair
     share of the recent requests it takes; default 0.25; None: never for hotness alone),
     ``share_half_life`` (requests over which a model's share halves; default 1,000),
+    ``balance_margin`` (a model no replica holds loads on its second home when its first took
+    more than this of the router's recent cold loads than the second; default 0.1; None:
+    always its first home),
     ``spread_queue_len`` (a model's holders queued this deep spread it to one more replica
     before they are full; default: only when full, at ``max_ongoing_requests``) and
     ``patience_s`` (a request waiting this long for its model's replicas may go to any
@@ -41,6 +44,7 @@ class CacheAffinityRouter(RequestRouter):
         patience_s: float = 5.0,
         hot_share: float | None = 0.25,
         share_half_life: int = 1000,
+        balance_margin: float | None = 0.1,
         **_: Any,
     ) -> None:
         if spread_queue_len is not None and spread_queue_len < 1:
@@ -53,6 +57,8 @@ class CacheAffinityRouter(RequestRouter):
         #: This router's requests by model (each request counted once, on its first ranking):
         #: every router sees its own sample of the traffic, enough to tell which models are hot.
         self._shares = TrafficShares(half_life=share_half_life)
+        #: This router's cold loads by replica, and each cold model's last placement.
+        self._placements = None if balance_margin is None else Placements(balance_margin)
         #: Decoded reports by replica key, each kept with the stats dict it came from: a
         #: replica's report is decoded once per update, not once per request.
         self._reports: dict[str, tuple[object, Residency]] = {}
@@ -100,6 +106,8 @@ class CacheAffinityRouter(RequestRouter):
             patience_s=self._patience_s,
             share=self._shares.share(model_hash),
             hot_share=self._hot_share,
+            placements=self._placements,
+            now=time.monotonic(),
         )
 
 
@@ -111,6 +119,7 @@ def affinity_router_config(
     patience_s: float = 5.0,
     hot_share: float | None = 0.25,
     share_half_life: int = 1000,
+    balance_margin: float | None = 0.1,
 ) -> RequestRouterConfig:
     """The ``request_router_config`` of a deployment routed by `CacheAffinityRouter`, its
     replicas reporting their caches every ``stats_period_s`` (the other options: the
@@ -119,6 +128,7 @@ def affinity_router_config(
         "patience_s": patience_s,
         "hot_share": hot_share,
         "share_half_life": share_half_life,
+        "balance_margin": balance_margin,
     }
     if spread_queue_len is not None:
         kwargs["spread_queue_len"] = spread_queue_len

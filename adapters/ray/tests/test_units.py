@@ -12,7 +12,7 @@ import fsspec
 import pytest
 from conftest import TINY_BYTES, write_model
 from modelcache_ray import MAX_IDS, CachedModels, Residency, http_status
-from modelcache_ray._ranking import TrafficShares, holders_wanted, rank_replicas
+from modelcache_ray._ranking import Placements, TrafficShares, holders_wanted, rank_replicas
 from modelcache_ray._residency import (
     STATS_VERSION,
     decode_ids,
@@ -242,6 +242,73 @@ def test_hot_copies_move_only_the_leaving_replicas_share() -> None:
     moved = {m for m in ids if before[m] != after[m]}
     assert moved == {m for m in ids if "r3" in before[m]}
     assert 150 < len(moved) < 350  # about half: home or next home, 2 in 4
+
+
+def test_a_cold_model_loads_on_its_second_home_when_its_first_took_more_loads() -> None:
+    """A model no replica holds goes to its second home once its first took more than
+    balance_margin more of the router's recent cold loads; a fresh router, and one whose
+    placements are balanced, put it on its first home (concurrent first requests load once)."""
+    order = rendezvous_order(id_hash("m"), REPLICAS)
+
+    def placed(placements: Placements, model_id: str = "m") -> list[list[str]]:
+        return rank_replicas(
+            id_hash(model_id),
+            REPLICAS,
+            key=lambda r: r,
+            residency={},
+            queue_len=lambda r: None,
+            placements=placements,
+            now=0.0,
+        )
+
+    fresh = Placements(margin=0.1, half_life=10)
+    assert placed(fresh) == [[order[0]]]
+    skewed = Placements(margin=0.1, half_life=10)
+    for i in range(10):
+        skewed.choose(id_hash(f"x{i}"), [order[0], order[1]], now=0.0)
+    assert skewed.share(order[0]) == pytest.approx(1.0)
+    assert placed(skewed) == [[order[1]]]
+    balanced = Placements(margin=0.1, half_life=10)
+    for i in range(10):
+        balanced.choose(id_hash(f"x{i}"), [order[i % 2], order[1 - i % 2]], now=0.0)
+    assert placed(balanced) == [[order[0]]]
+    # Held somewhere (on a device, loading or in a lower tier): ranked as before.
+    for held in (Residency(device=on("m")), Residency(loading=on("m")), Residency(lower=on("m"))):
+        ranked = rank_replicas(
+            id_hash("m"),
+            REPLICAS,
+            key=lambda r: r,
+            residency={order[2]: held},
+            queue_len=lambda r: None,
+            placements=skewed,
+        )
+        assert ranked[0] == [order[2]]
+        assert ranked[-1] == [order[0]]
+
+
+def test_a_cold_models_requests_stay_where_it_was_placed_until_ttl() -> None:
+    """A cold model's later requests go where its first was placed for ttl_s, however the
+    shares move meanwhile (one load, not one per home); after ttl_s it is placed afresh."""
+    placements = Placements(margin=0.1, half_life=10, ttl_s=5.0)
+    for i in range(10):
+        placements.choose(id_hash(f"x{i}"), ["a", "b"], now=0.0)
+    assert placements.choose(id_hash("m"), ["a", "b"], now=1.0) == "b"
+    for i in range(40):
+        placements.choose(id_hash(f"y{i}"), ["b"], now=1.0)  # b the only free home
+    assert placements.share("b") > placements.share("a") + 0.1
+    assert placements.choose(id_hash("m"), ["a", "b"], now=5.9) == "b"
+    assert placements.choose(id_hash("m"), ["a", "b"], now=6.0) == "a"
+    # A placement whose replica is no longer free (now a holder, or gone) is not reused.
+    assert placements.choose(id_hash("m"), ["b", "c"], now=6.1) == "c"
+
+
+def test_placements_remember_a_bounded_number_of_models() -> None:
+    """The placement memo keeps the fresh placements and at most as many stale ones, however
+    many cold models the clients name."""
+    placements = Placements(margin=0.1, ttl_s=1.0)
+    for i in range(100_000):
+        placements.choose(id_hash(f"m{i}"), ["a", "b"], now=i / 100)  # 100 a second
+        assert len(placements) <= 256
 
 
 def test_traffic_shares_halve_every_half_life() -> None:
