@@ -21,6 +21,13 @@ loaded by every tool in one run, from the same places:
 - with a CUDA device only (``torch.cuda.is_available()``): local file and S3 -> ``cuda:0`` for
   modelcache, the streamer, fastsafetensors and ``safe_open(device="cuda:0")``.
 
+The paths run in phases, each with only what its rows read from running: the local rows (warm,
+cold, and ``local_cuda``) first with no server, then S3 (and ``s3_cuda``) with SeaweedFS started
+for them and the model uploaded, then http with the file server; each phase stops its server
+(and closes its long-lived loaders) before the next. Every tool of a path meets the same
+conditions; no path's rows share the 2 CPUs, memory and page cache with another path's idle
+server, or with the pages a long-lived cache of another path keeps in its buffer pool.
+
 Every tool runs at its defaults and at its documented tuning knobs: the streamer's
 ``RUNAI_STREAMER_CONCURRENCY`` (and ``RUNAI_STREAMER_CHUNK_BYTESIZE`` on S3; both documented in
 its docs/src/env-vars.md, read when a streamer is made), fastsafetensors' ``max_threads`` and
@@ -45,12 +52,12 @@ Closing the loader is not timed. Correctness, every run and untimed: every tenso
 come: the installed releases document that they own their memory (the streamer's ``owned=True``
 default; fastsafetensors' tensors keep their buffer alive), so nothing is cloned.
 
-Methods run round-robin (one untimed warm-up round, then ``--repeats`` rounds); best and median
-per method, GB/s from the best. ``modelcache_vs_best_peer_ratio_<path>`` is the best peer's best
-time over modelcache's best time on that path (of its rows, named in the table and in
-``modelcache_vs_best_peer_rows_<path>``): above 1.0 modelcache is faster. Goals: >= 1.0 on every
-path, >= 1.5 on S3. A tool that is not installed is reported missing; one that fails is
-reported with its error; neither stops the bench.
+Within a phase, methods run round-robin (one untimed warm-up round, then ``--repeats`` rounds);
+best and median per method, GB/s from the best. ``modelcache_vs_best_peer_ratio_<path>`` is the
+best peer's best time over modelcache's best time on that path (of its rows, named in the table and
+in ``modelcache_vs_best_peer_rows_<path>``): above 1.0 modelcache is faster. Goals: >= 1.0 on every
+path, >= 1.5 on S3. A tool that is not installed is reported missing; one that fails is reported
+with its error; neither stops the bench.
 
 Run: ``python benches/peer_loaders.py [--quick] [--data-dir DIR] [--repeats N] [--size-mib N]
 [--paths local_warm,local_cold,s3,http]`` (``--paths`` runs only those paths' rows).
