@@ -21,6 +21,13 @@ loaded by every tool in one run, from the same places:
 - with a CUDA device only (``torch.cuda.is_available()``): local file and S3 -> ``cuda:0`` for
   modelcache, the streamer, fastsafetensors and ``safe_open(device="cuda:0")``.
 
+The paths run in phases, each with only what its rows read from running: the local rows (warm,
+cold, and ``local_cuda``) first with no server, then S3 (and ``s3_cuda``) with SeaweedFS started
+for them and the model uploaded, then http with the file server; each phase stops its server
+(and closes its long-lived loaders) before the next. Every tool of a path meets the same
+conditions; no path's rows share the 2 CPUs, memory and page cache with another path's idle
+server, or with the pages a long-lived cache of another path keeps in its buffer pool.
+
 Every tool runs at its defaults and at its documented tuning knobs: the streamer's
 ``RUNAI_STREAMER_CONCURRENCY`` (and ``RUNAI_STREAMER_CHUNK_BYTESIZE`` on S3; both documented in
 its docs/src/env-vars.md, read when a streamer is made), fastsafetensors' ``max_threads`` and
@@ -45,12 +52,12 @@ Closing the loader is not timed. Correctness, every run and untimed: every tenso
 come: the installed releases document that they own their memory (the streamer's ``owned=True``
 default; fastsafetensors' tensors keep their buffer alive), so nothing is cloned.
 
-Methods run round-robin (one untimed warm-up round, then ``--repeats`` rounds); best and median
-per method, GB/s from the best. ``modelcache_vs_best_peer_ratio_<path>`` is the best peer's best
-time over modelcache's best time on that path (of its rows, named in the table and in
-``modelcache_vs_best_peer_rows_<path>``): above 1.0 modelcache is faster. Goals: >= 1.0 on every
-path, >= 1.5 on S3. A tool that is not installed is reported missing; one that fails is
-reported with its error; neither stops the bench.
+Within a phase, methods run round-robin (one untimed warm-up round, then ``--repeats`` rounds);
+best and median per method, GB/s from the best. ``modelcache_vs_best_peer_ratio_<path>`` is the
+best peer's best time over modelcache's best time on that path (of its rows, named in the table and
+in ``modelcache_vs_best_peer_rows_<path>``): above 1.0 modelcache is faster. Goals: >= 1.0 on every
+path, >= 1.5 on S3. A tool that is not installed is reported missing; one that fails is reported
+with its error; neither stops the bench.
 
 Run: ``python benches/peer_loaders.py [--quick] [--data-dir DIR] [--repeats N] [--size-mib N]
 [--paths local_warm,local_cold,s3,http]`` (``--paths`` runs only those paths' rows).
@@ -105,6 +112,13 @@ MODEL_ID = "model"
 GOAL_EVERY_PATH = 1.0
 GOAL_S3 = 1.5
 PATHS = ("local_warm", "local_cold", "s3", "http")
+#: The paths run phase by phase, each with only the server its rows read from running (none for
+#: the local files): one phase's idle servers do not share the 2 CPUs with another's rows.
+PHASES = (
+    ("local", ("local_warm", "local_cold", "local_cuda")),
+    ("s3", ("s3", "s3_cuda")),
+    ("http", ("http",)),
+)
 FRESH = "fresh cache"
 LONG_LIVED = "long-lived cache"
 PEERS = {
@@ -641,56 +655,76 @@ def main() -> None:
         reference = load_file(str(path))
         reference = {k: v.clone() for k, v in reference.items()}  # in memory, not the mapping
         payload = sum(t.numel() * t.element_size() for t in reference.values())
-        http = HttpServer(root / "files")
-        weed = SeaweedFS(binary, root / "seaweedfs") if binary is not None else None
-        http.start()
-        try:
-            s3_env: dict[str, str] = {}
-            s3_options: dict[str, Any] = {}
-            bucket = "none"
-            key = f"bench/{MODEL_ID}/model.safetensors"
-            if weed is not None:
-                weed.start()
-                # 16 MiB parts, 2 at a time: 64 MiB parts timed out (30 s) on the busy 2-core VM.
-                weed.upload_file(path, key, part=16 * MIB, threads=2)
-                bucket, s3_options = weed.bucket, weed.s3_options
-                s3_env = {
-                    "AWS_ENDPOINT_URL": weed.endpoint,
-                    "AWS_ACCESS_KEY_ID": weed.key,
-                    "AWS_SECRET_ACCESS_KEY": weed.secret,
-                    "AWS_DEFAULT_REGION": weed.region,
-                    "AWS_REGION": weed.region,
-                    "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
-                }
-            places = Places(
-                local=str(path),
-                local_template=f"file://{root / 'files'}/{{model_id}}/",
-                s3_url=f"s3://{bucket}/{key}",
-                s3_file=f"{bucket}/{key}",
-                s3_template=f"s3://{bucket}/bench/{{model_id}}/",
-                s3_options=s3_options,
-                s3_env=s3_env,
-                http_url=f"{http.url}/{MODEL_ID}/model.safetensors",
-                http_template=f"{http.url}/{{model_id}}/",
-            )
-            kept: list[LongLived] = []
-            methods = build_methods(
-                places, versions, cuda, weed is not None, reference, paths, kept
-            )
-            print(
-                f"model: {N_TENSORS} float32 tensors, {payload / GIB:.3f} GiB; {repeats} timed "
-                "rounds after 1 warm-up round, every method once a round, in turn"
-            )
-            with environment({"RUNAI_STREAMER_LOG_LEVEL": "WARNING"}):
-                live = [m for m in methods if m.missing is None]
-                anyio.run(partial(rounds, live, repeats, kept))
-            floors = buffer_floors(payload)
-        finally:
-            if weed is not None:
-                weed.stop(timeout=2)
-            http.stop()
+        key = f"bench/{MODEL_ID}/model.safetensors"
+        # The remote fields are filled when their phase starts its server (the rows read them
+        # when they run, not when they are made).
+        places = Places(
+            local=str(path),
+            local_template=f"file://{root / 'files'}/{{model_id}}/",
+            s3_url="",
+            s3_file="",
+            s3_template="",
+            s3_options={},
+            s3_env={},
+            http_url="",
+            http_template="",
+        )
+        kept: list[LongLived] = []
+        methods = build_methods(places, versions, cuda, binary is not None, reference, paths, kept)
+        print(
+            f"model: {N_TENSORS} float32 tensors, {payload / GIB:.3f} GiB; {repeats} timed "
+            "rounds after 1 warm-up round, every method of a phase once a round, in turn; "
+            "phases: " + ", ".join(f"{name} ({'+'.join(p)})" for name, p in PHASES)
+        )
+        with environment({"RUNAI_STREAMER_LOG_LEVEL": "WARNING"}):
+            for name, phase_paths in PHASES:
+                live = [m for m in methods if m.missing is None and m.path in phase_paths]
+                if live:
+                    with phase_servers(name, root, path, binary, key, places):
+                        anyio.run(partial(rounds, live, repeats, kept))
+        floors = buffer_floors(payload)
 
     report(methods, versions, payload, repeats, quick, cuda, floors)
+
+
+@contextlib.contextmanager
+def phase_servers(
+    phase: str, root: Path, path: Path, binary: Any, key: str, places: Places
+) -> Iterator[None]:
+    """The server phase ``phase`` reads from, started (S3: the model uploaded) and its address
+    written into ``places`` for the block; stopped after it. None for the local phase."""
+    if phase == "s3" and binary is not None:
+        weed = SeaweedFS(binary, root / "seaweedfs")
+        weed.start()
+        try:
+            # 16 MiB parts, 2 at a time: 64 MiB parts timed out (30 s) on the busy 2-core VM.
+            weed.upload_file(path, key, part=16 * MIB, threads=2)
+            places.s3_url = f"s3://{weed.bucket}/{key}"
+            places.s3_file = f"{weed.bucket}/{key}"
+            places.s3_template = f"s3://{weed.bucket}/bench/{{model_id}}/"
+            places.s3_options = weed.s3_options
+            places.s3_env = {
+                "AWS_ENDPOINT_URL": weed.endpoint,
+                "AWS_ACCESS_KEY_ID": weed.key,
+                "AWS_SECRET_ACCESS_KEY": weed.secret,
+                "AWS_DEFAULT_REGION": weed.region,
+                "AWS_REGION": weed.region,
+                "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+            }
+            yield
+        finally:
+            weed.stop(timeout=2)
+    elif phase == "http":
+        http = HttpServer(root / "files")
+        http.start()
+        try:
+            places.http_url = f"{http.url}/{MODEL_ID}/model.safetensors"
+            places.http_template = f"{http.url}/{{model_id}}/"
+            yield
+        finally:
+            http.stop()
+    else:
+        yield
 
 
 async def rounds(methods: list[Peer], repeats: int, kept: list[LongLived]) -> None:

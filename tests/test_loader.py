@@ -1371,6 +1371,50 @@ def test_the_huge_fault_probe_says_yes_only_where_the_kernel_maps_2_mib_entries(
     assert not says or huge >= size // 2, (says, huge)
 
 
+@pytest.mark.parametrize("boundary_mib", [0, 2, 6, 40, 62, 64])
+def test_the_huge_fault_probe_finds_where_the_small_folios_end_to_within_2_mib(
+    monkeypatch: pytest.MonkeyPatch, boundary_mib: int
+) -> None:
+    """`_faults_map_huge` returns the first 2 MiB region from which faults map 2 MiB entries,
+    not the next power of two above it: the head before it is read a byte a page, so every
+    MiB of overshoot is paid in reads (a sequential read's small folios end at ~40 MiB, the
+    doubling alone said 64). The page tables are told by a pagemap that reads present from
+    ``boundary_mib`` on."""
+    size = 1 << 30
+    backing = torch.empty(size + backend._HUGE, dtype=torch.uint8)  # never touched
+    skip = -backing.data_ptr() % backend._HUGE
+    buffer = backing[skip : skip + size]
+    address = buffer.data_ptr()
+    faulted: list[int] = []
+
+    def populate_read(at: int, nbytes: int) -> bool:
+        faulted.append(at - address)
+        return True
+
+    real_open, real_pread = os.open, os.pread
+    pagemaps: list[int] = []
+
+    def open_(path: str, flags: int, *args: Any) -> int:
+        fd = real_open(path, flags, *args)
+        if path == "/proc/self/pagemap":
+            pagemaps.append(fd)
+        return fd
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if fd not in pagemaps:
+            return real_pread(fd, n, offset)
+        at = offset // 8 * PAGE - address
+        present = at >= boundary_mib << 20
+        return (b"\0" * 7 + (b"\x80" if present else b"\0")) * (n // 8)
+
+    monkeypatch.setattr(backend, "_populate_read", populate_read)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pread", pread)
+    assert backend._faults_map_huge(buffer) == boundary_mib << 20
+    assert pagemaps
+    assert len(faulted) <= backend._PROBES + 12  # ~15 us a probe: a few, never a scan
+
+
 # -- worker-thread calls per load (the thread_calls fixture: conftest) -------------------------------
 
 
