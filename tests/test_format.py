@@ -536,6 +536,19 @@ def test_sharded_layout_places_every_tensor() -> None:
     check_layout(info, files)
 
 
+def test_a_laid_out_model_keeps_one_tensor_table() -> None:
+    """A model's shards keep no tensor table of their own once laid out (the model's
+    ``tensors`` holds them all), and keep everything else their headers said."""
+    headers, files, weight_map = sharded(SHARDED)
+    info = layout_model(MODEL_ID, MODEL_URL, headers, weight_map=weight_map)
+    assert [s.tensors for s in info.shards] == [()] * len(headers)
+    assert [
+        (s.name, s.url, s.data_start, s.data_size, s.metadata, s.header) for s in info.shards
+    ] == [(h.name, h.url, h.data_start, h.data_size, h.metadata, h.header) for h in headers]
+    assert len(info.tensors) == sum(len(h.tensors) for h in headers)
+    check_layout(info, files)
+
+
 def test_two_shard_aligned_model_is_not_mappable() -> None:
     """A model of several files is never mappable, aligned or not."""
     headers, files, weight_map = sharded([[("a", "F32", [1])], [("b", "F32", [1])]])
