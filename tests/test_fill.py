@@ -5,6 +5,7 @@ check the behaviour that makes them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sys
 from collections.abc import Iterator
@@ -179,24 +180,31 @@ async def test_a_load_runs_in_a_task_of_its_own_that_close_cancels_and_waits_for
 # -- a fill through prefetch(ids): its loads start from the caller's task --------------------
 
 
-async def test_a_device_prefetch_starts_no_task_per_id_besides_its_loads(tiny: str) -> None:
-    """``prefetch(ids)`` starts each fresh id's load from the caller's task and waits for them
-    there: the only tasks it creates are the loads' own (a task per id around each was as
-    costly as a small model's load)."""
+@contextlib.contextmanager
+def _tasks_made() -> Iterator[list[str]]:
+    """The qualified names of the coroutines of every asyncio task made in the block."""
     created: list[str] = []
-    loop = asyncio.get_running_loop()
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
         created.append(getattr(coro, "__qualname__", ""))
         return asyncio.Task(coro, loop=loop, **kwargs)
 
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(factory)
+    try:
+        yield created
+    finally:
+        loop.set_task_factory(None)
+
+
+async def test_a_device_prefetch_starts_no_task_per_id_besides_its_loads(tiny: str) -> None:
+    """``prefetch(ids)`` starts each fresh id's load from the caller's task and waits for them
+    there: the only tasks it creates are the loads' own (a task per id around each was as
+    costly as a small model's load)."""
     async with _cache(tiny) as cache:
         ids = [f"m{i}" for i in range(20)]
-        loop.set_task_factory(factory)
-        try:
+        with _tasks_made() as created:
             await cache.prefetch(ids)
-        finally:
-            loop.set_task_factory(None)
         assert sorted(cache.resident()) == sorted(ids)
         assert cache.stats().leased == 0  # resident and unleased
     assert created == ["Background._run_load"] * len(ids)
@@ -379,21 +387,11 @@ async def test_a_warm_device_prefetch_keeps_a_window_of_tasks(
     import modelcache._cache as cache_module
 
     monkeypatch.setattr(cache_module, "PREFETCH_WINDOW", 3)
-    created: list[str] = []
-    loop = asyncio.get_running_loop()
-
-    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
-        created.append(getattr(coro, "__qualname__", ""))
-        return asyncio.Task(coro, loop=loop, **kwargs)
-
     async with _cache(tiny) as cache:
         ids = [f"m{i}" for i in range(20)]
         await cache.prefetch(ids)
-        loop.set_task_factory(factory)
-        try:
+        with _tasks_made() as created:
             await cache.prefetch([*ids, *ids])
-        finally:
-            loop.set_task_factory(None)
         assert sorted(cache.resident()) == sorted(ids)
         assert cache.stats().leased == 0
         check_invariants(cache)

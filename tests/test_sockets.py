@@ -8,6 +8,7 @@ cancellation while a thread reads, fallbacks, and what a closed Store or a child
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import socket
@@ -22,6 +23,7 @@ from modelcache import Store, StoreError, _sockets
 from modelcache._faults import HttpStatusError, http_status, is_missing, is_transient, status_error
 
 if TYPE_CHECKING:
+    from modelcache._ranged import RangeReader
     from tests.servers import HttpServer, S3Prefix, SeaweedFS
 
 pytest_plugins = ("tests.servers",)
@@ -376,10 +378,7 @@ async def test_https_reads_make_their_tls_handshake_in_the_thread_and_keep_the_c
 ) -> None:
     """Over https the thread makes the handshake of a new connection, verifying the server's
     certificate, and the TLS connection is kept alive for the next read."""
-    import asyncio
     import ssl
-
-    from fsspec.implementations.http import HTTPFileSystem
 
     cert_file, key_file = _self_signed(tmp_path)
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -402,13 +401,8 @@ async def test_https_reads_make_their_tls_handshake_in_the_thread_and_keep_the_c
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_tls)
-    port = server.sockets[0].getsockname()[1]
     pool = _sockets.SocketPool()
-    url = f"https://127.0.0.1:{port}/w.bin"
-    read = _sockets.socket_range_reader(
-        pool, HTTPFileSystem(asynchronous=True), url, if_match=None, fallback=_no_fallback
-    )
-    assert read is not None
+    read = _https_reader(pool, server)
     dest = bytearray(len(data))
     half = len(data) // 2
     assert await read(0, [memoryview(dest)[:half]]) == half
@@ -424,15 +418,27 @@ async def _no_fallback(start: int, dests: Sequence[memoryview]) -> int:
     raise AssertionError("no read here goes through aiohttp")
 
 
+def _https_reader(pool: _sockets.SocketPool, server: asyncio.Server) -> RangeReader:
+    """A socket reader of ``https://`` ``server``'s /w.bin through ``pool`` (none by aiohttp)."""
+    from fsspec.implementations.http import HTTPFileSystem
+
+    port = server.sockets[0].getsockname()[1]
+    read = _sockets.socket_range_reader(
+        pool,
+        HTTPFileSystem(asynchronous=True),
+        f"https://127.0.0.1:{port}/w.bin",
+        if_match=None,
+        fallback=_no_fallback,
+    )
+    assert read is not None
+    return read
+
+
 async def test_a_read_cancelled_during_its_tls_handshake_ends_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A read cancelled while its thread waits for the server's side of the TLS handshake
     shuts that socket down and ends at once, not after the read timeout."""
-    import asyncio
-
-    from fsspec.implementations.http import HTTPFileSystem
-
     monkeypatch.setattr(_sockets, "_READ_TIMEOUT", 3600.0)
     hello = asyncio.Event()
     let_go = asyncio.Event()
@@ -444,13 +450,8 @@ async def test_a_read_cancelled_during_its_tls_handshake_ends_at_once(
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     pool = _sockets.SocketPool()
-    url = f"https://127.0.0.1:{port}/w.bin"
-    read = _sockets.socket_range_reader(
-        pool, HTTPFileSystem(asynchronous=True), url, if_match=None, fallback=_no_fallback
-    )
-    assert read is not None
+    read = _https_reader(pool, server)
     ended = anyio.Event()
     try:
         async with anyio.create_task_group() as tg:
