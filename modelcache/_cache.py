@@ -697,7 +697,7 @@ class ModelCache:
             self._device.check_fits(info)
             check_wanted(entry)  # a load nobody waits for must not evict anything
             if not self._device.reserve_now(entry, info):
-                await self._device.reserve(entry, info)
+                await self._device.reserve(entry)
             async with Limited(self._limiter, entry):
                 moving_since = _load_timer()
                 if claimed is not None:

@@ -246,11 +246,9 @@ class DeviceTier:
         entry.reserved = True
         return True
 
-    async def reserve(self, entry: DeviceEntry, info: ModelInfo) -> None:
-        """Reserve ``info``'s bytes for ``entry``'s load, waiting in line while they are in use
-        (`Abandoned` when nobody waits for the load any more)."""
-        entry.nbytes = info.nbytes
-        entry.info = info  # for describe()
+    async def reserve(self, entry: DeviceEntry) -> None:
+        """Wait in line for ``entry``'s bytes, which `reserve_now` found in use (`Abandoned`
+        when nobody waits for the load any more)."""
         await self._budget.reserve(entry.nbytes, lambda: entry.waiters > 0)
         entry.reserved = True
 

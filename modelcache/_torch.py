@@ -441,7 +441,7 @@ def _faults_map_huge(buffer: torch.Tensor) -> int | None:
         while region < places[0] and not whole(region):
             below, region = region, max(1, 2 * region)
         region = min(region, places[0])
-        # local5: bisect between the last miss and the first hit. The doubling alone stopped
+        # Then bisect between the last miss and the first hit. The doubling alone stopped
         # at 64 MiB where a sequential read's small folios end at ~40 (1 GiB file, 8 MiB
         # readahead window): the head's byte reads cost ~140 ns a page, MADV_POPULATE_READ
         # ~0 on 2 MiB entries, so each MiB the head overshoots costs ~36 us, a probe ~15 us.
