@@ -31,6 +31,7 @@ from functools import partial
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 
 from . import _observe
@@ -673,6 +674,10 @@ class HostDiskTiers:
             loaded = await self._backend.load(read_store, info, zero_copy=on_disk is None)
             if on_disk is not None:
                 await self._check_disk_copy(on_disk, info, self._backend.host_bytes(loaded))
+            # A close that cancelled the read during its last worker-thread call (anyio waits
+            # for the thread) is delivered here: else the weights were admitted to a closing
+            # cache and its prefetch callers told it succeeded.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             return loaded
         block = self._host_block(info.nbytes)
         if block is None:
@@ -685,6 +690,7 @@ class HostDiskTiers:
             await fill_buffer(read_store, info, block.view())
             if on_disk is not None:
                 await self._check_disk_copy(on_disk, info, block.view())
+            await anyio.lowlevel.checkpoint_if_cancelled()  # as above: a close in a thread call
         except BaseException:
             self._free_block(block)
             raise

@@ -738,6 +738,37 @@ async def test_closing_while_a_load_ends_in_a_worker_call_fails_its_waiters(
     assert (stats.bytes_reserved, stats.bytes_resident, stats.loading, stats.models) == (0, 0, 0, 0)
 
 
+async def test_closing_while_a_host_prefetch_ends_in_a_worker_call_fails_it(
+    models: MemoryModels,
+) -> None:
+    """Closing the cache while a host prefetch's last read runs in a worker thread fails the
+    prefetch with CacheClosedError: it is not told the weights reached a closing cache's host
+    tier (admitted there as the cache closed), and every host byte is freed."""
+    models.add("a", 1000)
+    backend = _EndsInAWorkerCall()
+    cache = ModelCache(models.template, backend=backend, device_budget=4096, host_budget=4096)
+    outcome: list[str] = []
+
+    async def prefetcher() -> None:
+        try:
+            await cache.prefetch(["a"], tier="host")
+            outcome.append("prefetched")
+        except CacheClosedError:
+            outcome.append("closed")
+
+    async def release_once_closing() -> None:
+        await anyio.wait_all_tasks_blocked()  # close has cancelled the read and waits for it
+        backend.release.set()
+
+    async with anyio.create_task_group() as tg, cache:
+        tg.start_soon(prefetcher)
+        await backend.entered.wait()
+        tg.start_soon(release_once_closing)
+    assert outcome == ["closed"]
+    host = cache.stats().tiers["host"]
+    assert (host.bytes_reserved, host.bytes, host.entries) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
 def test_an_interrupt_in_a_builder_stops_the_loop_and_is_not_logged_as_never_retrieved(
     models: MemoryModels, caplog: pytest.LogCaptureFixture, interrupt: type[BaseException]

@@ -5,7 +5,9 @@ while header reads stay fast - the timing of remote stores, under which a freshl
 was once evicted before its caller could lease it, and two models reloaded each other forever.
 Or the wait comes *after* the read (a slow build): a load holds a version read before a publish
 while a refresh() runs, under which a refresh() once returned True and the old version was
-served after it.
+served after it. Or that wait is a worker-thread call's ("thread"): a cancellation does not
+stop it, and it returns normally once cancelled (anyio waits for the thread) - a load's last
+call, under which a cache closing mid-load once served its model (a use, a host prefetch).
 """
 
 from __future__ import annotations
@@ -85,25 +87,37 @@ class _Handle:
 class SlowWeights(TorchBackend):
     """Weight loads wait until `finish` (each load of a model id: the oldest or the newest)
     while ``slow``: "before" their reads, or "after" them (the bytes read, the load not yet
-    done); headers stay fast. Two loads of one id (a swap's and a fresh one) end in either
-    order."""
+    done), or "thread": after them, in a wait that a cancellation ends normally, as a worker
+    thread's call returns to a cancelled task; headers stay fast. Two loads of one id (a
+    swap's and a fresh one) end in either order."""
 
     def __init__(self) -> None:
         super().__init__("cpu")
         self.slow: str | None = None
         self.pending: dict[str, list[anyio.Event]] = {}
 
-    async def _wait(self, model_id: str) -> None:
+    async def _wait(self, model_id: str, *, thread: bool = False) -> None:
         event = anyio.Event()
         self.pending.setdefault(model_id, []).append(event)
-        await event.wait()
+        try:
+            await event.wait()
+        except anyio.get_cancelled_exc_class():
+            if not thread:
+                raise
+            # The thread's call ended: its caller gets the result, and the cancellation (still
+            # pending on its scope) at its next checkpoint.
+            waiting = self.pending.get(model_id, [])
+            if event in waiting:
+                waiting.remove(event)
+                if not waiting:
+                    del self.pending[model_id]
 
     async def load(self, store: Store, info: ModelInfo, *, zero_copy: bool = True) -> Weights:
         if self.slow == "before":
             await self._wait(info.model_id)
         weights = await super().load(store, info, zero_copy=zero_copy)
-        if self.slow == "after":
-            await self._wait(info.model_id)
+        if self.slow in ("after", "thread"):
+            await self._wait(info.model_id, thread=self.slow == "thread")
         return weights
 
     def finish(self, model_id: str, *, newest: bool = False) -> None:
@@ -198,7 +212,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.spinning = False  # a step never settled: the example failed
 
     @initialize(
-        slow=st.sampled_from([None, "before", "after"]),
+        slow=st.sampled_from([None, "before", "after", "thread"]),
         revalidate=st.sampled_from([60.0, None]),
         close_mid_stage=st.booleans(),
     )
@@ -462,6 +476,10 @@ class CacheMachine(RuleBasedStateMachine):
         try:
             for handle in self.all_handles:
                 self.portal.call(handle.release.set)
+            self._settle()  # the leases end, and the loads they held up go on
+            # Callers that have no model when the close begins get none (CacheClosedError).
+            waiting = [h for h in self.all_handles if not h.entered and not h.finished]
+            in_flight = [f for f in self.prefetches if not f.done()]
             self._cache_cm.__exit__(None, None, None)
             stats = self.cache.stats()
             assert (stats.bytes_reserved, stats.bytes_resident, stats.loading) == (0, 0, 0)
@@ -473,6 +491,11 @@ class CacheMachine(RuleBasedStateMachine):
                 assert future is not None
                 with contextlib.suppress(CacheClosedError):
                     future.result(timeout=5)
+            for handle in waiting:
+                assert not handle.entered, f"{handle.model_id!r} served by a closing cache"
+            for prefetch in in_flight:
+                with contextlib.suppress(CacheClosedError):
+                    assert prefetch.result(timeout=5) != "prefetched", "a closing cache's prefetch"
             left = self.portal.call(_tasks)
             assert not {t for t in left if t.startswith("modelcache")}, left
         except BaseException as exc:

@@ -125,7 +125,7 @@ class Placements:
     loaded twice, never a wrong answer); a fresh router places every model on its home.
     """
 
-    __slots__ = ("_last", "_prune_at", "_shares", "margin", "ttl_s")
+    __slots__ = ("_last", "_prune_at", "_prune_due", "_shares", "margin", "ttl_s")
 
     def __init__(self, margin: float, half_life: int = 100, ttl_s: float = 5.0) -> None:
         if not margin >= 0 or not ttl_s >= 0:
@@ -133,10 +133,13 @@ class Placements:
         self.margin = margin
         self.ttl_s = ttl_s
         self._shares = TrafficShares(half_life=half_life)
-        #: Model hash -> (replica key, when): the fresh ones and at most as many stale ones
-        #: (pruned when it reaches ``_prune_at``, twice what the last pruning kept).
+        #: Model hash -> (replica key, when): the fresh ones and those that went stale since
+        #: the last pruning, which runs when it reaches ``_prune_at`` (twice what the last one
+        #: kept) or ``ttl_s`` after the last one (``_prune_due``): by size alone, a burst of
+        #: cold ids (a scan, random ids) was kept whole until as many came again.
         self._last: dict[int, tuple[str, float]] = {}
         self._prune_at = 128
+        self._prune_due = -math.inf
 
     def __len__(self) -> int:
         """Models whose last placement is remembered."""
@@ -158,9 +161,10 @@ class Placements:
         if len(homes) > 1 and self.share(homes[0]) - self.share(homes[1]) > self.margin:
             pick = homes[1]
         self._shares.observe(id_hash(pick))
-        if len(self._last) >= self._prune_at:
+        if len(self._last) >= self._prune_at or now >= self._prune_due:
             self._last = {h: v for h, v in self._last.items() if now - v[1] < self.ttl_s}
             self._prune_at = max(128, 2 * len(self._last))
+            self._prune_due = now + self.ttl_s
         self._last[model_hash] = (pick, now)
         return pick
 

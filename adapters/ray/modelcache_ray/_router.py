@@ -31,7 +31,9 @@ class CacheAffinityRouter(RequestRouter):
     ``share_half_life`` (requests over which a model's share halves; default 1,000),
     ``balance_margin`` (a model no replica holds loads on its second home when its first took
     more than this of the router's recent cold loads than the second; default 0.1; None:
-    always its first home),
+    always its first home), ``placement_ttl_s`` (how long a cold model's requests follow its
+    placement: until its replica's report can show the load; default 5; `affinity_router_config`
+    sets it from the stats period),
     ``spread_queue_len`` (a model's holders queued this deep spread it to one more replica
     before they are full; default: only when full, at ``max_ongoing_requests``) and
     ``patience_s`` (a request waiting this long for its model's replicas may go to any
@@ -45,6 +47,7 @@ class CacheAffinityRouter(RequestRouter):
         hot_share: float | None = 0.25,
         share_half_life: int = 1000,
         balance_margin: float | None = 0.1,
+        placement_ttl_s: float = 5.0,
         **_: Any,
     ) -> None:
         if spread_queue_len is not None and spread_queue_len < 1:
@@ -58,7 +61,9 @@ class CacheAffinityRouter(RequestRouter):
         #: every router sees its own sample of the traffic, enough to tell which models are hot.
         self._shares = TrafficShares(half_life=share_half_life)
         #: This router's cold loads by replica, and each cold model's last placement.
-        self._placements = None if balance_margin is None else Placements(balance_margin)
+        self._placements = (
+            None if balance_margin is None else Placements(balance_margin, ttl_s=placement_ttl_s)
+        )
         #: Decoded reports by replica key, each kept with the stats dict it came from: a
         #: replica's report is decoded once per update, not once per request.
         self._reports: dict[str, tuple[object, Residency]] = {}
@@ -129,6 +134,7 @@ def affinity_router_config(
         "hot_share": hot_share,
         "share_half_life": share_half_life,
         "balance_margin": balance_margin,
+        "placement_ttl_s": placement_ttl_s(stats_period_s, stats_timeout_s),
     }
     if spread_queue_len is not None:
         kwargs["spread_queue_len"] = spread_queue_len
@@ -140,3 +146,11 @@ def affinity_router_config(
         "request_routing_stats_timeout_s": stats_timeout_s,
     }
     return RequestRouterConfig(**fields)
+
+
+def placement_ttl_s(stats_period_s: float, stats_timeout_s: float) -> float:
+    """How long a cold model's requests follow its placement (`Placements`): until a report
+    showing its load can have reached the router, two stats periods and a timeout (5 s at
+    least). A fixed 5 s with a 10 s period let the memo lapse before any report, and the
+    model's next request could pick its other home: a second load."""
+    return max(5.0, 2 * stats_period_s + stats_timeout_s)

@@ -311,6 +311,41 @@ def test_placements_remember_a_bounded_number_of_models() -> None:
         assert len(placements) <= 256
 
 
+def test_placements_forget_a_burst_of_cold_models_once_it_is_stale() -> None:
+    """A burst of cold ids (a scan, random ids) is forgotten within ttl_s of going stale, at
+    the next placement: the memo does not keep it until as many cold ids come again."""
+    placements = Placements(margin=0.1, ttl_s=5.0)
+    for i in range(10_000):
+        placements.choose(id_hash(f"m{i}"), ["a", "b"], now=i / 10_000)  # within one second
+    assert len(placements) == 10_000  # all fresh
+    for i in range(3):
+        placements.choose(id_hash(f"late{i}"), ["a", "b"], now=100.0 + i)
+    assert len(placements) <= 3
+
+
+def test_a_cold_placement_outlives_the_routers_stats_period() -> None:
+    """With affinity_router_config's stats period, a cold model's requests follow its
+    placement until a report can show its load (two periods and the timeout), not a fixed 5 s
+    (a second load on its other home, with a 10 s period)."""
+    from modelcache_ray import affinity_router_config
+    from modelcache_ray._router import CacheAffinityRouter
+
+    config = affinity_router_config(stats_period_s=10.0, stats_timeout_s=1.0)
+    router = CacheAffinityRouter.__new__(CacheAffinityRouter)
+    router.initialize_state(**config.request_router_kwargs)
+    placements = router._placements
+    assert placements is not None
+    for i in range(100):  # a half-life of placements: shares are judged from then on
+        placements.choose(id_hash(f"x{i}"), ["a", "b"], now=0.0)
+    assert placements.choose(id_hash("m"), ["a", "b"], now=0.0) == "b"  # a took every load
+    for i in range(400):
+        placements.choose(id_hash(f"y{i}"), ["b"], now=1.0)  # now b took more
+    assert placements.choose(id_hash("m"), ["a", "b"], now=20.9) == "b"  # no report yet
+    assert placements.choose(id_hash("m"), ["a", "b"], now=21.0) == "a"
+    default = affinity_router_config().request_router_kwargs
+    assert default["placement_ttl_s"] == 5.0  # a 1 s period: as before
+
+
 def test_traffic_shares_halve_every_half_life() -> None:
     """Counts halve every half_life requests: x's 2,000 requests, then m's 10, then y's 10
     (half_life 10) weigh 1 : 1 : 2 (all of x's, decayed, weigh as much as the half-life after
