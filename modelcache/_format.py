@@ -159,6 +159,8 @@ class ModelInfo:
 
     model_id: str
     url: str
+    #: The weight files, in order. A shard's tensors are those of ``tensors`` whose ``shard``
+    #: names it (``ShardHeader.name``): a laid-out shard's own ``tensors`` is empty.
     shards: tuple[ShardHeader, ...]
     tensors: Mapping[str, TensorInfo]
     metadata: Mapping[str, str]
