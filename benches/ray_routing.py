@@ -700,7 +700,7 @@ def main() -> None:
         type=float,
         default=None,
         help="the affinity router's balance_margin (< 0: cold models always load on their "
-        "first home; default: the router's, 0.1)",
+        "first home; default: the router's, 0.3 of a fair share)",
     )
     parser.add_argument(
         "--policy",

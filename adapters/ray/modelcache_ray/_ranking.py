@@ -14,8 +14,8 @@ probes queue lengths within a rank and takes the least queued that accepts the r
    full, it is where one more copy goes, again the same replica for every router, so the copy
    loads once and replication grows one replica at a time; copies that go cold age out by
    each cache's own eviction. A model no replica holds goes to its second home instead when
-   its first took more than ``balance_margin`` more of this router's recent cold loads
-   (`Placements`): the homes' model sets differ in what they cost (popularity, sizes), and
+   its first took more of this router's recent cold loads than the second, by over
+   ``balance_margin`` of one replica's fair share (`Placements`): the homes' model sets differ in what they cost (popularity, sizes), and
    the replica home to the most-missed models queued its loads on its one store link (in
    ``benches/ray_routing.py``, 38-40% of the loads each on two replicas, 22% on the third, and
    the slowest 1% of requests their loads there);
@@ -150,15 +150,18 @@ class Placements:
         ``half_life`` of them)."""
         return self._shares.share(id_hash(replica_key))
 
-    def choose(self, model_hash: int, homes: Sequence[str], now: float) -> str:
+    def choose(self, model_hash: int, homes: Sequence[str], now: float, replicas: int = 2) -> str:
         """The replica (of ``homes``, the model's first free homes in rendezvous order) that
         loads the cold model: its last placement if still fresh and free, else the first home
-        unless it took more than ``margin`` more of the recent placements than the second."""
+        unless it took more of the recent placements than the second by over ``margin`` of a
+        fair share (1 / ``replicas``, the live replicas): an absolute margin let one replica
+        of 16 take 2.6 times its share of the cold loads, of 3 1.1 times."""
         last = self._last.get(model_hash)
         if last is not None and now - last[1] < self.ttl_s and last[0] in homes:
             return last[0]
         pick = homes[0]
-        if len(homes) > 1 and self.share(homes[0]) - self.share(homes[1]) > self.margin:
+        excess = self.share(homes[0]) - self.share(homes[1]) if len(homes) > 1 else 0.0
+        if excess > self.margin / max(replicas, 1):
             pick = homes[1]
         self._shares.observe(id_hash(pick))
         if len(self._last) >= self._prune_at or now >= self._prune_due:
@@ -224,7 +227,7 @@ def rank_replicas(
             others.append(r)
     if placements is not None and not copies and not warm and len(others) > 1:
         # Held nowhere: a load wherever it goes; the less loaded of its first two homes.
-        pick = placements.choose(model_hash, [key(r) for r in others[:2]], now)
+        pick = placements.choose(model_hash, [key(r) for r in others[:2]], now, len(order))
         if pick != key(others[0]):
             others[0], others[1] = others[1], others[0]
     if busy and not holders and not warm and others:

@@ -30,8 +30,9 @@ class CacheAffinityRouter(RequestRouter):
     share of the recent requests it takes; default 0.25; None: never for hotness alone),
     ``share_half_life`` (requests over which a model's share halves; default 1,000),
     ``balance_margin`` (a model no replica holds loads on its second home when its first took
-    more than this of the router's recent cold loads than the second; default 0.1; None:
-    always its first home), ``placement_ttl_s`` (how long a cold model's requests follow its
+    more of the router's recent cold loads than the second, by over this much of one
+    replica's fair share; default 0.3, 0.1 of the loads with 3 replicas; None: always its
+    first home), ``placement_ttl_s`` (how long a cold model's requests follow its
     placement: until its replica's report can show the load; default 5; `affinity_router_config`
     sets it from the stats period),
     ``spread_queue_len`` (a model's holders queued this deep spread it to one more replica
@@ -46,7 +47,7 @@ class CacheAffinityRouter(RequestRouter):
         patience_s: float = 5.0,
         hot_share: float | None = 0.25,
         share_half_life: int = 1000,
-        balance_margin: float | None = 0.1,
+        balance_margin: float | None = 0.3,
         placement_ttl_s: float = 5.0,
         **_: Any,
     ) -> None:
@@ -124,7 +125,7 @@ def affinity_router_config(
     patience_s: float = 5.0,
     hot_share: float | None = 0.25,
     share_half_life: int = 1000,
-    balance_margin: float | None = 0.1,
+    balance_margin: float | None = 0.3,
 ) -> RequestRouterConfig:
     """The ``request_router_config`` of a deployment routed by `CacheAffinityRouter`, its
     replicas reporting their caches every ``stats_period_s`` (the other options: the

@@ -512,3 +512,17 @@ async def test_routing_stats_report_the_cache_residency(tmp_path: Path) -> None:
     closing = replica.__del__()
     assert closing is not None
     await closing
+
+
+def test_the_balance_margin_is_a_share_of_a_fair_share() -> None:
+    """balance_margin is measured in one replica's fair share of the cold loads (1 / replicas):
+    an excess of ~0.12 sends a cold model to its second home among 16 replicas (fair share
+    0.0625) but not among 2 (0.5); in absolute shares one replica of 16 took 2.6x its share."""
+    placements = Placements(margin=0.3, half_life=10)
+    for i in range(20):
+        placements.choose(id_hash(f"x{i}"), ["a"] if i % 2 else ["b"], now=0.0)
+    placements.choose(id_hash("y"), ["a"], now=0.0)
+    excess = placements.share("a") - placements.share("b")
+    assert 0.3 / 16 < excess < 0.3 / 2
+    assert placements.choose(id_hash("m2"), ["a", "b"], now=0.0, replicas=2) == "a"
+    assert placements.choose(id_hash("m16"), ["a", "b"], now=0.0, replicas=16) == "b"
