@@ -60,6 +60,7 @@ from ._lower import HostDiskTiers
 from ._observe import CacheObserver, Observers
 from ._policy import CostAwarePolicy, EvictionPolicy, policy_below
 from ._pool import pool_of
+from ._prefill import read_infos
 from ._refresh import DEFAULT_REVALIDATE_AFTER, Revalidator
 from ._refresh import _clock as _revalidation_clock
 from ._sidefiles import covers
@@ -577,6 +578,7 @@ class ModelCache:
         errors: list[Exception] = []
         others: list[Key] = []
         joined: deque[DeviceEntry] = deque()
+        fresh: list[tuple[Key, str]] = []
         try:
             for model_id in model_ids:
                 key = (builder, model_id)
@@ -590,17 +592,57 @@ class ModelCache:
                 except Exception as exc:
                     _keep_first(errors, exc)
                     continue
-                entry = self._start_load(key, url)
-                self._device.join(entry)
-                joined.append(entry)
-                if len(joined) >= PREFETCH_WINDOW:
-                    await self._prefetch_wait(joined.popleft(), errors, others)
+                fresh.append((key, url))
+                if len(fresh) >= max(1, PREFETCH_WINDOW // 2):
+                    group, fresh = fresh, []
+                    await self._prefetch_start(group, joined, errors, others)
+            await self._prefetch_start(fresh, joined, errors, others)
             while joined:
                 await self._prefetch_wait(joined.popleft(), errors, others)
         finally:
             for entry in joined:  # cancelled (or the cache closed): these are not waited for
                 self._device.leave(entry)
         return errors, others
+
+    async def _prefetch_start(
+        self,
+        fresh: list[tuple[Key, str]],
+        joined: deque[DeviceEntry],
+        errors: list[Exception],
+        others: list[Key],
+    ) -> None:
+        """Start the loads of ``fresh`` (ids with no entry a moment ago) for `_prefetch_loads`,
+        keeping at most `PREFETCH_WINDOW` in ``joined``. Issue 16: the headers of the local
+        ones are read first, in one worker-thread call, while the loads started before run
+        (`_prefill`); each load then skips its header stage. An id on the host tier (or moving
+        there) is loaded from there: its headers are not read."""
+        if not fresh:
+            return
+        moving, host = self._host_disk.moving, self._host_disk.entries
+        infos = await read_infos(
+            self._store,
+            [
+                None
+                if key[1] in host or key[1] in moving or not self._store.batches_headers(url)
+                else (key[1], url)
+                for key, url in fresh
+            ],
+        )
+        for (key, url), info in zip(fresh, infos, strict=True):
+            while len(joined) >= PREFETCH_WINDOW:
+                await self._prefetch_wait(joined.popleft(), errors, others)
+            if key in self._entries:  # a use() started its load meanwhile
+                others.append(key)
+                continue
+            try:
+                self._check_open()
+                self._failures.raise_recent(*key)
+            except Exception as exc:
+                _keep_first(errors, exc)
+                continue
+            entry = self._start_load(key, url, info)
+            self._device.join(entry)
+            joined.append(entry)
 
     async def _prefetch_wait(
         self, entry: DeviceEntry, errors: list[Exception], others: list[Key]
@@ -628,19 +670,20 @@ class ModelCache:
         else:
             others.append(entry.key)  # evicted, or dropped, before its lease: as use() would
 
-    def _start_load(self, key: Key, url: str) -> DeviceEntry:
+    def _start_load(self, key: Key, url: str, info: ModelInfo | None = None) -> DeviceEntry:
         assert self._task_group is not None
         entry = self._device.add(key, url)
         entry.scope = self._background.start_load(
-            self._task_group, self._load, entry, name=f"modelcache load {entry.model_id!r}"
+            self._task_group, self._load, entry, info, name=f"modelcache load {entry.model_id!r}"
         )
         return entry
 
-    async def _load(self, entry: DeviceEntry) -> None:
+    async def _load(self, entry: DeviceEntry, read: ModelInfo | None = None) -> None:
         """Bring ``entry``'s model onto the device from the highest tier that has it.
 
         Before each stage (the limiter, the header read, the reservation, the weight read) it
-        stops with `Abandoned` if nobody waits for it any more."""
+        stops with `Abandoned` if nobody waits for it any more. ``read``: its headers, read
+        from the store by the prefetch that started it (`_prefill`): no header stage."""
         assert self._limiter is not None
         started = _load_timer()
         claimed: HostEntry | None = None
@@ -662,15 +705,18 @@ class ModelCache:
                 # reads batched into shared thread calls (`_batch`), never stalled on a remote
                 # store; without a slot the headers of many loads share a call (four slots made
                 # a small-model fill wait on thread hops).
-                header_stage = (
-                    Abandonable(entry)
-                    if self._store.batches_headers(url)
-                    else Limited(self._limiter, entry, abandonable=True)
-                )
-                async with header_stage:
-                    info, read_store, on_disk = await self._host_disk.locate(
-                        entry.model_id, url, use_disk=entry.replaces is None
+                if read is not None and entry.replaces is None:  # a local store's: no disk tier
+                    info, read_store, on_disk = read, self._store, None
+                else:
+                    header_stage = (
+                        Abandonable(entry)
+                        if self._store.batches_headers(url)
+                        else Limited(self._limiter, entry, abandonable=True)
                     )
+                    async with header_stage:
+                        info, read_store, on_disk = await self._host_disk.locate(
+                            entry.model_id, url, use_disk=entry.replaces is None
+                        )
                 source = "store" if on_disk is None else "disk"
             # Config and side files (issue 14, `_sidefiles`): from the disk entry, else the store.
             if entry.builder.needs_config and not covers(info, entry.builder.side_files):

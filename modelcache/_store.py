@@ -309,6 +309,19 @@ def _read_head_local(
         os.close(fd)
 
 
+def _read_heads_local(
+    paths: Sequence[str | None], limit: int, opener: Callable[[str], int]
+) -> list[tuple[int, bytes, str, str] | None]:
+    """`_read_head_local` of each path, None for one that is None or fails (`Store.read_heads`)."""
+    heads: list[tuple[int, bytes, str, str] | None] = []
+    for path in paths:
+        try:
+            heads.append(None if path is None else _read_head_local(path, limit, opener))
+        except Exception:
+            heads.append(None)
+    return heads
+
+
 def _open_and_read(
     path: str, opened: list[int], opener: Callable[[str], int], offset: int, run: _Scatter
 ) -> tuple[int, int, str, str]:
@@ -711,6 +724,21 @@ class Store:
                     return await size_and_head(self, url, limit, model_id=model_id)
         size = await self.size(url, model_id=model_id)
         return size, await self.read_range(url, 0, min(size, limit), model_id=model_id)
+
+    # -- issue 16: a device prefetch's headers, many in one worker-thread call (`_prefill`) ------
+    async def read_heads(
+        self, urls: Sequence[str], limit: int
+    ) -> list[tuple[int, bytes, str, str] | None]:
+        """For each local file of ``urls`` (`batches_headers`), what `read_head` reads of it:
+        its size, its first ``min(size, limit)`` bytes, and its version tag before and after
+        reading them; all in ONE small read (`_batch`). None for a file that is not local or
+        fails: its load reads it again as usual, raising what it raises. Records no version."""
+        if not 0 <= limit <= SMALL_READ:
+            raise ValueError(f"limit must be within [0, {SMALL_READ}], got {limit}")
+        paths = [None if self._compose_head else self.local_path(url) for url in urls]
+        heads = await self._small.run(_read_heads_local, paths, limit, self._local_opener())
+        self._bytes_read += sum(len(head[1]) for head in heads if head is not None)
+        return heads
 
     async def read_into(self, url: str, offset: int, dest: memoryview, *, model_id: str) -> None:
         """Fill all of ``dest`` with the file's bytes from ``offset``; StoreError if it is short."""

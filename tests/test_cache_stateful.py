@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import shutil
 import tempfile
 from concurrent.futures import Future
@@ -520,6 +522,153 @@ CacheMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_cache_state_machine = CacheMachine.TestCase
+
+
+#: How a model of the file:// machine is written: the kinds a prefetch reads in its batch
+#: ("one"), and those its loads read themselves (`_prefill`'s fallbacks).
+KINDS = ("one", "one", "sharded", "long", "garbage", "missing")
+LOCAL_IDS = st.sampled_from(["p", "q", "r", "s"])
+
+
+class LocalPrefetchMachine(RuleBasedStateMachine):
+    """Device prefetches of a file:// store (whose headers are read in a batch before the loads
+    start) among writes of every kind of model, uses, evictions and refreshes: each model is
+    served whole at the version its load read, each id the prefetch could not load is one use()
+    cannot either, with the same error, and the accounting holds after every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = tempfile.mkdtemp(prefix="mc-local-")
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        self.portal = self._portal_cm.__enter__()
+        self.cache = ModelCache(
+            f"file://{self.root}/{{model_id}}",
+            device_budget=1 << 20,
+            failure_ttl=0,
+            revalidate_after=None,
+        )
+        self._cache_cm = self.portal.wrap_async_context_manager(self.cache)
+        self._cache_cm.__enter__()
+        #: id -> (kind, value) written now; a missing id is "missing".
+        self.written: dict[str, tuple[str, int]] = {}
+        #: id -> the value its resident model holds (the version its load read).
+        self.loaded: dict[str, int] = {}
+        self.value = 0
+
+    def _write(self, model_id: str, kind: str) -> None:
+        self.value += 1
+        value = self.value
+        path = f"{self.root}/{model_id}"
+        shutil.rmtree(path, ignore_errors=True)
+        self.written[model_id] = (kind, value)
+        if kind == "missing":
+            return
+        os.makedirs(path)
+        w = torch.full((4,), value % 256, dtype=torch.uint8)
+        if kind == "one":
+            files = {"model.safetensors": save({"w": w})}
+        elif kind == "long":  # a header past the batched read's first 8 KiB
+            extra = {f"t_with_a_long_name_{i:04d}": torch.zeros(1) for i in range(300)}
+            files = {"model.safetensors": save({"w": w, **extra})}
+        elif kind == "sharded":
+            index = {"weight_map": {"w": "s1.safetensors", "x": "s2.safetensors"}}
+            files = {
+                "s1.safetensors": save({"w": w}),
+                "s2.safetensors": save({"x": torch.zeros(2)}),
+                "model.safetensors.index.json": json.dumps(index).encode(),
+            }
+        else:
+            files = {"model.safetensors": b"\x10" + b"x" * 64}
+        for name, data in files.items():
+            with open(f"{path}/{name}", "wb") as f:
+                f.write(data)
+
+    @initialize()
+    def write_all(self) -> None:
+        for model_id in ("p", "q", "r", "s"):
+            self._write(model_id, "one")
+
+    @rule(model_id=LOCAL_IDS, kind=st.sampled_from(KINDS))
+    def write(self, model_id: str, kind: str) -> None:
+        self._write(model_id, kind)
+
+    def _expect(self, model_id: str) -> int | None:
+        """The value a use() gets now, or None when it must fail."""
+        if model_id in self.loaded:
+            return self.loaded[model_id]
+        kind, value = self.written[model_id]
+        return value % 256 if kind in ("one", "sharded", "long") else None
+
+    async def _use(self, model_id: str) -> int | tuple[type, str]:
+        try:
+            async with self.cache.use(model_id) as weights:
+                values: set[int] = set(weights["w"].tolist())
+                assert len(values) == 1, values
+                return values.pop()
+        except Exception as exc:
+            return type(exc), str(exc)
+
+    @rule(ids=st.lists(LOCAL_IDS, min_size=1, max_size=6))
+    def prefetch(self, ids: list[str]) -> None:
+        expected = {model_id: self._expect(model_id) for model_id in ids}
+        try:
+            self.portal.call(self.cache.prefetch, ids)
+            raised: Exception | None = None
+        except Exception as exc:
+            raised = exc
+        failing = {m for m, v in expected.items() if v is None}
+        assert (raised is None) == (not failing), raised
+        assert set(self.cache.resident()) >= {m for m in ids if m not in failing}
+        first = True
+        for model_id in ids:
+            got = self.portal.call(self._use, model_id)
+            if model_id in failing:
+                assert isinstance(got, tuple), got  # use() fails as the prefetch did
+                if raised is not None and first and getattr(raised, "model_id", None) == model_id:
+                    assert (type(raised), str(raised)) == got
+                    first = False
+            else:
+                assert got == expected[model_id], (model_id, got, expected[model_id])
+                assert isinstance(got, int)
+                self.loaded[model_id] = got
+
+    @rule(model_id=LOCAL_IDS)
+    def use(self, model_id: str) -> None:
+        want = self._expect(model_id)
+        got = self.portal.call(self._use, model_id)
+        if want is None:
+            assert isinstance(got, tuple), got
+        else:
+            assert got == want, (model_id, got, want)
+            self.loaded[model_id] = want
+
+    @rule(model_id=LOCAL_IDS)
+    def evict(self, model_id: str) -> None:
+        if self.portal.call(self.cache.evict, model_id):
+            del self.loaded[model_id]
+
+    @invariant()
+    def accounting_holds(self) -> None:
+        self.portal.call(check_invariants, self.cache)
+        stats = self.cache.stats()
+        assert (stats.loading, stats.waiters, stats.leased) == (0, 0, 0)
+        assert sorted(self.cache.resident()) == sorted(self.loaded)
+
+    def teardown(self) -> None:
+        try:
+            self._cache_cm.__exit__(None, None, None)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+LocalPrefetchMachine.TestCase.settings = settings(
+    max_examples=30,
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_local_prefetch_state_machine = LocalPrefetchMachine.TestCase
 
 
 #: Overlapping traffic on two resident models: a new lease on one of them, or the end of the

@@ -323,6 +323,11 @@ async def test_a_load_enters_one_cancel_scope(tiny: str, monkeypatch: pytest.Mon
     )
 
 
+async def _use_once(cache: ModelCache, model_id: str) -> None:
+    async with cache.use(model_id):
+        pass
+
+
 async def test_loads_fill_abandon_and_close_on_either_path(
     tmp_path: Path, models: MemoryModels, load_path: str
 ) -> None:
@@ -346,7 +351,9 @@ async def test_loads_fill_abandon_and_close_on_either_path(
             await limiter.acquire_on_behalf_of(holder)  # the header batch cannot start
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(cache.prefetch, ["a"])
+                # A use()'s load reads its own headers (a prefetch reads them before its loads
+                # start: test_a_prefetch_cancelled_while_it_reads_headers_leaves_nothing).
+                tg.start_soon(_use_once, cache, "a")
                 await anyio.wait_all_tasks_blocked()
                 assert cache.stats().loading == 1
                 scope.cancel()
@@ -407,3 +414,31 @@ async def test_a_prefetch_keeps_its_first_failure_alone(tiny: str) -> None:
         gc.collect()
         alive = [obj for obj in gc.get_objects() if type(obj) is InvalidModelIdError]
         assert alive == [raised.value]
+
+
+async def test_a_device_prefetch_fill_makes_one_worker_call_per_group_of_headers(
+    tiny: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefetch of local one-file models (no weight bytes) makes one worker-thread call per
+    ``PREFETCH_WINDOW // 2`` ids, its header reads, and no load reads its own headers: the
+    loads' header stages were most of a small model's fill."""
+    import anyio.to_thread
+
+    import modelcache._lower as lower
+
+    calls: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(func, "__name__", ""))
+        return await real(func, *args, **kwargs)
+
+    async def no_header_stage(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a prefetched load read its own headers")
+
+    async with _cache(tiny) as cache:
+        monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+        monkeypatch.setattr(lower, "read_model_info", no_header_stage)
+        await cache.prefetch([f"m{i}" for i in range(128)])
+        assert cache.stats().models == 128
+    assert calls == ["_run_batch"] * 4, calls

@@ -1,0 +1,86 @@
+"""A device prefetch's headers, read for many loads at once before the loads start (issue 16).
+
+A small model's load spent most of its time in its header stage: its own coroutines through
+the stage (`Abandonable`, `HostDiskTiers.locate`, `read_model_info`, the small-read batch's
+future), although the read itself shares a worker-thread call with other loads'. A device
+prefetch knows the next ids before their loads start: `read_infos` reads the headers of a
+group of them in ONE small read (`Store.read_heads`) and describes each on the loop, and each
+load then starts with its `ModelInfo` and skips its header stage.
+
+Invariants:
+
+* Only what the load itself would have read the same way: a one-file safetensors model on a
+  local store (`Store.batches_headers`), whose whole header is in the first read and is parsed
+  and laid out on the loop. Anything else - a sharded model (no ``model.safetensors``), a
+  longer header, a missing or unreadable file, a header that does not parse, a file that
+  changed while it was read - gives None, and that load reads its headers as usual: its
+  errors, versions and stats are the per-load path's own.
+* The description is the per-load path's: the same functions (`header_length`,
+  `_parse_shard`, `layout_model`), the same names and URLs, and the version of the bytes read
+  (the tags before and after the read, as `Store.read_head` records them in a load's
+  `reading` scope), so the load's weight reads are pinned to them as usual.
+* No entry, reservation or task exists while the read runs: a prefetch cancelled during it
+  leaves nothing behind (the read's results are dropped, `_batch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ._format import SINGLE_NAME, ModelInfo, header_length, layout_model
+from ._loader import _LAYOUT_ON_LOOP, _PARSE_ON_LOOP, _PREFIX, _parse_shard
+from ._store import Store
+from ._versions import ModelVersion, reading, see
+
+__all__ = ["read_infos"]
+
+
+async def read_infos(
+    store: Store, models: Sequence[tuple[str, str] | None]
+) -> list[ModelInfo | None]:
+    """The `ModelInfo` of each ``(model_id, url)`` of ``models`` (its id validated, ``url`` its
+    ``store.model_url``, local), from one worker-thread call; None where the load must read
+    its headers itself (see the module docstring), and for a None in ``models``."""
+    files = [None if m is None else _file_url(store, m[1]) for m in models]
+    wanted = [file for file in files if file is not None]
+    if not wanted:
+        return [None] * len(models)
+    heads = iter(await store.read_heads(wanted, _PREFIX))
+    infos: list[ModelInfo | None] = []
+    for model, file in zip(models, files, strict=True):
+        if model is None or file is None:
+            infos.append(None)
+            continue
+        head = next(heads)
+        infos.append(None if head is None else _describe(model[0], model[1], file, head))
+    return infos
+
+
+def _file_url(store: Store, url: str) -> str:
+    """The file `read_model_info` reads first for a model at ``url``: the file itself, or the
+    single ``model.safetensors`` of its directory."""
+    return url if url.endswith(".safetensors") else store.join(url, SINGLE_NAME)
+
+
+def _describe(
+    model_id: str, url: str, file: str, head: tuple[int, bytes, str, str]
+) -> ModelInfo | None:
+    """`read_model_info`'s single-file description from ``head`` (`Store.read_heads`), or None
+    where that would read more, work off the loop, or raise (the load's own read then does)."""
+    size, prefix, before, after = head
+    try:
+        with reading() as tags:
+            see(file, before, model_id)
+            see(file, after, model_id)
+            length = header_length(prefix, size, model_id=model_id, url=file)
+            end = 8 + length
+            if len(prefix) < end or length > _PARSE_ON_LOOP:
+                return None
+            name = file if file == url else SINGLE_NAME
+            shard = _parse_shard(prefix, end, b"", size, name, model_id, file)
+            if len(shard.tensors) > _LAYOUT_ON_LOOP:
+                return None
+            version = ModelVersion.of(tags) if tags else None
+        return layout_model(model_id, url, [shard], version=version)
+    except Exception:
+        return None
