@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -183,6 +183,21 @@ async def settle() -> None:
         if _Threads.idle is None:
             _Threads.idle = anyio.Event()
         await _Threads.idle.wait()
+
+
+async def hold_every_read_slot(store: Store) -> Callable[[], None]:
+    """Take every read slot of ``store`` (as other reads would): none of its worker-thread
+    calls can start until the function returned is called, which gives them back."""
+    limiter = store._get_limiter()
+    holders = [object() for _ in range(int(limiter.total_tokens))]
+    for holder in holders:
+        await limiter.acquire_on_behalf_of(holder)
+
+    def give_back() -> None:
+        for holder in holders:
+            limiter.release_on_behalf_of(holder)
+
+    return give_back
 
 
 def check_invariants(cache: ModelCache) -> None:

@@ -18,7 +18,7 @@ from modelcache._batch import SmallReads
 from modelcache._exceptions import ModelNotFoundError
 from modelcache._store import Store
 
-from .conftest import check_invariants, model_bytes, settle
+from .conftest import check_invariants, hold_every_read_slot, model_bytes, settle
 
 
 def _files(tmp_path: Path, n: int) -> list[bytes]:
@@ -265,10 +265,7 @@ async def test_an_abandoned_load_reads_no_header(tmp_path: Path) -> None:
         (tmp_path / name / "model.safetensors").write_bytes(model_bytes(10))
     store = _CountedOpens(f"file://{tmp_path}/{{model_id}}")
     async with ModelCache(store, device_budget=10_000) as cache:
-        limiter = store._get_limiter()
-        holders = [object() for _ in range(int(limiter.total_tokens))]
-        for holder in holders:
-            await limiter.acquire_on_behalf_of(holder)  # no thread call can start yet
+        give_back = await hold_every_read_slot(store)  # no thread call can start yet
         scopes = [anyio.CancelScope() for _ in range(10)]
 
         async def use(i: int) -> None:
@@ -283,8 +280,7 @@ async def test_an_abandoned_load_reads_no_header(tmp_path: Path) -> None:
             for scope in scopes:
                 scope.cancel()  # every caller leaves
             await anyio.wait_all_tasks_blocked()
-            for holder in holders:
-                limiter.release_on_behalf_of(holder)
+            give_back()
         async with cache.use("wanted"):
             pass
         await cache.wait_idle()

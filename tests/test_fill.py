@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from modelcache import CacheClosedError, InvalidModelIdError, ModelCache, ModelNotFoundError
 
-from .conftest import GatedStore, MemoryModels, check_invariants
+from .conftest import GatedStore, MemoryModels, check_invariants, hold_every_read_slot
 
 #: GC-tracked objects a resident one-tensor model keeps (was 21, then 16 with a policy slot
 #: object, 15): its entry and its key, its headers (the info, its tensor table and mapping,
@@ -345,10 +345,7 @@ async def test_loads_fill_abandon_and_close_on_either_path(
         check_invariants(cache)
     store_url = f"file://{tmp_path}/{{model_id}}"
     async with ModelCache(store_url, device_budget=1000, revalidate_after=None) as cache:
-        limiter = cache.store._get_limiter()
-        holders = [object() for _ in range(int(limiter.total_tokens))]
-        for holder in holders:
-            await limiter.acquire_on_behalf_of(holder)  # the header batch cannot start
+        give_back = await hold_every_read_slot(cache.store)  # the header batch cannot start
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 # A use()'s load reads its own headers (a prefetch reads them before its loads
@@ -360,8 +357,7 @@ async def test_loads_fill_abandon_and_close_on_either_path(
         await anyio.wait_all_tasks_blocked()
         stats = cache.stats()
         assert (stats.loading, stats.bytes_reserved, stats.models) == (0, 0, 0)
-        for holder in holders:
-            limiter.release_on_behalf_of(holder)
+        give_back()
         await cache.wait_idle()
         check_invariants(cache)
     models.add("c", 100)

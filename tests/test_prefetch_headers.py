@@ -21,7 +21,7 @@ from modelcache import ModelCache, ModelInfo
 from modelcache._cache import ModelCache as _ModelCache
 from modelcache._loader import read_model_info
 
-from .conftest import check_invariants, model_bytes
+from .conftest import check_invariants, hold_every_read_slot, model_bytes
 
 
 class Reads:
@@ -277,10 +277,7 @@ async def test_a_prefetch_cancelled_while_it_reads_headers_leaves_nothing(
     for model_id in ("a", "b"):
         _write(tmp_path, model_id, model_bytes(8))
     async with _cache(tmp_path) as cache:
-        limiter = cache.store._get_limiter()
-        holders = [object() for _ in range(int(limiter.total_tokens))]
-        for holder in holders:
-            await limiter.acquire_on_behalf_of(holder)  # the header batch cannot start
+        give_back = await hold_every_read_slot(cache.store)  # the header batch cannot start
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(cache.prefetch, ["a", "b"])
@@ -288,8 +285,7 @@ async def test_a_prefetch_cancelled_while_it_reads_headers_leaves_nothing(
                 stats = cache.stats()
                 assert (stats.loading, stats.models, stats.background) == (0, 0, 0)
                 scope.cancel()
-        for holder in holders:
-            limiter.release_on_behalf_of(holder)
+        give_back()
         await cache.wait_idle()
         stats = cache.stats()
         assert (stats.loading, stats.waiters, stats.bytes_reserved, stats.models) == (0, 0, 0, 0)
