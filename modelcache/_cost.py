@@ -5,14 +5,17 @@ A load's seconds are modelled as ``latency + nbytes / bandwidth`` per *source* t
 learned, as the line through the recent loads: each observed load updates exponentially weighted
 moments of (bytes, seconds), and the latency and bandwidth are the intercept and the inverse
 slope of their least-squares line. The fixed part is learned too because under load it is not
-the store's round trip but mostly the wait behind other loads on the same link (issue 15: ~140-
-280 ms against a 5 ms store, in benches/ray_routing.py): a fixed knob put that wait on the bytes,
-priced big models several times too high against small ones, and made the cost-aware policy keep
-big models at the price of more, and more seconds of, loads. The knobs (``defaults``) are the
-prior, two virtual loads on their line (of 0 and 2 x ``prior_bytes``), and they still hold where
-the recent loads cannot tell a fixed part from a per-byte one: sizes too alike (coefficient of
-variation under `_SPREAD`), or a line that would not slope up from a positive intercept; then
-the latency is the knob's and the bandwidth the recent bytes over their seconds beyond it.
+the store's round trip but mostly the wait behind other loads on the same link: in
+benches/ray_routing.py (a 5 ms store) the weight transfers the cache times take ~55-65 ms +
+6.7 ms/MiB, and the whole loads their callers wait for (header reads, a load slot, room on the
+device, the transfer, the build) ~140-160 ms + 6.5 ms/MiB (issue 15). A fixed knob puts what
+it misses of that wait on the bytes, prices big models too high against small ones, and makes
+the cost-aware policy keep big models at the price of more, and more seconds of, loads. The
+knobs (``defaults``) are the prior, two virtual loads on their line (of 0 and 2 x
+``prior_bytes``), and they still hold where the recent loads cannot tell a fixed part from a
+per-byte one: sizes too alike (coefficient of variation under `_SPREAD`), or a line that would
+not slope up from a positive intercept; then the latency is the knob's and the bandwidth the
+recent bytes over their seconds beyond it.
 
 `CostAwarePolicy` turns these estimates into eviction priorities (`MissCosts`, the cost of
 evicting from each tier, is what a cache binds to its policies); routers read them through
