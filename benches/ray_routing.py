@@ -83,7 +83,7 @@ from modelcache_ray import CachedModels, Residency, affinity_router_config
 from ray import serve
 from safetensors.torch import load, save_file
 
-from modelcache import CostAwarePolicy, EvictionPolicy, LRUPolicy
+from modelcache import CostAwarePolicy, EvictionPolicy, LoadCosts, LRUPolicy
 
 REPLICAS = 3
 MAX_ONGOING = 16
@@ -211,6 +211,10 @@ class Trace:
 
     def __init__(self, folder: str | None, app: str) -> None:
         self.file = None
+        #: The replica's cache (modelcache setups): a load's line carries what the cache's
+        #: learned costs price that model at, right after learning from the load (``est``),
+        #: beside what the load took (``s``), to compare the two.
+        self.costs: LoadCosts | None = None
         if folder is not None:
             self.file = open(  # noqa: SIM115  # open for the replica's life
                 os.path.join(folder, f"{app}-{os.getpid()}.jsonl"), "a", encoding="utf-8"
@@ -226,7 +230,11 @@ class Trace:
 
     # The cache observer's methods (modelcache setups).
     def load_finished(self, model_id: str, source: str, nbytes: int, seconds: float) -> None:
-        self.log(e="load", m=model_id, t1=time.time_ns(), s=seconds, src=source)
+        fields: dict[str, Any] = {}
+        if self.costs is not None:
+            fields["est"] = round(self.costs.seconds(source, nbytes), 4)
+            fields["mib_s"] = round(self.costs.bandwidth(source) / 2**20, 1)
+        self.log(e="load", m=model_id, t1=time.time_ns(), s=seconds, src=source, **fields)
 
     def load_failed(self, model_id: str, error: BaseException) -> None:
         self.log(e="fail", m=model_id, t1=time.time_ns())
@@ -257,6 +265,7 @@ class CachedMLP(CachedModels):
         super().__init__(store, policy=POLICIES[policy](), **options)
         self.cache.add_observer(self.loaded)
         if self.trace.file is not None:
+            self.trace.costs = self.cache.load_costs
             self.cache.add_observer(self.trace)
 
     async def handle(self, model: MLP, request: Any) -> Any:

@@ -1,13 +1,21 @@
 """What a load costs, learned from the cache's own load timings.
 
 A load's seconds are modelled as ``latency + nbytes / bandwidth`` per *source* tier - "host"
-(a promotion to the device), "disk" (the local disk tier), "store" (the object store). The
-latency is a fixed knob per source (set it for your store; it covers request set-up and header
-reads, which are hard to tell apart from bandwidth on a few samples); the bandwidth is learned:
-each observed load updates exponentially weighted averages of the bytes moved and of the seconds
-spent beyond the latency, and the bandwidth is their ratio. Weighting by bytes means a big load
-says more about bandwidth than a tiny one, which is mostly latency. Until a source has been
-observed, its default bandwidth holds (a prior worth one ``prior_bytes`` load).
+(a promotion to the device), "disk" (the local disk tier), "store" (the object store). Both are
+learned, as the line through the recent loads: each observed load updates exponentially weighted
+moments of (bytes, seconds), and the latency and bandwidth are the intercept and the inverse
+slope of their least-squares line. The fixed part is learned too because under load it is not
+the store's round trip but mostly the wait behind other loads on the same link: in
+benches/ray_routing.py (a 5 ms store) the weight transfers the cache times take ~55-65 ms +
+6.7 ms/MiB, and the whole loads their callers wait for (header reads, a load slot, room on the
+device, the transfer, the build) ~140-160 ms + 6.5 ms/MiB (issue 15). A fixed knob puts what
+it misses of that wait on the bytes, prices big models too high against small ones, and makes
+the cost-aware policy keep big models at the price of more, and more seconds of, loads. The
+knobs (``defaults``) are the prior, two virtual loads on their line (of 0 and 2 x
+``prior_bytes``), and they still hold where the recent loads cannot tell a fixed part from a
+per-byte one: sizes too alike (coefficient of variation under `_SPREAD`), or a line that would
+not slope up from a positive intercept; then the latency is the knob's and the bandwidth the
+recent bytes over their seconds beyond it.
 
 `CostAwarePolicy` turns these estimates into eviction priorities (`MissCosts`, the cost of
 evicting from each tier, is what a cache binds to its policies); routers read them through
@@ -42,7 +50,7 @@ class SourceCost:
 
     #: Learned bytes per second.
     bandwidth: float
-    #: Fixed seconds added to every load from this source.
+    #: Fixed seconds added to every load from this source (learned, see the module docstring).
     latency: float
     #: Loads observed so far.
     samples: int
@@ -51,14 +59,39 @@ class SourceCost:
         return self.latency + nbytes / self.bandwidth
 
 
+#: The least coefficient of variation of recent load sizes for which the fitted line is trusted
+#: (below it a fixed part and a per-byte part are too hard to tell apart).
+_SPREAD = 0.25
+
+
 class _Estimate:
-    __slots__ = ("latency", "samples", "wbytes", "wseconds")
+    """Exponentially weighted moments of (bytes, seconds) of one source's loads, and the line
+    they give."""
+
+    __slots__ = ("knob", "mx", "mxx", "mxy", "my", "samples")
 
     def __init__(self, bandwidth: float, latency: float, prior_bytes: int) -> None:
-        self.latency = latency
-        self.wbytes = float(prior_bytes)
-        self.wseconds = prior_bytes / bandwidth
+        self.knob = latency
+        # The prior: loads of 0 and 2 * prior_bytes on the default line, equally weighted.
+        far = 2.0 * prior_bytes
+        self.mx = far / 2
+        self.my = latency + far / bandwidth / 2
+        self.mxx = far * far / 2
+        self.mxy = far * (latency + far / bandwidth) / 2
         self.samples = 0
+
+    def line(self) -> tuple[float, float]:
+        """(latency seconds, seconds per byte)."""
+        mx, my = self.mx, self.my
+        var = self.mxx - mx * mx
+        if var >= (_SPREAD * mx) ** 2:
+            slope = (self.mxy - mx * my) / var
+            latency = my - slope * mx
+            if slope > 0 and latency >= 0:
+                return latency, slope
+        # Fall back on the knob: the bytes' share of the mean seconds, never below a tenth (a
+        # load faster than the knob still says the bandwidth is high, not infinite).
+        return self.knob, max(my - self.knob, my * 0.1, 1e-12) / mx
 
 
 class LoadCosts:
@@ -93,28 +126,28 @@ class LoadCosts:
         est = self._estimates[source]
         if nbytes <= 0 or not math.isfinite(seconds) or seconds < 0:
             return
-        # Seconds beyond the fixed latency; never below a tenth of the load (a load faster
-        # than its latency knob still says the bandwidth is high, not infinite).
-        moving = max(seconds - est.latency, seconds * 0.1, 1e-9)
         a = self._alpha
-        est.wbytes += a * (nbytes - est.wbytes)
-        est.wseconds += a * (moving - est.wseconds)
+        x, y = float(nbytes), seconds
+        est.mx += a * (x - est.mx)
+        est.my += a * (y - est.my)
+        est.mxx += a * (x * x - est.mxx)
+        est.mxy += a * (x * y - est.mxy)
         est.samples += 1
 
     def seconds(self, source: str, nbytes: int) -> float:
         """Estimated seconds to load ``nbytes`` from ``source``."""
-        est = self._estimates[source]
-        return est.latency + nbytes * est.wseconds / est.wbytes
+        latency, per_byte = self._estimates[source].line()
+        return latency + nbytes * per_byte
 
     def bandwidth(self, source: str) -> float:
-        est = self._estimates[source]
-        return est.wbytes / est.wseconds
+        return 1.0 / self._estimates[source].line()[1]
 
     def snapshot(self) -> dict[str, SourceCost]:
         """The current estimate of every source."""
+        lines = {name: (est.line(), est.samples) for name, est in self._estimates.items()}
         return {
-            name: SourceCost(est.wbytes / est.wseconds, est.latency, est.samples)
-            for name, est in self._estimates.items()
+            name: SourceCost(1.0 / per_byte, latency, samples)
+            for name, ((latency, per_byte), samples) in lines.items()
         }
 
 

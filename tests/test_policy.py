@@ -336,7 +336,8 @@ def test_half_life_follows_the_entries_resident() -> None:
 
 
 def test_load_costs_learn_bandwidth_and_keep_latency() -> None:
-    """Observed loads move the bandwidth to what they show; the latency knob stays fixed."""
+    """Loads all of one size move the bandwidth to what they show; the latency knob holds (a
+    fixed part cannot be told from a per-byte one)."""
     costs = LoadCosts({"store": (1e9, 0.01)}, alpha=0.5)
     assert costs.seconds("store", 10**9) == pytest.approx(1.01)
     for _ in range(30):
@@ -353,6 +354,25 @@ def test_load_costs_learn_bandwidth_and_keep_latency() -> None:
         LoadCosts(alpha=0)
     with pytest.raises(ValueError):
         LoadCosts({"disk": (0.0, 0.0)})
+
+
+def test_load_costs_learn_latency_from_loads_of_mixed_sizes() -> None:
+    """Loads of mixed sizes with a large fixed part (a wait behind other loads) move the latency
+    and the bandwidth to that line, so a small model is not priced as mostly free."""
+    costs = LoadCosts({"store": (0.5e9, 0.05)})
+    latency, bandwidth = 0.2, 150 * 2**20  # ray_routing's affinity replicas (issue 15)
+    for i in range(40):
+        nbytes = (1 + 31 * (i % 2)) << 20  # 1 MiB, 32 MiB, ...
+        costs.observe("store", nbytes, latency + nbytes / bandwidth)
+    snap = costs.snapshot()["store"]
+    assert snap.latency == pytest.approx(latency, rel=1e-3)
+    assert snap.bandwidth == pytest.approx(bandwidth, rel=1e-3)
+    assert costs.seconds("store", 1 << 20) == pytest.approx(latency + (1 << 20) / bandwidth, 1e-3)
+    # A line that would not slope up from a positive intercept falls back on the knob.
+    for i in range(40):
+        costs.observe("store", (1 + 31 * (i % 2)) << 20, 0.3 if i % 2 else 0.4)
+    assert costs.snapshot()["store"].latency == 0.05
+    assert costs.seconds("store", 1 << 20) > 0.05
 
 
 async def test_cache_learns_bandwidth_and_estimates_load_seconds(models: MemoryModels) -> None:
