@@ -308,7 +308,7 @@ class ModelCache:
         bandwidth this cache has measured for that tier ("host", "disk", "store"). For a model
         in no tier, its size must be known: from an earlier load by this cache, or ``nbytes``;
         None when it is not. No I/O; for routers choosing the replica where a request is
-        cheapest. Builds (``from_weights``) are not included."""
+        cheapest. The learned costs time whole loads, builds (``from_weights``) included."""
         tier = self.tier_of(model_id, model=model)
         if tier == "device":
             return 0.0
@@ -745,7 +745,6 @@ class ModelCache:
             if not self._device.reserve_now(entry, info):
                 await self._device.reserve(entry)
             async with Limited(self._limiter, entry):
-                moving_since = _load_timer()
                 if claimed is not None:
                     weights = await self._host_disk.promote(claimed, info)
                     claimed = None
@@ -755,9 +754,9 @@ class ModelCache:
                     weights, info = await self._host_disk.read_weights(read_store, info, disk_copy)
                     if self._backend.on_host:
                         self._host_disk.write_through(info, loaded=weights)
-                self._costs.observe(source, info.nbytes, _load_timer() - moving_since)
                 self._sizes.remember(entry.model_id, info.nbytes)
                 value = await entry.builder.build(weights, info)
+                self._costs.observe(source, info.nbytes, _load_timer() - started)
                 # A close that cancelled the load during a worker-thread call (anyio waits for
                 # the thread) is delivered here, not by admitting the model to a closed cache.
                 await anyio.lowlevel.checkpoint_if_cancelled()

@@ -18,6 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+import modelcache._cache as cache_module
 from modelcache import (
     CostAwarePolicy,
     EvictionPolicy,
@@ -25,6 +26,7 @@ from modelcache import (
     LoadCosts,
     LRUPolicy,
     ModelCache,
+    ModelInfo,
 )
 from modelcache._policy import PolicyEntry, admits
 
@@ -402,6 +404,36 @@ async def test_cache_learns_bandwidth_and_estimates_load_seconds(models: MemoryM
         assert cache.resident() == [] and cache.tier_of("b") is None
         assert cache.estimate_load_seconds("b") == pytest.approx(costs.seconds("store", 1000))
         check_invariants(cache)
+
+
+async def test_load_costs_learn_the_whole_load_a_caller_waits_for(
+    models: MemoryModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load's observed seconds run from its start to the model built (header reads, waits,
+    transfer, build): what a miss costs its caller, not the weight transfer alone."""
+    models.add("a", 1000)
+    now = [0.0]
+    monkeypatch.setattr(cache_module, "_load_timer", lambda: now[0])
+    seen: list[float] = []
+
+    class Recording(LoadCosts):
+        def observe(self, source: str, nbytes: int, seconds: float) -> None:
+            seen.append(seconds)
+            super().observe(source, nbytes, seconds)
+
+    costs = Recording()
+    cache = ModelCache(models.template, device_budget=4096, load_costs=costs)
+
+    @cache.model
+    class Slow:
+        @staticmethod
+        def from_weights(weights: Any, info: ModelInfo) -> int:
+            now[0] += 10.0  # a build that takes 10 s on the load's clock
+            return info.nbytes
+
+    async with cache, cache.use("a", model=Slow):
+        pass
+    assert seen == [10.0]
 
 
 async def test_cache_binds_costs_and_shares_history_with_the_host_tier(
