@@ -618,6 +618,11 @@ class ModelCache:
         there) is loaded from there: its headers are not read."""
         if not fresh:
             return
+        # Room for the whole group first (break7): headers read while earlier loads finish
+        # went stale meanwhile (a model replaced by one of another size failed its load with
+        # ModelChangedError where use()'s load, reading them as it starts, got the new one).
+        while joined and len(joined) > PREFETCH_WINDOW - len(fresh):
+            await self._prefetch_wait(joined.popleft(), errors, others)
         moving, host = self._host_disk.moving, self._host_disk.entries
         infos = await read_infos(
             self._store,

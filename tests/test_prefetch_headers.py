@@ -13,8 +13,9 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import load, save, save_file
 
+import modelcache._cache as cache_module
 import modelcache._lower as lower
 import modelcache._store as store_module
 from modelcache import ModelCache, ModelInfo
@@ -46,6 +47,10 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
 def _write(root: Path, model_id: str, data: bytes, name: str = "model.safetensors") -> None:
     (root / model_id).mkdir(exist_ok=True)
     (root / model_id / name).write_bytes(data)
+
+
+def _weights(data: bytes) -> torch.Tensor:
+    return load(data)["w"]
 
 
 def _cache(root: Path, **kwargs: Any) -> ModelCache:
@@ -298,3 +303,29 @@ async def test_a_prefetch_cancelled_while_it_reads_headers_leaves_nothing(
         check_invariants(cache)
         await cache.prefetch(["a", "b"])  # and a prefetch after it reads them as usual
         assert sorted(cache.resident()) == ["a", "b"]
+
+
+async def test_a_prefetch_reads_a_groups_headers_only_when_its_loads_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's headers are read once the window has room for its loads, not while earlier
+    loads finish: a model replaced by one of another size meanwhile loads at its new version,
+    as use() would, not a ModelChangedError from headers read before it was replaced."""
+    monkeypatch.setattr(cache_module, "PREFETCH_WINDOW", 2)  # groups of one id, two in flight
+    for i, nbytes in enumerate((10, 11, 12)):
+        _write(tmp_path, f"m{i}", model_bytes(nbytes, seed=i))
+    real_wait = _ModelCache._prefetch_wait
+
+    async def wait(self: _ModelCache, entry: Any, *args: Any) -> None:
+        if entry.model_id == "m0":  # m2 waits for room: a new version arrives meanwhile
+            _write(tmp_path, "m2", model_bytes(40, seed=9))
+        await real_wait(self, entry, *args)
+
+    monkeypatch.setattr(_ModelCache, "_prefetch_wait", wait)
+    async with _cache(tmp_path) as cache:
+        await cache.prefetch(["m0", "m1", "m2"])
+        async with cache.use("m2") as weights:
+            assert torch.equal(weights["w"], _weights(model_bytes(40, seed=9)))
+        assert cache.stats().loads == 3
+        assert cache.stats().load_failures == 0
+        check_invariants(cache)
