@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -277,8 +278,8 @@ async def test_a_prefetched_model_that_needs_side_files_reads_them_after_the_bat
 async def test_a_prefetch_cancelled_while_it_reads_headers_leaves_nothing(
     tmp_path: Path,
 ) -> None:
-    """No entry, reservation or task exists while the batched header read waits: a prefetch
-    cancelled then leaves nothing behind, and its read's results are dropped."""
+    """No entry or reservation exists while the batched header read waits, only its own task:
+    a prefetch cancelled then leaves nothing behind once it ends, its results dropped."""
     for model_id in ("a", "b"):
         _write(tmp_path, model_id, model_bytes(8))
     async with _cache(tmp_path) as cache:
@@ -291,7 +292,7 @@ async def test_a_prefetch_cancelled_while_it_reads_headers_leaves_nothing(
                 tg.start_soon(cache.prefetch, ["a", "b"])
                 await anyio.wait_all_tasks_blocked()
                 stats = cache.stats()
-                assert (stats.loading, stats.models, stats.background) == (0, 0, 0)
+                assert (stats.loading, stats.models, stats.background) == (0, 0, 1)
                 scope.cancel()
         for holder in holders:
             limiter.release_on_behalf_of(holder)
@@ -328,4 +329,50 @@ async def test_a_prefetch_reads_a_groups_headers_only_when_its_loads_can_start(
             assert torch.equal(weights["w"], _weights(model_bytes(40, seed=9)))
         assert cache.stats().loads == 3
         assert cache.stats().load_failures == 0
+        check_invariants(cache)
+
+
+async def test_a_prefetch_cancelled_while_a_file_of_its_group_blocks_returns_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefetch cancelled while its group's header read blocks on one file (a FIFO with no
+    writer, a stalled mount) returns at once, as use()'s caller does; the read's task ends
+    with the read, and nothing is left."""
+    for model_id in ("slow", "a", "b"):
+        _write(tmp_path, model_id, model_bytes(8))
+    entered, release = threading.Event(), threading.Event()
+    real = store_module._read_head_local
+
+    def blocking(path: str, *args: Any) -> Any:
+        if "/slow/" in path:
+            entered.set()
+            release.wait()
+        return real(path, *args)
+
+    monkeypatch.setattr(store_module, "_read_head_local", blocking)
+    async with _cache(tmp_path) as cache:
+        ended = False
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def prefetch() -> None:
+                    nonlocal ended
+                    with anyio.CancelScope() as scope:
+                        prefetching.append(scope)
+                        await cache.prefetch(["slow", "a", "b"])
+                    ended = True
+
+                prefetching: list[anyio.CancelScope] = []
+                tg.start_soon(prefetch)
+                await anyio.to_thread.run_sync(entered.wait)
+                prefetching[0].cancel()
+                await anyio.wait_all_tasks_blocked()
+                returned = ended
+                release.set()
+        finally:
+            release.set()
+        assert returned  # it had waited for the blocked read, cancelled
+        await cache.wait_idle()
+        stats = cache.stats()
+        assert (stats.loading, stats.waiters, stats.bytes_reserved, stats.background) == (0,) * 4
         check_invariants(cache)
