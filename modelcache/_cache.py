@@ -60,7 +60,7 @@ from ._lower import HostDiskTiers
 from ._observe import CacheObserver, Observers
 from ._policy import CostAwarePolicy, EvictionPolicy, policy_below
 from ._pool import pool_of
-from ._prefill import read_infos
+from ._prefill import read_infos_apart
 from ._refresh import DEFAULT_REVALIDATE_AFTER, Revalidator
 from ._refresh import _clock as _revalidation_clock
 from ._sidefiles import covers
@@ -618,8 +618,16 @@ class ModelCache:
         there) is loaded from there: its headers are not read."""
         if not fresh:
             return
+        # Room for the whole group first (break7): headers read while earlier loads finish
+        # went stale meanwhile (a model replaced by one of another size failed its load with
+        # ModelChangedError where use()'s load, reading them as it starts, got the new one).
+        while joined and len(joined) > PREFETCH_WINDOW - len(fresh):
+            await self._prefetch_wait(joined.popleft(), errors, others)
         moving, host = self._host_disk.moving, self._host_disk.entries
-        infos = await read_infos(
+        assert self._task_group is not None
+        infos = await read_infos_apart(
+            self._background,
+            self._task_group,
             self._store,
             [
                 None

@@ -19,20 +19,55 @@ Invariants:
   `_parse_shard`, `layout_model`), the same names and URLs, and the version of the bytes read
   (the tags before and after the read, as `Store.read_head` records them in a load's
   `reading` scope), so the load's weight reads are pinned to them as usual.
-* No entry, reservation or task exists while the read runs: a prefetch cancelled during it
-  leaves nothing behind (the read's results are dropped, `_batch`).
+* No entry or reservation exists while the read runs: a prefetch cancelled during it leaves
+  nothing behind but the read's own task (`read_infos_apart`), which ends with the read and
+  drops its results.
+* The read runs in a task of the cache's (`read_infos_apart`), not the prefetch's: a batch's
+  driver waits for its thread call even when cancelled (`_batch`), and a prefetch cancelled
+  while a file of its group blocks (a FIFO with no writer, a stalled mount) waited with it
+  where use()'s caller, whose load drives its read, leaves at once (break7).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import anyio.abc
+
+from ._concurrency import Background, new_event
 from ._format import SINGLE_NAME, ModelInfo, header_length, layout_model
 from ._loader import _LAYOUT_ON_LOOP, _PARSE_ON_LOOP, _PREFIX, _parse_shard
 from ._store import Store
 from ._versions import ModelVersion, reading, see
 
-__all__ = ["read_infos"]
+__all__ = ["read_infos", "read_infos_apart"]
+
+
+async def read_infos_apart(
+    background: Background,
+    task_group: anyio.abc.TaskGroup,
+    store: Store,
+    models: Sequence[tuple[str, str] | None],
+) -> list[ModelInfo | None]:
+    """`read_infos` in a task of ``task_group`` (counted by ``background``): a caller cancelled
+    meanwhile leaves at once, the task ends with the read and its results are dropped. All
+    None where it failed as a whole: each load then reads its own headers."""
+    if all(model is None for model in models):
+        return [None] * len(models)  # nothing to read: no task
+    answer: list[list[ModelInfo | None]] = []
+    done = new_event()
+
+    async def read() -> None:
+        try:
+            answer.append(await read_infos(store, models))
+        except Exception:
+            pass  # each load reads its headers itself, and raises what it meets
+        finally:
+            done.set()
+
+    background.start(task_group, read, name="modelcache prefetch headers")
+    await done.wait()
+    return answer[0] if answer else [None] * len(models)
 
 
 async def read_infos(

@@ -39,6 +39,7 @@ from hypothesis.stateful import (
 )
 from safetensors.torch import save
 
+import modelcache._cache as cache_module
 from modelcache import (
     CacheClosedError,
     CacheObserver,
@@ -526,7 +527,7 @@ test_cache_state_machine = CacheMachine.TestCase
 
 #: How a model of the file:// machine is written: the kinds a prefetch reads in its batch
 #: ("one"), and those its loads read themselves (`_prefill`'s fallbacks).
-KINDS = ("one", "one", "sharded", "long", "garbage", "missing")
+KINDS = ("one", "one", "wide", "sharded", "long", "garbage", "missing")
 LOCAL_IDS = st.sampled_from(["p", "q", "r", "s"])
 
 
@@ -565,7 +566,8 @@ class LocalPrefetchMachine(RuleBasedStateMachine):
             return
         os.makedirs(path)
         w = torch.full((4,), value % 256, dtype=torch.uint8)
-        if kind == "one":
+        if kind in ("one", "wide"):  # "wide": another size, as a new version may have
+            w = w.repeat(2) if kind == "wide" else w
             files = {"model.safetensors": save({"w": w})}
         elif kind == "long":  # a header past the batched read's first 8 KiB
             extra = {f"t_with_a_long_name_{i:04d}": torch.zeros(1) for i in range(300)}
@@ -597,7 +599,7 @@ class LocalPrefetchMachine(RuleBasedStateMachine):
         if model_id in self.loaded:
             return self.loaded[model_id]
         kind, value = self.written[model_id]
-        return value % 256 if kind in ("one", "sharded", "long") else None
+        return value % 256 if kind in ("one", "wide", "sharded", "long") else None
 
     async def _use(self, model_id: str) -> int | tuple[type, str]:
         try:
@@ -631,6 +633,50 @@ class LocalPrefetchMachine(RuleBasedStateMachine):
                 assert got == expected[model_id], (model_id, got, expected[model_id])
                 assert isinstance(got, int)
                 self.loaded[model_id] = got
+
+    @rule(kind=st.sampled_from(KINDS))
+    def prefetch_while_earlier_loads_finish(self, kind: str) -> None:
+        """A prefetch of every id, two loads in flight, whose third fresh id is rewritten while
+        the prefetch waits for its first load: that id's load starts after the write, so it
+        serves the new version (or fails as use() would), as a use() started then would."""
+        fresh = [m for m in ("p", "q", "r", "s") if m not in self.loaded]
+        if len(fresh) < 3:
+            return
+        last = fresh[2]
+        cache: Any = self.cache
+        real_wait = cache._prefetch_wait
+        rewritten: list[str] = []
+
+        async def wait(entry: Any, *args: Any) -> None:
+            if not rewritten:
+                rewritten.append(entry.model_id)
+                self._write(last, kind)
+            await real_wait(entry, *args)
+
+        cache._prefetch_wait = wait
+        window = cache_module.PREFETCH_WINDOW
+        cache_module.PREFETCH_WINDOW = 2  # groups of one id: the last waits for room
+        raised: Exception | None = None
+        try:
+            self.portal.call(self.cache.prefetch, fresh)
+        except Exception as exc:
+            raised = exc
+        finally:
+            cache_module.PREFETCH_WINDOW = window
+            del cache._prefetch_wait
+        if not rewritten:
+            return  # every earlier id failed before a load started: nothing waited
+        failing = [m for m in fresh if self._expect(m) is None]
+        assert (raised is None) == (not failing), (raised, failing)
+        want = self._expect(last)
+        got = self.portal.call(self._use, last)
+        if want is None:
+            assert isinstance(got, tuple), got
+        else:
+            assert got == want, (last, got, want)
+        for model_id in fresh:  # loaded by this rule: at the version written now
+            if model_id in self.cache.resident():
+                self.loaded[model_id] = self.written[model_id][1] % 256
 
     @rule(model_id=LOCAL_IDS)
     def use(self, model_id: str) -> None:

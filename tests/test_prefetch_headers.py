@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import load, save, save_file
 
+import modelcache._cache as cache_module
 import modelcache._lower as lower
 import modelcache._store as store_module
 from modelcache import ModelCache, ModelInfo
@@ -46,6 +48,10 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
 def _write(root: Path, model_id: str, data: bytes, name: str = "model.safetensors") -> None:
     (root / model_id).mkdir(exist_ok=True)
     (root / model_id / name).write_bytes(data)
+
+
+def _weights(data: bytes) -> torch.Tensor:
+    return load(data)["w"]
 
 
 def _cache(root: Path, **kwargs: Any) -> ModelCache:
@@ -272,8 +278,8 @@ async def test_a_prefetched_model_that_needs_side_files_reads_them_after_the_bat
 async def test_a_prefetch_cancelled_while_it_reads_headers_leaves_nothing(
     tmp_path: Path,
 ) -> None:
-    """No entry, reservation or task exists while the batched header read waits: a prefetch
-    cancelled then leaves nothing behind, and its read's results are dropped."""
+    """No entry or reservation exists while the batched header read waits, only its own task:
+    a prefetch cancelled then leaves nothing behind once it ends, its results dropped."""
     for model_id in ("a", "b"):
         _write(tmp_path, model_id, model_bytes(8))
     async with _cache(tmp_path) as cache:
@@ -283,7 +289,7 @@ async def test_a_prefetch_cancelled_while_it_reads_headers_leaves_nothing(
                 tg.start_soon(cache.prefetch, ["a", "b"])
                 await anyio.wait_all_tasks_blocked()
                 stats = cache.stats()
-                assert (stats.loading, stats.models, stats.background) == (0, 0, 0)
+                assert (stats.loading, stats.models, stats.background) == (0, 0, 1)
                 scope.cancel()
         give_back()
         await cache.wait_idle()
@@ -294,3 +300,75 @@ async def test_a_prefetch_cancelled_while_it_reads_headers_leaves_nothing(
         check_invariants(cache)
         await cache.prefetch(["a", "b"])  # and a prefetch after it reads them as usual
         assert sorted(cache.resident()) == ["a", "b"]
+
+
+async def test_a_prefetch_reads_a_groups_headers_only_when_its_loads_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's headers are read once the window has room for its loads, not while earlier
+    loads finish: a model replaced by one of another size meanwhile loads at its new version,
+    as use() would, not a ModelChangedError from headers read before it was replaced."""
+    monkeypatch.setattr(cache_module, "PREFETCH_WINDOW", 2)  # groups of one id, two in flight
+    for i, nbytes in enumerate((10, 11, 12)):
+        _write(tmp_path, f"m{i}", model_bytes(nbytes, seed=i))
+    real_wait = _ModelCache._prefetch_wait
+
+    async def wait(self: _ModelCache, entry: Any, *args: Any) -> None:
+        if entry.model_id == "m0":  # m2 waits for room: a new version arrives meanwhile
+            _write(tmp_path, "m2", model_bytes(40, seed=9))
+        await real_wait(self, entry, *args)
+
+    monkeypatch.setattr(_ModelCache, "_prefetch_wait", wait)
+    async with _cache(tmp_path) as cache:
+        await cache.prefetch(["m0", "m1", "m2"])
+        async with cache.use("m2") as weights:
+            assert torch.equal(weights["w"], _weights(model_bytes(40, seed=9)))
+        assert cache.stats().loads == 3
+        assert cache.stats().load_failures == 0
+        check_invariants(cache)
+
+
+async def test_a_prefetch_cancelled_while_a_file_of_its_group_blocks_returns_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefetch cancelled while its group's header read blocks on one file (a FIFO with no
+    writer, a stalled mount) returns at once, as use()'s caller does; the read's task ends
+    with the read, and nothing is left."""
+    for model_id in ("slow", "a", "b"):
+        _write(tmp_path, model_id, model_bytes(8))
+    entered, release = threading.Event(), threading.Event()
+    real = store_module._read_head_local
+
+    def blocking(path: str, *args: Any) -> Any:
+        if "/slow/" in path:
+            entered.set()
+            release.wait()
+        return real(path, *args)
+
+    monkeypatch.setattr(store_module, "_read_head_local", blocking)
+    async with _cache(tmp_path) as cache:
+        ended = False
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def prefetch() -> None:
+                    nonlocal ended
+                    with anyio.CancelScope() as scope:
+                        prefetching.append(scope)
+                        await cache.prefetch(["slow", "a", "b"])
+                    ended = True
+
+                prefetching: list[anyio.CancelScope] = []
+                tg.start_soon(prefetch)
+                await anyio.to_thread.run_sync(entered.wait)
+                prefetching[0].cancel()
+                await anyio.wait_all_tasks_blocked()
+                returned = ended
+                release.set()
+        finally:
+            release.set()
+        assert returned  # it had waited for the blocked read, cancelled
+        await cache.wait_idle()
+        stats = cache.stats()
+        assert (stats.loading, stats.waiters, stats.bytes_reserved, stats.background) == (0,) * 4
+        check_invariants(cache)
