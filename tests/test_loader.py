@@ -460,6 +460,66 @@ async def test_scalar_and_empty_tensors_load(place: Place, zero_copy: bool) -> N
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("shift", [0, 8, 24])
+async def test_tensor_views_are_the_buffers_bytes_at_the_layouts_offsets_wherever_it_starts(
+    tmp_path: Path, shift: int
+) -> None:
+    """`tensor_views` of a buffer that starts ``shift`` bytes into its storage (an arena
+    block, a mapping's data section) views the bytes at ``base`` + each tensor's offset in
+    that buffer, not in its storage (one typed view per dtype, an ``as_strided`` per tensor:
+    its offsets count from the storage's start): every dtype, 0-dim and empty tensors; they
+    are views (a write to the buffer shows in them), not copies."""
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {
+        f"t{i}": random_tensor(getattr(torch, attr), shape, i)
+        for i, (attr, shape) in enumerate(
+            [
+                ("float32", (3, 5)),
+                ("int8", (7,)),
+                ("float16", (2, 2, 3)),
+                ("int64", ()),
+                ("bfloat16", (0, 4)),
+                ("uint8", (5,)),
+                ("float64", (4, 1)),
+            ]
+        )
+    }
+    write_model(place.directory(MODEL_ID), tensors)
+    info = await read_model_info(place.store(), MODEL_ID)
+    base = 16
+    backing = torch.zeros(shift + base + info.nbytes + 64, dtype=torch.uint8)
+    buffer = backing[shift : shift + base + info.nbytes]
+    for name, t in info.tensors.items():
+        raw = tensors[name].reshape(-1).view(torch.uint8)
+        buffer[base + t.offset : base + t.offset + t.nbytes] = raw
+    views = backend.tensor_views(buffer, info, base)
+    assert_same(views, tensors)
+    for name, t in info.tensors.items():
+        if t.nbytes:
+            assert views[name].data_ptr() == buffer.data_ptr() + base + t.offset, name
+            assert views[name].is_contiguous(), name
+    buffer[base + info.tensors["t1"].offset] = 0x7F
+    assert int(views["t1"][0]) == 0x7F
+
+
+@pytest.mark.asyncio
+async def test_tensor_views_of_a_buffer_off_its_dtypes_alignment_are_refused(
+    tmp_path: Path,
+) -> None:
+    """A tensor that would start off its item size in the buffer's storage (the buffer or the
+    base misaligned) gets no view rounded down to the item before (wrong bytes): torch
+    refuses the view, as one dtype view per tensor did."""
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    write_model(place.directory(MODEL_ID), {"w": random_tensor(torch.float32, (8,))})
+    info = await read_model_info(place.store(), MODEL_ID)
+    backing = torch.zeros(info.nbytes + 8, dtype=torch.uint8)
+    with pytest.raises(RuntimeError):
+        backend.tensor_views(backing[1 : 1 + info.nbytes], info)
+    with pytest.raises(RuntimeError):  # the buffer aligned, the base not
+        backend.tensor_views(backing[: 1 + info.nbytes], info, 1)
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copy"])
 async def test_model_without_tensors_loads_empty(place: Place, zero_copy: bool) -> None:
     """A file whose header holds no tensor loads as an empty mapping."""
