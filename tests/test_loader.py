@@ -1475,6 +1475,95 @@ def test_the_huge_fault_probe_finds_where_the_small_folios_end_to_within_2_mib(
     assert len(faulted) <= backend._PROBES + 12  # ~15 us a probe: a few, never a scan
 
 
+def test_the_huge_fault_probe_is_asked_again_only_where_a_files_last_answer_no_longer_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`_huge_from` keeps `_faults_map_huge`'s answer per file (device, inode, size, mtime):
+    the next mapping of that file checks the answer's own place in two probes (2 MiB mapped
+    whole there, not in the region before) instead of the full probe; where it no longer
+    holds the full probe runs again and its answer replaces the hint, and a file no longer
+    mapped 2 MiB at a time keeps none. Page tables told by a pagemap that reads present from
+    ``boundary`` on (None: nowhere)."""
+    size = 256 << 20
+    backing = torch.empty(size + backend._HUGE, dtype=torch.uint8)  # never touched
+    skip = -backing.data_ptr() % backend._HUGE
+    buffer = backing[skip : skip + size]
+    address = buffer.data_ptr()
+    boundary: list[int | None] = [12 << 20]
+    faulted: list[int] = []
+    full: list[int | None] = []
+    real_probe = backend._faults_map_huge
+
+    def populate_read(at: int, nbytes: int) -> bool:
+        faulted.append(at - address)
+        return True
+
+    def probe(buffer: torch.Tensor) -> int | None:
+        found = real_probe(buffer)
+        full.append(found)
+        return found
+
+    real_open, real_pread = os.open, os.pread
+    pagemaps: list[int] = []
+
+    def open_(path: str, flags: int, *args: Any) -> int:
+        fd = real_open(path, flags, *args)
+        if path == "/proc/self/pagemap":
+            pagemaps.append(fd)
+        return fd
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if fd not in pagemaps:
+            return real_pread(fd, n, offset)
+        at, edge = offset // 8 * PAGE - address, boundary[0]
+        present = edge is not None and at >= edge
+        return (b"\0" * 7 + (b"\x80" if present else b"\0")) * (n // 8)
+
+    monkeypatch.setattr(backend, "_HUGE_HINTS", {})
+    monkeypatch.setattr(backend, "_faults_map_huge", probe)
+    monkeypatch.setattr(backend, "_populate_read", populate_read)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pread", pread)
+    key, other = (1, 2, size, 3), (1, 4, size, 3)
+    assert backend._huge_from(buffer, key) == 12 << 20 and full == [12 << 20]
+    faulted.clear()
+    assert backend._huge_from(buffer, key) == 12 << 20 and full == [12 << 20]
+    assert sorted(faulted) == [10 << 20, 12 << 20]  # the hint's place and the region before
+    assert backend._huge_from(buffer, other) == 12 << 20 and len(full) == 2  # another file
+    boundary[0] = 4 << 20  # evicted and read again otherwise: the hint misses
+    assert backend._huge_from(buffer, key) == 4 << 20 and full[-1] == 4 << 20
+    assert backend._huge_from(buffer, key) == 4 << 20 and len(full) == 3
+    boundary[0] = None  # small folios everywhere: no hint kept
+    assert backend._huge_from(buffer, key) is None and full[-1] is None
+    assert key not in backend._HUGE_HINTS
+
+
+@pytest.mark.asyncio
+async def test_a_huge_fault_hint_that_is_wrong_costs_speed_never_an_unmapped_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zero_copy, file all in the page cache, with a hint (`_HUGE_HINTS`) whose place checks
+    out but whose file is in small folios past it: every page of the mapping is still mapped
+    when the load returns (the rest by MADV_POPULATE_READ, which maps small folios too), the
+    full probe is not run, and the weights are bit-exact and copy-on-write."""
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 19,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    content = path.read_bytes()  # all of it in the page cache
+    probed: list[torch.Tensor] = []
+    monkeypatch.setattr(backend, "_HUGE_HINTS", {backend._file_key(path.stat()): 2 << 20})
+    monkeypatch.setattr(backend, "_hint_holds", lambda buffer, huge_from: True)
+    monkeypatch.setattr(backend, "_faults_map_huge", probed.append)
+    weights = await load(place.store(), zero_copy=True)
+    buffer = weights.buffer
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    assert probed == []
+    assert_same(weights, tensors)
+    weights["w"].fill_(2.5)
+    assert path.read_bytes() == content
+
+
 # -- worker-thread calls per load (the thread_calls fixture: conftest) -------------------------------
 
 
