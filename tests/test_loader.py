@@ -1121,10 +1121,21 @@ async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_c
 async def test_a_mapped_model_not_in_the_page_cache_is_read_ahead_and_faulted_in_by_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """zero_copy, file evicted: it is asked to be read ahead whole (WILLNEED), several threads
-    fault its pages in over disjoint ranges that cover it (their faults wait on the disk
-    together), and every page is mapped when the load returns; bit-exact."""
+    """zero_copy, file evicted, a kernel that refuses MADV_HUGEPAGE: it is asked to be read
+    ahead whole (WILLNEED), several threads fault its pages in over disjoint ranges that cover
+    it (their faults wait on the disk together), and every page is mapped when the load
+    returns; bit-exact."""
     ranges, advice = _record_populate(monkeypatch)
+    real_madvise = backend._madvise
+    assert real_madvise is not None
+
+    def madvise(address: int, length: int, advice: int) -> int:
+        if advice == backend._MADV_HUGEPAGE:
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        return real_madvise(address, length, advice)
+
+    monkeypatch.setattr(backend, "_madvise", madvise)
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
     write_model(place.directory(MODEL_ID), tensors)
@@ -1134,6 +1145,39 @@ async def test_a_mapped_model_not_in_the_page_cache_is_read_ahead_and_faulted_in
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
     _assert_covers(ranges, buffer.numel())
     assert os.POSIX_FADV_WILLNEED in advice
+    assert_same(weights, tensors)
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_model_not_in_the_page_cache_is_advised_huge_pages_before_its_faults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zero_copy, file evicted: its whole mapping is advised MADV_HUGEPAGE before any page of
+    it is faulted in (what is read goes into 2 MiB folios from the first, so later warm loads
+    find no small-folio head), and no WILLNEED is asked (its window is read in small folios);
+    every page is mapped when the load returns; bit-exact."""
+    ranges, advice = _record_populate(monkeypatch)
+    assert backend._MADV_HUGEPAGE is not None
+    calls: list[tuple[int, int, int]] = []
+    real_madvise = backend._madvise
+    assert real_madvise is not None
+
+    def madvise(address: int, length: int, advice: int) -> int:
+        calls.append((address, length, advice))
+        return real_madvise(address, length, advice)
+
+    monkeypatch.setattr(backend, "_madvise", madvise)
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    _evict(tmp_path / MODEL_ID / "model.safetensors")
+    weights = await load(place.store(), zero_copy=True)
+    buffer = weights.buffer
+    assert calls[0] == (buffer.data_ptr(), buffer.numel(), backend._MADV_HUGEPAGE)
+    assert all(c[2] != backend._MADV_HUGEPAGE for c in calls[1:])
+    assert os.POSIX_FADV_WILLNEED not in advice
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    _assert_covers(ranges, buffer.numel())
     assert_same(weights, tensors)
 
 
