@@ -460,6 +460,66 @@ async def test_scalar_and_empty_tensors_load(place: Place, zero_copy: bool) -> N
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("shift", [0, 8, 24])
+async def test_tensor_views_are_the_buffers_bytes_at_the_layouts_offsets_wherever_it_starts(
+    tmp_path: Path, shift: int
+) -> None:
+    """`tensor_views` of a buffer that starts ``shift`` bytes into its storage (an arena
+    block, a mapping's data section) views the bytes at ``base`` + each tensor's offset in
+    that buffer, not in its storage (one typed view per dtype, an ``as_strided`` per tensor:
+    its offsets count from the storage's start): every dtype, 0-dim and empty tensors; they
+    are views (a write to the buffer shows in them), not copies."""
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {
+        f"t{i}": random_tensor(getattr(torch, attr), shape, i)
+        for i, (attr, shape) in enumerate(
+            [
+                ("float32", (3, 5)),
+                ("int8", (7,)),
+                ("float16", (2, 2, 3)),
+                ("int64", ()),
+                ("bfloat16", (0, 4)),
+                ("uint8", (5,)),
+                ("float64", (4, 1)),
+            ]
+        )
+    }
+    write_model(place.directory(MODEL_ID), tensors)
+    info = await read_model_info(place.store(), MODEL_ID)
+    base = 16
+    backing = torch.zeros(shift + base + info.nbytes + 64, dtype=torch.uint8)
+    buffer = backing[shift : shift + base + info.nbytes]
+    for name, t in info.tensors.items():
+        raw = tensors[name].reshape(-1).view(torch.uint8)
+        buffer[base + t.offset : base + t.offset + t.nbytes] = raw
+    views = backend.tensor_views(buffer, info, base)
+    assert_same(views, tensors)
+    for name, t in info.tensors.items():
+        if t.nbytes:
+            assert views[name].data_ptr() == buffer.data_ptr() + base + t.offset, name
+            assert views[name].is_contiguous(), name
+    buffer[base + info.tensors["t1"].offset] = 0x7F
+    assert int(views["t1"][0]) == 0x7F
+
+
+@pytest.mark.asyncio
+async def test_tensor_views_of_a_buffer_off_its_dtypes_alignment_are_refused(
+    tmp_path: Path,
+) -> None:
+    """A tensor that would start off its item size in the buffer's storage (the buffer or the
+    base misaligned) gets no view rounded down to the item before (wrong bytes): torch
+    refuses the view, as one dtype view per tensor did."""
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    write_model(place.directory(MODEL_ID), {"w": random_tensor(torch.float32, (8,))})
+    info = await read_model_info(place.store(), MODEL_ID)
+    backing = torch.zeros(info.nbytes + 8, dtype=torch.uint8)
+    with pytest.raises(RuntimeError):
+        backend.tensor_views(backing[1 : 1 + info.nbytes], info)
+    with pytest.raises(RuntimeError):  # the buffer aligned, the base not
+        backend.tensor_views(backing[: 1 + info.nbytes], info, 1)
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copy"])
 async def test_model_without_tensors_loads_empty(place: Place, zero_copy: bool) -> None:
     """A file whose header holds no tensor loads as an empty mapping."""
@@ -1061,10 +1121,21 @@ async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_c
 async def test_a_mapped_model_not_in_the_page_cache_is_read_ahead_and_faulted_in_by_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """zero_copy, file evicted: it is asked to be read ahead whole (WILLNEED), several threads
-    fault its pages in over disjoint ranges that cover it (their faults wait on the disk
-    together), and every page is mapped when the load returns; bit-exact."""
+    """zero_copy, file evicted, a kernel that refuses MADV_HUGEPAGE: it is asked to be read
+    ahead whole (WILLNEED), several threads fault its pages in over disjoint ranges that cover
+    it (their faults wait on the disk together), and every page is mapped when the load
+    returns; bit-exact."""
     ranges, advice = _record_populate(monkeypatch)
+    real_madvise = backend._madvise
+    assert real_madvise is not None
+
+    def madvise(address: int, length: int, advice: int) -> int:
+        if advice == backend._MADV_HUGEPAGE:
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        return real_madvise(address, length, advice)
+
+    monkeypatch.setattr(backend, "_madvise", madvise)
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
     write_model(place.directory(MODEL_ID), tensors)
@@ -1074,6 +1145,39 @@ async def test_a_mapped_model_not_in_the_page_cache_is_read_ahead_and_faulted_in
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
     _assert_covers(ranges, buffer.numel())
     assert os.POSIX_FADV_WILLNEED in advice
+    assert_same(weights, tensors)
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_model_not_in_the_page_cache_is_advised_huge_pages_before_its_faults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zero_copy, file evicted: its whole mapping is advised MADV_HUGEPAGE before any page of
+    it is faulted in (what is read goes into 2 MiB folios from the first, so later warm loads
+    find no small-folio head), and no WILLNEED is asked (its window is read in small folios);
+    every page is mapped when the load returns; bit-exact."""
+    ranges, advice = _record_populate(monkeypatch)
+    assert backend._MADV_HUGEPAGE is not None
+    calls: list[tuple[int, int, int]] = []
+    real_madvise = backend._madvise
+    assert real_madvise is not None
+
+    def madvise(address: int, length: int, advice: int) -> int:
+        calls.append((address, length, advice))
+        return real_madvise(address, length, advice)
+
+    monkeypatch.setattr(backend, "_madvise", madvise)
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    _evict(tmp_path / MODEL_ID / "model.safetensors")
+    weights = await load(place.store(), zero_copy=True)
+    buffer = weights.buffer
+    assert calls[0] == (buffer.data_ptr(), buffer.numel(), backend._MADV_HUGEPAGE)
+    assert all(c[2] != backend._MADV_HUGEPAGE for c in calls[1:])
+    assert os.POSIX_FADV_WILLNEED not in advice
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    _assert_covers(ranges, buffer.numel())
     assert_same(weights, tensors)
 
 
@@ -1413,6 +1517,95 @@ def test_the_huge_fault_probe_finds_where_the_small_folios_end_to_within_2_mib(
     assert backend._faults_map_huge(buffer) == boundary_mib << 20
     assert pagemaps
     assert len(faulted) <= backend._PROBES + 12  # ~15 us a probe: a few, never a scan
+
+
+def test_the_huge_fault_probe_is_asked_again_only_where_a_files_last_answer_no_longer_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`_huge_from` keeps `_faults_map_huge`'s answer per file (device, inode, size, mtime):
+    the next mapping of that file checks the answer's own place in two probes (2 MiB mapped
+    whole there, not in the region before) instead of the full probe; where it no longer
+    holds the full probe runs again and its answer replaces the hint, and a file no longer
+    mapped 2 MiB at a time keeps none. Page tables told by a pagemap that reads present from
+    ``boundary`` on (None: nowhere)."""
+    size = 256 << 20
+    backing = torch.empty(size + backend._HUGE, dtype=torch.uint8)  # never touched
+    skip = -backing.data_ptr() % backend._HUGE
+    buffer = backing[skip : skip + size]
+    address = buffer.data_ptr()
+    boundary: list[int | None] = [12 << 20]
+    faulted: list[int] = []
+    full: list[int | None] = []
+    real_probe = backend._faults_map_huge
+
+    def populate_read(at: int, nbytes: int) -> bool:
+        faulted.append(at - address)
+        return True
+
+    def probe(buffer: torch.Tensor) -> int | None:
+        found = real_probe(buffer)
+        full.append(found)
+        return found
+
+    real_open, real_pread = os.open, os.pread
+    pagemaps: list[int] = []
+
+    def open_(path: str, flags: int, *args: Any) -> int:
+        fd = real_open(path, flags, *args)
+        if path == "/proc/self/pagemap":
+            pagemaps.append(fd)
+        return fd
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if fd not in pagemaps:
+            return real_pread(fd, n, offset)
+        at, edge = offset // 8 * PAGE - address, boundary[0]
+        present = edge is not None and at >= edge
+        return (b"\0" * 7 + (b"\x80" if present else b"\0")) * (n // 8)
+
+    monkeypatch.setattr(backend, "_HUGE_HINTS", {})
+    monkeypatch.setattr(backend, "_faults_map_huge", probe)
+    monkeypatch.setattr(backend, "_populate_read", populate_read)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pread", pread)
+    key, other = (1, 2, size, 3), (1, 4, size, 3)
+    assert backend._huge_from(buffer, key) == 12 << 20 and full == [12 << 20]
+    faulted.clear()
+    assert backend._huge_from(buffer, key) == 12 << 20 and full == [12 << 20]
+    assert sorted(faulted) == [10 << 20, 12 << 20]  # the hint's place and the region before
+    assert backend._huge_from(buffer, other) == 12 << 20 and len(full) == 2  # another file
+    boundary[0] = 4 << 20  # evicted and read again otherwise: the hint misses
+    assert backend._huge_from(buffer, key) == 4 << 20 and full[-1] == 4 << 20
+    assert backend._huge_from(buffer, key) == 4 << 20 and len(full) == 3
+    boundary[0] = None  # small folios everywhere: no hint kept
+    assert backend._huge_from(buffer, key) is None and full[-1] is None
+    assert key not in backend._HUGE_HINTS
+
+
+@pytest.mark.asyncio
+async def test_a_huge_fault_hint_that_is_wrong_costs_speed_never_an_unmapped_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zero_copy, file all in the page cache, with a hint (`_HUGE_HINTS`) whose place checks
+    out but whose file is in small folios past it: every page of the mapping is still mapped
+    when the load returns (the rest by MADV_POPULATE_READ, which maps small folios too), the
+    full probe is not run, and the weights are bit-exact and copy-on-write."""
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 19,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    content = path.read_bytes()  # all of it in the page cache
+    probed: list[torch.Tensor] = []
+    monkeypatch.setattr(backend, "_HUGE_HINTS", {backend._file_key(path.stat()): 2 << 20})
+    monkeypatch.setattr(backend, "_hint_holds", lambda buffer, huge_from: True)
+    monkeypatch.setattr(backend, "_faults_map_huge", probed.append)
+    weights = await load(place.store(), zero_copy=True)
+    buffer = weights.buffer
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    assert probed == []
+    assert_same(weights, tensors)
+    weights["w"].fill_(2.5)
+    assert path.read_bytes() == content
 
 
 # -- worker-thread calls per load (the thread_calls fixture: conftest) -------------------------------
