@@ -499,8 +499,10 @@ def _huge_from(buffer: torch.Tensor, key: tuple[int, ...]) -> int | None:
     if found is None:
         _HUGE_HINTS.pop(key, None)
         return None
-    if len(_HUGE_HINTS) >= _HINTS_KEPT:  # the oldest goes (threads may race: pop, not del)
-        _HUGE_HINTS.pop(next(iter(_HUGE_HINTS), key), None)
+    if len(_HUGE_HINTS) >= _HINTS_KEPT:
+        # All go at once, in one step: finding the oldest iterates the table, which raises
+        # (RuntimeError) where another worker thread's load inserts its file's hint meanwhile.
+        _HUGE_HINTS.clear()
     _HUGE_HINTS[key] = found
     return found
 

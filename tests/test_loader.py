@@ -1582,6 +1582,31 @@ def test_the_huge_fault_probe_is_asked_again_only_where_a_files_last_answer_no_l
     assert key not in backend._HUGE_HINTS
 
 
+def test_the_huge_fault_hint_table_stays_bounded_while_other_threads_insert(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`_huge_from` keeps at most `_HINTS_KEPT` hints, and making room never fails where
+    another worker thread's load inserts its own file's hint at any step of it (at each call
+    into C, where the interpreter may switch threads: here, an insertion in this thread)."""
+    buffer = torch.empty(0, dtype=torch.uint8)
+    table: dict[tuple[int, ...], int] = {(0, i, 0, 0): 0 for i in range(backend._HINTS_KEPT)}
+    monkeypatch.setattr(backend, "_HUGE_HINTS", table)
+    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: 0)
+    inserted = itertools.count()
+
+    def other_thread_inserts(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and frame.f_code is backend._huge_from.__code__:
+            table[(1, next(inserted), 0, 0)] = 0
+
+    sys.setprofile(other_thread_inserts)
+    try:
+        for i in range(3 * backend._HINTS_KEPT):
+            assert backend._huge_from(buffer, (2, i, 0, 0)) == 0
+    finally:
+        sys.setprofile(None)
+    assert next(inserted) > 0 and len(table) <= backend._HINTS_KEPT + 4
+
+
 @pytest.mark.asyncio
 async def test_a_huge_fault_hint_that_is_wrong_costs_speed_never_an_unmapped_page(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
