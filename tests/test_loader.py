@@ -15,7 +15,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -1475,28 +1475,27 @@ def test_the_huge_fault_probe_says_yes_only_where_the_kernel_maps_2_mib_entries(
     assert not says or huge >= size // 2, (says, huge)
 
 
-@pytest.mark.parametrize("boundary_mib", [0, 2, 6, 40, 62, 64])
-def test_the_huge_fault_probe_finds_where_the_small_folios_end_to_within_2_mib(
-    monkeypatch: pytest.MonkeyPatch, boundary_mib: int
-) -> None:
-    """`_faults_map_huge` returns the first 2 MiB region from which faults map 2 MiB entries,
-    not the next power of two above it: the head before it is read a byte a page, so every
-    MiB of overshoot is paid in reads (a sequential read's small folios end at ~40 MiB, the
-    doubling alone said 64). The page tables are told by a pagemap that reads present from
-    ``boundary_mib`` on."""
-    size = 1 << 30
-    backing = torch.empty(size + backend._HUGE, dtype=torch.uint8)  # never touched
+def _untouched_huge_aligned(size: int) -> torch.Tensor:
+    """``size`` bytes starting on a 2 MiB boundary, never touched (no page of it mapped)."""
+    backing = torch.empty(size + backend._HUGE, dtype=torch.uint8)
     skip = -backing.data_ptr() % backend._HUGE
-    buffer = backing[skip : skip + size]
+    return backing[skip : skip + size]
+
+
+def _fake_page_tables(
+    monkeypatch: pytest.MonkeyPatch, buffer: torch.Tensor, present_from: Callable[[], int | None]
+) -> tuple[list[int], list[int]]:
+    """Show `_torch` page tables of ``buffer`` through a pagemap that reads present at offsets
+    from ``present_from()`` on (None: nowhere), and take its MADV_POPULATE_READ calls: returns
+    the offsets it asked to fault, and the descriptors of the pagemaps it opened."""
     address = buffer.data_ptr()
     faulted: list[int] = []
+    pagemaps: list[int] = []
+    real_open, real_pread = os.open, os.pread
 
     def populate_read(at: int, nbytes: int) -> bool:
         faulted.append(at - address)
         return True
-
-    real_open, real_pread = os.open, os.pread
-    pagemaps: list[int] = []
 
     def open_(path: str, flags: int, *args: Any) -> int:
         fd = real_open(path, flags, *args)
@@ -1507,13 +1506,27 @@ def test_the_huge_fault_probe_finds_where_the_small_folios_end_to_within_2_mib(
     def pread(fd: int, n: int, offset: int) -> bytes:
         if fd not in pagemaps:
             return real_pread(fd, n, offset)
-        at = offset // 8 * PAGE - address
-        present = at >= boundary_mib << 20
+        at, edge = offset // 8 * PAGE - address, present_from()
+        present = edge is not None and at >= edge
         return (b"\0" * 7 + (b"\x80" if present else b"\0")) * (n // 8)
 
     monkeypatch.setattr(backend, "_populate_read", populate_read)
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(os, "pread", pread)
+    return faulted, pagemaps
+
+
+@pytest.mark.parametrize("boundary_mib", [0, 2, 6, 40, 62, 64])
+def test_the_huge_fault_probe_finds_where_the_small_folios_end_to_within_2_mib(
+    monkeypatch: pytest.MonkeyPatch, boundary_mib: int
+) -> None:
+    """`_faults_map_huge` returns the first 2 MiB region from which faults map 2 MiB entries,
+    not the next power of two above it: the head before it is read a byte a page, so every
+    MiB of overshoot is paid in reads (a sequential read's small folios end at ~40 MiB, the
+    doubling alone said 64). The page tables are told by a pagemap that reads present from
+    ``boundary_mib`` on."""
+    buffer = _untouched_huge_aligned(1 << 30)
+    faulted, pagemaps = _fake_page_tables(monkeypatch, buffer, lambda: boundary_mib << 20)
     assert backend._faults_map_huge(buffer) == boundary_mib << 20
     assert pagemaps
     assert len(faulted) <= backend._PROBES + 12  # ~15 us a probe: a few, never a scan
@@ -1529,45 +1542,19 @@ def test_the_huge_fault_probe_is_asked_again_only_where_a_files_last_answer_no_l
     mapped 2 MiB at a time keeps none. Page tables told by a pagemap that reads present from
     ``boundary`` on (None: nowhere)."""
     size = 256 << 20
-    backing = torch.empty(size + backend._HUGE, dtype=torch.uint8)  # never touched
-    skip = -backing.data_ptr() % backend._HUGE
-    buffer = backing[skip : skip + size]
-    address = buffer.data_ptr()
+    buffer = _untouched_huge_aligned(size)
     boundary: list[int | None] = [12 << 20]
-    faulted: list[int] = []
+    faulted, _ = _fake_page_tables(monkeypatch, buffer, lambda: boundary[0])
     full: list[int | None] = []
     real_probe = backend._faults_map_huge
-
-    def populate_read(at: int, nbytes: int) -> bool:
-        faulted.append(at - address)
-        return True
 
     def probe(buffer: torch.Tensor) -> int | None:
         found = real_probe(buffer)
         full.append(found)
         return found
 
-    real_open, real_pread = os.open, os.pread
-    pagemaps: list[int] = []
-
-    def open_(path: str, flags: int, *args: Any) -> int:
-        fd = real_open(path, flags, *args)
-        if path == "/proc/self/pagemap":
-            pagemaps.append(fd)
-        return fd
-
-    def pread(fd: int, n: int, offset: int) -> bytes:
-        if fd not in pagemaps:
-            return real_pread(fd, n, offset)
-        at, edge = offset // 8 * PAGE - address, boundary[0]
-        present = edge is not None and at >= edge
-        return (b"\0" * 7 + (b"\x80" if present else b"\0")) * (n // 8)
-
     monkeypatch.setattr(backend, "_HUGE_HINTS", {})
     monkeypatch.setattr(backend, "_faults_map_huge", probe)
-    monkeypatch.setattr(backend, "_populate_read", populate_read)
-    monkeypatch.setattr(os, "open", open_)
-    monkeypatch.setattr(os, "pread", pread)
     key, other = (1, 2, size, 3), (1, 4, size, 3)
     assert backend._huge_from(buffer, key) == 12 << 20 and full == [12 << 20]
     faulted.clear()
