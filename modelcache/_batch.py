@@ -9,8 +9,8 @@ every small read asked for while one batch is out in the next batch: one thread 
 Invariants:
 
 * At most ``lanes`` batches of a `SmallReads` are out at a time (4 by default; each holds one
-  token of the store's limiter while in its thread): a read that blocks (a stalled mount, a FIFO
-  with no writer) holds one lane, and the reads asked for after it go in the others, as loads
+  token of the store's limiter while in its thread): a read that blocks (a stalled mount; a FIFO
+  opens non-blocking, `_store.OPEN_FILE`) holds one lane, and the reads asked for after it go in the others, as loads
   did when each header read took one of the load slots. A batch takes every read queued when it
   starts, oldest first, up to `MAX_BATCH`.
 * No task of its own: a batch is driven by the task of one of its callers. A caller that finds a

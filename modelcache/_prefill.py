@@ -24,7 +24,7 @@ Invariants:
   drops its results.
 * The read runs in a task of the cache's (`read_infos_apart`), not the prefetch's: a batch's
   driver waits for its thread call even when cancelled (`_batch`), and a prefetch cancelled
-  while a file of its group blocks (a FIFO with no writer, a stalled mount) waited with it
+  while a file of its group blocks (a stalled mount) waited with it
   where use()'s caller, whose load drives its read, leaves at once (break7).
 """
 

@@ -45,7 +45,7 @@ from ._concurrency import gather
 from ._exceptions import ModelFormatError, ModelNotFoundError, ModelTooLargeError
 from ._firstget import read_small_file
 from ._format import INDEX_NAME, SINGLE_NAME, ModelInfo
-from ._store import Store, opening_with
+from ._store import OPEN_FILE, Store, opening_with
 from ._units import format_bytes
 from ._versions import ModelVersion, reading
 
@@ -73,7 +73,7 @@ _GLOB = frozenset("*?[")
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # One path component at a time, never through a link (`_open_within` resolves those itself).
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
-_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC
+_OPEN_READ = OPEN_FILE | os.O_NOFOLLOW  # a FIFO opens at once, reads empty (`_store`)
 
 
 def _is_glob(pattern: str) -> bool:
@@ -215,7 +215,7 @@ def _open_within(root: str, model_id: str, url: str, path: str) -> int:
     if name == CONFIG_NAME:
         # Read as the weights are (a link followed, as before side files): the containment
         # rule is the side files', whose names a class or a listing chooses.
-        return os.open(path, os.O_RDONLY | _CLOEXEC)
+        return os.open(path, OPEN_FILE)
     pending = name.split(os.sep)
     if not _safe_relative(name.replace(os.sep, "/")):
         raise _escape(model_id, url, name)

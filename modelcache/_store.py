@@ -106,7 +106,10 @@ _LOCAL_PROTOCOLS = frozenset(("file", "local"))  # LocalFileSystem.protocol
 #: Local URLs of absolute POSIX paths, whose path `Store.local_path` cuts out directly.
 _ABSOLUTE_LOCAL = ("file:///", "local:///")
 _POSIX = os.sep == "/"
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+#: How model files are opened. ``O_NONBLOCK``: a FIFO in a model's place (no writer) opens at
+#: once and reads empty, a short file, where a blocking open held its worker thread for good,
+#: and close() with it (it waits for the cache's threads); regular files ignore the flag.
+OPEN_FILE = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 # Keys of fsspec `info` dicts that carry a version tag or checksum (s3fs/http, gcsfs, ...).
 _ETAG_KEYS = ("ETag", "etag", "md5Hash", "Content-MD5", "crc32c", "checksum")
 _jitter = random.Random()
@@ -188,7 +191,7 @@ def opening_with(store: Store, opener: Callable[[str], int]) -> Iterator[None]:
 
 
 def _open_plain(path: str) -> int:
-    return os.open(path, _OPEN_FLAGS)
+    return os.open(path, OPEN_FILE)
 
 
 def _stat_local(path: str, opener: Callable[[str], int]) -> os.stat_result:

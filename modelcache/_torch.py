@@ -61,7 +61,7 @@ from ._hugepages import huge_pages_advised
 from ._loader import fill_buffer
 from ._pool import BufferPool
 from ._staging import Completion, CompletionWaiter, CopyHandle, StagingPool
-from ._store import Store
+from ._store import OPEN_FILE, Store
 from ._versions import local_tag, reading, see
 
 __all__ = [
@@ -415,7 +415,7 @@ def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
     open, which capped resident models at the open-file limit).
     """
     shard = info.shards[0]
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, OPEN_FILE)  # a FIFO put in its place meanwhile: no blocking open
     try:
         st = os.fstat(fd)
         size = st.st_size

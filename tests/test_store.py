@@ -6,6 +6,7 @@ import errno
 import functools
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -789,3 +790,44 @@ async def test_aclose_closes_sessions_once(memory_root: str) -> None:
     assert fs._session is None
     assert await store.read_range(url, 1, 3, model_id="m1") == b"bc"
     await store.aclose()
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+async def test_a_fifo_in_a_models_place_fails_its_load_and_never_holds_a_thread(
+    tmp_path: Path, zero_copy: bool
+) -> None:
+    """A FIFO (no writer) where a model's weights file should be fails the load with a typed
+    error at once, and the cache closes: a blocking open held its worker thread until a writer
+    came, and close() waits for the cache's threads. (Bounded: after 10 s a timer thread opens
+    the FIFO's other end, which frees a blocked open, and the test fails instead of hanging.)"""
+    from modelcache import ModelCache, ModelCacheError
+
+    (tmp_path / "m").mkdir()
+    fifo = tmp_path / "m" / "model.safetensors"
+    os.mkfifo(fifo)
+    released = threading.Event()
+
+    def release_a_blocked_open() -> None:
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody has it open for reading
+            return
+        released.set()
+        os.close(writer)  # the reader then sees the end of the file
+
+    timer = threading.Timer(10, release_a_blocked_open)
+    timer.start()
+    outcome: list[str] = []
+    try:
+        async with ModelCache(
+            f"file://{tmp_path}/{{model_id}}", device_budget=1 << 20, zero_copy=zero_copy
+        ) as cache:
+            try:
+                async with cache.use("m"):
+                    outcome.append("served")
+            except ModelCacheError as exc:
+                outcome.append(type(exc).__name__)
+    finally:
+        timer.cancel()
+    assert not released.is_set()
+    assert outcome and outcome != ["served"], outcome
