@@ -582,12 +582,9 @@ class ModelCache:
         try:
             for model_id in model_ids:
                 key = (builder, model_id)
-                if key in self._entries:
-                    others.append(key)
+                if not self._prefetch_may_start(key, errors, others):
                     continue
                 try:
-                    self._check_open()  # closed meanwhile: no load starts, the rest is waited for
-                    self._failures.raise_recent(builder, model_id)
                     url = self._store.model_url(model_id)
                 except Exception as exc:
                     _keep_first(errors, exc)
@@ -603,6 +600,22 @@ class ModelCache:
             for entry in joined:  # cancelled (or the cache closed): these are not waited for
                 self._device.leave(entry)
         return errors, others
+
+    def _prefetch_may_start(self, key: Key, errors: list[Exception], others: list[Key]) -> bool:
+        """Whether a prefetch may start ``key``'s load now: not when it has an entry (a load or
+        a model: left to `_acquire`, in ``others``), nor when the cache is closed (no load
+        starts, the rest is waited for) or the id failed recently (the error kept in
+        ``errors``)."""
+        if key in self._entries:
+            others.append(key)
+            return False
+        try:
+            self._check_open()
+            self._failures.raise_recent(*key)
+        except Exception as exc:
+            _keep_first(errors, exc)
+            return False
+        return True
 
     async def _prefetch_start(
         self,
@@ -639,14 +652,7 @@ class ModelCache:
         for (key, url), info in zip(fresh, infos, strict=True):
             while len(joined) >= PREFETCH_WINDOW:
                 await self._prefetch_wait(joined.popleft(), errors, others)
-            if key in self._entries:  # a use() started its load meanwhile
-                others.append(key)
-                continue
-            try:
-                self._check_open()
-                self._failures.raise_recent(*key)
-            except Exception as exc:
-                _keep_first(errors, exc)
+            if not self._prefetch_may_start(key, errors, others):  # checked again: time passed
                 continue
             entry = self._start_load(key, url, info)
             self._device.join(entry)
