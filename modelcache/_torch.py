@@ -44,7 +44,7 @@ import os
 import threading
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -358,6 +358,7 @@ def tensor_views(buffer: torch.Tensor, info: ModelInfo, base: int = 0) -> dict[s
     return tensors
 
 
+_T = TypeVar("_T")
 _UNSET: Any = object()
 
 
@@ -515,18 +516,29 @@ def _hint_holds(buffer: torch.Tensor, huge_from: int) -> bool:
     region = huge_from // _HUGE
     if address % _HUGE or huge_from % _HUGE or region >= size // _HUGE:
         return False
+    return _asking_pagemap(
+        lambda fd: (
+            _maps_whole(fd, address, region)
+            and (region == 0 or not _maps_whole(fd, address, region - 1))
+        ),
+        False,
+    )
+
+
+def _asking_pagemap(ask: Callable[[int], _T], otherwise: _T) -> _T:
+    """``ask(fd)`` of /proc/self/pagemap open at ``fd``; ``otherwise`` where it cannot be
+    opened or read, but OSError(EFAULT) raised: a page of the file past its end (cut short
+    meanwhile), which fails the load (`_populate_read`)."""
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        return False
+        return otherwise
     try:
-        return _maps_whole(fd, address, region) and (
-            region == 0 or not _maps_whole(fd, address, region - 1)
-        )
+        return ask(fd)
     except OSError as exc:
         if exc.errno == errno.EFAULT:
             raise
-        return False
+        return otherwise
     finally:
         os.close(fd)
 
@@ -562,37 +574,32 @@ def _faults_map_huge(buffer: torch.Tensor) -> int | None:
     regions = size // _HUGE
     if regions == 0 or address % _HUGE:
         return None
-    try:
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
+    return _asking_pagemap(partial(_huge_from_probes, address=address, regions=regions), None)
+
+
+def _huge_from_probes(fd: int, *, address: int, regions: int) -> int | None:
+    """`_faults_map_huge`'s probes of the mapping at ``address`` (``regions`` 2 MiB regions),
+    through /proc/self/pagemap open at ``fd``."""
 
     def whole(region: int) -> bool:
         return _maps_whole(fd, address, region)
 
     places = sorted({(2 * i + 1) * regions // (2 * _PROBES) for i in range(_PROBES)})
-    try:
-        misses = sum(not whole(n) for n in places)
-        if misses * _PROBES > len(places):  # 1 miss in 8; none in fewer
-            return None
-        region, below = 0, -1  # ``below``: the last place found not mapped whole
-        while region < places[0] and not whole(region):
-            below, region = region, max(1, 2 * region)
-        region = min(region, places[0])
-        # Then bisect between the last miss and the first hit. The doubling alone stopped
-        # at 64 MiB where a sequential read's small folios end at ~40 (1 GiB file, 8 MiB
-        # readahead window): the head's byte reads cost ~140 ns a page, MADV_POPULATE_READ
-        # ~0 on 2 MiB entries, so each MiB the head overshoots costs ~36 us, a probe ~15 us.
-        while region - below > 1:
-            middle = (below + region) // 2
-            below, region = (below, middle) if whole(middle) else (middle, region)
-        return region * _HUGE
-    except OSError as exc:
-        if exc.errno == errno.EFAULT:
-            raise
+    misses = sum(not whole(n) for n in places)
+    if misses * _PROBES > len(places):  # 1 miss in 8; none in fewer
         return None
-    finally:
-        os.close(fd)
+    region, below = 0, -1  # ``below``: the last place found not mapped whole
+    while region < places[0] and not whole(region):
+        below, region = region, max(1, 2 * region)
+    region = min(region, places[0])
+    # Then bisect between the last miss and the first hit. The doubling alone stopped
+    # at 64 MiB where a sequential read's small folios end at ~40 (1 GiB file, 8 MiB
+    # readahead window): the head's byte reads cost ~140 ns a page, MADV_POPULATE_READ
+    # ~0 on 2 MiB entries, so each MiB the head overshoots costs ~36 us, a probe ~15 us.
+    while region - below > 1:
+        middle = (below + region) // 2
+        below, region = (below, middle) if whole(middle) else (middle, region)
+    return region * _HUGE
 
 
 def _populate_read(address: int, nbytes: int) -> bool:
