@@ -1117,6 +1117,16 @@ async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_c
     assert path.read_bytes() == content
 
 
+async def _load_evicted_zero_copy(tmp_path: Path) -> tuple[Weights, dict[str, torch.Tensor]]:
+    """A 3 MiB model written under ``tmp_path``, evicted from the page cache, then loaded
+    zero-copy: its weights, and the tensors it was written from."""
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    _evict(tmp_path / MODEL_ID / "model.safetensors")
+    return await load(place.store(), zero_copy=True), tensors
+
+
 @pytest.mark.asyncio
 async def test_a_mapped_model_not_in_the_page_cache_is_read_ahead_and_faulted_in_by_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -1136,11 +1146,7 @@ async def test_a_mapped_model_not_in_the_page_cache_is_read_ahead_and_faulted_in
         return real_madvise(address, length, advice)
 
     monkeypatch.setattr(backend, "_madvise", madvise)
-    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
-    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
-    write_model(place.directory(MODEL_ID), tensors)
-    _evict(tmp_path / MODEL_ID / "model.safetensors")
-    weights = await load(place.store(), zero_copy=True)
+    weights, tensors = await _load_evicted_zero_copy(tmp_path)
     buffer = weights.buffer
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
     _assert_covers(ranges, buffer.numel())
@@ -1167,11 +1173,7 @@ async def test_a_mapped_model_not_in_the_page_cache_is_advised_huge_pages_before
         return real_madvise(address, length, advice)
 
     monkeypatch.setattr(backend, "_madvise", madvise)
-    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
-    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
-    write_model(place.directory(MODEL_ID), tensors)
-    _evict(tmp_path / MODEL_ID / "model.safetensors")
-    weights = await load(place.store(), zero_copy=True)
+    weights, tensors = await _load_evicted_zero_copy(tmp_path)
     buffer = weights.buffer
     assert calls[0] == (buffer.data_ptr(), buffer.numel(), backend._MADV_HUGEPAGE)
     assert all(c[2] != backend._MADV_HUGEPAGE for c in calls[1:])
