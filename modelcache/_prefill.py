@@ -17,8 +17,8 @@ Invariants:
   errors, versions and stats are the per-load path's own.
 * The description is the per-load path's: the same functions (`header_length`,
   `_parse_shard`, `layout_model`), the same names and URLs, and the version of the bytes read
-  (the tags before and after the read, as `Store.read_head` records them in a load's
-  `reading` scope), so the load's weight reads are pinned to them as usual.
+  (the tags before and after the read, the version a load's `reading` scope records from
+  them), so the load's weight reads are pinned to them as usual.
 * No entry or reservation exists while the read runs: a prefetch cancelled during it leaves
   nothing behind but the read's own task (`read_infos_apart`), which ends with the read and
   drops its results.
@@ -46,7 +46,7 @@ from ._device import DeviceEntry
 from ._format import SINGLE_NAME, ModelInfo, header_length, layout_model
 from ._loader import _LAYOUT_ON_LOOP, _PARSE_ON_LOOP, _PREFIX, _parse_shard
 from ._store import Store
-from ._versions import ModelVersion, reading, see
+from ._versions import ModelVersion
 
 __all__ = ["load_in_turn", "read_infos", "read_infos_apart"]
 
@@ -130,19 +130,21 @@ def _describe(
     """`read_model_info`'s single-file description from ``head`` (`Store.read_heads`), or None
     where that would read more, work off the loop, or raise (the load's own read then does)."""
     size, prefix, before, after = head
+    # What a `reading` scope's two `see` calls would record, without the scope (its objects
+    # were a part of each prefetched load): the file changed during the read -> None.
+    tag = before if before is not None else after
+    if after is not None and after != tag:
+        return None
     try:
-        with reading() as tags:
-            see(file, before, model_id)
-            see(file, after, model_id)
-            length = header_length(prefix, size, model_id=model_id, url=file)
-            end = 8 + length
-            if len(prefix) < end or length > _PARSE_ON_LOOP:
-                return None
-            name = file if file == url else SINGLE_NAME
-            shard = _parse_shard(prefix, end, b"", size, name, model_id, file)
-            if len(shard.tensors) > _LAYOUT_ON_LOOP:
-                return None
-            version = ModelVersion.of(tags) if tags else None
+        length = header_length(prefix, size, model_id=model_id, url=file)
+        end = 8 + length
+        if len(prefix) < end or length > _PARSE_ON_LOOP:
+            return None
+        name = file if file == url else SINGLE_NAME
+        shard = _parse_shard(prefix, end, b"", size, name, model_id, file)
+        if len(shard.tensors) > _LAYOUT_ON_LOOP:
+            return None
+        version = None if tag is None else ModelVersion(((file, tag),))
         return layout_model(model_id, url, [shard], version=version)
     except Exception:
         return None
