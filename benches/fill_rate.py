@@ -7,7 +7,9 @@ its share of the ids. Reported: loads/s and µs per load (wall), CPU µs per loa
 of the process), and, in a second fill of as many fresh ids, worker-thread calls
 (``anyio.to_thread.run_sync``) and asyncio tasks created per load (counting adds a little to
 each). Then the same fill through one ``cache.prefetch(ids)`` call (``prefetch_*``: its loads
-start from the caller's task, ``PREFETCH_WINDOW`` at a time). ``--profile`` prints a cProfile
+start from the caller's task, ``PREFETCH_WINDOW`` at a time, a group's headers read in one
+worker call and its loads run in lanes; its worker calls and tasks per load counted in a
+fourth fill). ``--profile`` prints a cProfile
 of the timed use() fill, by own time and by cumulative time; ``--profile-prefetch`` the same of
 the prefetch fill.
 
@@ -133,6 +135,8 @@ async def measure(
     anyio.to_thread.run_sync = counting  # type: ignore[assignment]
     try:
         await fill(path, "c", n, None)
+        used = dict(counts)
+        await fill(path, "d", n, None, prefetch=True)  # the same counts of a prefetch fill
     finally:
         anyio.to_thread.run_sync = real
         loop.set_task_factory(None)
@@ -142,9 +146,11 @@ async def measure(
         "fill_cpu_us_per_load": timed["cpu_us_per_load"],
         "gc_us_per_load": timed["gc_us_per_load"],
         "gc_full_passes": timed["gc_full_passes"],
-        "thread_calls_per_load": counts["threads"] / n,
-        "tasks_per_load": counts["tasks"] / n,
+        "thread_calls_per_load": used["threads"] / n,
+        "tasks_per_load": used["tasks"] / n,
         **{f"prefetch_{key}": value for key, value in batched.items()},
+        "prefetch_thread_calls_per_load": (counts["threads"] - used["threads"]) / n,
+        "prefetch_tasks_per_load": (counts["tasks"] - used["tasks"]) / n,
     }
 
 

@@ -60,7 +60,7 @@ from ._lower import HostDiskTiers
 from ._observe import CacheObserver, Observers
 from ._policy import CostAwarePolicy, EvictionPolicy, policy_below
 from ._pool import pool_of
-from ._prefill import read_infos_apart
+from ._prefill import load_in_turn, read_infos_apart
 from ._refresh import DEFAULT_REVALIDATE_AFTER, Revalidator
 from ._refresh import _clock as _revalidation_clock
 from ._sidefiles import covers
@@ -573,8 +573,9 @@ class ModelCache:
 
         One task waits for all of them, in the order they started: a task (and a lease, and
         `_acquire`'s frames) per id was most of a small model's prefetch besides its load. The
-        loads run in their own tasks, as use()'s do; a caller cancelled leaves every load it
-        joined (abandoned if nobody else waits), as use()'s callers do."""
+        loads run in the cache's tasks, as use()'s do (those whose headers it read in lanes,
+        `_prefill.load_in_turn`); a caller cancelled leaves every load it joined (abandoned if
+        nobody else waits), as use()'s callers do."""
         errors: list[Exception] = []
         others: list[Key] = []
         joined: deque[DeviceEntry] = deque()
@@ -628,7 +629,9 @@ class ModelCache:
         keeping at most `PREFETCH_WINDOW` in ``joined``. Issue 16: the headers of the local
         ones are read first, in one worker-thread call, while the loads started before run
         (`_prefill`); each load then skips its header stage. An id on the host tier (or moving
-        there) is loaded from there: its headers are not read."""
+        there) is loaded from there: its headers are not read. The loads whose headers were
+        read run in lanes, a task per load slot rather than one per load
+        (`_prefill.load_in_turn`); the others in a task each."""
         if not fresh:
             return
         # Room for the whole group first (break7): headers read while earlier loads finish
@@ -649,14 +652,30 @@ class ModelCache:
                 for key, url in fresh
             ],
         )
+        read: list[tuple[DeviceEntry, ModelInfo]] = []  # loads for lanes (`_prefill`)
         for (key, url), info in zip(fresh, infos, strict=True):
             while len(joined) >= PREFETCH_WINDOW:
                 await self._prefetch_wait(joined.popleft(), errors, others)
             if not self._prefetch_may_start(key, errors, others):  # checked again: time passed
                 continue
-            entry = self._start_load(key, url, info)
+            if info is None:
+                entry = self._start_load(key, url)
+            else:
+                entry = self._device.add(key, url)
+                read.append((entry, info))
             self._device.join(entry)
             joined.append(entry)
+        if read:  # the lanes start after every entry is joined: no load starts unwanted
+            loads = iter(read)
+            for _ in range(min(self._max_concurrent_loads, len(read))):
+                self._background.start_load(
+                    self._task_group,
+                    load_in_turn,
+                    loads,
+                    self._load,
+                    self._fail_unstarted,
+                    name="modelcache prefetch loads",
+                )
 
     async def _prefetch_wait(
         self, entry: DeviceEntry, errors: list[Exception], others: list[Key]
@@ -684,13 +703,18 @@ class ModelCache:
         else:
             others.append(entry.key)  # evicted, or dropped, before its lease: as use() would
 
-    def _start_load(self, key: Key, url: str, info: ModelInfo | None = None) -> DeviceEntry:
+    def _start_load(self, key: Key, url: str) -> DeviceEntry:
         assert self._task_group is not None
         entry = self._device.add(key, url)
         entry.scope = self._background.start_load(
-            self._task_group, self._load, entry, info, name=f"modelcache load {entry.model_id!r}"
+            self._task_group, self._load, entry, name=f"modelcache load {entry.model_id!r}"
         )
         return entry
+
+    def _fail_unstarted(self, entry: DeviceEntry, exc: BaseException) -> None:
+        """End a load a lane will not run (`_prefill.load_in_turn`) as `_load` ends a failed one."""
+        self._fail(entry, exc)
+        entry.done.set()
 
     async def _load(self, entry: DeviceEntry, read: ModelInfo | None = None) -> None:
         """Bring ``entry``'s model onto the device from the highest tier that has it.

@@ -17,8 +17,8 @@ Invariants:
   errors, versions and stats are the per-load path's own.
 * The description is the per-load path's: the same functions (`header_length`,
   `_parse_shard`, `layout_model`), the same names and URLs, and the version of the bytes read
-  (the tags before and after the read, as `Store.read_head` records them in a load's
-  `reading` scope), so the load's weight reads are pinned to them as usual.
+  (the tags before and after the read, the version a load's `reading` scope records from
+  them), so the load's weight reads are pinned to them as usual.
 * No entry or reservation exists while the read runs: a prefetch cancelled during it leaves
   nothing behind but the read's own task (`read_infos_apart`), which ends with the read and
   drops its results.
@@ -26,21 +26,48 @@ Invariants:
   driver waits for its thread call even when cancelled (`_batch`), and a prefetch cancelled
   while a file of its group blocks (a stalled mount) waited with it
   where use()'s caller, whose load drives its read, leaves at once (break7).
+
+The loads whose headers were read here then run in lanes (`load_in_turn`): a few tasks that
+take a group's loads in turn, not a task (and its cancel scope) per load, which was the largest
+part of a small model's prefetched load after the collector. Each load keeps everything of its
+own but its task: its entry (a use() of its id joins it), its error (it fails alone), its
+abandonment (at each stage boundary, as any load's). The lanes are as many as the cache's load
+slots, so no more weight reads wait on each other than in the slots' line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import anyio.abc
 
 from ._concurrency import Background, new_event
+from ._device import DeviceEntry
 from ._format import SINGLE_NAME, ModelInfo, header_length, layout_model
 from ._loader import _LAYOUT_ON_LOOP, _PARSE_ON_LOOP, _PREFIX, _parse_shard
 from ._store import Store
-from ._versions import ModelVersion, reading, see
+from ._versions import ModelVersion
 
-__all__ = ["read_infos", "read_infos_apart"]
+__all__ = ["load_in_turn", "read_infos", "read_infos_apart"]
+
+
+async def load_in_turn(
+    loads: Iterator[tuple[DeviceEntry, ModelInfo]],
+    load: Callable[[DeviceEntry, ModelInfo], Awaitable[None]],
+    fail: Callable[[DeviceEntry, BaseException], None],
+) -> None:
+    """A lane: ``load`` each of ``loads`` (shared with the group's other lanes) in turn. A load
+    ends its own failures (its entry fails alone, the lane goes on); what it raises - the
+    lane cancelled (the cache closing, or its task cancelled by other code), an interrupt - ends
+    the lane, and the loads it has not run are failed with it by ``fail``: nobody else would
+    run them, and their waiters would wait for good."""
+    for entry, info in loads:
+        try:
+            await load(entry, info)
+        except BaseException as exc:
+            for left, _ in loads:
+                fail(left, exc)
+            raise
 
 
 async def read_infos_apart(
@@ -103,19 +130,21 @@ def _describe(
     """`read_model_info`'s single-file description from ``head`` (`Store.read_heads`), or None
     where that would read more, work off the loop, or raise (the load's own read then does)."""
     size, prefix, before, after = head
+    # What a `reading` scope's two `see` calls would record, without the scope (its objects
+    # were a part of each prefetched load): the file changed during the read -> None.
+    tag = before if before is not None else after
+    if after is not None and after != tag:
+        return None
     try:
-        with reading() as tags:
-            see(file, before, model_id)
-            see(file, after, model_id)
-            length = header_length(prefix, size, model_id=model_id, url=file)
-            end = 8 + length
-            if len(prefix) < end or length > _PARSE_ON_LOOP:
-                return None
-            name = file if file == url else SINGLE_NAME
-            shard = _parse_shard(prefix, end, b"", size, name, model_id, file)
-            if len(shard.tensors) > _LAYOUT_ON_LOOP:
-                return None
-            version = ModelVersion.of(tags) if tags else None
+        length = header_length(prefix, size, model_id=model_id, url=file)
+        end = 8 + length
+        if len(prefix) < end or length > _PARSE_ON_LOOP:
+            return None
+        name = file if file == url else SINGLE_NAME
+        shard = _parse_shard(prefix, end, b"", size, name, model_id, file)
+        if len(shard.tensors) > _LAYOUT_ON_LOOP:
+            return None
+        version = None if tag is None else ModelVersion(((file, tag),))
         return layout_model(model_id, url, [shard], version=version)
     except Exception:
         return None

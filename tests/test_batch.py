@@ -157,7 +157,8 @@ async def test_local_header_reads_take_no_load_slot(
 ) -> None:
     """A load's header read of a local file takes no load slot: while the only slot reads a
     model's weights, the loads queued behind it read their headers (together, in one or two
-    thread calls) and reserve their bytes, and each waits for the slot only to read weights."""
+    thread calls) and reserve their bytes, and each waits for the slot only to read weights.
+    (use()'s loads: a prefetch reads its loads' headers itself and runs them in lanes.)"""
     for name, nbytes in [("big", 1000)] + [(f"m{i}", 10 + i) for i in range(10)]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(model_bytes(nbytes))
@@ -167,7 +168,13 @@ async def test_local_header_reads_take_no_load_slot(
             tg.start_soon(cache.prefetch, ["big"])
             await settle()  # big holds the only slot, its weights read waiting
             thread_calls.clear()
-            tg.start_soon(cache.prefetch, [f"m{i}" for i in range(10)])
+
+            async def use(model_id: str) -> None:
+                async with cache.use(model_id):
+                    pass
+
+            for i in range(10):
+                tg.start_soon(use, f"m{i}")
             await settle()
             stats = cache.stats()
             assert stats.loading == 11

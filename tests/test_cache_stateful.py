@@ -24,6 +24,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -547,6 +548,7 @@ class LocalPrefetchMachine(RuleBasedStateMachine):
             device_budget=1 << 20,
             failure_ttl=0,
             revalidate_after=None,
+            max_concurrent_loads=2,  # two lanes: a group of more ids has loads in line
         )
         self._cache_cm = self.portal.wrap_async_context_manager(self.cache)
         self._cache_cm.__enter__()
@@ -676,6 +678,47 @@ class LocalPrefetchMachine(RuleBasedStateMachine):
             assert got == want, (last, got, want)
         for model_id in fresh:  # loaded by this rule: at the version written now
             if model_id in self.cache.resident():
+                self.loaded[model_id] = self.written[model_id][1] % 256
+
+    async def _prefetch_cancelled(self, ids: list[str], loading: bool, steps: int) -> None:
+        done = anyio.Event()
+
+        async def prefetch() -> None:
+            try:
+                await self.cache.prefetch(ids)
+            except Exception:
+                pass  # its failures: the prefetch rule's concern
+            finally:
+                done.set()
+
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(prefetch)
+                # Loads started (the header read over), or the prefetch over without any.
+                while loading and not done.is_set() and not self.cache.stats().loading:
+                    await anyio.lowlevel.checkpoint()
+                for _ in range(steps):
+                    await anyio.lowlevel.checkpoint()
+                scope.cancel()
+        await self.cache.wait_idle()
+
+    @rule(
+        ids=st.lists(LOCAL_IDS, min_size=1, max_size=6),
+        loading=st.booleans(),
+        steps=st.integers(0, 6),
+    )
+    def prefetch_cancelled(self, ids: list[str], loading: bool, steps: int) -> None:
+        """A prefetch cancelled ``steps`` scheduler steps after it started (``loading``: after
+        its loads started): before or during its header read, or with loads in line in its
+        lanes. Once the cache is idle nothing of it is left but the models its loads finished
+        (at the version written now); the invariant checks the accounting, no load or waiter
+        left. Its ids are evicted first, so that it has loads to start."""
+        for model_id in ids:
+            if self.portal.call(self.cache.evict, model_id):
+                del self.loaded[model_id]
+        self.portal.call(self._prefetch_cancelled, ids, loading, steps)
+        for model_id in self.cache.resident():
+            if model_id not in self.loaded:
                 self.loaded[model_id] = self.written[model_id][1] % 256
 
     @rule(model_id=LOCAL_IDS)
