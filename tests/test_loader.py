@@ -1691,3 +1691,37 @@ async def test_a_small_models_weights_cost_one_worker_call_locally_and_none_in_m
     weights = await TorchBackend("cpu", zero_copy=False).load(store, info)
     assert_same(weights, tensors)
     assert len(thread_calls) == (1 if place.kind == "file" else 0), thread_calls
+
+
+@pytest.mark.asyncio
+async def test_a_header_read_again_unchanged_is_not_parsed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model described again from the same header bytes at the same file size reuses the
+    first parse (`_PARSED`); other header bytes, or another size, are parsed anew and describe
+    the file as it is now."""
+    parsed: list[str] = []
+    real_parse = loader.parse_header
+
+    def parse_header(header: bytes, size: int, **kw: Any) -> Any:
+        parsed.append(kw["url"])
+        return real_parse(header, size, **kw)
+
+    monkeypatch.setattr(loader, "parse_header", parse_header)
+    monkeypatch.setattr(loader, "_PARSED", {})
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    store = place.store()
+    write_model(place.directory(MODEL_ID), {"a": torch.zeros(4), "b": torch.ones(4)})
+    first = await read_model_info(store, MODEL_ID)
+    again = await read_model_info(store, MODEL_ID)
+    assert len(parsed) == 1 and list(again.tensors) == list(first.tensors) == ["a", "b"]
+    # Same size, other names: the bytes differ, so it is parsed again.
+    write_model(place.directory(MODEL_ID), {"x": torch.zeros(4), "y": torch.ones(4)})
+    renamed = await read_model_info(store, MODEL_ID)
+    assert len(parsed) == 2 and list(renamed.tensors) == ["x", "y"]
+    # The same header over a file grown at its end: parsed again, and refused.
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    path.write_bytes(path.read_bytes() + b"\0" * 8)
+    with pytest.raises(ModelFormatError, match="trailing bytes"):
+        await read_model_info(store, MODEL_ID)
+    assert len(parsed) == 3
