@@ -37,7 +37,7 @@ from modelcache._exceptions import (
     ModelNotFoundError,
     StoreError,
 )
-from modelcache._format import DTYPE_SIZES
+from modelcache._format import DTYPE_SIZES, parse_header
 from modelcache._loader import read_config, read_model_info
 from modelcache._store import Store
 from modelcache._torch import TorchBackend, Weights, torch_dtype
@@ -1701,13 +1701,12 @@ async def test_a_header_read_again_unchanged_is_not_parsed_again(
     first parse (`_PARSED`); other header bytes, or another size, are parsed anew and describe
     the file as it is now."""
     parsed: list[str] = []
-    real_parse = loader.parse_header
 
-    def parse_header(header: bytes, size: int, **kw: Any) -> Any:
+    def counted_parse(header: bytes, size: int, **kw: Any) -> Any:
         parsed.append(kw["url"])
-        return real_parse(header, size, **kw)
+        return parse_header(header, size, **kw)
 
-    monkeypatch.setattr(loader, "parse_header", parse_header)
+    monkeypatch.setattr(loader, "parse_header", counted_parse)
     monkeypatch.setattr(loader, "_PARSED", {})
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     store = place.store()
