@@ -6,7 +6,7 @@ Two ways to fill a CPU buffer, chosen per model:
   aligned in the file is mapped (copy-on-write, so writes never reach the file) and its pages
   are mapped eagerly, which ``safetensors.torch.load_file`` leaves to the first reads: a file
   in the page cache in 2 MiB folios with ``MADV_POPULATE_READ`` in the mapping's own worker
-  call (`_populate_resident`), any other from a few threads (`_populate`), by the same
+  call (`_populate_resident`; its small-folio head by the kernel's reads, `_faultin`), any other from a few threads (`_populate`), by the same
   madvise (a byte read a page where the kernel lacks it: a read past the end of a file cut
   short meanwhile is SIGBUS, the madvise an error). The model is ready when the call returns:
   no first-inference page faults.
