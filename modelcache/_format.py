@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -266,30 +265,39 @@ def _is_count(value: object) -> bool:
 
 
 def _tensor(name: str, entry: object, shard: str, model_id: str, url: str) -> TensorInfo:
+    # Plain loops and ``type(x) is int`` (JSON gives exact ints; a bool is not one), no
+    # generator per check: this runs for every tensor of every load (64 tensors parsed in
+    # 0.35 ms with ``all(_is_count(d) for d in shape)``; the checks refuse the same entries).
     if not isinstance(entry, dict):
         raise _error(f"tensor {name!r}: entry is not an object", model_id, url)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise _error(f"tensor {name!r}: unknown or unsupported dtype {dtype!r}", model_id, url)
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    expected = DTYPE_SIZES[dtype]
+    if type(shape) is list:
+        for size in shape:
+            if type(size) is not int or size < 0:
+                break
+            expected *= size
+        else:
+            shape = tuple(shape)
+    if type(shape) is not tuple:
         raise _error(f"tensor {name!r}: shape {shape!r} is not a list of sizes", model_id, url)
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_count(o) for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
+    if type(offsets) is list and len(offsets) == 2:
+        start, end = offsets
+        valid = type(start) is int and type(end) is int and 0 <= start <= end
+    else:
+        valid = False
+    if not valid:
         raise _error(f"tensor {name!r}: data_offsets {offsets!r} are invalid", model_id, url)
-    start, end = offsets
-    expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - start != expected:
         raise _error(
-            f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes "
+            f"tensor {name!r}: shape {list(shape)} of {dtype} needs {expected} bytes "
             f"but data_offsets [{start}, {end}] span {end - start}",
             model_id,
             url,
         )
-    return TensorInfo(name, dtype, tuple(shape), shard, start, end, start)
+    return TensorInfo(name, dtype, shape, shard, start, end, start)
 
 
 def parse_header(
