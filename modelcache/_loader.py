@@ -219,6 +219,14 @@ async def _read_shard(
     )
 
 
+#: The last header parsed of each file (by URL), up to `_PARSED_KEPT` files with headers of
+#: at most `_PARSED_MAX` bytes: a model loaded again (evicted, then used) whose file holds the
+#: same header bytes at the same size is not parsed again (~8 us a tensor: 0.5 ms for 64).
+_PARSED: dict[str, ShardHeader] = {}
+_PARSED_KEPT = 32
+_PARSED_MAX = 64 << 10
+
+
 def _parse_shard(
     prefix: bytes, end: int, rest: bytes, size: int, name: str, model_id: str, url: str
 ) -> ShardHeader:
@@ -226,9 +234,27 @@ def _parse_shard(
 
     A function of its own rather than a closure in `_read_shard`: a closure's variables are
     cells from the start of its frame, seven objects more for the collector per header read
-    in flight."""
+    in flight.
+
+    Parsing is a function of the header's bytes, the file's size and its name and URL: a
+    header parsed before from the same (`_PARSED`) is that parse's result (immutable), which
+    the model's id only ever named in an error. Bounded by bytes and files, all dropped at
+    once when full (one step: no table iterated while another thread's parse inserts)."""
     header = prefix[8:end] + rest  # joined here: a copy of up to 100 MB is off the loop too
-    return parse_header(header, size, name=name, model_id=model_id, url=url)
+    known = _PARSED.get(url)
+    if (
+        known is not None
+        and known.name == name
+        and known.data_start + known.data_size == size
+        and known.header == header
+    ):
+        return known
+    shard = parse_header(header, size, name=name, model_id=model_id, url=url)
+    if len(header) <= _PARSED_MAX and shard.header == header:
+        if len(_PARSED) >= _PARSED_KEPT:
+            _PARSED.clear()
+        _PARSED[url] = shard
+    return shard
 
 
 async def _read_side_file(store: Store, model_id: str, url: str) -> bytes:

@@ -6,7 +6,7 @@ Two ways to fill a CPU buffer, chosen per model:
   aligned in the file is mapped (copy-on-write, so writes never reach the file) and its pages
   are mapped eagerly, which ``safetensors.torch.load_file`` leaves to the first reads: a file
   in the page cache in 2 MiB folios with ``MADV_POPULATE_READ`` in the mapping's own worker
-  call (`_populate_resident`), any other from a few threads (`_populate`), by the same
+  call (`_populate_resident`; its small-folio head by the kernel's reads, `_faultin`), any other from a few threads (`_populate`), by the same
   madvise (a byte read a page where the kernel lacks it: a read past the end of a file cut
   short meanwhile is SIGBUS, the madvise an error). The model is ready when the call returns:
   no first-inference page faults.
@@ -56,6 +56,7 @@ from ._concurrency import gather
 from ._cuda import CudaStaging, check_staging
 from ._direct import DIRECT_BELOW, resident_fraction
 from ._exceptions import ModelFormatError
+from ._faultin import WINDOW, read_faults
 from ._format import ModelInfo
 from ._hugepages import huge_pages_advised
 from ._loader import fill_buffer
@@ -629,7 +630,7 @@ def _changed_size(info: ModelInfo, expected: int, size: int) -> ModelFormatError
 
 def _populate_resident(buffer: torch.Tensor, huge_from: int) -> bool:
     """Map every page of a mapped file that is in the page cache: those before ``huge_from``
-    (in small folios) by `_populate_range`, the rest without reading them
+    (in small folios) by `_populate_head`, the rest without reading them
     (``MADV_POPULATE_READ``: read-only entries, so copy-on-write stays). False where the
     kernel lacks it (before 5.14): `_populate` then does it all.
 
@@ -641,12 +642,13 @@ def _populate_resident(buffer: torch.Tensor, huge_from: int) -> bool:
     ms against 8.0 ms for the reads, from one thread; 3.25 ms of the 3.8 in its first 40 MiB
     of small folios, which the reads map in 2.1 ms, but a read of a page past the end of a
     file cut short meanwhile is SIGBUS (`_populate_range`: the whole call 3.91 ms against
-    3.63 ms best of 15, alternated, load 11); two threads did not help (one
+    3.63 ms best of 15, alternated, load 11), where the kernel's reads (`_populate_head`)
+    fail with EFAULT; two threads did not help (one
     page-middle-directory table, whose lock every 2 MiB entry takes, maps 1 GiB).
     """
     size = buffer.numel()
     if huge_from:
-        _populate_range(buffer, 0, huge_from)
+        _populate_head(buffer, huge_from)
     return huge_from >= size or _populate_read(buffer.data_ptr() + huge_from, size - huge_from)
 
 
@@ -663,6 +665,28 @@ def _populate_range(buffer: torch.Tensor, start: int, stop: int) -> None:
     """
     if not _populate_read(buffer.data_ptr() + start, stop - start):
         buffer[start:stop:_PAGE].max()
+
+
+def _populate_head(buffer: torch.Tensor, stop: int) -> None:
+    """Map the pages of ``buffer[:stop]``, a file in the page cache in small folios: by
+    `read_faults` (one read per 64 KiB, in the kernel: ~1.8 ms for 40 MiB against ~2.7 for
+    ``MADV_POPULATE_READ``, which walks every 4 KiB entry) where the kernel's fault-around
+    maps the whole 64 KiB each read faults (its first window looked at), else, and for a
+    file cut short meanwhile (OSError(EFAULT)), by `_populate_range`."""
+    address = buffer.data_ptr()
+    if not (
+        address % WINDOW == 0
+        and read_faults(address, stop)
+        and _asking_pagemap(partial(_window_mapped, address=address), False)
+    ):
+        _populate_range(buffer, 0, stop)
+
+
+def _window_mapped(pagemap: int, *, address: int) -> bool:
+    """Whether every page of the `WINDOW` at ``address`` is mapped (/proc/self/pagemap)."""
+    pages = WINDOW // _PAGE
+    entries = os.pread(pagemap, pages * 8, address // _PAGE * 8)
+    return len(entries) == pages * 8 and min(entries[7::8]) >= 0x80
 
 
 async def _populate(buffer: torch.Tensor) -> None:

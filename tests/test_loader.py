@@ -37,7 +37,7 @@ from modelcache._exceptions import (
     ModelNotFoundError,
     StoreError,
 )
-from modelcache._format import DTYPE_SIZES
+from modelcache._format import DTYPE_SIZES, parse_header
 from modelcache._loader import read_config, read_model_info
 from modelcache._store import Store
 from modelcache._torch import TorchBackend, Weights, torch_dtype
@@ -1082,7 +1082,8 @@ async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_c
     """zero_copy, file all in the page cache in 2 MiB folios from some offset on (as
     `_faults_map_huge` finds): every page of the mapping is in the process's page tables when
     the load returns, in the worker call that maps the file (no more threads): those before the
-    offset (`_populate_range`), then the rest, by MADV_POPULATE_READ (no read); writes still
+    offset by the kernel's reads of one byte per 64 KiB (`_populate_head`: no MADV_POPULATE_READ
+    walk of every entry there), then the rest, by MADV_POPULATE_READ (no read); writes still
     never reach the file (copy-on-write); bit-exact."""
     ranges, advice = _record_populate(monkeypatch)
     head = 1 << 20
@@ -1108,13 +1109,38 @@ async def test_a_mapped_model_in_the_page_cache_is_mapped_whole_in_the_mapping_c
     weights = await TorchBackend("cpu", zero_copy=True).load(store, info)
     buffer = weights.buffer
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
-    assert thread_calls == ["_map_file"] and ranges == [(0, head)] and advice == []
+    assert thread_calls == ["_map_file"] and ranges == [] and advice == []
     address = buffer.data_ptr()
-    assert populated == [(address, head), (address + head, buffer.numel() - head)]
+    assert populated == [(address + head, buffer.numel() - head)]
     assert_same(weights, tensors)
     weights["w"].fill_(1.5)
     assert bool((weights["w"] == 1.5).all())
     assert path.read_bytes() == content
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_head_whose_reads_left_pages_unmapped_is_populated_page_by_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the kernel's fault-around did not map the whole first 64 KiB window the head's
+    reads faulted (a smaller ``fault_around_bytes``), the head is mapped by `_populate_range`
+    too: every page of the mapping is mapped when the load returns."""
+    ranges, _ = _record_populate(monkeypatch)
+    head = 1 << 20
+    monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: head)
+    monkeypatch.setattr(backend, "_window_mapped", lambda pagemap, *, address: False)
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    (tmp_path / MODEL_ID / "model.safetensors").read_bytes()  # all of it in the page cache
+    store = place.store()
+    weights = await TorchBackend("cpu", zero_copy=True).load(
+        store, await read_model_info(store, MODEL_ID)
+    )
+    buffer = weights.buffer
+    assert ranges == [(0, head)]
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    assert_same(weights, tensors)
 
 
 async def _load_evicted_zero_copy(tmp_path: Path) -> tuple[Weights, dict[str, torch.Tensor]]:
@@ -1249,9 +1275,9 @@ def test_a_mapped_file_cut_short_while_its_pages_are_mapped_fails_the_load_not_t
     tmp_path: Path, where: str
 ) -> None:
     """A file cut short while its pages are faulted in, by the threads (a file not all in the
-    page cache) or in the small-folio head of a cached one: the load raises ModelFormatError
-    (EFAULT) and the process lives, where a byte read of a page past the file's end killed it
-    with SIGBUS."""
+    page cache) or in the small-folio head of a cached one (the kernel's reads, `read_faults`,
+    answer False): the load raises ModelFormatError (EFAULT) and the process lives, where a
+    byte read of a page past the file's end killed it with SIGBUS."""
     result = run_python(
         f"""
         import asyncio, os
@@ -1268,12 +1294,20 @@ def test_a_mapped_file_cut_short_while_its_pages_are_mapped_fails_the_load_not_t
         probe = None if {where!r} == "threads" else 8 << 20
         backend._faults_map_huge = lambda buffer: probe
         real = backend._populate_range
+        real_reads = backend.read_faults
 
         def cut_then_populate(buffer, start, stop):
             os.truncate(path, 4096)
             real(buffer, start, stop)
 
+        def cut_then_read(address, nbytes):
+            os.truncate(path, 4096)
+            read = real_reads(address, nbytes)
+            print("head read", read)
+            return read
+
         backend._populate_range = cut_then_populate
+        backend.read_faults = cut_then_read
 
         async def main():
             store = Store(f"file://{{root}}/{{{{model_id}}}}")
@@ -1288,6 +1322,7 @@ def test_a_mapped_file_cut_short_while_its_pages_are_mapped_fails_the_load_not_t
     )
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert "ModelFormatError" in result.stdout and "changed size while loading" in result.stdout
+    assert ("head read False" in result.stdout) == (where == "head")
 
 
 def _replace_with_same_size(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -1656,3 +1691,36 @@ async def test_a_small_models_weights_cost_one_worker_call_locally_and_none_in_m
     weights = await TorchBackend("cpu", zero_copy=False).load(store, info)
     assert_same(weights, tensors)
     assert len(thread_calls) == (1 if place.kind == "file" else 0), thread_calls
+
+
+@pytest.mark.asyncio
+async def test_a_header_read_again_unchanged_is_not_parsed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model described again from the same header bytes at the same file size reuses the
+    first parse (`_PARSED`); other header bytes, or another size, are parsed anew and describe
+    the file as it is now."""
+    parsed: list[str] = []
+
+    def counted_parse(header: bytes, size: int, **kw: Any) -> Any:
+        parsed.append(kw["url"])
+        return parse_header(header, size, **kw)
+
+    monkeypatch.setattr(loader, "parse_header", counted_parse)
+    monkeypatch.setattr(loader, "_PARSED", {})
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    store = place.store()
+    write_model(place.directory(MODEL_ID), {"a": torch.zeros(4), "b": torch.ones(4)})
+    first = await read_model_info(store, MODEL_ID)
+    again = await read_model_info(store, MODEL_ID)
+    assert len(parsed) == 1 and list(again.tensors) == list(first.tensors) == ["a", "b"]
+    # Same size, other names: the bytes differ, so it is parsed again.
+    write_model(place.directory(MODEL_ID), {"x": torch.zeros(4), "y": torch.ones(4)})
+    renamed = await read_model_info(store, MODEL_ID)
+    assert len(parsed) == 2 and list(renamed.tensors) == ["x", "y"]
+    # The same header over a file grown at its end: parsed again, and refused.
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    path.write_bytes(path.read_bytes() + b"\0" * 8)
+    with pytest.raises(ModelFormatError, match="trailing bytes"):
+        await read_model_info(store, MODEL_ID)
+    assert len(parsed) == 3
