@@ -12,8 +12,9 @@ kernel one byte of every 64 KiB to write into a pipe of its own: one system call
 windows (64 MiB), a short write where the file ends early.
 
 Whether fault-around mapped each whole window is the caller's to check (`_torch` reads the
-first window's entries in /proc/self/pagemap): a kernel with a smaller ``fault_around_bytes``
-leaves pages unmapped, which ``MADV_POPULATE_READ`` then maps.
+head's entries in /proc/self/pagemap): a kernel with a smaller ``fault_around_bytes``, or
+pages not in the page cache (fault-around maps cached pages only), leave pages unmapped,
+which ``MADV_POPULATE_READ`` then maps.
 """
 
 from __future__ import annotations
