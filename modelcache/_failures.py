@@ -67,7 +67,7 @@ def _out_of_resources(error: BaseException) -> bool:
         if isinstance(cause, OSError) and cause.errno in _EXHAUSTED:
             return True
         seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
+        cause = cause.__cause__  # not __context__: an error met while handling another
     return False
 
 
