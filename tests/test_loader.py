@@ -29,6 +29,7 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from safetensors.torch import load_file, save_file
 
 import modelcache._direct as direct
+import modelcache._faultin as faultin
 import modelcache._loader as loader
 import modelcache._torch as backend
 from modelcache._exceptions import (
@@ -1187,13 +1188,17 @@ async def test_a_mapped_head_evicted_in_part_after_the_residency_check_is_still_
     assert_same(weights, tensors)
 
 
+@pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("unmapped", [None, 0, 17, 63])
 def test_a_range_is_mapped_only_where_every_page_of_every_chunk_is(
-    monkeypatch: pytest.MonkeyPatch, unmapped: int | None
+    monkeypatch: pytest.MonkeyPatch, unmapped: int | None, scan: bool
 ) -> None:
-    """`_range_mapped` reads the range's /proc/self/pagemap entries a chunk at a time and
-    answers False for one page not mapped in any chunk, the first, a middle or the last."""
+    """`_range_mapped` answers False for one page not mapped anywhere in the range, the first,
+    a middle or the last: by one PAGEMAP_SCAN (Linux 6.7), and by the range's
+    /proc/self/pagemap entries read a chunk at a time on a kernel without it."""
     monkeypatch.setattr(backend, "_PAGEMAP_CHUNK", 16)
+    if not scan:
+        monkeypatch.setattr(backend, "all_present", lambda pagemap, address, nbytes: None)
     pages = mmap.mmap(-1, 64 * PAGE)
     pages.write(b"\1" * (64 * PAGE))  # every page mapped
     address = ctypes.addressof(ctypes.c_char.from_buffer(pages))
@@ -1202,6 +1207,8 @@ def test_a_range_is_mapped_only_where_every_page_of_every_chunk_is(
         assert backend._madvise(address + unmapped * PAGE, PAGE, 4) == 0  # MADV_DONTNEED
     fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     try:
+        if scan and faultin.all_present(fd, address, PAGE) is None:
+            pytest.skip("no PAGEMAP_SCAN here (Linux 6.7)")
         mapped = backend._range_mapped(fd, address=address, nbytes=64 * PAGE - 1)
     finally:
         os.close(fd)
