@@ -118,7 +118,7 @@ def all_present(pagemap: int, address: int, nbytes: int) -> bool | None:
     /proc/self/pagemap open at ``pagemap`` in one ``PAGEMAP_SCAN`` ioctl for the first page
     not present; None where the kernel lacks it (before 6.7), for the caller to read the
     entries. Not the entries where it has it: their read computes each page's map count,
-    ~13 us a MiB of a file in large folios (0.2 ms for a 16 MiB head), the scan ~0.4."""
+    ~13 us a MiB of a file in large folios (0.2 ms for a 16 MiB head), the scan ~0.4 us a MiB."""
     start, end = address // _PAGE * _PAGE, -(-(address + nbytes) // _PAGE) * _PAGE  # whole pages
     region = _Region()
     arg = _ScanArg(
