@@ -26,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import copy
+import errno
 import linecache
 import time
 import traceback
@@ -49,6 +50,25 @@ _NOTE = "Traceback of this error (as text: its frames were released with the fai
 _NOTE_FRAMES = 32
 #: Exceptions of one chain that get that note (a chain may be thousands long).
 _NOTED = 16
+
+
+#: OSError numbers that say the process or system ran out of something (descriptors, memory),
+#: not that the model is broken: gone once other work closes or frees it.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def _out_of_resources(error: BaseException) -> bool:
+    """Whether ``error`` or one of its causes is an OSError of `_EXHAUSTED`: a load that met
+    no free descriptor (a StoreError or ModelLoadError caused by EMFILE) was remembered, and
+    every use() for ``failure_ttl`` failed with it after the descriptors were back."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno in _EXHAUSTED:
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__  # not __context__: an error met while handling another
+    return False
 
 
 def release_frames(error: BaseException) -> None:
@@ -138,7 +158,7 @@ class FailureMemory(Generic[K]):
     def remember(self, key: K, error: BaseException) -> None:
         """Keep ``error`` for ``key`` for ``ttl`` seconds, its frames released; not an error
         that says its cause may pass (``remember = False``: a device out of memory)."""
-        if self.ttl <= 0 or not getattr(error, "remember", True):
+        if self.ttl <= 0 or not getattr(error, "remember", True) or _out_of_resources(error):
             return
         release_frames(error)
         now = self._clock()

@@ -12,18 +12,21 @@ kernel one byte of every 64 KiB to write into a pipe of its own: one system call
 windows (64 MiB), a short write where the file ends early.
 
 Whether fault-around mapped each whole window is the caller's to check (`_torch` reads the
-first window's entries in /proc/self/pagemap): a kernel with a smaller ``fault_around_bytes``
-leaves pages unmapped, which ``MADV_POPULATE_READ`` then maps.
+head's entries in /proc/self/pagemap): a kernel with a smaller ``fault_around_bytes``, or
+pages not in the page cache (fault-around maps cached pages only), leave pages unmapped,
+which ``MADV_POPULATE_READ`` then maps.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import os
 from array import array
 from collections.abc import Callable
 
-__all__ = ["WINDOW", "read_faults"]
+__all__ = ["WINDOW", "all_present", "read_faults"]
 
 #: The range one read fault maps (Linux's default ``fault_around_bytes``).
 WINDOW = 64 << 10
@@ -74,3 +77,66 @@ def read_faults(address: int, nbytes: int) -> bool:
         os.close(reader)
         os.close(writer)
     return True
+
+
+class _ScanArg(ctypes.Structure):
+    """``struct pm_scan_arg`` (Linux 6.7, include/uapi/linux/fs.h)."""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "size",
+            "flags",
+            "start",
+            "end",
+            "walk_end",
+            "vec",
+            "vec_len",
+            "max_pages",
+            "category_inverted",
+            "category_mask",
+            "category_anyof_mask",
+            "return_mask",
+        )
+    ]
+
+
+class _Region(ctypes.Structure):
+    """``struct page_region``."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in ("start", "end", "categories")]
+
+
+#: ``_IOWR('f', 16, struct pm_scan_arg)`` and its ``PAGE_IS_PRESENT`` category.
+_PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_ScanArg) << 16) | (ord("f") << 8) | 16
+_PAGE_IS_PRESENT = 1 << 3
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def all_present(pagemap: int, address: int, nbytes: int) -> bool | None:
+    """Whether every page of ``[address, address + nbytes)`` is mapped, asked of
+    /proc/self/pagemap open at ``pagemap`` in one ``PAGEMAP_SCAN`` ioctl for the first page
+    not present; None where the kernel lacks it (before 6.7), for the caller to read the
+    entries. Not the entries where it has it: their read computes each page's map count,
+    ~13 us a MiB of a file in large folios (0.2 ms for a 16 MiB head), the scan ~0.4 us a MiB."""
+    start, end = address // _PAGE * _PAGE, -(-(address + nbytes) // _PAGE) * _PAGE  # whole pages
+    region = _Region()
+    arg = _ScanArg(
+        size=ctypes.sizeof(_ScanArg),
+        start=start,
+        end=end,
+        vec=ctypes.addressof(region),
+        vec_len=1,
+        category_inverted=_PAGE_IS_PRESENT,
+        category_mask=_PAGE_IS_PRESENT,
+        return_mask=_PAGE_IS_PRESENT,
+    )
+    try:
+        found = fcntl.ioctl(pagemap, _PAGEMAP_SCAN, arg, True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+    # One region of pages not present, or none; a walk stopped short (it may, and says where)
+    # is not a range known mapped.
+    return bool(found == 0 and arg.walk_end == end)

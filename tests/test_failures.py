@@ -6,6 +6,7 @@ import asyncio
 import gc
 import traceback
 import weakref
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,6 +26,7 @@ from modelcache._format import ModelInfo
 from modelcache._pool import BufferPool
 
 from .conftest import GatedStore, MemoryModels, check_invariants, settle
+from .test_loader import run_python
 
 #: Large enough for a mapped (weak-referenceable) host buffer, not a heap bytearray.
 BIG = 2 << 20
@@ -270,6 +272,58 @@ async def test_a_device_out_of_memory_is_not_remembered(models: MemoryModels) ->
             assert weights["w"].numel() == 100
         assert len(builds) == 2
         check_invariants(cache)
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_a_load_that_found_no_free_descriptor_is_not_remembered(
+    tmp_path: Path, zero_copy: bool
+) -> None:
+    """A use() that failed because the process had no free file descriptor (EMFILE, a
+    condition of the moment) raises it typed and is not remembered as the model's failure:
+    once descriptors are free again, the next use() loads the model."""
+    result = run_python(
+        f"""
+        import asyncio, os, resource
+        import torch
+        from safetensors.torch import save_file
+        from modelcache import ModelCache, ModelCacheError
+
+        root = {str(tmp_path)!r}
+        os.makedirs(root + "/m")
+        save_file({{"w": torch.ones(1 << 16)}}, root + "/m/model.safetensors")
+
+        async def main():
+            async with ModelCache(
+                f"file://{{root}}/{{{{model_id}}}}", device_budget=1 << 30, failure_ttl=600,
+                zero_copy={zero_copy!r},
+            ) as cache:
+                await cache.describe("m")
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (top + 8, hard))
+                filler = []
+                try:
+                    while True:  # every descriptor taken
+                        filler.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    pass
+                try:
+                    async with cache.use("m"):
+                        print("loaded without a descriptor")
+                except ModelCacheError as exc:
+                    print("failed", type(exc).__name__, exc)
+                for fd in filler:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                async with cache.use("m") as weights:
+                    print("loaded again", float(weights["w"].sum()))
+
+        asyncio.run(main())
+        """
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "failed" in result.stdout and "Too many open files" in result.stdout
+    assert "loaded again 65536.0" in result.stdout
 
 
 class _Local:

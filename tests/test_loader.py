@@ -8,6 +8,7 @@ import gc
 import itertools
 import json
 import math
+import mmap
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from safetensors.torch import load_file, save_file
 
 import modelcache._direct as direct
+import modelcache._faultin as faultin
 import modelcache._loader as loader
 import modelcache._torch as backend
 from modelcache._exceptions import (
@@ -37,6 +39,7 @@ from modelcache._exceptions import (
     ModelNotFoundError,
     StoreError,
 )
+from modelcache._faultin import WINDOW
 from modelcache._format import DTYPE_SIZES, parse_header
 from modelcache._loader import read_config, read_model_info
 from modelcache._store import Store
@@ -1128,7 +1131,7 @@ async def test_a_mapped_head_whose_reads_left_pages_unmapped_is_populated_page_b
     ranges, _ = _record_populate(monkeypatch)
     head = 1 << 20
     monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: head)
-    monkeypatch.setattr(backend, "_window_mapped", lambda pagemap, *, address: False)
+    monkeypatch.setattr(backend, "_range_mapped", lambda pagemap, *, address, nbytes: False)
     place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
     tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
     write_model(place.directory(MODEL_ID), tensors)
@@ -1141,6 +1144,75 @@ async def test_a_mapped_head_whose_reads_left_pages_unmapped_is_populated_page_b
     assert ranges == [(0, head)]
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
     assert_same(weights, tensors)
+
+
+@pytest.mark.asyncio
+async def test_a_mapped_head_evicted_in_part_after_the_residency_check_is_still_mapped_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of the small-folio head that left the page cache between the residency check and
+    the head's reads (memory pressure) are not mapped by fault-around, which maps cached pages
+    only, even where the first 64 KiB window is whole: the load still returns with every page
+    of the mapping mapped (the head's pages all checked, not its first window's)."""
+    ranges, _ = _record_populate(monkeypatch)
+    head = 1 << 20
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    path.read_bytes()  # all of it in the page cache: the load takes the resident path
+
+    def evict_head(buffer: torch.Tensor) -> int:
+        # The head leaves the page cache; its first window and the first page of every later
+        # window come back (no readahead): each of the head's reads finds its page cached.
+        _evict(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            os.pread(fd, WINDOW, 0)
+            for offset in range(WINDOW, head, WINDOW):
+                os.pread(fd, 1, offset)
+            assert direct.resident_fraction(fd, 0, head) < 0.5
+        finally:
+            os.close(fd)
+        return head
+
+    monkeypatch.setattr(backend, "_faults_map_huge", evict_head)
+    store = place.store()
+    weights = await TorchBackend("cpu", zero_copy=True).load(
+        store, await read_model_info(store, MODEL_ID)
+    )
+    buffer = weights.buffer
+    assert ranges == [(0, head)]
+    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
+    assert_same(weights, tensors)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("unmapped", [None, 0, 17, 63])
+def test_a_range_is_mapped_only_where_every_page_of_every_chunk_is(
+    monkeypatch: pytest.MonkeyPatch, unmapped: int | None, scan: bool
+) -> None:
+    """`_range_mapped` answers False for one page not mapped anywhere in the range, the first,
+    a middle or the last: by one PAGEMAP_SCAN (Linux 6.7), and by the range's
+    /proc/self/pagemap entries read a chunk at a time on a kernel without it."""
+    monkeypatch.setattr(backend, "_PAGEMAP_CHUNK", 16)
+    if not scan:
+        monkeypatch.setattr(backend, "all_present", lambda pagemap, address, nbytes: None)
+    pages = mmap.mmap(-1, 64 * PAGE)
+    pages.write(b"\1" * (64 * PAGE))  # every page mapped
+    address = ctypes.addressof(ctypes.c_char.from_buffer(pages))
+    if unmapped is not None:
+        assert backend._madvise is not None
+        assert backend._madvise(address + unmapped * PAGE, PAGE, 4) == 0  # MADV_DONTNEED
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        if scan and faultin.all_present(fd, address, PAGE) is None:
+            pytest.skip("no PAGEMAP_SCAN here (Linux 6.7)")
+        mapped = backend._range_mapped(fd, address=address, nbytes=64 * PAGE - 1)
+    finally:
+        os.close(fd)
+    assert mapped == (unmapped is None)
 
 
 async def _load_evicted_zero_copy(tmp_path: Path) -> tuple[Weights, dict[str, torch.Tensor]]:
