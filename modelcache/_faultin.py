@@ -26,6 +26,8 @@ import os
 from array import array
 from collections.abc import Callable
 
+from ._libc import bind
+
 __all__ = ["WINDOW", "all_present", "read_faults"]
 
 #: The range one read fault maps (Linux's default ``fault_around_bytes``).
@@ -34,17 +36,9 @@ WINDOW = 64 << 10
 _IOV_MAX = 1024
 
 
-def _libc_writev() -> Callable[[int, int, int], int] | None:
-    try:
-        writev = ctypes.CDLL(None, use_errno=True).writev
-    except (OSError, AttributeError):
-        return None
-    writev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-    writev.restype = ctypes.c_ssize_t
-    return writev
-
-
-_writev = _libc_writev()
+_writev: Callable[[int, int, int], int] | None = bind(
+    "writev", [ctypes.c_int, ctypes.c_void_p, ctypes.c_int], ctypes.c_ssize_t
+)
 
 
 def read_faults(address: int, nbytes: int) -> bool:

@@ -1,11 +1,14 @@
-"""The C library's memory calls (Linux), bound once through ctypes for the modules that map and
-inspect memory themselves: the buffer pool (`_pool`) and the cold-read check (`_direct`)."""
+"""The C library's calls (Linux), bound once through ctypes: the memory calls for the modules
+that map and inspect memory themselves (the buffer pool `_pool`, the cold-read check
+`_direct`), and `bind` for any one function (`_torch`'s madvise and syscall, `_faultin`'s
+writev)."""
 
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
-__all__ = ["MAP_FAILED", "Libc", "libc"]
+__all__ = ["MAP_FAILED", "Libc", "bind", "libc"]
 
 #: What ``mmap`` and ``mremap`` return on failure.
 MAP_FAILED = ctypes.c_void_p(-1).value
@@ -38,6 +41,19 @@ class Libc:
         self.mincore = lib.mincore
         self.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         self.mincore.restype = ctypes.c_int
+
+
+def bind(name: str, argtypes: list[Any] | None, restype: Any) -> Any:
+    """The C library's function ``name`` with its C signature (``argtypes`` None: a variadic
+    one, its arguments converted by ctypes' defaults), or None where the library lacks it."""
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    if argtypes is not None:
+        function.argtypes = argtypes
+    function.restype = restype
+    return function
 
 
 def _load() -> Libc | None:

@@ -59,6 +59,7 @@ from ._exceptions import ModelFormatError
 from ._faultin import WINDOW, all_present, read_faults
 from ._format import ModelInfo
 from ._hugepages import huge_pages_advised
+from ._libc import bind
 from ._loader import fill_buffer
 from ._pool import BufferPool
 from ._staging import Completion, CompletionWaiter, CopyHandle, StagingPool
@@ -116,18 +117,9 @@ _PROBES = 8
 _PROC_FDS = os.path.isdir("/proc/self/fd")
 
 
-def _libc_madvise() -> Callable[[int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
-
-
-_madvise = _libc_madvise()
+_madvise: Callable[[int, int, int], int] | None = bind(
+    "madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+)
 
 
 class _CachestatRange(ctypes.Structure):
@@ -145,16 +137,7 @@ class _Cachestat(ctypes.Structure):
 _SYS_CACHESTAT = 451
 
 
-def _libc_syscall() -> Callable[..., int] | None:
-    try:
-        syscall = ctypes.CDLL(None, use_errno=True).syscall
-    except (OSError, AttributeError):
-        return None
-    syscall.restype = ctypes.c_long
-    return syscall
-
-
-_syscall = _libc_syscall()
+_syscall: Callable[..., int] | None = bind("syscall", None, ctypes.c_long)
 
 
 def _cached_fraction(fd: int, size: int) -> float:
