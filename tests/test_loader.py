@@ -1132,18 +1132,10 @@ async def test_a_mapped_head_whose_reads_left_pages_unmapped_is_populated_page_b
     head = 1 << 20
     monkeypatch.setattr(backend, "_faults_map_huge", lambda buffer: head)
     monkeypatch.setattr(backend, "_range_mapped", lambda pagemap, *, address, nbytes: False)
-    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
-    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
-    write_model(place.directory(MODEL_ID), tensors)
-    (tmp_path / MODEL_ID / "model.safetensors").read_bytes()  # all of it in the page cache
-    store = place.store()
-    weights = await TorchBackend("cpu", zero_copy=True).load(
-        store, await read_model_info(store, MODEL_ID)
-    )
-    buffer = weights.buffer
+    store, tensors, _ = _cached_model(tmp_path)
+    weights = await load(store, zero_copy=True)
     assert ranges == [(0, head)]
-    assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
-    assert_same(weights, tensors)
+    _assert_mapped_whole(weights, tensors)
 
 
 @pytest.mark.asyncio
@@ -1156,11 +1148,7 @@ async def test_a_mapped_head_evicted_in_part_after_the_residency_check_is_still_
     of the mapping mapped (the head's pages all checked, not its first window's)."""
     ranges, _ = _record_populate(monkeypatch)
     head = 1 << 20
-    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
-    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
-    write_model(place.directory(MODEL_ID), tensors)
-    path = tmp_path / MODEL_ID / "model.safetensors"
-    path.read_bytes()  # all of it in the page cache: the load takes the resident path
+    store, tensors, path = _cached_model(tmp_path)  # the load takes the resident path
 
     def evict_head(buffer: torch.Tensor) -> int:
         # The head leaves the page cache; its first window and the first page of every later
@@ -1178,12 +1166,25 @@ async def test_a_mapped_head_evicted_in_part_after_the_residency_check_is_still_
         return head
 
     monkeypatch.setattr(backend, "_faults_map_huge", evict_head)
-    store = place.store()
-    weights = await TorchBackend("cpu", zero_copy=True).load(
-        store, await read_model_info(store, MODEL_ID)
-    )
-    buffer = weights.buffer
+    weights = await load(store, zero_copy=True)
     assert ranges == [(0, head)]
+    _assert_mapped_whole(weights, tensors)
+
+
+def _cached_model(tmp_path: Path) -> tuple[Store, dict[str, torch.Tensor], Path]:
+    """A 3 MiB model written under ``tmp_path`` and read whole into the page cache: its store,
+    the tensors it was written from, and its file."""
+    place = Place("file", f"file://{tmp_path}/{{model_id}}", tmp_path)
+    tensors = {"w": random_tensor(torch.float32, (3 << 18,)), "b": random_tensor(torch.int8, (9,))}
+    write_model(place.directory(MODEL_ID), tensors)
+    path = tmp_path / MODEL_ID / "model.safetensors"
+    path.read_bytes()
+    return place.store(), tensors, path
+
+
+def _assert_mapped_whole(weights: Weights, tensors: dict[str, torch.Tensor]) -> None:
+    """Every page of the weights' buffer mapped, and the weights those of ``tensors``."""
+    buffer = weights.buffer
     assert _present_pages(buffer.data_ptr(), buffer.numel()) == -(-buffer.numel() // PAGE)
     assert_same(weights, tensors)
 
