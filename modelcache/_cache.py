@@ -673,7 +673,7 @@ class ModelCache:
                     load_in_turn,
                     loads,
                     self._load,
-                    self._fail_unstarted,
+                    self._unstarted,
                     name="modelcache prefetch loads",
                 )
 
@@ -711,8 +711,20 @@ class ModelCache:
         )
         return entry
 
-    def _fail_unstarted(self, entry: DeviceEntry, exc: BaseException) -> None:
-        """End a load a lane will not run (`_prefill.load_in_turn`) as `_load` ends a failed one."""
+    def _unstarted(self, entry: DeviceEntry, info: ModelInfo, exc: BaseException) -> None:
+        """A load a lane ended by ``exc`` will not run (`_prefill.load_in_turn`): failed as
+        `_load` fails one when the cache closes; else (the lane's task cancelled by other code,
+        an interrupt) run in a task of its own, as if it had never been in a lane."""
+        if self._state is State.OPEN:
+            assert self._task_group is not None
+            entry.scope = self._background.start_load(
+                self._task_group,
+                self._load,
+                entry,
+                info,
+                name=f"modelcache load {entry.model_id!r}",
+            )
+            return
         self._fail(entry, exc)
         entry.done.set()
 

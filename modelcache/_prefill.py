@@ -54,19 +54,21 @@ __all__ = ["load_in_turn", "read_infos", "read_infos_apart"]
 async def load_in_turn(
     loads: Iterator[tuple[DeviceEntry, ModelInfo]],
     load: Callable[[DeviceEntry, ModelInfo], Awaitable[None]],
-    fail: Callable[[DeviceEntry, BaseException], None],
+    left: Callable[[DeviceEntry, ModelInfo, BaseException], None],
 ) -> None:
     """A lane: ``load`` each of ``loads`` (shared with the group's other lanes) in turn. A load
     ends its own failures (its entry fails alone, the lane goes on); what it raises - the
     lane cancelled (the cache closing, or its task cancelled by other code), an interrupt - ends
-    the lane, and the loads it has not run are failed with it by ``fail``: nobody else would
-    run them, and their waiters would wait for good."""
+    the lane, and each load it has not run goes to ``left``: nobody else would run them, and
+    their waiters would wait for good. ``left`` fails it when the cache closes, and else runs it
+    in a task of its own (break9): a lane's task cancelled by other code failed every load in
+    line with the closing cache's error, where a task per load lost only the one cancelled."""
     for entry, info in loads:
         try:
             await load(entry, info)
         except BaseException as exc:
-            for left, _ in loads:
-                fail(left, exc)
+            for unrun, unrun_info in loads:
+                left(unrun, unrun_info, exc)
             raise
 
 

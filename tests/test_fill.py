@@ -603,3 +603,49 @@ async def test_a_close_fails_the_loads_in_line_in_a_lane(tiny: str, load_path: s
     stats = cache.stats()
     assert (stats.loading, stats.waiters, stats.models, stats.bytes_reserved) == (0, 0, 0, 0)
     assert cast(Any, cache)._background.running == 0
+
+
+async def test_a_lane_cancelled_by_other_code_leaves_its_loads_in_line_to_run(tiny: str) -> None:
+    """A lane whose task other code cancels while the cache is open (a server cancelling a
+    task it did not start) ends its load under way, as a load's own task cancelled would; the
+    loads in line behind it are not failed with it (a use() joined to one got CacheClosedError
+    from an open cache): each runs in a task of its own, and the use() gets its model."""
+    one_lane = ModelCache(
+        lambda model_id: tiny,
+        device="cpu",
+        device_budget="1GiB",
+        zero_copy=False,
+        revalidate_after=None,
+        max_concurrent_loads=1,  # one lane: every other load of the group is in line in it
+    )
+    async with one_lane as cache:
+        held = {"m0": anyio.Event()}
+        gated = _gated(cache, held, set())
+        ids = [f"m{i}" for i in range(6)]
+        got: list[str] = []
+
+        async def prefetch() -> None:
+            with contextlib.suppress(CacheClosedError):  # m0's load was cancelled
+                await cache.prefetch(ids, model=gated)
+
+        async def use_m3() -> None:
+            async with cache.use("m3", model=gated) as model:
+                got.append(model.model_id)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(prefetch)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(use_m3)
+            await anyio.wait_all_tasks_blocked()
+            (lane,) = [
+                t for t in asyncio.all_tasks() if t.get_name() == "modelcache prefetch loads"
+            ]
+            lane.cancel()
+            await anyio.wait_all_tasks_blocked()
+            held["m0"].set()
+        await cache.wait_idle()
+        assert got == ["m3"]
+        assert sorted(cache.resident()) == ids[1:]
+        stats = cache.stats()
+        assert (stats.loading, stats.waiters, stats.leased) == (0, 0, 0)
+        check_invariants(cache)
