@@ -639,6 +639,7 @@ class ModelCache:
         # ModelChangedError where use()'s load, reading them as it starts, got the new one).
         while joined and len(joined) > PREFETCH_WINDOW - len(fresh):
             await self._prefetch_wait(joined.popleft(), errors, others)
+        assert len(fresh) <= PREFETCH_WINDOW - len(joined)  # groups are half a window at most
         moving, host = self._host_disk.moving, self._host_disk.entries
         assert self._task_group is not None
         infos = await read_infos_apart(
@@ -653,9 +654,9 @@ class ModelCache:
             ],
         )
         read: list[tuple[DeviceEntry, ModelInfo]] = []  # loads for lanes (`_prefill`)
+        # No await from here to the lanes' start (the room was made above): a cancellation
+        # in between would leave the entries in ``read`` loading with no task to run them.
         for (key, url), info in zip(fresh, infos, strict=True):
-            while len(joined) >= PREFETCH_WINDOW:
-                await self._prefetch_wait(joined.popleft(), errors, others)
             if not self._prefetch_may_start(key, errors, others):  # checked again: time passed
                 continue
             if info is None:
