@@ -705,26 +705,23 @@ class ModelCache:
             others.append(entry.key)  # evicted, or dropped, before its lease: as use() would
 
     def _start_load(self, key: Key, url: str) -> DeviceEntry:
-        assert self._task_group is not None
         entry = self._device.add(key, url)
-        entry.scope = self._background.start_load(
-            self._task_group, self._load, entry, name=f"modelcache load {entry.model_id!r}"
-        )
+        self._run_load(entry)
         return entry
+
+    def _run_load(self, entry: DeviceEntry, read: ModelInfo | None = None) -> None:
+        """Run ``entry``'s load (``read``: its headers, read already) in a task of its own."""
+        assert self._task_group is not None
+        entry.scope = self._background.start_load(
+            self._task_group, self._load, entry, read, name=f"modelcache load {entry.model_id!r}"
+        )
 
     def _unstarted(self, entry: DeviceEntry, info: ModelInfo, exc: BaseException) -> None:
         """A load a lane ended by ``exc`` will not run (`_prefill.load_in_turn`): failed as
         `_load` fails one when the cache closes; else (the lane's task cancelled by other code,
         an interrupt) run in a task of its own, as if it had never been in a lane."""
         if self._state is State.OPEN:
-            assert self._task_group is not None
-            entry.scope = self._background.start_load(
-                self._task_group,
-                self._load,
-                entry,
-                info,
-                name=f"modelcache load {entry.model_id!r}",
-            )
+            self._run_load(entry, info)
             return
         self._fail(entry, exc)
         entry.done.set()
