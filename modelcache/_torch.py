@@ -6,8 +6,8 @@ Two ways to fill a CPU buffer, chosen per model:
   aligned in the file is mapped (copy-on-write, so writes never reach the file) and its pages
   are mapped eagerly, which ``safetensors.torch.load_file`` leaves to the first reads: a file
   in the page cache in 2 MiB folios with ``MADV_POPULATE_READ`` in the mapping's own worker
-  call (`_populate_resident`; its small-folio head by the kernel's reads, `_faultin`), any other from a few threads (`_populate`), by the same
-  madvise (a byte read a page where the kernel lacks it: a read past the end of a file cut
+  call (`_populate_resident`; its small-folio head by the kernel's reads, `_faultin`), any
+  other from a few threads (`_populate`), by the same madvise (a byte read a page where the kernel lacks it: a read past the end of a file cut
   short meanwhile is SIGBUS, the madvise an error). The model is ready when the call returns:
   no first-inference page faults.
 * **copy** - everything else: a page-aligned private mapping on huge pages from the backend's
@@ -532,9 +532,7 @@ def _maps_whole(pagemap: int, address: int, region: int) -> bool:
     all its pages are mapped (/proc/self/pagemap open at ``pagemap``)."""
     start = address + region * _HUGE
     _populate_read(start, _PAGE)  # one read fault
-    entries = os.pread(pagemap, _HUGE // _PAGE * 8, start // _PAGE * 8)
-    # Bit 63 of each little-endian 8-byte entry (the top bit of its last byte): present.
-    return len(entries) == _HUGE // _PAGE * 8 and min(entries[7::8]) >= 0x80
+    return _range_mapped(pagemap, address=start, nbytes=_HUGE)
 
 
 def _faults_map_huge(buffer: torch.Tensor) -> int | None:

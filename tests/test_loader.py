@@ -1621,6 +1621,7 @@ def _fake_page_tables(
         return (b"\0" * 7 + (b"\x80" if present else b"\0")) * (n // 8)
 
     monkeypatch.setattr(backend, "_populate_read", populate_read)
+    monkeypatch.setattr(backend, "all_present", lambda pagemap, address, nbytes: None)  # no scan
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(os, "pread", pread)
     return faulted, pagemaps
