@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -133,10 +134,11 @@ class Background:
         #: Tasks started and not yet ended (a task counts from `start`, before it first runs).
         self.running = 0
         self._idle: anyio.Event | None = None
-        #: The load tasks running outside a task group, and their loads' coroutines, by the
-        #: cancel scope each runs in.
+        #: The load tasks running outside a task group, their loads' coroutines and the task
+        #: group their escaped exceptions go to, by the cancel scope each runs in.
         self._loads: dict[
-            anyio.CancelScope, tuple[asyncio.Task[None], Coroutine[Any, Any, object]]
+            anyio.CancelScope,
+            tuple[asyncio.Task[None], Coroutine[Any, Any, object], anyio.abc.TaskGroup],
         ] = {}
         self._cancelled = False  # `cancel_loads` was called: loads started now start cancelled
 
@@ -168,12 +170,37 @@ class Background:
         if self._cancelled:
             scope.cancel()
         running = func(*args)  # the arguments live in this coroutine alone, as in `_run`
-        task = loop.create_task(self._run_load(scope, task_group, running), name=name)
         self.running += 1
-        # asyncio keeps only a weak reference to a task; the load's coroutine is kept for
-        # `wait_loads` to run if the task ends before running it.
-        self._loads[scope] = (task, running)
+        self._load_task(loop, scope, task_group, running, name)
         return scope
+
+    def _load_task(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        scope: anyio.CancelScope,
+        task_group: anyio.abc.TaskGroup,
+        running: Coroutine[Any, Any, object],
+        name: str,
+    ) -> None:
+        """Run ``running`` (a load) in ``scope`` in a new task. asyncio keeps only a weak
+        reference to a task: it is kept in `_loads` until it ends, with the load's coroutine,
+        for `_never_ran` to run if the task ends before running it."""
+        task = loop.create_task(self._run_load(scope, task_group, running), name=name)
+        task.add_done_callback(functools.partial(self._never_ran, scope))
+        self._loads[scope] = (task, running, task_group)
+
+    def _never_ran(self, scope: anyio.CancelScope, task: asyncio.Task[None]) -> None:
+        """``task`` ended: if it never ran its load (cancelled by other code before its first
+        step: a server's shutdown cancelling every task in the step after a use() started a
+        load), the load runs now in a new task, cancelled, and fails its entry as a load whose
+        task is cancelled while it runs does. Else its entry would never be done: the use()s
+        joined to it waited for good, and the cache's close with them."""
+        held = self._loads.get(scope)
+        if held is None or held[0] is not task:
+            return  # it ran: its end took it out of `_loads`
+        _, running, task_group = held
+        scope.cancel()
+        self._load_task(task.get_loop(), scope, task_group, running, task.get_name())
 
     def cancel_loads(self) -> None:
         """Cancel the loads running outside a task group, and any started from now on."""
@@ -223,22 +250,16 @@ class Background:
 
     async def wait_loads(self) -> None:
         """Return once every load task (`start_load`) has ended, as a task group's exit waits
-        for its tasks: on the tasks themselves, not the count. A task cancelled by other code
-        before it first ran (a server's shutdown cancelling every task, in the step after a
-        use() started a load) never ran its load, which would neither fail its entry nor count
-        itself out (a cache's close waited for it forever): its load is run here, cancelled."""
+        for its tasks: on the tasks themselves, not the count. A task that ended without
+        running its load left a new task in its place (`_never_ran`), waited for in turn."""
         while self._loads:
-            loads = list(self._loads.items())
-            await asyncio.wait([task for _, (task, _) in loads])
-            for scope, (_, running) in loads:
-                if scope in self._loads:  # its task ended before it ran: run it here, cancelled
-                    try:
-                        scope.cancel()
-                        with scope:  # the load fails its entry, as a load cancelled by a close
-                            await running
-                    finally:
-                        del self._loads[scope]
-                        self._ended()
+            tasks = [task for task, _, _ in self._loads.values()]
+            await asyncio.wait(tasks)
+            # Each task's done callbacks run in the order they were added: `_never_ran` (added
+            # as the task was made) before the wait's own, so a replacement is in `_loads` now.
+            for scope, (task, _, _) in list(self._loads.items()):
+                if task.done():
+                    self._never_ran(scope, task)
 
     async def wait_idle(self) -> None:
         """Return once no task started here runs (at once if none does)."""

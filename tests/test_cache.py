@@ -815,6 +815,45 @@ def test_close_ends_when_a_load_task_is_cancelled_before_it_first_ran(
     assert (stats.background, stats.bytes_reserved, stats.loading) == (0, 0, 0)
 
 
+def test_a_use_joined_to_a_load_whose_task_is_cancelled_before_it_first_ran_is_answered(
+    models: MemoryModels,
+) -> None:
+    """A load's task cancelled by other code before its first step, the cache open: the use()
+    waiting for it is answered (as when the task is cancelled while it runs), not left waiting
+    until the cache closes, and the next use() loads the model."""
+    models.add("a", 1000)
+    cancelled: list[str] = []
+
+    def cancel_the_load() -> None:
+        for task in asyncio.all_tasks():
+            if task.get_name().startswith("modelcache load"):
+                cancelled.append(task.get_name())
+                task.cancel()
+
+    class Signalling(Store):
+        def model_url(self, model_id: str) -> str:
+            # use() asks this just before it makes the load's task: this runs in the next step
+            # of the loop, ahead of that task's first.
+            if not cancelled:
+                asyncio.get_running_loop().call_soon(cancel_the_load)
+            return super().model_url(model_id)
+
+    async def main() -> None:
+        async with ModelCache(Signalling(models.template), device_budget=4096) as cache:
+            with pytest.raises(CacheClosedError, match="'a'"):
+                # A bound for the failure only: the answer comes within a few loop steps.
+                with anyio.fail_after(60):
+                    async with cache.use("a"):
+                        pass
+            assert cancelled == ["modelcache load 'a'"]
+            stats = cache.stats()
+            assert (stats.background, stats.bytes_reserved, stats.loading) == (0, 0, 0)
+            async with cache.use("a") as weights:
+                assert weights.nbytes == 1000
+
+    asyncio.run(main())
+
+
 async def test_closing_frees_every_buffer(models: MemoryModels) -> None:
     """After close, no buffer of a loaded model is referenced by the cache."""
     models.add("a", 1000)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import shutil
 import tempfile
 from concurrent.futures import Future
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -736,25 +735,30 @@ class LocalPrefetchMachine(RuleBasedStateMachine):
         async def use(model_id: str) -> None:
             outcomes[model_id] = await self._use(model_id)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(prefetch)
-            while not done.is_set() and not self.cache.stats().loading:
-                await anyio.lowlevel.checkpoint()
-            for model_id in dict.fromkeys(ids):
-                tg.start_soon(use, model_id)
-            for _ in range(steps):
-                await anyio.lowlevel.checkpoint()
-            # A lane that has run (one cancelled before its first step never runs its loads, as
-            # a load's own task would not: the cache's close runs them, `wait_loads`).
-            lanes = [
-                t
-                for t in asyncio.all_tasks()
-                if t.get_name() == "modelcache prefetch loads"
-                and inspect.getcoroutinestate(cast(Any, t.get_coro())) != inspect.CORO_CREATED
-            ]
-            if lanes:
-                lanes[0].cancel()
-        await self.cache.wait_idle()
+        try:
+            with anyio.fail_after(SETTLE_SECONDS):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(prefetch)
+                    while not done.is_set() and not self.cache.stats().loading:
+                        await anyio.lowlevel.checkpoint()
+                    for model_id in dict.fromkeys(ids):
+                        tg.start_soon(use, model_id)
+                    for _ in range(steps):
+                        await anyio.lowlevel.checkpoint()
+                    # A lane that has run, or one not yet: cancelled before its first step,
+                    # its loads run in a new task, cancelled (`Background._never_ran`).
+                    lanes = [
+                        t
+                        for t in asyncio.all_tasks()
+                        if t.get_name() == "modelcache prefetch loads"
+                    ]
+                    if lanes:
+                        lanes[0].cancel()
+                await self.cache.wait_idle()
+        except TimeoutError:
+            raise AssertionError(
+                "a use() joined to a cancelled lane's load is never answered"
+            ) from None
         return outcomes
 
     @rule(ids=st.lists(LOCAL_IDS, min_size=1, max_size=6), steps=st.integers(0, 4))
