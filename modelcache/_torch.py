@@ -41,6 +41,7 @@ import errno
 import functools
 import mmap
 import os
+import re
 import threading
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -415,11 +416,15 @@ def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
         resident = _cached_fraction(fd, size)
         try:  # this descriptor's file, not whatever the path names by now
             storage = torch.UntypedStorage.from_file(_fd_path(fd, path), shared=False, nbytes=size)
-        except RuntimeError as exc:  # torch's own size check: cut short since the fstat
+        except RuntimeError as exc:  # cut short since the fstat (torch's size check), or an
+            # open or mmap that failed (no descriptor, no address space): as an OSError
             now = os.fstat(fd).st_size
-            if now == size:
+            if now != size:
+                raise _changed_size(info, size, now) from exc
+            error = _os_error(exc)
+            if error is None:
                 raise
-            raise _changed_size(info, size, now) from exc
+            raise error from exc
         buffer = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
         if resident < 1.0 and not _advise_huge_reads(buffer) and resident < DIRECT_BELOW:
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
@@ -430,6 +435,19 @@ def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
         return buffer, huge_from is not None and _populate_resident(buffer, huge_from)
     except OSError as exc:  # EFAULT: the file shrank after its size was checked
         raise _changed_size(info, size, -1) from exc
+
+
+#: How torch ends the RuntimeError of a failed open or mmap of a file (ATen's MapAllocator):
+#: ``...: Too many open files (24)``.
+_ERRNO_AT_END = re.compile(r": ([^:]+) \((\d+)\)$")
+
+
+def _os_error(exc: RuntimeError) -> OSError | None:
+    """The OSError behind torch's RuntimeError for a file it could not open or map (None for
+    another RuntimeError): the failure memory then sees a load that ran out of descriptors or memory
+    (EMFILE, ENOMEM) as the process's state, not the model's (`_failures`)."""
+    found = _ERRNO_AT_END.search(str(exc))
+    return None if found is None else OSError(int(found[2]), found[1])
 
 
 def _advise_huge_reads(buffer: torch.Tensor) -> bool:
