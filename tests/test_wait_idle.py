@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,48 @@ async def test_a_cancelled_wait_idle_leaves_the_work_and_later_waits_alone(
         assert second.returned and not first.returned
         assert cache.resident("host") == ["a"]
         check_invariants(cache)
+
+
+def test_a_copy_down_whose_task_is_cancelled_before_it_first_ran_is_undone(
+    models: MemoryModels,
+) -> None:
+    """Code that cancels every task (a server's shutdown) in the loop step after an eviction
+    started its copy down to host memory, before the copy's task first ran: once the cache
+    has closed, nothing of the copy is left (its host and device bytes, its count in
+    ``stats().background``) and wait_idle returns, as when the copy's task is cancelled while
+    it runs."""
+    models.add("a", 1000)
+    backend = RecordingBackend(on_host=False)
+    cache = ModelCache(models.template, backend=backend, device_budget=4000, host_budget=4000)
+    main: list[asyncio.Task[None]] = []
+
+    def shutdown() -> None:
+        for task in asyncio.all_tasks():
+            if task not in main:
+                task.cancel()
+
+    async def serve() -> None:
+        async with cache:
+            async with cache.use("a"):
+                pass
+            # Queued ahead of the first step of the copy's task, which the eviction starts.
+            asyncio.get_running_loop().call_soon(shutdown)
+            assert cache.evict("a")
+            await anyio.sleep_forever()
+
+    async def run() -> None:
+        main.append(asyncio.current_task())  # type: ignore[arg-type]
+        server = asyncio.get_running_loop().create_task(serve())
+        # A bound for the failure only: the close ends within a few steps of the loop.
+        done, _ = await asyncio.wait([server], timeout=60)
+        assert done == {server} and server.cancelled()
+        stats = cache.stats()
+        assert (stats.background, stats.bytes_reserved, stats.tiers["host"].bytes_reserved) == (
+            0,
+            0,
+            0,
+        )
+        with anyio.fail_after(60):
+            await cache.wait_idle()
+
+    asyncio.run(run())
