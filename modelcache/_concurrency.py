@@ -194,8 +194,16 @@ class Background:
     ) -> None:
         """Run ``running`` (a load) in ``scope`` in a new task. asyncio keeps only a weak
         reference to a task: it is kept in `_loads` until it ends, with the load's coroutine,
-        for `_never_ran` to run if the task ends before running it."""
+        for `_never_ran` to run if the task ends before running it.
+
+        An eager task factory (``asyncio.eager_task_factory``, Python 3.12) runs the task's
+        first step inside ``create_task``: one whose coroutine ended there (a load nobody waits
+        for, a copy down that never awaits) ran, and its end found nothing to take out of
+        `_loads`. Kept there, `_never_ran` took it for a task that never ran and started it
+        again, and again: the loop spun for good."""
         task = loop.create_task(self._run_load(scope, task_group, running), name=name)
+        if task.done():
+            return  # ended in its first step, run by the task factory: counted out already
         task.add_done_callback(functools.partial(self._never_ran, scope))
         self._loads[scope] = (task, running, task_group)
 
@@ -239,7 +247,8 @@ class Background:
                 task.add_done_callback(_retrieve)
             raise
         finally:
-            del self._loads[scope]
+            # Absent when the task ended in its first step inside ``create_task`` (`_load_task`).
+            self._loads.pop(scope, None)
             self._ended()
 
     async def _run(self, func: Callable[..., Awaitable[object]], args: tuple[object, ...]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from modelcache import ModelCache
 from modelcache._arena import HostBlock
 from modelcache._backend import LoadedWeights
+from modelcache._concurrency import Background
 from modelcache._disk import DiskTier
 
 from .conftest import GatedStore, MemoryModels, check_invariants
@@ -212,3 +214,29 @@ def test_a_copy_down_whose_task_is_cancelled_before_it_first_ran_is_undone(
             await cache.wait_idle()
 
     asyncio.run(run())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory: Python 3.12")
+def test_a_task_that_ends_in_its_first_step_under_an_eager_task_factory_ends_once() -> None:
+    """Under an eager task factory a load's first step runs as its task is made: one whose
+    coroutine ends there (a load nobody waits for; a copy down whose backend never awaits)
+    is counted out once, and not taken for a task that never ran (`Background._never_ran`
+    started it again, and again: the loop spun and nothing waited for it ever returned)."""
+    ran: list[int] = []
+
+    async def quick() -> None:
+        ran.append(1)  # no await: it ends in its first step
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+        background = Background()
+        async with anyio.create_task_group() as tg:
+            background.start_load(tg, quick, name="quick")
+            assert ran == [1] and background.running == 0
+            with anyio.fail_after(60):  # a bound for the failure only
+                await background.wait_loads()
+                await background.wait_idle()
+        assert ran == [1]
+
+    asyncio.run(main())
