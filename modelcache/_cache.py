@@ -355,7 +355,7 @@ class ModelCache:
         InvalidModelIdError, ModelNotFoundError, StoreError, ModelFormatError, CacheClosedError.
         Servers use it to tell an unknown id (404) before a load starts.
 
-        Concurrent calls for one id share one read, run in the cache's task group: a caller
+        Concurrent calls for one id share one read, run in a task of the cache's: a caller
         cancelled (``anyio.fail_after``) leaves it to the others, and the read is dropped when
         its last caller leaves. Its errors are remembered for ``failure_ttl`` seconds, as are
         the header errors of failed loads (not found, invalid, store errors)."""
@@ -847,7 +847,7 @@ class ModelCache:
 
     async def _swap_versions(self, model_id: str, stale: ModelVersion) -> None:
         """The store holds a new version of ``model_id`` instead of ``stale`` (found by a check,
-        in the cache's task group): copies in the lower tiers are dropped, and each resident
+        in a task of the cache's): copies in the lower tiers are dropped, and each resident
         entry gets a load of the new version that takes its place when ready
         (`DeviceTier.add_swap`). Uses are served by the old one meanwhile; its leases end on it.
         A load in flight of ``stale`` (it read the headers, maybe all the weights, before the

@@ -120,13 +120,16 @@ class Background:
     threads to their end before its task ends). Long-lived tasks (the failure memory's
     sweeper) are started without it.
 
-    A cache's loads (`start_load`) are, on asyncio, tasks of their own rather than tasks of
-    the cache's task group: anyio's task of a group costs a wrapper coroutine, a cancel scope,
-    an event, a task state and a done callback: a measurable part of a small model's load.
-    Each runs in a cancel scope of its own, which `cancel_loads` cancels (anyio's shields inside
-    a load hold, as in a group's task); the cache waits for them with `wait_loads` when it
-    closes, as a group's exit would. A load never raises (its errors go to its waiters); an
-    exception that escaped one anyway is raised in the task group, as a group's task's is."""
+    A cache's loads (`start_load`), and the other tasks started here (`start`), are on asyncio
+    tasks of their own rather than tasks of the cache's task group: anyio's task of a group
+    costs a wrapper coroutine, a cancel scope, an event, a task state and a done callback: a
+    measurable part of a small model's load; and a group's task cancelled by other code before
+    its first step never runs its coroutine, so never undoes what was set up for it
+    (`_never_ran`). Each runs in a cancel scope of its own, which `cancel_loads` cancels
+    (anyio's shields inside one hold, as in a group's task); the cache waits for them with
+    `wait_loads` when it closes, as a group's exit would. None raises (a load's errors go to
+    its waiters, the others log theirs); an exception that escaped one anyway is raised in the
+    task group, as a group's task's is."""
 
     __slots__ = ("_cancelled", "_idle", "_loads", "running")
 
@@ -134,8 +137,9 @@ class Background:
         #: Tasks started and not yet ended (a task counts from `start`, before it first runs).
         self.running = 0
         self._idle: anyio.Event | None = None
-        #: The load tasks running outside a task group, their loads' coroutines and the task
-        #: group their escaped exceptions go to, by the cancel scope each runs in.
+        #: The tasks running outside a task group (loads and the others: `start`), their
+        #: coroutines and the task group their escaped exceptions go to, by the cancel scope
+        #: each runs in.
         self._loads: dict[
             anyio.CancelScope,
             tuple[asyncio.Task[None], Coroutine[Any, Any, object], anyio.abc.TaskGroup],
@@ -145,12 +149,17 @@ class Background:
     def start(
         self,
         task_group: anyio.abc.TaskGroup,
-        func: Callable[..., Awaitable[object]],
+        func: Callable[..., Coroutine[Any, Any, object]],
         *args: object,
         name: str | None = None,
     ) -> None:
-        self.running += 1
-        task_group.start_soon(self._run, func, args, name=name or f"modelcache {func.__name__}")
+        """`start_load` ``func(*args)`` (its scope dropped): on asyncio a task of its own too.
+        In a task of the group, code that cancelled the task before its first step (a server's
+        shutdown cancelling every task) left ``func`` never run, and with it the undoing its
+        ``finally`` owes to what its caller set up for it: a copy down's host and device bytes
+        stayed reserved after the close, and ``running`` counted it (`wait_idle` waited for
+        good). A task of its own is run cancelled then (`_never_ran`)."""
+        self.start_load(task_group, func, *args, name=name or f"modelcache {func.__name__}")
 
     def start_load(
         self,
@@ -159,12 +168,13 @@ class Background:
         *args: object,
         name: str,
     ) -> anyio.CancelScope | None:
-        """`start` ``func(*args)``, a load: on asyncio, as a task of its own (see the class
-        docstring), and return the cancel scope it runs in; on another backend, in
-        ``task_group`` (None)."""
+        """Run ``func(*args)``, a load, counted while it runs: on asyncio, as a task of its own
+        (see the class docstring), and return the cancel scope it runs in; on another backend,
+        in ``task_group`` (None)."""
         loop = _asyncio_loop()
         if loop is None:  # not asyncio (trio): a task of the group
-            self.start(task_group, func, *args, name=name)
+            self.running += 1
+            task_group.start_soon(self._run, func, args, name=name)
             return None
         scope = new_scope()
         if self._cancelled:
@@ -184,8 +194,16 @@ class Background:
     ) -> None:
         """Run ``running`` (a load) in ``scope`` in a new task. asyncio keeps only a weak
         reference to a task: it is kept in `_loads` until it ends, with the load's coroutine,
-        for `_never_ran` to run if the task ends before running it."""
+        for `_never_ran` to run if the task ends before running it.
+
+        An eager task factory (``asyncio.eager_task_factory``, Python 3.12) runs the task's
+        first step inside ``create_task``: one whose coroutine ended there (a load nobody waits
+        for, a copy down that never awaits) ran, and its end found nothing to take out of
+        `_loads`. Kept there, `_never_ran` took it for a task that never ran and started it
+        again, and again: the loop spun for good."""
         task = loop.create_task(self._run_load(scope, task_group, running), name=name)
+        if task.done():
+            return  # ended in its first step, run by the task factory: counted out already
         task.add_done_callback(functools.partial(self._never_ran, scope))
         self._loads[scope] = (task, running, task_group)
 
@@ -229,7 +247,8 @@ class Background:
                 task.add_done_callback(_retrieve)
             raise
         finally:
-            del self._loads[scope]
+            # Absent when the task ended in its first step inside ``create_task`` (`_load_task`).
+            self._loads.pop(scope, None)
             self._ended()
 
     async def _run(self, func: Callable[..., Awaitable[object]], args: tuple[object, ...]) -> None:

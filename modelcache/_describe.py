@@ -1,6 +1,6 @@
 """Reads of a model's headers for ``cache.describe``, one per model id, shared by its callers.
 
-Invariants: concurrent callers for one id share one read, run in the cache's task group (a
+Invariants: concurrent callers for one id share one read, run in a task of the cache's (a
 caller cancelled leaves it to the others), and the read is dropped when its last caller leaves
 (so a stalled store keeps nothing for nobody). A failed read is remembered in the failure
 memory while the cache is open.
@@ -86,7 +86,7 @@ class HeaderChecks:
         return check.info
 
     async def _run(self, model_id: str, check: _Check) -> None:
-        """Read ``model_id``'s headers for the check's callers (in the cache's task group)."""
+        """Read ``model_id``'s headers for the check's callers (in a task of the cache's)."""
         try:
             with check.scope:
                 check.info = await read_model_info(self._store, model_id)

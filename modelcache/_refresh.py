@@ -7,7 +7,7 @@ Design notes (the rules are RFC 5861's stale-while-revalidate and stale-if-error
   after its confirmation, a hit on the model starts a background check and is served the
   resident version at once: the hit path only compares a float (`due`), never awaits.
 - A check is single-flight per id: one stat/HEAD per file of the resident version (one for a
-  single-file model), in the cache's task group; `refresh` joins the one in flight. A change
+  single-file model), in a task of the cache's; `refresh` joins the one in flight. A change
   found starts the swap (the cache's ``on_change``: the new version is loaded beside the old one
   and replaces it when ready) inside the same check, so a second check never starts a second
   swap. A check that fails (store down) keeps the resident version and tries again one

@@ -437,8 +437,8 @@ def _map_file(path: str, info: ModelInfo) -> tuple[torch.Tensor, bool]:
         raise _changed_size(info, size, -1) from exc
 
 
-#: How torch ends the RuntimeError of a failed open or mmap of a file (ATen's MapAllocator):
-#: ``...: Too many open files (24)``.
+#: How torch ends the first line of the RuntimeError of a failed open or mmap of a file
+#: (ATen's MapAllocator): ``...: Too many open files (24)``.
 _ERRNO_AT_END = re.compile(r": ([^:]+) \((\d+)\)$")
 
 
@@ -446,7 +446,8 @@ def _os_error(exc: RuntimeError) -> OSError | None:
     """The OSError behind torch's RuntimeError for a file it could not open or map (None for
     another RuntimeError): the failure memory then sees a load that ran out of descriptors or memory
     (EMFILE, ENOMEM) as the process's state, not the model's (`_failures`)."""
-    found = _ERRNO_AT_END.search(str(exc))
+    # Its first line: with ``TORCH_SHOW_CPP_STACKTRACES`` set, a C++ traceback follows it.
+    found = _ERRNO_AT_END.search(str(exc).partition("\n")[0])
     return None if found is None else OSError(int(found[2]), found[1])
 
 

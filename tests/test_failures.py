@@ -275,18 +275,23 @@ async def test_a_device_out_of_memory_is_not_remembered(models: MemoryModels) ->
 
 
 @pytest.mark.parametrize(
-    ("zero_copy", "spare"),
-    [(False, 0), (True, 0), (True, 1)],
-    ids=["copy", "zero-copy", "zero-copy-torch-open"],
+    ("zero_copy", "spare", "cpp_traces"),
+    [(False, 0, False), (True, 0, False), (True, 1, False), (True, 1, True)],
+    ids=["copy", "zero-copy", "zero-copy-torch-open", "zero-copy-torch-open-cpp-traces"],
 )
 def test_a_load_that_found_no_free_descriptor_is_not_remembered(
-    tmp_path: Path, zero_copy: bool, spare: int
+    tmp_path: Path, zero_copy: bool, spare: int, cpp_traces: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A use() that failed because the process had no free file descriptor (EMFILE, a
     condition of the moment) raises it typed and is not remembered as the model's failure:
     once descriptors are free again, the next use() loads the model. With one descriptor
     spare, the zero-copy load's own open takes it and torch's open of the mapping fails: torch
-    says so in a RuntimeError, which was remembered."""
+    says so in a RuntimeError, which was remembered. With ``TORCH_SHOW_CPP_STACKTRACES`` set
+    (torch's debugging switch) torch's message goes on past its first line with a C++
+    traceback, and was remembered still."""
+    if cpp_traces:
+        monkeypatch.setenv("TORCH_SHOW_CPP_STACKTRACES", "1")
+        monkeypatch.setenv("TORCH_DISABLE_ADDR2LINE", "1")  # no symbols: a quick traceback
     result = run_python(
         f"""
         import asyncio, os, resource

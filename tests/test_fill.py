@@ -208,13 +208,14 @@ async def test_a_load_runs_in_a_task_of_its_own_that_close_cancels_and_waits_for
 
 
 @contextlib.contextmanager
-def _tasks_made() -> Iterator[list[str]]:
-    """The qualified names of the coroutines of every asyncio task made in the block."""
-    created: list[str] = []
+def _tasks_made() -> Iterator[list[asyncio.Task[Any]]]:
+    """Every asyncio task made in the block (named after it is made: read the names later)."""
+    created: list[asyncio.Task[Any]] = []
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
-        created.append(getattr(coro, "__qualname__", ""))
-        return asyncio.Task(coro, loop=loop, **kwargs)
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        created.append(task)
+        return task
 
     loop = asyncio.get_running_loop()
     loop.set_task_factory(factory)
@@ -236,9 +237,10 @@ async def test_a_device_prefetch_runs_its_loads_in_lanes_not_a_task_per_id(tiny:
             await cache.prefetch(ids)
         assert sorted(cache.resident()) == sorted(ids)
         assert cache.stats().leased == 0  # resident and unleased
-    lanes = [name for name in created if name == "Background._run_load"]
-    assert len(lanes) == 4 * 4
-    assert len(created) == len(lanes) + 4, created
+    names = [task.get_name() for task in created]
+    assert names.count("modelcache prefetch loads") == 4 * 4, names
+    assert names.count("modelcache prefetch headers") == 4, names
+    assert len(names) == 4 * 4 + 4, names
 
 
 async def test_a_device_prefetch_keeps_a_window_of_loads_in_flight(

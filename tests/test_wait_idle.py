@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import pytest
 from modelcache import ModelCache
 from modelcache._arena import HostBlock
 from modelcache._backend import LoadedWeights
+from modelcache._concurrency import Background
 from modelcache._disk import DiskTier
 
 from .conftest import GatedStore, MemoryModels, check_invariants
@@ -166,3 +169,74 @@ async def test_a_cancelled_wait_idle_leaves_the_work_and_later_waits_alone(
         assert second.returned and not first.returned
         assert cache.resident("host") == ["a"]
         check_invariants(cache)
+
+
+def test_a_copy_down_whose_task_is_cancelled_before_it_first_ran_is_undone(
+    models: MemoryModels,
+) -> None:
+    """Code that cancels every task (a server's shutdown) in the loop step after an eviction
+    started its copy down to host memory, before the copy's task first ran: once the cache
+    has closed, nothing of the copy is left (its host and device bytes, its count in
+    ``stats().background``) and wait_idle returns, as when the copy's task is cancelled while
+    it runs."""
+    models.add("a", 1000)
+    backend = RecordingBackend(on_host=False)
+    cache = ModelCache(models.template, backend=backend, device_budget=4000, host_budget=4000)
+    main: list[asyncio.Task[None]] = []
+
+    def shutdown() -> None:
+        for task in asyncio.all_tasks():
+            if task not in main:
+                task.cancel()
+
+    async def serve() -> None:
+        async with cache:
+            async with cache.use("a"):
+                pass
+            # Queued ahead of the first step of the copy's task, which the eviction starts.
+            asyncio.get_running_loop().call_soon(shutdown)
+            assert cache.evict("a")
+            await anyio.sleep_forever()
+
+    async def run() -> None:
+        main.append(asyncio.current_task())  # type: ignore[arg-type]
+        server = asyncio.get_running_loop().create_task(serve())
+        # A bound for the failure only: the close ends within a few steps of the loop.
+        done, _ = await asyncio.wait([server], timeout=60)
+        assert done == {server} and server.cancelled()
+        stats = cache.stats()
+        assert (stats.background, stats.bytes_reserved, stats.tiers["host"].bytes_reserved) == (
+            0,
+            0,
+            0,
+        )
+        with anyio.fail_after(60):
+            await cache.wait_idle()
+
+    asyncio.run(run())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory: Python 3.12")
+def test_a_task_that_ends_in_its_first_step_under_an_eager_task_factory_ends_once() -> None:
+    """Under an eager task factory a load's first step runs as its task is made: one whose
+    coroutine ends there (a load nobody waits for; a copy down whose backend never awaits)
+    is counted out once, and not taken for a task that never ran (`Background._never_ran`
+    started it again, and again: the loop spun and nothing waited for it ever returned)."""
+    ran: list[int] = []
+
+    async def quick() -> None:
+        ran.append(1)  # no await: it ends in its first step
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+        background = Background()
+        async with anyio.create_task_group() as tg:
+            background.start_load(tg, quick, name="quick")
+            assert ran == [1] and background.running == 0
+            with anyio.fail_after(60):  # a bound for the failure only
+                await background.wait_loads()
+                await background.wait_idle()
+        assert ran == [1]
+
+    asyncio.run(main())
