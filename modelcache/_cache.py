@@ -542,7 +542,8 @@ class ModelCache:
                 self._failures.raise_recent(builder, model_id)
                 # Validates the id before anything else happens, once: the load has the URL.
                 entry = self._start_load(key, self._store.model_url(model_id))
-            self._device.join(entry)
+            else:
+                self._device.join(entry)
             waiting_since = _observe.clock()
             leased = False
             try:
@@ -663,8 +664,8 @@ class ModelCache:
                 entry = self._start_load(key, url)
             else:
                 entry = self._device.add(key, url)
+                self._device.join(entry)
                 read.append((entry, info))
-            self._device.join(entry)
             joined.append(entry)
         if read:  # the lanes start after every entry is joined: no load starts unwanted
             loads = iter(read)
@@ -705,7 +706,12 @@ class ModelCache:
             others.append(entry.key)  # evicted, or dropped, before its lease: as use() would
 
     def _start_load(self, key: Key, url: str) -> DeviceEntry:
+        """Add ``key``'s entry, joined by the caller, and start its load. Joined first: under an
+        eager task factory (Python 3.12) the load's first step runs as its task is made, and a
+        load that finds nobody waiting stops (`Abandoned`): its caller then started it again,
+        for good, without yielding."""
         entry = self._device.add(key, url)
+        self._device.join(entry)
         self._run_load(entry)
         return entry
 

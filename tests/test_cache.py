@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import threading
 import traceback
 import weakref
@@ -850,6 +851,27 @@ def test_a_use_joined_to_a_load_whose_task_is_cancelled_before_it_first_ran_is_a
             assert (stats.background, stats.bytes_reserved, stats.loading) == (0, 0, 0)
             async with cache.use("a") as weights:
                 assert weights.nbytes == 1000
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory: Python 3.12")
+def test_use_and_prefetch_load_under_an_eager_task_factory(models: MemoryModels) -> None:
+    """Under an eager task factory a load's first step runs as its task is made: its caller
+    is its waiter before that (a load that found nobody waiting stopped, and use() started it
+    again and again without yielding: break11, from reading)."""
+    models.add("a", 1000)
+    models.add("b", 1000)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+        async with ModelCache(models.template, device_budget=4096) as cache:
+            with anyio.fail_after(60):  # a bound for the failure only
+                async with cache.use("a") as weights:
+                    assert weights.nbytes == 1000
+                await cache.prefetch(["b"])
+            assert sorted(cache.resident()) == ["a", "b"]
 
     asyncio.run(main())
 
