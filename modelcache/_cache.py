@@ -478,6 +478,11 @@ class ModelCache:
         self._task_group.cancel_scope.cancel()
         self._background.cancel_loads()  # the loads outside the group (`Background.start_load`)
         try:
+            # Waited for before the group exits, as its own tasks are: an error escaping one
+            # (a bug) goes to the group while it is still active, and is raised here. Once it
+            # had exited, the task failed to hand it on and nobody retrieved it.
+            with anyio.CancelScope(shield=True):
+                await self._background.wait_loads()
             return await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
             # Load tasks never raise, so the group only wraps the body's own exception:
@@ -486,7 +491,7 @@ class ModelCache:
                 return None
             raise
         finally:
-            with anyio.CancelScope(shield=True):  # as the group's exit waits for its tasks
+            with anyio.CancelScope(shield=True):  # any started while the group exited
                 await self._background.wait_loads()
             self._device.close()
             self._revalidator.close()

@@ -16,6 +16,7 @@ from modelcache._arena import HostBlock
 from modelcache._backend import LoadedWeights
 from modelcache._concurrency import Background
 from modelcache._disk import DiskTier
+from modelcache._lower import HostDiskTiers
 
 from .conftest import GatedStore, MemoryModels, check_invariants
 from .test_backend import RecordingBackend
@@ -240,3 +241,46 @@ def test_a_task_that_ends_in_its_first_step_under_an_eager_task_factory_ends_onc
         assert ran == [1]
 
     asyncio.run(main())
+
+
+async def test_an_error_escaping_a_copy_down_during_the_close_is_raised_by_the_close(
+    models: MemoryModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy down that ends with an error escaping it (a bug) while the cache closes, after
+    the close cancelled it: the close raises that error, as it did when the copy was a task of
+    the cache's group, rather than losing it in a task nobody awaits ("Task exception was
+    never retrieved", about a group no longer active)."""
+    models.add("a", 1000)
+    entered, gate, closing = anyio.Event(), anyio.Event(), anyio.Event()
+
+    class Uncancellable(RecordingBackend):
+        async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
+            entered.set()
+            with anyio.CancelScope(shield=True):  # as a copy in a worker thread: not cancelled
+                await gate.wait()
+            await super().demote(loaded, block)
+
+    def bug(self: HostDiskTiers, entry: object) -> None:
+        raise RuntimeError("a bug in the copy down")
+
+    monkeypatch.setattr(HostDiskTiers, "_admit_host", bug)
+    cache = ModelCache(
+        models.template, backend=Uncancellable(on_host=False), device_budget=4000, host_budget=4000
+    )
+
+    async def open_gate_once_closing() -> None:
+        await closing.wait()
+        await anyio.wait_all_tasks_blocked()  # the close waits for the copy
+        assert repr(cache).startswith("<ModelCache closing")
+        gate.set()
+
+    with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="a bug"), flatten_subgroups=True):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(open_gate_once_closing)
+            async with cache:
+                async with cache.use("a"):
+                    pass
+                assert cache.evict("a")
+                await entered.wait()
+                closing.set()
+    assert cache.stats().background == 0
