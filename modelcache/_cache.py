@@ -29,6 +29,7 @@ every step; the tiers' own are in their modules):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -478,6 +479,15 @@ class ModelCache:
         self._task_group.cancel_scope.cancel()
         self._background.cancel_loads()  # the loads outside the group (`Background.start_load`)
         try:
+            # Waited for before the group exits, as its own tasks are: an error escaping one
+            # (a bug) goes to the group while it is still active, and is raised here. Once it
+            # had exited, the task failed to hand it on and nobody retrieved it.
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._background.wait_loads()
+            except asyncio.CancelledError as cancelled:  # native, raised after the wait
+                if exc is None:  # raised by the group's exit, as one during its wait would be
+                    exc_type, exc, tb = type(cancelled), cancelled, cancelled.__traceback__
             return await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
             # Load tasks never raise, so the group only wraps the body's own exception:
@@ -486,8 +496,12 @@ class ModelCache:
                 return None
             raise
         finally:
-            with anyio.CancelScope(shield=True):  # as the group's exit waits for its tasks
-                await self._background.wait_loads()
+            late: asyncio.CancelledError | None = None
+            try:
+                with anyio.CancelScope(shield=True):  # any started while the group exited
+                    await self._background.wait_loads()
+            except asyncio.CancelledError as cancelled:  # native: raised once the cache closed
+                late = cancelled
             self._device.close()
             self._revalidator.close()
             self._host_disk.close()
@@ -497,6 +511,8 @@ class ModelCache:
             self._state = State.CLOSED
             with anyio.CancelScope(shield=True):
                 await self._store.aclose()
+            if late is not None:
+                raise late
 
     # -- the slow path --------------------------------------------------------------------------
 

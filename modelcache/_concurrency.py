@@ -270,15 +270,27 @@ class Background:
     async def wait_loads(self) -> None:
         """Return once every load task (`start_load`) has ended, as a task group's exit waits
         for its tasks: on the tasks themselves, not the count. A task that ended without
-        running its load left a new task in its place (`_never_ran`), waited for in turn."""
+        running its load left a new task in its place (`_never_ran`), waited for in turn.
+
+        A native cancellation of the waiting task (``task.cancel()``: asyncio's shutdown, a
+        supervisor cancelling again and again) does not end the wait, as it does not end a
+        task group's exit: the tasks were cancelled already (`cancel_loads`), and a close that
+        stopped waiting never finished (the cache stayed closing, its tiers never closed). It
+        is raised once every task has ended."""
+        cancelled: asyncio.CancelledError | None = None
         while self._loads:
             tasks = [task for task, _, _ in self._loads.values()]
-            await asyncio.wait(tasks)
+            try:
+                await asyncio.wait(tasks)
+            except asyncio.CancelledError as exc:
+                cancelled = cancelled or exc
             # Each task's done callbacks run in the order they were added: `_never_ran` (added
             # as the task was made) before the wait's own, so a replacement is in `_loads` now.
             for scope, (task, _, _) in list(self._loads.items()):
                 if task.done():
                     self._never_ran(scope, task)
+        if cancelled is not None:
+            raise cancelled
 
     async def wait_idle(self) -> None:
         """Return once no task started here runs (at once if none does)."""

@@ -16,6 +16,7 @@ from modelcache._arena import HostBlock
 from modelcache._backend import LoadedWeights
 from modelcache._concurrency import Background
 from modelcache._disk import DiskTier
+from modelcache._lower import HostDiskTiers
 
 from .conftest import GatedStore, MemoryModels, check_invariants
 from .test_backend import RecordingBackend
@@ -240,3 +241,137 @@ def test_a_task_that_ends_in_its_first_step_under_an_eager_task_factory_ends_onc
         assert ran == [1]
 
     asyncio.run(main())
+
+
+async def test_an_error_escaping_a_copy_down_during_the_close_is_raised_by_the_close(
+    models: MemoryModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy down that ends with an error escaping it (a bug) while the cache closes, after
+    the close cancelled it: the close raises that error, as it did when the copy was a task of
+    the cache's group, rather than losing it in a task nobody awaits ("Task exception was
+    never retrieved", about a group no longer active)."""
+    models.add("a", 1000)
+    entered, gate, closing = anyio.Event(), anyio.Event(), anyio.Event()
+
+    class Uncancellable(RecordingBackend):
+        async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
+            entered.set()
+            with anyio.CancelScope(shield=True):  # as a copy in a worker thread: not cancelled
+                await gate.wait()
+            await super().demote(loaded, block)
+
+    def bug(self: HostDiskTiers, entry: object) -> None:
+        raise RuntimeError("a bug in the copy down")
+
+    monkeypatch.setattr(HostDiskTiers, "_admit_host", bug)
+    cache = ModelCache(
+        models.template, backend=Uncancellable(on_host=False), device_budget=4000, host_budget=4000
+    )
+
+    async def open_gate_once_closing() -> None:
+        await closing.wait()
+        await anyio.wait_all_tasks_blocked()  # the close waits for the copy
+        assert repr(cache).startswith("<ModelCache closing")
+        gate.set()
+
+    with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="a bug"), flatten_subgroups=True):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(open_gate_once_closing)
+            async with cache:
+                async with cache.use("a"):
+                    pass
+                assert cache.evict("a")
+                await entered.wait()
+                closing.set()
+    assert cache.stats().background == 0
+
+
+def test_a_close_cancelled_again_while_it_waits_for_a_copy_down_still_ends(
+    models: MemoryModels,
+) -> None:
+    """The task that owns the cache is cancelled natively (``task.cancel()``, as asyncio's
+    shutdown or a supervisor does) to close it, and twice more while its close waits for a
+    copy down in a worker thread: the close still waits for the copy and ends whole (the
+    cache closed, the host bytes back), as a task group's exit does, and the task ends
+    cancelled. It stopped at the first cancel in the wait: the cache stayed closing, its host
+    tier never closed."""
+    models.add("a", 1000)
+    entered, release = threading.Event(), threading.Event()
+
+    class ThreadDemote(RecordingBackend):
+        async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
+            def blocked() -> None:
+                entered.set()
+                release.wait()
+
+            await anyio.to_thread.run_sync(blocked)
+            await super().demote(loaded, block)
+
+    cache = ModelCache(
+        models.template, backend=ThreadDemote(on_host=False), device_budget=4000, host_budget=4000
+    )
+
+    async def owner() -> None:
+        async with cache:
+            async with cache.use("a"):
+                pass
+            assert cache.evict("a")
+            await anyio.sleep_forever()
+
+    async def run() -> None:
+        task = asyncio.get_running_loop().create_task(owner())
+        await anyio.to_thread.run_sync(entered.wait)
+        for _ in range(3):
+            task.cancel()
+            await anyio.wait_all_tasks_blocked()  # the close waits for the copy's thread
+        release.set()
+        # A bound for the failure only: the close ends once the copy's thread returns.
+        done, _ = await asyncio.wait([task], timeout=60)
+        assert done == {task} and task.cancelled()
+        assert repr(cache).startswith("<ModelCache closed")
+        stats = cache.stats()
+        assert (stats.background, stats.tiers["host"].bytes_reserved) == (0, 0)
+
+    asyncio.run(run())
+
+
+def test_a_timeout_expiring_while_the_close_waits_for_a_copy_down_ends_it_closed(
+    models: MemoryModels,
+) -> None:
+    """``asyncio.timeout`` around the cache's block expires while its close waits for a copy
+    down in a worker thread: the close waits for the copy and ends whole, then TimeoutError is
+    raised. The close stopped at the cancellation: the cache stayed closing for good."""
+    models.add("a", 1000)
+    entered, release = threading.Event(), threading.Event()
+
+    class ThreadDemote(RecordingBackend):
+        async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
+            def blocked() -> None:
+                entered.set()
+                release.wait()
+
+            await anyio.to_thread.run_sync(blocked)
+            await super().demote(loaded, block)
+
+    cache = ModelCache(
+        models.template, backend=ThreadDemote(on_host=False), device_budget=4000, host_budget=4000
+    )
+
+    async def release_later() -> None:
+        await anyio.sleep(0.3)  # the timeout (0.1 s) has expired in the close
+        release.set()
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release_later)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1), cache:
+                    async with cache.use("a"):
+                        pass
+                    assert cache.evict("a")
+                    await anyio.to_thread.run_sync(entered.wait)
+        assert repr(cache).startswith("<ModelCache closed")
+        stats = cache.stats()
+        assert (stats.background, stats.tiers["host"].bytes_reserved) == (0, 0)
+
+    asyncio.run(run())
