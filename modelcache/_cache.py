@@ -477,14 +477,14 @@ class ModelCache:
         assert self._task_group is not None
         self._state = State.CLOSING
         self._task_group.cancel_scope.cancel()
-        self._background.cancel_loads()  # the loads outside the group (`Background.start_load`)
+        self._background.cancel_tasks()  # its tasks outside the group (`Background`)
         try:
             # Waited for before the group exits, as its own tasks are: an error escaping one
             # (a bug) goes to the group while it is still active, and is raised here. Once it
             # had exited, the task failed to hand it on and nobody retrieved it.
             try:
                 with anyio.CancelScope(shield=True):
-                    await self._background.wait_loads()
+                    await self._background.wait_tasks()
             except asyncio.CancelledError as cancelled:  # native, raised after the wait
                 if exc is None:  # raised by the group's exit, as one during its wait would be
                     exc_type, exc, tb = type(cancelled), cancelled, cancelled.__traceback__
@@ -499,7 +499,7 @@ class ModelCache:
             late: asyncio.CancelledError | None = None
             try:
                 with anyio.CancelScope(shield=True):  # any started while the group exited
-                    await self._background.wait_loads()
+                    await self._background.wait_tasks()
             except asyncio.CancelledError as cancelled:  # native: raised once the cache closed
                 late = cancelled
             self._device.close()

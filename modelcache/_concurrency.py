@@ -125,13 +125,13 @@ class Background:
     costs a wrapper coroutine, a cancel scope, an event, a task state and a done callback: a
     measurable part of a small model's load; and a group's task cancelled by other code before
     its first step never runs its coroutine, so never undoes what was set up for it
-    (`_never_ran`). Each runs in a cancel scope of its own, which `cancel_loads` cancels
+    (`_never_ran`). Each runs in a cancel scope of its own, which `cancel_tasks` cancels
     (anyio's shields inside one hold, as in a group's task); the cache waits for them with
-    `wait_loads` when it closes, as a group's exit would. None raises (a load's errors go to
+    `wait_tasks` when it closes, as a group's exit would. None raises (a load's errors go to
     its waiters, the others log theirs); an exception that escaped one anyway is raised in the
     task group, as a group's task's is."""
 
-    __slots__ = ("_cancelled", "_idle", "_loads", "running")
+    __slots__ = ("_cancelled", "_idle", "_tasks", "running")
 
     def __init__(self) -> None:
         #: Tasks started and not yet ended (a task counts from `start`, before it first runs).
@@ -140,11 +140,11 @@ class Background:
         #: The tasks running outside a task group (loads and the others: `start`), their
         #: coroutines and the task group their escaped exceptions go to, by the cancel scope
         #: each runs in.
-        self._loads: dict[
+        self._tasks: dict[
             anyio.CancelScope,
             tuple[asyncio.Task[None], Coroutine[Any, Any, object], anyio.abc.TaskGroup],
         ] = {}
-        self._cancelled = False  # `cancel_loads` was called: loads started now start cancelled
+        self._cancelled = False  # `cancel_tasks` was called: tasks started now start cancelled
 
     def start(
         self,
@@ -193,19 +193,19 @@ class Background:
         name: str,
     ) -> None:
         """Run ``running`` (a load) in ``scope`` in a new task. asyncio keeps only a weak
-        reference to a task: it is kept in `_loads` until it ends, with the load's coroutine,
+        reference to a task: it is kept in `_tasks` until it ends, with the load's coroutine,
         for `_never_ran` to run if the task ends before running it.
 
         An eager task factory (``asyncio.eager_task_factory``, Python 3.12) runs the task's
         first step inside ``create_task``: one whose coroutine ended there (a load nobody waits
         for, a copy down that never awaits) ran, and its end found nothing to take out of
-        `_loads`. Kept there, `_never_ran` took it for a task that never ran and started it
+        `_tasks`. Kept there, `_never_ran` took it for a task that never ran and started it
         again, and again: the loop spun for good."""
         task = loop.create_task(self._run_load(scope, task_group, running), name=name)
         if task.done():
             return  # ended in its first step, run by the task factory: counted out already
         task.add_done_callback(functools.partial(self._never_ran, scope))
-        self._loads[scope] = (task, running, task_group)
+        self._tasks[scope] = (task, running, task_group)
 
     def _never_ran(self, scope: anyio.CancelScope, task: asyncio.Task[None]) -> None:
         """``task`` ended: if it never ran its load (cancelled by other code before its first
@@ -213,17 +213,17 @@ class Background:
         load), the load runs now in a new task, cancelled, and fails its entry as a load whose
         task is cancelled while it runs does. Else its entry would never be done: the use()s
         joined to it waited for good, and the cache's close with them."""
-        held = self._loads.get(scope)
+        held = self._tasks.get(scope)
         if held is None or held[0] is not task:
-            return  # it ran: its end took it out of `_loads`
+            return  # it ran: its end took it out of `_tasks`
         _, running, task_group = held
         scope.cancel()
         self._load_task(task.get_loop(), scope, task_group, running, task.get_name())
 
-    def cancel_loads(self) -> None:
-        """Cancel the loads running outside a task group, and any started from now on."""
+    def cancel_tasks(self) -> None:
+        """Cancel the tasks running outside a task group, and any started from now on."""
         self._cancelled = True
-        for scope in self._loads:
+        for scope in self._tasks:
             scope.cancel()
 
     async def _run_load(
@@ -248,7 +248,7 @@ class Background:
             raise
         finally:
             # Absent when the task ended in its first step inside ``create_task`` (`_load_task`).
-            self._loads.pop(scope, None)
+            self._tasks.pop(scope, None)
             self._ended()
 
     async def _run(self, func: Callable[..., Awaitable[object]], args: tuple[object, ...]) -> None:
@@ -267,26 +267,27 @@ class Background:
             self._idle.set()
             self._idle = None
 
-    async def wait_loads(self) -> None:
-        """Return once every load task (`start_load`) has ended, as a task group's exit waits
-        for its tasks: on the tasks themselves, not the count. A task that ended without
-        running its load left a new task in its place (`_never_ran`), waited for in turn.
+    async def wait_tasks(self) -> None:
+        """Return once every task running outside a task group has ended, as a task group's
+        exit waits for its tasks: on the tasks themselves, not the count. A task that ended
+        without running its coroutine left a new task in its place (`_never_ran`), waited for
+        in turn.
 
         A native cancellation of the waiting task (``task.cancel()``: asyncio's shutdown, a
         supervisor cancelling again and again) does not end the wait, as it does not end a
-        task group's exit: the tasks were cancelled already (`cancel_loads`), and a close that
+        task group's exit: the tasks were cancelled already (`cancel_tasks`), and a close that
         stopped waiting never finished (the cache stayed closing, its tiers never closed). It
         is raised once every task has ended."""
         cancelled: asyncio.CancelledError | None = None
-        while self._loads:
-            tasks = [task for task, _, _ in self._loads.values()]
+        while self._tasks:
+            tasks = [task for task, _, _ in self._tasks.values()]
             try:
                 await asyncio.wait(tasks)
             except asyncio.CancelledError as exc:
                 cancelled = cancelled or exc
             # Each task's done callbacks run in the order they were added: `_never_ran` (added
-            # as the task was made) before the wait's own, so a replacement is in `_loads` now.
-            for scope, (task, _, _) in list(self._loads.items()):
+            # as the task was made) before the wait's own, so a replacement is in `_tasks` now.
+            for scope, (task, _, _) in list(self._tasks.items()):
                 if task.done():
                     self._never_ran(scope, task)
         if cancelled is not None:

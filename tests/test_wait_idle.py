@@ -236,7 +236,7 @@ def test_a_task_that_ends_in_its_first_step_under_an_eager_task_factory_ends_onc
             background.start_load(tg, quick, name="quick")
             assert ran == [1] and background.running == 0
             with anyio.fail_after(60):  # a bound for the failure only
-                await background.wait_loads()
+                await background.wait_tasks()
                 await background.wait_idle()
         assert ran == [1]
 
