@@ -286,15 +286,11 @@ async def test_an_error_escaping_a_copy_down_during_the_close_is_raised_by_the_c
     assert cache.stats().background == 0
 
 
-def test_a_close_cancelled_again_while_it_waits_for_a_copy_down_still_ends(
+def _a_copy_down_blocked_in_a_thread(
     models: MemoryModels,
-) -> None:
-    """The task that owns the cache is cancelled natively (``task.cancel()``, as asyncio's
-    shutdown or a supervisor does) to close it, and twice more while its close waits for a
-    copy down in a worker thread: the close still waits for the copy and ends whole (the
-    cache closed, the host bytes back), as a task group's exit does, and the task ends
-    cancelled. It stopped at the first cancel in the wait: the cache stayed closing, its host
-    tier never closed."""
+) -> tuple[ModelCache, threading.Event, threading.Event]:
+    """A cache whose copies down of model "a" (1000 bytes) block in a worker thread: the first
+    event is set once one does, the second frees it."""
     models.add("a", 1000)
     entered, release = threading.Event(), threading.Event()
 
@@ -310,6 +306,19 @@ def test_a_close_cancelled_again_while_it_waits_for_a_copy_down_still_ends(
     cache = ModelCache(
         models.template, backend=ThreadDemote(on_host=False), device_budget=4000, host_budget=4000
     )
+    return cache, entered, release
+
+
+def test_a_close_cancelled_again_while_it_waits_for_a_copy_down_still_ends(
+    models: MemoryModels,
+) -> None:
+    """The task that owns the cache is cancelled natively (``task.cancel()``, as asyncio's
+    shutdown or a supervisor does) to close it, and twice more while its close waits for a
+    copy down in a worker thread: the close still waits for the copy and ends whole (the
+    cache closed, the host bytes back), as a task group's exit does, and the task ends
+    cancelled. It stopped at the first cancel in the wait: the cache stayed closing, its host
+    tier never closed."""
+    cache, entered, release = _a_copy_down_blocked_in_a_thread(models)
 
     async def owner() -> None:
         async with cache:
@@ -341,21 +350,7 @@ def test_a_timeout_expiring_while_the_close_waits_for_a_copy_down_ends_it_closed
     """``asyncio.timeout`` around the cache's block expires while its close waits for a copy
     down in a worker thread: the close waits for the copy and ends whole, then TimeoutError is
     raised. The close stopped at the cancellation: the cache stayed closing for good."""
-    models.add("a", 1000)
-    entered, release = threading.Event(), threading.Event()
-
-    class ThreadDemote(RecordingBackend):
-        async def demote(self, loaded: LoadedWeights, block: HostBlock) -> None:
-            def blocked() -> None:
-                entered.set()
-                release.wait()
-
-            await anyio.to_thread.run_sync(blocked)
-            await super().demote(loaded, block)
-
-    cache = ModelCache(
-        models.template, backend=ThreadDemote(on_host=False), device_budget=4000, host_budget=4000
-    )
+    cache, entered, release = _a_copy_down_blocked_in_a_thread(models)
 
     async def release_later() -> None:
         await anyio.sleep(0.3)  # the timeout (0.1 s) has expired in the close
