@@ -260,8 +260,24 @@ def _metadata(value: object, model_id: str, url: str) -> Mapping[str, str]:
     return MappingProxyType(dict(value))
 
 
+#: The largest size, stride or element count a torch tensor holds (int64).
+_INT64_MAX = (1 << 63) - 1
+
+
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _too_many_elements(shape: tuple[int, ...]) -> bool:
+    """Whether the product of ``shape``'s non-zero sizes passes int64. An empty tensor's bytes
+    (0) do not bound its other sizes as a file's bytes bound every other tensor's: torch makes
+    its strides and size from them in int64 and refuses (TypeError, RuntimeError) a shape such
+    as ``[0, 2**63]`` or ``[2**62, 4, 0]`` when the load builds its views."""
+    count = 1
+    for size in shape:
+        if size:
+            count *= size
+    return count > _INT64_MAX
 
 
 def _tensor(name: str, entry: object, shard: str, model_id: str, url: str) -> TensorInfo:
@@ -283,6 +299,13 @@ def _tensor(name: str, entry: object, shard: str, model_id: str, url: str) -> Te
             shape = tuple(shape)
     if type(shape) is not tuple:
         raise _error(f"tensor {name!r}: shape {shape!r} is not a list of sizes", model_id, url)
+    if expected == 0 and _too_many_elements(shape):
+        raise _error(
+            f"tensor {name!r}: shape {list(shape)} counts more elements than a tensor can "
+            f"index (2**63 - 1, its zero sizes left out)",
+            model_id,
+            url,
+        )
     if type(offsets) is list and len(offsets) == 2:
         start, end = offsets
         valid = type(start) is int and type(end) is int and 0 <= start <= end

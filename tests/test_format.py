@@ -199,6 +199,9 @@ BAD_HEADERS: list[tuple[str, bytes | dict[str, Any], bytes]] = [
     ("shape-mismatch-small", {"a": {**F32_1, "shape": [2]}}, b"\0" * 4),
     ("shape-mismatch-large", {"a": {**F32_1, "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8),
     ("shape-mismatch-zero", {"a": {**F32_1, "shape": [0]}}, b"\0" * 4),
+    # Empty, so no bytes bound the other sizes: past int64, torch cannot make them (fuzzed).
+    ("shape-empty-size-past-int64", {"a": entry("F32", [0, 2**63], 0)}, b""),
+    ("shape-empty-count-past-int64", {"a": entry("F32", [2**62, 4, 0], 0)}, b""),
     ("offsets-reversed", {"a": {**F32_1, "data_offsets": [4, 0]}}, b"\0" * 4),
     ("offsets-one", {"a": {**F32_1, "data_offsets": [4]}}, b"\0" * 4),
     ("offsets-three", {"a": {**F32_1, "data_offsets": [0, 4, 8]}}, b"\0" * 8),
@@ -297,6 +300,7 @@ def test_metadata_is_kept() -> None:
             id="zero-size-between",
         ),
         pytest.param([("z", "F32", [0]), ("w", "F32", [0])], id="two-zero-size-same-offset"),
+        pytest.param([("z", "F32", [0, 2**63 - 1])], id="zero-size-largest-size"),
         pytest.param([("a", "C64", [2, 1]), ("b", "BF16", [1, 1, 1])], id="mixed"),
     ],
 )
