@@ -29,7 +29,6 @@ every step; the tiers' own are in their modules):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -482,12 +481,11 @@ class ModelCache:
             # Waited for before the group exits, as its own tasks are: an error escaping one
             # (a bug) goes to the group while it is still active, and is raised here. Once it
             # had exited, the task failed to hand it on and nobody retrieved it.
-            try:
-                with anyio.CancelScope(shield=True):
-                    await self._background.wait_tasks()
-            except asyncio.CancelledError as cancelled:  # native, raised after the wait
-                if exc is None:  # raised by the group's exit, as one during its wait would be
-                    exc_type, exc, tb = type(cancelled), cancelled, cancelled.__traceback__
+            cancelled = await self._background.wait_tasks()
+            if cancelled is not None and exc is None:
+                # A native cancellation met in the wait: raised by the group's exit, as one
+                # during the group's own wait would be.
+                exc_type, exc, tb = type(cancelled), cancelled, cancelled.__traceback__
             return await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
             # Load tasks never raise, so the group only wraps the body's own exception:
@@ -496,12 +494,9 @@ class ModelCache:
                 return None
             raise
         finally:
-            late: asyncio.CancelledError | None = None
-            try:
-                with anyio.CancelScope(shield=True):  # any started while the group exited
-                    await self._background.wait_tasks()
-            except asyncio.CancelledError as cancelled:  # native: raised once the cache closed
-                late = cancelled
+            # Any started while the group exited; a native cancellation met meanwhile is raised
+            # once the cache closed.
+            late = await self._background.wait_tasks()
             self._device.close()
             self._revalidator.close()
             self._host_disk.close()

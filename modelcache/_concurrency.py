@@ -267,31 +267,33 @@ class Background:
             self._idle.set()
             self._idle = None
 
-    async def wait_tasks(self) -> None:
+    async def wait_tasks(self) -> asyncio.CancelledError | None:
         """Return once every task running outside a task group has ended, as a task group's
-        exit waits for its tasks: on the tasks themselves, not the count. A task that ended
-        without running its coroutine left a new task in its place (`_never_ran`), waited for
-        in turn.
+        exit waits for its tasks: on the tasks themselves, not the count, shielded from
+        anyio's cancellation. A task that ended without running its coroutine left a new task
+        in its place (`_never_ran`), waited for in turn.
 
         A native cancellation of the waiting task (``task.cancel()``: asyncio's shutdown, a
         supervisor cancelling again and again) does not end the wait, as it does not end a
         task group's exit: the tasks were cancelled already (`cancel_tasks`), and a close that
-        stopped waiting never finished (the cache stayed closing, its tiers never closed). It
-        is raised once every task has ended."""
+        stopped waiting never finished (the cache stayed closing, its tiers never closed). The
+        first one is returned once every task has ended, for the caller to raise when it is
+        done."""
         cancelled: asyncio.CancelledError | None = None
-        while self._tasks:
-            tasks = [task for task, _, _ in self._tasks.values()]
-            try:
-                await asyncio.wait(tasks)
-            except asyncio.CancelledError as exc:
-                cancelled = cancelled or exc
-            # Each task's done callbacks run in the order they were added: `_never_ran` (added
-            # as the task was made) before the wait's own, so a replacement is in `_tasks` now.
-            for scope, (task, _, _) in list(self._tasks.items()):
-                if task.done():
-                    self._never_ran(scope, task)
-        if cancelled is not None:
-            raise cancelled
+        with anyio.CancelScope(shield=True):
+            while self._tasks:
+                tasks = [task for task, _, _ in self._tasks.values()]
+                try:
+                    await asyncio.wait(tasks)
+                except asyncio.CancelledError as exc:
+                    cancelled = cancelled or exc
+                # Each task's done callbacks run in the order they were added: `_never_ran`
+                # (added as the task was made) before the wait's own, so a replacement is in
+                # `_tasks` now.
+                for scope, (task, _, _) in list(self._tasks.items()):
+                    if task.done():
+                        self._never_ran(scope, task)
+        return cancelled
 
     async def wait_idle(self) -> None:
         """Return once no task started here runs (at once if none does)."""
