@@ -34,8 +34,9 @@ its docs/src/env-vars.md, read when a streamer is made), fastsafetensors' ``max_
 ``bbuf_size_kb`` (its loader's documented arguments), s3fs's ``max_concurrency``. A tool's best
 figure is the best of its settings. modelcache runs at its defaults, and on local files also
 with ``zero_copy=True`` (the file mapped) and with ``Store(direct_reads=True)`` (its documented
-O_DIRECT reads of files mostly not in the page cache); its zero-copy row also with a long-lived
-cache (as below: one `ModelCache` for all rounds, the model evicted after each run).
+O_DIRECT reads of files mostly not in the page cache, which land straight in a buffer the
+backend starts where it is congruent with the file); its zero-copy and direct rows also with a
+long-lived cache (as below: one `ModelCache` for all rounds, the model evicted after each run).
 
 On S3 and http, modelcache has two rows: a fresh cache every run (a new client, connections and
 host buffer: fresh memory, as every peer gets), and a long-lived cache, one `ModelCache` for all
@@ -483,6 +484,14 @@ def build_methods(
             )
         )
         kept.append(mapped)
+        direct = LongLived(
+            lambda: ModelCache(
+                Store(places.local_template, direct_reads=True),
+                device=device,
+                device_budget="4GiB",
+            )
+        )
+        kept.append(direct)
 
         methods.extend(
             [
@@ -514,6 +523,13 @@ def build_methods(
                     lambda: modelcache_load(
                         Store(places.local_template, direct_reads=True), device
                     ),
+                    before,
+                ),
+                method(
+                    path,
+                    "modelcache",
+                    f"direct_reads=True (copy), {LONG_LIVED}",
+                    lambda: modelcache_kept(direct),
                     before,
                 ),
             ]

@@ -1,25 +1,39 @@
-"""Local reads of files that are not in the page cache: O_DIRECT, in parallel, through bounce
-buffers.
+"""Local reads of files that are not in the page cache: O_DIRECT, in parallel, straight into
+the destination where it is congruent with the file, else through bounce buffers.
 
 Why: a cold buffered read makes the kernel allocate a page-cache page for every 4 KiB it reads
 (reclaiming others when memory is short), insert it, copy out of it and later evict it. A
 direct read lands the disk's DMA in a buffer of ours: no page-cache pages at all; Run:ai's
-streamer reads local files this way. Measured on the 2-core VM under a load average of 10-23
-(1 GiB, cold, 8 readers of 16 MiB chunks): O_DIRECT through 4 MiB bounce buffers 1.06 s best,
-2.7 s median, against 2.6-3.0 s best and 5.4-6.6 s median buffered; in peer_loaders'
-local_cold row (load 4-10) the copy path's best was unchanged (1,513 -> 1,545 ms), and at a
-load of 3-5 (5 rounds) it was slower: 2,061 ms best against 1,154 ms buffered (medians 2,110
-and 1,234), the kernel's readahead into the page cache outrunning 8 readers of 4 MiB pieces
-and their copies. So it is opt-in: ``Store(direct_reads=True)``.
+streamer and fastsafetensors read local files this way.
 
-Depth does not change that here. A sweep of the disk's ceiling (1 GiB, evicted before every
-run, reads into reused buffers so only the disk is timed, 3-5 rounds interleaved, load 7-16):
-O_DIRECT from 4-64 threads at 1, 4 and 16 MiB a request, 642-1,518 ms best and 1,201-1,544 ms
-median, no depth or size consistently ahead; buffered, 4-8 readers each walking its own stripe
-of the file with ``POSIX_FADV_SEQUENTIAL``, 599-830 ms best and 651-1,218 median; 8 readers
-taking 16 MiB chunks in order (the old pattern) 860-1,063 best. The buffered readers now walk
-stripes (`Store._run_stripes`) and stay the default; Run:ai's io_uring reads at CONCURRENCY=32
-took 780-2,677 ms in the same sweep.
+Straight in, or through a bounce buffer: a direct read needs the file offset, the length and
+the memory aligned (to `ALIGN`), and a model's data section starts anywhere in its file. The
+torch backend therefore starts a large model's host buffer where it is congruent with the file
+(`aligned_lead`: its address and the file offset equal modulo `ALIGN`), and then every whole
+block of the file lands straight in the buffer; only the partial blocks at a chunk's two ends
+go through a bounce buffer (`pread_run_direct`). Any other destination (a CUDA staging chunk, a
+run of several views, a caller's buffer) is read a piece at a time into a bounce buffer and
+copied out. Measured on the 2-core VM (1 GiB, cold, 8 readers of 16 MiB chunks into memory
+already faulted in, quiet, 5 rounds): straight 567-583 ms with ~30 ms of CPU, through 4 MiB
+bounce buffers 728-836 ms with ~280 ms of CPU (the copies), buffered stripes 647-849 ms; in
+peer_loaders' local_cold row a long-lived cache with ``direct_reads=True`` took 600 ms best, 606
+median, the narrowest spread of any row (fastsafetensors, O_DIRECT into fresh memory, 615 and
+955; the default buffered copy 670 and 774).
+
+Still opt-in (``Store(direct_reads=True)``): a direct read leaves nothing in the page cache, so
+the next load of a file evicted from the cache reads the disk again (a buffered read leaves a
+copy the kernel may keep: ~100 ms a GiB to read again instead of ~600), and a bounce-buffered
+read (CUDA staging) costs its copies. Earlier figures, all bounce-buffered (load 3-23): 1.06 s
+best against 2.6-3.0 s buffered at a load of 10-23; 2,061 ms against 1,154 ms at 3-5.
+
+Depth changes little. A sweep of the disk's ceiling (1 GiB, evicted before every run, reads
+into reused buffers so only the disk is timed, 3-5 rounds interleaved, load 7-16): O_DIRECT from
+4-64 threads at 1, 4 and 16 MiB a request, 642-1,518 ms best and 1,201-1,544 ms median, no
+depth or size consistently ahead; quiet, 8 and 16 threads of 16 MiB 567-627 ms alike. Buffered,
+4-8 readers each walking its own stripe of the file with ``POSIX_FADV_SEQUENTIAL``, 599-830 ms
+best and 651-1,218 median; 8 readers taking 16 MiB chunks in order (the old pattern) 860-1,063
+best. The buffered readers walk stripes (`Store._run_stripes`); Run:ai's io_uring reads at
+CONCURRENCY=32 took 780-2,677 ms in the same sweep.
 
 How (`Store._read_local` asks, with ``direct_reads=True``, for a read of more than one chunk):
 
@@ -29,12 +43,11 @@ How (`Store._read_local` asks, with ``direct_reads=True``, for a read of more th
   filesystem without it, such as an old tmpfs, refuses and the read stays buffered). Mostly
   resident: buffered, since the page cache is faster than any disk.
 - `pread_run_direct` is `_pread_run` for such a descriptor: each worker thread reads its chunk
-  in aligned pieces of at most `PIECE` bytes into a page-aligned bounce buffer and copies the
-  wanted bytes into the destination views (``memmove``, which releases the GIL). Direct reads
-  need the file offset, length and memory aligned (to `ALIGN`); a model's data section starts
-  anywhere and its destination is the layout's, so the bounce copy is what makes any range
-  readable. The chunks run concurrently as before (``max_concurrent_reads``), which keeps
-  that many requests queued at the disk.
+  straight into a congruent one-view destination (the whole blocks inside it, one call), else
+  in aligned pieces of at most `PIECE` bytes into a page-aligned bounce buffer, copying the
+  wanted bytes into the destination views (``memmove``, which releases the GIL). The chunks run
+  concurrently as before (``max_concurrent_reads``), which keeps that many requests queued at
+  the disk.
 - Bounce buffers come from a small free list (at most `KEEP_SCRATCH` kept), so a load costs no
   fresh mapping per piece and an idle process keeps at most ``KEEP_SCRATCH * (PIECE + 2 * ALIGN)``
   bytes.
@@ -69,6 +82,8 @@ __all__ = [
     "ALIGN",
     "DIRECT_BELOW",
     "PIECE",
+    "aligned_lead",
+    "congruent",
     "is_cold",
     "is_cold_fd",
     "open_run",
@@ -232,9 +247,58 @@ def _address(view: memoryview) -> int:
         del anchor
 
 
+def congruent(view: memoryview, offset: int) -> bool:
+    """Whether a read of the file from ``offset`` into ``view`` can go straight in: the view's
+    address and the file offset leave the same remainder by `ALIGN`, so every aligned block of
+    the file lands on an aligned address (`aligned_lead` gives buffers that)."""
+    return (_address(view) - offset) % ALIGN == 0
+
+
+def aligned_lead(offset: int, dst: int) -> int:
+    """The bytes to skip at the start of a page-aligned buffer so that its byte ``dst`` holds
+    file byte ``offset`` with both congruent (`congruent`): ``(offset - dst) % ALIGN``."""
+    return (offset - dst) % ALIGN
+
+
 def pread_run_direct(fd: int, run: _Scatter, lo: int, hi: int, offset: int) -> int:
     """Fill bytes ``[lo, hi)`` of ``run`` from ``fd`` (O_DIRECT) at ``offset + lo``; return the
-    bytes read (fewer only at end of file)."""
+    bytes read (fewer only at end of file).
+
+    A run that is one view congruent with the file (`congruent`) has the aligned blocks inside
+    ``[lo, hi)`` read straight into it (the disk's DMA lands in the destination: no copy, ~30
+    ms of CPU a GiB); only the partial blocks at either end go through a bounce buffer. Any
+    other run is read a piece at a time through one (`_pread_bounced`)."""
+    if len(run.views) == 1 and congruent(run.views[0], offset):
+        return _pread_straight(fd, run, lo, hi, offset)
+    return _pread_bounced(fd, run, lo, hi, offset)
+
+
+def _pread_straight(fd: int, run: _Scatter, lo: int, hi: int, offset: int) -> int:
+    """`pread_run_direct` of a congruent one-view run."""
+    first = -(-(offset + lo) // ALIGN) * ALIGN - offset  # run offsets of the aligned blocks
+    last = (offset + hi) // ALIGN * ALIGN - offset
+    if first >= last:  # no whole block inside: all of it through the bounce buffer
+        return _pread_bounced(fd, run, lo, hi, offset)
+    got = _pread_bounced(fd, run, lo, first, offset) if first > lo else 0
+    if got < first - lo:
+        return got  # end of file
+    view = run.views[0]
+    try:
+        got += _read_aligned(fd, view[first:last], offset + first)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or not _is_direct(fd):
+            raise
+        # An alignment this device does not take: buffered from here on (`_pread_bounced`).
+        _set_direct(fd, False)
+        return got + _pread_bounced(fd, run, first, hi, offset)
+    if got < last - lo:
+        return got
+    return got + (_pread_bounced(fd, run, last, hi, offset) if last < hi else 0)
+
+
+def _pread_bounced(fd: int, run: _Scatter, lo: int, hi: int, offset: int) -> int:
+    """Fill bytes ``[lo, hi)`` of ``run`` a piece at a time through a bounce buffer: each
+    direct read of the aligned blocks that cover a piece, then the wanted bytes copied out."""
     piece = PIECE
     scratch = _scratch.take(piece + 2 * ALIGN)
     view = memoryview(scratch)
@@ -270,11 +334,14 @@ def pread_run_direct(fd: int, run: _Scatter, lo: int, hi: int, offset: int) -> i
 
 
 def _read_aligned(fd: int, buf: memoryview, start: int) -> int:
-    """Read into all of ``buf`` from ``start``; fewer bytes only at end of file."""
+    """Read into all of ``buf`` from ``start``; fewer bytes only at end of file (a count that
+    is no block multiple is the end: a direct read from there would be refused)."""
     filled = 0
     while filled < len(buf):
         n = os.preadv(fd, [buf[filled:]], start + filled)
         if n == 0:
             break
         filled += n
+        if filled % ALIGN:
+            break
     return filled

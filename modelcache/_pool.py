@@ -18,9 +18,9 @@ Design note (the invariants):
   plus host budget, which is what its models may hold in host memory). A buffer counts there at
   the bytes asked for, as the cache's budget counts its model, not at its mapping's whole pages:
   a budget of exactly k models of a size that is no page multiple still keeps a dead model's
-  buffer for the next (the pages exceed the limit by under a page per buffer). A buffer dying
-  only moves bytes from ``live`` to ``idle``, so it never adds memory, and the bound is restored
-  at the next `take`, `stats` or `close`. A pool with ``limit == 0`` (a backend used without a cache, or
+  buffer for the next (the pages exceed the limit by under a page per buffer, two with a
+  `take` lead). A buffer dying only moves bytes from ``live`` to ``idle``, so it never adds
+  memory, and the bound is restored at the next `take`, `stats` or `close`. A pool with ``limit == 0`` (a backend used without a cache, or
   after `close`) keeps nothing: memory goes back to the system when its last tensor dies.
 * **Fragmentation.** A request takes the smallest idle mapping that fits and shrinks it to the
   request (the tail's pages go back to the system: a live buffer never holds more than its model
@@ -88,7 +88,7 @@ class PoolStats:
     """A snapshot of a `BufferPool` (bytes are whole pages)."""
 
     #: Bound of ``live_bytes + idle_bytes`` whenever the pool grows, counting each buffer at the
-    #: bytes asked for (its pages exceed that by under one); 0: keep nothing idle.
+    #: bytes asked for (its pages exceed that by under one, two with a lead); 0: keep nothing idle.
     limit: int
     #: Bytes of buffers in use: referenced by a model or by anyone else.
     live_bytes: int
@@ -178,10 +178,14 @@ class BufferPool:
         in a thread of the pool's (see the module): the memory is back moments later."""
         self.limit = 0
 
-    def take(self, nbytes: int) -> tuple[torch.Tensor, memoryview, int]:
+    def take(self, nbytes: int, lead: int = 0) -> tuple[torch.Tensor, memoryview, int]:
         """A buffer of ``nbytes`` (> 0): a uint8 tensor, a writable memoryview of the same bytes,
         and how many bytes from its start were already faulted in (reused memory, whose old
         contents are still there: the caller overwrites them).
+
+        The buffer starts ``lead`` bytes (``0 <= lead < `` a page) into its mapping, whose first
+        page holds them: a direct read lands straight in a buffer congruent with its file
+        (`_direct.aligned_lead`). It counts against the limit at ``nbytes`` all the same.
 
         Blocking (mmap, mremap, munmap of large mappings): call it in a worker thread.
         """
@@ -189,7 +193,9 @@ class BufferPool:
             raise RuntimeError("BufferPool needs Linux's mmap and mremap")
         if nbytes <= 0:
             raise ValueError(f"nbytes must be > 0, got {nbytes}")
-        size = _round_up(nbytes)
+        if not 0 <= lead < _PAGE:
+            raise ValueError(f"lead must be in [0, {_PAGE}), got {lead}")
+        size = _round_up(lead + nbytes)
         with self._lock:
             self._drain()
             mapping, faulted = self._reuse(size)
@@ -213,7 +219,7 @@ class BufferPool:
         mapping.nbytes = nbytes  # before the finalizer can see it
         with self._lock:
             self._live.add(mapping.address)
-        array = (ctypes.c_ubyte * nbytes).from_address(mapping.address)
+        array = (ctypes.c_ubyte * nbytes).from_address(mapping.address + lead)
         # The finalizer holds the mapping, not the array: it runs once the array (and with it
         # every tensor and view of these bytes) is gone.
         finalizer = weakref.finalize(array, self._died, mapping)
@@ -221,7 +227,7 @@ class BufferPool:
         tensor = torch.frombuffer(array, dtype=torch.uint8)
         view = memoryview(array).cast("B")
         self._drain_dead()
-        return tensor, view, min(faulted, nbytes)
+        return tensor, view, max(0, min(faulted, lead + nbytes) - lead)
 
     # -- under the lock -------------------------------------------------------------------------
 

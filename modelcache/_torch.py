@@ -206,8 +206,9 @@ class Weights(ViewMapping[torch.Tensor]):
         )
 
 
-def allocate_host(nbytes: int) -> tuple[torch.Tensor, memoryview]:
-    """A host buffer as a uint8 tensor and a writable memoryview of the same bytes.
+def allocate_host(nbytes: int, lead: int = 0) -> tuple[torch.Tensor, memoryview]:
+    """A host buffer as a uint8 tensor and a writable memoryview of the same bytes; a large one
+    starts ``lead`` bytes into its mapping (`BufferPool.take`).
 
     Large buffers are private anonymous mappings (page-aligned) advised to use transparent huge
     pages: a fresh 1 GiB buffer then takes 512 page faults instead of 262,144, which makes copies
@@ -224,10 +225,10 @@ def allocate_host(nbytes: int) -> tuple[torch.Tensor, memoryview]:
             else torch.empty(0, dtype=torch.uint8)
         )
         return tensor, memoryview(heap)
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping = mmap.mmap(-1, lead + nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if _MADV_HUGEPAGE is not None and huge_pages_advised():  # not in some VMs: _hugepages.py
         mapping.madvise(_MADV_HUGEPAGE)
-    return torch.frombuffer(mapping, dtype=torch.uint8), memoryview(mapping)
+    return torch.frombuffer(mapping, dtype=torch.uint8)[lead:], memoryview(mapping)[lead:]
 
 
 def _prefault(address: int, nbytes: int, stop: threading.Event) -> None:
@@ -280,12 +281,26 @@ async def fill_fresh(
         finally:
             stop.set()
 
-    start = faulted // _PAGE * _PAGE
+    start = (buffer.data_ptr() + faulted) // _PAGE * _PAGE  # a lead puts it mid-page
     prefault = partial(
-        anyio.to_thread.run_sync, _prefault, buffer.data_ptr() + start, info.nbytes - start, stop
+        anyio.to_thread.run_sync,
+        _prefault,
+        start,
+        buffer.data_ptr() + info.nbytes - start,
+        stop,
     )
     calls: list[Callable[[], Awaitable[None]]] = [prefault, fill]
     await gather(calls)
+
+
+def _direct_lead(store: Store, info: ModelInfo) -> int:
+    """Where a large model's host buffer starts in its page-aligned mapping: congruent with the
+    first shard's file (`Store.direct_lead`), so the store's direct reads of that shard's data
+    land straight in it. 0 for small models (the heap), remote files and buffered reads."""
+    if info.nbytes < _SMALL or not info.segments:
+        return 0
+    first = info.segments[0]
+    return store.direct_lead(first.url, first.src, first.dst)
 
 
 def _zero_gaps(buffer: torch.Tensor, info: ModelInfo, upto: int) -> None:
@@ -302,10 +317,13 @@ def _zero_gaps(buffer: torch.Tensor, info: ModelInfo, upto: int) -> None:
         buffer[cursor:upto].zero_()
 
 
-def pooled_buffer(pool: BufferPool, info: ModelInfo) -> tuple[torch.Tensor, memoryview, int]:
-    """A buffer for ``info`` from ``pool`` (blocking: a worker thread's call), with its reused
-    bytes' padding zeroed; returns the tensor, a view and the bytes already faulted in."""
-    tensor, view, faulted = pool.take(info.nbytes)
+def pooled_buffer(
+    pool: BufferPool, info: ModelInfo, lead: int = 0
+) -> tuple[torch.Tensor, memoryview, int]:
+    """A buffer for ``info`` from ``pool`` (blocking: a worker thread's call; ``lead`` as for
+    `BufferPool.take`), with its reused bytes' padding zeroed; returns the tensor, a view and
+    the bytes already faulted in."""
+    tensor, view, faulted = pool.take(info.nbytes, lead)
     if faulted:
         _zero_gaps(tensor, info, faulted)
     return tensor, view, faulted
@@ -943,12 +961,13 @@ class TorchBackend:
             base = info.shards[0].data_start
         else:
             faulted = 0
+            lead = _direct_lead(store, info)
             if self.pool is not None and info.nbytes >= _SMALL:
                 buffer, view, faulted = await anyio.to_thread.run_sync(
-                    pooled_buffer, self.pool, info
+                    pooled_buffer, self.pool, info, lead
                 )
             else:
-                buffer, view = allocate_host(info.nbytes)
+                buffer, view = allocate_host(info.nbytes, lead)
             await fill_fresh(store, info, buffer, view, faulted)
             del view
             if self.device.type != "cpu":

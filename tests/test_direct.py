@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import mmap
 import os
@@ -13,14 +14,17 @@ from typing import Any
 
 import anyio
 import pytest
+import torch
 
 import modelcache._direct as direct
 import modelcache._store as store_module
+from modelcache import ModelCache
 from modelcache._exceptions import ModelChangedError
 from modelcache._store import Store
 from modelcache._versions import reading
 
 from .conftest import LocalDescriptors
+from .safetensors_files import model_file
 
 
 def _random(n: int, seed: int = 7) -> bytes:
@@ -413,3 +417,165 @@ def _exact_resident(path: Path) -> float:
             libc.munmap(address, size)
     finally:
         os.close(fd)
+
+
+def _congruent(size: int, offset: int) -> tuple[mmap.mmap, memoryview]:
+    """A page-aligned mapping and a view of ``size`` bytes of it congruent with file byte
+    ``offset`` (`direct.aligned_lead`), as the torch backend's buffers are."""
+    lead = direct.aligned_lead(offset, 0)
+    mapping = mmap.mmap(-1, lead + size)
+    return mapping, memoryview(mapping)[lead : lead + size]
+
+
+def _counting_bounces(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the bytes each bounce-buffered read asks for."""
+    bounced: list[int] = []
+    real = direct._pread_bounced
+
+    def counting(fd: int, run: store_module._Scatter, lo: int, hi: int, offset: int) -> int:
+        bounced.append(hi - lo)
+        return real(fd, run, lo, hi, offset)
+
+    monkeypatch.setattr(direct, "_pread_bounced", counting)
+    return bounced
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("shift", [0, 1])
+async def test_a_congruent_destination_is_read_straight_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shift: int
+) -> None:
+    """A direct read into a destination congruent with the file (its address and the file
+    offset equal modulo the alignment) moves only the partial blocks at each chunk's ends
+    through the bounce buffer: the rest lands straight in it. One byte off (``shift=1``),
+    every byte goes through the bounce buffer, as before. Both exact, chunks and end unaligned."""
+    data = _random(6 * 1024 * 1024 + 777, seed=50)
+    path = tmp_path / "m1" / "w.bin"
+    _write_cold(path, data)
+    chunk = (1 << 20) + 3
+    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=chunk, direct_reads=True)
+    url = store.join(store.model_url("m1"), "w.bin")
+    offset = 12_345
+    size = len(data) - offset
+    mapping, view = _congruent(size + 1, offset)
+    dest = view[shift : shift + size]
+    bounced = _counting_bounces(monkeypatch)
+    await store.read_into(url, offset, dest, model_id="m1")
+    assert bytes(dest) == data[offset:]
+    chunks = -(-size // chunk)
+    if shift:
+        assert sum(bounced) == size
+    else:
+        assert 0 < sum(bounced) <= 2 * direct.ALIGN * chunks
+        assert len(bounced) <= 2 * chunks
+    assert _resident(path) < direct.DIRECT_BELOW
+    dest.release()
+    view.release()
+    mapping.close()
+
+
+def _open_direct(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        pytest.skip("this filesystem refuses O_DIRECT")
+
+
+@pytest.mark.parametrize("file_end", [6_000, 8_192, 16_384, 20_000, 44_500, 45_000, 50_000])
+def test_a_straight_read_stops_exactly_at_the_end_of_the_file(
+    tmp_path: Path, file_end: int
+) -> None:
+    """A straight read of a range the file ends inside (in the first partial block, on a block
+    boundary or inside the aligned middle, in the last partial block, or past the range) returns
+    the bytes up to the end, each right, and writes nothing outside the destination (inside it,
+    past the end, a device may have moved the rest of the file's last block)."""
+    offset, length = 5_000, 40_000  # blocks: [4096, 8192) partial, ..., [40960, 45000) partial
+    data = _random(file_end, seed=51)
+    path = tmp_path / "w.bin"
+    _write_cold(path, data)
+    lead = direct.aligned_lead(offset, 0)
+    mapping = mmap.mmap(-1, lead + length + direct.ALIGN)
+    mapping.write(b"\xee" * len(mapping))
+    view = memoryview(mapping)[lead : lead + length]
+    fd = _open_direct(path)
+    try:
+        got = direct.pread_run_direct(fd, store_module._Scatter([view]), 0, length, offset)
+    finally:
+        os.close(fd)
+    assert got == max(0, min(length, file_end - offset))
+    assert bytes(view[:got]) == data[offset : offset + got]
+    assert mapping[:lead] + mapping[lead + length :] == b"\xee" * (len(mapping) - length)
+    view.release()
+    mapping.close()
+
+
+def test_a_straight_read_the_device_refuses_goes_on_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A straight direct read refused with EINVAL (an alignment this device does not take)
+    turns the descriptor back to buffered and reads the rest of the range: every byte right."""
+    offset, length = 5_000, 300_000
+    data = _random(offset + length + 10, seed=52)
+    path = tmp_path / "w.bin"
+    _write_cold(path, data)
+    mapping, view = _congruent(length, offset)
+    real = direct._read_aligned
+    refused: list[int] = []
+
+    def refuse_the_straight_read(fd: int, buf: memoryview, start: int) -> int:
+        if len(buf) > direct.ALIGN and not refused and direct._is_direct(fd):
+            refused.append(len(buf))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buf, start)
+
+    monkeypatch.setattr(direct, "_read_aligned", refuse_the_straight_read)
+    fd = _open_direct(path)
+    try:
+        got = direct.pread_run_direct(fd, store_module._Scatter([view]), 0, length, offset)
+        assert not direct._is_direct(fd)
+    finally:
+        os.close(fd)
+    assert refused and got == length
+    assert bytes(view) == data[offset : offset + length]
+    view.release()
+    mapping.close()
+
+
+@pytest.mark.asyncio
+async def test_a_cold_model_loads_straight_into_a_buffer_congruent_with_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``direct_reads=True`` a large model's host buffer starts where its file's data is
+    congruent (the data section starts mid-block in the file, so the buffer starts mid-page),
+    its weights are exact, and only partial blocks went through the bounce buffer, on the first
+    load (fresh memory) and the next (the pool's reused buffer). A default Store's buffers stay
+    page-aligned."""
+    tensors = {
+        "a": torch.arange(3 * 1024 * 1024 // 4, dtype=torch.float32),
+        "b": torch.arange(777, dtype=torch.int16),
+    }
+    content = model_file(tensors)
+    _write_cold(tmp_path / "m1" / "model.safetensors", content)
+    data_start = 8 + int.from_bytes(content[:8], "little")
+    assert data_start % direct.ALIGN, "the test needs a data section that starts mid-block"
+    template = f"file://{tmp_path}/{{model_id}}/model.safetensors"
+    chunk = 1 << 20  # a read of more than one chunk: the direct reads' case
+    bounced = _counting_bounces(monkeypatch)
+    for store, start in (
+        (Store(template, read_chunk_size=chunk, direct_reads=True), data_start),
+        (Store(template, read_chunk_size=chunk), 0),
+    ):
+        async with ModelCache(store, device_budget="64MiB") as cache:
+            for _ in range(2):
+                _evict(tmp_path / "m1" / "model.safetensors")
+                bounced.clear()
+                async with cache.use("m1") as weights:
+                    assert weights.buffer.data_ptr() % direct.ALIGN == start % direct.ALIGN
+                    for name, want in tensors.items():
+                        assert torch.equal(weights[name], want), name
+                del weights
+                cache.evict("m1")
+                if start:
+                    assert 0 < sum(bounced) < 2 * direct.ALIGN * -(-len(content) // chunk)
+                else:
+                    assert not bounced  # buffered reads

@@ -39,13 +39,15 @@ def track_buffers(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[Any]]:
     allocate = modelcache._torch.allocate_host
     pooled = modelcache._torch.pooled_buffer
 
-    def tracking(nbytes: int) -> tuple[torch.Tensor, memoryview]:
-        tensor, view = allocate(nbytes)
+    def tracking(nbytes: int, lead: int = 0) -> tuple[torch.Tensor, memoryview]:
+        tensor, view = allocate(nbytes, lead)
         refs.extend([weakref.ref(tensor), weakref.ref(view.obj)])
         return tensor, view
 
-    def tracking_pooled(pool: BufferPool, info: ModelInfo) -> tuple[torch.Tensor, memoryview, int]:
-        tensor, view, faulted = pooled(pool, info)
+    def tracking_pooled(
+        pool: BufferPool, info: ModelInfo, lead: int = 0
+    ) -> tuple[torch.Tensor, memoryview, int]:
+        tensor, view, faulted = pooled(pool, info, lead)
         refs.extend([weakref.ref(tensor), weakref.ref(view.obj)])
         return tensor, view, faulted
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import mmap
 import subprocess
@@ -365,3 +366,44 @@ async def test_closing_a_cache_unmaps_its_large_idle_buffers_off_the_event_loop(
     assert recording_libc.unmapped == [address]
     assert pool.stats().idle_bytes == 0
     assert threading.get_ident() not in recording_libc.munmap_threads
+
+
+def test_a_lead_starts_the_buffer_mid_page_and_counts_only_its_bytes() -> None:
+    """``take(n, lead)`` hands out ``n`` bytes starting ``lead`` bytes into a page-aligned
+    mapping (where a direct read lands straight in it); the limit counts ``n``: a budget of
+    exactly two such buffers keeps a dead one for the next, whose faulted bytes are counted from
+    the buffer's start."""
+    lead = 4096 - 8
+    pool = BufferPool(2 * BIG)
+    first, view, faulted = pool.take(BIG, lead)
+    second, _, _ = pool.take(BIG, lead)
+    assert (first.data_ptr() % mmap.PAGESIZE, first.numel(), len(view), faulted) == (
+        lead,
+        BIG,
+        BIG,
+        0,
+    )
+    assert view.readonly is False and ctypes_address(view) == first.data_ptr()
+    first.fill_(5)
+    address = first.data_ptr()
+    del first, view
+    stats = pool.stats()
+    assert (stats.idle_buffers, stats.released) == (1, 0), stats  # kept: 2 * BIG fits the limit
+    again, _, faulted = pool.take(BIG, lead)
+    assert again.data_ptr() == address and faulted == BIG
+    assert bool((again == 5).all())
+    plain, _, faulted = pool.take(MIB)  # no lead: page-aligned, as before
+    assert plain.data_ptr() % mmap.PAGESIZE == 0
+    for bad in (-1, mmap.PAGESIZE):
+        with pytest.raises(ValueError, match="lead"):
+            pool.take(BIG, bad)
+    del again, second, plain
+    pool.close()
+
+
+def ctypes_address(view: memoryview) -> int:
+    anchor = ctypes.c_char.from_buffer(view)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
