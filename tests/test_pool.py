@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import mmap
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from modelcache import LRUPolicy, ModelCache, Weights, _pool
+from modelcache import LRUPolicy, ModelCache, Weights, _direct, _pool
 from modelcache._cache import ModelCache as _ModelCache
 from modelcache._pool import BufferPool, PoolStats, pool_of
 
@@ -383,7 +382,7 @@ def test_a_lead_starts_the_buffer_mid_page_and_counts_only_its_bytes() -> None:
         BIG,
         0,
     )
-    assert view.readonly is False and ctypes_address(view) == first.data_ptr()
+    assert view.readonly is False and _direct._address(view) == first.data_ptr()
     first.fill_(5)
     address = first.data_ptr()
     del first, view
@@ -399,11 +398,3 @@ def test_a_lead_starts_the_buffer_mid_page_and_counts_only_its_bytes() -> None:
             pool.take(BIG, bad)
     del again, second, plain
     pool.close()
-
-
-def ctypes_address(view: memoryview) -> int:
-    anchor = ctypes.c_char.from_buffer(view)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor
