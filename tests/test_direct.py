@@ -21,6 +21,7 @@ import modelcache._store as store_module
 from modelcache import ModelCache
 from modelcache._exceptions import ModelChangedError
 from modelcache._store import Store
+from modelcache._torch import TorchBackend
 from modelcache._versions import reading
 
 from .conftest import LocalDescriptors
@@ -579,3 +580,35 @@ async def test_a_cold_model_loads_straight_into_a_buffer_congruent_with_its_file
                     assert 0 < sum(bounced) < 2 * direct.ALIGN * -(-len(content) // chunk)
                 else:
                     assert not bounced  # buffered reads
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("pooled", [True, False])
+async def test_a_data_section_off_an_item_boundary_keeps_every_tensor_aligned(
+    tmp_path: Path, pooled: bool
+) -> None:
+    """A model whose data section starts off an 8-byte boundary (a header not padded) loads
+    with ``direct_reads=True`` as with buffered reads: every tensor at a multiple of its item
+    size, from the pool's buffer and from one of its own (a backend without a pool), exact. A
+    buffer congruent with that file would put them all off it (and one sliced from its
+    mapping could not be viewed as F64 at all)."""
+    tensors = {
+        "d": torch.arange(300_000, dtype=torch.float64),
+        "f": torch.arange(7, dtype=torch.float32),
+    }
+    content = model_file(tensors, align=1)
+    assert (8 + int.from_bytes(content[:8], "little")) % 8, "the test needs an unpadded header"
+    _write_cold(tmp_path / "m1" / "model.safetensors", content)
+    store = Store(
+        f"file://{tmp_path}/{{model_id}}/model.safetensors",
+        read_chunk_size=1 << 20,
+        direct_reads=True,
+    )
+    backend = TorchBackend("cpu")
+    if not pooled:
+        backend.pool = None
+    cache = ModelCache(store, device_budget="64MiB", backend=backend)
+    async with cache, cache.use("m1") as weights:
+        for name, want in tensors.items():
+            assert weights[name].data_ptr() % want.element_size() == 0, name
+            assert torch.equal(weights[name], want), name
