@@ -286,9 +286,11 @@ def _pread_straight(fd: int, run: _Scatter, lo: int, hi: int, offset: int) -> in
     try:
         got += _read_aligned(fd, view[first:last], offset + first)
     except OSError as exc:
-        if exc.errno != errno.EINVAL or not _is_direct(fd):
+        if exc.errno != errno.EINVAL:
             raise
-        # An alignment this device does not take: buffered from here on (`_pread_bounced`).
+        # An alignment this device does not take: buffered from here on (`_pread_bounced`,
+        # which raises an EINVAL of the buffered read). Not asked whether the descriptor is
+        # still direct: another chunk's thread, refused too, may have turned it back already.
         _set_direct(fd, False)
         return got + _pread_bounced(fd, run, first, hi, offset)
     if got < last - lo:
@@ -305,6 +307,7 @@ def _pread_bounced(fd: int, run: _Scatter, lo: int, hi: int, offset: int) -> int
     try:
         base = _address(view)
         pos = lo
+        refused = False
         while pos < hi:
             end = min(pos + piece, hi)
             start = (offset + pos) // ALIGN * ALIGN  # the aligned piece that covers [pos, end)
@@ -312,10 +315,13 @@ def _pread_bounced(fd: int, run: _Scatter, lo: int, hi: int, offset: int) -> int
             try:
                 n = _read_aligned(fd, view[: stop - start], start)
             except OSError as exc:
-                if exc.errno != errno.EINVAL or not _is_direct(fd):
+                if exc.errno != errno.EINVAL or refused:
                     raise
                 # Buffered from here on, for every chunk of this descriptor: it reads the same
-                # aligned piece without the device's alignment rules.
+                # aligned piece without the device's alignment rules. Once, whether or not the
+                # descriptor is still direct: another chunk's thread, refused too, may have
+                # turned it back between this read's refusal and now (it then failed the load).
+                refused = True
                 _set_direct(fd, False)
                 continue
             skip = offset + pos - start  # where byte `pos` of the run is in the piece

@@ -58,7 +58,7 @@ from ._cuda import CudaStaging, check_staging
 from ._direct import DIRECT_BELOW, resident_fraction
 from ._exceptions import ModelFormatError
 from ._faultin import WINDOW, all_present, read_faults
-from ._format import ModelInfo
+from ._format import DTYPE_SIZES, ModelInfo
 from ._hugepages import huge_pages_advised
 from ._libc import bind
 from ._loader import fill_buffer
@@ -293,14 +293,25 @@ async def fill_fresh(
     await gather(calls)
 
 
+#: The largest item size of a dtype: a buffer lead that is a multiple of it keeps every tensor
+#: aligned to its item size (`_direct_lead`).
+_ITEM_ALIGN = max(DTYPE_SIZES.values())
+
+
 def _direct_lead(store: Store, info: ModelInfo) -> int:
     """Where a large model's host buffer starts in its page-aligned mapping: congruent with the
     first shard's file (`Store.direct_lead`), so the store's direct reads of that shard's data
-    land straight in it. 0 for small models (the heap), remote files and buffered reads."""
+    land straight in it. 0 for small models (the heap), remote files, buffered reads, and a
+    lead that is no multiple of every item size (the tensors would be misaligned)."""
     if info.nbytes < _SMALL or not info.segments:
         return 0
     first = info.segments[0]
-    return store.direct_lead(first.url, first.src, first.dst)
+    lead = store.direct_lead(first.url, first.src, first.dst)
+    # The layout puts every tensor at a multiple of its item size from the buffer's start: a
+    # lead off that (a data section starting off an 8-byte boundary: a header not padded)
+    # would put them all off it, and a buffer sliced from its mapping (`allocate_host`) could
+    # not be viewed as the wider dtypes at all. Such a file goes through the bounce buffer.
+    return lead if lead % _ITEM_ALIGN == 0 else 0
 
 
 def _zero_gaps(buffer: torch.Tensor, info: ModelInfo, upto: int) -> None:

@@ -538,14 +538,22 @@ class LocalPrefetchMachine(RuleBasedStateMachine):
     served whole at the version its load read, each id the prefetch could not load is one use()
     cannot either, with the same error, and the accounting holds after every step."""
 
+    #: Store options beside the template (`LocalDirectPrefetchMachine`: direct reads).
+    store_options: dict[str, Any] = {}  # noqa: RUF012 (read only)
+    #: Whether each file written is evicted from the page cache (so direct reads take it).
+    cold = False
+    #: Bytes of each model's tensor ``w`` (twice that in a "wide" one).
+    w_size = 4
+    device_budget = 1 << 20
+
     def __init__(self) -> None:
         super().__init__()
         self.root = tempfile.mkdtemp(prefix="mc-local-")
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self.portal = self._portal_cm.__enter__()
         self.cache = ModelCache(
-            f"file://{self.root}/{{model_id}}",
-            device_budget=1 << 20,
+            Store(f"file://{self.root}/{{model_id}}", **self.store_options),
+            device_budget=self.device_budget,
             failure_ttl=0,
             revalidate_after=None,
             max_concurrent_loads=2,  # two lanes: a group of more ids has loads in line
@@ -567,7 +575,7 @@ class LocalPrefetchMachine(RuleBasedStateMachine):
         if kind == "missing":
             return
         os.makedirs(path)
-        w = torch.full((4,), value % 256, dtype=torch.uint8)
+        w = torch.full((self.w_size,), value % 256, dtype=torch.uint8)
         if kind in ("one", "wide"):  # "wide": another size, as a new version may have
             w = w.repeat(2) if kind == "wide" else w
             files = {"model.safetensors": save({"w": w})}
@@ -586,6 +594,10 @@ class LocalPrefetchMachine(RuleBasedStateMachine):
         for name, data in files.items():
             with open(f"{path}/{name}", "wb") as f:
                 f.write(data)
+                if self.cold:
+                    f.flush()
+                    os.fsync(f.fileno())  # clean pages: DONTNEED drops them
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     @initialize()
     def write_all(self) -> None:
@@ -838,6 +850,29 @@ LocalPrefetchMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_local_prefetch_state_machine = LocalPrefetchMachine.TestCase
+
+
+class LocalDirectPrefetchMachine(LocalPrefetchMachine):
+    """`LocalPrefetchMachine` reading files not in the page cache with ``direct_reads=True``
+    in chunks of 64 KiB and a byte: every model's data is many chunks read with O_DIRECT (where
+    the filesystem takes it), straight into the pool's buffers congruent with their files but
+    for each chunk's partial blocks, among the same writes, replacements and refreshes."""
+
+    store_options = {"direct_reads": True, "read_chunk_size": 65_537}  # noqa: RUF012 (read only)
+    cold = True
+    # Past the header's read and its readahead (128 KiB), so the data is mostly not in the page
+    # cache (read with O_DIRECT), and past the 1 MiB below which a model is on the heap.
+    w_size = 1_200_000
+    device_budget = 16 << 20
+
+
+LocalDirectPrefetchMachine.TestCase.settings = settings(
+    max_examples=15,
+    stateful_step_count=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_local_direct_prefetch_state_machine = LocalDirectPrefetchMachine.TestCase
 
 
 #: Overlapping traffic on two resident models: a new lease on one of them, or the end of the

@@ -9,6 +9,7 @@ import mmap
 import os
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import modelcache._store as store_module
 from modelcache import ModelCache
 from modelcache._exceptions import ModelChangedError
 from modelcache._store import Store
+from modelcache._torch import TorchBackend
 from modelcache._versions import reading
 
 from .conftest import LocalDescriptors
@@ -579,3 +581,91 @@ async def test_a_cold_model_loads_straight_into_a_buffer_congruent_with_its_file
                     assert 0 < sum(bounced) < 2 * direct.ALIGN * -(-len(content) // chunk)
                 else:
                     assert not bounced  # buffered reads
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("pooled", [True, False])
+async def test_a_data_section_off_an_item_boundary_keeps_every_tensor_aligned(
+    tmp_path: Path, pooled: bool
+) -> None:
+    """A model whose data section starts off an 8-byte boundary (a header not padded) loads
+    with ``direct_reads=True`` as with buffered reads: every tensor at a multiple of its item
+    size, from the pool's buffer and from one of its own (a backend without a pool), exact. A
+    buffer congruent with that file would put them all off it (and one sliced from its
+    mapping could not be viewed as F64 at all)."""
+    tensors = {
+        "d": torch.arange(300_000, dtype=torch.float64),
+        "f": torch.arange(7, dtype=torch.float32),
+    }
+    content = model_file(tensors, align=1)
+    assert (8 + int.from_bytes(content[:8], "little")) % 8, "the test needs an unpadded header"
+    _write_cold(tmp_path / "m1" / "model.safetensors", content)
+    store = Store(
+        f"file://{tmp_path}/{{model_id}}/model.safetensors",
+        read_chunk_size=1 << 20,
+        direct_reads=True,
+    )
+    backend = TorchBackend("cpu")
+    if not pooled:
+        backend.pool = None
+    cache = ModelCache(store, device_budget="64MiB", backend=backend)
+    async with cache, cache.use("m1") as weights:
+        for name, want in tensors.items():
+            assert weights[name].data_ptr() % want.element_size() == 0, name
+            assert torch.equal(weights[name], want), name
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_two_chunks_refused_at_once_both_go_on_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shift: int
+) -> None:
+    """Two chunks' direct reads refused with EINVAL before either thread turns the descriptor
+    back to buffered both go on buffered: the slower one finds it buffered already, which is
+    no reason to fail the read. Straight in (``shift=0``) and through the bounce buffer."""
+    offset, length = 5_000, 600_000
+    data = _random(offset + length + 10, seed=53)
+    path = tmp_path / "w.bin"
+    _write_cold(path, data)
+    mapping, view = _congruent(length + 1, offset)
+    dest = view[shift : shift + length]
+    run = store_module._Scatter([dest])
+    real = direct._read_aligned
+    both = threading.Barrier(2)
+    refused = threading.local()
+
+    def refuse_once_per_thread(fd: int, buf: memoryview, start: int) -> int:
+        if direct._is_direct(fd) and not getattr(refused, "done", False):
+            refused.done = True
+            # Both refused before either turns the descriptor back; the second tells its
+            # refusal once the first has.
+            if both.wait(timeout=10) == 0:
+                while direct._is_direct(fd):
+                    time.sleep(0.001)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buf, start)
+
+    monkeypatch.setattr(direct, "_read_aligned", refuse_once_per_thread)
+    fd = _open_direct(path)
+    got: dict[int, int | BaseException] = {}
+
+    def chunk(lo: int, hi: int) -> None:
+        try:
+            got[lo] = direct.pread_run_direct(fd, run, lo, hi, offset)
+        except BaseException as exc:  # reported below
+            got[lo] = exc
+
+    half = 300_001
+    threads = [threading.Thread(target=chunk, args=b) for b in ((0, half), (half, length))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not direct._is_direct(fd)
+    finally:
+        os.close(fd)
+    assert got == {0: half, half: length - half}
+    assert bytes(dest) == data[offset : offset + length]
+    dest.release()
+    view.release()
+    mapping.close()
