@@ -955,10 +955,13 @@ class Store:
         ceiling = min(self._retry_max_delay, self._retry_base_delay * 2.0 ** (attempt - 1))
         return ceiling / 2 + _jitter.uniform(0, ceiling / 2)
 
-    async def _run_stripes(self, size: int, read: Callable[[int, int], Awaitable[int]]) -> int:
+    async def _run_stripes(
+        self, size: int, read: Callable[[int, int], Awaitable[int]], skew: int = 0
+    ) -> int:
         """Run ``read(lo, hi)`` over ``[0, size)`` in chunks, by at most ``max_concurrent_reads``
         workers that each read one contiguous stripe of chunks in file order; return the bytes
-        read.
+        read. The first chunk is ``skew`` bytes longer, so the others start at ``skew`` plus a
+        multiple of the chunk size (direct reads: at aligned file offsets, see below).
 
         Why stripes, not chunks handed out in order (as reads were before): a cold local file is read
         through the kernel's readahead, which grows its window only along a sequential stream.
@@ -968,15 +971,16 @@ class Store:
         best, in stripes 750-830 ms. A chunk is still one worker-thread call, so a cancelled
         load stops within a chunk per worker.
         """
-        if size <= self._chunk:
+        if size <= self._chunk + skew:
             return await read(0, size)
-        chunks = -(-size // self._chunk)
+        cuts = [0, *range(skew + self._chunk, size, self._chunk), size]
+        chunks = len(cuts) - 1
         workers = min(self._max_reads, chunks)
 
         async def stripe(first: int, last: int) -> int:
             got = 0
             for index in range(first, last):
-                lo, hi = index * self._chunk, min((index + 1) * self._chunk, size)
+                lo, hi = cuts[index], cuts[index + 1]
                 n = await read(lo, hi)
                 got += n
                 if n < hi - lo:  # end of file: the caller reports the short read
@@ -1033,7 +1037,14 @@ class Store:
                         pread, fd, run, lo, hi, offset, limiter=limiter
                     )
 
-                got = await self._run_stripes(run.size, read)
+                # Direct reads: chunks that start at aligned file offsets, so a congruent
+                # destination's chunks are read straight in whole; only the run's first and
+                # last partial blocks go through a bounce buffer. Cut where the file's offsets
+                # fell (a partial block at each end of every chunk), the small reads of those
+                # blocks queued behind the chunks' large ones at the disk: ~25 ms each, two a
+                # chunk, in each worker's turn (1 GiB: 750 ms against 600 aligned).
+                skew = (-offset) % _direct.ALIGN if direct else 0
+                got = await self._run_stripes(run.size, read, skew)
                 see(url, local_tag(os.fstat(fd)), model_id)  # not written to while we read
                 return got
             finally:

@@ -669,3 +669,41 @@ def test_two_chunks_refused_at_once_both_go_on_buffered(
     dest.release()
     view.release()
     mapping.close()
+
+
+@pytest.mark.asyncio
+async def test_direct_chunks_start_at_aligned_file_offsets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direct read from an unaligned offset is cut into chunks that start at aligned file
+    offsets (the first chunk is longer by the bytes up to the first one), so a congruent
+    destination's chunks are read straight in whole: two partial blocks in all go through the
+    bounce buffer, not two a chunk (each a small read queued behind the large ones)."""
+    data = _random(5 * 1024 * 1024 + 999, seed=53)
+    path = tmp_path / "m1" / "w.bin"
+    _write_cold(path, data)
+    chunk = 1 << 20
+    store = Store(f"file://{tmp_path}/{{model_id}}/", read_chunk_size=chunk, direct_reads=True)
+    url = store.join(store.model_url("m1"), "w.bin")
+    offset = 5_888
+    size = len(data) - offset
+    calls: list[tuple[int, int]] = []
+    real = direct.pread_run_direct
+
+    def recording(fd: int, run: store_module._Scatter, lo: int, hi: int, at: int) -> int:
+        calls.append((lo, hi))
+        return real(fd, run, lo, hi, at)
+
+    monkeypatch.setattr(direct, "pread_run_direct", recording)
+    bounced = _counting_bounces(monkeypatch)
+    mapping, view = _congruent(size, offset)
+    await store.read_into(url, offset, view, model_id="m1")
+    assert bytes(view) == data[offset:]
+    calls.sort()
+    skew = -offset % direct.ALIGN
+    assert calls[0] == (0, skew + chunk)
+    assert all((offset + lo) % direct.ALIGN == 0 for lo, _ in calls[1:])
+    assert [hi for _, hi in calls[:-1]] == [lo for lo, _ in calls[1:]] and calls[-1][1] == size
+    assert len(bounced) == 2  # the run's first and last partial blocks
+    view.release()
+    mapping.close()
