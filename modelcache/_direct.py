@@ -20,6 +20,17 @@ peer_loaders' local_cold row a long-lived cache with ``direct_reads=True`` took 
 median, the narrowest spread of any row (fastsafetensors, O_DIRECT into fresh memory, 615 and
 955; the default buffered copy 670 and 774).
 
+On huge pages: a direct read maps its destination's pages into the disk's requests, one
+segment per physically contiguous run, and a virtio disk takes at most 254 segments a request
+(``/sys/block/*/queue/max_segments``): into 4 KiB pages scattered in physical memory a 16 MiB
+read becomes ~16 requests of ~1 MiB, into 2 MiB pages a few of 4 MiB. Which pages a buffer
+gets depends on the free lists and on which threads faulted it (two threads faulting at once
+take every other page): measured (1 GiB, 8 readers of 16 MiB, interleaved), into buffers whose
+physically contiguous runs averaged 1.8-4.9 pages 609-872 ms, into ones of 106-142 pages or on
+huge pages (512) 585-651 ms. So the buffers direct reads fill ask for transparent huge pages
+(`BufferPool.take(huge=True)`), also where `_hugepages` keeps them off for other buffers: a
+fresh one's first load 619-694 ms against 836-891 on 4 KiB pages in the same rounds.
+
 Still opt-in (``Store(direct_reads=True)``): a direct read leaves nothing in the page cache, so
 the next load of a file evicted from the cache reads the disk again (a buffered read leaves a
 copy the kernel may keep: ~100 ms a GiB to read again instead of ~600), and a bounce-buffered

@@ -11,7 +11,10 @@ fresh 1 GiB mapping with ``MADV_POPULATE_WRITE`` cost 1.1-2.9 s of CPU with the 
 reclaim in ``/proc/vmstat``), and a fresh cache's first S3 load of 1 GiB spent up to 2.8 s of
 the prefault thread's CPU on it (benches/README.md, peer_loaders). Small pages come from
 blocks below the reporting order and do not pay that. So buffers ask for huge pages unless such
-a balloon is present.
+a balloon is present; except buffers that direct reads fill (`BufferPool.take(huge=True)`):
+the disk's DMA into 4 KiB pages scattered in physical memory is cut into more requests (a
+virtio disk takes 254 segments a request), and a buffer keeps its pages from load to load, so
+huge pages paid for once make every later direct load faster (`_direct`).
 """
 
 from __future__ import annotations

@@ -178,7 +178,9 @@ class BufferPool:
         in a thread of the pool's (see the module): the memory is back moments later."""
         self.limit = 0
 
-    def take(self, nbytes: int, lead: int = 0) -> tuple[torch.Tensor, memoryview, int]:
+    def take(
+        self, nbytes: int, lead: int = 0, huge: bool = False
+    ) -> tuple[torch.Tensor, memoryview, int]:
         """A buffer of ``nbytes`` (> 0): a uint8 tensor, a writable memoryview of the same bytes,
         and how many bytes from its start were already faulted in (reused memory, whose old
         contents are still there: the caller overwrites them).
@@ -186,6 +188,9 @@ class BufferPool:
         The buffer starts ``lead`` bytes (``0 <= lead < `` a page) into its mapping, whose first
         page holds them: a direct read lands straight in a buffer congruent with its file
         (`_direct.aligned_lead`). It counts against the limit at ``nbytes`` all the same.
+        ``huge`` asks for transparent huge pages where `huge_pages_advised` does not already (a
+        buffer direct reads fill: their DMA into scattered 4 KiB pages is cut into more
+        requests, `_direct`); pages already faulted in stay as they are.
 
         Blocking (mmap, mremap, munmap of large mappings): call it in a worker thread.
         """
@@ -216,6 +221,8 @@ class BufferPool:
             faulted = 0
             with self._lock:
                 self._fresh += 1
+        if huge and not huge_pages_advised():
+            _libc.madvise(mapping.address, mapping.size, _MADV_HUGEPAGE)
         mapping.nbytes = nbytes  # before the finalizer can see it
         with self._lock:
             self._live.add(mapping.address)

@@ -529,13 +529,13 @@ class Store:
             return path
         return None
 
-    def direct_lead(self, url: str, offset: int, dst: int) -> int:
+    def direct_lead(self, url: str, offset: int, dst: int) -> int | None:
         """Where a buffer filled from file byte ``offset`` at its byte ``dst`` should start in a
         page-aligned mapping: the lead (`_direct.aligned_lead`, under 4 KiB) that lets this
         Store's direct reads of the local file at ``url`` land straight in it (no bounce copy);
-        0 where it reads the file buffered, or is no local file."""
+        None where it reads the file buffered, or it is no local file."""
         if not self._direct_reads or self.local_path(url) is None:
-            return 0
+            return None
         return _direct.aligned_lead(offset, dst)
 
     def batches_headers(self, url: str) -> bool:

@@ -206,9 +206,12 @@ class Weights(ViewMapping[torch.Tensor]):
         )
 
 
-def allocate_host(nbytes: int, lead: int = 0) -> tuple[torch.Tensor, memoryview]:
+def allocate_host(
+    nbytes: int, lead: int = 0, huge: bool = False
+) -> tuple[torch.Tensor, memoryview]:
     """A host buffer as a uint8 tensor and a writable memoryview of the same bytes; a large one
-    starts ``lead`` bytes into its mapping (`BufferPool.take`).
+    starts ``lead`` bytes into its mapping and asks for huge pages with ``huge`` wherever
+    (`BufferPool.take`).
 
     Large buffers are private anonymous mappings (page-aligned) advised to use transparent huge
     pages: a fresh 1 GiB buffer then takes 512 page faults instead of 262,144, which makes copies
@@ -226,7 +229,7 @@ def allocate_host(nbytes: int, lead: int = 0) -> tuple[torch.Tensor, memoryview]
         )
         return tensor, memoryview(heap)
     mapping = mmap.mmap(-1, lead + nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if _MADV_HUGEPAGE is not None and huge_pages_advised():  # not in some VMs: _hugepages.py
+    if _MADV_HUGEPAGE is not None and (huge or huge_pages_advised()):  # _hugepages.py
         mapping.madvise(_MADV_HUGEPAGE)
     return torch.frombuffer(mapping, dtype=torch.uint8)[lead:], memoryview(mapping)[lead:]
 
@@ -298,20 +301,21 @@ async def fill_fresh(
 _ITEM_ALIGN = max(DTYPE_SIZES.values())
 
 
-def _direct_lead(store: Store, info: ModelInfo) -> int:
-    """Where a large model's host buffer starts in its page-aligned mapping: congruent with the
-    first shard's file (`Store.direct_lead`), so the store's direct reads of that shard's data
-    land straight in it. 0 for small models (the heap), remote files, buffered reads, and a
-    lead that is no multiple of every item size (the tensors would be misaligned)."""
+def _direct_lead(store: Store, info: ModelInfo) -> int | None:
+    """Where a large model's host buffer starts in its page-aligned mapping when the store reads
+    its first shard with direct reads: congruent with that file (`Store.direct_lead`), so the
+    reads land straight in it. None for small models (the heap), remote files, buffered reads,
+    and a lead that is no multiple of every item size (the tensors would be misaligned: those
+    reads go through the bounce buffer)."""
     if info.nbytes < _SMALL or not info.segments:
-        return 0
+        return None
     first = info.segments[0]
     lead = store.direct_lead(first.url, first.src, first.dst)
     # The layout puts every tensor at a multiple of its item size from the buffer's start: a
     # lead off that (a data section starting off an 8-byte boundary: a header not padded)
     # would put them all off it, and a buffer sliced from its mapping (`allocate_host`) could
     # not be viewed as the wider dtypes at all. Such a file goes through the bounce buffer.
-    return lead if lead % _ITEM_ALIGN == 0 else 0
+    return lead if lead is not None and lead % _ITEM_ALIGN == 0 else None
 
 
 def _zero_gaps(buffer: torch.Tensor, info: ModelInfo, upto: int) -> None:
@@ -329,12 +333,12 @@ def _zero_gaps(buffer: torch.Tensor, info: ModelInfo, upto: int) -> None:
 
 
 def pooled_buffer(
-    pool: BufferPool, info: ModelInfo, lead: int = 0
+    pool: BufferPool, info: ModelInfo, lead: int = 0, huge: bool = False
 ) -> tuple[torch.Tensor, memoryview, int]:
-    """A buffer for ``info`` from ``pool`` (blocking: a worker thread's call; ``lead`` as for
-    `BufferPool.take`), with its reused bytes' padding zeroed; returns the tensor, a view and
-    the bytes already faulted in."""
-    tensor, view, faulted = pool.take(info.nbytes, lead)
+    """A buffer for ``info`` from ``pool`` (blocking: a worker thread's call; ``lead`` and
+    ``huge`` as for `BufferPool.take`), with its reused bytes' padding zeroed; returns the
+    tensor, a view and the bytes already faulted in."""
+    tensor, view, faulted = pool.take(info.nbytes, lead, huge)
     if faulted:
         _zero_gaps(tensor, info, faulted)
     return tensor, view, faulted
@@ -972,13 +976,16 @@ class TorchBackend:
             base = info.shards[0].data_start
         else:
             faulted = 0
+            # Read with direct reads: congruent with the file, and on huge pages (the disk's
+            # DMA into 4 KiB pages scattered in memory is cut into more requests: `_direct`).
             lead = _direct_lead(store, info)
+            placing = (0, False) if lead is None else (lead, True)
             if self.pool is not None and info.nbytes >= _SMALL:
                 buffer, view, faulted = await anyio.to_thread.run_sync(
-                    pooled_buffer, self.pool, info, lead
+                    pooled_buffer, self.pool, info, *placing
                 )
             else:
-                buffer, view = allocate_host(info.nbytes, lead)
+                buffer, view = allocate_host(info.nbytes, *placing)
             await fill_fresh(store, info, buffer, view, faulted)
             del view
             if self.device.type != "cpu":

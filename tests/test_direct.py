@@ -21,12 +21,14 @@ import modelcache._direct as direct
 import modelcache._store as store_module
 from modelcache import ModelCache
 from modelcache._exceptions import ModelChangedError
+from modelcache._hugepages import huge_pages_advised
 from modelcache._store import Store
 from modelcache._torch import TorchBackend
 from modelcache._versions import reading
 
 from .conftest import LocalDescriptors
 from .safetensors_files import model_file
+from .test_hugepages import vm_flags
 
 
 def _random(n: int, seed: int = 7) -> bytes:
@@ -551,7 +553,8 @@ async def test_a_cold_model_loads_straight_into_a_buffer_congruent_with_its_file
     congruent (the data section starts mid-block in the file, so the buffer starts mid-page),
     its weights are exact, and only partial blocks went through the bounce buffer, on the first
     load (fresh memory) and the next (the pool's reused buffer). A default Store's buffers stay
-    page-aligned."""
+    page-aligned. The direct reads' buffers ask for huge pages (`_direct`), the others only
+    where `huge_pages_advised`."""
     tensors = {
         "a": torch.arange(3 * 1024 * 1024 // 4, dtype=torch.float32),
         "b": torch.arange(777, dtype=torch.int16),
@@ -573,6 +576,8 @@ async def test_a_cold_model_loads_straight_into_a_buffer_congruent_with_its_file
                 bounced.clear()
                 async with cache.use("m1") as weights:
                     assert weights.buffer.data_ptr() % direct.ALIGN == start % direct.ALIGN
+                    huge = "hg" in vm_flags(weights.buffer.data_ptr())
+                    assert huge == (bool(start) or huge_pages_advised())  # direct: huge pages
                     for name, want in tensors.items():
                         assert torch.equal(weights[name], want), name
                 del weights

@@ -39,15 +39,15 @@ def track_buffers(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[Any]]:
     allocate = modelcache._torch.allocate_host
     pooled = modelcache._torch.pooled_buffer
 
-    def tracking(nbytes: int, lead: int = 0) -> tuple[torch.Tensor, memoryview]:
-        tensor, view = allocate(nbytes, lead)
+    def tracking(nbytes: int, *placing: Any) -> tuple[torch.Tensor, memoryview]:
+        tensor, view = allocate(nbytes, *placing)
         refs.extend([weakref.ref(tensor), weakref.ref(view.obj)])
         return tensor, view
 
     def tracking_pooled(
-        pool: BufferPool, info: ModelInfo, lead: int = 0
+        pool: BufferPool, info: ModelInfo, *placing: Any
     ) -> tuple[torch.Tensor, memoryview, int]:
-        tensor, view, faulted = pooled(pool, info, lead)
+        tensor, view, faulted = pooled(pool, info, *placing)
         refs.extend([weakref.ref(tensor), weakref.ref(view.obj)])
         return tensor, view, faulted
 

@@ -81,3 +81,23 @@ def test_host_buffers_ask_for_huge_pages_only_where_advised() -> None:
 def test_huge_pages_advised_follows_the_balloon() -> None:
     """The process-wide decision is the negation of this machine's free page reporting."""
     assert huge_pages_advised() is not free_page_reporting()
+
+
+@linux_only
+@pytest.mark.skipif(not BufferPool.available(), reason="needs Linux mmap/mremap")
+def test_buffers_for_direct_reads_ask_for_huge_pages_everywhere() -> None:
+    """A buffer direct reads fill (``huge=True``) carries MADV_HUGEPAGE even where fresh buffers
+    do not get it: fresh from the pool, reused from it, and from `allocate_host` (its lead kept)."""
+    pool = BufferPool(limit=8 * MIB)
+    plain, _, _ = pool.take(4 * MIB)
+    plain.fill_(1)
+    del plain
+    reused, _, faulted = pool.take(4 * MIB, 512, huge=True)  # grown by a page for the lead
+    assert faulted == 4 * MIB - 512 and "hg" in vm_flags(reused.data_ptr())
+    fresh, _, _ = pool.take(2 * MIB, huge=True)
+    assert "hg" in vm_flags(fresh.data_ptr())
+    del reused, fresh
+    pool.close()
+    tensor, view = allocate_host(4 * MIB, 256, huge=True)
+    assert tensor.data_ptr() % 4096 == 256 and "hg" in vm_flags(tensor.data_ptr())
+    del view, tensor
