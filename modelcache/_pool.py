@@ -62,6 +62,7 @@ _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_PRIVATE_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _MREMAP_MAYMOVE = 1
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+_MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
 #: Mappings given back outside `take` totalling at least this are unmapped in `_Unmapper`'s
 #: thread (starting one costs ~0.1 ms, the munmap of this many bytes ~0.4 ms).
 _UNMAP_ASIDE = 4 << 20
@@ -73,14 +74,16 @@ def _round_up(n: int) -> int:
 
 class _Mapping:
     """One anonymous mapping of ours: ``size`` bytes at ``address`` (both page multiples), of
-    which ``nbytes`` were asked for: what it counts against the limit."""
+    which ``nbytes`` were asked for: what it counts against the limit; ``huge`` once `take`
+    advised it to use huge pages for a buffer direct reads fill (the advice stays with it)."""
 
-    __slots__ = ("address", "nbytes", "size")
+    __slots__ = ("address", "huge", "nbytes", "size")
 
     def __init__(self, address: int, size: int) -> None:
         self.address = address
         self.size = size
         self.nbytes = size
+        self.huge = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +193,8 @@ class BufferPool:
         (`_direct.aligned_lead`). It counts against the limit at ``nbytes`` all the same.
         ``huge`` asks for transparent huge pages where `huge_pages_advised` does not already (a
         buffer direct reads fill: their DMA into scattered 4 KiB pages is cut into more
-        requests, `_direct`); pages already faulted in stay as they are.
+        requests, `_direct`); pages already faulted in stay as they are. Without it, a reused
+        mapping that asked for them stops asking (its new pages are small, as a fresh one's).
 
         Blocking (mmap, mremap, munmap of large mappings): call it in a worker thread.
         """
@@ -221,8 +225,13 @@ class BufferPool:
             faulted = 0
             with self._lock:
                 self._fresh += 1
-        if huge and not huge_pages_advised():
-            _libc.madvise(mapping.address, mapping.size, _MADV_HUGEPAGE)
+        if huge != mapping.huge and not huge_pages_advised():
+            # The advice stays with the mapping (also over mremap): a buffer for buffered reads
+            # reusing one a direct-read buffer advised would fault its new pages in 2 MiB at a
+            # time, the cost `_hugepages` keeps fresh buffers from here.
+            advice = _MADV_HUGEPAGE if huge else _MADV_NOHUGEPAGE
+            _libc.madvise(mapping.address, mapping.size, advice)
+            mapping.huge = huge
         mapping.nbytes = nbytes  # before the finalizer can see it
         with self._lock:
             self._live.add(mapping.address)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import modelcache._pool as pool_module
 from modelcache._hugepages import free_page_reporting, huge_pages_advised
 from modelcache._pool import BufferPool
 from modelcache._torch import allocate_host
@@ -101,3 +102,26 @@ def test_buffers_for_direct_reads_ask_for_huge_pages_everywhere() -> None:
     tensor, view = allocate_host(4 * MIB, 256, huge=True)
     assert tensor.data_ptr() % 4096 == 256 and "hg" in vm_flags(tensor.data_ptr())
     del view, tensor
+
+
+@linux_only
+@pytest.mark.skipif(not BufferPool.available(), reason="needs Linux mmap/mremap")
+def test_a_buffer_for_buffered_reads_does_not_keep_a_reused_mappings_huge_advice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where fresh buffers get no huge pages (a balloon reports free pages), a buffer that is
+    not for direct reads (a remote model of the same store) does not get them either by reusing
+    a mapping a direct-read buffer had advised: its grown pages would fault in 2 MiB at a time
+    (the cost `_hugepages` avoids). Taken for direct reads again, it asks again."""
+    monkeypatch.setattr(pool_module, "huge_pages_advised", lambda: False)
+    pool = BufferPool(limit=32 * MIB)
+    direct, view, _ = pool.take(4 * MIB, 512, huge=True)
+    assert "hg" in vm_flags(direct.data_ptr())
+    del direct, view
+    buffered, view, faulted = pool.take(8 * MIB)  # the same mapping, grown
+    assert faulted and "hg" not in vm_flags(buffered.data_ptr())
+    del buffered, view
+    again, view, faulted = pool.take(8 * MIB, huge=True)
+    assert faulted and "hg" in vm_flags(again.data_ptr())
+    del again, view
+    pool.close()
