@@ -254,7 +254,12 @@ def _prefault(address: int, nbytes: int, stop: threading.Event) -> None:
 
 
 async def fill_fresh(
-    store: Store, info: ModelInfo, buffer: torch.Tensor, view: memoryview, faulted: int = 0
+    store: Store,
+    info: ModelInfo,
+    buffer: torch.Tensor,
+    view: memoryview,
+    faulted: int = 0,
+    cold: bool | None = None,
 ) -> None:
     """`fill_buffer` into a host buffer whose first ``faulted`` bytes are in memory already
     (reused) and the rest fresh; from a remote store, or a local file mostly not in the page
@@ -264,15 +269,16 @@ async def fill_fresh(
     the faults (and huge-page compaction) overlap it (measured: benches/README.md, remote_load
     and peer_loaders' local_cold). Reads of cached local files are CPU-bound copies already
     spread over threads: there the extra thread only competes with them, so they fault as they
-    copy. (Only the first shard is looked at: one mincore call, no byte read.)
+    copy. (Only the first shard is looked at: one mincore call, no byte read; ``cold``: the
+    caller's answer, `_first_shard_cold`.)
     """
     fresh = info.nbytes - faulted
     if fresh < _SMALL:
         await fill_buffer(store, info, view)
         return
     first = info.shards[0]
-    if store.local_path(first.url) is not None and not await store.is_cold(
-        first.url, first.data_start, first.data_size, model_id=info.model_id
+    if store.local_path(first.url) is not None and not (
+        cold if cold is not None else await _first_shard_cold(store, info)
     ):
         await fill_buffer(store, info, view)
         return
@@ -294,6 +300,13 @@ async def fill_fresh(
     )
     calls: list[Callable[[], Awaitable[None]]] = [prefault, fill]
     await gather(calls)
+
+
+async def _first_shard_cold(store: Store, info: ModelInfo) -> bool:
+    """Whether the first shard's data is a local file mostly not in the page cache
+    (`Store.is_cold`)."""
+    first = info.shards[0]
+    return await store.is_cold(first.url, first.data_start, first.data_size, model_id=info.model_id)
 
 
 #: The largest item size of a dtype: a buffer lead that is a multiple of it keeps every tensor
@@ -976,17 +989,20 @@ class TorchBackend:
             base = info.shards[0].data_start
         else:
             faulted = 0
-            # Read with direct reads: congruent with the file, and on huge pages (the disk's
-            # DMA into 4 KiB pages scattered in memory is cut into more requests: `_direct`).
+            # A store with direct reads: congruent with the file, and, where the file is cold
+            # (read direct, not from the page cache), on huge pages: the disk's DMA into 4 KiB
+            # pages scattered in memory is cut into more requests (`_direct`), while copies out
+            # of the page cache into fresh huge pages pay what `_hugepages` avoids.
             lead = _direct_lead(store, info)
-            placing = (0, False) if lead is None else (lead, True)
+            cold = None if lead is None else await _first_shard_cold(store, info)
+            placing = (lead or 0, bool(cold))
             if self.pool is not None and info.nbytes >= _SMALL:
                 buffer, view, faulted = await anyio.to_thread.run_sync(
                     pooled_buffer, self.pool, info, *placing
                 )
             else:
                 buffer, view = allocate_host(info.nbytes, *placing)
-            await fill_fresh(store, info, buffer, view, faulted)
+            await fill_fresh(store, info, buffer, view, faulted, cold)
             del view
             if self.device.type != "cpu":
                 buffer = await anyio.to_thread.run_sync(self._to_device, buffer)
