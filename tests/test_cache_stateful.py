@@ -512,17 +512,23 @@ class CacheMachine(RuleBasedStateMachine):
             shutil.rmtree(self.disk_dir, ignore_errors=True)
 
 
+def machine_settings(examples: int, *, steps: int) -> settings:
+    """A state machine's hypothesis settings: no deadline (a step may wait on a worker thread
+    or the disk), too slow is no failure."""
+    return settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
 async def _tasks() -> set[str]:
     """The names of the tasks alive on the portal's loop."""
     return {t.get_name() for t in asyncio.all_tasks()}
 
 
-CacheMachine.TestCase.settings = settings(
-    max_examples=40,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+CacheMachine.TestCase.settings = machine_settings(40, steps=30)
 test_cache_state_machine = CacheMachine.TestCase
 
 
@@ -843,12 +849,7 @@ class LocalPrefetchMachine(RuleBasedStateMachine):
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-LocalPrefetchMachine.TestCase.settings = settings(
-    max_examples=30,
-    stateful_step_count=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+LocalPrefetchMachine.TestCase.settings = machine_settings(30, steps=20)
 test_local_prefetch_state_machine = LocalPrefetchMachine.TestCase
 
 
@@ -866,12 +867,7 @@ class LocalDirectPrefetchMachine(LocalPrefetchMachine):
     device_budget = 16 << 20
 
 
-LocalDirectPrefetchMachine.TestCase.settings = settings(
-    max_examples=15,
-    stateful_step_count=15,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+LocalDirectPrefetchMachine.TestCase.settings = machine_settings(15, steps=15)
 test_local_direct_prefetch_state_machine = LocalDirectPrefetchMachine.TestCase
 
 
