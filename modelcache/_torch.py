@@ -995,13 +995,12 @@ class TorchBackend:
             # of the page cache into fresh huge pages pay what `_hugepages` avoids.
             lead = _direct_lead(store, info)
             cold = None if lead is None else await _first_shard_cold(store, info)
-            placing = (lead or 0, bool(cold))
             if self.pool is not None and info.nbytes >= _SMALL:
                 buffer, view, faulted = await anyio.to_thread.run_sync(
-                    pooled_buffer, self.pool, info, *placing
+                    pooled_buffer, self.pool, info, lead or 0, bool(cold)
                 )
             else:
-                buffer, view = allocate_host(info.nbytes, *placing)
+                buffer, view = allocate_host(info.nbytes, lead or 0, bool(cold))
             await fill_fresh(store, info, buffer, view, faulted, cold)
             del view
             if self.device.type != "cpu":
